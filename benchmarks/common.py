@@ -1,0 +1,48 @@
+"""Helpers every benchmark shares: the machine line, timing, and a plain-text table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Callable, List, Sequence
+
+import torch
+
+
+def machine() -> str:
+    """One line naming the machine, so a printed table says where it was measured."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def best_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+    """Minimum wall time of fn over `repeat` runs: the least noisy figure on a shared machine."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def table(headers: Sequence[str], rows: List[Sequence[object]]) -> str:
+    """Render rows as an aligned text table."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(c: object) -> str:
+    if isinstance(c, float):
+        return f"{c:.3g}" if abs(c) < 1000 else f"{c:,.0f}"
+    return str(c)

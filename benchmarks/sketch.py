@@ -1,0 +1,133 @@
+"""HotSketch benchmark: throughput vs the sequential reference, cost inside a TBE step, recall.
+
+    python -m benchmarks.sketch [--quick]
+
+Prints three tables measured side by side in one run (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Dict, List
+
+import torch
+
+from benchmarks.common import best_time, machine, table
+from cafe_torchrec.hashing import mix64
+from cafe_torchrec.sketch import HotSketch
+from tests.reference_sketch import ReferenceSketch
+
+
+def zipf_ids(n: int, vocab: int, z: float, seed: int) -> torch.Tensor:
+    """n ids in [0, vocab) with P(rank r) ~ r^-z, ranks scattered over the id space."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.arange(1, vocab + 1, dtype=torch.float64).pow(-z)
+    ranks = torch.multinomial(weights, n, replacement=True, generator=gen)
+    return torch.remainder(ranks * 2654435761, vocab)
+
+
+def throughput(batch: int) -> List[list]:
+    """Inserts and queries per second on one thread, C++ and torch kernels and the reference."""
+    keys = mix64(torch.randperm(batch * 10)[:batch], 1)  # coalesced: unique ids
+    scores = torch.rand(batch)
+    rows = []
+    for kernel in ("cpp", "torch"):
+        sk = HotSketch(hot_capacity=batch // 4, threshold=50.0, kernel=kernel)
+        t_ins = best_time(lambda: sk.insert(keys, scores))
+        t_q = best_time(lambda: sk.query(keys))
+        rows.append([f"HotSketch ({kernel})", batch, batch / t_ins / 1e6, batch / t_q / 1e6])
+    small = min(batch, 20_000)
+    ref = ReferenceSketch(small // 4, 4, small // 4, 50.0, 0.98, 1e30, 1)
+    kl, sl = keys[:small].tolist(), scores[:small].tolist()
+    t_ins = best_time(lambda: ref.insert_batch(kl, sl), repeat=2)
+    t_q = best_time(lambda: [ref.query(k) for k in kl], repeat=2)
+    rows.append(["sequential reference (Python)", small, small / t_ins / 1e6, small / t_q / 1e6])
+    base = rows[-1]
+    for r in rows:
+        r += [r[2] / base[2], r[3] / base[3]]
+    rows.append(["official CAFE sketch.cpp (paper)", "", 21.0, 37.0, "", ""])
+    return rows
+
+
+def step_cost(batch_size: int, features: int, threads: int) -> List[list]:
+    """Sketch update + query for one DLRM batch against the FBGEMM TBE forward+backward."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    torch.set_num_threads(threads)
+    rows, dim = 1_000_000, 16
+    ids = zipf_ids(batch_size * features, 10_000_000, 1.05, 0)
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+        feature_table_map=[0] * features,
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=0.01,
+    )
+    indices = torch.remainder(mix64(ids, 7), rows)
+    offsets = torch.arange(0, ids.numel() + 1, dtype=torch.int64)
+    grad = torch.randn(batch_size, features * dim)
+
+    def tbe_step() -> None:
+        tbe(indices, offsets).backward(grad)
+
+    sk = HotSketch(hot_capacity=rows // 2, threshold=50.0)
+    scores = torch.rand(ids.numel())
+
+    def sketch_step() -> None:
+        keys = mix64(ids, 3)
+        sk.query(keys)
+        sk.insert(keys, scores)
+
+    t_tbe = best_time(tbe_step, repeat=5)
+    t_sk = best_time(sketch_step, repeat=5)
+    return [[threads, ids.numel(), t_tbe * 1e3, t_sk * 1e3, t_sk / t_tbe]]
+
+
+def recall(z: float, k: int, vocab: int, n: int) -> Dict[int, float]:
+    """Share of the true top-k (by exact accumulated score) among the sketch's top-k, per c."""
+    ids = zipf_ids(n, vocab, z, 1)
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.rand(n, generator=gen) * 2  # gradient-norm-like weights, mean 1
+    exact = torch.zeros(vocab, dtype=torch.float64).index_add_(0, ids, scores.double())
+    truth = set(mix64(exact.topk(k).indices, 5).tolist())
+    memory = 4 * k  # the paper's memory: one bucket of 4 slots per hot row
+    out = {}
+    for c in (2, 4, 8, 16):
+        sk = HotSketch(hot_capacity=0, threshold=1e30, num_buckets=memory // c, slots_per_bucket=c, decay_trigger=1e30)
+        keys = mix64(ids, 5)
+        for start in range(0, n, 100_000):
+            sk.insert(keys[start : start + 100_000], scores[start : start + 100_000])
+        top = sk.slot_keys[sk.slot_scores.topk(k).indices]
+        out[c] = len(truth & set(top.tolist())) / k
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller streams (a smoke run)")
+    args = parser.parse_args()
+    print(f"machine: {machine()}\n")
+    batch = 20_000 if args.quick else 100_000
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print("Throughput, one thread, batches of", batch, "unique keys (M ops/s; ratio to the reference)")
+    print(table(["kernel", "batch", "insert M/s", "query M/s", "insert x ref", "query x ref"], throughput(batch)))
+    print("\nCost inside a step: 26 features x 4096 samples, Zipf 1.05 ids; TBE fwd+bwd, row-wise Adagrad")
+    cost = step_cost(4096, 26, 1) + step_cost(4096, 26, threads)
+    print(table(["threads", "ids", "TBE ms", "sketch ms", "sketch / TBE"], cost))
+    print("\nRecall of the true top-k, memory = 4 slots per hot row (paper), by slots per bucket c")
+    k, vocab, n = (2_000, 200_000, 1_000_000) if args.quick else (10_000, 1_000_000, 5_000_000)
+    rows = []
+    for z in (1.05, 1.2, 1.5):
+        r = recall(z, k, vocab, n)
+        rows.append([z, f"{1 + 1 / (z - 1):.1f}"] + [r[c] for c in (2, 4, 8, 16)])
+    print(table(["zipf z", "theory c*", "c=2", "c=4", "c=8", "c=16"], rows))
+    print(f"(k={k}, vocabulary {vocab:,}, stream {n:,}; paper: 0.82-0.96 at c=4)")
+
+
+if __name__ == "__main__":
+    main()

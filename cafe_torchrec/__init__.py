@@ -1,0 +1,1 @@
+from cafe_torchrec.sketch import HotSketch

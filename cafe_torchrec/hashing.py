@@ -1,0 +1,52 @@
+"""The 64-bit mixing hash used everywhere: pre-hash of raw ids, sketch buckets, hashed rows.
+
+A plain modulo is wrong for CAFE: raw ids are often dense per feature, so ``id % w`` puts
+neighbouring ids in neighbouring buckets and correlates bucket and row choice. We use the
+splitmix64 finaliser written in int64 torch ops (multiplication wraps in two's complement,
+``>>`` is arithmetic, so shifts are masked to be logical). It runs identically on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
+_M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_M2 = -7723592293110705685  # 0x94D049BB133111EB
+_POSITIVE = 0x7FFFFFFFFFFFFFFF
+
+
+def _logical_shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """splitmix64(x + seed * golden) for an int64 tensor, as non-negative int64 (63 bits)."""
+    if x.dtype != torch.int64:
+        raise TypeError(f"mix64 needs int64 ids, got {x.dtype}")
+    z = x + _wrap(seed * _GOLDEN + _GOLDEN)
+    z = (z ^ _logical_shift_right(z, 30)) * _M1
+    z = (z ^ _logical_shift_right(z, 27)) * _M2
+    z = z ^ _logical_shift_right(z, 31)
+    return z & _POSITIVE
+
+
+def mix64_int(x: int, seed: int) -> int:
+    """Pure-Python twin of :func:`mix64` for one value (used by references and tests)."""
+    mask = (1 << 64) - 1
+    z = (x + seed * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    z = z ^ (z >> 31)
+    return z & _POSITIVE
+
+
+def bounded(h: torch.Tensor, n: int) -> torch.Tensor:
+    """Map non-negative 63-bit hashes onto [0, n)."""
+    return torch.remainder(h, n)
+
+
+def _wrap(v: int) -> int:
+    """Wrap a Python int into the int64 range (two's complement)."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >= (1 << 63) else v

@@ -1,0 +1,238 @@
+// HotSketch insert and query on CPU: the semantics of torch_kernel.py, without sorting.
+// Phase A touches each occurrence's bucket once (one cache line at 4 slots); only the keys
+// that miss are coalesced, through a small open-addressing map.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kEmptyKey = -1;
+constexpr int32_t kNoRow = -1;
+constexpr int32_t kCandidate = -2;  // transient mark during one insert: promotion candidate
+constexpr float kFloatMax = std::numeric_limits<float>::max();
+
+struct Slot {
+  int64_t key;
+  float score;
+  int32_t row;
+};
+static_assert(sizeof(Slot) == 16, "a slot is 16 bytes");
+
+inline int64_t mix64(int64_t x, int64_t seed) {
+  uint64_t z = static_cast<uint64_t>(x) + static_cast<uint64_t>(seed) * 0x9E3779B97F4A7C15ULL +
+               0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  z = z ^ (z >> 31);
+  return static_cast<int64_t>(z & 0x7FFFFFFFFFFFFFFFULL);
+}
+
+inline bool valid_score(float v) { return std::isfinite(v) && v >= 0.0f; }
+
+Slot* slots_of(const at::Tensor& slots, int64_t c) {
+  TORCH_CHECK(slots.is_contiguous() && slots.scalar_type() == at::kLong && slots.dim() == 2 &&
+                  slots.size(1) == 2,
+              "slots: contiguous int64 [W*C, 2]");
+  TORCH_CHECK(c > 0 && slots.size(0) % c == 0, "slot count must be a multiple of slots_per_bucket");
+  return reinterpret_cast<Slot*>(slots.data_ptr<int64_t>());
+}
+
+// Open-addressing map key -> index of its first miss, sized for the batch's misses.
+class MissIndex {
+ public:
+  explicit MissIndex(int64_t n) {
+    uint64_t size = 16;
+    while (size < static_cast<uint64_t>(2 * n)) size <<= 1;
+    keys_.assign(size, kEmptyKey);
+    vals_.resize(size);
+    mask_ = size - 1;
+  }
+  // Index of key; if absent, stores next and sets *added.
+  int32_t find_or_add(int64_t key, int32_t next, bool* added) {
+    uint64_t i = (static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ULL >> 20) & mask_;
+    while (keys_[i] != kEmptyKey) {
+      if (keys_[i] == key) { *added = false; return vals_[i]; }
+      i = (i + 1) & mask_;
+    }
+    keys_[i] = key;
+    vals_[i] = next;
+    *added = true;
+    return next;
+  }
+
+ private:
+  std::vector<int64_t> keys_;
+  std::vector<int32_t> vals_;
+  uint64_t mask_;
+};
+
+at::Tensor to_tensor(const std::vector<int64_t>& v) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
+  std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
+  return t;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_insert(
+    at::Tensor slots_t, at::Tensor free_rows, at::Tensor free_count, at::Tensor total_score,
+    const at::Tensor& in_keys, const at::Tensor& in_scores, int64_t c, double threshold_d,
+    double decay_d, double trigger, int64_t seed) {
+  Slot* slots = slots_of(slots_t, c);
+  TORCH_CHECK(free_rows.is_contiguous() && free_rows.scalar_type() == at::kInt, "free_rows: int32");
+  TORCH_CHECK(free_count.scalar_type() == at::kLong && free_count.numel() == 1, "free_count: int64 [1]");
+  TORCH_CHECK(total_score.scalar_type() == at::kDouble && total_score.numel() == 1, "total_score: float64 [1]");
+  TORCH_CHECK(in_keys.dim() == 1 && in_keys.scalar_type() == at::kLong, "keys: 1-D int64");
+  TORCH_CHECK(in_scores.dim() == 1 && in_scores.scalar_type() == at::kFloat, "scores: 1-D float32");
+  TORCH_CHECK(in_keys.numel() == in_scores.numel(), "keys and scores differ in length");
+  const at::Tensor ik = in_keys.contiguous();
+  const at::Tensor is = in_scores.contiguous();
+  const int64_t n = ik.numel();
+  const int64_t* k = ik.data_ptr<int64_t>();
+  const float* s = is.data_ptr<float>();
+  int32_t* fr = free_rows.data_ptr<int32_t>();
+  int64_t& fc = *free_count.data_ptr<int64_t>();
+  double& total = *total_score.data_ptr<double>();
+  const int64_t w = slots_t.size(0) / c;
+  const float threshold = static_cast<float>(threshold_d);
+  const float decay = static_cast<float>(decay_d);
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(k[i] >= 0, "keys must be non-negative 63-bit hashes");
+
+  std::vector<int64_t> demoted_keys, demoted_rows;
+  int64_t decayed = 0;
+  if (total > trigger) {
+    decayed = 1;
+    for (int64_t j = 0; j < w * c; ++j) {
+      Slot& sl = slots[j];
+      const float d = sl.score * decay;
+      if (sl.row != kNoRow && d < threshold) {
+        demoted_keys.push_back(sl.key);
+        demoted_rows.push_back(sl.row);
+        fr[fc++] = sl.row;
+        sl.row = kNoRow;
+      }
+      sl.score = d;
+    }
+    total = 0.0;
+  }
+
+  // phase A: present keys add their scores; misses are remembered for phase B
+  std::vector<int64_t> candidates;  // slot indices marked kCandidate
+  std::vector<int64_t> misses;      // input positions
+  const bool may_promote = fc > 0;
+  int64_t skipped = 0;
+  double batch_total = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = s[i];
+    if (!valid_score(v)) { ++skipped; continue; }
+    batch_total += static_cast<double>(v);
+    Slot* b = slots + (mix64(k[i], seed) % w) * c;
+    int64_t j = 0;
+    while (j < c && b[j].key != k[i]) ++j;
+    if (j == c) { misses.push_back(i); continue; }
+    b[j].score = std::min(b[j].score + v, kFloatMax);
+    if (may_promote && b[j].row == kNoRow && b[j].score >= threshold) {
+      b[j].row = kCandidate;
+      candidates.push_back(b - slots + j);
+    }
+  }
+  total += batch_total;
+
+  // phase B: coalesce the misses, place them in first-occurrence order
+  MissIndex index(static_cast<int64_t>(misses.size()));
+  std::vector<int64_t> ukeys;
+  std::vector<float> usums;
+  for (int64_t i : misses) {
+    bool added;
+    const int32_t u = index.find_or_add(k[i], static_cast<int32_t>(ukeys.size()), &added);
+    if (added) { ukeys.push_back(k[i]); usums.push_back(s[i]); }
+    else { usums[u] += s[i]; }
+  }
+  int64_t dropped = 0;
+  for (size_t u = 0; u < ukeys.size(); ++u) {
+    Slot* b = slots + (mix64(ukeys[u], seed) % w) * c;
+    int64_t empty = -1, victim = -1;
+    for (int64_t j = 0; j < c; ++j) {
+      if (b[j].key == kEmptyKey) { empty = j; break; }
+      if (b[j].row < 0 && (victim < 0 || b[j].score < b[victim].score)) victim = j;
+    }
+    if (empty >= 0) {
+      b[empty] = Slot{ukeys[u], usums[u], kNoRow};
+    } else if (victim >= 0) {
+      b[victim] = Slot{ukeys[u], std::min(b[victim].score + usums[u], kFloatMax), kNoRow};
+    } else {
+      ++dropped;
+    }
+  }
+
+  // promotions in slot order; a replaced candidate lost its mark in phase B
+  std::sort(candidates.begin(), candidates.end());
+  std::vector<int64_t> promoted_keys, promoted_rows;
+  for (int64_t j : candidates) {
+    if (slots[j].row != kCandidate) continue;
+    if (fc > 0) {
+      slots[j].row = fr[--fc];
+      promoted_keys.push_back(slots[j].key);
+      promoted_rows.push_back(slots[j].row);
+    } else {
+      slots[j].row = kNoRow;
+    }
+  }
+  at::Tensor counts = at::empty({3}, at::kLong);
+  counts.data_ptr<int64_t>()[0] = skipped;
+  counts.data_ptr<int64_t>()[1] = dropped;
+  counts.data_ptr<int64_t>()[2] = decayed;
+  return {to_tensor(promoted_keys), to_tensor(promoted_rows), to_tensor(demoted_keys),
+          to_tensor(demoted_rows), counts};
+}
+
+std::tuple<at::Tensor, at::Tensor> sketch_query(const at::Tensor& slots_t, const at::Tensor& in_keys,
+                                                int64_t c, double medium_threshold_d, int64_t seed) {
+  const Slot* slots = slots_of(slots_t, c);
+  TORCH_CHECK(in_keys.dim() == 1 && in_keys.scalar_type() == at::kLong, "keys: 1-D int64");
+  const at::Tensor ik = in_keys.contiguous();
+  const int64_t n = ik.numel();
+  const int64_t w = slots_t.size(0) / c;
+  const int64_t* k = ik.data_ptr<int64_t>();
+  const float medium = static_cast<float>(medium_threshold_d);
+  at::Tensor rows = at::empty({n}, ik.options());
+  at::Tensor is_medium = at::empty({n}, ik.options().dtype(at::kBool));
+  int64_t* r = rows.data_ptr<int64_t>();
+  bool* m = is_medium.data_ptr<bool>();
+  at::parallel_for(0, n, 8192, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Slot* b = slots + (mix64(k[i], seed) % w) * c;
+      r[i] = kNoRow;
+      m[i] = false;
+      for (int64_t j = 0; j < c; ++j) {
+        if (b[j].key == k[i]) {
+          r[i] = b[j].row;
+          m[i] = b[j].row == kNoRow && b[j].score >= medium;
+          break;
+        }
+      }
+    }
+  });
+  return {rows, is_medium};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cafe, m) {
+  m.def("sketch_insert(Tensor(a!) slots, Tensor(b!) free_rows, Tensor(c!) free_count, "
+        "Tensor(d!) total_score, Tensor keys, Tensor scores, int slots_per_bucket, float threshold, "
+        "float decay, float decay_trigger, int seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("sketch_query(Tensor slots, Tensor keys, int slots_per_bucket, float medium_threshold, "
+        "int seed) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(cafe, CPU, m) {
+  m.impl("sketch_insert", &sketch_insert);
+  m.impl("sketch_query", &sketch_query);
+}

@@ -1,0 +1,167 @@
+"""HotSketch: one-pass importance tracking with a free list of hot rows (CAFE, SIGMOD'24 §3.2)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from cafe_torchrec.sketch import cpp_kernel, torch_kernel
+from cafe_torchrec.sketch.types import EMPTY_KEY, NO_ROW, InsertParams, InsertResult, SketchState
+
+SLOT_BYTES = 16  # int64 key + float32 score + int32 hot row (the paper's 12 B with 32-bit keys)
+FREE_ROW_BYTES = 4
+
+
+class HotSketch(nn.Module):
+    """W buckets of C slots (key, score, hot row) plus a stack of free hot rows.
+
+    Keys are non-negative 63-bit hashes (see ``hashing.mix64``). ``insert`` adds a batch of
+    importance scores and hands out hot rows to keys whose score reaches ``threshold``;
+    ``query`` tells, per key, its hot row (or -1) and whether it is medium (score at least
+    ``medium_threshold`` without a row, for multi-level hashing). All state is in buffers, so
+    ``state_dict`` round-trips it exactly. CPU tensors use a C++ kernel when it builds, other
+    devices the torch-ops kernel; both implement the semantics in ``torch_kernel``.
+    """
+
+    def __init__(
+        self,
+        hot_capacity: int,
+        threshold: float,
+        num_buckets: Optional[int] = None,
+        slots_per_bucket: int = 4,
+        medium_threshold: Optional[float] = None,
+        decay: float = 0.98,
+        decay_trigger: float = 10.0,
+        seed: int = 0,
+        device: Optional[torch.device] = None,
+        kernel: str = "auto",
+    ) -> None:
+        super().__init__()
+        num_buckets = hot_capacity if num_buckets is None else num_buckets
+        _check_config(hot_capacity, threshold, num_buckets, slots_per_bucket, medium_threshold, decay, decay_trigger, kernel)
+        self.hot_capacity = hot_capacity
+        self.threshold = float(threshold)
+        self.medium_threshold = float(medium_threshold) if medium_threshold is not None else None
+        self.decay = float(decay)
+        self.slots_per_bucket = slots_per_bucket
+        self.kernel = kernel
+        self._decay_trigger_factor = float(decay_trigger)
+        slots = num_buckets * slots_per_bucket
+        self.register_buffer("slots", _empty_slots(slots, device))
+        self.register_buffer("free_rows", torch.arange(hot_capacity - 1, -1, -1, dtype=torch.int32, device=device))
+        self.register_buffer("free_count", torch.tensor([hot_capacity], dtype=torch.int64, device=device))
+        self.register_buffer("total_score", torch.zeros(1, dtype=torch.float64, device=device))
+        self.register_buffer("seed", torch.tensor([seed], dtype=torch.int64, device=device))
+        self._seed = seed
+
+    @property
+    def num_buckets(self) -> int:
+        return self.slots.shape[0] // self.slots_per_bucket
+
+    @property
+    def slot_keys(self) -> torch.Tensor:
+        """[W*C] int64 view of the slot keys (-1 = empty)."""
+        return self.state().keys
+
+    @property
+    def slot_scores(self) -> torch.Tensor:
+        """[W*C] float32 view of the slot scores."""
+        return self.state().scores
+
+    @property
+    def slot_rows(self) -> torch.Tensor:
+        """[W*C] int32 view of the slot hot rows (-1 = none)."""
+        return self.state().rows
+
+    @property
+    def decay_trigger(self) -> float:
+        return self._decay_trigger_factor * self.num_buckets * self.threshold
+
+    def state(self) -> SketchState:
+        """The buffers as a kernel argument."""
+        return SketchState(self.slots, self.free_rows, self.free_count, self.total_score, self.slots_per_bucket, self._seed)
+
+    def _use_cpp(self, keys: torch.Tensor) -> bool:
+        if self.kernel == "torch" or keys.device.type != "cpu":
+            return False
+        return cpp_kernel.available() or _fail_if_required(self.kernel)
+
+    @torch.no_grad()
+    def insert(self, keys: torch.Tensor, scores: torch.Tensor) -> InsertResult:
+        """Add a batch of (key, score) pairs; scores NaN, inf or negative are skipped and counted."""
+        _check_keys(keys)
+        if scores.shape != keys.shape or not scores.is_floating_point():
+            raise ValueError(f"scores must be a float tensor shaped like keys {tuple(keys.shape)}, got {scores.dtype} {tuple(scores.shape)}")
+        scores = scores.to(torch.float32)
+        params = InsertParams(self.threshold, self.decay, self.decay_trigger)
+        kernel = cpp_kernel if self._use_cpp(keys) else torch_kernel
+        return kernel.insert_(self.state(), keys, scores, params)
+
+    @torch.no_grad()
+    def query(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per key: hot row (int64, -1 if not hot) and a medium mask (False if no medium level)."""
+        _check_keys(keys)
+        medium = self.medium_threshold if self.medium_threshold is not None else float("inf")
+        kernel = cpp_kernel if self._use_cpp(keys) else torch_kernel
+        return kernel.query(self.state(), keys, medium)
+
+    def hot_rows_used(self) -> int:
+        return self.hot_capacity - int(self.free_count[0])
+
+    def nbytes(self) -> int:
+        """Bytes of the sketch: slots plus the free list (the paper counts the sketch too)."""
+        return sketch_nbytes(self.num_buckets, self.slots_per_bucket, self.hot_capacity)
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._seed = int(self.seed[0])
+
+    def extra_repr(self) -> str:
+        return (f"buckets={self.num_buckets}, slots_per_bucket={self.slots_per_bucket}, "
+                f"hot_capacity={self.hot_capacity}, threshold={self.threshold}, "
+                f"medium_threshold={self.medium_threshold}, decay={self.decay}")
+
+
+def sketch_nbytes(num_buckets: int, slots_per_bucket: int, hot_capacity: int) -> int:
+    """Bytes a HotSketch of this shape holds; shared by the module, the planner and benchmarks."""
+    return num_buckets * slots_per_bucket * SLOT_BYTES + hot_capacity * FREE_ROW_BYTES
+
+
+def _empty_slots(n: int, device: Optional[torch.device]) -> torch.Tensor:
+    """n empty slots: key -1, score 0.0, row -1."""
+    slots = torch.zeros((n, 2), dtype=torch.int64, device=device)
+    state = SketchState(slots, slots, slots, slots, 1, 0)
+    state.keys.fill_(EMPTY_KEY)
+    state.rows.fill_(NO_ROW)
+    return slots
+
+
+def _check_keys(keys: torch.Tensor) -> None:
+    if keys.dtype != torch.int64 or keys.dim() != 1:
+        raise ValueError(f"keys must be a 1-D int64 tensor, got {keys.dtype} with shape {tuple(keys.shape)}")
+    if keys.numel() and bool((keys < 0).any()):
+        raise ValueError("keys must be non-negative 63-bit hashes (use cafe_torchrec.hashing.mix64)")
+
+
+def _fail_if_required(kernel: str) -> bool:
+    if kernel == "cpp":
+        raise RuntimeError("kernel='cpp' was asked for but the C++ HotSketch kernel did not build")
+    return False
+
+
+def _check_config(hot_capacity: int, threshold: float, num_buckets: int, slots: int,
+                  medium: Optional[float], decay: float, trigger: float, kernel: str) -> None:
+    if hot_capacity < 0 or num_buckets < 1 or slots < 1:
+        raise ValueError(f"need hot_capacity >= 0, num_buckets >= 1, slots_per_bucket >= 1; got {hot_capacity}, {num_buckets}, {slots}")
+    if not threshold > 0:
+        raise ValueError(f"threshold must be > 0, got {threshold}")
+    if medium is not None and not 0 < medium <= threshold:
+        raise ValueError(f"medium_threshold must be in (0, threshold={threshold}], got {medium}")
+    if not 0 < decay < 1:
+        raise ValueError(f"decay must be in (0, 1), got {decay}")
+    if not trigger > 0:
+        raise ValueError(f"decay_trigger must be > 0, got {trigger}")
+    if kernel not in ("auto", "cpp", "torch"):
+        raise ValueError(f"kernel must be 'auto', 'cpp' or 'torch', got {kernel!r}")

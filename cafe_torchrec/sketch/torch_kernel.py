@@ -1,0 +1,152 @@
+"""HotSketch insert and query in plain torch ops: the CUDA path, and the spec of the semantics.
+
+Batched semantics (the C++ kernel implements exactly the same):
+1. Inputs whose score is NaN, inf or negative are skipped (counted, never stored).
+2. If total_score > decay_trigger, decay first: every hot slot whose decayed score falls below
+   the threshold frees its row (pushed on the free stack in slot order); all scores *= decay;
+   total_score = 0. A freed row may be reassigned in this call; that is safe because rows are
+   copied after the optimizer update (see migration.py).
+3. total_score += the batch's valid scores.
+4. Phase A, keys present at the start of the batch: every occurrence adds its score to its
+   slot, in input order (saturating at FLT_MAX). Such a slot is a promotion candidate if it
+   ends the phase with score >= threshold and no row.
+5. Phase B, keys absent at the start: their scores are summed per key and the keys are placed
+   in order of first occurrence (bucket = mix64(key, seed) mod W): the first empty slot takes
+   (key, s), else the minimum-score non-hot slot (lowest index on ties) takes (key, min + s)
+   (Space-Saving), else (every slot hot) the newcomer is dropped. Hot slots are never
+   replaced and a newcomer is never hot on entry.
+6. Candidates that still hold their slot get free rows in slot order until the stack is
+   empty; the others stay candidates for their next hit.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from cafe_torchrec.hashing import bounded, mix64
+from cafe_torchrec.sketch.types import (
+    EMPTY_KEY,
+    FLOAT_MAX,
+    NO_ROW,
+    InsertParams,
+    InsertResult,
+    SketchState,
+)
+
+
+def decay_(state: SketchState, params: InsertParams) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Decay all scores, free the rows of hot slots that fall below the threshold."""
+    decayed = state.scores * params.decay
+    leaving = ((state.rows != NO_ROW) & (decayed < params.threshold)).nonzero().flatten()
+    demoted_keys = state.keys[leaving]
+    demoted_rows = state.rows[leaving].long()
+    n = int(leaving.numel())
+    if n:
+        top = int(state.free_count[0])
+        state.free_rows[top : top + n] = demoted_rows.to(torch.int32)
+        state.free_count += n
+        state.rows[leaving] = NO_ROW
+    state.scores.copy_(decayed)
+    state.total_score.zero_()
+    return demoted_keys, demoted_rows
+
+
+def find_slots(state: SketchState, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per key: its bucket's first slot index, and the slot holding it (-1 if absent)."""
+    c = state.slots_per_bucket
+    base = bounded(mix64(keys, state.seed), state.num_buckets) * c
+    cand = base[:, None] + torch.arange(c, device=keys.device)
+    match = state.keys[cand] == keys[:, None]
+    slot = torch.where(match.any(1), cand.gather(1, match.int().argmax(1, keepdim=True)).squeeze(1), -1)
+    return base, slot
+
+
+def insert_(
+    state: SketchState, keys: torch.Tensor, scores: torch.Tensor, params: InsertParams
+) -> InsertResult:
+    """Insert a batch of (key, score) pairs; see the module docstring for the semantics."""
+    device = keys.device
+    empty = torch.empty(0, dtype=torch.int64, device=device)
+    valid = torch.isfinite(scores) & (scores >= 0)
+    skipped = int(keys.numel() - int(valid.sum()))
+    demoted_keys, demoted_rows, decayed = empty, empty, False
+    if float(state.total_score[0]) > params.decay_trigger:
+        demoted_keys, demoted_rows = decay_(state, params)
+        decayed = True
+    keys, scores = keys[valid], scores[valid]
+    state.total_score += scores.double().sum()
+    base, slot = find_slots(state, keys)
+    hit = slot >= 0
+    # phase A: present keys add their scores
+    touched, inverse = torch.unique(slot[hit], return_inverse=True)
+    added = torch.zeros(touched.numel(), dtype=torch.float32, device=device).index_add_(0, inverse, scores[hit])
+    state.scores[touched] = torch.clamp(state.scores[touched] + added, max=FLOAT_MAX)
+    cand = touched[(state.rows[touched] == NO_ROW) & (state.scores[touched] >= params.threshold)]
+    cand_keys = state.keys[cand]
+    # phase B: absent keys, coalesced, in first-occurrence order
+    dropped = _place_newcomers(state, keys[~hit], scores[~hit], base[~hit])
+    # promotions, in slot order, while rows are free
+    cand = cand[state.keys[cand] == cand_keys]
+    n = min(int(cand.numel()), int(state.free_count[0]))
+    top = int(state.free_count[0])
+    rows = state.free_rows[top - n : top].flip(0).long() if n else empty
+    state.rows[cand[:n]] = rows.to(torch.int32)
+    state.free_count -= n
+    return InsertResult(state.keys[cand[:n]], rows, demoted_keys, demoted_rows, skipped, dropped, decayed)
+
+
+def _place_newcomers(state: SketchState, keys: torch.Tensor, scores: torch.Tensor, base: torch.Tensor) -> int:
+    """Phase B: bucket by bucket, round by round (one newcomer per bucket per round)."""
+    if keys.numel() == 0:
+        return 0
+    device = keys.device
+    uniq, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.full((uniq.numel(),), keys.numel(), dtype=torch.int64, device=device)
+    first.scatter_reduce_(0, inverse, torch.arange(keys.numel(), device=device), reduce="amin")
+    sums = torch.zeros(uniq.numel(), dtype=torch.float32, device=device).index_add_(0, inverse, scores)
+    order = torch.argsort(first)
+    ukeys, usums, ubase = uniq[order], sums[order], base[first[order]]
+    by_bucket = torch.argsort(ubase, stable=True)
+    sorted_base = ubase[by_bucket]
+    starts = torch.ones_like(sorted_base, dtype=torch.bool)
+    starts[1:] = sorted_base[1:] != sorted_base[:-1]
+    positions = torch.arange(len(by_bucket), device=device)
+    group_start = torch.cummax(torch.where(starts, positions, 0), 0).values
+    rank = torch.empty_like(by_bucket)
+    rank[by_bucket] = positions - group_start
+    c = state.slots_per_bucket
+    offsets = torch.arange(c, device=device)
+    dropped = 0
+    for r in range(int(rank.max()) + 1):
+        idx = (rank == r).nonzero().flatten()
+        k, s, slots = ukeys[idx], usums[idx], ubase[idx, None] + offsets
+        kb, sb, rb = state.keys[slots], state.scores[slots], state.rows[slots]
+        is_empty = kb == EMPTY_KEY
+        fill = is_empty.any(1)
+        fill_slot = slots[fill, is_empty[fill].int().argmax(1)]
+        state.keys[fill_slot] = k[fill]
+        state.scores[fill_slot] = s[fill]
+        full = ~fill
+        non_hot = rb[full] < 0
+        has_victim = non_hot.any(1)
+        dropped += int((~has_victim).sum())
+        col = torch.where(non_hot, sb[full], torch.inf).argmin(1)[has_victim]
+        victim = slots[full][has_victim, col]
+        state.keys[victim] = k[full][has_victim]
+        state.scores[victim] = torch.clamp(sb[full][has_victim, col] + s[full][has_victim], max=FLOAT_MAX)
+        state.rows[victim] = NO_ROW
+    return dropped
+
+
+def query(
+    state: SketchState, keys: torch.Tensor, medium_threshold: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Hot row per key (int64, -1 if none) and whether a non-hot key is medium (score >= medium)."""
+    _, slot = find_slots(state, keys)
+    found = slot >= 0
+    safe = slot.clamp(min=0)
+    rows = torch.where(found, state.rows[safe].long(), NO_ROW)
+    medium = found & (rows == NO_ROW) & (state.scores[safe] >= medium_threshold)
+    return rows, medium

@@ -1,0 +1,1 @@
+"""CAFE-aware sharding planner (installed as `cafe_planner`)."""

@@ -1,0 +1,119 @@
+"""A plain sequential HotSketch, written for clarity: the reference the kernels must equal.
+
+Per batch, in the documented order: decay check; present keys add each occurrence's score;
+absent keys, summed, take an empty or the minimum non-hot slot in first-occurrence order;
+surviving candidates get free rows in slot order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from cafe_torchrec.hashing import mix64_int
+
+EMPTY = -1
+NO_ROW = -1
+FLT_MAX = 3.4028234663852886e38
+
+
+def f32(x: float) -> float:
+    """Round to float32 like the kernels do."""
+    import struct
+
+    return struct.unpack("f", struct.pack("f", min(x, FLT_MAX)))[0]
+
+
+@dataclass
+class ReferenceSketch:
+    num_buckets: int
+    slots: int
+    capacity: int
+    threshold: float
+    decay: float
+    trigger: float
+    seed: int
+    keys: List[int] = field(default_factory=list)
+    scores: List[float] = field(default_factory=list)
+    rows: List[int] = field(default_factory=list)
+    free: List[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        n = self.num_buckets * self.slots
+        self.keys, self.scores, self.rows = [EMPTY] * n, [0.0] * n, [NO_ROW] * n
+        self.free = list(range(self.capacity - 1, -1, -1))  # a stack: pop() gives row 0 first
+
+    def bucket(self, key: int) -> int:
+        return mix64_int(key, self.seed) % self.num_buckets
+
+    def insert_batch(self, keys: List[int], scores: List[float]) -> Tuple[List[int], List[int], List[int]]:
+        """Returns (promoted keys, promoted rows, demoted rows)."""
+        demoted = []
+        if self.total > self.trigger:
+            demoted = self._decay()
+        valid = [(k, s) for k, s in zip(keys, scores) if s == s and abs(s) != float("inf") and s >= 0]
+        present = {k for k, _ in valid if self._slot_of(k) is not None}
+        for _, s in valid:
+            self.total += s
+        # phase A: present keys, occurrence by occurrence
+        touched = set()
+        for k, s in valid:
+            if k in present:
+                j = self._slot_of(k)
+                self.scores[j] = f32(self.scores[j] + s)
+                touched.add(j)
+        candidates = [(j, self.keys[j]) for j in sorted(touched)
+                      if self.rows[j] == NO_ROW and self.scores[j] >= self.threshold]
+        # phase B: absent keys, summed, in first-occurrence order
+        sums: Dict[int, float] = {}
+        for k, s in valid:
+            if k not in present:
+                sums[k] = f32(sums.get(k, 0.0) + s)
+        for k, s in sums.items():
+            self._place(k, s)
+        promoted_keys, promoted_rows = [], []
+        for j, k in candidates:
+            if self.keys[j] == k and self.free:
+                self.rows[j] = self.free.pop()
+                promoted_keys.append(k)
+                promoted_rows.append(self.rows[j])
+        return promoted_keys, promoted_rows, demoted
+
+    def _slot_of(self, key: int) -> Optional[int]:
+        base = self.bucket(key) * self.slots
+        for j in range(base, base + self.slots):
+            if self.keys[j] == key:
+                return j
+        return None
+
+    def _place(self, key: int, score: float) -> None:
+        base = self.bucket(key) * self.slots
+        slots = range(base, base + self.slots)
+        for j in slots:
+            if self.keys[j] == EMPTY:
+                self.keys[j], self.scores[j] = key, score
+                return
+        victims = [j for j in slots if self.rows[j] == NO_ROW]
+        if victims:
+            j = min(victims, key=lambda v: (self.scores[v], v))
+            self.keys[j], self.scores[j] = key, f32(self.scores[j] + score)
+
+    def _decay(self) -> List[int]:
+        demoted = []
+        for j in range(len(self.keys)):
+            d = f32(self.scores[j] * f32(self.decay))
+            if self.rows[j] != NO_ROW and d < self.threshold:
+                demoted.append(self.rows[j])
+                self.free.append(self.rows[j])
+                self.rows[j] = NO_ROW
+            self.scores[j] = d
+        self.total = 0.0
+        return demoted
+
+    def query(self, key: int) -> Tuple[int, float]:
+        base = self.bucket(key) * self.slots
+        for j in range(base, base + self.slots):
+            if self.keys[j] == key:
+                return self.rows[j], self.scores[j]
+        return NO_ROW, 0.0

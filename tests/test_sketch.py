@@ -1,0 +1,173 @@
+"""HotSketch: kernels equal the sequential reference; invariants hold over long streams."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from cafe_torchrec.hashing import mix64
+from cafe_torchrec.sketch import HotSketch
+from cafe_torchrec.sketch.cpp_kernel import available as cpp_available
+from tests.reference_sketch import ReferenceSketch
+
+KERNELS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="no C++ build"))]
+
+
+def zipf_keys(n: int, vocab: int, z: float, gen: torch.Generator) -> torch.Tensor:
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float64)
+    ids = torch.multinomial(ranks.pow(-z), n, replacement=True, generator=gen)
+    return mix64(ids, 99)
+
+
+def dyadic_scores(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Multiples of 1/8: float32 sums are exact in any order, so kernels can match bit for bit."""
+    return torch.randint(0, 33, (n,), generator=gen).float() / 8
+
+
+def make(kernel: str, **kw) -> HotSketch:
+    args = dict(hot_capacity=24, threshold=6.0, num_buckets=16, slots_per_bucket=4, decay=0.9, decay_trigger=2.0, seed=3)
+    args.update(kw)
+    return HotSketch(kernel=kernel, **args)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_batched_insert_equals_sequential_reference(kernel: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    sk = make(kernel)
+    ref = ReferenceSketch(16, 4, 24, 6.0, 0.9, sk.decay_trigger, 3)
+    seen = {"promoted": 0, "demoted": 0, "full": 0}
+    for step in range(60):
+        keys = zipf_keys(200, 400 if step < 30 else 4000, 1.1, gen)  # vocabulary shifts half way
+        scores = dyadic_scores(200, gen)
+        res = sk.insert(keys, scores)
+        pos, rows, demoted = ref.insert_batch(keys.tolist(), scores.tolist())
+        assert res.promoted_keys.tolist() == pos
+        assert res.promoted_rows.tolist() == rows
+        assert res.demoted_rows.tolist() == demoted
+        seen["promoted"] += len(pos)
+        seen["demoted"] += len(demoted)
+        seen["full"] += int(sk.free_count[0]) == 0
+        assert sk.slot_keys.tolist() == ref.keys
+        assert sk.slot_scores.tolist() == ref.scores
+        assert sk.slot_rows.tolist() == ref.rows
+        free = sk.free_rows[: int(sk.free_count[0])].tolist()
+        assert free == ref.free
+        assert float(sk.total_score[0]) == pytest.approx(ref.total, rel=1e-12)
+        q_rows, _ = sk.query(keys)
+        assert q_rows.tolist() == [ref.query(k)[0] for k in keys.tolist()]
+    assert seen["promoted"] > 24 and seen["demoted"] > 0 and seen["full"] > 0, seen
+
+
+def test_cpp_and_torch_kernels_agree_on_real_valued_scores() -> None:
+    if not cpp_available():
+        pytest.skip("no C++ build")
+    gen = torch.Generator().manual_seed(1)
+    a, b = make("cpp", medium_threshold=2.0), make("torch", medium_threshold=2.0)
+    for _ in range(40):
+        keys = zipf_keys(300, 2000, 1.2, gen)
+        scores = torch.rand(300, generator=gen) * 2
+        ra, rb = a.insert(keys, scores), b.insert(keys, scores)
+        assert torch.equal(ra.promoted_keys, rb.promoted_keys) and torch.equal(ra.promoted_rows, rb.promoted_rows)
+        assert torch.equal(a.slot_keys, b.slot_keys) and torch.equal(a.slot_rows, b.slot_rows)
+        torch.testing.assert_close(a.slot_scores, b.slot_scores, rtol=1e-5, atol=1e-5)
+        qa, qb = a.query(keys), b.query(keys)
+        assert torch.equal(qa[0], qb[0]) and torch.equal(qa[1], qb[1])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_decay_never_leaks_or_duplicates_hot_rows(kernel: str) -> None:
+    gen = torch.Generator().manual_seed(2)
+    sk = make(kernel, hot_capacity=40, num_buckets=40, threshold=4.0, decay=0.7, decay_trigger=1.0)
+    assigned: dict = {}
+    promotions = demotions = 0
+    for step in range(400):
+        offset = (step // 50) * 1000  # the popular ids change every 50 steps
+        ids = torch.multinomial(torch.arange(1, 301, dtype=torch.float64).pow(-1.3), 256, True, generator=gen) + offset
+        keys = mix64(ids, 5)
+        res = sk.insert(keys, torch.rand(256, generator=gen) * 3)
+        promotions += res.promoted_rows.numel()
+        demotions += res.demoted_rows.numel()
+        for k, r in zip(res.demoted_keys.tolist(), res.demoted_rows.tolist()):
+            assert assigned.pop(r) == k
+        for k, r in zip(res.promoted_keys.tolist(), res.promoted_rows.tolist()):
+            assert r not in assigned
+            assigned[r] = k
+        rows = sk.slot_rows[sk.slot_rows >= 0]
+        free = sk.free_rows[: int(sk.free_count[0])]
+        assert rows.numel() + free.numel() == sk.hot_capacity
+        assert torch.cat([rows, free]).unique().numel() == sk.hot_capacity
+        assert sorted(rows.tolist()) == sorted(assigned)
+        assert torch.isfinite(sk.slot_scores).all() and (sk.slot_scores >= 0).all()
+    assert promotions > 40 and demotions > 20  # the stream really exercised migration both ways
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bad_scores_are_skipped_and_never_stored(kernel: str) -> None:
+    sk = make(kernel)
+    keys = mix64(torch.arange(6), 0)
+    scores = torch.tensor([1.0, float("nan"), float("inf"), -2.0, float("-inf"), 3.4e38])
+    res = sk.insert(keys, scores)
+    assert res.skipped == 4
+    res = sk.insert(keys, scores)  # saturates instead of overflowing to inf
+    assert torch.isfinite(sk.slot_scores).all()
+    stored = set(sk.slot_keys[sk.slot_keys >= 0].tolist())
+    assert stored == {keys[0].item(), keys[5].item()}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_empty_batch_and_bad_keys(kernel: str) -> None:
+    sk = make(kernel)
+    res = sk.insert(torch.empty(0, dtype=torch.int64), torch.empty(0))
+    assert res.promoted_rows.numel() == 0
+    assert sk.query(torch.empty(0, dtype=torch.int64))[0].numel() == 0
+    before = {k: v.clone() for k, v in sk.state_dict().items()}
+    with pytest.raises(ValueError, match="non-negative"):
+        sk.insert(torch.tensor([5, -1]), torch.ones(2))
+    with pytest.raises(ValueError, match="int64"):
+        sk.insert(torch.tensor([5, 1], dtype=torch.int32), torch.ones(2))
+    with pytest.raises(ValueError, match="shaped like keys"):
+        sk.insert(torch.tensor([5, 1]), torch.ones(3))
+    assert all(torch.equal(before[k], v) for k, v in sk.state_dict().items())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_state_dict_round_trip_continues_identically(kernel: str) -> None:
+    gen = torch.Generator().manual_seed(4)
+    a = make(kernel, seed=11, medium_threshold=1.0)
+    batches = [(zipf_keys(100, 500, 1.1, gen), dyadic_scores(100, gen)) for _ in range(30)]
+    for k, s in batches[:15]:
+        a.insert(k, s)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = make(kernel, seed=0, medium_threshold=1.0)  # the seed comes from the checkpoint
+    b.load_state_dict(torch.load(buf))
+    for k, s in batches[15:]:
+        ra, rb = a.insert(k, s), b.insert(k, s)
+        assert ra.promoted_rows.tolist() == rb.promoted_rows.tolist()
+        assert ra.promoted_keys.tolist() == rb.promoted_keys.tolist()
+    for name, t in a.state_dict().items():
+        assert torch.equal(t, b.state_dict()[name]), name
+
+
+def test_query_levels_hot_medium_cold() -> None:
+    sk = make("torch", medium_threshold=2.0, threshold=5.0, decay_trigger=1e9)
+    keys = mix64(torch.arange(3), 1)
+    sk.insert(keys, torch.tensor([1.0, 1.0, 1.0]))  # all enter; never hot on entry
+    sk.insert(keys, torch.tensor([5.0, 2.0, 0.5]))
+    rows, medium = sk.query(torch.cat([keys, mix64(torch.tensor([99]), 1)]))
+    assert rows[0] >= 0 and rows[1:].tolist() == [-1, -1, -1]
+    assert medium.tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("bad", [dict(threshold=0), dict(decay=1.0), dict(medium_threshold=9.0), dict(hot_capacity=-1), dict(kernel="x")])
+def test_bad_config_raises(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        make("torch", **bad) if "kernel" not in bad else HotSketch(hot_capacity=4, threshold=1.0, kernel=bad["kernel"])
+
+
+def test_nbytes_is_sixteen_per_slot_plus_free_list() -> None:
+    sk = make("torch")
+    assert sk.nbytes() == 16 * 4 * 16 + 24 * 4
