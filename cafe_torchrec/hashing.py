@@ -8,6 +8,8 @@ splitmix64 finaliser written in int64 torch ops (multiplication wraps in two's c
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
@@ -20,11 +22,15 @@ def _logical_shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def mix64(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """splitmix64(x + seed * golden) for an int64 tensor, as non-negative int64 (63 bits)."""
+def mix64(x: torch.Tensor, seed: Union[int, torch.Tensor]) -> torch.Tensor:
+    """splitmix64(x + seed * golden) for an int64 tensor, as non-negative int64 (63 bits).
+
+    `seed` is an int or an int64 tensor broadcastable to x (one seed per element).
+    """
     if x.dtype != torch.int64:
         raise TypeError(f"mix64 needs int64 ids, got {x.dtype}")
-    z = x + _wrap(seed * _GOLDEN + _GOLDEN)
+    offset = seed * _GOLDEN + _GOLDEN if isinstance(seed, torch.Tensor) else _wrap(seed * _GOLDEN + _GOLDEN)
+    z = x + offset
     z = (z ^ _logical_shift_right(z, 30)) * _M1
     z = (z ^ _logical_shift_right(z, 27)) * _M2
     z = z ^ _logical_shift_right(z, 31)

@@ -54,7 +54,11 @@ class HotSketch(nn.Module):
         self.register_buffer("free_count", torch.tensor([hot_capacity], dtype=torch.int64, device=device))
         self.register_buffer("total_score", torch.zeros(1, dtype=torch.float64, device=device))
         self.register_buffer("seed", torch.tensor([seed], dtype=torch.int64, device=device))
+        # 0 after DistributedModelParallel materialises meta buffers as zeros: re-initialise lazily
+        self.register_buffer("initialized", torch.ones(1, dtype=torch.int64, device=device))
         self._seed = seed
+        self._configured_seed = seed
+        self._ready = False
 
     @property
     def num_buckets(self) -> int:
@@ -79,6 +83,25 @@ class HotSketch(nn.Module):
     def decay_trigger(self) -> float:
         return self._decay_trigger_factor * self.num_buckets * self.threshold
 
+    def reset_state(self) -> None:
+        """Empty the sketch and free every hot row (the constructor's state)."""
+        with torch.no_grad():
+            self.slots.copy_(_empty_slots(self.slots.shape[0], self.slots.device))
+            self.free_rows.copy_(torch.arange(self.hot_capacity - 1, -1, -1, dtype=torch.int32))
+            self.free_count.fill_(self.hot_capacity)
+            self.total_score.zero_()
+            self.seed.fill_(self._configured_seed)
+            self.initialized.fill_(1)
+        self._seed = self._configured_seed
+
+    def _ensure_ready(self) -> None:
+        if not self._ready:
+            if self.slots.device.type == "meta":
+                raise RuntimeError("HotSketch is on the meta device; materialise it before use")
+            if int(self.initialized[0]) == 0:
+                self.reset_state()
+            self._ready = True
+
     def state(self) -> SketchState:
         """The buffers as a kernel argument."""
         return SketchState(self.slots, self.free_rows, self.free_count, self.total_score, self.slots_per_bucket, self._seed)
@@ -92,6 +115,7 @@ class HotSketch(nn.Module):
     def insert(self, keys: torch.Tensor, scores: torch.Tensor) -> InsertResult:
         """Add a batch of (key, score) pairs; scores NaN, inf or negative are skipped and counted."""
         _check_keys(keys)
+        self._ensure_ready()
         if scores.shape != keys.shape or not scores.is_floating_point():
             raise ValueError(f"scores must be a float tensor shaped like keys {tuple(keys.shape)}, got {scores.dtype} {tuple(scores.shape)}")
         scores = scores.to(torch.float32)
@@ -103,11 +127,13 @@ class HotSketch(nn.Module):
     def query(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per key: hot row (int64, -1 if not hot) and a medium mask (False if no medium level)."""
         _check_keys(keys)
+        self._ensure_ready()
         medium = self.medium_threshold if self.medium_threshold is not None else float("inf")
         kernel = cpp_kernel if self._use_cpp(keys) else torch_kernel
         return kernel.query(self.state(), keys, medium)
 
     def hot_rows_used(self) -> int:
+        self._ensure_ready()
         return self.hot_capacity - int(self.free_count[0])
 
     def nbytes(self) -> int:
@@ -116,7 +142,9 @@ class HotSketch(nn.Module):
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._seed = int(self.seed[0])
+        if self.seed.device.type != "meta":
+            self._seed = int(self.seed[0])
+            self._ready = False
 
     def extra_repr(self) -> str:
         return (f"buckets={self.num_buckets}, slots_per_bucket={self.slots_per_bucket}, "

@@ -1,0 +1,114 @@
+"""CafeConfig: how one logical table is compressed, with the paper's per-ratio defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Dict, Optional, Sequence, Union
+
+# Artifact defaults (ArtifactEvaluation/tasks/criteo.json): hot threshold per compression ratio.
+_THRESHOLDS = {2: 10, 5: 10, 10: 20, 20: 30, 50: 50, 100: 100, 200: 200, 500: 500, 1000: 500,
+               2000: 500, 5000: 500, 10000: 500}
+# Best share of memory for hot rows + sketch per ratio (CAFE+ TOIS Fig. 18c).
+_HOT_SHARES = {10: 0.3, 100: 0.6, 1000: 0.7, 10000: 0.8}
+
+
+@dataclass(frozen=True)
+class CafeConfig:
+    """Compression of one logical table (fields marked *group* must agree inside a CAFE group).
+
+    compression_ratio: logical bytes / physical bytes (weights + sketch), as in the paper.
+    hot_share: share of the table's memory for hot rows and sketch (*group*; default: the
+        paper's best per ratio, 0.3/0.6/0.7/0.8 at 10/100/1000/10000x, log-interpolated).
+    threshold: score at which an id gets a hot row (*group*; default: the artifact's per ratio).
+    multi_level: medium ids sum one row of each of two hashed regions (CAFE-ML) (*group*).
+    medium_share: medium threshold = medium_share x threshold (*group*; the paper's code: 0.2).
+    level2_share: share of a table's hashed rows in the second region (the paper's code: 0.3).
+    decay / decay_trigger / slots_per_bucket: sketch parameters (*group*).
+    importance: "gradient" (L2 norm of the embedding gradient, normalised per feature and
+        batch to mean 1) or "frequency" (1 per occurrence) (*group*).
+    group: tables with the same dim and group name share one hot pool and sketch; None puts
+        every table of a dim in one group (the paper's finding: one shared pool is best).
+    seed: seeds the id hashes and the sketch (*group*).
+    """
+
+    compression_ratio: float = 100.0
+    hot_share: Optional[float] = None
+    threshold: Optional[float] = None
+    multi_level: bool = False
+    medium_share: float = 0.2
+    level2_share: float = 0.3
+    decay: float = 0.98
+    decay_trigger: float = 10.0
+    slots_per_bucket: int = 4
+    importance: str = "gradient"
+    group: Optional[str] = None
+    seed: int = 0
+
+    def resolved(self) -> "CafeConfig":
+        """The config with its per-ratio defaults filled in, validated."""
+        self.validate()
+        return replace(
+            self,
+            hot_share=self.hot_share if self.hot_share is not None else default_hot_share(self.compression_ratio),
+            threshold=self.threshold if self.threshold is not None else default_threshold(self.compression_ratio),
+        )
+
+    def validate(self, where: str = "CafeConfig") -> None:
+        """Raise ValueError naming the field (and `where`, e.g. the table) that is out of range."""
+        if not self.compression_ratio >= 1:
+            raise ValueError(f"{where}: compression_ratio must be >= 1, got {self.compression_ratio}")
+        if self.hot_share is not None and not 0 < self.hot_share < 1:
+            raise ValueError(f"{where}: hot_share must be in (0, 1), got {self.hot_share}")
+        if self.threshold is not None and not self.threshold > 0:
+            raise ValueError(f"{where}: threshold must be > 0, got {self.threshold}")
+        if not 0 < self.medium_share <= 1:
+            raise ValueError(f"{where}: medium_share must be in (0, 1], got {self.medium_share}")
+        if not 0 < self.level2_share < 1:
+            raise ValueError(f"{where}: level2_share must be in (0, 1), got {self.level2_share}")
+        if not 0 < self.decay < 1:
+            raise ValueError(f"{where}: decay must be in (0, 1), got {self.decay}")
+        if not self.decay_trigger > 0:
+            raise ValueError(f"{where}: decay_trigger must be > 0, got {self.decay_trigger}")
+        if self.slots_per_bucket < 1:
+            raise ValueError(f"{where}: slots_per_bucket must be >= 1, got {self.slots_per_bucket}")
+        if self.importance not in ("gradient", "frequency"):
+            raise ValueError(f"{where}: importance must be 'gradient' or 'frequency', got {self.importance!r}")
+
+    def group_fields(self) -> tuple:
+        """The fields every table of one CAFE group must share."""
+        r = self.resolved()
+        return (r.hot_share, r.threshold, r.multi_level, r.medium_share, r.decay, r.decay_trigger,
+                r.slots_per_bucket, r.importance, r.seed)
+
+
+def default_threshold(ratio: float) -> float:
+    """The artifact's threshold for the nearest listed ratio (in log scale)."""
+    nearest = min(_THRESHOLDS, key=lambda r: abs(math.log(r) - math.log(max(ratio, 1.0))))
+    return float(_THRESHOLDS[nearest])
+
+
+def default_hot_share(ratio: float) -> float:
+    """The paper's best hot share, interpolated in log10(ratio) and clamped to [0.3, 0.8]."""
+    points = sorted(_HOT_SHARES.items())
+    x = math.log10(max(ratio, 1.0))
+    if x <= 1:
+        return points[0][1]
+    for (r0, s0), (r1, s1) in zip(points, points[1:]):
+        x0, x1 = math.log10(r0), math.log10(r1)
+        if x <= x1:
+            return s0 + (s1 - s0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+def config_per_table(cafe: Union[CafeConfig, Dict[str, CafeConfig]], table_names: Sequence[str]) -> Dict[str, CafeConfig]:
+    """One CafeConfig per table name from a shared config or a {table: config} dict."""
+    if isinstance(cafe, CafeConfig):
+        return {name: cafe for name in table_names}
+    unknown = sorted(set(cafe) - set(table_names))
+    if unknown:
+        raise ValueError(f"cafe config names unknown tables {unknown}; tables are {list(table_names)}")
+    missing = [name for name in table_names if name not in cafe]
+    if missing:
+        raise ValueError(f"cafe config has no entry for tables {missing}")
+    return dict(cafe)

@@ -1,0 +1,40 @@
+"""Per-occurrence importance from the pooled-output gradient (no per-row gradients needed).
+
+For SUM pooling an occurrence's embedding gradient is exactly its bag's pooled-output
+gradient (times the per-sample weight when weighted); MEAN is handled by the module, which
+pools with SUM and divides afterwards, so the gradient seen here is already divided by the
+bag length. Scores are normalised per feature and batch to mean 1, as in the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def occurrence_scores(
+    pooled_grad: torch.Tensor,
+    lengths: torch.Tensor,
+    num_features: int,
+    weights: Optional[torch.Tensor],
+    mode: str,
+) -> torch.Tensor:
+    """Scores [N] for the occurrences of `num_features` features, feature-major like a KJT.
+
+    pooled_grad [B, F*D]: gradient of the features' pooled outputs (columns feature by
+    feature); lengths [F*B]: bag lengths, feature-major; weights [N] or None.
+    """
+    batch = pooled_grad.shape[0]
+    per_feature = lengths.view(num_features, batch).sum(1)  # [F]
+    if mode == "frequency":
+        return torch.ones(int(lengths.sum()), dtype=torch.float32, device=lengths.device)
+    norms = torch.linalg.vector_norm(pooled_grad.view(batch, num_features, -1).float(), dim=2)  # [B, F]
+    scores = norms.t().reshape(-1).repeat_interleave(lengths)  # [N]
+    if weights is not None:
+        scores = scores * weights.abs().float()
+    feature_of = torch.arange(num_features, device=lengths.device).repeat_interleave(per_feature)
+    total = torch.zeros(num_features, dtype=torch.float32, device=lengths.device).index_add_(0, feature_of, scores)
+    mean = total / per_feature.clamp(min=1)
+    # a feature whose gradients are all zero gets zero scores (nothing to rank), not NaN
+    return torch.where(mean[feature_of] > 0, scores / mean[feature_of], torch.zeros_like(scores))

@@ -1,0 +1,198 @@
+"""Sizing and layout: which tables are compressed, into how many hot and hashed rows.
+
+One CAFE group (tables of equal dim, see CafeConfig.group) becomes ONE physical table:
+
+    [ hot rows | table 0 level-1 | table 0 level-2 | table 1 level-1 | ... ]
+
+Tables too small to compress (logical rows <= 2000 / ratio, the paper's rule, or ratio 1)
+become plain physical tables of their own and keep stock semantics (row = id mod rows).
+The same functions serve the module, the planner and the benchmarks, so memory is counted
+one way everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+
+from cafe_torchrec.config import CafeConfig
+from cafe_torchrec.sketch.hot_sketch import sketch_nbytes
+
+MAX_TABLES_PER_GROUP = 1 << 15  # the table slot lives in the low 15 bits of a key
+_BYTES = {DataType.FP32: 4, DataType.FP16: 2}
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """One compressed logical table inside its group's physical table."""
+
+    name: str
+    features: Tuple[str, ...]
+    logical_rows: int
+    ratio: float
+    level1_rows: int
+    level2_rows: int  # 0 unless the group is multi-level
+
+    @property
+    def hashed_rows(self) -> int:
+        return self.level1_rows + self.level2_rows
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """One CAFE group: its physical table name, hot rows and the regions of its tables."""
+
+    name: str
+    dim: int
+    data_type: DataType
+    config: CafeConfig  # resolved; the group-level fields hold for every table
+    hot_rows: int
+    tables: Tuple[TableLayout, ...]
+
+    @property
+    def physical_rows(self) -> int:
+        return self.hot_rows + sum(t.hashed_rows for t in self.tables)
+
+    @property
+    def features(self) -> List[str]:
+        return [f for t in self.tables for f in t.features]
+
+    def region_offsets(self) -> List[Tuple[int, int]]:
+        """(level-1 offset, level-2 offset) of each table's regions in the physical table."""
+        out, offset = [], self.hot_rows
+        for t in self.tables:
+            out.append((offset, offset + t.level1_rows))
+            offset += t.hashed_rows
+        return out
+
+    def sketch_bytes(self) -> int:
+        c = self.config.slots_per_bucket
+        return sketch_nbytes(self.hot_rows, c, self.hot_rows)
+
+    def weight_bytes(self) -> int:
+        return self.physical_rows * self.dim * _BYTES[self.data_type]
+
+    def logical_bytes(self) -> int:
+        return sum(t.logical_rows for t in self.tables) * self.dim * 4
+
+
+@dataclass(frozen=True)
+class PlainTable:
+    """A table left uncompressed: a physical table of its own, row = id mod rows."""
+
+    config: EmbeddingBagConfig
+
+
+@dataclass(frozen=True)
+class CafePlan:
+    """The physical side of a CAFE collection."""
+
+    groups: Tuple[GroupLayout, ...]
+    plain: Tuple[PlainTable, ...]
+
+    def physical_configs(self) -> List[EmbeddingBagConfig]:
+        """The inner EmbeddingBagCollection's tables: one per group, then the plain ones."""
+        configs = []
+        for g in self.groups:
+            bound = math.sqrt(1.0 / max(t.logical_rows for t in g.tables))
+            configs.append(EmbeddingBagConfig(
+                name=g.name, embedding_dim=g.dim, num_embeddings=g.physical_rows,
+                feature_names=g.features, pooling=PoolingType.SUM, data_type=g.data_type,
+                weight_init_min=-bound, weight_init_max=bound,
+            ))
+        for p in self.plain:
+            c = p.config
+            configs.append(EmbeddingBagConfig(
+                name=c.name, embedding_dim=c.embedding_dim, num_embeddings=c.num_embeddings,
+                feature_names=list(c.feature_names), pooling=PoolingType.SUM, data_type=c.data_type,
+                weight_init_min=c.weight_init_min, weight_init_max=c.weight_init_max, init_fn=c.init_fn,
+            ))
+        return configs
+
+
+def is_compressed(rows: int, cfg: CafeConfig) -> bool:
+    """The paper's rule: tables with at most 2000 / ratio rows (or ratio 1) stay plain."""
+    return cfg.compression_ratio > 1 and rows > 2000.0 / cfg.compression_ratio
+
+
+def hot_row_bytes(dim: int, slots_per_bucket: int, bytes_per_value: int = 4) -> int:
+    """What one hot row costs: its weights, one sketch bucket, one free-list entry."""
+    return dim * bytes_per_value + sketch_nbytes(1, slots_per_bucket, 1)
+
+
+def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeConfig]) -> GroupLayout:
+    """Hot rows and hashed rows of one group from each table's ratio (the paper's formulas):
+
+    hot rows = sum_t(rows_t x dim x 4 / ratio_t) x hot_share / (4 dim + sketch bytes per row);
+    hashed rows_t = ceil(rows_t x (1 - hot_share) / ratio_t), split 1 - level2_share : level2_share
+    between two regions when multi-level.
+    """
+    first = configs[tables[0].name].resolved()
+    dim, dtype = tables[0].embedding_dim, tables[0].data_type
+    width = _BYTES[dtype]
+    hot_bytes = sum(t.num_embeddings * dim * width / configs[t.name].compression_ratio for t in tables) * first.hot_share
+    hot_rows = int(hot_bytes // hot_row_bytes(dim, first.slots_per_bucket, width))
+    layouts = []
+    for t in tables:
+        cfg = configs[t.name]
+        hashed = max(1, math.ceil(t.num_embeddings * (1 - first.hot_share) / cfg.compression_ratio))
+        level2 = max(1, round(hashed * cfg.level2_share)) if first.multi_level else 0
+        level1 = max(1, hashed - level2)
+        layouts.append(TableLayout(t.name, tuple(t.feature_names), t.num_embeddings, cfg.compression_ratio, level1, level2))
+    return GroupLayout(name, dim, dtype, first, hot_rows, tuple(layouts))
+
+
+def plan_tables(tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeConfig]) -> CafePlan:
+    """Split tables into CAFE groups (by group name and dim) and plain tables; validate."""
+    _check_tables(tables, configs)
+    grouped: "OrderedDict[Tuple[str, int], List[EmbeddingBagConfig]]" = OrderedDict()
+    plain = []
+    for t in tables:
+        cfg = configs[t.name]
+        if is_compressed(t.num_embeddings, cfg):
+            key = (cfg.group if cfg.group is not None else f"dim{t.embedding_dim}", t.embedding_dim)
+            grouped.setdefault(key, []).append(t)
+        else:
+            plain.append(PlainTable(t))
+    groups = []
+    for (group, dim), members in grouped.items():
+        fields = {configs[t.name].group_fields() for t in members}
+        if len(fields) > 1:
+            raise ValueError(f"CAFE group {group!r} (dim {dim}): tables {[t.name for t in members]} differ in "
+                             "group-level settings (hot_share, threshold, multi_level, decay, sketch, importance, seed)")
+        if len({t.data_type for t in members}) > 1:
+            raise ValueError(f"CAFE group {group!r} (dim {dim}): tables {[t.name for t in members]} differ in data_type")
+        if len(members) > MAX_TABLES_PER_GROUP:
+            raise ValueError(f"CAFE group {group!r} has {len(members)} tables; at most {MAX_TABLES_PER_GROUP}")
+        groups.append(size_group(f"cafe_{group}" if group.startswith("dim") else f"cafe_{group}_dim{dim}", members, configs))
+    return CafePlan(tuple(groups), tuple(plain))
+
+
+def _check_tables(tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeConfig]) -> None:
+    if not tables:
+        raise ValueError("CafeEmbeddingBagCollection needs at least one table")
+    seen_tables, seen_features = set(), {}
+    for t in tables:
+        configs[t.name].validate(f"table {t.name!r}")
+        if t.name in seen_tables:
+            raise ValueError(f"table {t.name!r} is listed twice")
+        seen_tables.add(t.name)
+        if t.embedding_dim % 4:
+            raise ValueError(f"table {t.name!r}: embedding_dim {t.embedding_dim} is not a multiple of 4 (FBGEMM TBE)")
+        if t.num_embeddings < 1:
+            raise ValueError(f"table {t.name!r}: num_embeddings must be >= 1, got {t.num_embeddings}")
+        if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+            raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (SUM or MEAN)")
+        if t.data_type not in _BYTES:
+            raise ValueError(f"table {t.name!r}: data_type {t.data_type} is not supported (FP32 or FP16)")
+        if not t.feature_names:
+            raise ValueError(f"table {t.name!r} has no feature_names")
+        for f in t.feature_names:
+            if f in seen_features:
+                raise ValueError(f"feature {f!r} is in tables {seen_features[f]!r} and {t.name!r}; "
+                                 "CAFE needs each feature in one table")
+            seen_features[f] = t.name

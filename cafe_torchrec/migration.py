@@ -1,0 +1,76 @@
+"""Copy rows and their optimizer state inside a physical table when ids turn hot.
+
+A promoted id's new hot row starts from what the id saw until now: its level-1 row, or the
+sum of its level-1 and level-2 rows when it was medium (multi-level). Its optimizer state
+starts from the source row's state (element-wise maximum of the two sources for medium ids),
+so the id keeps the step size it had: a fresh zero accumulator would give it a large first
+step, a jump the paper's smooth migration avoids. A demoted id's row is simply freed: its
+content is overwritten at the row's next promotion, weights and state alike.
+Migrations run after the optimizer update of the step (end of backward), so the copy never
+mixes in the previous owner's gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+
+@dataclass
+class RowStore:
+    """Writable views of one physical table: weight [rows, D] and per-row optimizer state."""
+
+    weight: torch.Tensor
+    states: List[torch.Tensor]  # each [rows] or [rows, D] (or [rows, 1]); written in place
+
+
+def row_store(ebc: nn.Module, table: str) -> RowStore:
+    """The row store of `table` in a stock EBC or in a sharded EBC (fused TBE)."""
+    if isinstance(ebc, EmbeddingBagCollection):
+        weight = ebc.embedding_bags[table].weight
+        return RowStore(weight.data, _in_backward_states(weight))
+    for lookup in getattr(ebc, "_lookups", []):
+        lookup = getattr(lookup, "module", lookup)  # DDP-wrapped data-parallel lookups
+        for emb_module in getattr(lookup, "_emb_modules", []):
+            tables = [t.name for t in emb_module._config.embedding_tables]
+            if table in tables:
+                i = tables.index(table)
+                tbe = emb_module._emb_module
+                states = tbe.split_optimizer_states()[i] if hasattr(tbe, "split_optimizer_states") else []
+                return RowStore(tbe.split_embedding_weights()[i], list(states))
+    raise KeyError(f"physical table {table!r} not found in {type(ebc).__name__}")
+
+
+def has_in_backward_optimizer(ebc: nn.Module, table: str) -> bool:
+    """Whether the table's updates happen inside backward (fused TBE, or apply_optimizer_in_backward)."""
+    if isinstance(ebc, EmbeddingBagCollection):
+        return bool(getattr(ebc.embedding_bags[table].weight, "_in_backward_optimizers", None))
+    return True
+
+
+@torch.no_grad()
+def copy_rows(store: RowStore, dst: torch.Tensor, src: torch.Tensor, src2: Optional[torch.Tensor]) -> None:
+    """weight[dst] = weight[src] (+ weight[src2]); state[dst] = state[src] (max state[src2])."""
+    if dst.numel() == 0:
+        return
+    rows = store.weight.shape[0]
+    weight = store.weight[src] if src2 is None else store.weight[src] + store.weight[src2]
+    store.weight[dst] = weight
+    for state in store.states:
+        if state.dim() == 0 or state.shape[0] != rows:
+            continue
+        value = state[src] if src2 is None else torch.maximum(state[src], state[src2])
+        state[dst] = value
+
+
+def _in_backward_states(weight: torch.Tensor) -> List[torch.Tensor]:
+    states = []
+    for opt in getattr(weight, "_in_backward_optimizers", []):
+        for value in opt.state.get(weight, {}).values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                states.append(value.view(value.shape[0], -1) if value.dim() > 1 else value)
+    return states

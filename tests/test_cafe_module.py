@@ -1,0 +1,212 @@
+"""CafeEmbeddingBagCollection behaviour: migration, drift, state_dict, errors, DLRM."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.optim import RowWiseAdagrad
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
+from tests.helpers import features_of, tables, zipf_kjt
+
+
+def make(rows=(5000, 3000), lr: float = 0.05, optimizer=torch.optim.SGD, **cfg) -> CafeEmbeddingBagCollection:
+    torch.manual_seed(0)
+    args = dict(compression_ratio=20, threshold=3.0, seed=1)
+    args.update(cfg)
+    ebc = CafeEmbeddingBagCollection(tables(rows), CafeConfig(**args))
+    _apply_optimizer_in_backward(optimizer, ebc.parameters(), {"lr": lr})
+    return ebc
+
+
+def one_id_kjt(ebc, feature: str, raw_id: int, batch: int = 4) -> KeyedJaggedTensor:
+    names = features_of(ebc.embedding_bag_configs())
+    values = torch.tensor([raw_id if f == feature else 10**9 + i for f in names for i in range(batch)])
+    return KeyedJaggedTensor.from_lengths_sync(keys=names, values=values, lengths=torch.ones(len(names) * batch, dtype=torch.int64))
+
+
+def test_promoted_id_keeps_its_embedding_and_cooled_id_returns_to_hashing() -> None:
+    # lr 0: weights move only by migration; decay (x0.1) before every batch
+    ebc = make(lr=0.0, threshold=5.0, decay=0.1, decay_trigger=1e-9)
+    group = ebc.groups[ebc.plan.groups[0].name]
+    kjt = one_id_kjt(ebc, "f0", 42, batch=8)  # id 42 scores 8 per step
+    key = group.keys(torch.tensor([42]), torch.tensor([0]))
+    before = ebc(kjt)["f0"].detach().clone()
+    ebc(kjt).values().sum().backward()  # enters the sketch (never hot on entry)
+    assert group.sketch.query(key)[0].item() == -1
+    ebc(kjt).values().sum().backward()  # 0.8 + 8 >= 5: promoted after the update
+    assert group.sketch.query(key)[0].item() >= 0
+    assert ebc.stats()[group.layout.name]["tables"]["t0"]["promotions"] == 1
+    torch.testing.assert_close(ebc.eval()(kjt)["f0"], before)  # the output does not jump
+    ebc.train()
+    ebc(one_id_kjt(ebc, "f1", 7)).values().sum().backward()  # no hits: 8.8 x 0.1 < 5, freed
+    assert group.sketch.query(key)[0].item() == -1
+    assert ebc.stats()[group.layout.name]["tables"]["t0"]["demotions"] == 1
+    torch.testing.assert_close(ebc.eval()(kjt)["f0"], before)  # back on its (unchanged) hashed row
+
+
+def test_hot_set_follows_drift() -> None:
+    ebc = make(threshold=20.0, decay=0.5, decay_trigger=2.0)
+    group = ebc.groups[ebc.plan.groups[0].name]
+    gen = torch.Generator().manual_seed(0)
+    names = features_of(ebc.embedding_bag_configs())
+
+    def hot_share(offset: int) -> float:
+        """Share of the 20 most popular f0 ids (ranks 0..19 of zipf_kjt) that hold a hot row."""
+        ids = (torch.arange(20) * 7919) % 200 + offset
+        keys = group.keys(ids, torch.zeros_like(ids))
+        return float((group.sketch.query(keys)[0] >= 0).float().mean())
+
+    probe = torch.randn(512, 16, generator=gen)  # a bounded objective: gradients do not blow up
+    for step in range(120):
+        offset = 0 if step < 60 else 50_000
+        (ebc(zipf_kjt(names, 512, 200, gen, offset=offset)).values() * probe).sum().backward()
+        if step == 59:
+            first_old, first_new = hot_share(0), hot_share(50_000)
+    last_old, last_new = hot_share(0), hot_share(50_000)
+    assert first_old > 0.5 and first_new == 0.0, (first_old, first_new)
+    assert last_new > 0.5 and last_old < first_old / 2, (first_old, first_new, last_old, last_new)
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adagrad, RowWiseAdagrad])
+def test_state_dict_round_trip_gives_same_outputs_and_next_step(optimizer) -> None:
+    gen = torch.Generator().manual_seed(3)
+    a = make(optimizer=optimizer, multi_level=True)
+    names = features_of(a.embedding_bag_configs())
+    batches = [zipf_kjt(names, 64, 300, gen, max_len=2) for _ in range(12)]
+    for kjt in batches[:8]:
+        a(kjt).values().pow(2).sum().backward()
+    buf = io.BytesIO()
+    opt_states = {n: p._in_backward_optimizers[0].state_dict() for n, p in a.named_parameters()}
+    torch.save({"model": a.state_dict(), "optim": opt_states}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    b = make(optimizer=optimizer, multi_level=True, seed=1)
+    torch.manual_seed(123)
+    b.load_state_dict(saved["model"])
+    for n, p in b.named_parameters():
+        p._in_backward_optimizers[0].load_state_dict(saved["optim"][n])
+    for kjt in batches[8:]:
+        assert torch.equal(a(kjt).values(), b(kjt).values())
+        a(kjt).values().pow(2).sum().backward()
+        b(kjt).values().pow(2).sum().backward()
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_checkpoint_from_another_config_is_refused_untouched() -> None:
+    a, b = make(compression_ratio=20), make(compression_ratio=40)
+    before = copy.deepcopy(b.state_dict())
+    with pytest.raises(ValueError, match="different config"):
+        b.load_state_dict(a.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in b.state_dict().items())
+
+
+def test_mean_pooling_and_multi_level_are_exact() -> None:
+    tbls = tables([5000], dim=8, pooling=PoolingType.MEAN)
+    ebc = CafeEmbeddingBagCollection(tbls, CafeConfig(compression_ratio=20, threshold=6.0, multi_level=True, medium_share=0.25))
+    _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.0})
+    gen = torch.Generator().manual_seed(0)
+    kjt = zipf_kjt(["f0"], 32, 50, gen, max_len=4)
+    for _ in range(3):
+        ebc(kjt).values().sum().backward()
+    group = ebc.groups[ebc.plan.groups[0].name]
+    weight = ebc.physical.embedding_bags[group.layout.name].weight
+    fresh = zipf_kjt(["f0"], 32, 50, gen, max_len=4, offset=10**6)
+    classes = set()
+    for batch in (kjt, fresh):
+        keys = group.keys(batch.values(), torch.zeros_like(batch.values()))
+        look = group.lookup(keys, count=False)
+        classes |= {"hot"} if look.hot.any() else set()
+        classes |= {"medium"} if look.medium.any() else set()
+        classes |= {"cold"} if (~look.hot & ~look.medium).any() else set()
+        second = torch.where(look.medium[:, None], weight[look.level2], torch.zeros(1, 8))
+        bags = torch.arange(32).repeat_interleave(batch.lengths())
+        expected = torch.zeros(32, 8).index_add_(0, bags, weight[look.primary] + second) / batch.lengths()[:, None]
+        torch.testing.assert_close(ebc.eval()(batch).values(), expected)
+    assert classes == {"hot", "medium", "cold"}
+
+
+def test_output_order_and_plain_tables_follow_the_configs() -> None:
+    tbls = [
+        EmbeddingBagConfig(name="small", embedding_dim=8, num_embeddings=10, feature_names=["s"]),
+        EmbeddingBagConfig(name="big", embedding_dim=16, num_embeddings=100_000, feature_names=["b"]),
+        EmbeddingBagConfig(name="mid", embedding_dim=8, num_embeddings=50_000, feature_names=["m"]),
+    ]
+    ebc = CafeEmbeddingBagCollection(tbls, CafeConfig(compression_ratio=10)).eval()  # 10 rows <= 2000/10: plain
+    assert [g.name for g in ebc.plan.groups] == ["cafe_dim16", "cafe_dim8"] and len(ebc.plan.plain) == 1
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["m", "b", "s"], values=torch.tensor([1, 2, 3, 13]),
+                                              lengths=torch.tensor([1, 1, 2]))  # s: ids 3 and 13 -> rows 3, 3
+    kt = ebc(kjt)
+    assert kt.keys() == ["s", "b", "m"] and kt.length_per_key() == [8, 16, 8]
+    small = ebc.physical.embedding_bags["small"].weight
+    torch.testing.assert_close(kt["s"][0], small[3] * 2)
+    assert "uncompressed" in ebc.describe() and ebc.memory()["compression_ratio"] > 9
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(dim=6), "multiple of 4"),
+    (dict(pooling=PoolingType.NONE), "pooling"),
+    (dict(ratio=0.5), "compression_ratio"),
+    (dict(hot_share=1.5), "hot_share"),
+    (dict(threshold=0.0), "threshold"),
+])
+def test_bad_configs_raise_value_error_naming_the_table(bad, match) -> None:
+    tbl = EmbeddingBagConfig(name="t_cat", embedding_dim=bad.get("dim", 8), num_embeddings=10_000, feature_names=["cat"],
+                             pooling=bad.get("pooling", PoolingType.SUM))
+    cfg = CafeConfig(compression_ratio=bad.get("ratio", 10.0), hot_share=bad.get("hot_share"), threshold=bad.get("threshold"))
+    with pytest.raises(ValueError, match=match) as err:
+        CafeEmbeddingBagCollection([tbl], cfg)
+    assert "t_cat" in str(err.value)
+
+
+def test_mismatched_group_settings_raise() -> None:
+    tbls = tables([5000, 5000])
+    with pytest.raises(ValueError, match="group"):
+        CafeEmbeddingBagCollection(tbls, {"t0": CafeConfig(threshold=5.0), "t1": CafeConfig(threshold=6.0)})
+
+
+def test_bad_input_raises_and_changes_nothing() -> None:
+    ebc = make()
+    gen = torch.Generator().manual_seed(0)
+    good = zipf_kjt(["f0", "f1"], 8, 100, gen)
+    ebc(good).values().sum().backward()
+    before = copy.deepcopy(ebc.state_dict())
+    cases = [
+        (KeyedJaggedTensor.from_lengths_sync(keys=["f0"], values=torch.tensor([1]), lengths=torch.tensor([1])), "lacks"),
+        (KeyedJaggedTensor.from_lengths_sync(keys=["f0", "f1", "zz"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([1, 1, 1])), "unknown"),
+        (KeyedJaggedTensor.from_lengths_sync(keys=["f0", "f1"], values=torch.tensor([1, 2], dtype=torch.int32), lengths=torch.tensor([1, 1])), "int64"),
+        (KeyedJaggedTensor(keys=["f0", "f1"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([1, 1])), "sum to"),
+        (KeyedJaggedTensor(keys=["f0", "f0"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1])), "duplicated"),
+    ]
+    for kjt, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ebc(kjt)
+    assert all(torch.equal(before[k], v) for k, v in ebc.state_dict().items())
+
+
+def test_training_without_in_backward_optimizer_is_refused() -> None:
+    ebc = CafeEmbeddingBagCollection(tables([5000]), CafeConfig(compression_ratio=20))
+    kjt = zipf_kjt(["f0"], 4, 10, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="in-backward optimizer"):
+        ebc(kjt)
+    ebc.eval()
+    assert ebc(kjt).values().shape == (4, 8)
+    with torch.no_grad():
+        ebc.train()(kjt)
+
+
+def test_empty_batch_and_empty_feature() -> None:
+    ebc = make()
+    empty = KeyedJaggedTensor(keys=["f0", "f1"], values=torch.empty(0, dtype=torch.int64), lengths=torch.zeros(8, dtype=torch.int64))
+    out = ebc(empty)
+    assert out.values().shape == (4, 16) and not out.values().any()
+    out.values().sum().backward()
+    half = KeyedJaggedTensor(keys=["f0", "f1"], values=torch.tensor([5, 6]), lengths=torch.tensor([1, 1, 0, 0]))
+    ebc(half).values().sum().backward()
