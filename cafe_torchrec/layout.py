@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Sequence, Tuple
 
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
@@ -68,6 +68,30 @@ class GroupLayout:
             out.append((offset, offset + t.level1_rows))
             offset += t.hashed_rows
         return out
+
+    def block(self, rows: int) -> "GroupLayout":
+        """The layout of a row-wise block of `rows` rows: every region scaled in proportion
+        (largest remainder), so each rank holds its own hot rows and a share of every table's
+        hashed rows. The whole table is the block of physical_rows rows."""
+        if rows == self.physical_rows:
+            return self
+        multi = self.config.multi_level
+        sizes = [self.hot_rows] + [r for t in self.tables for r in ((t.level1_rows, t.level2_rows) if multi else (t.level1_rows,))]
+        minimum = [0] + [1] * (len(sizes) - 1)
+        if rows < sum(minimum):
+            raise ValueError(f"CAFE group {self.name!r}: a block of {rows} rows cannot hold one hashed row per table "
+                             f"region ({sum(minimum)} needed); use fewer row-wise shards or a lower compression ratio")
+        exact = [s * rows / self.physical_rows for s in sizes]
+        out = [max(m, math.floor(e)) for e, m in zip(exact, minimum)]
+        by_fraction = sorted(range(len(sizes)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)
+        i = 0
+        while sum(out) != rows:
+            j = by_fraction[i % len(sizes)] if sum(out) < rows else max(range(len(sizes)), key=lambda k: out[k] - minimum[k])
+            out[j] += 1 if sum(out) < rows else -1
+            i += 1
+        hot, rest = out[0], iter(out[1:])
+        tables = tuple(replace(t, level1_rows=next(rest), level2_rows=next(rest) if multi else 0) for t in self.tables)
+        return replace(self, hot_rows=hot, tables=tables)
 
     def sketch_bytes(self) -> int:
         c = self.config.slots_per_bucket

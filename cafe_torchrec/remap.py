@@ -1,20 +1,22 @@
-"""One CAFE group on one shard: raw ids -> keys -> physical rows, and the sketch behind it."""
+"""Owner-side remap: keys -> physical rows of one group (one physical table or one row-wise
+block), with the HotSketch behind it; and the KJT-level remap both collections use."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from cafe_torchrec.feature_map import SLOT_MASK, FeatureInfo, feature_segments
 from cafe_torchrec.hashing import mix64, mix64_int
 from cafe_torchrec.layout import GroupLayout
 from cafe_torchrec.sketch import HotSketch, InsertResult
 
-SLOT_BITS = 15
-SLOT_MASK = (1 << SLOT_BITS) - 1
 _LEVEL1_SEED, _LEVEL2_SEED, _SKETCH_SEED = 101, 202, 303
+_STATS = ("lookups", "hot_lookups", "medium_lookups", "promotions", "demotions")
 
 
 @dataclass
@@ -27,13 +29,22 @@ class GroupLookup:
     medium: torch.Tensor  # [N] bool
 
 
-class CafeGroupRemap(nn.Module):
-    """Keys, rows and the HotSketch of one group (one physical table, or one row-wise block).
+@dataclass
+class GroupBatch:
+    """What backward needs of one run of a group's features: keys and original bags."""
 
-    A key is ((mix64(id, salt_t) >> 15) << 15) | t for the group's table slot t: 48 hash bits
-    and the table in the low bits, so any key names its table and its hashed rows, and one
-    sketch can serve every table of the group. The high bits are uniform, so ranges of keys
-    spread evenly over ranks for row-wise sharding.
+    group: str
+    keys: torch.Tensor  # [N] per original occurrence
+    lengths: torch.Tensor  # [F*B] original bag lengths, feature-major
+    weights: Optional[torch.Tensor]  # [N]
+    num_features: int
+    columns: Tuple[int, int]  # the features' columns in the pooled lookup output
+
+
+class CafeGroupRemap(nn.Module):
+    """Rows and HotSketch of one group on one shard; `layout` is this shard's block layout.
+
+    Rows are local to the block: [hot rows | table 0 level-1 | table 0 level-2 | ...].
     """
 
     def __init__(self, layout: GroupLayout, device: torch.device, kernel: str = "auto") -> None:
@@ -52,18 +63,14 @@ class CafeGroupRemap(nn.Module):
             device=device,
             kernel=kernel,
         )
-        offsets = layout.region_offsets()
-        table_info = torch.tensor(
-            [[mix64_int(i, cfg.seed), o1, t.level1_rows, o2, max(t.level2_rows, 1)]
-             for i, (t, (o1, o2)) in enumerate(zip(layout.tables, offsets))],
+        regions = torch.tensor(
+            [[o1, t.level1_rows, o2, max(t.level2_rows, 1)] for t, (o1, o2) in zip(layout.tables, layout.region_offsets())],
             dtype=torch.int64,
-        )
-        # columns: salt, level-1 offset, level-1 rows, level-2 offset, level-2 rows
-        self.register_buffer("table_info", table_info.to(device if device.type != "meta" else "cpu"), persistent=False)
+        )  # per table slot: level-1 offset, level-1 rows, level-2 offset, level-2 rows
+        self.register_buffer("regions", regions.to("cpu" if device.type == "meta" else device), persistent=False)
         self.register_buffer("layout_signature", self._signature().to(device), persistent=True)
-        n = len(layout.tables)
-        for name in ("lookups", "hot_lookups", "medium_lookups", "promotions", "demotions"):
-            self.register_buffer(f"stat_{name}", torch.zeros(n, dtype=torch.int64, device=device), persistent=False)
+        for name in _STATS:
+            self.register_buffer(f"stat_{name}", torch.zeros(len(layout.tables), dtype=torch.int64, device=device), persistent=False)
 
     def _signature(self) -> torch.Tensor:
         """Layout as numbers: a checkpoint of another layout is refused on load."""
@@ -73,22 +80,16 @@ class CafeGroupRemap(nn.Module):
             nums += [t.logical_rows, t.level1_rows, t.level2_rows]
         return torch.tensor(nums, dtype=torch.int64)
 
-    def _info(self) -> torch.Tensor:
-        if self.table_info.device != self.sketch.slots.device and self.sketch.slots.device.type != "meta":
-            self.table_info = self.table_info.to(self.sketch.slots.device)
-        return self.table_info
-
-    def keys(self, ids: torch.Tensor, table_slots: torch.Tensor) -> torch.Tensor:
-        """Keys of raw int64 ids; table_slots [N] gives each id's table slot in the group."""
-        salts = self._info()[:, 0][table_slots]
-        return ((mix64(ids, salts) >> SLOT_BITS) << SLOT_BITS) | table_slots
+    def _regions(self, device: torch.device) -> torch.Tensor:
+        if self.regions.device != device:
+            self.regions = self.regions.to(device)
+        return self.regions
 
     def hashed_rows(self, keys: torch.Tensor, level: int) -> torch.Tensor:
-        """Level-1 or level-2 physical row of each key."""
-        info = self._info()[keys & SLOT_MASK]
-        offset, rows = (info[:, 1], info[:, 2]) if level == 1 else (info[:, 3], info[:, 4])
-        seed = _LEVEL1_SEED if level == 1 else _LEVEL2_SEED
-        return offset + torch.remainder(mix64(keys, seed), rows)
+        """Level-1 or level-2 row of each key in this block."""
+        info = self._regions(keys.device)[keys & SLOT_MASK]
+        offset, rows = (info[:, 0], info[:, 1]) if level == 1 else (info[:, 2], info[:, 3])
+        return offset + torch.remainder(mix64(keys, _LEVEL1_SEED if level == 1 else _LEVEL2_SEED), rows)
 
     def lookup(self, keys: torch.Tensor, count: bool) -> GroupLookup:
         """Rows of each key; counts lookups per table for stats() when `count` (training)."""
@@ -97,8 +98,7 @@ class CafeGroupRemap(nn.Module):
         primary = torch.where(hot, hot_row, self.hashed_rows(keys, 1))
         level2 = self.hashed_rows(keys, 2) if self.layout.config.multi_level else primary
         if count:
-            slots = keys & SLOT_MASK
-            n = len(self.layout.tables)
+            slots, n = keys & SLOT_MASK, len(self.layout.tables)
             self.stat_lookups += torch.bincount(slots, minlength=n)
             self.stat_hot_lookups += torch.bincount(slots[hot], minlength=n)
             self.stat_medium_lookups += torch.bincount(slots[medium], minlength=n)
@@ -112,12 +112,12 @@ class CafeGroupRemap(nn.Module):
         self.stat_demotions += torch.bincount(result.demoted_keys & SLOT_MASK, minlength=n).to(self.stat_demotions.device)
         return result
 
-    def take_stats(self) -> Dict[str, torch.Tensor]:
+    def take_stats(self) -> Dict[str, List[int]]:
         """Per-table counters since the last call, then reset them."""
         out = {}
-        for name in ("lookups", "hot_lookups", "medium_lookups", "promotions", "demotions"):
+        for name in _STATS:
             buf = getattr(self, f"stat_{name}")
-            out[name] = buf.clone()
+            out[name] = buf.tolist()
             buf.zero_()
         return out
 
@@ -126,5 +126,67 @@ class CafeGroupRemap(nn.Module):
         if sig is not None and not torch.equal(sig.cpu(), self._signature()):
             raise ValueError(f"checkpoint for CAFE group {self.layout.name!r} has another layout "
                              f"(saved {sig.tolist()}, this module {self._signature().tolist()}); "
-                             "it was saved from a different config")
+                             "it was saved from a different config or world size")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+
+def remap_kjt(
+    kjt: KeyedJaggedTensor,
+    info: Dict[str, FeatureInfo],
+    groups: Dict[str, CafeGroupRemap],
+    plain_offsets: Dict[str, int],
+    training: bool,
+) -> Tuple[KeyedJaggedTensor, List[GroupBatch]]:
+    """Prepared ids (keys / id mod rows) of a KJT -> local physical rows; medium keys give two
+    rows to their bag. Returns the remapped KJT and, when training, what backward needs.
+    `plain_offsets[table]` is the first row a row-wise shard of a plain table holds."""
+    stride = kjt.stride()
+    length_per_key = kjt.length_per_key()
+    values, lengths, weights = kjt.values(), kjt.lengths(), kjt.weights_or_none()
+    out_values, out_lengths, out_weights, batches = [], [], [], []
+    feature, start, column = 0, 0, 0
+    for table, names in feature_segments(kjt.keys(), info):
+        n = sum(length_per_key[feature : feature + len(names)])
+        seg_values = values[start : start + n]
+        seg_lengths = lengths[feature * stride : (feature + len(names)) * stride]
+        seg_weights = weights[start : start + n] if weights is not None else None
+        if info[names[0]].group is None:
+            out_values.append(seg_values - plain_offsets.get(table, 0))
+            out_lengths.append(seg_lengths)
+            out_weights.append(seg_weights)
+        else:
+            group = groups[table]
+            rows, new_lengths, new_weights = _rows_with_medium(group, seg_values, seg_lengths, seg_weights, training)
+            out_values.append(rows)
+            out_lengths.append(new_lengths)
+            out_weights.append(new_weights)
+            if training:
+                batches.append(GroupBatch(table, seg_values, seg_lengths, seg_weights, len(names),
+                                          (column, column + group.layout.dim * len(names))))
+        column += sum(info[f].dim for f in names)
+        feature += len(names)
+        start += n
+    remapped = KeyedJaggedTensor(
+        keys=kjt.keys(),
+        values=torch.cat(out_values) if out_values else values,
+        lengths=torch.cat(out_lengths) if out_lengths else lengths,
+        weights=torch.cat(out_weights) if weights is not None and out_weights else None,
+        stride=stride,
+    )
+    return remapped, batches
+
+
+def _rows_with_medium(group: CafeGroupRemap, keys: torch.Tensor, lengths: torch.Tensor,
+                      weights: Optional[torch.Tensor], training: bool):
+    """Rows for one group's occurrences; a medium occurrence contributes two rows to its bag."""
+    lookup = group.lookup(keys, count=training)
+    if not group.layout.config.multi_level or not bool(lookup.medium.any()):
+        return lookup.primary, lengths, weights
+    counts = 1 + lookup.medium.long()
+    values = lookup.primary.repeat_interleave(counts)
+    values[torch.cumsum(counts, 0)[lookup.medium] - 1] = lookup.level2[lookup.medium]
+    bag = torch.arange(lengths.numel(), device=keys.device).repeat_interleave(lengths)
+    lengths = lengths + torch.zeros_like(lengths).index_add_(0, bag, lookup.medium.to(lengths.dtype))
+    if weights is not None:
+        weights = weights.repeat_interleave(counts)
+    return values, lengths, weights

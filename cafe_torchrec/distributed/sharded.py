@@ -1,0 +1,177 @@
+"""ShardedCafeEmbeddingBagCollection: CAFE's remap between TorchRec's input dist and lookup.
+
+A step on rank r, following one id:
+1. input_dist: ids are prepared on the sender (group ids -> 63-bit keys pre-hashed with their
+   table's salt; plain ids -> id mod rows), then the stock all-to-all routes them. Row-wise
+   dists route a key by its range (uniform, since the high bits are hashed) and keep it
+   unchanged (keep_original_indices), so the owner sees keys, not local rows.
+2. compute (on the owner): keys -> rows of the local block via the local sketch (hot row,
+   or hashed row(s)); plain ids -> id minus the shard's first row. Then the stock fused TBE
+   lookup runs on the remapped KJT.
+3. output_dist as stock; the KeyedTensor is put back in config order (MEAN divided).
+4. backward: a hook on each lookup output feeds the local sketch; promotions are copied at
+   the end of backward, after TBE's fused update. No collective beyond TorchRec's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+from torchrec.distributed.embedding_sharding import EmbeddingSharding
+from torchrec.distributed.embedding_types import KJTList, ShardedEmbeddingModule
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionContext, ShardedEmbeddingBagCollection
+from torchrec.distributed.sharding.rw_sharding import BaseRwEmbeddingSharding, RwSparseFeaturesDist
+from torchrec.distributed.types import (
+    Awaitable,
+    EmbeddingModuleShardingPlan,
+    LazyAwaitable,
+    ShardingEnv,
+)
+from torchrec.distributed.utils import append_prefix
+from torchrec.optim.keyed import KeyedOptimizer
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from cafe_torchrec.feature_map import KEY_SPACE, FeatureMap
+from cafe_torchrec.modules import CafeEmbeddingBagCollection
+from cafe_torchrec.remap import CafeGroupRemap, remap_kjt
+from cafe_torchrec.training import importance_hook
+from cafe_torchrec.validation import check_features
+
+
+@dataclass
+class CafeContext(EmbeddingBagCollectionContext):
+    """The stock context plus the local batch's bag lengths for MEAN features."""
+
+    logical_lengths: Optional[torch.Tensor] = None
+
+
+class ShardedCafeEmbeddingBagCollection(
+    ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, CafeContext]
+):
+    """The sharded twin of CafeEmbeddingBagCollection (built by CafeEmbeddingBagCollectionSharder)."""
+
+    def __init__(
+        self,
+        module: CafeEmbeddingBagCollection,
+        params: EmbeddingModuleShardingPlan,
+        physical_sharder: nn.Module,
+        env: ShardingEnv,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self._env, self._device = env, device
+        self._tables = module.embedding_bag_configs()
+        self._is_weighted = module.is_weighted()
+        self.plan = module.plan
+        self.feature_map: FeatureMap = module.feature_map
+        self.physical: ShardedEmbeddingBagCollection = physical_sharder.shard(module.physical, params, env=env, device=device)
+        self.physical._has_uninitialized_input_dist = False  # this module builds the input dists
+        self._input_dists_ready = False
+        layouts = {g.name: g for g in self.plan.groups}
+        self._plain_offsets: Dict[str, int] = {}
+        local: Dict[str, CafeGroupRemap] = {}
+        kernel = next(iter(module.groups.values())).sketch.kernel if len(module.groups) else "auto"
+        for sharding in self.physical._embedding_shardings:
+            for config in sharding._grouped_embedding_configs:
+                for table in config.embedding_tables:
+                    rows, offset = table.local_rows, table.local_metadata.shard_offsets[0] if table.local_metadata else 0
+                    if table.name in layouts and rows > 0:
+                        local[table.name] = CafeGroupRemap(layouts[table.name].block(rows), device, kernel)
+                    elif table.name not in layouts:
+                        self._plain_offsets[table.name] = offset
+        self.groups = nn.ModuleDict(local)
+
+    # ---- the ShardedModule contract
+    def create_context(self) -> CafeContext:
+        return CafeContext()
+
+    def input_dist(self, ctx: CafeContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
+        check_features(features, self.feature_map.logical, self._is_weighted)
+        ctx.logical_lengths = self.feature_map.logical_lengths(features)
+        prepared = self.feature_map.prepare(features)
+        if not self._input_dists_ready:
+            self._create_input_dists(prepared.keys())
+        return self.physical.input_dist(ctx, prepared)
+
+    def compute(self, ctx: CafeContext, dist_input: KJTList) -> List[torch.Tensor]:
+        training = self.training and torch.is_grad_enabled()
+        groups = dict(self.groups.items())
+        remapped, per_sharding = [], []
+        for kjt in dist_input:
+            kjt_out, batches = remap_kjt(kjt, self.feature_map.info, groups, self._plain_offsets, training)
+            remapped.append(kjt_out)
+            per_sharding.append(batches)
+        outputs = self.physical.compute(ctx, KJTList(remapped))
+        for output, batches in zip(outputs, per_sharding):
+            if batches and output.requires_grad:
+                output.register_hook(importance_hook(batches, groups, lambda: self.physical))
+        return outputs
+
+    def output_dist(self, ctx: CafeContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
+        awaitable = self.physical.output_dist(ctx, output)
+        lengths = ctx.logical_lengths
+        awaitable.callbacks.append(lambda kt: self.feature_map.to_output(kt.values(), lengths))
+        return awaitable
+
+    def compute_and_output_dist(self, ctx: CafeContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
+        return self.output_dist(ctx, self.compute(ctx, input))
+
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        return self.physical.fused_optimizer
+
+    @property
+    def unsharded_module_type(self) -> type:
+        return CafeEmbeddingBagCollection
+
+    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
+        for name in self.physical.sharded_parameter_names(append_prefix(prefix, "physical")):
+            yield name
+        for name, _ in self.groups.named_buffers():
+            yield append_prefix(prefix, f"groups.{name}")
+
+    # ---- input dists: row-wise routes raw keys by range and keeps them
+    def _create_input_dists(self, feature_names: List[str]) -> None:
+        inner = self.physical
+        inner._create_input_dist(feature_names)
+        for i, sharding in enumerate(inner._embedding_shardings):
+            if isinstance(sharding, BaseRwEmbeddingSharding):
+                inner._input_dists[i] = self._row_wise_dist(sharding)
+        self._input_dists_ready = True
+
+    def _row_wise_dist(self, sharding: EmbeddingSharding) -> RwSparseFeaturesDist:
+        hash_sizes = []
+        for f in sharding.feature_names():
+            info = self.feature_map.info[f]
+            hash_sizes.append(KEY_SPACE if info.group is not None else info.plain_rows)
+        return RwSparseFeaturesDist(
+            pg=sharding._pg,
+            num_features=len(hash_sizes),
+            feature_hash_sizes=hash_sizes,
+            device=self._device,
+            is_sequence=False,
+            has_feature_processor=False,
+            need_pos=False,
+            keep_original_indices=True,
+        )
+
+    # ---- introspection
+    def stats(self) -> Dict[str, Dict[str, object]]:
+        """This rank's view: hot rows and migrations of the groups (or blocks) it holds."""
+        out: Dict[str, Dict[str, object]] = {}
+        for name, remap in self.groups.items():
+            counters = remap.take_stats()
+            lookups = sum(counters["lookups"])
+            out[name] = {
+                "hot_rows_used": remap.sketch.hot_rows_used(),
+                "hot_rows": remap.layout.hot_rows,
+                "block_rows": remap.layout.physical_rows,
+                "promotions": sum(counters["promotions"]),
+                "demotions": sum(counters["demotions"]),
+                "lookups": lookups,
+                "hot_lookup_share": sum(counters["hot_lookups"]) / lookups if lookups else 0.0,
+            }
+        return out

@@ -1,0 +1,65 @@
+"""CafeEmbeddingBagCollectionSharder: lets DistributedModelParallel and the planner shard CAFE."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Type
+
+import torch
+from torch import nn
+from torchrec.distributed.embedding_types import BaseEmbeddingSharder, EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ShardingEnv, ShardingType
+
+from cafe_torchrec.distributed.sharded import ShardedCafeEmbeddingBagCollection
+from cafe_torchrec.modules import CafeEmbeddingBagCollection
+
+SHARDING_TYPES = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
+
+
+class PhysicalTablesSharder(EmbeddingBagCollectionSharder):
+    """The stock EBC sharder, with row-wise offered on CPU too (it runs on gloo)."""
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        types = super().sharding_types(compute_device_type)
+        return types if ShardingType.ROW_WISE.value in types else types + [ShardingType.ROW_WISE.value]
+
+
+class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCollection]):
+    """Shards the physical tables table-wise or row-wise with fused TBE kernels.
+
+    Plan keys are the physical table names (one per CAFE group, one per plain table). A
+    table-wise group lives with its sketch on one rank; a row-wise group gives every rank a
+    block with its own hot rows, hashed rows and sketch. Data-parallel is not offered: every
+    rank would grow a different sketch for the same rows.
+    """
+
+    def __init__(self, fused_params: Optional[Dict[str, Any]] = None, qcomm_codecs_registry=None) -> None:
+        super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
+        self._physical_sharder = PhysicalTablesSharder(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
+
+    def shard(
+        self,
+        module: CafeEmbeddingBagCollection,
+        params: EmbeddingModuleShardingPlan,
+        env: ShardingEnv,
+        device: Optional[torch.device] = None,
+        module_fqn: Optional[str] = None,
+    ) -> ShardedCafeEmbeddingBagCollection:
+        for table, sharding in params.items():
+            if sharding.sharding_type not in SHARDING_TYPES:
+                raise ValueError(f"CAFE table {table!r}: sharding type {sharding.sharding_type!r} is not supported; "
+                                 f"use one of {SHARDING_TYPES}")
+        return ShardedCafeEmbeddingBagCollection(module, params, self._physical_sharder, env, device or torch.device("cpu"))
+
+    def shardable_parameters(self, module: CafeEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
+        return self._physical_sharder.shardable_parameters(module.physical)
+
+    @property
+    def module_type(self) -> Type[CafeEmbeddingBagCollection]:
+        return CafeEmbeddingBagCollection
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        return list(SHARDING_TYPES)
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        return [EmbeddingComputeKernel.FUSED.value]
