@@ -40,8 +40,8 @@ def row_store(ebc: nn.Module, table: str) -> RowStore:
             if table in tables:
                 i = tables.index(table)
                 tbe = emb_module._emb_module
-                states = tbe.split_optimizer_states()[i] if hasattr(tbe, "split_optimizer_states") else []
-                return RowStore(tbe.split_embedding_weights()[i], list(states))
+                states = tbe.split_optimizer_states()  # [] for SGD, else one list per table
+                return RowStore(tbe.split_embedding_weights()[i], list(states[i]) if i < len(states) else [])
     raise KeyError(f"physical table {table!r} not found in {type(ebc).__name__}")
 
 
