@@ -39,7 +39,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> List[Any]:
     with tempfile.TemporaryDirectory() as out_dir:
         try:
             mp.start_processes(_worker, args=(world, free_port(), out_dir, fn, args), nprocs=world, start_method="spawn")
-        except mp.ProcessRaisedException:
+        except mp.ProcessException:  # the per-rank files below say which rank failed and why
             pass
         results = []
         for rank in range(world):

@@ -34,6 +34,7 @@ from torchrec.distributed.utils import append_prefix
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from cafe_torchrec.distributed.sketch_state import ShardedSketchState, owner_blocks
 from cafe_torchrec.feature_map import KEY_SPACE, FeatureMap
 from cafe_torchrec.modules import CafeEmbeddingBagCollection
 from cafe_torchrec.remap import CafeGroupRemap, remap_kjt
@@ -83,6 +84,10 @@ class ShardedCafeEmbeddingBagCollection(
                     elif table.name not in layouts:
                         self._plain_offsets[table.name] = offset
         self.groups = nn.ModuleDict(local)
+        owners = {name: owner_blocks(layout, params[name]) for name, layout in layouts.items() if name in params}
+        self._sketch_state = ShardedSketchState(owners, self.groups, env.process_group, env.rank)
+        self._register_state_dict_hook(self._sketch_state.post_state_dict)
+        self._register_load_state_dict_pre_hook(self._sketch_state.pre_load)
 
     # ---- the ShardedModule contract
     def create_context(self) -> CafeContext:

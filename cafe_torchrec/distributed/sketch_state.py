@@ -1,0 +1,82 @@
+"""Per-rank sketch state as ShardedTensors, so torch.distributed.checkpoint saves every rank's.
+
+A group's persistent remap buffers (sketch slots, free rows, counters, seed, layout signature)
+differ per rank: a row-wise group has one sketch per block, a table-wise group one sketch on
+its owner. In state_dict() each buffer becomes a 1-D-sharded ShardedTensor whose shards are the
+owners' buffers in shard order (the technique of TorchRec's managed-collision module). The
+tensors are built from copies on every call (no collective), so a load writes into the copies
+and the module's own layout check runs before anything is copied into the sketch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import torch
+from torch import nn
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata, TensorProperties
+from torchrec.distributed.types import ParameterSharding
+
+from cafe_torchrec.layout import GroupLayout
+from cafe_torchrec.remap import CafeGroupRemap
+
+
+def owner_blocks(layout: GroupLayout, sharding: ParameterSharding) -> List[Tuple[int, GroupLayout]]:
+    """(rank, block layout) of every rank holding rows of the group's table, in shard order."""
+    shards = sorted(sharding.sharding_spec.shards, key=lambda m: m.shard_offsets[0])
+    return [(m.placement.rank(), layout.block(m.shard_sizes[0])) for m in shards if m.shard_sizes[0] > 0]
+
+
+def _buffer_shapes(block: GroupLayout) -> Dict[str, Tuple[torch.Size, torch.dtype]]:
+    """Shape and dtype of each persistent buffer of a CafeGroupRemap for this block (dim 0 is sharded)."""
+    remap = CafeGroupRemap(block, torch.device("meta"))
+    return {name: (buf.shape, buf.dtype) for name, buf in remap.state_dict().items()}
+
+
+class ShardedSketchState:
+    """state_dict hooks that turn the local remap buffers into ShardedTensors and back."""
+
+    def __init__(self, owners: Dict[str, List[Tuple[int, GroupLayout]]], groups: nn.ModuleDict,
+                 process_group: Any, rank: int) -> None:
+        self._owners = owners
+        self._groups = groups
+        self._pg = process_group
+        self._rank = rank
+        self._shapes = {g: [(r, _buffer_shapes(b)) for r, b in blocks] for g, blocks in owners.items()}
+
+    def post_state_dict(self, module: nn.Module, destination: Dict[str, Any], prefix: str, _meta: Any) -> None:
+        for group, owners in self._shapes.items():
+            names = owners[0][1].keys()
+            local = self._groups[group].state_dict() if group in self._groups else {}
+            for name in names:
+                key = f"{prefix}groups.{group}.{name}"
+                destination[key] = self._sharded(local.get(name), [(r, shapes[name]) for r, shapes in owners])
+
+    def pre_load(self, state_dict: Dict[str, Any], prefix: str, *_: Any) -> None:
+        for group in self._shapes:
+            for key in [k for k in state_dict if k.startswith(f"{prefix}groups.{group}.")]:
+                value = state_dict[key]
+                if not isinstance(value, ShardedTensor):
+                    continue
+                shards = value.local_shards()
+                if group in self._groups and shards:
+                    state_dict[key] = shards[0].tensor
+                else:
+                    del state_dict[key]
+
+    def _sharded(self, tensor: Any, owners: List[Tuple[int, Tuple[torch.Size, torch.dtype]]]) -> ShardedTensor:
+        metas, offset, local = [], 0, []
+        for rank, (shape, _) in owners:
+            meta = ShardMetadata(shard_offsets=[offset] + [0] * (len(shape) - 1), shard_sizes=list(shape),
+                                 placement=f"rank:{rank}/cpu")
+            metas.append(meta)
+            if rank == self._rank and tensor is not None:
+                local.append(Shard(tensor.detach().clone(), meta))
+            offset += shape[0]
+        first, dtype = owners[0][1]
+        size = torch.Size([offset] + list(first[1:]))
+        metadata = ShardedTensorMetadata(shards_metadata=metas, size=size,
+                                         tensor_properties=TensorProperties(dtype=dtype))
+        return ShardedTensor._init_from_local_shards_and_global_metadata(local, metadata, process_group=self._pg)
+
