@@ -16,6 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from cafe_torchrec.hashing import mix64, mix64_int
 from cafe_torchrec.layout import CafePlan, GroupLayout
+from cafe_torchrec.ops import use_cpp
 
 SLOT_BITS = 15
 SLOT_MASK = (1 << SLOT_BITS) - 1
@@ -82,14 +83,21 @@ class FeatureMap:
             if first.group is None:
                 pieces.append(torch.remainder(ids, first.plain_rows))
             else:
-                slots = torch.tensor([self.info[f].slot for f in names], device=ids.device)
-                slots = slots.repeat_interleave(torch.tensor(counts, device=ids.device))
-                pieces.append(make_keys(ids, slots, self.salts[table].to(ids.device)))
+                pieces.append(self._keys(table, names, ids, counts))
             start += sum(counts)
             feature += len(names)
         prepared = torch.cat(pieces) if pieces else values
         return KeyedJaggedTensor(keys=self.inner, values=prepared, lengths=features.lengths(),
                                  weights=features.weights_or_none(), stride=features.stride())
+
+    def _keys(self, table: str, names: List[str], ids: torch.Tensor, counts: List[int]) -> torch.Tensor:
+        """Keys of a run of one group's features (C++ on CPU, torch ops elsewhere)."""
+        slots = torch.tensor([self.info[f].slot for f in names], dtype=torch.int64)
+        salts = self.salts[table][slots]
+        if use_cpp(ids):
+            return torch.ops.cafe.make_keys(ids, torch.tensor(counts, dtype=torch.int64), salts, slots)
+        per_value = slots.to(ids.device).repeat_interleave(torch.tensor(counts, device=ids.device))
+        return make_keys(ids, per_value, self.salts[table].to(ids.device))
 
     def to_output(self, values: torch.Tensor, lengths: Optional[torch.Tensor]) -> KeyedTensor:
         """Inner pooled values [B, D_inner] -> KeyedTensor in config order; MEAN features are

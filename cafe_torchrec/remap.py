@@ -13,10 +13,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from cafe_torchrec.feature_map import SLOT_MASK, FeatureInfo, feature_segments
 from cafe_torchrec.hashing import mix64, mix64_int
 from cafe_torchrec.layout import GroupLayout
+from cafe_torchrec.ops import use_cpp
 from cafe_torchrec.sketch import HotSketch, InsertResult
 
 _LEVEL1_SEED, _LEVEL2_SEED, _SKETCH_SEED = 101, 202, 303
-_STATS = ("lookups", "hot_lookups", "medium_lookups", "promotions", "demotions")
+_STATS = ("lookups", "hot_lookups", "medium_lookups", "promotions", "demotions")  # columns of `stat_counts`
 
 
 @dataclass
@@ -24,9 +25,9 @@ class GroupLookup:
     """Rows for a batch of keys [N]: primary (hot row, else level-1 row), level-2 row, masks."""
 
     primary: torch.Tensor  # [N] int64
-    level2: torch.Tensor  # [N] int64, meaningful where medium
-    hot: torch.Tensor  # [N] bool
+    level2: torch.Tensor  # [N] int64, meaningful where medium (empty when single-level)
     medium: torch.Tensor  # [N] bool
+    hints: Optional[torch.Tensor]  # [N] int64 slot holding each key (-1 absent), for the insert
 
 
 @dataclass
@@ -39,6 +40,7 @@ class GroupBatch:
     weights: Optional[torch.Tensor]  # [N]
     num_features: int
     columns: Tuple[int, int]  # the features' columns in the pooled lookup output
+    hints: Optional[torch.Tensor]  # [N] from the forward lookup
 
 
 class CafeGroupRemap(nn.Module):
@@ -69,8 +71,8 @@ class CafeGroupRemap(nn.Module):
         )  # per table slot: level-1 offset, level-1 rows, level-2 offset, level-2 rows
         self.register_buffer("regions", regions.to("cpu" if device.type == "meta" else device), persistent=False)
         self.register_buffer("layout_signature", self._signature().to(device), persistent=True)
-        for name in _STATS:
-            self.register_buffer(f"stat_{name}", torch.zeros(len(layout.tables), dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("stat_counts", torch.zeros(len(layout.tables), len(_STATS), dtype=torch.int64, device=device),
+                             persistent=False)
 
     def _signature(self) -> torch.Tensor:
         """Layout as numbers: a checkpoint of another layout is refused on load."""
@@ -93,33 +95,40 @@ class CafeGroupRemap(nn.Module):
 
     def lookup(self, keys: torch.Tensor, count: bool) -> GroupLookup:
         """Rows of each key; counts lookups per table for stats() when `count` (training)."""
+        cfg = self.layout.config
+        medium_threshold = cfg.threshold * cfg.medium_share if cfg.multi_level else float("inf")
+        if self.sketch.kernel != "torch" and use_cpp(keys):
+            self.sketch.prepare()
+            stats = self.stat_counts[:, :3].contiguous() if count else keys.new_empty(0)
+            primary, level2, medium, hints = torch.ops.cafe.remap_lookup(
+                self.sketch.slots, keys, self._regions(keys.device), cfg.slots_per_bucket, medium_threshold,
+                self.sketch.seed_value, cfg.multi_level, stats)
+            if count:
+                self.stat_counts[:, :3] = stats
+            return GroupLookup(primary, level2, medium, hints)
         hot_row, medium = self.sketch.query(keys)
         hot = hot_row >= 0
         primary = torch.where(hot, hot_row, self.hashed_rows(keys, 1))
-        level2 = self.hashed_rows(keys, 2) if self.layout.config.multi_level else primary
+        level2 = self.hashed_rows(keys, 2) if cfg.multi_level else keys.new_empty(0)
         if count:
             slots, n = keys & SLOT_MASK, len(self.layout.tables)
-            self.stat_lookups += torch.bincount(slots, minlength=n)
-            self.stat_hot_lookups += torch.bincount(slots[hot], minlength=n)
-            self.stat_medium_lookups += torch.bincount(slots[medium], minlength=n)
-        return GroupLookup(primary, level2, hot, medium)
+            for column, mask in enumerate((None, hot, medium)):
+                self.stat_counts[:, column] += torch.bincount(slots if mask is None else slots[mask], minlength=n)
+        return GroupLookup(primary, level2, medium, None)
 
-    def record(self, keys: torch.Tensor, scores: torch.Tensor) -> InsertResult:
+    def record(self, keys: torch.Tensor, scores: torch.Tensor, hints: Optional[torch.Tensor] = None) -> InsertResult:
         """Insert importance scores; count promotions and demotions per table."""
-        result = self.sketch.insert(keys, scores)
+        result = self.sketch.insert(keys, scores, hints)
         n = len(self.layout.tables)
-        self.stat_promotions += torch.bincount(result.promoted_keys & SLOT_MASK, minlength=n).to(self.stat_promotions.device)
-        self.stat_demotions += torch.bincount(result.demoted_keys & SLOT_MASK, minlength=n).to(self.stat_demotions.device)
+        self.stat_counts[:, 3] += torch.bincount(result.promoted_keys & SLOT_MASK, minlength=n).to(self.stat_counts.device)
+        self.stat_counts[:, 4] += torch.bincount(result.demoted_keys & SLOT_MASK, minlength=n).to(self.stat_counts.device)
         return result
 
     def take_stats(self) -> Dict[str, List[int]]:
         """Per-table counters since the last call, then reset them."""
-        out = {}
-        for name in _STATS:
-            buf = getattr(self, f"stat_{name}")
-            out[name] = buf.tolist()
-            buf.zero_()
-        return out
+        counts = self.stat_counts.t().tolist()
+        self.stat_counts.zero_()
+        return dict(zip(_STATS, counts))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:  # type: ignore[override]
         sig = state_dict.get(prefix + "layout_signature")
@@ -156,13 +165,13 @@ def remap_kjt(
             out_weights.append(seg_weights)
         else:
             group = groups[table]
-            rows, new_lengths, new_weights = _rows_with_medium(group, seg_values, seg_lengths, seg_weights, training)
+            rows, new_lengths, new_weights, hints = _rows_with_medium(group, seg_values, seg_lengths, seg_weights, training)
             out_values.append(rows)
             out_lengths.append(new_lengths)
             out_weights.append(new_weights)
             if training:
                 batches.append(GroupBatch(table, seg_values, seg_lengths, seg_weights, len(names),
-                                          (column, column + group.layout.dim * len(names))))
+                                          (column, column + group.layout.dim * len(names)), hints))
         column += sum(info[f].dim for f in names)
         feature += len(names)
         start += n
@@ -181,7 +190,7 @@ def _rows_with_medium(group: CafeGroupRemap, keys: torch.Tensor, lengths: torch.
     """Rows for one group's occurrences; a medium occurrence contributes two rows to its bag."""
     lookup = group.lookup(keys, count=training)
     if not group.layout.config.multi_level or not bool(lookup.medium.any()):
-        return lookup.primary, lengths, weights
+        return lookup.primary, lengths, weights, lookup.hints
     counts = 1 + lookup.medium.long()
     values = lookup.primary.repeat_interleave(counts)
     values[torch.cumsum(counts, 0)[lookup.medium] - 1] = lookup.level2[lookup.medium]
@@ -189,4 +198,4 @@ def _rows_with_medium(group: CafeGroupRemap, keys: torch.Tensor, lengths: torch.
     lengths = lengths + torch.zeros_like(lengths).index_add_(0, bag, lookup.medium.to(lengths.dtype))
     if weights is not None:
         weights = weights.repeat_interleave(counts)
-    return values, lengths, weights
+    return values, lengths, weights, lookup.hints

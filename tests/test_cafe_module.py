@@ -36,7 +36,7 @@ def test_promoted_id_keeps_its_embedding_and_cooled_id_returns_to_hashing() -> N
     ebc = make(lr=0.0, threshold=5.0, decay=0.1, decay_trigger=1e-9)
     group = ebc.groups[ebc.plan.groups[0].name]
     kjt = one_id_kjt(ebc, "f0", 42, batch=8)  # id 42 scores 8 per step
-    key = group.keys(torch.tensor([42]), torch.tensor([0]))
+    key = ebc.keys("f0", torch.tensor([42]))
     before = ebc(kjt)["f0"].detach().clone()
     ebc(kjt).values().sum().backward()  # enters the sketch (never hot on entry)
     assert group.sketch.query(key)[0].item() == -1
@@ -60,7 +60,7 @@ def test_hot_set_follows_drift() -> None:
     def hot_share(offset: int) -> float:
         """Share of the 20 most popular f0 ids (ranks 0..19 of zipf_kjt) that hold a hot row."""
         ids = (torch.arange(20) * 7919) % 200 + offset
-        keys = group.keys(ids, torch.zeros_like(ids))
+        keys = ebc.keys("f0", ids)
         return float((group.sketch.query(keys)[0] >= 0).float().mean())
 
     probe = torch.randn(512, 16, generator=gen)  # a bounded objective: gradients do not blow up
@@ -121,11 +121,12 @@ def test_mean_pooling_and_multi_level_are_exact() -> None:
     fresh = zipf_kjt(["f0"], 32, 50, gen, max_len=4, offset=10**6)
     classes = set()
     for batch in (kjt, fresh):
-        keys = group.keys(batch.values(), torch.zeros_like(batch.values()))
+        keys = ebc.keys("f0", batch.values())
         look = group.lookup(keys, count=False)
-        classes |= {"hot"} if look.hot.any() else set()
+        hot = look.primary < group.layout.hot_rows  # hot rows come first in the table
+        classes |= {"hot"} if hot.any() else set()
         classes |= {"medium"} if look.medium.any() else set()
-        classes |= {"cold"} if (~look.hot & ~look.medium).any() else set()
+        classes |= {"cold"} if (~hot & ~look.medium).any() else set()
         second = torch.where(look.medium[:, None], weight[look.level2], torch.zeros(1, 8))
         bags = torch.arange(32).repeat_interleave(batch.lengths())
         expected = torch.zeros(32, 8).index_add_(0, bags, weight[look.primary] + second) / batch.lengths()[:, None]

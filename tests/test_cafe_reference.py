@@ -15,11 +15,11 @@ from tests.reference_cafe import ReferenceCafe
 DIM, BATCH, STEPS, LR = 8, 16, 25, 0.05
 
 
-def build(optimizer: str, multi_level: bool):
+def build(optimizer: str, multi_level: bool, kernel: str = "auto"):
     torch.manual_seed(0)
     tbls = tables([4000, 3000], dim=DIM, features_per_table=[2, 1])
     cfg = CafeConfig(compression_ratio=20, threshold=3.0, decay=0.8, decay_trigger=0.5, multi_level=multi_level, seed=7)
-    ebc = CafeEmbeddingBagCollection(tbls, cfg)
+    ebc = CafeEmbeddingBagCollection(tbls, cfg, sketch_kernel=kernel)
     model = DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[8, DIM], over_arch_layer_sizes=[8, 1])
     layout = ebc.plan.groups[0]
     weight = ebc.physical.embedding_bags[layout.name].weight.detach()
@@ -32,9 +32,12 @@ def build(optimizer: str, multi_level: bool):
     return model, ebc, ref, ref_ebc
 
 
-@pytest.mark.parametrize("optimizer,multi_level", [("sgd", False), ("rowwise_adagrad", False), ("sgd", True), ("rowwise_adagrad", True)])
-def test_dlrm_training_matches_reference(optimizer: str, multi_level: bool) -> None:
-    model, ebc, ref, ref_ebc = build(optimizer, multi_level)
+@pytest.mark.parametrize("optimizer,multi_level,kernel", [
+    ("sgd", False, "auto"), ("rowwise_adagrad", False, "auto"), ("sgd", True, "auto"), ("rowwise_adagrad", True, "auto"),
+    ("rowwise_adagrad", True, "torch"),  # the torch-ops path (the CUDA one) against the same reference
+])
+def test_dlrm_training_matches_reference(optimizer: str, multi_level: bool, kernel: str) -> None:
+    model, ebc, ref, ref_ebc = build(optimizer, multi_level, kernel)
     dense_opt = torch.optim.SGD([p for n, p in model.named_parameters() if "sparse_arch" not in n], lr=LR)
     ref_opt = torch.optim.SGD([p for n, p in ref.named_parameters() if "sparse_arch" not in n], lr=LR)
     gen = torch.Generator().manual_seed(1)

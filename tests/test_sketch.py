@@ -171,3 +171,16 @@ def test_bad_config_raises(bad: dict) -> None:
 def test_nbytes_is_sixteen_per_slot_plus_free_list() -> None:
     sk = make("torch")
     assert sk.nbytes() == 16 * 4 * 16 + 24 * 4
+
+
+def test_cpp_make_keys_equals_torch_make_keys() -> None:
+    if not cpp_available():
+        pytest.skip("no C++ build")
+    from cafe_torchrec.feature_map import make_keys
+
+    ids = torch.cat([torch.randint(-(2**62), 2**62, (500,)), torch.tensor([0, -1, 2**63 - 1, -(2**63)])])
+    counts = torch.tensor([200, 0, 304])
+    salts, slots = torch.tensor([11, 22, 33]), torch.tensor([0, 1, 2])
+    expected = make_keys(ids, slots.repeat_interleave(counts), salts)
+    assert torch.equal(torch.ops.cafe.make_keys(ids, counts, salts, slots), expected)
+    assert (expected >= 0).all() and torch.equal(expected & 0x7FFF, slots.repeat_interleave(counts))

@@ -1,51 +1,22 @@
-"""Builds (once, cached by torch) and calls the C++ HotSketch kernel on CPU tensors."""
+"""Calls the C++ HotSketch kernel (cafe_torchrec/csrc/hot_sketch.cpp) on CPU tensors."""
 
 from __future__ import annotations
 
-import logging
-import os
-from functools import lru_cache
-from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
+from cafe_torchrec.ops import available
 from cafe_torchrec.sketch.types import InsertParams, InsertResult, SketchState
 
-logger = logging.getLogger(__name__)
-_SOURCE = Path(__file__).parent / "csrc" / "hot_sketch.cpp"
-
-
-@lru_cache(maxsize=1)
-def available() -> bool:
-    """True once the op is registered; the first call compiles it (about a minute, then cached).
-
-    Set CAFE_SKETCH_KERNEL=torch to skip the build and use the torch-ops kernel everywhere.
-    """
-    if os.environ.get("CAFE_SKETCH_KERNEL", "auto") == "torch":
-        return False
-    if hasattr(torch.ops, "cafe") and hasattr(torch.ops.cafe, "sketch_insert"):
-        return True
-    try:
-        from torch.utils.cpp_extension import load
-
-        load(
-            name="cafe_sketch_ops",
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3"],
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as err:  # a missing compiler must not stop training: fall back, loudly
-        logger.warning("C++ HotSketch kernel unavailable (%s); using the torch-ops kernel", err)
-        return False
-    return True
+__all__ = ["available", "insert_", "query"]
 
 
 def insert_(
-    state: SketchState, keys: torch.Tensor, scores: torch.Tensor, params: InsertParams
+    state: SketchState, keys: torch.Tensor, scores: torch.Tensor, params: InsertParams,
+    hints: Optional[torch.Tensor] = None,
 ) -> InsertResult:
-    """Same contract as torch_kernel.insert_."""
+    """Same contract as torch_kernel.insert_; `hints` (slots found by a query) skip re-probing."""
     pkeys, rows, dkeys, drows, counts = torch.ops.cafe.sketch_insert(
         state.slots,
         state.free_rows,
@@ -53,6 +24,7 @@ def insert_(
         state.total_score,
         keys,
         scores,
+        hints if hints is not None else keys.new_empty(0),
         state.slots_per_bucket,
         params.threshold,
         params.decay,

@@ -94,6 +94,16 @@ class HotSketch(nn.Module):
             self.initialized.fill_(1)
         self._seed = self._configured_seed
 
+    @property
+    def seed_value(self) -> int:
+        """The bucket hash seed as a Python int (kept in sync with the `seed` buffer)."""
+        return self._seed
+
+    def prepare(self) -> None:
+        """Initialise lazily if DistributedModelParallel zero-filled the buffers; call before
+        handing the raw buffers to a kernel."""
+        self._ensure_ready()
+
     def _ensure_ready(self) -> None:
         if not self._ready:
             if self.slots.device.type == "meta":
@@ -112,16 +122,21 @@ class HotSketch(nn.Module):
         return cpp_kernel.available() or _fail_if_required(self.kernel)
 
     @torch.no_grad()
-    def insert(self, keys: torch.Tensor, scores: torch.Tensor) -> InsertResult:
-        """Add a batch of (key, score) pairs; scores NaN, inf or negative are skipped and counted."""
+    def insert(self, keys: torch.Tensor, scores: torch.Tensor, hints: Optional[torch.Tensor] = None) -> InsertResult:
+        """Add a batch of (key, score) pairs; scores NaN, inf or negative are skipped and counted.
+
+        `hints` [N] int64 (optional): the slot a query found each key in (-1 if absent); the
+        C++ kernel verifies and uses them to skip re-probing. Results do not depend on them.
+        """
         _check_keys(keys)
         self._ensure_ready()
         if scores.shape != keys.shape or not scores.is_floating_point():
             raise ValueError(f"scores must be a float tensor shaped like keys {tuple(keys.shape)}, got {scores.dtype} {tuple(scores.shape)}")
         scores = scores.to(torch.float32)
         params = InsertParams(self.threshold, self.decay, self.decay_trigger)
-        kernel = cpp_kernel if self._use_cpp(keys) else torch_kernel
-        return kernel.insert_(self.state(), keys, scores, params)
+        if self._use_cpp(keys):
+            return cpp_kernel.insert_(self.state(), keys, scores, params, hints)
+        return torch_kernel.insert_(self.state(), keys, scores, params)
 
     @torch.no_grad()
     def query(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ Batched semantics (the C++ kernel implements exactly the same):
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -64,9 +64,11 @@ def find_slots(state: SketchState, keys: torch.Tensor) -> Tuple[torch.Tensor, to
 
 
 def insert_(
-    state: SketchState, keys: torch.Tensor, scores: torch.Tensor, params: InsertParams
+    state: SketchState, keys: torch.Tensor, scores: torch.Tensor, params: InsertParams,
+    hints: Optional[torch.Tensor] = None,
 ) -> InsertResult:
-    """Insert a batch of (key, score) pairs; see the module docstring for the semantics."""
+    """Insert a batch of (key, score) pairs; see the module docstring for the semantics.
+    `hints` are accepted for the C++ kernel's contract and not needed here."""
     device = keys.device
     empty = torch.empty(0, dtype=torch.int64, device=device)
     valid = torch.isfinite(scores) & (scores >= 0)

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -14,36 +16,15 @@
 
 namespace {
 
-constexpr int64_t kEmptyKey = -1;
-constexpr int32_t kNoRow = -1;
+using cafe::kEmptyKey;
+using cafe::kNoRow;
+using cafe::mix64;
+using cafe::Slot;
+using cafe::slots_of;
 constexpr int32_t kCandidate = -2;  // transient mark during one insert: promotion candidate
 constexpr float kFloatMax = std::numeric_limits<float>::max();
 
-struct Slot {
-  int64_t key;
-  float score;
-  int32_t row;
-};
-static_assert(sizeof(Slot) == 16, "a slot is 16 bytes");
-
-inline int64_t mix64(int64_t x, int64_t seed) {
-  uint64_t z = static_cast<uint64_t>(x) + static_cast<uint64_t>(seed) * 0x9E3779B97F4A7C15ULL +
-               0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  z = z ^ (z >> 31);
-  return static_cast<int64_t>(z & 0x7FFFFFFFFFFFFFFFULL);
-}
-
 inline bool valid_score(float v) { return std::isfinite(v) && v >= 0.0f; }
-
-Slot* slots_of(const at::Tensor& slots, int64_t c) {
-  TORCH_CHECK(slots.is_contiguous() && slots.scalar_type() == at::kLong && slots.dim() == 2 &&
-                  slots.size(1) == 2,
-              "slots: contiguous int64 [W*C, 2]");
-  TORCH_CHECK(c > 0 && slots.size(0) % c == 0, "slot count must be a multiple of slots_per_bucket");
-  return reinterpret_cast<Slot*>(slots.data_ptr<int64_t>());
-}
 
 // Open-addressing map key -> index of its first miss, sized for the batch's misses.
 class MissIndex {
@@ -82,8 +63,8 @@ at::Tensor to_tensor(const std::vector<int64_t>& v) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_insert(
     at::Tensor slots_t, at::Tensor free_rows, at::Tensor free_count, at::Tensor total_score,
-    const at::Tensor& in_keys, const at::Tensor& in_scores, int64_t c, double threshold_d,
-    double decay_d, double trigger, int64_t seed) {
+    const at::Tensor& in_keys, const at::Tensor& in_scores, const at::Tensor& in_hints, int64_t c,
+    double threshold_d, double decay_d, double trigger, int64_t seed) {
   Slot* slots = slots_of(slots_t, c);
   TORCH_CHECK(free_rows.is_contiguous() && free_rows.scalar_type() == at::kInt, "free_rows: int32");
   TORCH_CHECK(free_count.scalar_type() == at::kLong && free_count.numel() == 1, "free_count: int64 [1]");
@@ -93,7 +74,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
   TORCH_CHECK(in_keys.numel() == in_scores.numel(), "keys and scores differ in length");
   const at::Tensor ik = in_keys.contiguous();
   const at::Tensor is = in_scores.contiguous();
+  const at::Tensor ih = in_hints.contiguous();
   const int64_t n = ik.numel();
+  TORCH_CHECK(ih.numel() == 0 || (ih.numel() == n && ih.scalar_type() == at::kLong), "hints: int64 [N] or empty");
+  const int64_t* hints = ih.numel() ? ih.data_ptr<int64_t>() : nullptr;
   const int64_t* k = ik.data_ptr<int64_t>();
   const float* s = is.data_ptr<float>();
   int32_t* fr = free_rows.data_ptr<int32_t>();
@@ -132,14 +116,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
     const float v = s[i];
     if (!valid_score(v)) { ++skipped; continue; }
     batch_total += static_cast<double>(v);
-    Slot* b = slots + (mix64(k[i], seed) % w) * c;
-    int64_t j = 0;
-    while (j < c && b[j].key != k[i]) ++j;
-    if (j == c) { misses.push_back(i); continue; }
-    b[j].score = std::min(b[j].score + v, kFloatMax);
-    if (may_promote && b[j].row == kNoRow && b[j].score >= threshold) {
-      b[j].row = kCandidate;
-      candidates.push_back(b - slots + j);
+    // a hint is the slot where the forward pass found the key; verified before use
+    Slot* hit = (hints && hints[i] >= 0 && hints[i] < w * c && slots[hints[i]].key == k[i]) ? slots + hints[i] : nullptr;
+    if (hit == nullptr) {
+      Slot* b = slots + (mix64(k[i], seed) % w) * c;
+      for (int64_t j = 0; j < c; ++j) {
+        if (b[j].key == k[i]) { hit = b + j; break; }
+      }
+    }
+    if (hit == nullptr) { misses.push_back(i); continue; }
+    hit->score = std::min(hit->score + v, kFloatMax);
+    if (may_promote && hit->row == kNoRow && hit->score >= threshold) {
+      hit->row = kCandidate;
+      candidates.push_back(hit - slots);
     }
   }
   total += batch_total;
@@ -224,9 +213,9 @@ std::tuple<at::Tensor, at::Tensor> sketch_query(const at::Tensor& slots_t, const
 
 }  // namespace
 
-TORCH_LIBRARY(cafe, m) {
+TORCH_LIBRARY_FRAGMENT(cafe, m) {
   m.def("sketch_insert(Tensor(a!) slots, Tensor(b!) free_rows, Tensor(c!) free_count, "
-        "Tensor(d!) total_score, Tensor keys, Tensor scores, int slots_per_bucket, float threshold, "
+        "Tensor(d!) total_score, Tensor keys, Tensor scores, Tensor hints, int slots_per_bucket, float threshold, "
         "float decay, float decay_trigger, int seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("sketch_query(Tensor slots, Tensor keys, int slots_per_bucket, float medium_threshold, "
         "int seed) -> (Tensor, Tensor)");
