@@ -47,9 +47,19 @@ def mix64_int(x: int, seed: int) -> int:
     return z & _POSITIVE
 
 
-def bounded(h: torch.Tensor, n: int) -> torch.Tensor:
-    """Map non-negative 63-bit hashes onto [0, n)."""
-    return torch.remainder(h, n)
+MAX_BOUND = 1 << 31
+
+
+def bounded(h: torch.Tensor, n: Union[int, torch.Tensor]) -> torch.Tensor:
+    """Map non-negative 63-bit hashes onto [0, n) for n <= 2^31 by multiply-shift (Lemire's
+    range reduction on the top 31 bits): exact in int64 ops and ~10x cheaper than a 64-bit
+    modulo in the C++ kernels, which compute the same formula."""
+    return ((h >> 32) * n) >> 31
+
+
+def bounded_int(h: int, n: int) -> int:
+    """Pure-Python twin of :func:`bounded`."""
+    return ((h >> 32) * n) >> 31
 
 
 def _wrap(v: int) -> int:

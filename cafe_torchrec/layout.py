@@ -20,6 +20,7 @@ from typing import Dict, List, Sequence, Tuple
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
 from cafe_torchrec.config import CafeConfig
+from cafe_torchrec.hashing import MAX_BOUND
 from cafe_torchrec.sketch.hot_sketch import sketch_nbytes
 
 MAX_TABLES_PER_GROUP = 1 << 15  # the table slot lives in the low 15 bits of a key
@@ -166,6 +167,9 @@ def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[st
         hashed = max(1, math.ceil(t.num_embeddings * (1 - first.hot_share) / cfg.compression_ratio))
         level2 = max(1, round(hashed * cfg.level2_share)) if first.multi_level else 0
         level1 = max(1, hashed - level2)
+        if max(level1, level2, hot_rows) > MAX_BOUND:
+            raise ValueError(f"table {t.name!r}: {max(level1, level2, hot_rows):,} rows in one region exceed 2^31; "
+                             "raise its compression_ratio or split the table")
         layouts.append(TableLayout(t.name, tuple(t.feature_names), t.num_embeddings, cfg.compression_ratio, level1, level2))
     return GroupLayout(name, dim, dtype, first, hot_rows, tuple(layouts))
 

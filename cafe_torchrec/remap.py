@@ -11,7 +11,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cafe_torchrec.feature_map import SLOT_MASK, FeatureInfo, feature_segments
-from cafe_torchrec.hashing import mix64, mix64_int
+from cafe_torchrec.hashing import bounded, mix64, mix64_int
 from cafe_torchrec.layout import GroupLayout
 from cafe_torchrec.ops import use_cpp
 from cafe_torchrec.sketch import HotSketch, InsertResult
@@ -91,7 +91,7 @@ class CafeGroupRemap(nn.Module):
         """Level-1 or level-2 row of each key in this block."""
         info = self._regions(keys.device)[keys & SLOT_MASK]
         offset, rows = (info[:, 0], info[:, 1]) if level == 1 else (info[:, 2], info[:, 3])
-        return offset + torch.remainder(mix64(keys, _LEVEL1_SEED if level == 1 else _LEVEL2_SEED), rows)
+        return offset + bounded(mix64(keys, _LEVEL1_SEED if level == 1 else _LEVEL2_SEED), rows)
 
     def lookup(self, keys: torch.Tensor, count: bool) -> GroupLookup:
         """Rows of each key; counts lookups per table for stats() when `count` (training)."""

@@ -15,7 +15,7 @@ from torchrec.modules.mc_modules import (DistanceLFU_EvictionPolicy, LFU_Evictio
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from cafe_torchrec.baselines.base import SMALL_TABLE_ROWS, BaselineCollection, keeps_plain
-from cafe_torchrec.hashing import bounded, mix64
+from cafe_torchrec.hashing import mix64
 
 PREHASH_RANGE = 2**62
 EVICTIONS = ("lfu", "distance_lfu")
@@ -23,7 +23,7 @@ EVICTIONS = ("lfu", "distance_lfu")
 
 def prehash(values: torch.Tensor, size: int) -> torch.Tensor:
     """MCH `input_hash_func`: raw int64 ids (any sign) -> [0, size) with the splitmix64 mix."""
-    return bounded(mix64(values, 0), size)
+    return torch.remainder(mix64(values, 0), size)
 
 
 class ManagedCollisionEmbeddingBags(BaselineCollection):

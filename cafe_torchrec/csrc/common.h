@@ -26,6 +26,9 @@ inline int64_t mix64(int64_t x, int64_t seed) {
   return static_cast<int64_t>(z & 0x7FFFFFFFFFFFFFFFULL);
 }
 
+// [0, n) for n <= 2^31 from a 63-bit hash: the twin of cafe_torchrec.hashing.bounded.
+inline int64_t bounded(int64_t h, int64_t n) { return ((h >> 32) * n) >> 31; }
+
 inline Slot* slots_of(const at::Tensor& slots, int64_t c) {
   TORCH_CHECK(slots.is_contiguous() && slots.scalar_type() == at::kLong && slots.dim() == 2 &&
                   slots.size(1) == 2,

@@ -112,14 +112,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
   const bool may_promote = fc > 0;
   int64_t skipped = 0;
   double batch_total = 0.0;
+  constexpr int64_t kAhead = 8;  // prefetch distance (keys) to hide the bucket's cache miss
   for (int64_t i = 0; i < n; ++i) {
+    if (hints && i + kAhead < n && hints[i + kAhead] >= 0 && hints[i + kAhead] < w * c) {
+      __builtin_prefetch(slots + hints[i + kAhead]);
+    }
     const float v = s[i];
     if (!valid_score(v)) { ++skipped; continue; }
     batch_total += static_cast<double>(v);
     // a hint is the slot where the forward pass found the key; verified before use
     Slot* hit = (hints && hints[i] >= 0 && hints[i] < w * c && slots[hints[i]].key == k[i]) ? slots + hints[i] : nullptr;
     if (hit == nullptr) {
-      Slot* b = slots + (mix64(k[i], seed) % w) * c;
+      Slot* b = slots + cafe::bounded(mix64(k[i], seed), w) * c;
       for (int64_t j = 0; j < c; ++j) {
         if (b[j].key == k[i]) { hit = b + j; break; }
       }
@@ -144,8 +148,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
     else { usums[u] += s[i]; }
   }
   int64_t dropped = 0;
+  std::vector<int64_t> ubases(ukeys.size());
+  for (size_t u = 0; u < ukeys.size(); ++u) ubases[u] = cafe::bounded(mix64(ukeys[u], seed), w) * c;
   for (size_t u = 0; u < ukeys.size(); ++u) {
-    Slot* b = slots + (mix64(ukeys[u], seed) % w) * c;
+    if (u + kAhead < ukeys.size()) __builtin_prefetch(slots + ubases[u + kAhead]);
+    Slot* b = slots + ubases[u];
     int64_t empty = -1, victim = -1;
     for (int64_t j = 0; j < c; ++j) {
       if (b[j].key == kEmptyKey) { empty = j; break; }
@@ -196,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> sketch_query(const at::Tensor& slots_t, const
   bool* m = is_medium.data_ptr<bool>();
   at::parallel_for(0, n, 8192, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const Slot* b = slots + (mix64(k[i], seed) % w) * c;
+      const Slot* b = slots + cafe::bounded(mix64(k[i], seed), w) * c;
       r[i] = kNoRow;
       m[i] = false;
       for (int64_t j = 0; j < c; ++j) {

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 
@@ -69,11 +70,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> remap_lookup(
   int64_t* l2 = multi_level ? level2.data_ptr<int64_t>() : nullptr;
   bool* m = medium.data_ptr<bool>();
   int64_t* h = hint.data_ptr<int64_t>();
+  // bucket of every key first, so the probe loop can prefetch a few keys ahead
+  std::vector<int64_t> bases(n);
+  for (int64_t i = 0; i < n; ++i) bases[i] = cafe::bounded(mix64(keys[i], seed), w) * c;
+  constexpr int64_t kAhead = 8;
   for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) __builtin_prefetch(slots + bases[i + kAhead]);
     const int64_t key = keys[i], t = key & kSlotMask;
     TORCH_CHECK(t < tables, "key names table slot ", t, " but the group has ", tables);
     const int64_t* reg = regions + 4 * t;
-    const int64_t base = (mix64(key, seed) % w) * c;
+    const int64_t base = bases[i];
     int64_t found = -1;
     for (int64_t j = base; j < base + c; ++j) {
       if (slots[j].key == key) { found = j; break; }
@@ -81,8 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> remap_lookup(
     h[i] = found;
     const bool hot = found >= 0 && slots[found].row >= 0;
     const bool med = found >= 0 && !hot && slots[found].score >= medium_threshold;
-    p[i] = hot ? slots[found].row : reg[0] + mix64(key, kLevel1Seed) % reg[1];
-    if (multi_level) l2[i] = reg[2] + mix64(key, kLevel2Seed) % reg[3];
+    p[i] = hot ? slots[found].row : reg[0] + cafe::bounded(mix64(key, kLevel1Seed), reg[1]);
+    if (multi_level) l2[i] = reg[2] + cafe::bounded(mix64(key, kLevel2Seed), reg[3]);
     m[i] = med;
     if (count) {
       stats[3 * t] += 1;

@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from cafe_torchrec.hashing import MAX_BOUND
 from cafe_torchrec.sketch import cpp_kernel, torch_kernel
 from cafe_torchrec.sketch.types import EMPTY_KEY, NO_ROW, InsertParams, InsertResult, SketchState
 
@@ -196,6 +197,8 @@ def _fail_if_required(kernel: str) -> bool:
 
 def _check_config(hot_capacity: int, threshold: float, num_buckets: int, slots: int,
                   medium: Optional[float], decay: float, trigger: float, kernel: str) -> None:
+    if num_buckets > MAX_BOUND:
+        raise ValueError(f"num_buckets must be <= 2^31, got {num_buckets}")
     if hot_capacity < 0 or num_buckets < 1 or slots < 1:
         raise ValueError(f"need hot_capacity >= 0, num_buckets >= 1, slots_per_bucket >= 1; got {hot_capacity}, {num_buckets}, {slots}")
     if not threshold > 0:
