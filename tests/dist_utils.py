@@ -11,6 +11,7 @@ from typing import Any, Callable, List
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 
 def free_port() -> int:
@@ -39,7 +40,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> List[Any]:
     with tempfile.TemporaryDirectory() as out_dir:
         try:
             mp.start_processes(_worker, args=(world, free_port(), out_dir, fn, args), nprocs=world, start_method="spawn")
-        except mp.ProcessException:  # the per-rank files below say which rank failed and why
+        except ProcessException:  # the per-rank files below say which rank failed and why
             pass
         results = []
         for rank in range(world):
