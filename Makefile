@@ -15,7 +15,7 @@ $(STAMP): requirements.txt setup.cfg
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m benchmarks.sketch --quick
+	$(PY) -m examples.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
