@@ -106,22 +106,38 @@ def step_cost(batch_size: int, ratio: float, repeat: int = 7) -> List[list]:
              times["sketch"] * 1e3, times["cafe"] * 1e3, times["sketch"] / times["tbe"], times["cafe"] / times["tbe"]]]
 
 
-def recall(z: float, k: int, vocab: int, n: int) -> Dict[int, float]:
-    """Share of the true top-k (by exact accumulated score) among the sketch's top-k, per c."""
+def recall(z: float, k: int, vocab: int, n: int) -> Dict[str, Dict[int, float]]:
+    """Two recalls of the true top-k per slots-per-bucket c, at the paper's memory (4 slots per
+    hot row, W = 4k / c buckets):
+
+    - "hot": the paper's own metric (ArtifactEvaluation/sketch_expr): the share of the true
+      top-k (by count; scores are 1 per occurrence as in its Fig. 18) holding a hot row, with k
+      hot rows, decay 0.99 and one threshold for every c, set so the stream sees ~25 decays at
+      c = 4, as the paper's Criteo run does (threshold 300 over 1.0e9 occurrences, 13.5k rows).
+    - "rank": stricter: the share of the true top-k (by accumulated gradient-like score)
+      among the k highest-scored keys the sketch holds, with no threshold involved.
+    """
     ids = zipf_ids(n, vocab, z, 1)
     gen = torch.Generator().manual_seed(2)
-    scores = torch.rand(n, generator=gen) * 2  # gradient-norm-like weights, mean 1
-    exact = torch.zeros(vocab, dtype=torch.float64).index_add_(0, ids, scores.double())
-    truth = set(mix64(exact.topk(k).indices, 5).tolist())
-    memory = 4 * k  # the paper's memory: one bucket of 4 slots per hot row
-    out = {}
-    for c in (2, 4, 8, 16):
-        sk = HotSketch(hot_capacity=0, threshold=1e30, num_buckets=memory // c, slots_per_bucket=c, decay_trigger=1e30)
-        keys = mix64(ids, 5)
-        for start in range(0, n, 100_000):
-            sk.insert(keys[start : start + 100_000], scores[start : start + 100_000])
-        top = sk.slot_keys[sk.slot_scores.topk(k).indices]
-        out[c] = len(truth & set(top.tolist())) / k
+    weights = torch.rand(n, generator=gen) * 2  # gradient-norm-like scores, mean 1
+    keys = mix64(ids, 5)
+    out: Dict[str, Dict[int, float]] = {"hot": {}, "rank": {}}
+    threshold = n / (25 * 10 * k)
+    for metric, scores in (("hot", torch.ones(n)), ("rank", weights)):
+        exact = torch.zeros(vocab, dtype=torch.float64).index_add_(0, ids, scores.double())
+        truth = mix64(exact.topk(k).indices, 5)
+        for c in (2, 4, 8, 16):
+            if metric == "hot":
+                sk = HotSketch(hot_capacity=k, threshold=threshold, num_buckets=4 * k // c, slots_per_bucket=c, decay=0.99)
+            else:
+                sk = HotSketch(hot_capacity=0, threshold=1e30, num_buckets=4 * k // c, slots_per_bucket=c, decay_trigger=1e30)
+            for start in range(0, n, 100_000):
+                sk.insert(keys[start : start + 100_000], scores[start : start + 100_000])
+            if metric == "hot":
+                out[metric][c] = float((sk.query(truth)[0] >= 0).float().mean())
+            else:
+                top = set(sk.slot_keys[sk.slot_scores.topk(k).indices].tolist())
+                out[metric][c] = len(set(truth.tolist()) & top) / k
     return out
 
 
@@ -141,14 +157,16 @@ def main() -> None:
     cost = step_cost(4096, 1000.0) + step_cost(4096, 100.0)
     print(table(["ratio", "hot rows", "table rows", "ids", "TBE ms", "sketch ms", "CAFE ms", "sketch/TBE", "CAFE/TBE"], cost))
     torch.set_num_threads(threads)
-    print("\nRecall of the true top-k, memory = 4 slots per hot row (paper), by slots per bucket c")
+    print("\nRecall of the true top-k at the paper's memory (4 slots per hot row), by slots per bucket c")
     k, vocab, n = (2_000, 200_000, 1_000_000) if args.quick else (10_000, 1_000_000, 5_000_000)
     rows = []
     for z in (1.05, 1.2, 1.5):
         r = recall(z, k, vocab, n)
-        rows.append([z, f"{1 + 1 / (z - 1):.1f}"] + [r[c] for c in (2, 4, 8, 16)])
-    print(table(["zipf z", "theory c*", "c=2", "c=4", "c=8", "c=16"], rows))
-    print(f"(k={k}, vocabulary {vocab:,}, stream {n:,}; paper: 0.82-0.96 at c=4)")
+        for metric, label in (("hot", "holds a hot row (paper)"), ("rank", "in the sketch's top-k")):
+            rows.append([z, f"{1 + 1 / (z - 1):.1f}", label] + [r[metric][c] for c in (2, 4, 8, 16)])
+    print(table(["zipf z", "theory c*", "recall", "c=2", "c=4", "c=8", "c=16"], rows))
+    print(f"(k={k}, vocabulary {vocab:,}, stream {n:,}; paper, Criteo 1000x: 0.82 at c=4 with this memory, "
+          "up to 0.96 with 2.4x)")
 
 
 if __name__ == "__main__":
