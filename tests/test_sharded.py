@@ -162,3 +162,31 @@ def test_row_wise_equals_a_single_process_run_of_the_per_shard_logic() -> None:
         assert torch.equal(res["slots"].view(torch.int32)[:, 3], blocks[r].sketch.slots.view(torch.int32)[:, 3]), f"rank {r} hot rows"
         torch.testing.assert_close(res["weight"], full[res["offset"] : res["offset"] + res["block_rows"]], rtol=1e-4, atol=1e-5)
         assert res["stats"][GROUP]["promotions"] > 2
+
+
+def world_one(rank: int, world: int, sharding_type: str) -> Dict[str, object]:
+    """Unsharded module and DMP world size 1, same weights: same outputs, same step."""
+    from torchrec.optim import RowWiseAdagrad
+
+    unsharded = build()
+    _apply_optimizer_in_backward(RowWiseAdagrad, unsharded.parameters(), {"lr": LR})
+    sharded = build()
+    _apply_optimizer_in_backward(RowWiseAdagrad, sharded.parameters(), {"lr": LR})
+    dmp, full, sharding = shard(sharded, sharding_type, world)
+    load_full_weight(dmp, unsharded.physical.embedding_bags[GROUP].weight.detach(), sharding)
+    diffs = []
+    for kjt, probe in zip(batches(0), probes()):
+        a, b = unsharded(kjt).values(), dmp(kjt).values()
+        diffs.append(float((a - b).abs().max()))
+        (a * probe[:BATCH]).sum().backward()
+        (b * probe[:BATCH]).sum().backward()
+    weight_diff = float((unsharded.physical.embedding_bags[GROUP].weight - row_store(dmp.module.physical, GROUP).weight).abs().max())
+    same_sketch = torch.equal(unsharded.groups[GROUP].sketch.slots[:, 0], dmp.module.groups[GROUP].sketch.slots[:, 0])
+    return {"diffs": diffs, "weight_diff": weight_diff, "same_sketch": same_sketch}
+
+
+def test_unsharded_equals_dmp_world_size_one() -> None:
+    for sharding_type in ("table_wise", "row_wise"):
+        (result,) = run_ranks(world_one, 1, sharding_type)
+        assert max(result["diffs"]) < 1e-5, (sharding_type, result["diffs"])
+        assert result["weight_diff"] < 1e-4 and result["same_sketch"], (sharding_type, result)
