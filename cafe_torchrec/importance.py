@@ -8,13 +8,16 @@ bag length. Scores are normalised per feature and batch to mean 1, as in the pap
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
+from cafe_torchrec.ops import use_cpp
+
 
 def occurrence_scores(
-    pooled_grad: torch.Tensor,
+    grad: torch.Tensor,
+    columns: Tuple[int, int],
     lengths: torch.Tensor,
     num_features: int,
     weights: Optional[torch.Tensor],
@@ -22,13 +25,19 @@ def occurrence_scores(
 ) -> torch.Tensor:
     """Scores [N] for the occurrences of `num_features` features, feature-major like a KJT.
 
-    pooled_grad [B, F*D]: gradient of the features' pooled outputs (columns feature by
-    feature); lengths [F*B]: bag lengths, feature-major; weights [N] or None.
+    grad [B, C]: gradient of a pooled output whose `columns` hold the features' pooled
+    values (feature by feature); lengths [F*B]: bag lengths, feature-major; weights [N] or None.
     """
-    batch = pooled_grad.shape[0]
-    per_feature = lengths.view(num_features, batch).sum(1)  # [F]
     if mode == "frequency":
         return torch.ones(int(lengths.sum()), dtype=torch.float32, device=lengths.device)
+    dim = (columns[1] - columns[0]) // max(num_features, 1)
+    if use_cpp(grad) and grad.dtype == torch.float32:
+        empty = grad.new_empty(0)
+        return torch.ops.cafe.occurrence_scores(grad, columns[0], num_features, dim, lengths,
+                                                weights if weights is not None else empty)
+    pooled_grad = grad[:, columns[0] : columns[1]]
+    batch = pooled_grad.shape[0]
+    per_feature = lengths.view(num_features, batch).sum(1)  # [F]
     norms = torch.linalg.vector_norm(pooled_grad.view(batch, num_features, -1).float(), dim=2)  # [B, F]
     scores = norms.t().reshape(-1).repeat_interleave(lengths)  # [N]
     if weights is not None:

@@ -1,6 +1,7 @@
 """The C++ CPU ops (csrc/): built once per source change by torch's cpp_extension, cached.
 
-`torch.ops.cafe.sketch_insert / sketch_query / make_keys / remap_lookup` exist after
+`torch.ops.cafe.sketch_insert / sketch_query / make_keys / remap_lookup / occurrence_scores`
+exist after
 `available()` returns True. Every op has a torch-ops twin used on other devices (CUDA) and
 when the build is unavailable; CAFE_KERNEL=torch forces the twins everywhere.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("hot_sketch.cpp", "remap.cpp")]
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("hot_sketch.cpp", "remap.cpp", "importance.cpp")]
 
 
 @lru_cache(maxsize=1)
@@ -23,7 +24,7 @@ def available() -> bool:
     """True once the ops are registered; the first call compiles them (~30 s, then cached)."""
     if os.environ.get("CAFE_KERNEL", "auto") == "torch":
         return False
-    if hasattr(torch.ops, "cafe") and hasattr(torch.ops.cafe, "remap_lookup"):
+    if hasattr(torch.ops, "cafe") and hasattr(torch.ops.cafe, "occurrence_scores"):
         return True
     try:
         from torch.utils.cpp_extension import load

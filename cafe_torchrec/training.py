@@ -29,8 +29,8 @@ def importance_hook(
         results: List[Tuple[CafeGroupRemap, InsertResult]] = []
         for b in batches:
             group = groups[b.group]
-            scores = occurrence_scores(grad[:, b.columns[0] : b.columns[1]], b.lengths, b.num_features,
-                                       b.weights, group.layout.config.importance)
+            scores = occurrence_scores(grad, b.columns, b.lengths, b.num_features, b.weights,
+                                       group.layout.config.importance)
             results.append((group, group.record(b.keys, scores, b.hints)))
         torch.autograd.Variable._execution_engine.queue_callback(lambda: migrate(results, physical()))
 

@@ -184,3 +184,25 @@ def test_cpp_make_keys_equals_torch_make_keys() -> None:
     expected = make_keys(ids, slots.repeat_interleave(counts), salts)
     assert torch.equal(torch.ops.cafe.make_keys(ids, counts, salts, slots), expected)
     assert (expected >= 0).all() and torch.equal(expected & 0x7FFF, slots.repeat_interleave(counts))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cpp_occurrence_scores_equal_the_definition(weighted: bool) -> None:
+    """Bag gradient norm x |weight|, normalised per feature to mean 1 (columns 3.. of the grad)."""
+    if not cpp_available():
+        pytest.skip("no C++ build")
+    gen = torch.Generator().manual_seed(0)
+    batch, features, dim = 5, 3, 4
+    grad = torch.randn(batch, 3 + features * dim + 2, generator=gen)
+    grad[:, 3 + dim : 3 + 2 * dim] = 0  # a feature whose gradients are all zero scores 0, not NaN
+    lengths = torch.randint(0, 3, (features * batch,), generator=gen)
+    weights = torch.randn(int(lengths.sum()), generator=gen) if weighted else torch.empty(0)
+    got = torch.ops.cafe.occurrence_scores(grad, 3, features, dim, lengths, weights)
+    norms = grad[:, 3 : 3 + features * dim].view(batch, features, dim).norm(dim=2).t().reshape(-1)
+    expected = norms.repeat_interleave(lengths) * (weights.abs() if weighted else 1)
+    feature = torch.arange(features).repeat_interleave(lengths.view(features, batch).sum(1))
+    for f in range(features):
+        mask = feature == f
+        mean = expected[mask].mean() if mask.any() else torch.tensor(0.0)
+        expected[mask] = expected[mask] / mean if mean > 0 else 0.0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

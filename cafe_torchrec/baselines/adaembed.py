@@ -237,7 +237,7 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
                 for pool, keys, lengths, weights, n_feat, a, b in batches:
-                    scores = occurrence_scores(grad[:, a:b], lengths, n_feat, weights, self.importance_mode)
+                    scores = occurrence_scores(grad, (a, b), lengths, n_feat, weights, self.importance_mode)
                     pool.importance.index_add_(0, keys, scores.to(pool.importance.dtype))
                 self.steps += 1
             step = int(self.steps)
