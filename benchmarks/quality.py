@@ -1,0 +1,123 @@
+"""Quality benchmark: the same DLRM, data and memory budget for every embedding method.
+
+    python -m benchmarks.quality [--data synthetic|criteo10k|both] [--ratios 10 100 1000 10000]
+
+Each (method, ratio) trains in its own process through examples/dlrm/train.py (same FBGEMM
+kernels, same fused optimizer where a method has embeddings) and writes its results JSON;
+this driver prints one table (test AUC, log loss, average online training loss, memory,
+achieved compression ratio, samples/s), writes results/quality.json and a PNG plot.
+
+Data: the synthetic drifting Criteo-like stream (train on all days but the last, test on the
+last, online loss over the whole stream), and the real 10k-row Criteo sample (chronological
+80/20 split). Methods a ratio cannot serve (AdaEmbed above dim/2, Q-R past its feasible
+range) are reported as infeasible, not silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from benchmarks.common import machine, table
+
+METHODS = ["hash", "qr", "mc-lfu", "mc-dlfu", "ada", "cafe", "cafe-ml"]
+SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "criteo_kaggle_train_head10k.txt"
+
+
+def data_args(data: str, args: argparse.Namespace) -> List[str]:
+    if data == "synthetic":
+        return ["--data", "synthetic", "--days", str(args.days), "--samples-per-day", str(args.samples_per_day),
+                "--cardinality-scale", str(args.cardinality_scale), "--drift", str(args.drift)]
+    return ["--data", "tsv", "--tsv-path", str(SAMPLE), "--train-rows", "8000"]
+
+
+def run_one(method: str, ratio: Optional[float], data: str, args: argparse.Namespace, out: Path) -> Dict[str, object]:
+    name = f"{data}-{method}-{ratio:g}x" if ratio else f"{data}-{method}"
+    cmd = [sys.executable, "-m", "examples.dlrm.train", "--embedding", method, "--no-progress", "--no-plot",
+           "--out-dir", str(out), "--run-name", name, "--batch-size", str(args.batch_size),
+           "--threads", str(args.threads), *data_args(data, args)]
+    if ratio:
+        cmd += ["--compression-ratio", str(ratio)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        return {"method": method, "ratio": ratio, "data": data, "error": reason[:160]}
+    result = json.loads((out / f"{name}.json").read_text())
+    result.update(method=method, ratio=ratio, data=data, wall_s=time.perf_counter() - start)
+    return result
+
+
+def plot(results: List[Dict[str, object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({r["data"] for r in results})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, data in zip(axes[0], datasets):
+        rows = [r for r in results if r["data"] == data and "error" not in r]
+        for method in sorted({r["method"] for r in rows if r["ratio"]}):
+            pts = sorted((r["ratio"], r["test_auc"]) for r in rows if r["method"] == method and r["ratio"])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        for r in rows:
+            if not r["ratio"]:
+                ax.axhline(r["test_auc"], color="black", linestyle="--", label="full (uncompressed)")
+        ax.set_xscale("log")
+        ax.set_xlabel("compression ratio")
+        ax.set_ylabel("test AUC")
+        ax.set_title(data)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=["synthetic", "criteo10k", "both"], default="both")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[10, 100, 1000, 10000])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--days", type=int, default=5)
+    parser.add_argument("--samples-per-day", type=int, default=1 << 19, help="4 training days x 512k = 2.1M samples")
+    parser.add_argument("--cardinality-scale", type=float, default=0.1)
+    parser.add_argument("--drift", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out-dir", default="results/quality")
+    args = parser.parse_args()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    datasets = ["synthetic", "criteo10k"] if args.data == "both" else [args.data]
+    results = []
+    for data in datasets:
+        results.append(run_one("full", None, data, args, out))
+        for ratio in args.ratios:
+            for method in args.methods:
+                results.append(run_one(method, ratio, data, args, out))
+                r = results[-1]
+                print(f"{data} {method} {ratio:g}x: " + (r.get("error") or f"AUC {r['test_auc']:.4f}"), flush=True)
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["data"], r["method"], f"{r['ratio']:g}x" if r["ratio"] else "1x", "-", "-", "-", "-", "-", "-",
+                         f"infeasible/failed: {r['error']}"])
+            continue
+        rows.append([r["data"], r["method"], f"{r['ratio']:g}x" if r["ratio"] else "1x", f"{r['test_auc']:.4f}",
+                     f"{r['test_log_loss']:.4f}", f"{r['online_train_loss']:.4f}", f"{r['memory_bytes'] / 2**20:.2f}",
+                     f"{r['compression_ratio']:.1f}", f"{r['samples_per_sec']:,.0f}", ""])
+    print(f"\nmachine: {machine()}")
+    print(table(["data", "method", "ratio", "test AUC", "log loss", "online loss", "MiB", "achieved", "samples/s", "note"], rows))
+    (out / "quality.json").write_text(json.dumps({"machine": machine(), "args": vars(args), "results": results}, indent=1))
+    plot(results, out / "quality.png")
+    print(f"\nwrote {out / 'quality.json'} and {out / 'quality.png'}")
+
+
+if __name__ == "__main__":
+    main()
