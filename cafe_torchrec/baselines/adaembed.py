@@ -203,7 +203,8 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
                 keep = rows >= 0
                 bag = torch.repeat_interleave(torch.arange(seg_lengths.numel(), device=values.device), seg_lengths,
                                               output_size=n_values)
-                kept_lengths = torch.zeros_like(seg_lengths).index_add_(0, bag[keep], torch.ones_like(bag[keep]))
+                kept_lengths = torch.zeros_like(seg_lengths).index_add_(
+                    0, bag[keep], torch.ones(bag[keep].shape, dtype=seg_lengths.dtype, device=bag.device))
                 width = pool.dim * n_feat
                 if training:
                     batches.append((pool, keys, seg_lengths, seg_weights, n_feat, column, column + width))

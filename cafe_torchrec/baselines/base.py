@@ -141,9 +141,15 @@ class BaselineCollection(EmbeddingBagCollectionInterface):
         return values * torch.repeat_interleave(scale, dims, dim=1, output_size=values.shape[1])
 
     # ---- memory, as the paper counts it
+    def physical_configs(self) -> List[EmbeddingBagConfig]:
+        """The inner collection's tables, also after DistributedModelParallel sharded it."""
+        physical = self.physical
+        if hasattr(physical, "embedding_bag_configs"):
+            return physical.embedding_bag_configs()
+        return physical._embedding_bag_configs  # a ShardedEmbeddingBagCollection
+
     def weight_bytes(self) -> int:
-        return sum(c.num_embeddings * c.embedding_dim * bytes_per_value(c)
-                   for c in self.physical.embedding_bag_configs())
+        return sum(c.num_embeddings * c.embedding_dim * bytes_per_value(c) for c in self.physical_configs())
 
     def extra_bytes(self) -> int:
         return 0

@@ -49,6 +49,11 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
             if sharding.sharding_type not in SHARDING_TYPES:
                 raise ValueError(f"CAFE table {table!r}: sharding type {sharding.sharding_type!r} is not supported; "
                                  f"use one of {SHARDING_TYPES}")
+            shards = sharding.sharding_spec.shards if sharding.sharding_spec is not None else []
+            if sharding.sharding_type == ShardingType.ROW_WISE.value and any(m.shard_sizes[0] == 0 for m in shards):
+                # FBGEMM's CPU backward reads past its arrays on a 0-row table: refuse it here
+                raise ValueError(f"CAFE table {table!r}: a row-wise plan leaves a rank with no rows "
+                                 f"({[m.shard_sizes[0] for m in shards]}); shard it table-wise")
         return ShardedCafeEmbeddingBagCollection(module, params, self._physical_sharder, env, device or torch.device("cpu"))
 
     def shardable_parameters(self, module: CafeEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
