@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--cardinality-scale", type=float, default=0.1)
     parser.add_argument("--drift", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per run (2 contend badly on 2 cores)")
     parser.add_argument("--out-dir", default="results/quality")
     args = parser.parse_args()
     out = Path(args.out_dir)
