@@ -21,10 +21,11 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 
 from cafe_torchrec.config import CafeConfig
 from cafe_torchrec.hashing import MAX_BOUND
+from cafe_torchrec.validation import check_tables
 from cafe_torchrec.sketch.hot_sketch import sketch_nbytes
 
 MAX_TABLES_PER_GROUP = 1 << 15  # the table slot lives in the low 15 bits of a key
-_BYTES = {DataType.FP32: 4, DataType.FP16: 2}
+BYTES_PER_VALUE = {DataType.FP32: 4, DataType.FP16: 2}
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class GroupLayout:
         return sketch_nbytes(self.hot_rows, c, self.hot_rows)
 
     def weight_bytes(self) -> int:
-        return self.physical_rows * self.dim * _BYTES[self.data_type]
+        return self.physical_rows * self.dim * BYTES_PER_VALUE[self.data_type]
 
     def logical_bytes(self) -> int:
         return sum(t.logical_rows for t in self.tables) * self.dim * 4
@@ -158,7 +159,7 @@ def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[st
     """
     first = configs[tables[0].name].resolved()
     dim, dtype = tables[0].embedding_dim, tables[0].data_type
-    width = _BYTES[dtype]
+    width = BYTES_PER_VALUE[dtype]
     hot_bytes = sum(t.num_embeddings * dim * width / configs[t.name].compression_ratio for t in tables) * first.hot_share
     hot_rows = int(hot_bytes // hot_row_bytes(dim, first.slots_per_bucket, width))
     layouts = []
@@ -201,26 +202,6 @@ def plan_tables(tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeCon
 
 
 def _check_tables(tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeConfig]) -> None:
-    if not tables:
-        raise ValueError("CafeEmbeddingBagCollection needs at least one table")
-    seen_tables, seen_features = set(), {}
+    check_tables(tables, is_weighted=False, owner="CafeEmbeddingBagCollection")
     for t in tables:
         configs[t.name].validate(f"table {t.name!r}")
-        if t.name in seen_tables:
-            raise ValueError(f"table {t.name!r} is listed twice")
-        seen_tables.add(t.name)
-        if t.embedding_dim % 4:
-            raise ValueError(f"table {t.name!r}: embedding_dim {t.embedding_dim} is not a multiple of 4 (FBGEMM TBE)")
-        if t.num_embeddings < 1:
-            raise ValueError(f"table {t.name!r}: num_embeddings must be >= 1, got {t.num_embeddings}")
-        if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-            raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (SUM or MEAN)")
-        if t.data_type not in _BYTES:
-            raise ValueError(f"table {t.name!r}: data_type {t.data_type} is not supported (FP32 or FP16)")
-        if not t.feature_names:
-            raise ValueError(f"table {t.name!r} has no feature_names")
-        for f in t.feature_names:
-            if f in seen_features:
-                raise ValueError(f"feature {f!r} is in tables {seen_features[f]!r} and {t.name!r}; "
-                                 "CAFE needs each feature in one table")
-            seen_features[f] = t.name

@@ -7,9 +7,10 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from cafe_torchrec.collection import ConfiguredCollection
 from cafe_torchrec.config import CafeConfig, config_per_table
 from cafe_torchrec.feature_map import FeatureMap, make_keys
 from cafe_torchrec.layout import CafePlan, plan_tables
@@ -19,7 +20,7 @@ from cafe_torchrec.training import importance_hook
 from cafe_torchrec.validation import check_features
 
 
-class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class CafeEmbeddingBagCollection(ConfiguredCollection):
     """EmbeddingBagCollection whose tables are compressed with CAFE (SIGMOD'24).
 
     Same configs in, `KeyedTensor` out (keyed by feature name, in config order). Tables of
@@ -44,28 +45,13 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         device: Optional[torch.device] = None,
         sketch_kernel: str = "auto",
     ) -> None:
-        super().__init__()
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        self._device = device
-        self._tables = list(tables)
-        self._is_weighted = is_weighted
+        super().__init__(tables, is_weighted, device)
+        device = self._device
         configs = config_per_table(cafe, [t.name for t in tables])
         self.plan: CafePlan = plan_tables(self._tables, configs)
-        _check_weighted_mean(self._tables, is_weighted)
         self.physical = EmbeddingBagCollection(self.plan.physical_configs(), is_weighted=is_weighted, device=device)
         self.groups = nn.ModuleDict({g.name: CafeGroupRemap(g, device, sketch_kernel) for g in self.plan.groups})
         self.feature_map = FeatureMap(self._tables, self.plan)
-
-    # ---- what DLRM and the sharders read
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        return self._tables
-
-    def is_weighted(self) -> bool:
-        return self._is_weighted
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     # ---- forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -153,11 +139,3 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         lines.append(f"compression ratio {m['compression_ratio']:.1f}x "
                      f"({m['logical_bytes']:,} -> {m['weight_bytes'] + m['sketch_bytes']:,} bytes)")
         return "\n".join(lines)
-
-
-def _check_weighted_mean(tables: List[EmbeddingBagConfig], is_weighted: bool) -> None:
-    if is_weighted:
-        for t in tables:
-            if t.pooling == PoolingType.MEAN:
-                raise ValueError(f"table {t.name!r}: MEAN pooling with per-sample weights is not supported")
-

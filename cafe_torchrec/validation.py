@@ -2,10 +2,42 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Sequence
 
 import torch
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+SUPPORTED_DATA_TYPES = (DataType.FP32, DataType.FP16)
+
+
+def check_tables(tables: Sequence[EmbeddingBagConfig], is_weighted: bool, owner: str) -> None:
+    """Logical tables any collection here can hold (FBGEMM TBE on CPU and CUDA): ValueError
+    naming the table or feature at fault."""
+    if not tables:
+        raise ValueError(f"{owner} needs at least one table")
+    names: set = set()
+    features: Dict[str, str] = {}
+    for t in tables:
+        if t.name in names:
+            raise ValueError(f"table {t.name!r} is listed twice")
+        names.add(t.name)
+        if t.num_embeddings < 1:
+            raise ValueError(f"table {t.name!r}: num_embeddings must be >= 1, got {t.num_embeddings}")
+        if t.embedding_dim < 1 or t.embedding_dim % 4:
+            raise ValueError(f"table {t.name!r}: embedding_dim {t.embedding_dim} is not a positive multiple of 4 (FBGEMM TBE)")
+        if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+            raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (SUM or MEAN)")
+        if t.data_type not in SUPPORTED_DATA_TYPES:
+            raise ValueError(f"table {t.name!r}: data_type {t.data_type} is not supported (FP32 or FP16)")
+        if not t.feature_names:
+            raise ValueError(f"table {t.name!r} has no feature_names")
+        if is_weighted and t.pooling == PoolingType.MEAN:
+            raise ValueError(f"table {t.name!r}: MEAN pooling with per-sample weights is not supported")
+        for f in t.feature_names:
+            if f in features:
+                raise ValueError(f"feature {f!r} is in tables {features[f]!r} and {t.name!r}; {owner} needs each feature in one table")
+            features[f] = t.name
 
 
 def check_features(features: KeyedJaggedTensor, expected: List[str], weighted: bool) -> None:

@@ -15,12 +15,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from cafe_torchrec.collection import ConfiguredCollection
+from cafe_torchrec.layout import BYTES_PER_VALUE
 from cafe_torchrec.validation import check_features
 
-_BYTES = {DataType.FP32: 4, DataType.FP16: 2}
 
 # The paper's code (init_embed.py: compress_threshold = 2000 * compress_rate) leaves a field
 # uncompressed when it has at most 2000 / ratio rows; CafeEmbeddingBagCollection does the same.
@@ -33,38 +33,13 @@ def keeps_plain(rows: int, ratio: float, small_table_rows: float) -> bool:
 
 
 def bytes_per_value(config: EmbeddingBagConfig) -> int:
-    return _BYTES[config.data_type]
+    return BYTES_PER_VALUE[config.data_type]
 
 
-def check_tables(tables: Sequence[EmbeddingBagConfig], compression_ratio: float, is_weighted: bool,
-                 method: str) -> None:
-    """Validate the logical tables; ValueError naming the table or feature at fault."""
-    if not tables:
-        raise ValueError(f"{method} needs at least one table")
+def check_ratio(compression_ratio: float, method: str) -> None:
+    """A finite compression ratio >= 1, or ValueError naming the method."""
     if not (isinstance(compression_ratio, (int, float)) and compression_ratio >= 1 and math.isfinite(compression_ratio)):
         raise ValueError(f"{method}: compression_ratio must be a finite number >= 1, got {compression_ratio!r}")
-    names, features = set(), {}
-    for t in tables:
-        if t.name in names:
-            raise ValueError(f"table {t.name!r} is listed twice")
-        names.add(t.name)
-        if t.num_embeddings < 1:
-            raise ValueError(f"table {t.name!r}: num_embeddings must be >= 1, got {t.num_embeddings}")
-        if t.embedding_dim < 1:
-            raise ValueError(f"table {t.name!r}: embedding_dim must be >= 1, got {t.embedding_dim}")
-        if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-            raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (SUM or MEAN)")
-        if t.data_type not in _BYTES:
-            raise ValueError(f"table {t.name!r}: data_type {t.data_type} is not supported (FP32 or FP16)")
-        if not t.feature_names:
-            raise ValueError(f"table {t.name!r} has no feature_names")
-        for f in t.feature_names:
-            if f in features:
-                raise ValueError(f"feature {f!r} is in tables {features[f]!r} and {t.name!r}; "
-                                 f"{method} needs each feature in one table")
-            features[f] = t.name
-        if is_weighted and t.pooling == PoolingType.MEAN:
-            raise ValueError(f"table {t.name!r}: MEAN pooling with per-sample weights is not supported")
 
 
 def check_unique(names: Sequence[str], what: str) -> None:
@@ -77,7 +52,7 @@ def check_unique(names: Sequence[str], what: str) -> None:
         seen.add(n)
 
 
-class BaselineCollection(EmbeddingBagCollectionInterface):
+class BaselineCollection(ConfiguredCollection):
     """Shared base: configs, feature order, input checks, KeyedTensor output, memory().
 
     Subclasses set `self.physical` (a stock EmbeddingBagCollection, or expose it as a
@@ -89,26 +64,12 @@ class BaselineCollection(EmbeddingBagCollectionInterface):
 
     def __init__(self, tables: List[EmbeddingBagConfig], compression_ratio: float, is_weighted: bool,
                  device: Optional[torch.device]) -> None:
-        super().__init__()
-        check_tables(tables, compression_ratio, is_weighted, type(self).__name__)
-        self._device = torch.device(device) if device is not None else torch.device("cpu")
-        self._tables = list(tables)
-        self._is_weighted = is_weighted
+        check_ratio(compression_ratio, type(self).__name__)
+        super().__init__(tables, is_weighted, device)
         self.compression_ratio = float(compression_ratio)
         self._feature_names = [f for t in self._tables for f in t.feature_names]
         self._dims = [t.embedding_dim for t in self._tables for _ in t.feature_names]
         self._feature_table = [i for i, t in enumerate(self._tables) for _ in t.feature_names]
-
-    # ---- what DLRM and the sharders read
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        return self._tables
-
-    def is_weighted(self) -> bool:
-        return self._is_weighted
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     # ---- forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
