@@ -27,15 +27,22 @@ at::Tensor occurrence_scores(const at::Tensor& grad_t, int64_t column, int64_t n
   const float* g = grad.data_ptr<float>();
   at::Tensor scores = at::empty({total}, grad.options());
   float* out = scores.data_ptr<float>();
+  // bag norms [F, B], read row by row (the gradient is row-major)
+  std::vector<float> norms(num_features * batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* row = g + b * cols + column;
+    for (int64_t f = 0; f < num_features; ++f) {
+      float sq = 0.0f;
+      for (int64_t d = 0; d < dim; ++d) sq += row[f * dim + d] * row[f * dim + d];
+      norms[f * batch + b] = std::sqrt(sq);
+    }
+  }
   int64_t pos = 0;
   for (int64_t f = 0; f < num_features; ++f) {
     const int64_t start = pos;
     double sum = 0.0;
     for (int64_t b = 0; b < batch; ++b) {
-      const float* row = g + b * cols + column + f * dim;
-      float sq = 0.0f;
-      for (int64_t d = 0; d < dim; ++d) sq += row[d] * row[d];
-      const float norm = std::sqrt(sq);
+      const float norm = norms[f * batch + b];
       for (int64_t k = 0; k < len[f * batch + b]; ++k, ++pos) {
         const float s = weighted ? norm * std::fabs(w[pos]) : norm;
         out[pos] = s;
