@@ -96,8 +96,9 @@ class GroupLayout:
         return replace(self, hot_rows=hot, tables=tables)
 
     def sketch_bytes(self) -> int:
+        """What the group's HotSketch allocates: one bucket per hot row (at least one bucket)."""
         c = self.config.slots_per_bucket
-        return sketch_nbytes(self.hot_rows, c, self.hot_rows)
+        return sketch_nbytes(max(1, self.hot_rows), c, self.hot_rows)
 
     def weight_bytes(self) -> int:
         return self.physical_rows * self.dim * BYTES_PER_VALUE[self.data_type]

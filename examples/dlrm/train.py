@@ -554,13 +554,10 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: An
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any) -> Dict[str, Any]:
-    import torch.distributed.checkpoint as dcp
+    """All or nothing: a checkpoint that does not fit raises with the model untouched."""
+    from cafe_torchrec.distributed.checkpoint import load_checkpoint_atomically
 
-    state = {"model": model.state_dict(), "optim": optimizer.state_dict(), "meta": ""}
-    dcp.load(state, checkpoint_id=str(path))
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optim"])
-    return json.loads(state["meta"])
+    return json.loads(load_checkpoint_atomically(model, str(path), optimizer, extra={"meta": ""})["meta"])
 
 
 def resolve_resume(args: argparse.Namespace) -> Optional[Path]:

@@ -1,0 +1,64 @@
+"""Load a DCP checkpoint all or nothing.
+
+torch.distributed.checkpoint reads into the tensors of the state dict it is given; a
+truncated file or a checkpoint of another world size or layout then fails half way, with
+some weights already overwritten. This loads into copies first and touches the model (and
+optimizer) only when every read and check succeeded.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint.api import CheckpointException
+
+
+def load_checkpoint_atomically(model: nn.Module, checkpoint_id: str, optimizer: Optional[Any] = None,
+                               extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Read `checkpoint_id` into copies of model (and optimizer) state, then apply it.
+
+    Raises what DCP or the modules' own checks raise (e.g. a CAFE layout mismatch) with the
+    model and optimizer unchanged. Returns the loaded `extra` entries (e.g. metadata)."""
+    state: Dict[str, Any] = {"model": copy.deepcopy(model.state_dict())}
+    if optimizer is not None:
+        optim_state = optimizer.state_dict()
+        if optim_state.get("state"):
+            state["optim"] = copy.deepcopy(optim_state)
+    state.update(extra or {})
+    try:
+        dcp.load(state, checkpoint_id=checkpoint_id)
+    except CheckpointException as err:  # a BaseException: make it an ordinary, readable error
+        failures = "; ".join(f"rank {rank}: {exc}" for rank, exc in sorted(err.failures.items())[:2])
+        raise ValueError(f"checkpoint {checkpoint_id} does not fit this model ({failures})") from None
+    _check_model_state(model, state["model"])
+    with torch.no_grad():
+        model.load_state_dict(state["model"])
+        if "optim" in state:
+            optimizer.load_state_dict(state["optim"])
+    return {k: state[k] for k in (extra or {})}
+
+
+def _check_model_state(model: nn.Module, loaded: Dict[str, Any]) -> None:
+    """Compare every CAFE layout signature with the loaded one before touching anything (DCP
+    has already refused tensors of another shape)."""
+    current = model.state_dict()
+    for key, saved in loaded.items():
+        if not key.endswith("layout_signature"):
+            continue
+        mine, theirs = _local(current[key]), _local(saved)
+        if mine is not None and theirs is not None and not torch.equal(mine.cpu(), theirs.cpu()):
+            raise ValueError(f"checkpoint layout {key} is {theirs.tolist()}, this model's is {mine.tolist()}: "
+                             "it was saved from a different CAFE config or world size")
+
+
+def _local(value: Any) -> Optional[torch.Tensor]:
+    """This rank's tensor of a plain or sharded state entry (None where it holds no shard)."""
+    if isinstance(value, ShardedTensor):
+        shards = value.local_shards()
+        return shards[0].tensor if shards else None
+    return value

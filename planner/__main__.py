@@ -1,0 +1,164 @@
+"""Print a CAFE sharding plan for a Criteo-sized DLRM without allocating its tables.
+
+    python -m cafe_planner --world-size 4 --budget 2GiB [--ratio 1000] [--optimizer rowwise_adagrad]
+                           [--dim 16] [--cardinalities kaggle|terabyte|1,2,3...] [--json]
+
+The CafeEmbeddingBagCollection is built on the "meta" device (shapes only) and planned with
+CafePlanner.plan (no process group). With --budget and no --ratio the solver picks the ratio
+(bisection; --profile-zipf adds a synthetic profile for the profiled split); with --ratio the
+budget, if given, is checked. Neither: --ratio 100. --world-size and --ratio also take comma
+lists (one plan per combination, e.g. --world-size 1,2,4,8 --ratio 10,100,1000,10000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import List, Optional
+
+KAGGLE = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992, 5461306, 10,
+          5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572)
+# Criteo 1TB as the MLPerf DLRM reference hashes it (--max-ind-range=40000000).
+TERABYTE = (39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10, 2208, 11938, 155, 4,
+            976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36)
+
+
+def cardinalities(spec: str) -> List[int]:
+    if spec.lower() == "kaggle":
+        return list(KAGGLE)
+    if spec.lower() == "terabyte":
+        return list(TERABYTE)
+    try:
+        out = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cardinalities: kaggle, terabyte or comma-separated ints, got {spec!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError("--cardinalities: need at least one positive cardinality")
+    return out
+
+
+def _zipf_profile(rows: List[int], samples: int, seed: int = 0):
+    """A synthetic profile: `samples` ids per feature, Zipf exponents spread over [0.8, 1.4]."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, n in enumerate(rows):
+        s = 0.8 + 0.6 * ((7 * i) % len(rows)) / max(len(rows) - 1, 1)
+        head = min(n, 1 << 20)
+        w = torch.arange(1, head + 1, dtype=torch.float64).pow(-s)
+        out[f"cat_{i}"] = torch.multinomial(w, samples, replacement=True, generator=gen)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cafe_planner", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world-size", type=_ints, default=[1], help="ranks (or a comma list)")
+    parser.add_argument("--budget", default=None, help="total bytes (2GiB, 512MiB, 1.5e9) or per-rank caps a,b,c")
+    parser.add_argument("--ratio", type=_floats, default=None, help="fixed compression ratio (or a comma list)")
+    parser.add_argument("--optimizer", default="rowwise_adagrad", help="sgd, adagrad, rowwise_adagrad, adam, ...")
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--cardinalities", type=cardinalities, default=list(KAGGLE), help="kaggle, terabyte or 1,2,3...")
+    parser.add_argument("--batch-size", type=int, default=512, help="per-rank batch size for the estimates")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the topology's compute device")
+    parser.add_argument("--calibration", default=None, help="perf calibration JSON (python -m cafe_planner.calibrate)")
+    parser.add_argument("--profile-zipf", type=int, default=0, metavar="N",
+                        help="with --budget: profiled split from N synthetic Zipf ids per feature")
+    parser.add_argument("--json", action="store_true", help="print the reports as a JSON list")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+
+    import torch
+    from torchrec.distributed.planner import Topology
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
+    from cafe_torchrec.distributed import CafeEmbeddingBagCollectionSharder
+
+    from cafe_planner.planner import CafePlanner
+
+    budget = None
+    if args.budget is not None:
+        budget = args.budget.split(",") if "," in args.budget else args.budget
+    ratios = args.ratio if args.ratio is not None else ([None] if budget is not None else [100.0])
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=args.dim, num_embeddings=n, feature_names=[f"cat_{i}"])
+              for i, n in enumerate(args.cardinalities)]
+    profile = _zipf_profile(args.cardinalities, args.profile_zipf) if args.profile_zipf else None
+    imported = time.perf_counter()
+    results = []
+    for world_size in args.world_size:
+        for ratio in ratios:
+            t0 = time.perf_counter()
+            topology = Topology(world_size=world_size, compute_device=args.device)
+            planner = CafePlanner(topology, memory_budget=budget, compression_ratio=ratio, batch_size=args.batch_size,
+                                  optimizer=args.optimizer, calibration=args.calibration, profile=profile)
+            try:
+                if budget is not None:
+                    configs = planner.configure(tables)
+                else:
+                    configs = {t.name: CafeConfig(compression_ratio=ratio) for t in tables}
+                module = CafeEmbeddingBagCollection(tables, configs, device=torch.device("meta"))
+                planner.plan(module, [CafeEmbeddingBagCollectionSharder()])
+            except ValueError as e:
+                print(f"error (world size {world_size}, ratio {ratio}): {e}", file=sys.stderr)
+                return 2
+            seconds = time.perf_counter() - t0
+            report = planner.report()
+            if args.json:
+                out = report.to_dict()
+                out.update(seconds=seconds, requested_ratio=ratio, process_seconds=_process_age())
+                results.append(out)
+            else:
+                label = f"ratio {ratio:g}x" if ratio is not None else "ratio from the budget"
+                print(f"=== world size {world_size}, {label}")
+                print(report)
+                print(f"planned {len(tables)} tables for {world_size} rank(s) in {seconds:.2f} s "
+                      f"(tables on the meta device)\n")
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        age = _process_age()
+        total = f"{age:.2f} s since the interpreter started" if age is not None else f"{time.perf_counter() - start:.2f} s"
+        print(f"planning {time.perf_counter() - imported:.2f} s; total {total}")
+    return 0
+
+
+def _process_age() -> Optional[float]:
+    """Seconds since this process started (Linux /proc), imports included; None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _ints(spec: str) -> List[int]:
+    try:
+        out = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or a comma list, got {spec!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive ints, got {spec!r}")
+    return out
+
+
+def _floats(spec: str) -> List[float]:
+    try:
+        out = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma list, got {spec!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"ratios must be >= 1, got {spec!r}")
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
