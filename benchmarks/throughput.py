@@ -69,7 +69,6 @@ def step_rate(rank: int, world: int, method: str, ratio: float, batch: int, step
                                        constraints={n: ParameterConstraints(sharding_types=[sharding]) for n in names})
     plan = planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module, device=torch.device("cpu"), plan=plan, sharders=[sharder])
-    rows = cafe.plan.physical_configs()[0].num_embeddings
     batches = criteo_batches(batch, steps + 3, seed=rank)
     if method != "cafe":
         batches = [KeyedJaggedTensor.from_lengths_sync(keys=cafe.feature_map.inner, values=_stock_ids(b, cafe),

@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -57,11 +57,12 @@ class CafeEmbeddingBagCollection(ConfiguredCollection):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         check_features(features, self.feature_map.logical, self._is_weighted)
         training = self.training and torch.is_grad_enabled()
+        if training and any(p.requires_grad for p in self.physical.parameters()):
+            self._check_in_backward_optimizers()  # before anything (sketch, stats) is touched
         inner, batches = remap_kjt(self.feature_map.prepare(features), self.feature_map.info,
                                    dict(self.groups.items()), {}, training)
         values = self.physical(inner).values()
         if training and batches and values.requires_grad:
-            self._check_in_backward_optimizers()
             values.register_hook(importance_hook(batches, dict(self.groups.items()), lambda: self.physical))
         return self.feature_map.to_output(values, self.feature_map.logical_lengths(features))
 

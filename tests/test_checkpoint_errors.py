@@ -9,14 +9,13 @@ import tempfile
 from typing import Dict
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.optim import RowWiseAdagrad
 
 from cafe_torchrec.distributed.checkpoint import load_checkpoint_atomically
 from tests.dist_utils import run_ranks
 from tests.test_sharded import build, shard
-from tests.test_sharded_checkpoint import checkpoint_state, run
+from tests.test_sharded_checkpoint import run
 
 
 def local_tensors(dmp) -> Dict[str, torch.Tensor]:

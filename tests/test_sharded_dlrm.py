@@ -24,7 +24,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
 from cafe_torchrec.distributed import CafeEmbeddingBagCollectionSharder
-from cafe_torchrec.feature_map import KEY_SPACE
 from tests.dist_utils import run_ranks
 from tests.helpers import zipf_kjt
 

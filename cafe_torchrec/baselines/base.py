@@ -14,7 +14,7 @@ import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from cafe_torchrec.collection import ConfiguredCollection
