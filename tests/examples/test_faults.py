@@ -58,6 +58,7 @@ def test_sigkill_one_rank_then_resume(tmp_path: Path) -> None:
     assert job.returncode != 0  # the job fails, it does not hang
     visible = sorted(p.name for p in ckpt.iterdir() if not p.name.startswith("."))
     assert visible and all((ckpt / name / ".metadata").exists() for name in visible), visible  # only complete ones
+    assert len(visible) <= 2, visible  # --keep-checkpoints 2
     last = int(visible[-1].split("_")[1])
     resumed = torchrun([*TRAIN, "--checkpoint-dir", str(ckpt), "--out-dir", str(out), "--resume"])
     log, _ = resumed.communicate(timeout=400)
