@@ -27,6 +27,9 @@ from typing import Dict, List, Optional
 from benchmarks.common import machine, table
 
 METHODS = ["hash", "qr", "mc-lfu", "mc-dlfu", "ada", "cafe", "cafe-ml"]
+# Q-R with one collision count over all compressed tables, as the paper's code: per-table
+# counts are infeasible for small tables at 10x and above.
+METHOD_ARGS = {"qr": ["--baseline-option", "collisions=global"]}
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "criteo_kaggle_train_head10k.txt"
 
 
@@ -43,7 +46,7 @@ def run_one(method: str, ratio: Optional[float], data: str, args: argparse.Names
            "--out-dir", str(out), "--run-name", name, "--batch-size", str(args.batch_size),
            "--threads", str(args.threads), *data_args(data, args)]
     if ratio:
-        cmd += ["--compression-ratio", str(ratio)]
+        cmd += ["--compression-ratio", str(ratio), *METHOD_ARGS.get(method, [])]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
@@ -91,20 +94,28 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per run (2 contend badly on 2 cores)")
     parser.add_argument("--out-dir", default="results/quality")
+    parser.add_argument("--no-full", action="store_true", help="skip the uncompressed run")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace these runs in an existing quality.json instead of starting a new one")
     args = parser.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     datasets = ["synthetic", "criteo10k"] if args.data == "both" else [args.data]
     results = []
     for data in datasets:
-        results.append(run_one("full", None, data, args, out))
+        if not args.no_full:
+            results.append(run_one("full", None, data, args, out))
         for ratio in args.ratios:
             for method in args.methods:
                 results.append(run_one(method, ratio, data, args, out))
                 r = results[-1]
                 print(f"{data} {method} {ratio:g}x: " + (r.get("error") or f"AUC {r['test_auc']:.4f}"), flush=True)
+    if args.merge and (out / "quality.json").exists():
+        fresh = {(r["data"], r["method"], r["ratio"]) for r in results}
+        old = json.loads((out / "quality.json").read_text())["results"]
+        results = [r for r in old if (r["data"], r["method"], r["ratio"]) not in fresh] + results
     rows = []
-    for r in results:
+    for r in sorted(results, key=lambda r: (r["data"], r["ratio"] or 0, r["method"])):
         if "error" in r:
             rows.append([r["data"], r["method"], f"{r['ratio']:g}x" if r["ratio"] else "1x", "-", "-", "-", "-", "-", "-",
                          f"infeasible/failed: {r['error']}"])
