@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from typing import Callable, List, Sequence
 
 import torch
 
+# The planner's calibration records the same machine line; one helper keeps the two alike.
+from cafe_planner.calibrate import describe_machine
+
 
 def machine() -> str:
     """One line naming the machine, so a printed table says where it was measured."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{describe_machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def best_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:

@@ -15,7 +15,8 @@ from cafe_planner.estimators import (
 )
 from cafe_planner.planner import CafePlanner
 from cafe_planner.report import PlanReport, format_report
-from cafe_planner.solver import BudgetSolution, estimate_coverage, parse_bytes, rank_caps, solve_budget
+from cafe_planner.budget import parse_bytes, rank_caps
+from cafe_planner.solver import BudgetSolution, estimate_coverage, solve_budget
 
 __all__ = [
     "BudgetSolution",

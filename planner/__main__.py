@@ -18,13 +18,14 @@ import logging
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional, TypeVar
 
 KAGGLE = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992, 5461306, 10,
           5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572)
 # Criteo 1TB as the MLPerf DLRM reference hashes it (--max-ind-range=40000000).
 TERABYTE = (39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10, 2208, 11938, 155, 4,
             976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36)
+Number = TypeVar("Number", int, float)
 
 
 def cardinalities(spec: str) -> List[int]:
@@ -140,24 +141,25 @@ def _process_age() -> Optional[float]:
         return None
 
 
-def _ints(spec: str) -> List[int]:
+def _comma_list(spec: str, convert: Callable[[str], Number], kind: str, below_one: str) -> List[Number]:
+    """One value or a comma list, each >= 1; argparse shows the ArgumentTypeError's text."""
     try:
-        out = [int(x) for x in spec.split(",") if x.strip()]
+        out = [convert(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int or a comma list, got {spec!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {kind} or a comma list, got {spec!r}") from None
     if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive ints, got {spec!r}")
+        raise argparse.ArgumentTypeError(f"{below_one}, got {spec!r}")
     return out
+
+
+def _ints(spec: str) -> List[int]:
+    """--world-size: positive ints."""
+    return _comma_list(spec, int, "an int", "expected positive ints")
 
 
 def _floats(spec: str) -> List[float]:
-    try:
-        out = [float(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or a comma list, got {spec!r}") from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"ratios must be >= 1, got {spec!r}")
-    return out
+    """--ratio: ratios >= 1."""
+    return _comma_list(spec, float, "a number", "ratios must be >= 1")
 
 
 if __name__ == "__main__":

@@ -148,13 +148,14 @@ def measure(ids: int = 1 << 17, dim: int = 16, repeat: int = 7, vocab: int = 1 <
     out["fwd_overhead"] = float(out["remap_fwd_ns"]) / float(out["tbe_fwd_ns"])
     out["bwd_overhead"] = float(out["remap_bwd_ns"]) / float(out["tbe_bwd_ns"])
     out["ids"], out["dim"], out["threads"] = n, dim, 1
-    out["machine"] = _machine()
+    out["machine"] = describe_machine()
     out["torch"] = torch.__version__
     out["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     return out
 
 
-def _machine() -> str:
+def describe_machine() -> str:
+    """'<CPU model>, <N> cores': where a calibration (or a benchmark) was measured."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

@@ -14,7 +14,7 @@ What it adds to the stock planner (which it wraps, not forks):
 - default constraints per physical table, unless the caller constrains that table: one pooling
   factor (1.0) per feature (the stock default is a single input per table, which undercounts a
   group of many features), and row-wise for tables above ``rw_share`` of a rank's fair share
-  (solver.choose_sharding), so that one big CAFE group does not sit on one rank; after
+  (placement.choose_sharding), so that one big CAFE group does not sit on one rank; after
   ``configure``, the solver's sharding is pinned;
 - a callback that re-places table-wise tables largest first on the least-loaded rank (by
   weights + optimizer + sketch) when the stock placement leaves ranks more than
@@ -57,15 +57,9 @@ from cafe_planner.estimators import (
     resolve_optimizer,
 )
 from cafe_planner.report import LogicalRow, PlanReport, RankRow, TableRow
-from cafe_planner.solver import (
-    RW,
-    Budget,
-    BudgetSolution,
-    choose_sharding,
-    physical_tables,
-    rank_caps,
-    solve_budget,
-)
+from cafe_planner.budget import Budget, rank_caps
+from cafe_planner.placement import RW, choose_sharding, physical_tables
+from cafe_planner.solver import BudgetSolution, solve_budget
 
 logger = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 512

@@ -6,6 +6,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 
+class _HoldsState:
+    """A row that holds weights, optimizer state and a sketch: a physical table or a rank."""
+
+    weight_bytes: int
+    optimizer_bytes: int
+    sketch_bytes: int
+
+    @property
+    def state_bytes(self) -> int:
+        """Weights + optimizer state + sketch: what the memory budget counts."""
+        return self.weight_bytes + self.optimizer_bytes + self.sketch_bytes
+
+
 @dataclass
 class LogicalRow:
     """One logical table inside a CAFE group."""
@@ -19,7 +32,7 @@ class LogicalRow:
 
 
 @dataclass
-class TableRow:
+class TableRow(_HoldsState):
     """One physical table: a CAFE group or a plain table, with its sharding and estimates."""
 
     name: str
@@ -41,13 +54,9 @@ class TableRow:
     cafe_perf_ms: float  # of which CAFE's remap + sketch
     logical: List[LogicalRow] = field(default_factory=list)
 
-    @property
-    def state_bytes(self) -> int:
-        return self.weight_bytes + self.sketch_bytes + self.optimizer_bytes
-
 
 @dataclass
-class RankRow:
+class RankRow(_HoldsState):
     """What one rank holds."""
 
     rank: int
@@ -58,11 +67,6 @@ class RankRow:
     perf_ms: float = 0.0
     cap: Optional[int] = None
     tables: List[str] = field(default_factory=list)
-
-    @property
-    def state_bytes(self) -> int:
-        """Weights + optimizer state + sketch: what the memory budget counts."""
-        return self.weight_bytes + self.optimizer_bytes + self.sketch_bytes
 
 
 @dataclass

@@ -1,0 +1,131 @@
+"""The DLRM trainer's command line: flags, their checks and defaults, and the option strings they carry."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, List, Optional, Sequence
+
+# The first line of train.py's docstring: --help shows it as the description.
+DESCRIPTION = "Train TorchRec's DLRM on Criteo-like data with a CAFE (or baseline) embedding collection."
+SHARDINGS = ("auto", "table_wise", "row_wise")
+OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The trainer's flags, checked, with the defaults that depend on other flags filled in."""
+    from examples.dlrm.embeddings import METHODS
+
+    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--embedding", choices=METHODS, default="cafe", help="embedding collection")
+    g.add_argument("--compression-ratio", type=float, default=100.0, help="logical / physical embedding bytes")
+    g.add_argument("--embedding-dim", type=int, default=16)
+    g.add_argument("--interaction", choices=("dot", "dcn"), default="dot", help="DLRM (dot) or DLRM_DCN")
+    g.add_argument("--dense-arch", default=None, help="dense arch layer sizes, comma separated (default: 64,<dim>)")
+    g.add_argument("--over-arch", default="64,32,1", help="over arch layer sizes, comma separated (last: 1)")
+    g.add_argument("--dcn-num-layers", type=int, default=2)
+    g.add_argument("--dcn-low-rank-dim", type=int, default=32)
+    g.add_argument("--cafe-threshold", type=float, default=None, help="CAFE hot threshold (default: per ratio)")
+    g.add_argument("--cafe-hot-share", type=float, default=None, help="CAFE hot memory share (default: per ratio)")
+    g.add_argument("--cafe-importance", choices=("gradient", "frequency"), default="gradient")
+    g.add_argument("--baseline-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra constructor argument of a baseline, e.g. collisions=global (qr), eviction_interval=50 (mc)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=1024, help="per-rank batch size")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="rowwise_adagrad", help="embedding optimizer (fused)")
+    g.add_argument("--learning-rate", type=float, default=0.05, help="embedding learning rate")
+    g.add_argument("--dense-optimizer", choices=("adagrad", "sgd", "adam"), default="adagrad")
+    g.add_argument("--dense-lr", type=float, default=0.01, help="dense learning rate")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: the whole split)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", choices=("synthetic", "tsv", "npy"), default="synthetic")
+    g.add_argument("--cardinality-scale", type=float, default=None,
+                   help="logical cardinalities = Criteo Kaggle cardinalities x scale (default: 0.01 synthetic, 1 tsv/npy)")
+    g.add_argument("--cardinalities", default=None, help="explicit logical cardinalities, 26 comma separated")
+    g.add_argument("--days", type=int, default=3, help="synthetic days (train on all but the last)")
+    g.add_argument("--samples-per-day", type=int, default=1 << 17, help="synthetic samples per day")
+    g.add_argument("--drift", type=float, default=0.1, help="synthetic: share of popular ids replaced per day")
+    g.add_argument("--data-seed", type=int, default=0)
+    g.add_argument("--tsv-path", nargs="+", default=None, help="raw Criteo TSV file(s), in time order")
+    g.add_argument("--train-rows", type=int, default=None, help="tsv: rows for training (default: 80%%)")
+    g.add_argument("--test-rows", type=int, default=None, help="tsv: rows for testing after the training rows (default: the rest)")
+    g.add_argument("--tsv-on-error", choices=("raise", "skip"), default="raise")
+    g.add_argument("--npy-root", default=None, help="directory of day_{i}_{dense,sparse,labels}.npy")
+    g.add_argument("--npy-days", default=None, help="npy: comma separated days (default: all found; last is the test day)")
+    g = p.add_argument_group("distribution")
+    g.add_argument("--sharding", choices=SHARDINGS, default="auto", help="sharding of the physical embedding tables")
+    g.add_argument("--cpu", action="store_true", help="stay on CPU (gloo) even when CUDA is available")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: $OMP_NUM_THREADS, else 1: more threads next to gloo's "
+                        "made small CPU steps ~30x slower on a 2-core host)")
+    g = p.add_argument_group("evaluation, checkpoints, output")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    g.add_argument("--eval-batches", type=int, default=None, help="per-rank test batches of periodic evaluations (final: all)")
+    g.add_argument("--log-every", type=int, default=10, help="loss / hot-share aggregation interval (steps)")
+    g.add_argument("--checkpoint-dir", default=None)
+    g.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the last K checkpoints")
+    g.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from a checkpoint directory, or the latest one in --checkpoint-dir")
+    g.add_argument("--out-dir", default="results")
+    g.add_argument("--run-name", default=None, help="name of the JSON / PNG (default: <embedding>)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--no-plot", action="store_true")
+    g = p.add_argument_group("test hooks")
+    g.add_argument("--fail-at-step", type=int, default=None, help="raise InjectedFailure before this step")
+    g.add_argument("--fail-rank", type=int, default=0, help="the rank that fails (with --fail-at-step)")
+    args = p.parse_args(argv)
+    if args.batch_size <= 0 or args.log_every <= 0:
+        p.error("--batch-size and --log-every must be positive")
+    if args.checkpoint_every and not args.checkpoint_dir:
+        p.error("--checkpoint-every needs --checkpoint-dir")
+    if args.resume == "latest" and not args.checkpoint_dir:
+        p.error("--resume without a path needs --checkpoint-dir")
+    if args.data == "tsv" and not args.tsv_path:
+        p.error("--data tsv needs --tsv-path")
+    if args.data == "npy" and not args.npy_root:
+        p.error("--data npy needs --npy-root")
+    if args.data == "synthetic" and args.days < 2:
+        p.error("--days must be >= 2 (train on all days but the last, test on the last)")
+    args.run_name = args.run_name or args.embedding
+    if args.cardinality_scale is None:
+        args.cardinality_scale = 0.01 if args.data == "synthetic" else 1.0
+    if args.cardinality_scale <= 0:
+        p.error("--cardinality-scale must be positive")
+    return args
+
+
+def comma_ints(text: str) -> List[int]:
+    """'64,32,1' -> [64, 32, 1] (empty items skipped): layer sizes, cardinalities, days."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def key_value_options(pairs: Sequence[str]) -> Dict[str, Any]:
+    """KEY=VALUE strings -> a dict, values as int, float, bool or str."""
+    out: Dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--baseline-option {pair!r}: expected KEY=VALUE")
+        parsed: Any = value
+        for conv in (int, float):
+            try:
+                parsed = conv(value)
+                break
+            except ValueError:
+                continue
+        if value in ("true", "false", "True", "False"):
+            parsed = value.lower() == "true"
+        out[key.strip()] = parsed
+    return out
+
+
+def cafe_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The CafeConfig fields the CAFE flags set; the rest keep CafeConfig's per-ratio defaults."""
+    options: Dict[str, Any] = {"importance": args.cafe_importance}
+    if args.cafe_threshold is not None:
+        options["threshold"] = args.cafe_threshold
+    if args.cafe_hot_share is not None:
+        options["hot_share"] = args.cafe_hot_share
+    return options

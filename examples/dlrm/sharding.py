@@ -1,0 +1,81 @@
+"""How the embedding tables are sharded: the sharders, per-table constraints, the plan, and its summary."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as dist
+
+from examples.dlrm.process_group import Dist
+
+
+def make_sharders(args: argparse.Namespace, spec: Any, device: torch.device) -> List[Any]:
+    """CAFE's sharder first, then TorchRec's defaults, less (or patched for) what CPU cannot shard."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.sharding_plan import get_default_sharders
+
+    from cafe_torchrec.distributed import CafeEmbeddingBagCollectionSharder
+
+    defaults = get_default_sharders()
+    if args.embedding.startswith("mc-") and device.type == "cpu":
+        # TorchRec's MC-EBC sharder offers no sharding type on CPU (torchrec #2958): leave the managed
+        # collision module unsharded and let DMP shard the stock EBC inside it.
+        from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
+
+        defaults = [s for s in defaults if not isinstance(s, ManagedCollisionEmbeddingBagCollectionSharder)]
+    if args.sharding == "row_wise" and device.type == "cpu" and not spec.is_cafe:
+        # TorchRec's EBC sharder offers no row-wise on CPU; CAFE's physical-table sharder adds it (gloo runs it)
+        from cafe_torchrec.distributed.sharder import PhysicalTablesSharder
+
+        defaults = [PhysicalTablesSharder() if type(s) is EmbeddingBagCollectionSharder else s for s in defaults]
+    return [CafeEmbeddingBagCollectionSharder(), *defaults]
+
+
+def row_wise_safe(rows: int, world: int) -> bool:
+    """Whether a row-wise split of `rows` gives every rank at least one row.
+
+    A rank with an empty row-wise shard makes FBGEMM's CPU exact backward (get_hash_size in
+    embedding_backward_split_cpu_template.cpp) scan hash_size_cumsum past its end for a non-zero
+    size: undefined behaviour, seen as a spurious "CPU exact rowwise adagrad currently doesn't
+    support embedding tables with more than 2B rows" on rank 1 now and then.
+    """
+    block = -(-rows // world)
+    return rows > block * (world - 1)
+
+
+def sharding_constraints(args: argparse.Namespace, spec: Any, world: int) -> Dict[str, Any]:
+    """ParameterConstraints per physical table: --sharding on the tables it fits, table-wise for tiny ones."""
+    from torchrec.distributed.planner import ParameterConstraints
+
+    constraints = {}
+    for name, rows in spec.physical_tables().items():
+        if world > 1 and not row_wise_safe(rows, world):
+            constraints[name] = ParameterConstraints(sharding_types=["table_wise"])
+        elif args.sharding != "auto":
+            constraints[name] = ParameterConstraints(sharding_types=[args.sharding])
+    return constraints
+
+
+def plan_sharding(args: argparse.Namespace, spec: Any, model: torch.nn.Module, sharders: List[Any], d: Dist) -> Any:
+    """EmbeddingShardingPlanner.collective_plan over the world: every rank gets rank 0's plan."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+
+    constraints = sharding_constraints(args, spec, d.world_size) or None
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=d.world_size, local_world_size=d.local_world_size, compute_device=d.device.type),
+        batch_size=args.batch_size, constraints=constraints)
+    return planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+
+
+def plan_summary(plan: Any) -> List[str]:
+    """One line per module and (sharding type, kernel, ranks): the tables placed that way."""
+    lines = []
+    for module_path, module_plan in plan.plan.items():
+        placed: Dict[tuple, List[str]] = {}
+        for table, ps in module_plan.items():
+            placed.setdefault((ps.sharding_type, ps.compute_kernel, tuple(ps.ranks or ())), []).append(table)
+        for (sharding, kernel, ranks), tables in placed.items():
+            lines.append(f"{module_path}: {sharding}/{kernel} on ranks {list(ranks)}: {', '.join(tables)}")
+    return lines
