@@ -50,6 +50,7 @@ class FeatureMap:
     def __init__(self, tables: List[EmbeddingBagConfig], plan: CafePlan) -> None:
         self.logical = [f for t in tables for f in t.feature_names]
         self.dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+        self._starts = [sum(self.dims[:i]) for i in range(len(self.dims))]  # output column of each feature
         self.info: Dict[str, FeatureInfo] = {}
         for g in plan.groups:
             for slot, t in enumerate(g.tables):
@@ -106,10 +107,9 @@ class FeatureMap:
             values = values.index_select(1, self.output_columns.to(values.device))
         if self.mean_features:
             scale = torch.ones_like(values)
-            starts = [sum(self.dims[:i]) for i in range(len(self.dims))]
             for i in self.mean_features:
                 bag = lengths[i].clamp(min=1).to(values.dtype)
-                scale[:, starts[i] : starts[i] + self.dims[i]] = (1.0 / bag)[:, None]
+                scale[:, self._starts[i] : self._starts[i] + self.dims[i]] = (1.0 / bag)[:, None]
             values = values * scale
         return KeyedTensor(keys=self.logical, length_per_key=self.dims, values=values)
 

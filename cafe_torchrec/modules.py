@@ -59,11 +59,11 @@ class CafeEmbeddingBagCollection(ConfiguredCollection):
         training = self.training and torch.is_grad_enabled()
         if training and any(p.requires_grad for p in self.physical.parameters()):
             self._check_in_backward_optimizers()  # before anything (sketch, stats) is touched
-        inner, batches = remap_kjt(self.feature_map.prepare(features), self.feature_map.info,
-                                   dict(self.groups.items()), {}, training)
+        groups = dict(self.groups.items())
+        inner, batches = remap_kjt(self.feature_map.prepare(features), self.feature_map.info, groups, {}, training)
         values = self.physical(inner).values()
         if training and batches and values.requires_grad:
-            values.register_hook(importance_hook(batches, dict(self.groups.items()), lambda: self.physical))
+            values.register_hook(importance_hook(batches, groups, lambda: self.physical))
         return self.feature_map.to_output(values, self.feature_map.logical_lengths(features))
 
     def _check_in_backward_optimizers(self) -> None:

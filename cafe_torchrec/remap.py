@@ -96,10 +96,10 @@ class CafeGroupRemap(nn.Module):
     def lookup(self, keys: torch.Tensor, count: bool) -> GroupLookup:
         """Rows of each key; counts lookups per table for stats() when `count` (training)."""
         cfg = self.layout.config
-        medium_threshold = cfg.threshold * cfg.medium_share if cfg.multi_level else float("inf")
         if self.sketch.kernel != "torch" and use_cpp(keys):
             self.sketch.prepare()
             stats = self.stat_counts[:, :3].contiguous() if count else keys.new_empty(0)
+            medium_threshold = self.sketch.medium_threshold if cfg.multi_level else float("inf")
             primary, level2, medium, hints = torch.ops.cafe.remap_lookup(
                 self.sketch.slots, keys, self._regions(keys.device), cfg.slots_per_bucket, medium_threshold,
                 self.sketch.seed_value, cfg.multi_level, stats)
