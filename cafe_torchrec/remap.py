@@ -3,6 +3,7 @@ block), with the HotSketch behind it; and the KJT-level remap both collections u
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -73,6 +74,13 @@ class CafeGroupRemap(nn.Module):
         self.register_buffer("layout_signature", self._signature().to(device), persistent=True)
         self.register_buffer("stat_counts", torch.zeros(len(layout.tables), len(_STATS), dtype=torch.int64, device=device),
                              persistent=False)
+        self.pending: Optional[Future] = None  # a sketch update still running (training.py)
+
+    def settle(self) -> None:
+        """Wait for a sketch update still running in the background (re-raising its error once)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
 
     def _signature(self) -> torch.Tensor:
         """Layout as numbers: a checkpoint of another layout is refused on load."""
@@ -95,6 +103,7 @@ class CafeGroupRemap(nn.Module):
 
     def lookup(self, keys: torch.Tensor, count: bool) -> GroupLookup:
         """Rows of each key; counts lookups per table for stats() when `count` (training)."""
+        self.settle()
         cfg = self.layout.config
         if self.sketch.kernel != "torch" and use_cpp(keys):
             self.sketch.prepare()
@@ -126,11 +135,17 @@ class CafeGroupRemap(nn.Module):
 
     def take_stats(self) -> Dict[str, List[int]]:
         """Per-table counters since the last call, then reset them."""
+        self.settle()
         counts = self.stat_counts.t().tolist()
         self.stat_counts.zero_()
         return dict(zip(_STATS, counts))
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[override]
+        self.settle()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:  # type: ignore[override]
+        self.settle()
         sig = state_dict.get(prefix + "layout_signature")
         if sig is not None and not torch.equal(sig.cpu(), self._signature()):
             raise ValueError(f"checkpoint for CAFE group {self.layout.name!r} has another layout "

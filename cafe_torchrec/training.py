@@ -5,11 +5,19 @@ each CAFE group's features and inserts the scores into that group's sketch. Prom
 applied by a callback at the end of the backward pass, i.e. after the fused (or in-backward)
 optimizer has updated the tables, so the copied rows carry this step's update and nothing of
 the previous owner's gradient.
+
+On CPU the scoring and the sketch insert run on one background thread while the TBE
+backward runs on the caller's thread (they share nothing: the sketch is not read by the
+backward, the gradient is only read by both). The end-of-backward callback waits for them
+before migrating, and a group's next lookup waits too, so results equal the sequential
+order exactly. CAFE_SKETCH_THREAD=0 turns the overlap off (everything on the caller's thread).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -19,6 +27,24 @@ from cafe_torchrec.migration import copy_rows, row_store
 from cafe_torchrec.remap import CafeGroupRemap, GroupBatch
 from cafe_torchrec.sketch import InsertResult
 
+_worker: Optional[ThreadPoolExecutor] = None
+
+
+def _background() -> Optional[ThreadPoolExecutor]:
+    """The one sketch-update thread, started on first use; None when the overlap is off."""
+    global _worker
+    if os.environ.get("CAFE_SKETCH_THREAD", "1") == "0":
+        return None
+    if _worker is None:
+        _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cafe-sketch")
+    return _worker
+
+
+def _score_and_record(group: CafeGroupRemap, batch: GroupBatch, grad: torch.Tensor) -> InsertResult:
+    scores = occurrence_scores(grad, batch.columns, batch.lengths, batch.num_features, batch.weights,
+                               group.layout.config.importance)
+    return group.record(batch.keys, scores, batch.hints)
+
 
 def importance_hook(
     batches: List[GroupBatch], groups: Dict[str, CafeGroupRemap], physical: Callable[[], nn.Module]
@@ -26,13 +52,26 @@ def importance_hook(
     """A tensor hook for the pooled output whose columns `batches` describe."""
 
     def hook(grad: torch.Tensor) -> None:
-        results: List[Tuple[CafeGroupRemap, InsertResult]] = []
+        worker = _background() if grad.device.type == "cpu" else None
+        pending: List[Tuple[CafeGroupRemap, "Future[InsertResult]"]] = []
         for b in batches:
             group = groups[b.group]
-            scores = occurrence_scores(grad, b.columns, b.lengths, b.num_features, b.weights,
-                                       group.layout.config.importance)
-            results.append((group, group.record(b.keys, scores, b.hints)))
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: migrate(results, physical()))
+            group.settle()  # an earlier update of this group (another output of the same step)
+            if worker is None:
+                done: "Future[InsertResult]" = Future()
+                done.set_result(_score_and_record(group, b, grad))
+            else:
+                done = worker.submit(_score_and_record, group, b, grad)
+            group.pending = done
+            pending.append((group, done))
+
+        def finish() -> None:
+            for group, done in pending:
+                if group.pending is done:
+                    group.pending = None
+            migrate([(group, done.result()) for group, done in pending], physical())
+
+        torch.autograd.Variable._execution_engine.queue_callback(finish)
 
     return hook
 

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -26,32 +27,36 @@ constexpr float kFloatMax = std::numeric_limits<float>::max();
 
 inline bool valid_score(float v) { return std::isfinite(v) && v >= 0.0f; }
 
-// Open-addressing map key -> index of its first miss, sized for the batch's misses.
+// Open-addressing map key -> index of its first miss, at most ~2/3 full. An entry holds key
+// and index side by side (one cache line per probe); the table is thread-local and keeps its
+// capacity, so a step neither allocates nor faults in fresh pages.
 class MissIndex {
  public:
-  explicit MissIndex(int64_t n) {
+  explicit MissIndex(int64_t n) : table_(storage()) {
     uint64_t size = 16;
-    while (size < static_cast<uint64_t>(2 * n)) size <<= 1;
-    keys_.assign(size, kEmptyKey);
-    vals_.resize(size);
+    while (size < static_cast<uint64_t>(n + n / 2)) size <<= 1;
+    table_.assign(size, Entry{kEmptyKey, 0});
     mask_ = size - 1;
   }
   // Index of key; if absent, stores next and sets *added.
   int32_t find_or_add(int64_t key, int32_t next, bool* added) {
     uint64_t i = (static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ULL >> 20) & mask_;
-    while (keys_[i] != kEmptyKey) {
-      if (keys_[i] == key) { *added = false; return vals_[i]; }
+    while (table_[i].key != kEmptyKey) {
+      if (table_[i].key == key) { *added = false; return table_[i].index; }
       i = (i + 1) & mask_;
     }
-    keys_[i] = key;
-    vals_[i] = next;
+    table_[i] = Entry{key, next};
     *added = true;
     return next;
   }
 
  private:
-  std::vector<int64_t> keys_;
-  std::vector<int32_t> vals_;
+  struct Entry {
+    int64_t key;
+    int32_t index;
+  };
+  static std::vector<Entry>& storage() { thread_local std::vector<Entry> table; return table; }
+  std::vector<Entry>& table_;
   uint64_t mask_;
 };
 
@@ -86,7 +91,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
   const int64_t w = slots_t.size(0) / c;
   const float threshold = static_cast<float>(threshold_d);
   const float decay = static_cast<float>(decay_d);
-  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(k[i] >= 0, "keys must be non-negative 63-bit hashes");
+  int64_t sign = 0;  // OR of all keys: negative iff some key is
+  for (int64_t i = 0; i < n; ++i) sign |= k[i];
+  TORCH_CHECK(sign >= 0, "keys must be non-negative 63-bit hashes");
 
   std::vector<int64_t> demoted_keys, demoted_rows;
   int64_t decayed = 0;
@@ -106,29 +113,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
     total = 0.0;
   }
 
-  // phase A: present keys add their scores; misses are remembered for phase B
+  // phase A: present keys add their scores; misses are remembered for phase B. A valid hint
+  // is the slot where the forward pass found the key (verified before use); other keys are
+  // hashed kAhead positions early so their bucket can be prefetched.
   std::vector<int64_t> candidates;  // slot indices marked kCandidate
-  std::vector<int64_t> misses;      // input positions
+  std::vector<std::pair<int64_t, int64_t>> misses;  // (input position, bucket's first slot)
   const bool may_promote = fc > 0;
+  const int64_t num_slots = w * c;
   int64_t skipped = 0;
   double batch_total = 0.0;
-  constexpr int64_t kAhead = 8;  // prefetch distance (keys) to hide the bucket's cache miss
-  for (int64_t i = 0; i < n; ++i) {
-    if (hints && i + kAhead < n && hints[i + kAhead] >= 0 && hints[i + kAhead] < w * c) {
-      __builtin_prefetch(slots + hints[i + kAhead]);
+  constexpr int64_t kAhead = 8;
+  int64_t ring[kAhead];  // bucket of key i, for keys without a usable hint
+  auto has_hint = [&](int64_t i) { return hints && hints[i] >= 0 && hints[i] < num_slots; };
+  auto stage = [&](int64_t i) {
+    if (has_hint(i)) {
+      __builtin_prefetch(slots + hints[i]);
+    } else {
+      ring[i % kAhead] = cafe::bounded(mix64(k[i], seed), w) * c;
+      __builtin_prefetch(slots + ring[i % kAhead]);
     }
+  };
+  for (int64_t i = 0; i < std::min(kAhead, n); ++i) stage(i);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool hinted = has_hint(i);
+    const int64_t base = hinted ? -1 : ring[i % kAhead];
+    if (i + kAhead < n) stage(i + kAhead);
     const float v = s[i];
     if (!valid_score(v)) { ++skipped; continue; }
     batch_total += static_cast<double>(v);
-    // a hint is the slot where the forward pass found the key; verified before use
-    Slot* hit = (hints && hints[i] >= 0 && hints[i] < w * c && slots[hints[i]].key == k[i]) ? slots + hints[i] : nullptr;
-    if (hit == nullptr) {
-      Slot* b = slots + cafe::bounded(mix64(k[i], seed), w) * c;
+    Slot* hit = nullptr;
+    if (hinted && slots[hints[i]].key == k[i]) {
+      hit = slots + hints[i];
+    } else {
+      Slot* b = slots + (hinted ? cafe::bounded(mix64(k[i], seed), w) * c : base);
       for (int64_t j = 0; j < c; ++j) {
         if (b[j].key == k[i]) { hit = b + j; break; }
       }
+      if (hit == nullptr) { misses.emplace_back(i, b - slots); continue; }
     }
-    if (hit == nullptr) { misses.push_back(i); continue; }
     hit->score = std::min(hit->score + v, kFloatMax);
     if (may_promote && hit->row == kNoRow && hit->score >= threshold) {
       hit->row = kCandidate;
@@ -139,17 +161,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
 
   // phase B: coalesce the misses, place them in first-occurrence order
   MissIndex index(static_cast<int64_t>(misses.size()));
-  std::vector<int64_t> ukeys;
+  std::vector<int64_t> ukeys, ubases;
   std::vector<float> usums;
-  for (int64_t i : misses) {
+  for (const auto& [i, base] : misses) {
     bool added;
     const int32_t u = index.find_or_add(k[i], static_cast<int32_t>(ukeys.size()), &added);
-    if (added) { ukeys.push_back(k[i]); usums.push_back(s[i]); }
+    if (added) { ukeys.push_back(k[i]); ubases.push_back(base); usums.push_back(s[i]); }
     else { usums[u] += s[i]; }
   }
   int64_t dropped = 0;
-  std::vector<int64_t> ubases(ukeys.size());
-  for (size_t u = 0; u < ukeys.size(); ++u) ubases[u] = cafe::bounded(mix64(ukeys[u], seed), w) * c;
   for (size_t u = 0; u < ukeys.size(); ++u) {
     if (u + kAhead < ukeys.size()) __builtin_prefetch(slots + ubases[u + kAhead]);
     Slot* b = slots + ubases[u];

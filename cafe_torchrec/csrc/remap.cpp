@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -70,16 +71,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> remap_lookup(
   int64_t* l2 = multi_level ? level2.data_ptr<int64_t>() : nullptr;
   bool* m = medium.data_ptr<bool>();
   int64_t* h = hint.data_ptr<int64_t>();
-  // bucket of every key first, so the probe loop can prefetch a few keys ahead
-  std::vector<int64_t> bases(n);
-  for (int64_t i = 0; i < n; ++i) bases[i] = cafe::bounded(mix64(keys[i], seed), w) * c;
+  // each key's bucket is hashed kAhead keys early, so the probe finds it prefetched
   constexpr int64_t kAhead = 8;
+  int64_t ring[kAhead];
+  auto stage = [&](int64_t i) {
+    ring[i % kAhead] = cafe::bounded(mix64(keys[i], seed), w) * c;
+    __builtin_prefetch(slots + ring[i % kAhead]);
+  };
+  for (int64_t i = 0; i < std::min(kAhead, n); ++i) stage(i);
   for (int64_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) __builtin_prefetch(slots + bases[i + kAhead]);
+    const int64_t base = ring[i % kAhead];
+    if (i + kAhead < n) stage(i + kAhead);
     const int64_t key = keys[i], t = key & kSlotMask;
     TORCH_CHECK(t < tables, "key names table slot ", t, " but the group has ", tables);
     const int64_t* reg = regions + 4 * t;
-    const int64_t base = bases[i];
     int64_t found = -1;
     for (int64_t j = base; j < base + c; ++j) {
       if (slots[j].key == key) { found = j; break; }
