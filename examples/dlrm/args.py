@@ -28,6 +28,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--cafe-threshold", type=float, default=None, help="CAFE hot threshold (default: per ratio)")
     g.add_argument("--cafe-hot-share", type=float, default=None, help="CAFE hot memory share (default: per ratio)")
     g.add_argument("--cafe-importance", choices=("gradient", "frequency"), default="gradient")
+    g.add_argument("--cafe-level2-share", type=float, default=None,
+                   help="CAFE-ML: share of hashed rows in the second hashed region (default: CafeConfig's)")
+    g.add_argument("--cafe-medium-share", type=float, default=None,
+                   help="CAFE-ML: medium threshold as a share of the hot threshold (default: CafeConfig's)")
     g.add_argument("--baseline-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra constructor argument of a baseline, e.g. collisions=global (qr), eviction_interval=50 (mc)")
     g = p.add_argument_group("optimisation")
@@ -128,4 +132,8 @@ def cafe_options(args: argparse.Namespace) -> Dict[str, Any]:
         options["threshold"] = args.cafe_threshold
     if args.cafe_hot_share is not None:
         options["hot_share"] = args.cafe_hot_share
+    if args.cafe_level2_share is not None:
+        options["level2_share"] = args.cafe_level2_share
+    if args.cafe_medium_share is not None:
+        options["medium_share"] = args.cafe_medium_share
     return options
