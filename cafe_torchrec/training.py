@@ -30,7 +30,7 @@ from cafe_torchrec.sketch import InsertResult
 _worker: Optional[ThreadPoolExecutor] = None
 
 
-def _background() -> Optional[ThreadPoolExecutor]:
+def background_worker() -> Optional[ThreadPoolExecutor]:
     """The one sketch-update thread, started on first use; None when the overlap is off."""
     global _worker
     if os.environ.get("CAFE_SKETCH_THREAD", "1") == "0":
@@ -52,7 +52,7 @@ def importance_hook(
     """A tensor hook for the pooled output whose columns `batches` describe."""
 
     def hook(grad: torch.Tensor) -> None:
-        worker = _background() if grad.device.type == "cpu" else None
+        worker = background_worker() if grad.device.type == "cpu" else None
         pending: List[Tuple[CafeGroupRemap, "Future[InsertResult]"]] = []
         for b in batches:
             group = groups[b.group]
