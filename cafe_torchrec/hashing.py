@@ -1,9 +1,13 @@
-"""The 64-bit mixing hash used everywhere: pre-hash of raw ids, sketch buckets, hashed rows.
+"""The hashes: a 64-bit mix where raw ids enter, one multiplication from then on.
 
 A plain modulo is wrong for CAFE: raw ids are often dense per feature, so ``id % w`` puts
-neighbouring ids in neighbouring buckets and correlates bucket and row choice. We use the
-splitmix64 finaliser written in int64 torch ops (multiplication wraps in two's complement,
-``>>`` is arithmetic, so shifts are masked to be logical). It runs identically on CPU and CUDA.
+neighbouring ids in neighbouring buckets and correlates bucket and row choice. Raw ids are
+therefore pre-hashed once with the splitmix64 finaliser (``mix64``) into keys whose bits are
+uniform. Sketch buckets and hashed rows re-spread a key with one multiplication by an odd
+per-use constant (``fold``, multiplicative hashing): the top bits of ``key * odd`` depend on
+every bit of the key, and it costs a tenth of a second full mix in the remap's inner loop.
+Both are written in int64 torch ops (multiplication wraps in two's complement, ``>>`` is
+arithmetic, so shifts are masked to be logical) and run identically on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -45,6 +49,21 @@ def mix64_int(x: int, seed: int) -> int:
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
     z = z ^ (z >> 31)
     return z & _POSITIVE
+
+
+def odd_multiplier(seed: int) -> int:
+    """The odd int64 multiplier a seed stands for (for :func:`fold`)."""
+    return _wrap(mix64_int(seed, 0x5EED) | 1)
+
+
+def fold(keys: torch.Tensor, multiplier: int) -> torch.Tensor:
+    """Uniform keys re-spread by one multiplication: (key * multiplier mod 2^64) >> 1 (63 bits)."""
+    return _logical_shift_right(keys * multiplier, 1)
+
+
+def fold_int(key: int, multiplier: int) -> int:
+    """Pure-Python twin of :func:`fold`."""
+    return ((key * multiplier) & ((1 << 64) - 1)) >> 1
 
 
 MAX_BOUND = 1 << 31

@@ -12,12 +12,14 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cafe_torchrec.feature_map import SLOT_MASK, FeatureInfo, feature_segments
-from cafe_torchrec.hashing import bounded, mix64, mix64_int
+from cafe_torchrec.hashing import bounded, fold, mix64_int, odd_multiplier
 from cafe_torchrec.layout import GroupLayout
 from cafe_torchrec.ops import use_cpp
 from cafe_torchrec.sketch import HotSketch, InsertResult
 
-_LEVEL1_SEED, _LEVEL2_SEED, _SKETCH_SEED = 101, 202, 303
+_LEVEL1_SEED, _LEVEL2_SEED, _SKETCH_SEED = 101, 202, 303  # 101 and 202 are fixed in csrc/remap.cpp too
+_LEVEL_MULTIPLIERS = {1: odd_multiplier(_LEVEL1_SEED), 2: odd_multiplier(_LEVEL2_SEED)}
+_HASH_SCHEME = 2  # in the layout signature: 2 = buckets and rows by hashing.fold (1 was mix64)
 _STATS = ("lookups", "hot_lookups", "medium_lookups", "promotions", "demotions")  # columns of `stat_counts`
 
 
@@ -27,7 +29,7 @@ class GroupLookup:
 
     primary: torch.Tensor  # [N] int64
     level2: torch.Tensor  # [N] int64, meaningful where medium (empty when single-level)
-    medium: torch.Tensor  # [N] bool
+    medium: torch.Tensor  # [N] bool (may be empty when single-level)
     hints: Optional[torch.Tensor]  # [N] int64 slot holding each key (-1 absent), for the insert
 
 
@@ -85,7 +87,7 @@ class CafeGroupRemap(nn.Module):
     def _signature(self) -> torch.Tensor:
         """Layout as numbers: a checkpoint of another layout is refused on load."""
         cfg = self.layout.config
-        nums = [self.layout.hot_rows, self.layout.dim, cfg.slots_per_bucket, cfg.seed, int(cfg.multi_level)]
+        nums = [_HASH_SCHEME, self.layout.hot_rows, self.layout.dim, cfg.slots_per_bucket, cfg.seed, int(cfg.multi_level)]
         for t in self.layout.tables:
             nums += [t.logical_rows, t.level1_rows, t.level2_rows]
         return torch.tensor(nums, dtype=torch.int64)
@@ -99,7 +101,7 @@ class CafeGroupRemap(nn.Module):
         """Level-1 or level-2 row of each key in this block."""
         info = self._regions(keys.device)[keys & SLOT_MASK]
         offset, rows = (info[:, 0], info[:, 1]) if level == 1 else (info[:, 2], info[:, 3])
-        return offset + bounded(mix64(keys, _LEVEL1_SEED if level == 1 else _LEVEL2_SEED), rows)
+        return offset + bounded(fold(keys, _LEVEL_MULTIPLIERS[level]), rows)
 
     def lookup(self, keys: torch.Tensor, count: bool) -> GroupLookup:
         """Rows of each key; counts lookups per table for stats() when `count` (training)."""
@@ -111,7 +113,7 @@ class CafeGroupRemap(nn.Module):
             medium_threshold = self.sketch.medium_threshold if cfg.multi_level else float("inf")
             primary, level2, medium, hints = torch.ops.cafe.remap_lookup(
                 self.sketch.slots, keys, self._regions(keys.device), cfg.slots_per_bucket, medium_threshold,
-                self.sketch.seed_value, cfg.multi_level, stats)
+                self.sketch.multiplier, cfg.multi_level, stats)
             if count:
                 self.stat_counts[:, :3] = stats
             return GroupLookup(primary, level2, medium, hints)
@@ -150,7 +152,7 @@ class CafeGroupRemap(nn.Module):
         if sig is not None and not torch.equal(sig.cpu(), self._signature()):
             raise ValueError(f"checkpoint for CAFE group {self.layout.name!r} has another layout "
                              f"(saved {sig.tolist()}, this module {self._signature().tolist()}); "
-                             "it was saved from a different config or world size")
+                             "it was saved from a different config, world size or version")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
 

@@ -16,7 +16,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from cafe_torchrec.hashing import bounded_int, mix64_int
+from cafe_torchrec.hashing import bounded_int, fold_int, mix64_int, odd_multiplier
 from cafe_torchrec.layout import GroupLayout
 from tests.reference_sketch import ReferenceSketch
 
@@ -52,12 +52,12 @@ class ReferenceCafe(EmbeddingBagCollectionInterface):
         slot = key & 0x7FFF
         t = self.layout.tables[slot]
         (o1, o2) = self.offsets[slot]
-        row1 = o1 + bounded_int(mix64_int(key, 101), t.level1_rows)
+        row1 = o1 + bounded_int(fold_int(key, odd_multiplier(101)), t.level1_rows)
         hot_row, score = self.sketch.query(key)
         if hot_row >= 0:
             return [hot_row]
         if self.layout.config.multi_level and score >= self.medium and self.sketch._slot_of(key) is not None:
-            return [row1, o2 + bounded_int(mix64_int(key, 202), t.level2_rows)]
+            return [row1, o2 + bounded_int(fold_int(key, odd_multiplier(202)), t.level2_rows)]
         return [row1]
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
@@ -113,7 +113,7 @@ class ReferenceCafe(EmbeddingBagCollectionInterface):
         slot = key & 0x7FFF
         t = self.layout.tables[slot]
         (o1, o2) = self.offsets[slot]
-        rows = [o1 + bounded_int(mix64_int(key, 101), t.level1_rows)]
+        rows = [o1 + bounded_int(fold_int(key, odd_multiplier(101)), t.level1_rows)]
         if self.layout.config.multi_level:
-            rows.append(o2 + bounded_int(mix64_int(key, 202), t.level2_rows))
+            rows.append(o2 + bounded_int(fold_int(key, odd_multiplier(202)), t.level2_rows))
         return rows

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from cafe_torchrec.hashing import bounded_int, mix64_int
+from cafe_torchrec.hashing import bounded_int, fold_int, odd_multiplier
 
 EMPTY = -1
 NO_ROW = -1
@@ -45,7 +45,7 @@ class ReferenceSketch:
         self.free = list(range(self.capacity - 1, -1, -1))  # a stack: pop() gives row 0 first
 
     def bucket(self, key: int) -> int:
-        return bounded_int(mix64_int(key, self.seed), self.num_buckets)
+        return bounded_int(fold_int(key, odd_multiplier(self.seed)), self.num_buckets)
 
     def insert_batch(self, keys: List[int], scores: List[float]) -> Tuple[List[int], List[int], List[int]]:
         """Returns (promoted keys, promoted rows, demoted rows)."""

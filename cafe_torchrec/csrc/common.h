@@ -1,8 +1,9 @@
-// Shared by the CAFE CPU ops: the 64-bit mixing hash and the 16-byte sketch slot.
+// Shared by the CAFE CPU ops: the hashes, the 16-byte sketch slot, per-thread scratch.
 #pragma once
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace cafe {
 
@@ -17,7 +18,8 @@ struct Slot {
 static_assert(sizeof(Slot) == 16, "a slot is 16 bytes");
 
 // splitmix64(x + seed * golden), masked to 63 bits: the twin of cafe_torchrec.hashing.mix64.
-inline int64_t mix64(int64_t x, int64_t seed) {
+// Used where raw ids enter (the pre-hash); keys are uniform 63-bit values from then on.
+constexpr int64_t mix64(int64_t x, int64_t seed) {
   uint64_t z = static_cast<uint64_t>(x) + static_cast<uint64_t>(seed) * 0x9E3779B97F4A7C15ULL +
                0x9E3779B97F4A7C15ULL;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -26,8 +28,52 @@ inline int64_t mix64(int64_t x, int64_t seed) {
   return static_cast<int64_t>(z & 0x7FFFFFFFFFFFFFFFULL);
 }
 
+// The odd multiplier a seed stands for: the twin of cafe_torchrec.hashing.odd_multiplier.
+constexpr int64_t odd_multiplier(int64_t seed) { return mix64(seed, 0x5EED) | 1; }
+
+// A key (already a uniform hash) re-spread by one multiplication, as a 63-bit value: the twin
+// of cafe_torchrec.hashing.fold. The top bits of key * odd depend on every bit of the key.
+inline int64_t fold(int64_t key, int64_t multiplier) {
+  return static_cast<int64_t>((static_cast<uint64_t>(key) * static_cast<uint64_t>(multiplier)) >> 1);
+}
+
 // [0, n) for n <= 2^31 from a 63-bit hash: the twin of cafe_torchrec.hashing.bounded.
 inline int64_t bounded(int64_t h, int64_t n) { return ((h >> 32) * n) >> 31; }
+
+// First slot of a key's bucket among w buckets of c slots.
+inline int64_t bucket_base(int64_t key, int64_t multiplier, int64_t w, int64_t c) {
+  return bounded(fold(key, multiplier), w) * c;
+}
+
+// Index (0..3) of `key` in a bucket of four slots, or 4 if absent: four compares folded into a
+// bit mask, no branch (keys are unique within a bucket, so at most one bit is set).
+inline int64_t find4(const Slot* b, int64_t key) {
+  const unsigned m = static_cast<unsigned>(b[0].key == key) | static_cast<unsigned>(b[1].key == key) << 1 |
+                     static_cast<unsigned>(b[2].key == key) << 2 | static_cast<unsigned>(b[3].key == key) << 3;
+  return __builtin_ctz(m | 16u);
+}
+
+// Index of `key` in a bucket of c slots, or c if absent.
+inline int64_t find_any(const Slot* b, int64_t c, int64_t key) {
+  int64_t j = 0;
+  while (j < c && b[j].key != key) ++j;
+  return j;
+}
+
+// a if pick, else b, by masks: for choices the branch predictor cannot learn (hot or not)
+inline int64_t select(bool pick, int64_t a, int64_t b) {
+  const int64_t mask = -static_cast<int64_t>(pick);
+  return (a & mask) | (b & ~mask);
+}
+
+// A per-thread int64 buffer of at least n entries that keeps its capacity between calls, so a
+// step neither allocates nor faults in fresh pages. `which` picks one of a few independent ones.
+inline int64_t* scratch(int which, int64_t n) {
+  thread_local std::vector<int64_t> buffers[4];
+  std::vector<int64_t>& b = buffers[which];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
 
 inline Slot* slots_of(const at::Tensor& slots, int64_t c) {
   TORCH_CHECK(slots.is_contiguous() && slots.scalar_type() == at::kLong && slots.dim() == 2 &&

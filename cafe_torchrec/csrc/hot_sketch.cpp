@@ -1,6 +1,7 @@
 // HotSketch insert and query on CPU: the semantics of torch_kernel.py, without sorting.
-// Phase A touches each occurrence's bucket once (one cache line at 4 slots); only the keys
-// that miss are coalesced, through a small open-addressing map.
+// Phase A touches each occurrence's slot once (through the forward's hint when it still holds
+// the key, else by probing one bucket, a cache line at 4 slots); only the keys that miss are
+// coalesced, through a small open-addressing map.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -8,7 +9,6 @@
 #include "common.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -19,17 +19,17 @@ namespace {
 
 using cafe::kEmptyKey;
 using cafe::kNoRow;
-using cafe::mix64;
 using cafe::Slot;
 using cafe::slots_of;
 constexpr int32_t kCandidate = -2;  // transient mark during one insert: promotion candidate
 constexpr float kFloatMax = std::numeric_limits<float>::max();
+constexpr int64_t kAhead = 32;  // how many keys ahead a slot is prefetched
 
-inline bool valid_score(float v) { return std::isfinite(v) && v >= 0.0f; }
+// finite and non-negative (NaN fails both compares)
+inline bool valid_score(float v) { return v >= 0.0f && v <= kFloatMax; }
 
-// Open-addressing map key -> index of its first miss, at most ~2/3 full. An entry holds key
-// and index side by side (one cache line per probe); the table is thread-local and keeps its
-// capacity, so a step neither allocates nor faults in fresh pages.
+// Open-addressing map key -> index of its first miss, at most 2/3 full. An entry holds key and
+// index side by side; the table is thread-local and keeps its capacity between calls.
 class MissIndex {
  public:
   explicit MissIndex(int64_t n) : table_(storage()) {
@@ -38,14 +38,16 @@ class MissIndex {
     table_.assign(size, Entry{kEmptyKey, 0});
     mask_ = size - 1;
   }
-  // Index of key; if absent, stores next and sets *added.
-  int32_t find_or_add(int64_t key, int32_t next, bool* added) {
-    uint64_t i = (static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ULL >> 20) & mask_;
-    while (table_[i].key != kEmptyKey) {
-      if (table_[i].key == key) { *added = false; return table_[i].index; }
+  uint64_t home(int64_t key) const { return (static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ULL >> 20) & mask_; }
+  void prefetch(uint64_t home) const { __builtin_prefetch(table_.data() + home); }
+  // Index of key (probing from its home); if absent, stores next and sets *added.
+  int32_t find_or_add(int64_t key, uint64_t i, int32_t next, bool* added) {
+    Entry* t = table_.data();
+    while (t[i].key != kEmptyKey) {
+      if (t[i].key == key) { *added = false; return t[i].index; }
       i = (i + 1) & mask_;
     }
-    table_[i] = Entry{key, next};
+    t[i] = Entry{key, next};
     *added = true;
     return next;
   }
@@ -60,16 +62,130 @@ class MissIndex {
   uint64_t mask_;
 };
 
+// Keys are 63-bit hashes; a negative one is a caller's bug (ValueError in Python).
+void check_non_negative(const int64_t* k, int64_t n) {
+  int64_t sign = 0;  // OR of all keys: negative iff some key is
+  for (int64_t i = 0; i < n; ++i) sign |= k[i];
+  TORCH_CHECK_VALUE(sign >= 0, "keys must be non-negative 63-bit hashes (use cafe_torchrec.hashing.mix64)");
+}
+
 at::Tensor to_tensor(const std::vector<int64_t>& v) {
   at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
   std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
   return t;
 }
 
+// What phase A leaves for the rest of the insert.
+struct PhaseA {
+  std::vector<int64_t> candidates;  // slot indices marked kCandidate
+  std::vector<std::pair<int64_t, int64_t>> misses;  // (input position, bucket's first slot)
+  int64_t skipped = 0;
+  double batch_total = 0.0;
+};
+
+// Phase A: present keys add their scores, in input order; misses are remembered for phase B.
+// Pass 1 serves the occurrences whose hint (the slot the forward pass found the key in) still
+// holds the key, branch-free: one prefetched direct access each (a miss adds to a dummy slot).
+// The other valid occurrences are queued for pass 2, which probes their buckets. All
+// occurrences of one key share one hint, so each slot still sees its key's scores in input order.
+PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t multiplier, const int64_t* k,
+               const float* s, const int64_t* hints, int64_t n, bool may_promote, float threshold) {
+  PhaseA a;
+  Slot dummy{kEmptyKey, 0.0f, 0};  // row 0: never a candidate
+  auto add = [&](Slot* t, float v) {
+    t->score = std::min(t->score + v, kFloatMax);
+    if (may_promote && t->row == kNoRow && t->score >= threshold) {
+      t->row = kCandidate;
+      a.candidates.push_back(t - slots);
+    }
+  };
+  int64_t* queue = cafe::scratch(1, n);
+  int64_t queued = 0;
+  const auto occurrence = [&](int64_t i, int64_t h) {
+    const float v = s[i];
+    if (!valid_score(v)) { ++a.skipped; return; }
+    a.batch_total += static_cast<double>(v);
+    const bool in_range = static_cast<uint64_t>(h) < static_cast<uint64_t>(num_slots);
+    const bool hit = in_range & (slots[in_range ? h : 0].key == k[i]);
+    add(hit ? slots + h : &dummy, hit ? v : 0.0f);
+    queue[queued] = i;
+    queued += !hit;
+  };
+  if (hints == nullptr) {
+    for (int64_t i = 0; i < n; ++i) occurrence(i, -1);
+  } else {  // a prefetch never faults, so a hint of -1 (absent) may be prefetched too
+    int64_t i = 0;
+    for (; i + kAhead < n; ++i) {
+      __builtin_prefetch(slots + hints[i + kAhead]);
+      occurrence(i, hints[i]);
+    }
+    for (; i < n; ++i) occurrence(i, hints[i]);
+  }
+  a.misses.reserve(queued);
+  int64_t* bases = cafe::scratch(2, queued + kAhead);
+  for (int64_t q = 0; q < queued; ++q) bases[q] = cafe::bucket_base(k[queue[q]], multiplier, w, c);
+  for (int64_t q = queued; q < queued + kAhead; ++q) bases[q] = 0;
+  for (int64_t q = 0; q < queued; ++q) {
+    __builtin_prefetch(slots + bases[q + kAhead]);
+    const int64_t i = queue[q];
+    Slot* b = slots + bases[q];
+    const int64_t j = c == 4 ? cafe::find4(b, k[i]) : cafe::find_any(b, c, k[i]);
+    if (j < c) {
+      add(b + j, s[i]);
+    } else {
+      a.misses.emplace_back(i, bases[q]);
+    }
+  }
+  return a;
+}
+
+// Phase B: the misses, their scores summed per key, in order of first occurrence, take the
+// first empty slot of their bucket, else replace its minimum non-hot slot (Space-Saving), else
+// are dropped. Returns how many were dropped.
+int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s,
+                const std::vector<std::pair<int64_t, int64_t>>& misses) {
+  const int64_t n = static_cast<int64_t>(misses.size());
+  MissIndex index(n);
+  int64_t* homes = cafe::scratch(1, n + kAhead);
+  for (int64_t m = 0; m < n; ++m) homes[m] = static_cast<int64_t>(index.home(k[misses[m].first]));
+  for (int64_t m = n; m < n + kAhead; ++m) homes[m] = 0;
+  std::vector<int64_t> ukeys, ubases;
+  std::vector<float> usums;
+  ukeys.reserve(n);
+  ubases.reserve(n);
+  usums.reserve(n);
+  for (int64_t m = 0; m < n; ++m) {
+    index.prefetch(static_cast<uint64_t>(homes[m + kAhead]));
+    const auto& [i, base] = misses[m];
+    bool added;
+    const int32_t u = index.find_or_add(k[i], static_cast<uint64_t>(homes[m]), static_cast<int32_t>(ukeys.size()), &added);
+    if (added) { ukeys.push_back(k[i]); ubases.push_back(base); usums.push_back(s[i]); }
+    else { usums[u] += s[i]; }
+  }
+  int64_t dropped = 0;
+  for (size_t u = 0; u < ukeys.size(); ++u) {
+    if (u + kAhead < ukeys.size()) __builtin_prefetch(slots + ubases[u + kAhead]);
+    Slot* b = slots + ubases[u];
+    int64_t empty = -1, victim = -1;
+    for (int64_t j = 0; j < c; ++j) {
+      if (b[j].key == kEmptyKey) { empty = j; break; }
+      if (b[j].row < 0 && (victim < 0 || b[j].score < b[victim].score)) victim = j;
+    }
+    if (empty >= 0) {
+      b[empty] = Slot{ukeys[u], usums[u], kNoRow};
+    } else if (victim >= 0) {
+      b[victim] = Slot{ukeys[u], std::min(b[victim].score + usums[u], kFloatMax), kNoRow};
+    } else {
+      ++dropped;
+    }
+  }
+  return dropped;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_insert(
     at::Tensor slots_t, at::Tensor free_rows, at::Tensor free_count, at::Tensor total_score,
     const at::Tensor& in_keys, const at::Tensor& in_scores, const at::Tensor& in_hints, int64_t c,
-    double threshold_d, double decay_d, double trigger, int64_t seed) {
+    double threshold_d, double decay_d, double trigger, int64_t multiplier) {
   Slot* slots = slots_of(slots_t, c);
   TORCH_CHECK(free_rows.is_contiguous() && free_rows.scalar_type() == at::kInt, "free_rows: int32");
   TORCH_CHECK(free_count.scalar_type() == at::kLong && free_count.numel() == 1, "free_count: int64 [1]");
@@ -91,9 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
   const int64_t w = slots_t.size(0) / c;
   const float threshold = static_cast<float>(threshold_d);
   const float decay = static_cast<float>(decay_d);
-  int64_t sign = 0;  // OR of all keys: negative iff some key is
-  for (int64_t i = 0; i < n; ++i) sign |= k[i];
-  TORCH_CHECK(sign >= 0, "keys must be non-negative 63-bit hashes");
+  check_non_negative(k, n);
 
   std::vector<int64_t> demoted_keys, demoted_rows;
   int64_t decayed = 0;
@@ -113,84 +227,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
     total = 0.0;
   }
 
-  // phase A: present keys add their scores; misses are remembered for phase B. A valid hint
-  // is the slot where the forward pass found the key (verified before use); other keys are
-  // hashed kAhead positions early so their bucket can be prefetched.
-  std::vector<int64_t> candidates;  // slot indices marked kCandidate
-  std::vector<std::pair<int64_t, int64_t>> misses;  // (input position, bucket's first slot)
-  const bool may_promote = fc > 0;
-  const int64_t num_slots = w * c;
-  int64_t skipped = 0;
-  double batch_total = 0.0;
-  constexpr int64_t kAhead = 8;
-  int64_t ring[kAhead];  // bucket of key i, for keys without a usable hint
-  auto has_hint = [&](int64_t i) { return hints && hints[i] >= 0 && hints[i] < num_slots; };
-  auto stage = [&](int64_t i) {
-    if (has_hint(i)) {
-      __builtin_prefetch(slots + hints[i]);
-    } else {
-      ring[i % kAhead] = cafe::bounded(mix64(k[i], seed), w) * c;
-      __builtin_prefetch(slots + ring[i % kAhead]);
-    }
-  };
-  for (int64_t i = 0; i < std::min(kAhead, n); ++i) stage(i);
-  for (int64_t i = 0; i < n; ++i) {
-    const bool hinted = has_hint(i);
-    const int64_t base = hinted ? -1 : ring[i % kAhead];
-    if (i + kAhead < n) stage(i + kAhead);
-    const float v = s[i];
-    if (!valid_score(v)) { ++skipped; continue; }
-    batch_total += static_cast<double>(v);
-    Slot* hit = nullptr;
-    if (hinted && slots[hints[i]].key == k[i]) {
-      hit = slots + hints[i];
-    } else {
-      Slot* b = slots + (hinted ? cafe::bounded(mix64(k[i], seed), w) * c : base);
-      for (int64_t j = 0; j < c; ++j) {
-        if (b[j].key == k[i]) { hit = b + j; break; }
-      }
-      if (hit == nullptr) { misses.emplace_back(i, b - slots); continue; }
-    }
-    hit->score = std::min(hit->score + v, kFloatMax);
-    if (may_promote && hit->row == kNoRow && hit->score >= threshold) {
-      hit->row = kCandidate;
-      candidates.push_back(hit - slots);
-    }
-  }
-  total += batch_total;
-
-  // phase B: coalesce the misses, place them in first-occurrence order
-  MissIndex index(static_cast<int64_t>(misses.size()));
-  std::vector<int64_t> ukeys, ubases;
-  std::vector<float> usums;
-  for (const auto& [i, base] : misses) {
-    bool added;
-    const int32_t u = index.find_or_add(k[i], static_cast<int32_t>(ukeys.size()), &added);
-    if (added) { ukeys.push_back(k[i]); ubases.push_back(base); usums.push_back(s[i]); }
-    else { usums[u] += s[i]; }
-  }
-  int64_t dropped = 0;
-  for (size_t u = 0; u < ukeys.size(); ++u) {
-    if (u + kAhead < ukeys.size()) __builtin_prefetch(slots + ubases[u + kAhead]);
-    Slot* b = slots + ubases[u];
-    int64_t empty = -1, victim = -1;
-    for (int64_t j = 0; j < c; ++j) {
-      if (b[j].key == kEmptyKey) { empty = j; break; }
-      if (b[j].row < 0 && (victim < 0 || b[j].score < b[victim].score)) victim = j;
-    }
-    if (empty >= 0) {
-      b[empty] = Slot{ukeys[u], usums[u], kNoRow};
-    } else if (victim >= 0) {
-      b[victim] = Slot{ukeys[u], std::min(b[victim].score + usums[u], kFloatMax), kNoRow};
-    } else {
-      ++dropped;
-    }
-  }
+  PhaseA a = phase_a(slots, w * c, w, c, multiplier, k, s, hints, n, fc > 0, threshold);
+  total += a.batch_total;
+  const int64_t dropped = phase_b(slots, c, k, s, a.misses);
 
   // promotions in slot order; a replaced candidate lost its mark in phase B
-  std::sort(candidates.begin(), candidates.end());
+  std::sort(a.candidates.begin(), a.candidates.end());
   std::vector<int64_t> promoted_keys, promoted_rows;
-  for (int64_t j : candidates) {
+  for (int64_t j : a.candidates) {
     if (slots[j].row != kCandidate) continue;
     if (fc > 0) {
       slots[j].row = fr[--fc];
@@ -201,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
     }
   }
   at::Tensor counts = at::empty({3}, at::kLong);
-  counts.data_ptr<int64_t>()[0] = skipped;
+  counts.data_ptr<int64_t>()[0] = a.skipped;
   counts.data_ptr<int64_t>()[1] = dropped;
   counts.data_ptr<int64_t>()[2] = decayed;
   return {to_tensor(promoted_keys), to_tensor(promoted_rows), to_tensor(demoted_keys),
@@ -209,13 +253,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
 }
 
 std::tuple<at::Tensor, at::Tensor> sketch_query(const at::Tensor& slots_t, const at::Tensor& in_keys,
-                                                int64_t c, double medium_threshold_d, int64_t seed) {
+                                                int64_t c, double medium_threshold_d, int64_t multiplier) {
   const Slot* slots = slots_of(slots_t, c);
   TORCH_CHECK(in_keys.dim() == 1 && in_keys.scalar_type() == at::kLong, "keys: 1-D int64");
   const at::Tensor ik = in_keys.contiguous();
   const int64_t n = ik.numel();
   const int64_t w = slots_t.size(0) / c;
   const int64_t* k = ik.data_ptr<int64_t>();
+  check_non_negative(k, n);
   const float medium = static_cast<float>(medium_threshold_d);
   at::Tensor rows = at::empty({n}, ik.options());
   at::Tensor is_medium = at::empty({n}, ik.options().dtype(at::kBool));
@@ -223,16 +268,13 @@ std::tuple<at::Tensor, at::Tensor> sketch_query(const at::Tensor& slots_t, const
   bool* m = is_medium.data_ptr<bool>();
   at::parallel_for(0, n, 8192, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const Slot* b = slots + cafe::bounded(mix64(k[i], seed), w) * c;
-      r[i] = kNoRow;
-      m[i] = false;
-      for (int64_t j = 0; j < c; ++j) {
-        if (b[j].key == k[i]) {
-          r[i] = b[j].row;
-          m[i] = b[j].row == kNoRow && b[j].score >= medium;
-          break;
-        }
-      }
+      if (i + kAhead < end) __builtin_prefetch(slots + cafe::bucket_base(k[i + kAhead], multiplier, w, c));
+      const Slot* b = slots + cafe::bucket_base(k[i], multiplier, w, c);
+      const int64_t j = c == 4 ? cafe::find4(b, k[i]) : cafe::find_any(b, c, k[i]);
+      const bool found = j < c;
+      const Slot slot = b[found ? j : 0];
+      r[i] = cafe::select(found, slot.row, kNoRow);
+      m[i] = found & (slot.row == kNoRow) & (slot.score >= medium);
     }
   });
   return {rows, is_medium};
@@ -243,9 +285,9 @@ std::tuple<at::Tensor, at::Tensor> sketch_query(const at::Tensor& slots_t, const
 TORCH_LIBRARY_FRAGMENT(cafe, m) {
   m.def("sketch_insert(Tensor(a!) slots, Tensor(b!) free_rows, Tensor(c!) free_count, "
         "Tensor(d!) total_score, Tensor keys, Tensor scores, Tensor hints, int slots_per_bucket, float threshold, "
-        "float decay, float decay_trigger, int seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "float decay, float decay_trigger, int multiplier) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("sketch_query(Tensor slots, Tensor keys, int slots_per_bucket, float medium_threshold, "
-        "int seed) -> (Tensor, Tensor)");
+        "int multiplier) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cafe, CPU, m) {

@@ -12,14 +12,14 @@
 
 namespace {
 
-using cafe::kNoRow;
 using cafe::mix64;
 using cafe::Slot;
 
 constexpr int64_t kSlotBits = 15;
 constexpr int64_t kSlotMask = (1 << kSlotBits) - 1;
-constexpr int64_t kLevel1Seed = 101;
-constexpr int64_t kLevel2Seed = 202;
+// the multipliers of the level-1 and level-2 hashed rows (cafe_torchrec.remap's twins)
+constexpr int64_t kLevel1Multiplier = cafe::odd_multiplier(101);
+constexpr int64_t kLevel2Multiplier = cafe::odd_multiplier(202);
 
 // keys of values laid out feature by feature (length_per_key[f] values of feature f)
 at::Tensor make_keys(const at::Tensor& values, const at::Tensor& length_per_key, const at::Tensor& salts,
@@ -44,75 +44,65 @@ at::Tensor make_keys(const at::Tensor& values, const at::Tensor& length_per_key,
   return keys;
 }
 
-// The slot of `key` in the bucket starting at `base`, or -1. With the bucket size known at
-// compile time the probe is branch-free (keys are unique within a bucket).
-template <int64_t C>
-inline int64_t find_slot(const Slot* slots, int64_t base, int64_t c, int64_t key) {
-  int64_t found = -1;
-  if constexpr (C > 0) {
-    for (int64_t j = C - 1; j >= 0; --j) found = slots[base + j].key == key ? base + j : found;
-  } else {
-    for (int64_t j = base; j < base + c; ++j) {
-      if (slots[j].key == key) { found = j; break; }
+// Rows of one run of keys of table `t` in [begin, end): the probe loop of remap_lookup. `bases`
+// holds each key's bucket (padded by kAhead entries), so buckets are prefetched kAhead keys
+// early; the body is branch-free (hot or not is a coin flip no predictor learns). C is the
+// bucket size when known at compile time, else 0.
+constexpr int64_t kAhead = 32;
+
+template <int64_t C, bool kMultiLevel>
+void lookup_run(const Slot* slots, const int64_t* keys, const int64_t* bases, int64_t begin, int64_t end,
+                int64_t c, const int64_t* region, float medium_threshold, int64_t* p, int64_t* l2, bool* m,
+                int64_t* h, int64_t* hot_lookups, int64_t* medium_lookups) {
+  const int64_t off1 = region[0], rows1 = region[1], off2 = region[2], rows2 = region[3];
+  const int64_t slots_per_bucket = C > 0 ? C : c;
+  int64_t hot_count = 0, medium_count = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    __builtin_prefetch(slots + bases[i + kAhead]);
+    const int64_t key = keys[i], base = bases[i];
+    const int64_t j = C > 0 ? cafe::find4(slots + base, key) : cafe::find_any(slots + base, c, key);
+    const bool found = j < slots_per_bucket;
+    const Slot slot = slots[base + (found ? j : 0)];
+    const bool hot = found & (slot.row >= 0);
+    h[i] = cafe::select(found, base + j, -1);
+    p[i] = cafe::select(hot, slot.row, off1 + cafe::bounded(cafe::fold(key, kLevel1Multiplier), rows1));
+    hot_count += hot;
+    if constexpr (kMultiLevel) {
+      const bool med = found & !hot & (slot.score >= medium_threshold);
+      l2[i] = off2 + cafe::bounded(cafe::fold(key, kLevel2Multiplier), rows2);
+      m[i] = med;
+      medium_count += med;
     }
   }
-  return found;
+  *hot_lookups += hot_count;
+  *medium_lookups += medium_count;
 }
 
-// The probe loop of remap_lookup; C is the bucket size when known at compile time, else 0.
-template <int64_t C>
-void lookup_loop(const Slot* slots, const int64_t* keys, int64_t n, int64_t w, int64_t c, int64_t seed,
+template <int64_t C, bool kMultiLevel>
+void lookup_loop(const Slot* slots, const int64_t* keys, int64_t n, int64_t w, int64_t c, int64_t multiplier,
                  const int64_t* regions, int64_t tables, float medium_threshold, int64_t* p, int64_t* l2,
                  bool* m, int64_t* h, int64_t* stats) {
-  // each key's bucket is hashed kAhead keys early, so the probe finds it prefetched
-  constexpr int64_t kAhead = 8;
-  int64_t ring[kAhead];
-  auto stage = [&](int64_t i) {
-    ring[i % kAhead] = cafe::bounded(mix64(keys[i], seed), w) * c;
-    __builtin_prefetch(slots + ring[i % kAhead]);
-  };
-  for (int64_t i = 0; i < std::min(kAhead, n); ++i) stage(i);
-  // per-table counts are kept in registers while keys of one table run (the common layout)
-  int64_t run_table = -1, lookups = 0, hot_lookups = 0, medium_lookups = 0;
-  auto flush = [&]() {
-    if (stats != nullptr && run_table >= 0) {
-      stats[3 * run_table] += lookups;
-      stats[3 * run_table + 1] += hot_lookups;
-      stats[3 * run_table + 2] += medium_lookups;
-    }
-    lookups = hot_lookups = medium_lookups = 0;
-  };
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t base = ring[i % kAhead];
-    if (i + kAhead < n) stage(i + kAhead);
-    const int64_t key = keys[i], t = key & kSlotMask;
-    if (t != run_table) {
-      TORCH_CHECK(t < tables, "key names table slot ", t, " but the group has ", tables);
-      flush();
-      run_table = t;
-    }
-    const int64_t* reg = regions + 4 * t;
-    const int64_t found = find_slot<C>(slots, base, c, key);
-    const Slot& slot = slots[found >= 0 ? found : base];
-    const bool hot = found >= 0 && slot.row >= 0;
-    const bool med = found >= 0 && !hot && slot.score >= medium_threshold;
-    const int64_t level1 = reg[0] + cafe::bounded(mix64(key, kLevel1Seed), reg[1]);
-    h[i] = found;
-    p[i] = hot ? slot.row : level1;
-    if (l2 != nullptr) l2[i] = reg[2] + cafe::bounded(mix64(key, kLevel2Seed), reg[3]);
-    m[i] = med;
-    lookups += 1;
-    hot_lookups += hot;
-    medium_lookups += med;
+  int64_t* bases = cafe::scratch(0, n + kAhead);
+  for (int64_t i = 0; i < n; ++i) bases[i] = cafe::bucket_base(keys[i], multiplier, w, c);
+  for (int64_t i = n; i < n + kAhead; ++i) bases[i] = 0;
+  int64_t counts[3] = {0, 0, 0};
+  for (int64_t begin = 0, end; begin < n; begin = end) {  // runs of one table (the KJT layout)
+    const int64_t t = keys[begin] & kSlotMask;
+    TORCH_CHECK(t < tables, "key names table slot ", t, " but the group has ", tables);
+    for (end = begin + 1; end < n && (keys[end] & kSlotMask) == t; ++end) {}
+    int64_t* count = stats != nullptr ? stats + 3 * t : counts;
+    count[0] += end - begin;
+    lookup_run<C, kMultiLevel>(slots, keys, bases, begin, end, c, regions + 4 * t, medium_threshold, p, l2, m, h,
+                               count + 1, count + 2);
   }
-  flush();
 }
 
-// primary row (hot row, else level-1 row), level-2 row, medium mask, and the slot holding each
-// key (-1 if absent: a hint for the insert in backward); stats [T, 3] += lookups, hot, medium.
+// primary row (hot row, else level-1 row), level-2 row and medium mask (both empty when single
+// level), and the slot holding each key (-1 if absent: a hint for the insert in backward);
+// stats [T, 3] += lookups, hot, medium.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> remap_lookup(
     const at::Tensor& slots_t, const at::Tensor& keys_t, const at::Tensor& regions_t, int64_t c,
-    double medium_threshold_d, int64_t seed, bool multi_level, at::Tensor stats_t) {
+    double medium_threshold_d, int64_t multiplier, bool multi_level, at::Tensor stats_t) {
   const Slot* slots = cafe::slots_of(slots_t, c);
   TORCH_CHECK(keys_t.dim() == 1 && keys_t.scalar_type() == at::kLong, "keys: 1-D int64");
   TORCH_CHECK(regions_t.dim() == 2 && regions_t.size(1) == 4 && regions_t.scalar_type() == at::kLong,
@@ -129,16 +119,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> remap_lookup(
   const float medium_threshold = static_cast<float>(medium_threshold_d);
   at::Tensor primary = at::empty({n}, keys_c.options());
   at::Tensor level2 = at::empty({multi_level ? n : 0}, keys_c.options());
-  at::Tensor medium = at::empty({n}, keys_c.options().dtype(at::kBool));
+  at::Tensor medium = at::empty({multi_level ? n : 0}, keys_c.options().dtype(at::kBool));
   at::Tensor hint = at::empty({n}, keys_c.options());
   int64_t* p = primary.data_ptr<int64_t>();
   int64_t* l2 = multi_level ? level2.data_ptr<int64_t>() : nullptr;
-  bool* m = medium.data_ptr<bool>();
+  bool* m = multi_level ? medium.data_ptr<bool>() : nullptr;
   int64_t* h = hint.data_ptr<int64_t>();
+  const auto run = [&](auto loop) { loop(slots, keys, n, w, c, multiplier, regions, tables, medium_threshold, p, l2, m, h, stats); };
   if (c == 4) {
-    lookup_loop<4>(slots, keys, n, w, c, seed, regions, tables, medium_threshold, p, l2, m, h, stats);
+    multi_level ? run(lookup_loop<4, true>) : run(lookup_loop<4, false>);
   } else {
-    lookup_loop<0>(slots, keys, n, w, c, seed, regions, tables, medium_threshold, p, l2, m, h, stats);
+    multi_level ? run(lookup_loop<0, true>) : run(lookup_loop<0, false>);
   }
   return {primary, level2, medium, hint};
 }
@@ -148,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> remap_lookup(
 TORCH_LIBRARY_FRAGMENT(cafe, m) {
   m.def("make_keys(Tensor values, Tensor length_per_key, Tensor salts, Tensor table_slots) -> Tensor");
   m.def("remap_lookup(Tensor slots, Tensor keys, Tensor regions, int slots_per_bucket, float medium_threshold, "
-        "int seed, bool multi_level, Tensor(a!) stats) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int multiplier, bool multi_level, Tensor(a!) stats) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cafe, CPU, m) {

@@ -29,7 +29,7 @@ def insert_(
         params.threshold,
         params.decay,
         params.decay_trigger,
-        state.seed,
+        state.multiplier,
     )
     skipped, dropped, decayed = counts.tolist()
     return InsertResult(pkeys, rows, dkeys, drows, skipped, dropped, bool(decayed))
@@ -44,5 +44,5 @@ def query(
         keys,
         state.slots_per_bucket,
         medium_threshold,
-        state.seed,
+        state.multiplier,
     )

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from cafe_torchrec.hashing import MAX_BOUND
+from cafe_torchrec.hashing import MAX_BOUND, odd_multiplier
 from cafe_torchrec.sketch import cpp_kernel, torch_kernel
 from cafe_torchrec.sketch.types import EMPTY_KEY, NO_ROW, InsertParams, InsertResult, SketchState
 
@@ -96,9 +96,9 @@ class HotSketch(nn.Module):
         self._seed = self._configured_seed
 
     @property
-    def seed_value(self) -> int:
-        """The bucket hash seed as a Python int (kept in sync with the `seed` buffer)."""
-        return self._seed
+    def multiplier(self) -> int:
+        """The bucket hash's multiplier (from the `seed` buffer): bucket = bounded(fold(key, m), W)."""
+        return odd_multiplier(self._seed)
 
     def prepare(self) -> None:
         """Initialise lazily if DistributedModelParallel zero-filled the buffers; call before
@@ -115,7 +115,7 @@ class HotSketch(nn.Module):
 
     def state(self) -> SketchState:
         """The buffers as a kernel argument."""
-        return SketchState(self.slots, self.free_rows, self.free_count, self.total_score, self.slots_per_bucket, self._seed)
+        return SketchState(self.slots, self.free_rows, self.free_count, self.total_score, self.slots_per_bucket, self.multiplier)
 
     def _use_cpp(self, keys: torch.Tensor) -> bool:
         if self.kernel == "torch" or keys.device.type != "cpu":
@@ -129,23 +129,25 @@ class HotSketch(nn.Module):
         `hints` [N] int64 (optional): the slot a query found each key in (-1 if absent); the
         C++ kernel verifies and uses them to skip re-probing. Results do not depend on them.
         """
-        _check_keys(keys)
+        cpp = self._use_cpp(keys)
+        _check_keys(keys, signs=not cpp)  # the C++ kernel checks signs itself, in its first pass
         self._ensure_ready()
         if scores.shape != keys.shape or not scores.is_floating_point():
             raise ValueError(f"scores must be a float tensor shaped like keys {tuple(keys.shape)}, got {scores.dtype} {tuple(scores.shape)}")
         scores = scores.to(torch.float32)
         params = InsertParams(self.threshold, self.decay, self.decay_trigger)
-        if self._use_cpp(keys):
+        if cpp:
             return cpp_kernel.insert_(self.state(), keys, scores, params, hints)
         return torch_kernel.insert_(self.state(), keys, scores, params)
 
     @torch.no_grad()
     def query(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per key: hot row (int64, -1 if not hot) and a medium mask (False if no medium level)."""
-        _check_keys(keys)
+        cpp = self._use_cpp(keys)
+        _check_keys(keys, signs=not cpp)
         self._ensure_ready()
         medium = self.medium_threshold if self.medium_threshold is not None else float("inf")
-        kernel = cpp_kernel if self._use_cpp(keys) else torch_kernel
+        kernel = cpp_kernel if cpp else torch_kernel
         return kernel.query(self.state(), keys, medium)
 
     def hot_rows_used(self) -> int:
@@ -182,10 +184,10 @@ def _empty_slots(n: int, device: Optional[torch.device]) -> torch.Tensor:
     return slots
 
 
-def _check_keys(keys: torch.Tensor) -> None:
+def _check_keys(keys: torch.Tensor, signs: bool) -> None:
     if keys.dtype != torch.int64 or keys.dim() != 1:
         raise ValueError(f"keys must be a 1-D int64 tensor, got {keys.dtype} with shape {tuple(keys.shape)}")
-    if keys.numel() and bool((keys < 0).any()):
+    if signs and keys.numel() and bool((keys < 0).any()):
         raise ValueError("keys must be non-negative 63-bit hashes (use cafe_torchrec.hashing.mix64)")
 
 

@@ -11,7 +11,7 @@ Batched semantics (the C++ kernel implements exactly the same):
    slot, in input order (saturating at FLT_MAX). Such a slot is a promotion candidate if it
    ends the phase with score >= threshold and no row.
 5. Phase B, keys absent at the start: their scores are summed per key and the keys are placed
-   in order of first occurrence (bucket = mix64(key, seed) mod W): the first empty slot takes
+   in order of first occurrence (bucket = bounded(fold(key, multiplier), W)): the first empty slot takes
    (key, s), else the minimum-score non-hot slot (lowest index on ties) takes (key, min + s)
    (Space-Saving), else (every slot hot) the newcomer is dropped. Hot slots are never
    replaced and a newcomer is never hot on entry.
@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from cafe_torchrec.hashing import bounded, mix64
+from cafe_torchrec.hashing import bounded, fold
 from cafe_torchrec.sketch.types import (
     EMPTY_KEY,
     FLOAT_MAX,
@@ -56,7 +56,7 @@ def decay_(state: SketchState, params: InsertParams) -> Tuple[torch.Tensor, torc
 def find_slots(state: SketchState, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per key: its bucket's first slot index, and the slot holding it (-1 if absent)."""
     c = state.slots_per_bucket
-    base = bounded(mix64(keys, state.seed), state.num_buckets) * c
+    base = bounded(fold(keys, state.multiplier), state.num_buckets) * c
     cand = base[:, None] + torch.arange(c, device=keys.device)
     match = state.keys[cand] == keys[:, None]
     slot = torch.where(match.any(1), cand.gather(1, match.int().argmax(1, keepdim=True)).squeeze(1), -1)

@@ -26,7 +26,7 @@ class SketchState:
     free_count: torch.Tensor
     total_score: torch.Tensor
     slots_per_bucket: int
-    seed: int
+    multiplier: int  # the bucket hash: bucket = bounded(fold(key, multiplier), W)
 
     @property
     def num_buckets(self) -> int:
