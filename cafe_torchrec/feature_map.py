@@ -87,7 +87,7 @@ class FeatureMap:
                 pieces.append(self._keys(table, names, ids, counts))
             start += sum(counts)
             feature += len(names)
-        prepared = torch.cat(pieces) if pieces else values
+        prepared = concat(pieces, values)
         return KeyedJaggedTensor(keys=self.inner, values=prepared, lengths=features.lengths(),
                                  weights=features.weights_or_none(), stride=features.stride())
 
@@ -120,6 +120,13 @@ class FeatureMap:
         by_key = features.lengths().view(-1, features.stride())
         order = features.keys()
         return torch.stack([by_key[order.index(f)] for f in self.logical])
+
+
+def concat(pieces: List[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    """torch.cat that does not copy a single piece (the common one-group layout); `empty` if none."""
+    if not pieces:
+        return empty
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def feature_segments(keys: List[str], info: Dict[str, FeatureInfo]) -> List[Tuple[str, List[str]]]:

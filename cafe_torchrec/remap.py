@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from cafe_torchrec.feature_map import SLOT_MASK, FeatureInfo, feature_segments
+from cafe_torchrec.feature_map import SLOT_MASK, FeatureInfo, concat, feature_segments
 from cafe_torchrec.hashing import bounded, fold, mix64_int, odd_multiplier
 from cafe_torchrec.layout import GroupLayout
 from cafe_torchrec.ops import use_cpp
@@ -194,9 +194,9 @@ def remap_kjt(
         start += n
     remapped = KeyedJaggedTensor(
         keys=kjt.keys(),
-        values=torch.cat(out_values) if out_values else values,
-        lengths=torch.cat(out_lengths) if out_lengths else lengths,
-        weights=torch.cat(out_weights) if weights is not None and out_weights else None,
+        values=concat(out_values, values),
+        lengths=concat(out_lengths, lengths),
+        weights=concat(out_weights, weights) if weights is not None else None,
         stride=stride,
     )
     return remapped, batches
