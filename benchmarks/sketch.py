@@ -8,6 +8,7 @@ Prints three tables measured side by side in one run (the machine is shared and 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import Dict, List
 
@@ -50,12 +51,13 @@ def throughput(batch: int) -> List[list]:
     return rows
 
 
-def step_cost(batch_size: int, ratio: float, rounds: int = 9) -> List[list]:
+def step_cost(batch_size: int, ratio: float, rounds: int = 15) -> List[list]:
     """CAFE's per-step id work for one DLRM batch against the FBGEMM TBE forward+backward over
     the same physical table, sized as CafeEmbeddingBagCollection sizes the 26 Criteo Kaggle
     tables at `ratio`. Every timed call gets a fresh batch of the same Zipf stream (a sketch
-    that has seen the stream, not the batch), and the candidates run interleaved, best of
-    `rounds` each, so that the shared machine's noise hits them alike."""
+    that has seen the stream, not the batch). A round times the four candidates back to back;
+    the ratios are medians over rounds of the per-round ratios (a slow spell of the shared
+    machine hits one round's candidates alike), the ms columns medians of the times."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
@@ -132,18 +134,22 @@ def step_cost(batch_size: int, ratio: float, rounds: int = 9) -> List[list]:
     def tbe_only() -> None:  # the same TBE step over rows prepared outside the timing
         tbe(prepared["rows"], offsets).backward(grad)
 
-    best = {}
+    times: Dict[str, List[float]] = {"tbe": [], "step": [], "cafe": [], "sketch": []}
     for _ in range(rounds):
         b = next(batch)
         prepared.update(rows=group.lookup(keys_of(b), count=False).primary)
         for name, fn in (("tbe", tbe_only), ("step", training_step), ("cafe", cafe_step)):
-            best[name] = min(best.get(name, 1e9), _timed(fn))
+            times[name].append(_timed(fn))
         prepare()
-        best["sketch"] = min(best.get("sketch", 1e9), _timed(sketch_step))
+        times["sketch"].append(_timed(sketch_step))
+
+    def median_ratio(name: str) -> float:
+        return statistics.median(t / base for t, base in zip(times[name], times["tbe"]))
+
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     n = batch_size * num_features
-    return [[f"{ratio:g}x", f"{layout.hot_rows:,}", f"{layout.physical_rows:,}", n, best["tbe"] * 1e3,
-             best["sketch"] * 1e3, best["cafe"] * 1e3, best["sketch"] / best["tbe"], best["cafe"] / best["tbe"],
-             best["step"] / best["tbe"] - 1]]
+    return [[f"{ratio:g}x", f"{layout.hot_rows:,}", f"{layout.physical_rows:,}", n, ms["tbe"], ms["sketch"], ms["cafe"],
+             median_ratio("sketch"), median_ratio("cafe"), median_ratio("step") - 1]]
 
 
 def _timed(fn) -> float:
@@ -191,10 +197,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller streams (a smoke run)")
     args = parser.parse_args()
-    print(f"machine: {machine()}\n")
-    batch = 20_000 if args.quick else 100_000
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    print(f"machine: {machine()}\n")
+    batch = 20_000 if args.quick else 100_000
     print("Throughput, one thread, batches of", batch, "unique keys (M ops/s; ratio to the reference)")
     print(table(["kernel", "batch", "insert M/s", "query M/s", "insert x ref", "query x ref"], throughput(batch)))
     print("\nCost inside a step, one intra-op thread: 26 Criteo Kaggle features x 4096 samples, Zipf 1.05 ids,")
