@@ -53,10 +53,10 @@ class ReferenceCafe(EmbeddingBagCollectionInterface):
         t = self.layout.tables[slot]
         (o1, o2) = self.offsets[slot]
         row1 = o1 + bounded_int(fold_int(key, odd_multiplier(101)), t.level1_rows)
-        hot_row, score = self.sketch.query(key)
+        hot_row, _ = self.sketch.query(key)
         if hot_row >= 0:
             return [hot_row]
-        if self.layout.config.multi_level and score >= self.medium and self.sketch._slot_of(key) is not None:
+        if self.layout.config.multi_level and self.sketch.is_medium(key, self.medium):
             return [row1, o2 + bounded_int(fold_int(key, odd_multiplier(202)), t.level2_rows)]
         return [row1]
 

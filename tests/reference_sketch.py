@@ -14,6 +14,7 @@ from cafe_torchrec.hashing import bounded_int, fold_int, odd_multiplier
 
 EMPTY = -1
 NO_ROW = -1
+NEWCOMER = -3  # placed by Space-Saving, not hit in a later batch yet: never medium
 FLT_MAX = 3.4028234663852886e38
 
 
@@ -61,6 +62,8 @@ class ReferenceSketch:
         for k, s in valid:
             if k in present:
                 j = self._slot_of(k)
+                if self.rows[j] == NEWCOMER:
+                    self.rows[j] = NO_ROW  # a hit confirms a newcomer
                 self.scores[j] = f32(self.scores[j] + s)
                 touched.add(j)
         candidates = [(j, self.keys[j]) for j in sorted(touched)
@@ -92,18 +95,18 @@ class ReferenceSketch:
         slots = range(base, base + self.slots)
         for j in slots:
             if self.keys[j] == EMPTY:
-                self.keys[j], self.scores[j] = key, score
+                self.keys[j], self.scores[j], self.rows[j] = key, score, NEWCOMER
                 return
-        victims = [j for j in slots if self.rows[j] == NO_ROW]
+        victims = [j for j in slots if self.rows[j] < 0]  # any slot without a hot row
         if victims:
             j = min(victims, key=lambda v: (self.scores[v], v))
-            self.keys[j], self.scores[j] = key, f32(self.scores[j] + score)
+            self.keys[j], self.scores[j], self.rows[j] = key, f32(self.scores[j] + score), NEWCOMER
 
     def _decay(self) -> List[int]:
         demoted = []
         for j in range(len(self.keys)):
             d = f32(self.scores[j] * f32(self.decay))
-            if self.rows[j] != NO_ROW and d < self.threshold:
+            if self.rows[j] >= 0 and d < self.threshold:
                 demoted.append(self.rows[j])
                 self.free.append(self.rows[j])
                 self.rows[j] = NO_ROW
@@ -112,8 +115,11 @@ class ReferenceSketch:
         return demoted
 
     def query(self, key: int) -> Tuple[int, float]:
-        base = self.bucket(key) * self.slots
-        for j in range(base, base + self.slots):
-            if self.keys[j] == key:
-                return self.rows[j], self.scores[j]
-        return NO_ROW, 0.0
+        """(hot row or -1, score or 0.0)"""
+        j = self._slot_of(key)
+        return (max(self.rows[j], NO_ROW), self.scores[j]) if j is not None else (NO_ROW, 0.0)
+
+    def is_medium(self, key: int, medium_threshold: float) -> bool:
+        """Held, confirmed, without a hot row, and scored at least the medium threshold."""
+        j = self._slot_of(key)
+        return j is not None and self.rows[j] == NO_ROW and self.scores[j] >= medium_threshold

@@ -162,6 +162,24 @@ def test_query_levels_hot_medium_cold() -> None:
     assert medium.tolist() == [False, True, False, False]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_newcomer_is_medium_only_after_a_later_hit(kernel: str) -> None:
+    """Space-Saving hands a newcomer the evicted minimum's score; that score says nothing of the
+    newcomer, so it is not medium until a later batch hits it (its promotion rules are unchanged)."""
+    sk = HotSketch(hot_capacity=4, threshold=100.0, num_buckets=1, slots_per_bucket=2, medium_threshold=2.0,
+                   decay_trigger=1e9, kernel=kernel)
+    a, b, c = mix64(torch.arange(3), 4).tolist()
+    sk.insert(torch.tensor([a, b]), torch.tensor([3.0, 10.0]))
+    assert sk.query(torch.tensor([a, b]))[1].tolist() == [False, False]  # new, though scored >= 2
+    sk.insert(torch.tensor([a, b]), torch.tensor([0.0, 0.0]))
+    assert sk.query(torch.tensor([a, b]))[1].tolist() == [True, True]  # hit again: confirmed
+    sk.insert(torch.tensor([c]), torch.tensor([0.1]))  # evicts a (the minimum), inherits 3.1
+    assert sk.slot_keys.tolist().count(c) == 1 and a not in sk.slot_keys.tolist()
+    assert sk.query(torch.tensor([c]))[1].tolist() == [False]
+    sk.insert(torch.tensor([c]), torch.tensor([0.1]))
+    assert sk.query(torch.tensor([c]))[1].tolist() == [True]
+
+
 @pytest.mark.parametrize("bad", [dict(threshold=0), dict(decay=1.0), dict(medium_threshold=9.0), dict(hot_capacity=-1), dict(kernel="x")])
 def test_bad_config_raises(bad: dict) -> None:
     with pytest.raises(ValueError):

@@ -8,7 +8,8 @@
 namespace cafe {
 
 constexpr int64_t kEmptyKey = -1;
-constexpr int32_t kNoRow = -1;
+constexpr int32_t kNoRow = -1;    // a confirmed slot without a hot row
+constexpr int32_t kNewcomer = -3;  // a slot placed by Space-Saving and not hit since: not medium yet
 
 struct Slot {
   int64_t key;

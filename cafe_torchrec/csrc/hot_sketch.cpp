@@ -18,6 +18,7 @@
 namespace {
 
 using cafe::kEmptyKey;
+using cafe::kNewcomer;
 using cafe::kNoRow;
 using cafe::Slot;
 using cafe::slots_of;
@@ -93,6 +94,7 @@ PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t mul
   PhaseA a;
   Slot dummy{kEmptyKey, 0.0f, 0};  // row 0: never a candidate
   auto add = [&](Slot* t, float v) {
+    t->row = t->row == kNewcomer ? kNoRow : t->row;  // a hit confirms a newcomer
     t->score = std::min(t->score + v, kFloatMax);
     if (may_promote && t->row == kNoRow && t->score >= threshold) {
       t->row = kCandidate;
@@ -172,9 +174,9 @@ int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s,
       if (b[j].row < 0 && (victim < 0 || b[j].score < b[victim].score)) victim = j;
     }
     if (empty >= 0) {
-      b[empty] = Slot{ukeys[u], usums[u], kNoRow};
+      b[empty] = Slot{ukeys[u], usums[u], kNewcomer};
     } else if (victim >= 0) {
-      b[victim] = Slot{ukeys[u], std::min(b[victim].score + usums[u], kFloatMax), kNoRow};
+      b[victim] = Slot{ukeys[u], std::min(b[victim].score + usums[u], kFloatMax), kNewcomer};
     } else {
       ++dropped;
     }
@@ -216,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
     for (int64_t j = 0; j < w * c; ++j) {
       Slot& sl = slots[j];
       const float d = sl.score * decay;
-      if (sl.row != kNoRow && d < threshold) {
+      if (sl.row >= 0 && d < threshold) {
         demoted_keys.push_back(sl.key);
         demoted_rows.push_back(sl.row);
         fr[fc++] = sl.row;
@@ -273,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> sketch_query(const at::Tensor& slots_t, const
       const int64_t j = c == 4 ? cafe::find4(b, k[i]) : cafe::find_any(b, c, k[i]);
       const bool found = j < c;
       const Slot slot = b[found ? j : 0];
-      r[i] = cafe::select(found, slot.row, kNoRow);
+      r[i] = cafe::select(found & (slot.row >= 0), slot.row, kNoRow);
       m[i] = found & (slot.row == kNoRow) & (slot.score >= medium);
     }
   });

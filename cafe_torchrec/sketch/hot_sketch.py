@@ -21,7 +21,8 @@ class HotSketch(nn.Module):
     Keys are non-negative 63-bit hashes (see ``hashing.mix64``). ``insert`` adds a batch of
     importance scores and hands out hot rows to keys whose score reaches ``threshold``;
     ``query`` tells, per key, its hot row (or -1) and whether it is medium (score at least
-    ``medium_threshold`` without a row, for multi-level hashing). All state is in buffers, so
+    ``medium_threshold`` without a row, and hit again since it entered: see torch_kernel, for
+    multi-level hashing). All state is in buffers, so
     ``state_dict`` round-trips it exactly. CPU tensors use a C++ kernel when it builds, other
     devices the torch-ops kernel; both implement the semantics in ``torch_kernel``.
     """

@@ -1,5 +1,8 @@
 """HotSketch insert and query in plain torch ops: the CUDA path, and the spec of the semantics.
 
+Query: a key's hot row if it holds one (else -1), and medium = held, confirmed (not a
+newcomer), no hot row, score >= medium_threshold.
+
 Batched semantics (the C++ kernel implements exactly the same):
 1. Inputs whose score is NaN, inf or negative are skipped (counted, never stored).
 2. If total_score > decay_trigger, decay first: every hot slot whose decayed score falls below
@@ -8,13 +11,16 @@ Batched semantics (the C++ kernel implements exactly the same):
    copied after the optimizer update (see migration.py).
 3. total_score += the batch's valid scores.
 4. Phase A, keys present at the start of the batch: every occurrence adds its score to its
-   slot, in input order (saturating at FLT_MAX). Such a slot is a promotion candidate if it
-   ends the phase with score >= threshold and no row.
+   slot, in input order (saturating at FLT_MAX); a hit confirms a newcomer's slot (row
+   NEWCOMER -> NO_ROW). Such a slot is a promotion candidate if it ends the phase with
+   score >= threshold and no row.
 5. Phase B, keys absent at the start: their scores are summed per key and the keys are placed
    in order of first occurrence (bucket = bounded(fold(key, multiplier), W)): the first empty slot takes
    (key, s), else the minimum-score non-hot slot (lowest index on ties) takes (key, min + s)
    (Space-Saving), else (every slot hot) the newcomer is dropped. Hot slots are never
-   replaced and a newcomer is never hot on entry.
+   replaced and a newcomer is never hot on entry. A placed slot's row is NEWCOMER until a
+   later batch hits it: until then the key is never medium, since most of its score may be
+   the evicted key's (Space-Saving's overestimate). Promotion is not affected.
 6. Candidates that still hold their slot get free rows in slot order until the stack is
    empty; the others stay candidates for their next hit.
 """
@@ -29,6 +35,7 @@ from cafe_torchrec.hashing import bounded, fold
 from cafe_torchrec.sketch.types import (
     EMPTY_KEY,
     FLOAT_MAX,
+    NEWCOMER,
     NO_ROW,
     InsertParams,
     InsertResult,
@@ -39,7 +46,7 @@ from cafe_torchrec.sketch.types import (
 def decay_(state: SketchState, params: InsertParams) -> Tuple[torch.Tensor, torch.Tensor]:
     """Decay all scores, free the rows of hot slots that fall below the threshold."""
     decayed = state.scores * params.decay
-    leaving = ((state.rows != NO_ROW) & (decayed < params.threshold)).nonzero().flatten()
+    leaving = ((state.rows >= 0) & (decayed < params.threshold)).nonzero().flatten()
     demoted_keys = state.keys[leaving]
     demoted_rows = state.rows[leaving].long()
     n = int(leaving.numel())
@@ -85,6 +92,8 @@ def insert_(
     touched, inverse = torch.unique(slot[hit], return_inverse=True)
     added = torch.zeros(touched.numel(), dtype=torch.float32, device=device).index_add_(0, inverse, scores[hit])
     state.scores[touched] = torch.clamp(state.scores[touched] + added, max=FLOAT_MAX)
+    touched_rows = state.rows[touched]
+    state.rows[touched] = torch.where(touched_rows == NEWCOMER, NO_ROW, touched_rows)  # a hit confirms a newcomer
     cand = touched[(state.rows[touched] == NO_ROW) & (state.scores[touched] >= params.threshold)]
     cand_keys = state.keys[cand]
     # phase B: absent keys, coalesced, in first-occurrence order
@@ -130,6 +139,7 @@ def _place_newcomers(state: SketchState, keys: torch.Tensor, scores: torch.Tenso
         fill_slot = slots[fill, is_empty[fill].int().argmax(1)]
         state.keys[fill_slot] = k[fill]
         state.scores[fill_slot] = s[fill]
+        state.rows[fill_slot] = NEWCOMER
         full = ~fill
         non_hot = rb[full] < 0
         has_victim = non_hot.any(1)
@@ -138,7 +148,7 @@ def _place_newcomers(state: SketchState, keys: torch.Tensor, scores: torch.Tenso
         victim = slots[full][has_victim, col]
         state.keys[victim] = k[full][has_victim]
         state.scores[victim] = torch.clamp(sb[full][has_victim, col] + s[full][has_victim], max=FLOAT_MAX)
-        state.rows[victim] = NO_ROW
+        state.rows[victim] = NEWCOMER
     return dropped
 
 
@@ -149,6 +159,7 @@ def query(
     _, slot = find_slots(state, keys)
     found = slot >= 0
     safe = slot.clamp(min=0)
-    rows = torch.where(found, state.rows[safe].long(), NO_ROW)
-    medium = found & (rows == NO_ROW) & (state.scores[safe] >= medium_threshold)
+    raw = state.rows[safe].long()
+    rows = torch.where(found & (raw >= 0), raw, NO_ROW)
+    medium = found & (raw == NO_ROW) & (state.scores[safe] >= medium_threshold)
     return rows, medium

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 EMPTY_KEY = -1  # key of an unused slot (real keys are non-negative 63-bit hashes)
-NO_ROW = -1  # row of a slot without a hot row
+NO_ROW = -1  # row of a confirmed slot without a hot row
+NEWCOMER = -3  # row of a slot Space-Saving placed and no later batch has hit: never medium
 FLOAT_MAX = 3.4028234663852886e38
 
 
