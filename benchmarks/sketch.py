@@ -251,7 +251,7 @@ def main() -> None:
     print("(query + insert), vs all of CAFE's id work (pre-hash, query, hashed rows, scoring, insert, stats),")
     print("and what a whole CAFE step adds to the TBE step when scoring and insert run on the background")
     print("thread during the TBE backward (the module's default; it needs a second core)")
-    print("(d=16 is the paper's Criteo dim, d=128 TorchRec's DLRM example's and MLPerf's: the same sketch work, a larger TBE)")
+    print("(d=16 is the paper's Criteo dim and examples/dlrm's default, d=128 MLPerf DLRM's: the same sketch work, a larger TBE)")
     cost = [row for ratio, dim in ((1000.0, 16), (100.0, 16), (1000.0, 64), (1000.0, 128)) for row in step_cost(4096, ratio, dim)]
     print(table(["ratio", "dim", "hot rows", "table rows", "ids", "TBE ms", "sketch ms", "CAFE ms", "sketch/TBE", "CAFE/TBE",
                  "added to step"], cost))
