@@ -19,7 +19,9 @@ from cafe_torchrec.sketch import HotSketch, InsertResult
 
 _LEVEL1_SEED, _LEVEL2_SEED, _SKETCH_SEED = 101, 202, 303  # 101 and 202 are fixed in csrc/remap.cpp too
 _LEVEL_MULTIPLIERS = {1: odd_multiplier(_LEVEL1_SEED), 2: odd_multiplier(_LEVEL2_SEED)}
-_HASH_SCHEME = 2  # in the layout signature: 2 = buckets and rows by hashing.fold (1 was mix64)
+# in the layout signature: 1 = buckets and rows by mix64, 2 = by hashing.fold, 3 = sketch slots
+# without a hot row carry their Space-Saving error in the row word
+_FORMAT = 3
 _STATS = ("lookups", "hot_lookups", "medium_lookups", "promotions", "demotions")  # columns of `stat_counts`
 
 
@@ -87,7 +89,7 @@ class CafeGroupRemap(nn.Module):
     def _signature(self) -> torch.Tensor:
         """Layout as numbers: a checkpoint of another layout is refused on load."""
         cfg = self.layout.config
-        nums = [_HASH_SCHEME, self.layout.hot_rows, self.layout.dim, cfg.slots_per_bucket, cfg.seed, int(cfg.multi_level)]
+        nums = [_FORMAT, self.layout.hot_rows, self.layout.dim, cfg.slots_per_bucket, cfg.seed, int(cfg.multi_level)]
         for t in self.layout.tables:
             nums += [t.logical_rows, t.level1_rows, t.level2_rows]
         return torch.tensor(nums, dtype=torch.int64)

@@ -2,11 +2,13 @@
 
 Per batch, in the documented order: decay check; present keys add each occurrence's score;
 absent keys, summed, take an empty or the minimum non-hot slot in first-occurrence order;
-surviving candidates get free rows in slot order.
+surviving candidates get free rows in slot order. A slot's estimate is its score less half its
+error (the evicted key's score it inherited).
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -14,15 +16,17 @@ from cafe_torchrec.hashing import bounded_int, fold_int, odd_multiplier
 
 EMPTY = -1
 NO_ROW = -1
-NEWCOMER = -3  # placed by Space-Saving, not hit in a later batch yet: never medium
 FLT_MAX = 3.4028234663852886e38
 
 
 def f32(x: float) -> float:
     """Round to float32 like the kernels do."""
-    import struct
-
     return struct.unpack("f", struct.pack("f", min(x, FLT_MAX)))[0]
+
+
+def error32(x: float) -> float:
+    """A float32 error as the slot stores it: its two low mantissa bits hold flags."""
+    return struct.unpack("f", struct.pack("I", struct.unpack("I", struct.pack("f", x))[0] & 0x7FFFFFFC))[0]
 
 
 @dataclass
@@ -36,13 +40,16 @@ class ReferenceSketch:
     seed: int
     keys: List[int] = field(default_factory=list)
     scores: List[float] = field(default_factory=list)
-    rows: List[int] = field(default_factory=list)
+    rows: List[int] = field(default_factory=list)  # hot row or NO_ROW
+    errors: List[float] = field(default_factory=list)  # Space-Saving error (0 for hot slots)
+    newcomer: List[bool] = field(default_factory=list)  # placed, not hit by a later batch: never medium
     free: List[int] = field(default_factory=list)
     total: float = 0.0
 
     def __post_init__(self) -> None:
         n = self.num_buckets * self.slots
         self.keys, self.scores, self.rows = [EMPTY] * n, [0.0] * n, [NO_ROW] * n
+        self.errors, self.newcomer = [0.0] * n, [False] * n
         self.free = list(range(self.capacity - 1, -1, -1))  # a stack: pop() gives row 0 first
 
     def bucket(self, key: int) -> int:
@@ -62,12 +69,11 @@ class ReferenceSketch:
         for k, s in valid:
             if k in present:
                 j = self._slot_of(k)
-                if self.rows[j] == NEWCOMER:
-                    self.rows[j] = NO_ROW  # a hit confirms a newcomer
+                self.newcomer[j] = False  # a hit confirms a newcomer
                 self.scores[j] = f32(self.scores[j] + s)
                 touched.add(j)
         candidates = [(j, self.keys[j]) for j in sorted(touched)
-                      if self.rows[j] == NO_ROW and self.scores[j] >= self.threshold]
+                      if self.rows[j] == NO_ROW and self.estimate(j) >= self.threshold]
         # phase B: absent keys, summed, in first-occurrence order
         sums: Dict[int, float] = {}
         for k, s in valid:
@@ -78,6 +84,7 @@ class ReferenceSketch:
         promoted_keys, promoted_rows = [], []
         for j, k in candidates:
             if self.keys[j] == k and self.free:
+                self.scores[j], self.errors[j] = self.estimate(j), 0.0  # a hot slot keeps its estimate
                 self.rows[j] = self.free.pop()
                 promoted_keys.append(k)
                 promoted_rows.append(self.rows[j])
@@ -95,12 +102,13 @@ class ReferenceSketch:
         slots = range(base, base + self.slots)
         for j in slots:
             if self.keys[j] == EMPTY:
-                self.keys[j], self.scores[j], self.rows[j] = key, score, NEWCOMER
+                self.keys[j], self.scores[j], self.errors[j], self.newcomer[j] = key, score, 0.0, True
                 return
         victims = [j for j in slots if self.rows[j] < 0]  # any slot without a hot row
         if victims:
             j = min(victims, key=lambda v: (self.scores[v], v))
-            self.keys[j], self.scores[j], self.rows[j] = key, f32(self.scores[j] + score), NEWCOMER
+            evicted = self.scores[j]
+            self.keys[j], self.scores[j], self.errors[j], self.newcomer[j] = key, f32(evicted + score), error32(evicted), True
 
     def _decay(self) -> List[int]:
         demoted = []
@@ -109,8 +117,9 @@ class ReferenceSketch:
             if self.rows[j] >= 0 and d < self.threshold:
                 demoted.append(self.rows[j])
                 self.free.append(self.rows[j])
-                self.rows[j] = NO_ROW
+                self.rows[j], self.newcomer[j] = NO_ROW, False
             self.scores[j] = d
+            self.errors[j] = error32(f32(self.errors[j] * f32(self.decay)))
         self.total = 0.0
         return demoted
 
@@ -119,7 +128,12 @@ class ReferenceSketch:
         j = self._slot_of(key)
         return (max(self.rows[j], NO_ROW), self.scores[j]) if j is not None else (NO_ROW, 0.0)
 
+    def estimate(self, j: int) -> float:
+        """Slot j's score less half its error."""
+        return f32(self.scores[j] - 0.5 * self.errors[j])
+
     def is_medium(self, key: int, medium_threshold: float) -> bool:
-        """Held, confirmed, without a hot row, and scored at least the medium threshold."""
+        """Held, confirmed, without a hot row, and estimated at least the medium threshold."""
         j = self._slot_of(key)
-        return j is not None and self.rows[j] == NO_ROW and self.scores[j] >= medium_threshold
+        return (j is not None and self.rows[j] == NO_ROW and not self.newcomer[j]
+                and self.estimate(j) >= medium_threshold)

@@ -61,6 +61,7 @@ def test_dlrm_training_matches_reference(optimizer: str, multi_level: bool, kern
         assert group.sketch.slot_keys.tolist() == ref_ebc.sketch.keys, f"sketch keys differ at step {step}"
         assert group.sketch.slot_rows.tolist() == ref_ebc.sketch.rows, f"hot rows differ at step {step}"
         torch.testing.assert_close(group.sketch.slot_scores, torch.tensor(ref_ebc.sketch.scores), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(group.sketch.slot_errors, torch.tensor(ref_ebc.sketch.errors), rtol=1e-4, atol=1e-4)
         weight = ebc.physical.embedding_bags[ebc.plan.groups[0].name].weight
         torch.testing.assert_close(weight, ref_ebc.weight.detach(), rtol=1e-4, atol=1e-5)
     assert promotions > 10 and demotions > 0, (promotions, demotions)

@@ -52,6 +52,8 @@ def test_batched_insert_equals_sequential_reference(kernel: str) -> None:
         assert sk.slot_keys.tolist() == ref.keys
         assert sk.slot_scores.tolist() == ref.scores
         assert sk.slot_rows.tolist() == ref.rows
+        assert sk.slot_errors.tolist() == ref.errors
+        assert sk.slot_newcomers.tolist() == ref.newcomer
         free = sk.free_rows[: int(sk.free_count[0])].tolist()
         assert free == ref.free
         assert float(sk.total_score[0]) == pytest.approx(ref.total, rel=1e-12)
@@ -71,7 +73,9 @@ def test_cpp_and_torch_kernels_agree_on_real_valued_scores() -> None:
         ra, rb = a.insert(keys, scores), b.insert(keys, scores)
         assert torch.equal(ra.promoted_keys, rb.promoted_keys) and torch.equal(ra.promoted_rows, rb.promoted_rows)
         assert torch.equal(a.slot_keys, b.slot_keys) and torch.equal(a.slot_rows, b.slot_rows)
+        assert torch.equal(a.slot_newcomers, b.slot_newcomers)
         torch.testing.assert_close(a.slot_scores, b.slot_scores, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.slot_errors, b.slot_errors, rtol=1e-5, atol=1e-5)
         qa, qb = a.query(keys), b.query(keys)
         assert torch.equal(qa[0], qb[0]) and torch.equal(qa[1], qb[1])
 
@@ -173,11 +177,30 @@ def test_a_newcomer_is_medium_only_after_a_later_hit(kernel: str) -> None:
     assert sk.query(torch.tensor([a, b]))[1].tolist() == [False, False]  # new, though scored >= 2
     sk.insert(torch.tensor([a, b]), torch.tensor([0.0, 0.0]))
     assert sk.query(torch.tensor([a, b]))[1].tolist() == [True, True]  # hit again: confirmed
-    sk.insert(torch.tensor([c]), torch.tensor([0.1]))  # evicts a (the minimum), inherits 3.1
+    sk.insert(torch.tensor([c]), torch.tensor([1.0]))  # evicts a (the minimum): score 4, error 3, estimate 2.5
     assert sk.slot_keys.tolist().count(c) == 1 and a not in sk.slot_keys.tolist()
     assert sk.query(torch.tensor([c]))[1].tolist() == [False]
-    sk.insert(torch.tensor([c]), torch.tensor([0.1]))
+    sk.insert(torch.tensor([c]), torch.tensor([0.0]))
     assert sk.query(torch.tensor([c]))[1].tolist() == [True]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_promotion_and_medium_discount_half_the_inherited_score(kernel: str) -> None:
+    """A newcomer's Space-Saving score includes the evicted key's; the sketch estimates its own
+    share as score - error / 2, so the evicted score alone cannot make it hot or medium."""
+    sk = HotSketch(hot_capacity=4, threshold=10.0, num_buckets=1, slots_per_bucket=1, medium_threshold=6.0,
+                   decay_trigger=1e9, kernel=kernel)
+    a, b = mix64(torch.arange(2), 4).tolist()
+    sk.insert(torch.tensor([a]), torch.tensor([8.0]))
+    sk.insert(torch.tensor([b]), torch.tensor([1.0]))  # evicts a: score 9, error 8, estimate 5
+    assert sk.slot_keys.tolist() == [b] and sk.slot_errors.tolist() == [8.0]
+    res = sk.insert(torch.tensor([b]), torch.tensor([2.0]))  # score 11 >= 10, estimate 7 < 10
+    assert res.promoted_keys.tolist() == [] and sk.query(torch.tensor([b]))[1].tolist() == [True]  # 7 >= 6
+    res = sk.insert(torch.tensor([b]), torch.tensor([3.0]))  # score 14, estimate 10: hot
+    assert res.promoted_keys.tolist() == [b]
+    assert sk.slot_scores.tolist() == [10.0] and sk.slot_errors.tolist() == [0.0]  # the estimate is kept
+    keys, estimates = sk.top_k(1)
+    assert keys.tolist() == [b] and estimates.tolist() == [10.0]
 
 
 @pytest.mark.parametrize("bad", [dict(threshold=0), dict(decay=1.0), dict(medium_threshold=9.0), dict(hot_capacity=-1), dict(kernel="x")])

@@ -3,13 +3,22 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace cafe {
 
 constexpr int64_t kEmptyKey = -1;
-constexpr int32_t kNoRow = -1;    // a confirmed slot without a hot row
-constexpr int32_t kNewcomer = -3;  // a slot placed by Space-Saving and not hit since: not medium yet
+constexpr int32_t kNoRow = -1;  // what a query says for a key without a hot row
+
+// A slot's row word is its hot row (>= 0) or, without one, a negative word: the sign bit, the
+// float32 bits of its Space-Saving error (the evicted key's score it inherited) with the two low
+// mantissa bits cleared, and two flags there (the twin of sketch/types.py).
+constexpr int32_t kColdWord = INT32_MIN;  // no hot row, error 0, confirmed
+constexpr int32_t kNewcomerBit = 1;       // placed by Space-Saving, not hit since: not medium yet
+constexpr int32_t kCandidateBit = 2;      // transient inside one insert: a promotion candidate
+constexpr uint32_t kErrorBits = 0x7FFFFFFCu;
+constexpr float kErrorDiscount = 0.5f;    // estimate = score - kErrorDiscount * error
 
 struct Slot {
   int64_t key;
@@ -17,6 +26,27 @@ struct Slot {
   int32_t row;
 };
 static_assert(sizeof(Slot) == 16, "a slot is 16 bytes");
+
+// The row word of a slot without a hot row: error (finite, >= 0) and newcomer flag.
+inline int32_t cold_word(float error, bool newcomer) {
+  uint32_t bits;
+  std::memcpy(&bits, &error, sizeof bits);
+  return static_cast<int32_t>(0x80000000u | (bits & kErrorBits) | static_cast<uint32_t>(newcomer));
+}
+
+// The error a row word holds (meaningful only when word < 0).
+inline float error_of(int32_t word) {
+  const uint32_t bits = static_cast<uint32_t>(word) & kErrorBits;
+  float error;
+  std::memcpy(&error, &bits, sizeof error);
+  return error;
+}
+
+// A slot's estimated score: its score less half its error (meaningful only without a hot row).
+inline float estimate(const Slot& s) { return s.score - kErrorDiscount * error_of(s.row); }
+
+// Held without a hot row and hit since it was placed: may be medium.
+inline bool confirmed_cold(int32_t word) { return (word < 0) & ((word & kNewcomerBit) == 0); }
 
 // splitmix64(x + seed * golden), masked to 63 bits: the twin of cafe_torchrec.hashing.mix64.
 // Used where raw ids enter (the pre-hash); keys are uniform 63-bit values from then on.

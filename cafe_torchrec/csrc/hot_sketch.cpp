@@ -17,12 +17,14 @@
 
 namespace {
 
+using cafe::cold_word;
+using cafe::kCandidateBit;
+using cafe::kColdWord;
 using cafe::kEmptyKey;
-using cafe::kNewcomer;
+using cafe::kNewcomerBit;
 using cafe::kNoRow;
 using cafe::Slot;
 using cafe::slots_of;
-constexpr int32_t kCandidate = -2;  // transient mark during one insert: promotion candidate
 constexpr float kFloatMax = std::numeric_limits<float>::max();
 constexpr int64_t kAhead = 32;  // how many keys ahead a slot is prefetched
 
@@ -78,7 +80,7 @@ at::Tensor to_tensor(const std::vector<int64_t>& v) {
 
 // What phase A leaves for the rest of the insert.
 struct PhaseA {
-  std::vector<int64_t> candidates;  // slot indices marked kCandidate
+  std::vector<int64_t> candidates;  // slot indices marked kCandidateBit
   std::vector<std::pair<int64_t, int64_t>> misses;  // (input position, bucket's first slot)
   int64_t skipped = 0;
   double batch_total = 0.0;
@@ -92,13 +94,13 @@ struct PhaseA {
 PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t multiplier, const int64_t* k,
                const float* s, const int64_t* hints, int64_t n, bool may_promote, float threshold) {
   PhaseA a;
-  Slot dummy{kEmptyKey, 0.0f, 0};  // row 0: never a candidate
+  Slot dummy{kEmptyKey, 0.0f, 0};  // hot row 0: never a candidate
   // always_inline: GCC kept both lambdas as calls per occurrence; inlined, an insert is ~17% faster
   auto add = [&](Slot* t, float v) __attribute__((always_inline)) {
-    t->row = t->row == kNewcomer ? kNoRow : t->row;  // a hit confirms a newcomer
+    t->row &= ~static_cast<int32_t>(static_cast<uint32_t>(t->row) >> 31);  // a hit confirms a newcomer
     t->score = std::min(t->score + v, kFloatMax);
-    if (may_promote && t->row == kNoRow && t->score >= threshold) {
-      t->row = kCandidate;
+    if (may_promote && t->row < 0 && !(t->row & kCandidateBit) && cafe::estimate(*t) >= threshold) {
+      t->row |= kCandidateBit;
       a.candidates.push_back(t - slots);
     }
   };
@@ -175,9 +177,10 @@ int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s,
       if (b[j].row < 0 && (victim < 0 || b[j].score < b[victim].score)) victim = j;
     }
     if (empty >= 0) {
-      b[empty] = Slot{ukeys[u], usums[u], kNewcomer};
+      b[empty] = Slot{ukeys[u], usums[u], cold_word(0.0f, true)};
     } else if (victim >= 0) {
-      b[victim] = Slot{ukeys[u], std::min(b[victim].score + usums[u], kFloatMax), kNewcomer};
+      const float evicted = b[victim].score;
+      b[victim] = Slot{ukeys[u], std::min(evicted + usums[u], kFloatMax), cold_word(evicted, true)};
     } else {
       ++dropped;
     }
@@ -219,11 +222,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
     for (int64_t j = 0; j < w * c; ++j) {
       Slot& sl = slots[j];
       const float d = sl.score * decay;
-      if (sl.row >= 0 && d < threshold) {
+      if (sl.row < 0) {
+        sl.row = cold_word(cafe::error_of(sl.row) * decay, sl.row & kNewcomerBit);
+      } else if (d < threshold) {
         demoted_keys.push_back(sl.key);
         demoted_rows.push_back(sl.row);
         fr[fc++] = sl.row;
-        sl.row = kNoRow;
+        sl.row = kColdWord;
       }
       sl.score = d;
     }
@@ -238,13 +243,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
   std::sort(a.candidates.begin(), a.candidates.end());
   std::vector<int64_t> promoted_keys, promoted_rows;
   for (int64_t j : a.candidates) {
-    if (slots[j].row != kCandidate) continue;
+    Slot& sl = slots[j];
+    if (sl.row >= 0 || !(sl.row & kCandidateBit)) continue;
     if (fc > 0) {
-      slots[j].row = fr[--fc];
-      promoted_keys.push_back(slots[j].key);
-      promoted_rows.push_back(slots[j].row);
+      sl.score = cafe::estimate(sl);  // a hot slot keeps its estimate, no error
+      sl.row = fr[--fc];
+      promoted_keys.push_back(sl.key);
+      promoted_rows.push_back(sl.row);
     } else {
-      slots[j].row = kNoRow;
+      sl.row &= ~kCandidateBit;
     }
   }
   at::Tensor counts = at::empty({3}, at::kLong);
@@ -277,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor> sketch_query(const at::Tensor& slots_t, const
       const bool found = j < c;
       const Slot slot = b[found ? j : 0];
       r[i] = cafe::select(found & (slot.row >= 0), slot.row, kNoRow);
-      m[i] = found & (slot.row == kNoRow) & (slot.score >= medium);
+      m[i] = found & cafe::confirmed_cold(slot.row) & (cafe::estimate(slot) >= medium);
     }
   });
   return {rows, is_medium};

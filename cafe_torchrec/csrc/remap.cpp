@@ -68,7 +68,7 @@ void lookup_run(const Slot* slots, const int64_t* keys, const int64_t* bases, in
     p[i] = cafe::select(hot, slot.row, off1 + cafe::bounded(cafe::fold(key, kLevel1Multiplier), rows1));
     hot_count += hot;
     if constexpr (kMultiLevel) {
-      const bool med = found & (slot.row == cafe::kNoRow) & (slot.score >= medium_threshold);
+      const bool med = found & cafe::confirmed_cold(slot.row) & (cafe::estimate(slot) >= medium_threshold);
       l2[i] = off2 + cafe::bounded(cafe::fold(key, kLevel2Multiplier), rows2);
       m[i] = med;
       medium_count += med;

@@ -9,9 +9,19 @@ from torch import nn
 
 from cafe_torchrec.hashing import MAX_BOUND, odd_multiplier
 from cafe_torchrec.sketch import cpp_kernel, torch_kernel
-from cafe_torchrec.sketch.types import EMPTY_KEY, NO_ROW, InsertParams, InsertResult, SketchState
+from cafe_torchrec.sketch.types import (
+    COLD_WORD,
+    EMPTY_KEY,
+    NEWCOMER_BIT,
+    NO_ROW,
+    InsertParams,
+    InsertResult,
+    SketchState,
+    errors_of,
+    estimates_of,
+)
 
-SLOT_BYTES = 16  # int64 key + float32 score + int32 hot row (the paper's 12 B with 32-bit keys)
+SLOT_BYTES = 16  # int64 key + float32 score + int32 hot row or error (the paper's 12 B with 32-bit keys)
 FREE_ROW_BYTES = 4
 
 
@@ -78,8 +88,33 @@ class HotSketch(nn.Module):
 
     @property
     def slot_rows(self) -> torch.Tensor:
-        """[W*C] int32 view of the slot hot rows (-1 = none)."""
-        return self.state().rows
+        """[W*C] int32 hot row per slot (-1 = none), decoded from the row words (a copy)."""
+        words = self.state().words
+        return torch.where(words >= 0, words, NO_ROW)
+
+    @property
+    def slot_errors(self) -> torch.Tensor:
+        """[W*C] float32 Space-Saving error per slot: the evicted key's score it inherited (0 if hot)."""
+        return errors_of(self.state().words)
+
+    @property
+    def slot_newcomers(self) -> torch.Tensor:
+        """[W*C] bool: the slot was placed by Space-Saving and no later batch has hit it."""
+        words = self.state().words
+        return (words < 0) & ((words & NEWCOMER_BIT) != 0)
+
+    @torch.no_grad()
+    def top_k(self, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The k held keys ranked highest, and their estimated scores: confirmed slots by
+        estimate, then newcomers (most of a newcomer's score is the evicted key's); empty slots never."""
+        self._ensure_ready()
+        state = self.state()
+        held = (state.keys != EMPTY_KEY).nonzero().flatten()
+        estimates = estimates_of(state.scores[held], state.words[held])
+        newcomer = self.slot_newcomers[held]
+        order = torch.argsort(estimates, descending=True, stable=True)
+        order = order[torch.argsort(newcomer[order].to(torch.int8), stable=True)][:k]
+        return state.keys[held[order]], estimates[order]
 
     @property
     def decay_trigger(self) -> float:
@@ -177,11 +212,11 @@ def sketch_nbytes(num_buckets: int, slots_per_bucket: int, hot_capacity: int) ->
 
 
 def _empty_slots(n: int, device: Optional[torch.device]) -> torch.Tensor:
-    """n empty slots: key -1, score 0.0, row -1."""
+    """n empty slots: key -1, score 0.0, no row, error 0."""
     slots = torch.zeros((n, 2), dtype=torch.int64, device=device)
     state = SketchState(slots, slots, slots, slots, 1, 0)
     state.keys.fill_(EMPTY_KEY)
-    state.rows.fill_(NO_ROW)
+    state.words.fill_(COLD_WORD)
     return slots
 
 

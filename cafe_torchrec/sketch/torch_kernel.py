@@ -1,28 +1,34 @@
 """HotSketch insert and query in plain torch ops: the CUDA path, and the spec of the semantics.
 
+A slot holds a key, its Space-Saving score (an upper bound) and a row word: its hot row, or,
+without one, its error (the evicted key's score it inherited; 0 if it took an empty slot) and a
+newcomer flag (see types.COLD_WORD). Its *estimate* is score - error / 2, the middle of
+Space-Saving's bounds [score - error, score]: promotion and the medium level use the estimate,
+so a key is not made hot by the score of the key it evicted.
+
 Query: a key's hot row if it holds one (else -1), and medium = held, confirmed (not a
-newcomer), no hot row, score >= medium_threshold.
+newcomer), no hot row, estimate >= medium_threshold.
 
 Batched semantics (the C++ kernel implements exactly the same):
 1. Inputs whose score is NaN, inf or negative are skipped (counted, never stored).
 2. If total_score > decay_trigger, decay first: every hot slot whose decayed score falls below
-   the threshold frees its row (pushed on the free stack in slot order); all scores *= decay;
-   total_score = 0. A freed row may be reassigned in this call; that is safe because rows are
-   copied after the optimizer update (see migration.py).
+   the threshold frees its row (pushed on the free stack in slot order) and becomes a confirmed
+   slot with error 0; all scores and errors *= decay; total_score = 0. A freed row may be
+   reassigned in this call; that is safe because rows are copied after the optimizer update
+   (see migration.py).
 3. total_score += the batch's valid scores.
 4. Phase A, keys present at the start of the batch: every occurrence adds its score to its
-   slot, in input order (saturating at FLT_MAX); a hit confirms a newcomer's slot (row
-   NEWCOMER -> NO_ROW). Such a slot is a promotion candidate if it ends the phase with
-   score >= threshold and no row.
+   slot, in input order (saturating at FLT_MAX); a hit confirms a newcomer's slot. Such a slot
+   is a promotion candidate if it ends the phase with estimate >= threshold and no row.
 5. Phase B, keys absent at the start: their scores are summed per key and the keys are placed
-   in order of first occurrence (bucket = bounded(fold(key, multiplier), W)): the first empty slot takes
-   (key, s), else the minimum-score non-hot slot (lowest index on ties) takes (key, min + s)
-   (Space-Saving), else (every slot hot) the newcomer is dropped. Hot slots are never
-   replaced and a newcomer is never hot on entry. A placed slot's row is NEWCOMER until a
-   later batch hits it: until then the key is never medium, since most of its score may be
-   the evicted key's (Space-Saving's overestimate). Promotion is not affected.
+   in order of first occurrence (bucket = bounded(fold(key, multiplier), W)): the first empty
+   slot takes (key, s, error 0), else the minimum-score non-hot slot (lowest index on ties)
+   takes (key, min + s, error min) (Space-Saving), else (every slot hot) the newcomer is
+   dropped. Hot slots are never replaced and a newcomer is never hot on entry. A placed slot
+   is a newcomer until a later batch hits it: until then the key is never medium.
 6. Candidates that still hold their slot get free rows in slot order until the stack is
-   empty; the others stay candidates for their next hit.
+   empty, and their score becomes their estimate (a hot slot keeps no error); the others stay
+   candidates for their next hit.
 """
 
 from __future__ import annotations
@@ -33,28 +39,36 @@ import torch
 
 from cafe_torchrec.hashing import bounded, fold
 from cafe_torchrec.sketch.types import (
+    COLD_WORD,
     EMPTY_KEY,
     FLOAT_MAX,
-    NEWCOMER,
+    NEWCOMER_BIT,
     NO_ROW,
     InsertParams,
     InsertResult,
     SketchState,
+    cold_words,
+    errors_of,
+    estimates_of,
 )
 
 
 def decay_(state: SketchState, params: InsertParams) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Decay all scores, free the rows of hot slots that fall below the threshold."""
+    """Decay all scores and errors, free the rows of hot slots that fall below the threshold."""
+    words = state.words
     decayed = state.scores * params.decay
-    leaving = ((state.rows >= 0) & (decayed < params.threshold)).nonzero().flatten()
+    cold = (words < 0).nonzero().flatten()
+    leaving = ((words >= 0) & (decayed < params.threshold)).nonzero().flatten()
     demoted_keys = state.keys[leaving]
-    demoted_rows = state.rows[leaving].long()
+    demoted_rows = words[leaving].long()
+    cold_words_now = words[cold]
+    words[cold] = cold_words(errors_of(cold_words_now) * params.decay, cold_words_now & NEWCOMER_BIT)
     n = int(leaving.numel())
     if n:
         top = int(state.free_count[0])
         state.free_rows[top : top + n] = demoted_rows.to(torch.int32)
         state.free_count += n
-        state.rows[leaving] = NO_ROW
+        words[leaving] = COLD_WORD
     state.scores.copy_(decayed)
     state.total_score.zero_()
     return demoted_keys, demoted_rows
@@ -92,9 +106,11 @@ def insert_(
     touched, inverse = torch.unique(slot[hit], return_inverse=True)
     added = torch.zeros(touched.numel(), dtype=torch.float32, device=device).index_add_(0, inverse, scores[hit])
     state.scores[touched] = torch.clamp(state.scores[touched] + added, max=FLOAT_MAX)
-    touched_rows = state.rows[touched]
-    state.rows[touched] = torch.where(touched_rows == NEWCOMER, NO_ROW, touched_rows)  # a hit confirms a newcomer
-    cand = touched[(state.rows[touched] == NO_ROW) & (state.scores[touched] >= params.threshold)]
+    words = state.words
+    touched_words = words[touched]
+    touched_words = torch.where(touched_words < 0, touched_words & ~NEWCOMER_BIT, touched_words)  # a hit confirms
+    words[touched] = touched_words
+    cand = touched[(touched_words < 0) & (estimates_of(state.scores[touched], touched_words) >= params.threshold)]
     cand_keys = state.keys[cand]
     # phase B: absent keys, coalesced, in first-occurrence order
     dropped = _place_newcomers(state, keys[~hit], scores[~hit], base[~hit])
@@ -103,7 +119,8 @@ def insert_(
     n = min(int(cand.numel()), int(state.free_count[0]))
     top = int(state.free_count[0])
     rows = state.free_rows[top - n : top].flip(0).long() if n else empty
-    state.rows[cand[:n]] = rows.to(torch.int32)
+    state.scores[cand[:n]] = estimates_of(state.scores[cand[:n]], words[cand[:n]])
+    words[cand[:n]] = rows.to(torch.int32)
     state.free_count -= n
     return InsertResult(state.keys[cand[:n]], rows, demoted_keys, demoted_rows, skipped, dropped, decayed)
 
@@ -133,33 +150,36 @@ def _place_newcomers(state: SketchState, keys: torch.Tensor, scores: torch.Tenso
     for r in range(int(rank.max()) + 1):
         idx = (rank == r).nonzero().flatten()
         k, s, slots = ukeys[idx], usums[idx], ubase[idx, None] + offsets
-        kb, sb, rb = state.keys[slots], state.scores[slots], state.rows[slots]
+        kb, sb, rb = state.keys[slots], state.scores[slots], state.words[slots]
         is_empty = kb == EMPTY_KEY
         fill = is_empty.any(1)
         fill_slot = slots[fill, is_empty[fill].int().argmax(1)]
         state.keys[fill_slot] = k[fill]
         state.scores[fill_slot] = s[fill]
-        state.rows[fill_slot] = NEWCOMER
+        state.words[fill_slot] = COLD_WORD | NEWCOMER_BIT
         full = ~fill
         non_hot = rb[full] < 0
         has_victim = non_hot.any(1)
         dropped += int((~has_victim).sum())
         col = torch.where(non_hot, sb[full], torch.inf).argmin(1)[has_victim]
         victim = slots[full][has_victim, col]
+        evicted = sb[full][has_victim, col]
         state.keys[victim] = k[full][has_victim]
-        state.scores[victim] = torch.clamp(sb[full][has_victim, col] + s[full][has_victim], max=FLOAT_MAX)
-        state.rows[victim] = NEWCOMER
+        state.scores[victim] = torch.clamp(evicted + s[full][has_victim], max=FLOAT_MAX)
+        state.words[victim] = cold_words(evicted, NEWCOMER_BIT)
     return dropped
 
 
 def query(
     state: SketchState, keys: torch.Tensor, medium_threshold: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Hot row per key (int64, -1 if none) and whether a non-hot key is medium (score >= medium)."""
+    """Hot row per key (int64, -1 if none) and whether a non-hot key is medium (confirmed,
+    estimate >= medium)."""
     _, slot = find_slots(state, keys)
     found = slot >= 0
     safe = slot.clamp(min=0)
-    raw = state.rows[safe].long()
-    rows = torch.where(found & (raw >= 0), raw, NO_ROW)
-    medium = found & (raw == NO_ROW) & (state.scores[safe] >= medium_threshold)
+    word = state.words[safe]
+    rows = torch.where(found & (word >= 0), word.long(), NO_ROW)
+    confirmed_cold = (word < 0) & ((word & NEWCOMER_BIT) == 0)
+    medium = found & confirmed_cold & (estimates_of(state.scores[safe], word) >= medium_threshold)
     return rows, medium

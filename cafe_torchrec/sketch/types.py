@@ -7,9 +7,33 @@ from dataclasses import dataclass
 import torch
 
 EMPTY_KEY = -1  # key of an unused slot (real keys are non-negative 63-bit hashes)
-NO_ROW = -1  # row of a confirmed slot without a hot row
-NEWCOMER = -3  # row of a slot Space-Saving placed and no later batch has hit: never medium
+NO_ROW = -1  # what a query and slot_rows say for a key without a hot row
 FLOAT_MAX = 3.4028234663852886e38
+
+# The row word of a slot is its hot row (>= 0) or, without one, a negative word: the sign bit,
+# the float32 bits of the slot's Space-Saving error (the evicted key's score it inherited, two
+# low mantissa bits cleared) and two flags in those bits.
+COLD_WORD = -(2**31)  # no hot row, error 0, confirmed (also an empty slot's word)
+NEWCOMER_BIT = 1  # placed by Space-Saving and no later batch has hit it: never medium
+CANDIDATE_BIT = 2  # transient, inside one C++ insert: a promotion candidate
+ERROR_BITS = 0x7FFFFFFC
+ERROR_DISCOUNT = 0.5  # estimate = score - ERROR_DISCOUNT x error (the middle of Space-Saving's bounds)
+
+
+def cold_words(errors: torch.Tensor, newcomer: torch.Tensor | int) -> torch.Tensor:
+    """Row words [N] int32 of slots without a hot row, from float32 errors [N] and newcomer flags."""
+    return (errors.view(torch.int32) & ERROR_BITS) | COLD_WORD | newcomer
+
+
+def errors_of(words: torch.Tensor) -> torch.Tensor:
+    """Space-Saving errors [N] float32 of row words [N] int32 (0 for hot slots)."""
+    return torch.where(words < 0, (words & ERROR_BITS).view(torch.float32), 0.0)
+
+
+def estimates_of(scores: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Estimated scores [N] float32: a slot's score less half its error, the score it would have
+    had with the evicted key's share split evenly (Space-Saving only bounds it: [score - error, score])."""
+    return scores - ERROR_DISCOUNT * errors_of(words)
 
 
 @dataclass
@@ -17,8 +41,8 @@ class SketchState:
     """The mutable tensors of one HotSketch; kernels update them in place.
 
     slots [W*C, 2] int64 is an array of 16-byte slots, so a bucket of 4 is one 64-byte cache
-    line: word 0 is the key, word 1 packs the float32 score (low half) and the int32 hot row
-    (high half; little-endian). free_rows [H] int32 is a stack whose first free_count[0]
+    line: word 0 is the key, word 1 packs the float32 score (low half) and the int32 row word
+    (high half; little-endian): the hot row, or the error and flags of a slot without one. free_rows [H] int32 is a stack whose first free_count[0]
     entries are free hot rows; total_score [1] float64 is the score inserted since the last decay.
     """
 
@@ -42,7 +66,8 @@ class SketchState:
         return self.slots.view(torch.float32)[:, 2]
 
     @property
-    def rows(self) -> torch.Tensor:
+    def words(self) -> torch.Tensor:
+        """[W*C] int32 row words (see COLD_WORD)."""
         return self.slots.view(torch.int32)[:, 3]
 
 
