@@ -21,7 +21,7 @@ from cafe_torchrec.distributed import CafeEmbeddingBagCollectionSharder
 from cafe_torchrec.feature_map import KEY_SPACE
 from cafe_torchrec.migration import row_store
 from cafe_torchrec.remap import CafeGroupRemap
-from cafe_torchrec.sketch.types import errors_of
+from cafe_torchrec.sketch.types import errors_of, hot_rows_of
 from tests.dist_utils import run_ranks
 from tests.helpers import tables, zipf_kjt
 
@@ -33,7 +33,7 @@ GROUP = "cafe_dim8"
 def assert_same_rows_and_errors(slots: torch.Tensor, expected: torch.Tensor, who: str) -> None:
     """Same hot row per slot, and Space-Saving errors equal up to float summation order."""
     words, want = slots.view(-1, 2).view(torch.int32)[:, 3], expected.view(torch.int32)[:, 3]
-    assert torch.equal(torch.where(words >= 0, words, -1), torch.where(want >= 0, want, -1)), f"{who} hot rows"
+    assert torch.equal(hot_rows_of(words), hot_rows_of(want)), f"{who} hot rows"
     torch.testing.assert_close(errors_of(words), errors_of(want), rtol=1e-4, atol=1e-5, msg=f"{who} errors")
 
 

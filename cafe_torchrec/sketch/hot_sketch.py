@@ -12,13 +12,13 @@ from cafe_torchrec.sketch import cpp_kernel, torch_kernel
 from cafe_torchrec.sketch.types import (
     COLD_WORD,
     EMPTY_KEY,
-    NEWCOMER_BIT,
-    NO_ROW,
     InsertParams,
     InsertResult,
     SketchState,
     errors_of,
     estimates_of,
+    hot_rows_of,
+    newcomers_of,
 )
 
 SLOT_BYTES = 16  # int64 key + float32 score + int32 hot row or error (the paper's 12 B with 32-bit keys)
@@ -89,8 +89,7 @@ class HotSketch(nn.Module):
     @property
     def slot_rows(self) -> torch.Tensor:
         """[W*C] int32 hot row per slot (-1 = none), decoded from the row words (a copy)."""
-        words = self.state().words
-        return torch.where(words >= 0, words, NO_ROW)
+        return hot_rows_of(self.state().words)
 
     @property
     def slot_errors(self) -> torch.Tensor:
@@ -100,8 +99,7 @@ class HotSketch(nn.Module):
     @property
     def slot_newcomers(self) -> torch.Tensor:
         """[W*C] bool: the slot was placed by Space-Saving and no later batch has hit it."""
-        words = self.state().words
-        return (words < 0) & ((words & NEWCOMER_BIT) != 0)
+        return newcomers_of(self.state().words)
 
     @torch.no_grad()
     def top_k(self, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +108,9 @@ class HotSketch(nn.Module):
         self._ensure_ready()
         state = self.state()
         held = (state.keys != EMPTY_KEY).nonzero().flatten()
-        estimates = estimates_of(state.scores[held], state.words[held])
-        newcomer = self.slot_newcomers[held]
+        words = state.words[held]
+        estimates = estimates_of(state.scores[held], words)
+        newcomer = newcomers_of(words)
         order = torch.argsort(estimates, descending=True, stable=True)
         order = order[torch.argsort(newcomer[order].to(torch.int8), stable=True)][:k]
         return state.keys[held[order]], estimates[order]

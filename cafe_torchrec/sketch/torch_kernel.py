@@ -50,6 +50,7 @@ from cafe_torchrec.sketch.types import (
     cold_words,
     errors_of,
     estimates_of,
+    newcomers_of,
 )
 
 
@@ -180,6 +181,5 @@ def query(
     safe = slot.clamp(min=0)
     word = state.words[safe]
     rows = torch.where(found & (word >= 0), word.long(), NO_ROW)
-    confirmed_cold = (word < 0) & ((word & NEWCOMER_BIT) == 0)
-    medium = found & confirmed_cold & (estimates_of(state.scores[safe], word) >= medium_threshold)
+    medium = found & (word < 0) & ~newcomers_of(word) & (estimates_of(state.scores[safe], word) >= medium_threshold)
     return rows, medium

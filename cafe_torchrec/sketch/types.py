@@ -12,10 +12,10 @@ FLOAT_MAX = 3.4028234663852886e38
 
 # The row word of a slot is its hot row (>= 0) or, without one, a negative word: the sign bit,
 # the float32 bits of the slot's Space-Saving error (the evicted key's score it inherited, two
-# low mantissa bits cleared) and two flags in those bits.
+# low mantissa bits cleared) and two flags in those bits (bit 1 is the C++ insert's transient
+# promotion-candidate mark).
 COLD_WORD = -(2**31)  # no hot row, error 0, confirmed (also an empty slot's word)
 NEWCOMER_BIT = 1  # placed by Space-Saving and no later batch has hit it: never medium
-CANDIDATE_BIT = 2  # transient, inside one C++ insert: a promotion candidate
 ERROR_BITS = 0x7FFFFFFC
 ERROR_DISCOUNT = 0.5  # estimate = score - ERROR_DISCOUNT x error (the middle of Space-Saving's bounds)
 
@@ -30,6 +30,16 @@ def errors_of(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words < 0, (words & ERROR_BITS).view(torch.float32), 0.0)
 
 
+def hot_rows_of(words: torch.Tensor) -> torch.Tensor:
+    """Hot row [N] int32 of row words [N] int32 (NO_ROW without one)."""
+    return torch.where(words >= 0, words, NO_ROW)
+
+
+def newcomers_of(words: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the row word is a newcomer's (no hot row, not hit since it was placed)."""
+    return (words < 0) & ((words & NEWCOMER_BIT) != 0)
+
+
 def estimates_of(scores: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     """Estimated scores [N] float32: a slot's score less half its error, the score it would have
     had with the evicted key's share split evenly (Space-Saving only bounds it: [score - error, score])."""
@@ -42,8 +52,8 @@ class SketchState:
 
     slots [W*C, 2] int64 is an array of 16-byte slots, so a bucket of 4 is one 64-byte cache
     line: word 0 is the key, word 1 packs the float32 score (low half) and the int32 row word
-    (high half; little-endian): the hot row, or the error and flags of a slot without one. free_rows [H] int32 is a stack whose first free_count[0]
-    entries are free hot rows; total_score [1] float64 is the score inserted since the last decay.
+    (high half; little-endian): the hot row, or the error and flags of a slot without one.
+    free_rows [H] int32 is a stack whose first free_count[0] entries are free hot rows; total_score [1] float64 is the score inserted since the last decay.
     """
 
     slots: torch.Tensor
