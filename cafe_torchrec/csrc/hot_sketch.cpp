@@ -78,10 +78,13 @@ at::Tensor to_tensor(const std::vector<int64_t>& v) {
   return t;
 }
 
-// What phase A leaves for the rest of the insert.
+// What phase A leaves for the rest of the insert: views into this thread's scratch buffers.
 struct PhaseA {
-  std::vector<int64_t> candidates;  // slot indices marked kCandidateBit
-  std::vector<std::pair<int64_t, int64_t>> misses;  // (input position, bucket's first slot)
+  const int64_t* candidates;  // slot indices marked kCandidateBit
+  int64_t num_candidates = 0;
+  const int64_t* miss_positions;  // input position of each occurrence whose key is absent
+  const int64_t* miss_bases;  // and its bucket's first slot
+  int64_t num_misses = 0;
   int64_t skipped = 0;
   double batch_total = 0.0;
 };
@@ -91,25 +94,29 @@ struct PhaseA {
 // holds the key, branch-free: one prefetched direct access each (a miss adds to a dummy slot).
 // The other valid occurrences are queued for pass 2, which probes their buckets. All
 // occurrences of one key share one hint, so each slot still sees its key's scores in input order.
+// The loops write raw scratch arrays and call nothing: a push_back in them made GCC keep the
+// counters and the batch total in memory, a store-to-load chain through every occurrence.
 PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t multiplier, const int64_t* k,
                const float* s, const int64_t* hints, int64_t n, bool may_promote, float threshold) {
-  PhaseA a;
   Slot dummy{kEmptyKey, 0.0f, 0};  // hot row 0: never a candidate
+  int64_t* candidates = cafe::scratch(3, n);  // a slot is marked once, so at most n
+  int64_t num_candidates = 0;
   // always_inline: GCC kept both lambdas as calls per occurrence; inlined, an insert is ~17% faster
   auto add = [&](Slot* t, float v) __attribute__((always_inline)) {
     t->row &= ~static_cast<int32_t>(static_cast<uint32_t>(t->row) >> 31);  // a hit confirms a newcomer
     t->score = std::min(t->score + v, kFloatMax);
     if (may_promote && t->row < 0 && !(t->row & kCandidateBit) && cafe::estimate(*t) >= threshold) {
       t->row |= kCandidateBit;
-      a.candidates.push_back(t - slots);
+      candidates[num_candidates++] = t - slots;
     }
   };
   int64_t* queue = cafe::scratch(1, n);
-  int64_t queued = 0;
+  int64_t queued = 0, skipped = 0;
+  double batch_total = 0.0;
   const auto occurrence = [&](int64_t i, int64_t h) __attribute__((always_inline)) {
     const float v = s[i];
-    if (!valid_score(v)) { ++a.skipped; return; }
-    a.batch_total += static_cast<double>(v);
+    if (!valid_score(v)) { ++skipped; return; }
+    batch_total += static_cast<double>(v);
     const bool in_range = static_cast<uint64_t>(h) < static_cast<uint64_t>(num_slots);
     const bool hit = in_range & (slots[in_range ? h : 0].key == k[i]);
     add(hit ? slots + h : &dummy, hit ? v : 0.0f);
@@ -126,33 +133,33 @@ PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t mul
     }
     for (; i < n; ++i) occurrence(i, hints[i]);
   }
-  a.misses.reserve(queued);
   int64_t* bases = cafe::scratch(2, queued + kAhead);
   for (int64_t q = 0; q < queued; ++q) bases[q] = cafe::bucket_base(k[queue[q]], multiplier, w, c);
   for (int64_t q = queued; q < queued + kAhead; ++q) bases[q] = 0;
+  int64_t misses = 0;  // compacted in place: entry `misses` <= q is never read again
   for (int64_t q = 0; q < queued; ++q) {
     __builtin_prefetch(slots + bases[q + kAhead]);
-    const int64_t i = queue[q];
-    Slot* b = slots + bases[q];
+    const int64_t i = queue[q], base = bases[q];
+    Slot* b = slots + base;
     const int64_t j = c == 4 ? cafe::find4(b, k[i]) : cafe::find_any(b, c, k[i]);
     if (j < c) {
       add(b + j, s[i]);
     } else {
-      a.misses.emplace_back(i, bases[q]);
+      queue[misses] = i;
+      bases[misses++] = base;
     }
   }
-  return a;
+  return PhaseA{candidates, num_candidates, queue, bases, misses, skipped, batch_total};
 }
 
 // Phase B: the misses, their scores summed per key, in order of first occurrence, take the
 // first empty slot of their bucket, else replace its minimum non-hot slot (Space-Saving), else
 // are dropped. Returns how many were dropped.
-int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s,
-                const std::vector<std::pair<int64_t, int64_t>>& misses) {
-  const int64_t n = static_cast<int64_t>(misses.size());
+int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s, const PhaseA& a) {
+  const int64_t n = a.num_misses;
   MissIndex index(n);
-  int64_t* homes = cafe::scratch(1, n + kAhead);
-  for (int64_t m = 0; m < n; ++m) homes[m] = static_cast<int64_t>(index.home(k[misses[m].first]));
+  int64_t* homes = cafe::scratch(0, n + kAhead);  // 0: free while an insert runs (remap's)
+  for (int64_t m = 0; m < n; ++m) homes[m] = static_cast<int64_t>(index.home(k[a.miss_positions[m]]));
   for (int64_t m = n; m < n + kAhead; ++m) homes[m] = 0;
   std::vector<int64_t> ukeys, ubases;
   std::vector<float> usums;
@@ -161,7 +168,7 @@ int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s,
   usums.reserve(n);
   for (int64_t m = 0; m < n; ++m) {
     index.prefetch(static_cast<uint64_t>(homes[m + kAhead]));
-    const auto& [i, base] = misses[m];
+    const int64_t i = a.miss_positions[m], base = a.miss_bases[m];
     bool added;
     const int32_t u = index.find_or_add(k[i], static_cast<uint64_t>(homes[m]), static_cast<int32_t>(ukeys.size()), &added);
     if (added) { ukeys.push_back(k[i]); ubases.push_back(base); usums.push_back(s[i]); }
@@ -237,12 +244,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
 
   PhaseA a = phase_a(slots, w * c, w, c, multiplier, k, s, hints, n, fc > 0, threshold);
   total += a.batch_total;
-  const int64_t dropped = phase_b(slots, c, k, s, a.misses);
+  const int64_t dropped = phase_b(slots, c, k, s, a);
 
   // promotions in slot order; a replaced candidate lost its mark in phase B
-  std::sort(a.candidates.begin(), a.candidates.end());
+  std::vector<int64_t> candidates(a.candidates, a.candidates + a.num_candidates);
+  std::sort(candidates.begin(), candidates.end());
   std::vector<int64_t> promoted_keys, promoted_rows;
-  for (int64_t j : a.candidates) {
+  for (int64_t j : candidates) {
     Slot& sl = slots[j];
     if (sl.row >= 0 || !(sl.row & kCandidateBit)) continue;
     if (fc > 0) {
