@@ -53,11 +53,13 @@ def throughput(batch: int) -> List[list]:
     return rows
 
 
-def step_cost(batch_size: int, ratio: float, dim: int = 16, rounds: int = 15) -> List[list]:
+def step_cost(batch_size: int, ratio: float, dim: int = 16, multi_level: bool = False, rounds: int = 15) -> List[list]:
     """CAFE's per-step id work for one DLRM batch against the FBGEMM TBE forward+backward over
     the same physical table, sized as CafeEmbeddingBagCollection sizes the 26 Criteo Kaggle
-    tables at `ratio` and `dim` (the sketch's work does not depend on `dim`; the TBE's does). Every timed call gets a fresh batch of the same Zipf stream (a sketch
-    that has seen the stream, not the batch). A round times the four candidates back to back;
+    tables at `ratio` and `dim` (the sketch's work does not depend on `dim`; the TBE's does).
+    `multi_level`: CAFE-ML's lookup (medium test, level-2 rows); its TBE still takes one row per
+    bag, the lower bound of CAFE-ML's own. Every timed call gets a fresh batch of the same Zipf
+    stream (a sketch that has seen the stream, not the batch). A round times the four candidates back to back;
     the ratios are medians over rounds of the per-round ratios (a slow spell of the shared
     machine hits one round's candidates alike), the ms columns medians of the times."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -77,7 +79,7 @@ def step_cost(batch_size: int, ratio: float, dim: int = 16, rounds: int = 15) ->
     available()  # builds the C++ ops before their first direct use below
     tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"f{i}"])
               for i, n in enumerate(KAGGLE_CARDINALITIES)]
-    ebc = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=ratio))
+    ebc = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=ratio, multi_level=multi_level))
     layout = ebc.plan.groups[0]
     group = ebc.groups[layout.name]
     num_features = len(layout.features)
@@ -150,7 +152,7 @@ def step_cost(batch_size: int, ratio: float, dim: int = 16, rounds: int = 15) ->
 
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     n = batch_size * num_features
-    return [[f"{ratio:g}x", dim, f"{layout.hot_rows:,}", f"{layout.physical_rows:,}", n, ms["tbe"], ms["sketch"], ms["cafe"],
+    return [[f"{ratio:g}x", "CAFE-ML" if multi_level else "CAFE", dim, f"{layout.hot_rows:,}", f"{layout.physical_rows:,}", n, ms["tbe"], ms["sketch"], ms["cafe"],
              median_ratio("sketch"), median_ratio("cafe"), median_ratio("step") - 1]]
 
 
@@ -256,8 +258,9 @@ def main() -> None:
     print("and what a whole CAFE step adds to the TBE step when scoring and insert run on the background")
     print("thread during the TBE backward (the module's default; it needs a second core)")
     print("(d=16 is the paper's Criteo dim and examples/dlrm's default, d=128 MLPerf DLRM's: the same sketch work, a larger TBE)")
-    cost = [row for ratio, dim in ((1000.0, 16), (100.0, 16), (1000.0, 64), (1000.0, 128)) for row in step_cost(4096, ratio, dim)]
-    print(table(["ratio", "dim", "hot rows", "table rows", "ids", "TBE ms", "sketch ms", "CAFE ms", "sketch/TBE", "CAFE/TBE",
+    cases = ((1000.0, 16, False), (1000.0, 16, True), (100.0, 16, False), (1000.0, 64, False), (1000.0, 128, False))
+    cost = [row for ratio, dim, ml in cases for row in step_cost(4096, ratio, dim, ml)]
+    print(table(["ratio", "method", "dim", "hot rows", "table rows", "ids", "TBE ms", "sketch ms", "CAFE ms", "sketch/TBE", "CAFE/TBE",
                  "added to step"], cost))
     torch.set_num_threads(threads)
     print("\nRecall of the true top-k at the paper's memory (4 slots per hot row), by slots per bucket c")
