@@ -43,15 +43,15 @@ class MissIndex {
   }
   uint64_t home(int64_t key) const { return (static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ULL >> 20) & mask_; }
   void prefetch(uint64_t home) const { __builtin_prefetch(table_.data() + home); }
-  // Index of key (probing from its home); if absent, stores next and sets *added.
-  int32_t find_or_add(int64_t key, uint64_t i, int32_t next, bool* added) {
+  // Index of key (probing from its home); if absent, stores and returns next (so the caller
+  // knows it was added: every stored index is below next).
+  int32_t find_or_add(int64_t key, uint64_t i, int32_t next) {
     Entry* t = table_.data();
     while (t[i].key != kEmptyKey) {
-      if (t[i].key == key) { *added = false; return t[i].index; }
+      if (t[i].key == key) return t[i].index;
       i = (i + 1) & mask_;
     }
     t[i] = Entry{key, next};
-    *added = true;
     return next;
   }
 
@@ -82,8 +82,8 @@ at::Tensor to_tensor(const std::vector<int64_t>& v) {
 struct PhaseA {
   const int64_t* candidates;  // slot indices marked kCandidateBit
   int64_t num_candidates = 0;
-  const int64_t* miss_positions;  // input position of each occurrence whose key is absent
-  const int64_t* miss_bases;  // and its bucket's first slot
+  int64_t* miss_positions;  // input position of each occurrence whose key is absent
+  int64_t* miss_bases;  // and its bucket's first slot
   int64_t num_misses = 0;
   int64_t skipped = 0;
   double batch_total = 0.0;
@@ -160,39 +160,46 @@ PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t mul
 // Phase B: the misses, their scores summed per key, in order of first occurrence, take the
 // first empty slot of their bucket, else replace its minimum non-hot slot (Space-Saving), else
 // are dropped. Returns how many were dropped.
-int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s, const PhaseA& a) {
+// Coalescing compacts a's miss arrays in place into one entry per key (entry u <= m is never
+// read again), so the loops write raw arrays and call nothing.
+int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s, PhaseA& a) {
   const int64_t n = a.num_misses;
   MissIndex index(n);
   int64_t* homes = cafe::scratch(0, n + kAhead);  // 0: free while an insert runs (remap's)
   for (int64_t m = 0; m < n; ++m) homes[m] = static_cast<int64_t>(index.home(k[a.miss_positions[m]]));
   for (int64_t m = n; m < n + kAhead; ++m) homes[m] = 0;
-  std::vector<int64_t> ukeys, ubases;
-  std::vector<float> usums;
-  ukeys.reserve(n);
-  ubases.reserve(n);
-  usums.reserve(n);
+  int64_t* upos = a.miss_positions;  // first occurrence of each distinct missing key
+  int64_t* ubases = a.miss_bases;
+  float* usums = reinterpret_cast<float*>(cafe::scratch(4, n));
+  int32_t distinct = 0;
   for (int64_t m = 0; m < n; ++m) {
     index.prefetch(static_cast<uint64_t>(homes[m + kAhead]));
     const int64_t i = a.miss_positions[m], base = a.miss_bases[m];
-    bool added;
-    const int32_t u = index.find_or_add(k[i], static_cast<uint64_t>(homes[m]), static_cast<int32_t>(ukeys.size()), &added);
-    if (added) { ukeys.push_back(k[i]); ubases.push_back(base); usums.push_back(s[i]); }
-    else { usums[u] += s[i]; }
+    const int32_t u = index.find_or_add(k[i], static_cast<uint64_t>(homes[m]), distinct);
+    if (u == distinct) {
+      upos[u] = i;
+      ubases[u] = base;
+      usums[u] = s[i];
+      ++distinct;
+    } else {
+      usums[u] += s[i];
+    }
   }
   int64_t dropped = 0;
-  for (size_t u = 0; u < ukeys.size(); ++u) {
-    if (u + kAhead < ukeys.size()) __builtin_prefetch(slots + ubases[u + kAhead]);
+  for (int32_t u = 0; u < distinct; ++u) {
+    if (u + kAhead < distinct) __builtin_prefetch(slots + ubases[u + kAhead]);
     Slot* b = slots + ubases[u];
+    const int64_t key = k[upos[u]];
     int64_t empty = -1, victim = -1;
     for (int64_t j = 0; j < c; ++j) {
       if (b[j].key == kEmptyKey) { empty = j; break; }
       if (b[j].row < 0 && (victim < 0 || b[j].score < b[victim].score)) victim = j;
     }
     if (empty >= 0) {
-      b[empty] = Slot{ukeys[u], usums[u], cold_word(0.0f, true)};
+      b[empty] = Slot{key, usums[u], cold_word(0.0f, true)};
     } else if (victim >= 0) {
       const float evicted = b[victim].score;
-      b[victim] = Slot{ukeys[u], std::min(evicted + usums[u], kFloatMax), cold_word(evicted, true)};
+      b[victim] = Slot{key, std::min(evicted + usums[u], kFloatMax), cold_word(evicted, true)};
     } else {
       ++dropped;
     }
