@@ -44,22 +44,28 @@ at::Tensor make_keys(const at::Tensor& values, const at::Tensor& length_per_key,
   return keys;
 }
 
-// Rows of one run of keys of table `t` in [begin, end): the probe loop of remap_lookup. `bases`
-// holds each key's bucket (padded by kAhead entries), so buckets are prefetched kAhead keys
-// early; the body is branch-free (hot or not is a coin flip no predictor learns). C is the
-// bucket size when known at compile time, else 0.
+// Rows of one run of keys of table `t` in [begin, end): the probe loop of remap_lookup. Each
+// key's bucket is computed and prefetched kAhead keys early and kept in a small ring until
+// probed (an [N] array of them was ~1.7 MB of extra memory traffic per batch); the body is
+// branch-free (hot or not is a coin flip no predictor learns). C is the bucket size when known
+// at compile time, else 0.
 constexpr int64_t kAhead = 32;
+constexpr int64_t kRingMask = 63;  // a ring of 64 >= kAhead bucket indices, in L1
+static_assert(kRingMask + 1 >= kAhead, "the ring holds the keys in flight");
 
 template <int64_t C, bool kMultiLevel>
-void lookup_run(const Slot* slots, const int64_t* keys, const int64_t* bases, int64_t begin, int64_t end,
-                int64_t c, const int64_t* region, float medium_threshold, int64_t* p, int64_t* l2, bool* m,
-                int64_t* h, int64_t* hot_lookups, int64_t* medium_lookups) {
+void lookup_run(const Slot* slots, const int64_t* keys, int64_t n, int64_t w, int64_t multiplier, int64_t* ring,
+                int64_t begin, int64_t end, int64_t c, const int64_t* region, float medium_threshold, int64_t* p,
+                int64_t* l2, bool* m, int64_t* h, int64_t* hot_lookups, int64_t* medium_lookups) {
   const int64_t off1 = region[0], rows1 = region[1], off2 = region[2], rows2 = region[3];
   const int64_t slots_per_bucket = C > 0 ? C : c;
   int64_t hot_count = 0, medium_count = 0;
   for (int64_t i = begin; i < end; ++i) {
-    __builtin_prefetch(slots + bases[i + kAhead]);
-    const int64_t key = keys[i], base = bases[i];
+    const int64_t ahead = i + kAhead;
+    const int64_t next = ahead < n ? cafe::bucket_base(keys[ahead], multiplier, w, c) : 0;
+    __builtin_prefetch(slots + next);
+    const int64_t key = keys[i], base = ring[i & kRingMask];
+    ring[ahead & kRingMask] = next;
     const int64_t j = C > 0 ? cafe::find4(slots + base, key) : cafe::find_any(slots + base, c, key);
     const bool found = j < slots_per_bucket;
     const Slot slot = slots[base + (found ? j : 0)];
@@ -82,9 +88,8 @@ template <int64_t C, bool kMultiLevel>
 void lookup_loop(const Slot* slots, const int64_t* keys, int64_t n, int64_t w, int64_t c, int64_t multiplier,
                  const int64_t* regions, int64_t tables, float medium_threshold, int64_t* p, int64_t* l2,
                  bool* m, int64_t* h, int64_t* stats) {
-  int64_t* bases = cafe::scratch(0, n + kAhead);
-  for (int64_t i = 0; i < n; ++i) bases[i] = cafe::bucket_base(keys[i], multiplier, w, c);
-  for (int64_t i = n; i < n + kAhead; ++i) bases[i] = 0;
+  int64_t ring[kRingMask + 1];  // the buckets of keys i .. i + kAhead - 1, at index & kRingMask
+  for (int64_t i = 0; i < std::min(n, kAhead); ++i) ring[i] = cafe::bucket_base(keys[i], multiplier, w, c);
   int64_t counts[3] = {0, 0, 0};
   for (int64_t begin = 0, end; begin < n; begin = end) {  // runs of one table (the KJT layout)
     const int64_t t = keys[begin] & kSlotMask;
@@ -92,8 +97,8 @@ void lookup_loop(const Slot* slots, const int64_t* keys, int64_t n, int64_t w, i
     for (end = begin + 1; end < n && (keys[end] & kSlotMask) == t; ++end) {}
     int64_t* count = stats != nullptr ? stats + 3 * t : counts;
     count[0] += end - begin;
-    lookup_run<C, kMultiLevel>(slots, keys, bases, begin, end, c, regions + 4 * t, medium_threshold, p, l2, m, h,
-                               count + 1, count + 2);
+    lookup_run<C, kMultiLevel>(slots, keys, n, w, multiplier, ring, begin, end, c, regions + 4 * t, medium_threshold,
+                               p, l2, m, h, count + 1, count + 2);
   }
 }
 
