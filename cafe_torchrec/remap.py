@@ -32,7 +32,7 @@ class GroupLookup:
     primary: torch.Tensor  # [N] int64
     level2: torch.Tensor  # [N] int64, meaningful where medium (empty when single-level)
     medium: torch.Tensor  # [N] bool (may be empty when single-level)
-    hints: Optional[torch.Tensor]  # [N] int64 slot holding each key (-1 absent), for the insert
+    hints: Optional[torch.Tensor]  # [N] int32 slot holding each key (-1 absent), for the insert
 
 
 @dataclass

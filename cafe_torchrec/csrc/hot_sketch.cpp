@@ -97,7 +97,7 @@ struct PhaseA {
 // The loops write raw scratch arrays and call nothing: a push_back in them made GCC keep the
 // counters and the batch total in memory, a store-to-load chain through every occurrence.
 PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t multiplier, const int64_t* k,
-               const float* s, const int64_t* hints, int64_t n, bool may_promote, float threshold) {
+               const float* s, const int32_t* hints, int64_t n, bool may_promote, float threshold) {
   Slot dummy{kEmptyKey, 0.0f, 0};  // hot row 0: never a candidate
   int64_t* candidates = cafe::scratch(3, n + 1);  // a slot is marked once: at most n, and one written past
   int64_t num_candidates = 0;
@@ -222,8 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
   const at::Tensor is = in_scores.contiguous();
   const at::Tensor ih = in_hints.contiguous();
   const int64_t n = ik.numel();
-  TORCH_CHECK(ih.numel() == 0 || (ih.numel() == n && ih.scalar_type() == at::kLong), "hints: int64 [N] or empty");
-  const int64_t* hints = ih.numel() ? ih.data_ptr<int64_t>() : nullptr;
+  TORCH_CHECK(ih.numel() == 0 || (ih.numel() == n && ih.scalar_type() == at::kInt), "hints: int32 [N] or empty");
+  const int32_t* hints = ih.numel() ? ih.data_ptr<int32_t>() : nullptr;
   const int64_t* k = ik.data_ptr<int64_t>();
   const float* s = is.data_ptr<float>();
   int32_t* fr = free_rows.data_ptr<int32_t>();

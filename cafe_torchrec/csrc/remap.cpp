@@ -56,7 +56,7 @@ static_assert(kRingMask + 1 >= kAhead, "the ring holds the keys in flight");
 template <int64_t C, bool kMultiLevel>
 void lookup_run(const Slot* slots, const int64_t* keys, int64_t n, int64_t w, int64_t multiplier, int64_t* ring,
                 int64_t begin, int64_t end, int64_t c, const int64_t* region, float medium_threshold, int64_t* p,
-                int64_t* l2, bool* m, int64_t* h, int64_t* hot_lookups, int64_t* medium_lookups) {
+                int64_t* l2, bool* m, int32_t* h, int64_t* hot_lookups, int64_t* medium_lookups) {
   const int64_t off1 = region[0], rows1 = region[1], off2 = region[2], rows2 = region[3];
   const int64_t slots_per_bucket = C > 0 ? C : c;
   int64_t hot_count = 0, medium_count = 0;
@@ -70,7 +70,7 @@ void lookup_run(const Slot* slots, const int64_t* keys, int64_t n, int64_t w, in
     const bool found = j < slots_per_bucket;
     const Slot slot = slots[base + (found ? j : 0)];
     const bool hot = found & (slot.row >= 0);
-    h[i] = cafe::select(found, base + j, -1);
+    h[i] = static_cast<int32_t>(cafe::select(found, base + j, -1));
     p[i] = cafe::select(hot, slot.row, off1 + cafe::bounded(cafe::fold(key, kLevel1Multiplier), rows1));
     hot_count += hot;
     if constexpr (kMultiLevel) {
@@ -87,7 +87,7 @@ void lookup_run(const Slot* slots, const int64_t* keys, int64_t n, int64_t w, in
 template <int64_t C, bool kMultiLevel>
 void lookup_loop(const Slot* slots, const int64_t* keys, int64_t n, int64_t w, int64_t c, int64_t multiplier,
                  const int64_t* regions, int64_t tables, float medium_threshold, int64_t* p, int64_t* l2,
-                 bool* m, int64_t* h, int64_t* stats) {
+                 bool* m, int32_t* h, int64_t* stats) {
   int64_t ring[kRingMask + 1];  // the buckets of keys i .. i + kAhead - 1, at index & kRingMask
   for (int64_t i = 0; i < std::min(n, kAhead); ++i) ring[i] = cafe::bucket_base(keys[i], multiplier, w, c);
   int64_t counts[3] = {0, 0, 0};
@@ -109,6 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> remap_lookup(
     const at::Tensor& slots_t, const at::Tensor& keys_t, const at::Tensor& regions_t, int64_t c,
     double medium_threshold_d, int64_t multiplier, bool multi_level, at::Tensor stats_t) {
   const Slot* slots = cafe::slots_of(slots_t, c);
+  TORCH_CHECK(slots_t.size(0) <= INT32_MAX, "a sketch of at most 2^31 - 1 slots (hints are int32)");
   TORCH_CHECK(keys_t.dim() == 1 && keys_t.scalar_type() == at::kLong, "keys: 1-D int64");
   TORCH_CHECK(regions_t.dim() == 2 && regions_t.size(1) == 4 && regions_t.scalar_type() == at::kLong,
               "regions: int64 [T, 4]");
@@ -125,11 +126,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> remap_lookup(
   at::Tensor primary = at::empty({n}, keys_c.options());
   at::Tensor level2 = at::empty({multi_level ? n : 0}, keys_c.options());
   at::Tensor medium = at::empty({multi_level ? n : 0}, keys_c.options().dtype(at::kBool));
-  at::Tensor hint = at::empty({n}, keys_c.options());
+  at::Tensor hint = at::empty({n}, keys_c.options().dtype(at::kInt));  // int32: half the traffic of int64
   int64_t* p = primary.data_ptr<int64_t>();
   int64_t* l2 = multi_level ? level2.data_ptr<int64_t>() : nullptr;
   bool* m = multi_level ? medium.data_ptr<bool>() : nullptr;
-  int64_t* h = hint.data_ptr<int64_t>();
+  int32_t* h = hint.data_ptr<int32_t>();
   const auto run = [&](auto loop) { loop(slots, keys, n, w, c, multiplier, regions, tables, medium_threshold, p, l2, m, h, stats); };
   if (c == 4) {
     multi_level ? run(lookup_loop<4, true>) : run(lookup_loop<4, false>);

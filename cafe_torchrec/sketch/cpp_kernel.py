@@ -24,7 +24,7 @@ def insert_(
         state.total_score,
         keys,
         scores,
-        hints if hints is not None else keys.new_empty(0),
+        hints if hints is not None else keys.new_empty(0, dtype=torch.int32),
         state.slots_per_bucket,
         params.threshold,
         params.decay,

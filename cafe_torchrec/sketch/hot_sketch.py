@@ -161,7 +161,7 @@ class HotSketch(nn.Module):
     def insert(self, keys: torch.Tensor, scores: torch.Tensor, hints: Optional[torch.Tensor] = None) -> InsertResult:
         """Add a batch of (key, score) pairs; scores NaN, inf or negative are skipped and counted.
 
-        `hints` [N] int64 (optional): the slot a query found each key in (-1 if absent); the
+        `hints` [N] int32 (optional): the slot a query found each key in (-1 if absent); the
         C++ kernel verifies and uses them to skip re-probing. Results do not depend on them.
         """
         cpp = self._use_cpp(keys)
