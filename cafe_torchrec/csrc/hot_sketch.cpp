@@ -94,8 +94,7 @@ struct PhaseA {
 // holds the key, branch-free: one prefetched direct access each (a miss adds to a dummy slot).
 // The other valid occurrences are queued for pass 2, which probes their buckets. All
 // occurrences of one key share one hint, so each slot still sees its key's scores in input order.
-// The loops write raw scratch arrays and call nothing: a push_back in them made GCC keep the
-// counters and the batch total in memory, a store-to-load chain through every occurrence.
+// The loops write raw scratch arrays and call nothing, so a step allocates nothing.
 PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t multiplier, const int64_t* k,
                const float* s, const int32_t* hints, int64_t n, bool may_promote, float threshold) {
   Slot dummy{kEmptyKey, 0.0f, 0};  // hot row 0: never a candidate
