@@ -59,9 +59,10 @@ def step_cost(batch_size: int, ratio: float, dim: int = 16, multi_level: bool = 
     tables at `ratio` and `dim` (the sketch's work does not depend on `dim`; the TBE's does).
     `multi_level`: CAFE-ML's lookup (medium test, level-2 rows); its TBE still takes one row per
     bag, the lower bound of CAFE-ML's own. Every timed call gets a fresh batch of the same Zipf
-    stream (a sketch that has seen the stream, not the batch). A round times the four candidates back to back;
-    the ratios are medians over rounds of the per-round ratios (a slow spell of the shared
-    machine hits one round's candidates alike), the ms columns medians of the times."""
+    stream (a sketch that has seen the stream, not the batch). A round times the four
+    candidates back to back; the ratios are medians over rounds of the per-round ratios (a slow
+    spell of the shared machine hits one round's candidates alike), the ms columns medians of
+    the times."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (

@@ -44,8 +44,9 @@ inline float error_of(int32_t word) {
   return error;
 }
 
-// A slot's estimated score: its score less half its error (meaningful only without a hot row).
-inline float estimate(const Slot& s) { return s.score - kErrorDiscount * error_of(s.row); }
+// A slot's estimated score: its score less half its error (its score when hot: error 0).
+inline float estimate(float score, int32_t word) { return score - kErrorDiscount * error_of(word); }
+inline float estimate(const Slot& s) { return estimate(s.score, s.row); }
 
 // Held without a hot row and hit since it was placed: may be medium.
 inline bool confirmed_cold(int32_t word) { return (word < 0) & ((word & kNewcomerBit) == 0); }

@@ -80,7 +80,7 @@ at::Tensor to_tensor(const std::vector<int64_t>& v) {
 
 // What phase A leaves for the rest of the insert: views into this thread's scratch buffers.
 struct PhaseA {
-  const int64_t* candidates;  // slot indices marked kCandidateBit
+  int64_t* candidates;  // slot indices marked kCandidateBit
   int64_t num_candidates = 0;
   int64_t* miss_positions;  // input position of each occurrence whose key is absent
   int64_t* miss_bases;  // and its bucket's first slot
@@ -108,7 +108,7 @@ PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t mul
     const float score = std::min(t->score + v, kFloatMax);
     t->score = score;
     const bool candidate = may_promote & (row < 0) & ((row & kCandidateBit) == 0) &
-                           (score - cafe::kErrorDiscount * cafe::error_of(row) >= threshold);
+                           (cafe::estimate(score, row) >= threshold);
     t->row = row | (static_cast<int32_t>(candidate) << 1);
     static_assert(kCandidateBit == 2, "the shift above sets kCandidateBit");
     candidates[num_candidates] = j;
@@ -164,7 +164,7 @@ PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t mul
 int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s, PhaseA& a) {
   const int64_t n = a.num_misses;
   MissIndex index(n);
-  int64_t* homes = cafe::scratch(0, n + kAhead);  // 0: free while an insert runs (remap's)
+  int64_t* homes = cafe::scratch(0, n + kAhead);
   for (int64_t m = 0; m < n; ++m) homes[m] = static_cast<int64_t>(index.home(k[a.miss_positions[m]]));
   for (int64_t m = n; m < n + kAhead; ++m) homes[m] = 0;
   int64_t* upos = a.miss_positions;  // first occurrence of each distinct missing key
@@ -258,10 +258,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
   const int64_t dropped = phase_b(slots, c, k, s, a);
 
   // promotions in slot order; a replaced candidate lost its mark in phase B
-  std::vector<int64_t> candidates(a.candidates, a.candidates + a.num_candidates);
-  std::sort(candidates.begin(), candidates.end());
+  std::sort(a.candidates, a.candidates + a.num_candidates);
   std::vector<int64_t> promoted_keys, promoted_rows;
-  for (int64_t j : candidates) {
+  for (int64_t q = 0; q < a.num_candidates; ++q) {
+    const int64_t j = a.candidates[q];
     Slot& sl = slots[j];
     if (sl.row >= 0 || !(sl.row & kCandidateBit)) continue;
     if (fc > 0) {
