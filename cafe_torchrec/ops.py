@@ -29,8 +29,10 @@ def available() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="cafe_ops", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3"],
-             extra_include_paths=[str(_SOURCES[0].parent)], is_python_module=False, verbose=False)
+        # -fopenmp: ATen's parallel_for is inline, and without it runs on one thread; the
+        # library links the libgomp torch has loaded (same soname), so torch.set_num_threads rules
+        load(name="cafe_ops", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], extra_include_paths=[str(_SOURCES[0].parent)], is_python_module=False, verbose=False)
     except Exception as err:  # a missing compiler must not stop training: fall back, loudly
         logger.warning("CAFE C++ ops unavailable (%s); using the torch-ops kernels", err)
         return False

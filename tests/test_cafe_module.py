@@ -134,6 +134,40 @@ def test_mean_pooling_and_multi_level_are_exact() -> None:
     assert classes == {"hot", "medium", "cold"}
 
 
+def test_cpp_lookup_split_across_threads_equals_the_torch_path() -> None:
+    """The C++ remap splits a batch into one range per thread, cutting table runs; it must give
+    the torch path's rows, medium mask and per-table counts, and hints to the slots keys sit in."""
+    ebc = make(rows=(50_000, 30_000, 20_000), multi_level=True, medium_share=0.25)
+    names = features_of(ebc.embedding_bag_configs())
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):  # some keys hot, some medium
+        ebc(zipf_kjt(names, 256, 5000, gen, max_len=4)).values().sum().backward()
+    group = ebc.groups[ebc.plan.groups[0].name]
+    batch = zipf_kjt(names, 20_000, 5000, gen)  # 60k keys: 3 ranges of 20k at 3 threads
+    keys = torch.cat([ebc.keys(f, batch[f].values()) for f in names])
+    threads = torch.get_num_threads()
+    looks, counts = [], []
+    try:
+        torch.set_num_threads(3)
+        for kernel in ("cpp", "torch"):
+            group.sketch.kernel = kernel
+            before = group.stat_counts.clone()
+            looks.append(group.lookup(keys, count=True))
+            counts.append(group.stat_counts - before)
+    finally:
+        torch.set_num_threads(threads)
+        group.sketch.kernel = "auto"
+    cpp, ref = looks
+    hot = ref.primary < group.layout.hot_rows
+    assert hot.any() and ref.medium.any() and (~hot & ~ref.medium).any()
+    for name in ("primary", "level2", "medium"):
+        assert torch.equal(getattr(cpp, name), getattr(ref, name)), name
+    assert torch.equal(counts[0], counts[1]) and int(counts[0][:, 0].sum()) == len(keys)
+    present = torch.isin(keys, group.sketch.slot_keys)
+    assert torch.equal(cpp.hints >= 0, present)
+    assert torch.equal(group.sketch.slot_keys[cpp.hints[present].long()], keys[present])
+
+
 def test_output_order_and_plain_tables_follow_the_configs() -> None:
     tbls = [
         EmbeddingBagConfig(name="small", embedding_dim=8, num_embeddings=10, feature_names=["s"]),

@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -93,6 +94,39 @@ inline int64_t find_any(const Slot* b, int64_t c, int64_t key) {
   while (j < c && b[j].key != key) ++j;
   return j;
 }
+
+constexpr int64_t kAhead = 32;  // how many keys ahead a slot is prefetched
+
+// Probes keys in input order, each key's bucket computed and prefetched kAhead keys early and
+// kept in a ring of 64 until probed (an [N] array of them was ~1.7 MB of extra memory traffic per
+// batch of 106k keys). One ring serves one contiguous range [begin, limit) of keys, probed in
+// runs: visit(i, key, base, j) gets key i's bucket base and its slot j there, or the bucket
+// size if absent. C is 4 for buckets of four (the branch-free find4), else 0 (any c).
+class ProbeRing {
+ public:
+  ProbeRing(const int64_t* keys, int64_t begin, int64_t limit, int64_t multiplier, int64_t w, int64_t c)
+      : keys_(keys), limit_(limit), multiplier_(multiplier), w_(w), c_(c) {
+    for (int64_t i = begin; i < std::min(limit, begin + kAhead); ++i) ring_[i & kMask] = bucket_base(keys[i], multiplier, w, c);
+  }
+  template <int64_t C, typename Visit>
+  void run(const Slot* slots, int64_t begin, int64_t end, Visit&& visit) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t ahead = i + kAhead;
+      const int64_t next = ahead < limit_ ? bucket_base(keys_[ahead], multiplier_, w_, c_) : 0;
+      __builtin_prefetch(slots + next);
+      const int64_t key = keys_[i], base = ring_[i & kMask];
+      ring_[ahead & kMask] = next;
+      visit(i, key, base, C == 4 ? find4(slots + base, key) : find_any(slots + base, c_, key));
+    }
+  }
+
+ private:
+  static constexpr int64_t kMask = 63;  // 64 >= kAhead bucket bases, in L1
+  static_assert(kMask + 1 >= kAhead, "the ring holds the keys in flight");
+  const int64_t* keys_;
+  int64_t limit_, multiplier_, w_, c_;
+  int64_t ring_[kMask + 1];
+};
 
 // a if pick, else b, by masks: for choices the branch predictor cannot learn (hot or not)
 inline int64_t select(bool pick, int64_t a, int64_t b) {

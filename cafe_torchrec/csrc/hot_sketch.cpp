@@ -12,12 +12,14 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 namespace {
 
 using cafe::cold_word;
+using cafe::kAhead;
 using cafe::kCandidateBit;
 using cafe::kColdWord;
 using cafe::kEmptyKey;
@@ -26,7 +28,6 @@ using cafe::kNoRow;
 using cafe::Slot;
 using cafe::slots_of;
 constexpr float kFloatMax = std::numeric_limits<float>::max();
-constexpr int64_t kAhead = 32;  // how many keys ahead a slot is prefetched
 
 // finite and non-negative (NaN fails both compares)
 inline bool valid_score(float v) { return v >= 0.0f && v <= kFloatMax; }
@@ -295,17 +296,19 @@ std::tuple<at::Tensor, at::Tensor> sketch_query(const at::Tensor& slots_t, const
   at::Tensor is_medium = at::empty({n}, ik.options().dtype(at::kBool));
   int64_t* r = rows.data_ptr<int64_t>();
   bool* m = is_medium.data_ptr<bool>();
-  at::parallel_for(0, n, 8192, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      if (i + kAhead < end) __builtin_prefetch(slots + cafe::bucket_base(k[i + kAhead], multiplier, w, c));
-      const Slot* b = slots + cafe::bucket_base(k[i], multiplier, w, c);
-      const int64_t j = c == 4 ? cafe::find4(b, k[i]) : cafe::find_any(b, c, k[i]);
-      const bool found = j < c;
-      const Slot slot = b[found ? j : 0];
-      r[i] = cafe::select(found & (slot.row >= 0), slot.row, kNoRow);
-      m[i] = found & cafe::confirmed_cold(slot.row) & (cafe::estimate(slot) >= medium);
-    }
-  });
+  const auto probe = [&](auto bucket_size) {
+    constexpr int64_t C = decltype(bucket_size)::value;
+    at::parallel_for(0, n, 8192, [&](int64_t begin, int64_t end) {
+      cafe::ProbeRing ring(k, begin, end, multiplier, w, c);
+      ring.run<C>(slots, begin, end, [&](int64_t i, int64_t, int64_t base, int64_t j) __attribute__((always_inline)) {
+        const bool found = j < c;
+        const Slot slot = slots[base + (found ? j : 0)];
+        r[i] = cafe::select(found & (slot.row >= 0), slot.row, kNoRow);
+        m[i] = found & cafe::confirmed_cold(slot.row) & (cafe::estimate(slot) >= medium);
+      });
+    });
+  };
+  c == 4 ? probe(std::integral_constant<int64_t, 4>{}) : probe(std::integral_constant<int64_t, 0>{});
   return {rows, is_medium};
 }
 
