@@ -53,13 +53,15 @@ def throughput(batch: int) -> List[list]:
     return rows
 
 
-def step_cost(batch_size: int, ratio: float, dim: int = 16, multi_level: bool = False, rounds: int = 15) -> List[list]:
+def step_cost(batch_size: int, ratio: float, dim: int = 16, multi_level: bool = False, threads: int = 1,
+              rounds: int = 15) -> List[list]:
     """CAFE's per-step id work for one DLRM batch against the FBGEMM TBE forward+backward over
     the same physical table, sized as CafeEmbeddingBagCollection sizes the 26 Criteo Kaggle
     tables at `ratio` and `dim` (the sketch's work does not depend on `dim`; the TBE's does).
     `multi_level`: CAFE-ML's lookup (medium test, level-2 rows); its TBE still takes one row per
     bag, the lower bound of CAFE-ML's own. Every timed call gets a fresh batch of the same Zipf
-    stream (a sketch that has seen the stream, not the batch). A round times the four
+    stream (a sketch that has seen the stream, not the batch). `threads`: intra-op threads for
+    both (the TBE of one physical table hardly uses a second; the sketch's lookup splits). A round times the four
     candidates back to back; the ratios are medians over rounds of the per-round ratios (a slow
     spell of the shared machine hits one round's candidates alike), the ms columns medians of
     the times."""
@@ -78,6 +80,7 @@ def step_cost(batch_size: int, ratio: float, dim: int = 16, multi_level: bool = 
     from examples.dlrm.data.synthetic import KAGGLE_CARDINALITIES
 
     available()  # builds the C++ ops before their first direct use below
+    torch.set_num_threads(threads)
     tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"f{i}"])
               for i, n in enumerate(KAGGLE_CARDINALITIES)]
     ebc = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=ratio, multi_level=multi_level))
@@ -153,7 +156,7 @@ def step_cost(batch_size: int, ratio: float, dim: int = 16, multi_level: bool = 
 
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     n = batch_size * num_features
-    return [[f"{ratio:g}x", "CAFE-ML" if multi_level else "CAFE", dim, f"{layout.hot_rows:,}", f"{layout.physical_rows:,}", n, ms["tbe"], ms["sketch"], ms["cafe"],
+    return [[f"{ratio:g}x", "CAFE-ML" if multi_level else "CAFE", dim, threads, f"{layout.hot_rows:,}", f"{layout.physical_rows:,}", n, ms["tbe"], ms["sketch"], ms["cafe"],
              median_ratio("sketch"), median_ratio("cafe"), median_ratio("step") - 1]]
 
 
@@ -253,15 +256,17 @@ def main() -> None:
     batch = 20_000 if args.quick else 100_000
     print("Throughput, one thread, batches of", batch, "unique keys (M ops/s; ratio to the reference)")
     print(table(["kernel", "batch", "insert M/s", "query M/s", "insert x ref", "query x ref"], throughput(batch)))
-    print("\nCost inside a step, one intra-op thread: 26 Criteo Kaggle features x 4096 samples, Zipf 1.05 ids,")
+    print("\nCost inside a step, one intra-op thread unless said: 26 Criteo Kaggle features x 4096 samples, Zipf 1.05 ids,")
     print("a fresh batch per call; TBE fwd+bwd (row-wise Adagrad) over CAFE's physical table vs the sketch")
     print("(query + insert), vs all of CAFE's id work (pre-hash, query, hashed rows, scoring, insert, stats),")
     print("and what a whole CAFE step adds to the TBE step when scoring and insert run on the background")
     print("thread during the TBE backward (the module's default; it needs a second core)")
     print("(d=16 is the paper's Criteo dim and examples/dlrm's default, d=128 MLPerf DLRM's: the same sketch work, a larger TBE)")
-    cases = ((1000.0, 16, False), (1000.0, 16, True), (100.0, 16, False), (1000.0, 64, False), (1000.0, 128, False))
-    cost = [row for ratio, dim, ml in cases for row in step_cost(4096, ratio, dim, ml)]
-    print(table(["ratio", "method", "dim", "hot rows", "table rows", "ids", "TBE ms", "sketch ms", "CAFE ms", "sketch/TBE", "CAFE/TBE",
+    cases = dict.fromkeys(((1000.0, 16, False, 1), (1000.0, 16, False, threads), (1000.0, 16, True, 1),
+                           (100.0, 16, False, 1), (1000.0, 64, False, 1), (1000.0, 128, False, 1)))  # one row per case
+    cost = [row for ratio, dim, ml, n in cases for row in step_cost(4096, ratio, dim, ml, n)]
+    torch.set_num_threads(1)
+    print(table(["ratio", "method", "dim", "threads", "hot rows", "table rows", "ids", "TBE ms", "sketch ms", "CAFE ms", "sketch/TBE", "CAFE/TBE",
                  "added to step"], cost))
     torch.set_num_threads(threads)
     print("\nRecall of the true top-k at the paper's memory (4 slots per hot row), by slots per bucket c")

@@ -109,14 +109,18 @@ class ProbeRing {
     for (int64_t i = begin; i < std::min(limit, begin + kAhead); ++i) ring_[i & kMask] = bucket_base(keys[i], multiplier, w, c);
   }
   template <int64_t C, typename Visit>
-  void run(const Slot* slots, int64_t begin, int64_t end, Visit&& visit) {
+  __attribute__((always_inline)) void run(const Slot* slots, int64_t begin, int64_t end, Visit&& visit) {
+    // members into locals: the visitor's int64 stores could alias them, forcing a reload per key
+    const int64_t* keys = keys_;
+    const int64_t limit = limit_, multiplier = multiplier_, w = w_, c = c_;
+    int64_t* ring = ring_;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t ahead = i + kAhead;
-      const int64_t next = ahead < limit_ ? bucket_base(keys_[ahead], multiplier_, w_, c_) : 0;
+      const int64_t next = ahead < limit ? bucket_base(keys[ahead], multiplier, w, c) : 0;
       __builtin_prefetch(slots + next);
-      const int64_t key = keys_[i], base = ring_[i & kMask];
-      ring_[ahead & kMask] = next;
-      visit(i, key, base, C == 4 ? find4(slots + base, key) : find_any(slots + base, c_, key));
+      const int64_t key = keys[i], base = ring[i & kMask];
+      ring[ahead & kMask] = next;
+      visit(i, key, base, C == 4 ? find4(slots + base, key) : find_any(slots + base, c, key));
     }
   }
 
