@@ -247,3 +247,41 @@ def test_cpp_occurrence_scores_equal_the_definition(weighted: bool) -> None:
         mean = expected[mask].mean() if mask.any() else torch.tensor(0.0)
         expected[mask] = expected[mask] / mean if mean > 0 else 0.0
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cpp_insert_split_across_threads_equals_the_sequential_reference() -> None:
+    """At 3 intra-op threads the C++ insert splits a batch of 50k occurrences into 3 bucket ranges
+    that run side by side; it must still equal the reference, with right, stale or garbage hints
+    and invalid scores mixed in, through promotions, Space-Saving, full buckets and decays."""
+    if not cpp_available():
+        pytest.skip("no C++ build")
+    gen = torch.Generator().manual_seed(7)
+    sk = make("cpp", hot_capacity=2500, num_buckets=800, threshold=10.0, decay=0.8, decay_trigger=20.0)
+    ref = ReferenceSketch(800, 4, 2500, 10.0, 0.8, sk.decay_trigger, 3)
+    n, threads = 50_000, torch.get_num_threads()
+    seen = {"promoted": 0, "demoted": 0, "skipped": 0, "dropped": 0}
+    try:
+        torch.set_num_threads(3)
+        for step in range(8):
+            keys = zipf_keys(n, 12_000 if step < 4 else 40_000, 1.1, gen)
+            scores = dyadic_scores(n, gen)
+            scores[torch.randperm(n, generator=gen)[:50]] = float("nan")
+            where = {k: j for j, k in enumerate(sk.slot_keys.tolist()) if k >= 0}
+            hints = torch.tensor([where.get(k, -1) for k in keys.tolist()], dtype=torch.int32)
+            garbage = torch.rand(n, generator=gen) < 0.2  # stale or wrong: results must not depend on them
+            hints[garbage] = torch.randint(-3, sk.slots.shape[0] + 3, (int(garbage.sum()),), generator=gen, dtype=torch.int32)
+            res = sk.insert(keys, scores, hints)
+            pos, rows, demoted = ref.insert_batch(keys.tolist(), scores.tolist())
+            assert (res.promoted_keys.tolist(), res.promoted_rows.tolist(), res.demoted_rows.tolist()) == (pos, rows, demoted)
+            assert sk.slot_keys.tolist() == ref.keys and sk.slot_scores.tolist() == ref.scores
+            assert sk.slot_rows.tolist() == ref.rows and sk.slot_errors.tolist() == ref.errors
+            assert sk.slot_newcomers.tolist() == ref.newcomer
+            assert sk.free_rows[: int(sk.free_count[0])].tolist() == ref.free
+            assert float(sk.total_score[0]) == pytest.approx(ref.total, rel=1e-12)
+            seen["promoted"] += len(pos)
+            seen["demoted"] += len(demoted)
+            seen["skipped"] += res.skipped
+            seen["dropped"] += res.dropped
+    finally:
+        torch.set_num_threads(threads)
+    assert seen["promoted"] > 1500 and seen["demoted"] > 0 and seen["skipped"] == 8 * 50 and seen["dropped"] > 0, seen
