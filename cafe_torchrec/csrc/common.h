@@ -141,7 +141,7 @@ inline int64_t select(bool pick, int64_t a, int64_t b) {
 // A per-thread int64 buffer of at least n entries that keeps its capacity between calls, so a
 // step neither allocates nor faults in fresh pages. `which` picks one of a few independent ones.
 inline int64_t* scratch(int which, int64_t n) {
-  thread_local std::vector<int64_t> buffers[7];
+  thread_local std::vector<int64_t> buffers[5];
   std::vector<int64_t>& b = buffers[which];
   if (static_cast<int64_t>(b.size()) < n) b.resize(n);
   return b.data();

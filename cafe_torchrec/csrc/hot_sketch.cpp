@@ -28,7 +28,6 @@ using cafe::kNoRow;
 using cafe::Slot;
 using cafe::slots_of;
 constexpr float kFloatMax = std::numeric_limits<float>::max();
-constexpr int64_t kSplitGrain = 16384;  // fewest occurrences per range of a split insert (at most 255 ranges)
 
 // finite and non-negative (NaN fails both compares)
 inline bool valid_score(float v) { return v >= 0.0f && v <= kFloatMax; }
@@ -80,21 +79,6 @@ at::Tensor to_tensor(const std::vector<int64_t>& v) {
   return t;
 }
 
-// The valid scores' sum in input order (a double: the order fixes its rounding) and how many
-// are invalid, for a split insert, whose ranges see only their own occurrences.
-void score_totals(const float* s, int64_t n, double& total, int64_t& skipped) {
-  total = 0.0;
-  skipped = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = s[i];
-    if (valid_score(v)) {
-      total += static_cast<double>(v);
-    } else {
-      ++skipped;
-    }
-  }
-}
-
 // What phase A leaves for the rest of the insert: views into this thread's scratch buffers.
 struct PhaseA {
   int64_t* candidates;  // slot indices marked kCandidateBit
@@ -112,13 +96,8 @@ struct PhaseA {
 // The other valid occurrences are queued for pass 2, which probes their buckets. All
 // occurrences of one key share one hint, so each slot still sees its key's scores in input order.
 // The loops write raw scratch arrays and call nothing, so a step allocates nothing.
-// `order`: the input positions to serve, ascending (one range of a split insert: the occurrences
-// whose buckets it owns; a hint counts only inside the key's own bucket, so no other range's
-// slot is read), or nullptr for all n (kOrdered false).
-template <bool kOrdered>
 PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t multiplier, const int64_t* k,
-               const float* s, const int32_t* hints, const int64_t* order, int64_t n, bool may_promote,
-               float threshold) {
+               const float* s, const int32_t* hints, int64_t n, bool may_promote, float threshold) {
   Slot dummy{kEmptyKey, 0.0f, 0};  // hot row 0: never a candidate
   int64_t* candidates = cafe::scratch(3, n + 1);  // a slot is marked once: at most n, and one written past
   int64_t num_candidates = 0;
@@ -143,23 +122,21 @@ PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t mul
     const float v = s[i];
     if (!valid_score(v)) { ++skipped; return; }
     batch_total += static_cast<double>(v);
-    const int64_t first = kOrdered ? cafe::bucket_base(k[i], multiplier, w, c) : 0;
-    const bool in_range = static_cast<uint64_t>(h - first) < static_cast<uint64_t>(kOrdered ? c : num_slots);
-    const bool hit = in_range & (slots[in_range ? h : first].key == k[i]);
+    const bool in_range = static_cast<uint64_t>(h) < static_cast<uint64_t>(num_slots);
+    const bool hit = in_range & (slots[in_range ? h : 0].key == k[i]);
     add(hit ? slots + h : &dummy, hit ? h : 0, hit ? v : 0.0f);
     queue[queued] = i;
     queued += !hit;
   };
-  const auto position = [&](int64_t q) __attribute__((always_inline)) { return kOrdered ? order[q] : q; };
   if (hints == nullptr) {
-    for (int64_t q = 0; q < n; ++q) occurrence(position(q), -1);
+    for (int64_t i = 0; i < n; ++i) occurrence(i, -1);
   } else {  // a prefetch never faults, so a hint of -1 (absent) may be prefetched too
-    int64_t q = 0;
-    for (; q + kAhead < n; ++q) {
-      __builtin_prefetch(slots + hints[position(q + kAhead)]);
-      occurrence(position(q), hints[position(q)]);
+    int64_t i = 0;
+    for (; i + kAhead < n; ++i) {
+      __builtin_prefetch(slots + hints[i + kAhead]);
+      occurrence(i, hints[i]);
     }
-    for (; q < n; ++q) occurrence(position(q), hints[position(q)]);
+    for (; i < n; ++i) occurrence(i, hints[i]);
   }
   int64_t* bases = cafe::scratch(2, queued + kAhead);
   for (int64_t q = 0; q < queued; ++q) bases[q] = cafe::bucket_base(k[queue[q]], multiplier, w, c);
@@ -230,66 +207,6 @@ int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s, PhaseA
   return dropped;
 }
 
-// Phases A and B split into `ranges` contiguous bucket ranges, one per intra-op thread. The
-// semantics are per bucket and each range serves its occurrences in input order, so the result
-// is the serial insert's. The occurrences are first partitioned by range (counted per input
-// chunk, then scattered, so each range's list stays in input order).
-void split_insert(Slot* slots, int64_t w, int64_t c, int64_t multiplier, const int64_t* k, const float* s,
-                  const int32_t* hints, int64_t n, int64_t ranges, bool may_promote, float threshold,
-                  double& total, int64_t& skipped, int64_t& dropped, std::vector<int64_t>& candidates) {
-  // the caller's own scratch (5, 6): the threads' phases use 0-4, the caller's included
-  int64_t* order = cafe::scratch(5, n);
-  uint8_t* range_of = reinterpret_cast<uint8_t*>(cafe::scratch(6, n / 8 + 1));
-  std::vector<int64_t> starts(static_cast<size_t>(ranges * ranges), 0);  // [chunk][range] counts, then offsets
-  // a bucket's range by multiplication (a division per key cost more than the rest of the pass)
-  const uint64_t scale = (static_cast<uint64_t>(ranges) << 32) / static_cast<uint64_t>(w);  // b * scale < ranges << 32
-  at::parallel_for(0, ranges, 1, [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t) {
-      int64_t* count = starts.data() + t * ranges;
-      for (int64_t i = n * t / ranges; i < n * (t + 1) / ranges; ++i) {
-        const int64_t r = static_cast<int64_t>(static_cast<uint64_t>(cafe::bounded(cafe::fold(k[i], multiplier), w)) * scale >> 32);
-        range_of[i] = static_cast<uint8_t>(r);
-        ++count[r];
-      }
-    }
-  });
-  std::vector<int64_t> range_begin(static_cast<size_t>(ranges + 1), 0);
-  for (int64_t r = 0, offset = 0; r < ranges; ++r) {  // range-major, chunks in input order
-    range_begin[r] = offset;
-    for (int64_t t = 0; t < ranges; ++t) {
-      const int64_t count = starts[t * ranges + r];
-      starts[t * ranges + r] = offset;
-      offset += count;
-    }
-    range_begin[r + 1] = offset;
-  }
-  std::vector<std::vector<int64_t>> range_candidates(static_cast<size_t>(ranges));
-  std::vector<int64_t> range_dropped(static_cast<size_t>(ranges), 0);
-  double batch_total = 0.0;
-  int64_t batch_skipped = 0;
-  at::parallel_for(0, ranges, 1, [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t) {
-      int64_t* next = starts.data() + t * ranges;
-      for (int64_t i = n * t / ranges; i < n * (t + 1) / ranges; ++i) order[next[range_of[i]]++] = i;
-    }
-  });
-  at::parallel_for(0, ranges, 1, [&](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r) {
-      if (r == 0) score_totals(s, n, batch_total, batch_skipped);
-      PhaseA a = phase_a<true>(slots, w * c, w, c, multiplier, k, s, hints, order + range_begin[r],
-                         range_begin[r + 1] - range_begin[r], may_promote, threshold);
-      range_dropped[r] = phase_b(slots, c, k, s, a);
-      range_candidates[r].assign(a.candidates, a.candidates + a.num_candidates);  // before the scratch is reused
-    }
-  });
-  total += batch_total;
-  skipped = batch_skipped;
-  for (int64_t r = 0; r < ranges; ++r) {
-    dropped += range_dropped[r];
-    candidates.insert(candidates.end(), range_candidates[r].begin(), range_candidates[r].end());
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_insert(
     at::Tensor slots_t, at::Tensor free_rows, at::Tensor free_count, at::Tensor total_score,
     const at::Tensor& in_keys, const at::Tensor& in_scores, const at::Tensor& in_hints, int64_t c,
@@ -337,25 +254,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
     total = 0.0;
   }
 
-  const bool may_promote = fc > 0;
-  std::vector<int64_t> candidates;
-  int64_t skipped = 0, dropped = 0;
-  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), n / kSplitGrain, w, 255}));
-  if (ranges == 1) {
-    PhaseA a = phase_a<false>(slots, w * c, w, c, multiplier, k, s, hints, nullptr, n, may_promote, threshold);
-    total += a.batch_total;
-    skipped = a.skipped;
-    dropped = phase_b(slots, c, k, s, a);
-    candidates.assign(a.candidates, a.candidates + a.num_candidates);
-  } else {
-    split_insert(slots, w, c, multiplier, k, s, hints, n, ranges, may_promote, threshold, total, skipped, dropped,
-                 candidates);
-  }
+  PhaseA a = phase_a(slots, w * c, w, c, multiplier, k, s, hints, n, fc > 0, threshold);
+  total += a.batch_total;
+  const int64_t dropped = phase_b(slots, c, k, s, a);
 
   // promotions in slot order; a replaced candidate lost its mark in phase B
-  std::sort(candidates.begin(), candidates.end());
+  std::sort(a.candidates, a.candidates + a.num_candidates);
   std::vector<int64_t> promoted_keys, promoted_rows;
-  for (const int64_t j : candidates) {
+  for (int64_t q = 0; q < a.num_candidates; ++q) {
+    const int64_t j = a.candidates[q];
     Slot& sl = slots[j];
     if (sl.row >= 0 || !(sl.row & kCandidateBit)) continue;
     if (fc > 0) {
@@ -368,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
     }
   }
   at::Tensor counts = at::empty({3}, at::kLong);
-  counts.data_ptr<int64_t>()[0] = skipped;
+  counts.data_ptr<int64_t>()[0] = a.skipped;
   counts.data_ptr<int64_t>()[1] = dropped;
   counts.data_ptr<int64_t>()[2] = decayed;
   return {to_tensor(promoted_keys), to_tensor(promoted_rows), to_tensor(demoted_keys),
