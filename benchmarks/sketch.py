@@ -61,10 +61,10 @@ def step_cost(batch_size: int, ratio: float, dim: int = 16, multi_level: bool = 
     `multi_level`: CAFE-ML's lookup (medium test, level-2 rows); its TBE still takes one row per
     bag, the lower bound of CAFE-ML's own. Every timed call gets a fresh batch of the same Zipf
     stream (a sketch that has seen the stream, not the batch). `threads`: intra-op threads for
-    both (the TBE of one physical table hardly uses a second; the sketch's lookup splits). A round times the four
-    candidates back to back; the ratios are medians over rounds of the per-round ratios (a slow
-    spell of the shared machine hits one round's candidates alike), the ms columns medians of
-    the times."""
+    both (the TBE of one physical table hardly uses a second; the sketch's lookup splits). A
+    round times the four candidates back to back; the ratios are medians over rounds of the
+    per-round ratios (a slow spell of the shared machine hits one round's candidates alike),
+    the ms columns medians of the times."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
@@ -265,7 +265,6 @@ def main() -> None:
     cases = dict.fromkeys(((1000.0, 16, False, 1), (1000.0, 16, False, threads), (1000.0, 16, True, 1),
                            (100.0, 16, False, 1), (1000.0, 64, False, 1), (1000.0, 128, False, 1)))  # one row per case
     cost = [row for ratio, dim, ml, n in cases for row in step_cost(4096, ratio, dim, ml, n)]
-    torch.set_num_threads(1)
     print(table(["ratio", "method", "dim", "threads", "hot rows", "table rows", "ids", "TBE ms", "sketch ms", "CAFE ms", "sketch/TBE", "CAFE/TBE",
                  "added to step"], cost))
     torch.set_num_threads(threads)
