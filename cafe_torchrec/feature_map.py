@@ -8,7 +8,7 @@ ids of plain tables become id mod rows. The owner then remaps keys to rows (rema
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -16,6 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from cafe_torchrec.hashing import mix64, mix64_int
 from cafe_torchrec.layout import CafePlan, GroupLayout
+from cafe_torchrec.kjt import concat, feature_segments
 from cafe_torchrec.ops import use_cpp
 
 SLOT_BITS = 15
@@ -95,10 +96,10 @@ class FeatureMap:
         """Keys of a run of one group's features (C++ on CPU, torch ops elsewhere)."""
         slots = torch.tensor([self.info[f].slot for f in names], dtype=torch.int64)
         salts = self.salts[table][slots]
-        if use_cpp(ids):
+        if use_cpp(ids):  # int32 or int64 ids in, int64 keys out: no copy of the ids
             return torch.ops.cafe.make_keys(ids, torch.tensor(counts, dtype=torch.int64), salts, slots)
         per_value = slots.to(ids.device).repeat_interleave(torch.tensor(counts, device=ids.device))
-        return make_keys(ids, per_value, self.salts[table].to(ids.device))
+        return make_keys(ids.to(torch.int64), per_value, self.salts[table].to(ids.device))
 
     def to_output(self, values: torch.Tensor, lengths: Optional[torch.Tensor]) -> KeyedTensor:
         """Inner pooled values [B, D_inner] -> KeyedTensor in config order; MEAN features are
@@ -120,21 +121,3 @@ class FeatureMap:
         by_key = features.lengths().view(-1, features.stride())
         order = features.keys()
         return torch.stack([by_key[order.index(f)] for f in self.logical])
-
-
-def concat(pieces: List[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
-    """torch.cat that does not copy a single piece (the common one-group layout); `empty` if none."""
-    if not pieces:
-        return empty
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
-def feature_segments(keys: List[str], info: Dict[str, FeatureInfo]) -> List[Tuple[str, List[str]]]:
-    """Consecutive features of one physical table: [(table, [features])]."""
-    segments: List[Tuple[str, List[str]]] = []
-    for f in keys:
-        if segments and segments[-1][0] == info[f].table:
-            segments[-1][1].append(f)
-        else:
-            segments.append((info[f].table, [f]))
-    return segments

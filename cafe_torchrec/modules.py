@@ -17,7 +17,7 @@ from cafe_torchrec.layout import CafePlan, plan_tables
 from cafe_torchrec.migration import has_in_backward_optimizer
 from cafe_torchrec.remap import CafeGroupRemap, remap_kjt
 from cafe_torchrec.training import importance_hook
-from cafe_torchrec.validation import check_features
+from cafe_torchrec.validation import checked_input
 
 
 class CafeEmbeddingBagCollection(ConfiguredCollection):
@@ -55,7 +55,7 @@ class CafeEmbeddingBagCollection(ConfiguredCollection):
 
     # ---- forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        check_features(features, self.feature_map.logical, self._is_weighted)
+        features = checked_input(features, self.feature_map.logical, self._is_weighted)
         training = self.training and torch.is_grad_enabled()
         if training and any(p.requires_grad for p in self.physical.parameters()):
             self._check_in_backward_optimizers()  # before anything (sketch, stats) is touched

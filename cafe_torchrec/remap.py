@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from cafe_torchrec.feature_map import SLOT_MASK, FeatureInfo, concat, feature_segments
+from cafe_torchrec.feature_map import SLOT_MASK, FeatureInfo
+from cafe_torchrec.kjt import concat, feature_segments
 from cafe_torchrec.hashing import bounded, fold, mix64_int, odd_multiplier
 from cafe_torchrec.layout import GroupLayout
 from cafe_torchrec.ops import use_cpp

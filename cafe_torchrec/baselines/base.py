@@ -19,7 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from cafe_torchrec.collection import ConfiguredCollection
 from cafe_torchrec.layout import BYTES_PER_VALUE
-from cafe_torchrec.validation import check_features
+from cafe_torchrec.validation import checked_input
 
 
 # The paper's code (init_embed.py: compress_threshold = 2000 * compress_rate) leaves a field
@@ -73,7 +73,7 @@ class BaselineCollection(ConfiguredCollection):
 
     # ---- forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        check_features(features, self._feature_names, self._is_weighted)
+        features = checked_input(features, self._feature_names, self._is_weighted)
         if features.keys() != self._feature_names:
             features = features.permute([features.keys().index(f) for f in self._feature_names])
         return self._forward(features)

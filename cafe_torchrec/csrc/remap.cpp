@@ -21,26 +21,41 @@ constexpr int64_t kSlotMask = (1 << kSlotBits) - 1;
 constexpr int64_t kLevel1Multiplier = cafe::odd_multiplier(101);
 constexpr int64_t kLevel2Multiplier = cafe::odd_multiplier(202);
 
-// keys of values laid out feature by feature (length_per_key[f] values of feature f)
+// Keys of ids laid out feature by feature (length_per_key[f] ids of feature f); int32 ids are
+// read as they are (sign-extended), so they give the keys of the same int64 ids without a copy.
+template <typename Id>
+void make_keys_from(const Id* in, int64_t* out, int64_t total, const int64_t* lpk, const int64_t* salts,
+                    const int64_t* slots, int64_t features) {
+  int64_t start = 0;
+  for (int64_t f = 0; f < features; ++f) {
+    const int64_t n = lpk[f], salt = salts[f], slot = slots[f];
+    TORCH_CHECK(start + n <= total, "length_per_key exceeds the values");
+    for (int64_t i = start; i < start + n; ++i) {
+      out[i] = ((mix64(static_cast<int64_t>(in[i]), salt) >> kSlotBits) << kSlotBits) | slot;
+    }
+    start += n;
+  }
+  TORCH_CHECK(start == total, "length_per_key does not cover the values");
+}
+
 at::Tensor make_keys(const at::Tensor& values, const at::Tensor& length_per_key, const at::Tensor& salts,
                      const at::Tensor& table_slots) {
-  TORCH_CHECK(values.dim() == 1 && values.scalar_type() == at::kLong, "values: 1-D int64");
+  TORCH_CHECK(values.dim() == 1 && (values.scalar_type() == at::kLong || values.scalar_type() == at::kInt),
+              "values: 1-D int32 or int64");
   const at::Tensor v = values.contiguous();
   const at::Tensor lpk = length_per_key.to(at::kLong).contiguous();
   const at::Tensor sa = salts.to(at::kLong).contiguous();
   const at::Tensor sl = table_slots.to(at::kLong).contiguous();
   TORCH_CHECK(lpk.numel() == sa.numel() && sa.numel() == sl.numel(), "one salt and slot per feature");
-  at::Tensor keys = at::empty_like(v);
-  const int64_t* in = v.data_ptr<int64_t>();
+  at::Tensor keys = at::empty({v.numel()}, v.options().dtype(at::kLong));
   int64_t* out = keys.data_ptr<int64_t>();
-  int64_t start = 0;
-  for (int64_t f = 0; f < lpk.numel(); ++f) {
-    const int64_t n = lpk.data_ptr<int64_t>()[f], salt = sa.data_ptr<int64_t>()[f], slot = sl.data_ptr<int64_t>()[f];
-    TORCH_CHECK(start + n <= v.numel(), "length_per_key exceeds the values");
-    for (int64_t i = start; i < start + n; ++i) out[i] = ((mix64(in[i], salt) >> kSlotBits) << kSlotBits) | slot;
-    start += n;
+  if (v.scalar_type() == at::kInt) {
+    make_keys_from(v.data_ptr<int32_t>(), out, v.numel(), lpk.data_ptr<int64_t>(), sa.data_ptr<int64_t>(),
+                   sl.data_ptr<int64_t>(), lpk.numel());
+  } else {
+    make_keys_from(v.data_ptr<int64_t>(), out, v.numel(), lpk.data_ptr<int64_t>(), sa.data_ptr<int64_t>(),
+                   sl.data_ptr<int64_t>(), lpk.numel());
   }
-  TORCH_CHECK(start == v.numel(), "length_per_key does not cover the values");
   return keys;
 }
 

@@ -39,7 +39,7 @@ from cafe_torchrec.feature_map import KEY_SPACE, FeatureMap
 from cafe_torchrec.modules import CafeEmbeddingBagCollection
 from cafe_torchrec.remap import CafeGroupRemap, remap_kjt
 from cafe_torchrec.training import importance_hook
-from cafe_torchrec.validation import check_features
+from cafe_torchrec.validation import checked_input
 
 
 @dataclass
@@ -94,7 +94,7 @@ class ShardedCafeEmbeddingBagCollection(
         return CafeContext()
 
     def input_dist(self, ctx: CafeContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
-        check_features(features, self.feature_map.logical, self._is_weighted)
+        features = checked_input(features, self.feature_map.logical, self._is_weighted)
         ctx.logical_lengths = self.feature_map.logical_lengths(features)
         prepared = self.feature_map.prepare(features)
         if not self._input_dists_ready:

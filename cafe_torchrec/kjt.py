@@ -1,0 +1,91 @@
+"""KeyedJaggedTensor helpers every collection here shares: variable-batch expansion, per-table
+segments of a KJT, and a concatenation that does not copy a single piece."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Protocol, Tuple
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+class _HasTable(Protocol):
+    table: str
+
+
+def has_variable_batch(features: KeyedJaggedTensor) -> bool:
+    """Whether the KJT is variable-batch (VBE: a stride per key) or carries inverse indices.
+
+    The stock EmbeddingBagCollection expands its pooled output with the inverse indices in
+    both cases, so both mean "the output batch is given by the inverse indices"."""
+    return features.variable_stride_per_key() or features.inverse_indices_or_none() is not None
+
+
+def expand_variable_batch(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """The KJT whose bag i of key f is bag inverse_indices[f][i] of `features`: one stride,
+    the output batch. Pooling the result equals the stock collection's VBE output (pooled
+    per key, then expanded by the inverse indices), and training on it trains on the
+    expanded batch, which is what the VBE input means.
+
+    Raises ValueError naming VBE and the feature when the inverse indices are missing, lack
+    a key, have the wrong shape, or point outside the key's bags."""
+    keys = features.keys()
+    inverse = features.inverse_indices_or_none()
+    if inverse is None:
+        raise ValueError(f"variable-batch (VBE) KeyedJaggedTensor without inverse_indices (features {keys}): "
+                         "the output batch is undefined; build it with inverse_indices=(keys, [F, B] indices)")
+    names, indices = inverse
+    if indices.dim() != 2 or indices.shape[0] != len(names):
+        raise ValueError(f"variable-batch (VBE) inverse_indices must be [len(keys)={len(names)}, batch], "
+                         f"got shape {tuple(indices.shape)}")
+    row_of = {name: i for i, name in enumerate(names)}
+    strides = features.stride_per_key() if features.variable_stride_per_key() else [features.stride()] * len(keys)
+    lengths = features.lengths()
+    if lengths.numel() != sum(strides):
+        raise ValueError(f"variable-batch (VBE) KeyedJaggedTensor: strides per key {strides} sum to {sum(strides)} "
+                         f"bags but there are {lengths.numel()} lengths (features {keys})")
+    bag_starts, rows = 0, []
+    for key, stride in zip(keys, strides):
+        if key not in row_of:
+            raise ValueError(f"variable-batch (VBE) feature {key!r} has no inverse_indices (they name {names})")
+        index = indices[row_of[key]].to(torch.int64)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= stride):
+            raise ValueError(f"variable-batch (VBE) feature {key!r}: inverse_indices must lie in [0, {stride}) "
+                             f"(its {stride} bags), got [{int(index.min())}, {int(index.max())}]")
+        rows.append(index + bag_starts)
+        bag_starts += stride
+    batch = int(indices.shape[1])
+    bags = torch.cat(rows) if rows else lengths.new_zeros(0, dtype=torch.int64)
+    offsets = _complete_cumsum(lengths)
+    new_lengths = lengths[bags]
+    new_offsets = _complete_cumsum(new_lengths)
+    total = int(new_offsets[-1])
+    shift = torch.repeat_interleave(offsets[bags] - new_offsets[:-1], new_lengths, output_size=total)
+    positions = shift + torch.arange(total, device=shift.device)
+    weights = features.weights_or_none()
+    return KeyedJaggedTensor(keys=keys, values=features.values()[positions], lengths=new_lengths,
+                             weights=weights[positions] if weights is not None else None, stride=batch)
+
+
+def _complete_cumsum(lengths: torch.Tensor) -> torch.Tensor:
+    """[0, l0, l0 + l1, ...] as int64: the offsets of bags of these lengths."""
+    return torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int64), (1, 0))
+
+
+def feature_segments(keys: List[str], info: Dict[str, _HasTable]) -> List[Tuple[str, List[str]]]:
+    """Consecutive features of one physical table: [(table, [features])]."""
+    segments: List[Tuple[str, List[str]]] = []
+    for f in keys:
+        if segments and segments[-1][0] == info[f].table:
+            segments[-1][1].append(f)
+        else:
+            segments.append((info[f].table, [f]))
+    return segments
+
+
+def concat(pieces: List[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    """torch.cat that does not copy a single piece (the common one-group layout); `empty` if none.
+    Pieces of int32 and int64 give int64 (torch.cat's type promotion)."""
+    if not pieces:
+        return empty
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
