@@ -151,15 +151,20 @@ def _import(root: Path, digest: str) -> Tuple[ModuleType, ModuleType, ModuleType
             importlib.import_module(f"{name}.models"))
 
 
-@lru_cache(maxsize=None)
 def build_official(cache_root: Optional[str] = None) -> OfficialArtifact:
-    """Build (or reuse) the patched artifact copy and import it; raises OfficialUnavailable.
+    """Build (or reuse) the patched artifact copy of `peer_dir()` and import it; raises OfficialUnavailable.
 
     The copy lives in `cache_root` (default: the system temp dir) under a name keyed by the
     source hash; it is built in a staging directory and renamed into place, so concurrent
-    builders never see half a build. Building takes ~1 s, importing ~0.1 s.
+    builders never see half a build. Building takes ~1 s, importing ~0.1 s; later calls in
+    the process return the same artifact.
     """
-    src = peer_dir()
+    return _build_cached(str(peer_dir()), cache_root)
+
+
+@lru_cache(maxsize=None)
+def _build_cached(source: str, cache_root: Optional[str]) -> OfficialArtifact:
+    src = Path(source)
     if not (src / "embeddings" / "sketch.cpp").is_file():
         raise OfficialUnavailable(f"the official CAFE artifact is not at {src} (set ${PEER_ENV} to its folder)")
     if not (src / PATCH).is_file():
