@@ -104,7 +104,8 @@ class GroupLayout:
         return self.physical_rows * self.dim * BYTES_PER_VALUE[self.data_type]
 
     def logical_bytes(self) -> int:
-        return sum(t.logical_rows for t in self.tables) * self.dim * 4
+        """The group's tables uncompressed, at their configured dtype."""
+        return sum(t.logical_rows for t in self.tables) * self.dim * BYTES_PER_VALUE[self.data_type]
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,12 @@ from cafe_torchrec.feature_map import FeatureMap, make_keys
 from cafe_torchrec.layout import CafePlan, plan_tables
 from cafe_torchrec.migration import has_in_backward_optimizer
 from cafe_torchrec.remap import CafeGroupRemap, remap_kjt
+from cafe_torchrec.stats import CollectionReport
 from cafe_torchrec.training import importance_hook
 from cafe_torchrec.validation import checked_input
 
 
-class CafeEmbeddingBagCollection(ConfiguredCollection):
+class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
     """EmbeddingBagCollection whose tables are compressed with CAFE (SIGMOD'24).
 
     Same configs in, `KeyedTensor` out (keyed by feature name, in config order). Tables of
@@ -85,58 +86,5 @@ class CafeEmbeddingBagCollection(ConfiguredCollection):
         slots = torch.full_like(ids, info.slot)
         return make_keys(ids, slots, self.feature_map.salts[info.group].to(ids.device))
 
-    def stats(self) -> Dict[str, Dict[str, object]]:
-        """Per group and table: hot rows used/free, migrations since the last call, hot share, bytes."""
-        out: Dict[str, Dict[str, object]] = {}
-        for g in self.plan.groups:
-            remap: CafeGroupRemap = self.groups[g.name]
-            counters = remap.take_stats()
-            used = remap.sketch.hot_rows_used()
-            lookups = sum(counters["lookups"])
-            out[g.name] = {
-                "hot_rows_used": used,
-                "hot_rows_free": g.hot_rows - used,
-                "promotions": sum(counters["promotions"]),
-                "demotions": sum(counters["demotions"]),
-                "hot_lookup_share": sum(counters["hot_lookups"]) / lookups if lookups else 0.0,
-                "bytes": {"weights": g.weight_bytes(), "sketch": g.sketch_bytes()},
-                "tables": {
-                    t.name: {
-                        "logical_rows": t.logical_rows, "level1_rows": t.level1_rows, "level2_rows": t.level2_rows,
-                        "lookups": counters["lookups"][i],
-                        "hot_lookup_share": counters["hot_lookups"][i] / max(counters["lookups"][i], 1),
-                        "medium_lookup_share": counters["medium_lookups"][i] / max(counters["lookups"][i], 1),
-                        "promotions": counters["promotions"][i], "demotions": counters["demotions"][i],
-                    }
-                    for i, t in enumerate(g.tables)
-                },
-            }
-        for p in self.plan.plain:
-            c = p.config
-            out[c.name] = {"uncompressed": True, "bytes": {"weights": c.num_embeddings * c.embedding_dim * 4, "sketch": 0}}
-        return out
-
-    def memory(self) -> Dict[str, float]:
-        """Logical and physical bytes and the compression ratio (weights + sketch, as the paper)."""
-        logical = sum(t.num_embeddings * t.embedding_dim * 4 for t in self._tables)
-        weights = sum(g.weight_bytes() for g in self.plan.groups) + sum(
-            p.config.num_embeddings * p.config.embedding_dim * 4 for p in self.plan.plain)
-        sketch = sum(g.sketch_bytes() for g in self.plan.groups)
-        return {"logical_bytes": logical, "weight_bytes": weights, "sketch_bytes": sketch,
-                "compression_ratio": logical / (weights + sketch)}
-
-    def describe(self) -> str:
-        """What the module chose, one line per group and plain table."""
-        lines = []
-        for g in self.plan.groups:
-            cfg = g.config
-            lines.append(f"group {g.name}: dim {g.dim}, {g.physical_rows:,} rows ({g.hot_rows:,} hot), "
-                         f"threshold {cfg.threshold:g}, hot share {cfg.hot_share:.2f}, "
-                         f"{'multi-level' if cfg.multi_level else 'single-level'}, tables "
-                         + ", ".join(f"{t.name} {t.logical_rows:,}->{t.hashed_rows:,}" for t in g.tables))
-        for p in self.plan.plain:
-            lines.append(f"table {p.config.name}: uncompressed ({p.config.num_embeddings:,} rows)")
-        m = self.memory()
-        lines.append(f"compression ratio {m['compression_ratio']:.1f}x "
-                     f"({m['logical_bytes']:,} -> {m['weight_bytes'] + m['sketch_bytes']:,} bytes)")
-        return "\n".join(lines)
+    def plain_rows(self) -> Dict[str, int]:
+        return {p.config.name: p.config.num_embeddings for p in self.plan.plain}

@@ -23,7 +23,7 @@ _LEVEL_MULTIPLIERS = {1: odd_multiplier(_LEVEL1_SEED), 2: odd_multiplier(_LEVEL2
 # in the layout signature: 1 = buckets and rows by mix64, 2 = by hashing.fold, 3 = sketch slots
 # without a hot row carry their Space-Saving error in the row word
 _FORMAT = 3
-_STATS = ("lookups", "hot_lookups", "medium_lookups", "promotions", "demotions")  # columns of `stat_counts`
+STAT_COLUMNS = ("lookups", "hot_lookups", "medium_lookups", "promotions", "demotions")  # columns of `stat_counts`
 
 
 @dataclass
@@ -77,7 +77,7 @@ class CafeGroupRemap(nn.Module):
         )  # per table slot: level-1 offset, level-1 rows, level-2 offset, level-2 rows
         self.register_buffer("regions", regions.to("cpu" if device.type == "meta" else device), persistent=False)
         self.register_buffer("layout_signature", self._signature().to(device), persistent=True)
-        self.register_buffer("stat_counts", torch.zeros(len(layout.tables), len(_STATS), dtype=torch.int64, device=device),
+        self.register_buffer("stat_counts", torch.zeros(len(layout.tables), len(STAT_COLUMNS), dtype=torch.int64, device=device),
                              persistent=False)
         self.pending: Optional[Future] = None  # a sketch update still running (training.py)
 
@@ -138,12 +138,11 @@ class CafeGroupRemap(nn.Module):
         self.stat_counts[:, 4] += torch.bincount(result.demoted_keys & SLOT_MASK, minlength=n).to(self.stat_counts.device)
         return result
 
-    def take_stats(self) -> Dict[str, List[int]]:
-        """Per-table counters since the last call, then reset them."""
+    def counters(self) -> List[Dict[str, int]]:
+        """Per table slot, the monotonic counters (STAT_COLUMNS) since construction: reading
+        does not reset them (stats.stats_interval gives per-interval figures)."""
         self.settle()
-        counts = self.stat_counts.t().tolist()
-        self.stat_counts.zero_()
-        return dict(zip(_STATS, counts))
+        return [dict(zip(STAT_COLUMNS, row)) for row in self.stat_counts.tolist()]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[override]
         self.settle()

@@ -30,7 +30,7 @@ FEATURES = ["f0", "f1"]
 def tables(pooling: PoolingType = PoolingType.SUM) -> List[EmbeddingBagConfig]:
     """A compressed table with two features and a small plain one (stock semantics)."""
     return [EmbeddingBagConfig(name="big", embedding_dim=8, num_embeddings=50_000, feature_names=["f0"], pooling=pooling),
-            EmbeddingBagConfig(name="small", embedding_dim=8, num_embeddings=40, feature_names=["f1"], pooling=pooling)]
+            EmbeddingBagConfig(name="small", embedding_dim=8, num_embeddings=16, feature_names=["f1"], pooling=pooling)]
 
 
 def cafe(pooling: PoolingType = PoolingType.SUM, weighted: bool = False) -> CafeEmbeddingBagCollection:
@@ -47,7 +47,7 @@ def vbe_kjt(strides: List[int], batch: int, seed: int = 0, weighted: bool = Fals
     has `batch` samples, inverse_indices pick a bag of each feature per sample."""
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, 4, (sum(strides),), generator=gen)
-    values = torch.randint(0, 40, (int(lengths.sum()),), generator=gen)  # in range for stock
+    values = torch.randint(0, 16, (int(lengths.sum()),), generator=gen)  # in range for stock
     inverse = torch.stack([torch.randint(0, s, (batch,), generator=gen) for s in strides])
     weights = torch.rand(values.numel(), generator=gen) if weighted else None
     return KeyedJaggedTensor(keys=FEATURES, values=values, lengths=lengths, weights=weights,
@@ -146,7 +146,7 @@ def test_int32_ids_lengths_and_offsets_equal_int64() -> None:
         offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         narrow = KeyedJaggedTensor(keys=FEATURES, values=values.to(torch.int32), offsets=offsets)
         if step == 0:
-            in_range = values.abs() % 40
+            in_range = values.abs() % 16
             positive = KeyedJaggedTensor(keys=FEATURES, values=in_range, lengths=lengths)
             positive32 = KeyedJaggedTensor(keys=FEATURES, values=in_range.int(), lengths=lengths.int())
             assert torch.equal(stock(positive32).values(), stock(positive).values())  # stock's own parity
@@ -181,3 +181,36 @@ def test_float_ids_and_lengths_are_refused() -> None:
     floats = KeyedJaggedTensor(keys=FEATURES, values=torch.tensor([1.0, 2.0]), lengths=torch.tensor([1, 0, 1, 0]))
     with pytest.raises(ValueError, match="ids must be int32 or int64"):
         ebc(floats)
+
+
+def test_stats_are_monotonic_and_intervals_come_from_a_helper() -> None:
+    from cafe_torchrec.stats import stats_interval
+
+    ebc = cafe()
+    group = ebc.plan.groups[0].name
+    kjt = expand_variable_batch(vbe_kjt([3, 5], 4))
+    ebc(kjt).values().sum().backward()
+    first = ebc.stats()
+    assert ebc.stats() == first  # reading does not reset
+    ebc(kjt).values().sum().backward()
+    second = ebc.stats()
+    interval = stats_interval(second, first)
+    lookups = int(kjt["f0"].lengths().sum())
+    assert first[group]["lookups"] == lookups and second[group]["lookups"] == 2 * lookups
+    assert interval[group]["lookups"] == lookups and interval[group]["tables"]["big"]["lookups"] == lookups
+    assert interval[group]["hot_lookup_share"] == interval[group]["hot_lookups"] / lookups
+    assert second["small"] == {"uncompressed": True, "rows": 16, "bytes": {"weights": 16 * 8 * 4, "sketch": 0}}
+
+
+def test_memory_counts_fp16_tables_at_two_bytes_and_the_ratio_against_fp16() -> None:
+    from torchrec.modules.embedding_configs import DataType
+
+    half = [EmbeddingBagConfig(name=t.name, embedding_dim=8, num_embeddings=t.num_embeddings, feature_names=t.feature_names,
+                               data_type=DataType.FP16) for t in tables()]
+    ebc = CafeEmbeddingBagCollection(half, CafeConfig(compression_ratio=100))
+    m, layout = ebc.memory(), ebc.plan.groups[0]
+    assert m["logical_bytes"] == (50_000 + 16) * 8 * 2
+    assert m["weight_bytes"] == (layout.physical_rows + 16) * 8 * 2
+    assert ebc.stats()["small"]["bytes"]["weights"] == 16 * 8 * 2
+    assert ebc.physical.embedding_bags["small"].weight.dtype == torch.float16
+    assert m["compression_ratio"] == m["logical_bytes"] / (m["weight_bytes"] + m["sketch_bytes"])

@@ -190,7 +190,8 @@ def world_one(rank: int, world: int, sharding_type: str) -> Dict[str, object]:
         (b * probe[:BATCH]).sum().backward()
     weight_diff = float((unsharded.physical.embedding_bags[GROUP].weight - row_store(dmp.module.physical, GROUP).weight).abs().max())
     same_sketch = torch.equal(unsharded.groups[GROUP].sketch.slots[:, 0], dmp.module.groups[GROUP].sketch.slots[:, 0])
-    return {"diffs": diffs, "weight_diff": weight_diff, "same_sketch": same_sketch}
+    reports = [(m.stats(), m.memory(), m.describe()) for m in (unsharded, dmp.module)]
+    return {"diffs": diffs, "weight_diff": weight_diff, "same_sketch": same_sketch, "reports": reports}
 
 
 def test_unsharded_equals_dmp_world_size_one() -> None:
@@ -198,3 +199,6 @@ def test_unsharded_equals_dmp_world_size_one() -> None:
         (result,) = run_ranks(world_one, 1, sharding_type)
         assert max(result["diffs"]) < 1e-5, (sharding_type, result["diffs"])
         assert result["weight_diff"] < 1e-4 and result["same_sketch"], (sharding_type, result)
+        unsharded, sharded = result["reports"]  # one stats/memory/describe API, same figures
+        assert sharded == unsharded, (sharding_type, result["reports"])
+        assert unsharded[0][GROUP]["promotions"] > 0 and unsharded[1]["local_weight_bytes"] == unsharded[1]["weight_bytes"]

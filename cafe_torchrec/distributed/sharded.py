@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torchrec.distributed.embedding_sharding import EmbeddingSharding
 from torchrec.distributed.embedding_types import KJTList, ShardedEmbeddingModule
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionContext, ShardedEmbeddingBagCollection
 from torchrec.distributed.sharding.rw_sharding import BaseRwEmbeddingSharding, RwSparseFeaturesDist
 from torchrec.distributed.types import (
@@ -38,6 +39,7 @@ from cafe_torchrec.distributed.sketch_state import ShardedSketchState, owner_blo
 from cafe_torchrec.feature_map import KEY_SPACE, FeatureMap
 from cafe_torchrec.modules import CafeEmbeddingBagCollection
 from cafe_torchrec.remap import CafeGroupRemap, remap_kjt
+from cafe_torchrec.stats import CollectionReport
 from cafe_torchrec.training import importance_hook
 from cafe_torchrec.validation import checked_input
 
@@ -50,7 +52,7 @@ class CafeContext(EmbeddingBagCollectionContext):
 
 
 class ShardedCafeEmbeddingBagCollection(
-    ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, CafeContext]
+    CollectionReport, ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, CafeContext]
 ):
     """The sharded twin of CafeEmbeddingBagCollection (built by CafeEmbeddingBagCollectionSharder)."""
 
@@ -72,7 +74,8 @@ class ShardedCafeEmbeddingBagCollection(
         self.physical._has_uninitialized_input_dist = False  # this module builds the input dists
         self._input_dists_ready = False
         layouts = {g.name: g for g in self.plan.groups}
-        self._plain_offsets: Dict[str, int] = {}
+        self._plain_offsets: Dict[str, int] = {}  # first row of this rank's shard of each plain table
+        self._plain_rows: Dict[str, int] = {}  # rows of it this rank holds
         local: Dict[str, CafeGroupRemap] = {}
         kernel = next(iter(module.groups.values())).sketch.kernel if len(module.groups) else "auto"
         for sharding in self.physical._embedding_shardings:
@@ -83,6 +86,7 @@ class ShardedCafeEmbeddingBagCollection(
                         local[table.name] = CafeGroupRemap(layouts[table.name].block(rows), device, kernel)
                     elif table.name not in layouts:
                         self._plain_offsets[table.name] = offset
+                        self._plain_rows[table.name] = rows
         self.groups = nn.ModuleDict(local)
         owners = {name: owner_blocks(layout, params[name]) for name, layout in layouts.items() if name in params}
         self._sketch_state = ShardedSketchState(owners, self.groups, env.process_group, env.rank)
@@ -163,20 +167,9 @@ class ShardedCafeEmbeddingBagCollection(
             keep_original_indices=True,
         )
 
-    # ---- introspection
-    def stats(self) -> Dict[str, Dict[str, object]]:
-        """This rank's view: hot rows and migrations of the groups (or blocks) it holds."""
-        out: Dict[str, Dict[str, object]] = {}
-        for name, remap in self.groups.items():
-            counters = remap.take_stats()
-            lookups = sum(counters["lookups"])
-            out[name] = {
-                "hot_rows_used": remap.sketch.hot_rows_used(),
-                "hot_rows": remap.layout.hot_rows,
-                "block_rows": remap.layout.physical_rows,
-                "promotions": sum(counters["promotions"]),
-                "demotions": sum(counters["demotions"]),
-                "lookups": lookups,
-                "hot_lookup_share": sum(counters["hot_lookups"]) / lookups if lookups else 0.0,
-            }
-        return out
+    # ---- introspection (stats, memory, describe: cafe_torchrec.stats.CollectionReport)
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._tables
+
+    def plain_rows(self) -> Dict[str, int]:
+        return dict(self._plain_rows)

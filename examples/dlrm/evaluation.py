@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
@@ -64,11 +65,20 @@ def cafe_modules(model: torch.nn.Module) -> List[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, ShardedCafeEmbeddingBagCollection)]
 
 
+_last_stats: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[str, Dict[str, Any]]]" = weakref.WeakKeyDictionary()
+
+
 def hot_counts(modules: List[torch.nn.Module]) -> Tuple[float, float]:
-    """(hot lookups, lookups) on this rank since the last call (stats() resets its counters)."""
+    """(hot lookups, lookups) on this rank since the previous call for the same collections
+    (their stats() counters are monotonic; the interval comes from stats_interval)."""
+    from cafe_torchrec.stats import stats_interval
+
     hot = lookups = 0.0
     for m in modules:
-        for group in m.stats().values():
-            lookups += group["lookups"]
-            hot += group["hot_lookup_share"] * group["lookups"]
+        now = m.stats()
+        for entry in stats_interval(now, _last_stats.get(m, {})).values():
+            if not entry.get("uncompressed"):
+                lookups += entry["lookups"]
+                hot += entry["hot_lookups"]
+        _last_stats[m] = now
     return hot, lookups
