@@ -29,12 +29,14 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from cafe_planner.estimators import CALIBRATION_ENV, default_path  # noqa: F401 (re-exported)
+from cafe_planner.estimators import default_path
+
 
 def _best_ns_per_id(fn: Callable[[], object], n: int, repeat: int) -> float:
     fn()
@@ -53,32 +55,56 @@ def _zipf_ids(n: int, vocab: int, exponent: float, gen: torch.Generator) -> torc
 
 
 def measure(ids: int = 1 << 17, dim: int = 16, repeat: int = 7, vocab: int = 1 << 20) -> Dict[str, object]:
-    """Run the timings and return the calibration record (see the module docstring)."""
-    from fbgemm_gpu.split_embedding_configs import EmbOptimType
-    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
-    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-        ComputeDevice,
-        SplitTableBatchedEmbeddingBagsCodegen,
-    )
-    from torch.distributed.optim import _apply_optimizer_in_backward
-    from torchrec.modules.embedding_configs import EmbeddingBagConfig
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
-    from torchrec.optim import RowWiseAdagrad
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection, HotSketch
-    from cafe_torchrec.hashing import mix64
-
+    """Run the timings on one thread and return the calibration record (module docstring)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         gen = torch.Generator().manual_seed(0)
+        setup = _Setup.build(ids, dim, vocab, gen)
+        fwd, bwd = _cafe_costs(setup, repeat)
+        out: Dict[str, object] = dict(_sketch_costs(setup, repeat, gen))
+        # never below the sketch call that the remap itself makes
+        out["remap_fwd_ns"] = max(fwd, float(out["sketch_query_ns"]))
+        out["remap_bwd_ns"] = max(bwd, float(out["sketch_insert_ns"]))
+        out["tbe_fwd_ns"], out["tbe_bwd_ns"] = _tbe_costs(setup, repeat, gen)
+    finally:
+        torch.set_num_threads(threads)
+    out["fwd_overhead"] = float(out["remap_fwd_ns"]) / float(out["tbe_fwd_ns"])
+    out["bwd_overhead"] = float(out["remap_bwd_ns"]) / float(out["tbe_bwd_ns"])
+    out["ids"], out["dim"], out["threads"] = setup.n, dim, 1
+    out["machine"] = describe_machine()
+    out["torch"] = torch.__version__
+    out["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return out
+
+
+@dataclass
+class _Setup:
+    """What the timings share: one CAFE group of 4 tables of `vocab` rows at 100x, a stock
+    collection of the same physical tables (their difference is what CAFE adds), both with
+    row-wise Adagrad in backward, and a batch of Zipf(1.1) ids, one per bag."""
+
+    cafe: Any
+    stock: Any
+    kjt: Any  # raw ids, for the CAFE collection
+    stock_kjt: Any  # the same ids modulo the physical rows, for the stock collection
+    raw: torch.Tensor
+    n: int
+    dim: int
+
+    @classmethod
+    def build(cls, ids: int, dim: int, vocab: int, gen: torch.Generator) -> "_Setup":
+        from torch.distributed.optim import _apply_optimizer_in_backward
+        from torchrec.modules.embedding_configs import EmbeddingBagConfig
+        from torchrec.modules.embedding_modules import EmbeddingBagCollection
+        from torchrec.optim import RowWiseAdagrad
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
+
         features = 4
-        batch = max(1, ids // features)  # one id per bag
+        batch = max(1, ids // features)
         n = batch * features
-        # One CAFE group of 4 tables of `vocab` rows at 100x, and a stock collection of the
-        # same physical tables: their difference is what CAFE adds (remap, sketch, importance,
-        # migration), through the public modules only.
         tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=vocab, feature_names=[f"f{i}"])
                   for i in range(features)]
         cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=100.0))
@@ -87,71 +113,82 @@ def measure(ids: int = 1 << 17, dim: int = 16, repeat: int = 7, vocab: int = 1 <
             _apply_optimizer_in_backward(RowWiseAdagrad, module.parameters(), {"lr": 0.01})
         raw = torch.cat([_zipf_ids(batch, vocab, 1.1, gen) for _ in range(features)])
         lengths = torch.ones(n, dtype=torch.int64)
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f"f{i}" for i in range(features)], values=raw, lengths=lengths)
+        keys = [f"f{i}" for i in range(features)]
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=raw, lengths=lengths)
         rows = cafe.plan.groups[0].physical_rows
-        stock_kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f"f{i}" for i in range(features)],
-                                                        values=torch.remainder(raw, rows), lengths=lengths)
+        stock_kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.remainder(raw, rows), lengths=lengths)
+        return cls(cafe, stock, kjt, stock_kjt, raw, n, dim)
 
-        def fwd(module, x):
-            return lambda: module(x).values()
 
-        def fwd_bwd(module, x):
-            return lambda: module(x).values().sum().backward()
+def _cafe_costs(setup: _Setup, repeat: int) -> Tuple[float, float]:
+    """(forward, backward) ns per id that the CAFE collection adds: forward over the stock
+    collection; backward in training over the same module in eval mode (no importance hook,
+    no sketch insert, no migration). Interleaved rounds, median of per-round differences: a
+    shared machine drifts between rounds."""
+    cafe, n = setup.cafe, setup.n
 
-        for _ in range(20):  # warm the sketch (hot rows handed out, decay running) and load the kernels
-            fwd_bwd(cafe, kjt)()
-        out: Dict[str, object] = {}
-        # interleaved, median of per-round differences: a shared machine drifts between rounds
-        fwd_diff, bwd_diff = [], []
-        for _ in range(repeat):
-            cafe_fwd = _best_ns_per_id(fwd(cafe, kjt), n, 3)
-            stock_fwd = _best_ns_per_id(fwd(stock, stock_kjt), n, 3)
-            cafe_all = _best_ns_per_id(fwd_bwd(cafe, kjt), n, 3)
-            cafe.eval()  # same lookups and update, without the importance hook (no sketch insert, no migration)
-            plain_fwd = _best_ns_per_id(fwd(cafe, kjt), n, 3)
-            plain_all = _best_ns_per_id(fwd_bwd(cafe, kjt), n, 3)
-            cafe.train()
-            fwd_diff.append(cafe_fwd - stock_fwd)
-            bwd_diff.append((cafe_all - cafe_fwd) - (plain_all - plain_fwd))
+    def fwd(module, x):
+        return lambda: module(x).values()
 
-        hot = cafe.plan.groups[0].hot_rows
-        sketch = HotSketch(hot_capacity=hot, threshold=1.0)
-        keys = mix64(raw, 1) & ((1 << 62) - 1)
-        scores = torch.rand(n, generator=gen) * 2
-        for _ in range(20):
-            sketch.insert(keys, scores)
-        out["sketch_query_ns"] = _best_ns_per_id(lambda: sketch.query(keys), n, repeat)
-        out["sketch_insert_ns"] = _best_ns_per_id(lambda: sketch.insert(keys, scores), n, repeat)
-        # never below the sketch call that the remap itself makes
-        out["remap_fwd_ns"] = max(statistics.median(fwd_diff), float(out["sketch_query_ns"]))
-        out["remap_bwd_ns"] = max(statistics.median(bwd_diff), float(out["sketch_insert_ns"]))
+    def fwd_bwd(module, x):
+        return lambda: module(x).values().sum().backward()
 
-        tbe = SplitTableBatchedEmbeddingBagsCodegen(
-            [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
-            optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01)
-        indices = torch.remainder(raw, rows)
-        offsets = torch.arange(n + 1, dtype=torch.int64)
-        upstream = torch.randn(n, dim, generator=gen)
+    for _ in range(20):  # warm the sketch (hot rows handed out, decay running) and load the kernels
+        fwd_bwd(cafe, setup.kjt)()
+    fwd_diff, bwd_diff = [], []
+    for _ in range(repeat):
+        cafe_fwd = _best_ns_per_id(fwd(cafe, setup.kjt), n, 3)
+        stock_fwd = _best_ns_per_id(fwd(setup.stock, setup.stock_kjt), n, 3)
+        cafe_all = _best_ns_per_id(fwd_bwd(cafe, setup.kjt), n, 3)
+        cafe.eval()
+        plain_fwd = _best_ns_per_id(fwd(cafe, setup.kjt), n, 3)
+        plain_all = _best_ns_per_id(fwd_bwd(cafe, setup.kjt), n, 3)
+        cafe.train()
+        fwd_diff.append(cafe_fwd - stock_fwd)
+        bwd_diff.append((cafe_all - cafe_fwd) - (plain_all - plain_fwd))
+    return statistics.median(fwd_diff), statistics.median(bwd_diff)
 
-        def tbe_step() -> None:
-            tbe(indices, offsets).backward(upstream)
 
-        tbe_fwd, tbe_bwd = [], []
-        for _ in range(repeat):
-            f = _best_ns_per_id(lambda: tbe(indices, offsets), n, 3)
-            tbe_fwd.append(f)
-            tbe_bwd.append(_best_ns_per_id(tbe_step, n, 3) - f)
-        out["tbe_fwd_ns"] = statistics.median(tbe_fwd)
-        out["tbe_bwd_ns"] = max(statistics.median(tbe_bwd), 1e-3)
-    finally:
-        torch.set_num_threads(threads)
-    out["fwd_overhead"] = float(out["remap_fwd_ns"]) / float(out["tbe_fwd_ns"])
-    out["bwd_overhead"] = float(out["remap_bwd_ns"]) / float(out["tbe_bwd_ns"])
-    out["ids"], out["dim"], out["threads"] = n, dim, 1
-    out["machine"] = describe_machine()
-    out["torch"] = torch.__version__
-    out["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    return out
+def _sketch_costs(setup: _Setup, repeat: int, gen: torch.Generator) -> Dict[str, float]:
+    """ns per id of a bare HotSketch (the group's hot rows) query and insert, after 20 warm-up inserts."""
+    from cafe_torchrec import HotSketch
+    from cafe_torchrec.hashing import mix64
+
+    sketch = HotSketch(hot_capacity=setup.cafe.plan.groups[0].hot_rows, threshold=1.0)
+    keys = mix64(setup.raw, 1) & ((1 << 62) - 1)
+    scores = torch.rand(setup.n, generator=gen) * 2
+    for _ in range(20):
+        sketch.insert(keys, scores)
+    return {"sketch_query_ns": _best_ns_per_id(lambda: sketch.query(keys), setup.n, repeat),
+            "sketch_insert_ns": _best_ns_per_id(lambda: sketch.insert(keys, scores), setup.n, repeat)}
+
+
+def _tbe_costs(setup: _Setup, repeat: int, gen: torch.Generator) -> Tuple[float, float]:
+    """(forward, backward) ns per id of an FBGEMM TBE over the group's physical rows, the
+    backward with its fused EXACT_ROWWISE_ADAGRAD update (medians of `repeat` rounds)."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    rows, n = setup.cafe.plan.groups[0].physical_rows, setup.n
+    tbe = SplitTableBatchedEmbeddingBagsCodegen([(rows, setup.dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+                                                optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01)
+    indices = torch.remainder(setup.raw, rows)
+    offsets = torch.arange(n + 1, dtype=torch.int64)
+    upstream = torch.randn(n, setup.dim, generator=gen)
+
+    def tbe_step() -> None:
+        tbe(indices, offsets).backward(upstream)
+
+    fwd, bwd = [], []
+    for _ in range(repeat):
+        f = _best_ns_per_id(lambda: tbe(indices, offsets), n, 3)
+        fwd.append(f)
+        bwd.append(_best_ns_per_id(tbe_step, n, 3) - f)
+    return statistics.median(fwd), max(statistics.median(bwd), 1e-3)
 
 
 def describe_machine() -> str:

@@ -10,8 +10,8 @@
 What the stock storage estimator already counts for a CAFE physical table (a real parameter
 of the inner EmbeddingBagCollection): the shard's weights (rows x dim x element size), the
 optimizer state as ``weights x multiplier`` with the multiplier read from
-``tensor._optimizer_classes[0]`` (SGD 0, Adam 2, RowWiseAdagrad 1/dim, anything else 1, and 0
-when the tensor has no in-backward optimizer), and on CPU the input/output buffers of a step.
+the parameter's in-backward optimizer class (SGD 0, Adam 2, RowWiseAdagrad 1/dim, anything
+else 1, and 0 when the tensor has no in-backward optimizer; _torchrec_compat reads both), and on CPU the input/output buffers of a step.
 
 What it misses, and ``CafeStorageEstimator`` adds per shard:
 1. the HotSketch of the shard's block: ``layout.block(shard_rows).sketch_bytes()`` (slots +
@@ -43,12 +43,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.distributed.planner.constants import MAX_SIZE
+from torchrec.distributed.types import ModuleSharder
 from torchrec.distributed.planner.types import (
     ParameterConstraints,
     Perf,
@@ -58,22 +59,9 @@ from torchrec.distributed.planner.types import (
     Topology,
 )
 
+from cafe_torchrec._torchrec_compat import in_backward_optimizer, stock_optimizer_multiplier
 from cafe_torchrec.layout import GroupLayout
 from cafe_torchrec.modules import CafeEmbeddingBagCollection
-
-try:  # the exact function the stock estimator uses (private in 1.8)
-    from torchrec.distributed.planner.shard_estimators import _get_optimizer_multipler as stock_optimizer_multiplier
-except ImportError:  # pragma: no cover - replicate 1.8's rule
-    def stock_optimizer_multiplier(optimizer_class: Optional[Type[torch.optim.Optimizer]], shape: torch.Size) -> float:
-        from torchrec import optim as trec_optim
-
-        if not optimizer_class or optimizer_class in (torch.optim.SGD, trec_optim.SGD):
-            return 0.0
-        if optimizer_class in (torch.optim.Adam, trec_optim.Adam):
-            return 2.0
-        if optimizer_class == trec_optim.RowWiseAdagrad:
-            return 1.0 / shape[-1]
-        return 1.0
 
 CALIBRATION_ENV = "CAFE_PLANNER_CALIBRATION"
 
@@ -157,15 +145,23 @@ def optimizer_state_bytes(optimizer: Optional[EmbOptimType], rows: int, dim: int
 def effective_optimizer(tensor: torch.Tensor, fused_params: Optional[Dict[str, Any]],
                         fallback: Optional[EmbOptimType]) -> EmbOptimType:
     """The optimizer TorchRec's sharder will give this table's TBE (see the module docstring)."""
-    classes = getattr(tensor, "_optimizer_classes", None)
-    kwargs = getattr(tensor, "_optimizer_kwargs", None)
-    if kwargs and kwargs[0] and "optimizer" in kwargs[0]:
-        return resolve_optimizer(kwargs[0]["optimizer"]) or EmbOptimType.EXACT_SGD
-    if classes and classes[0] is not None:
-        return resolve_optimizer(classes[0]) or EmbOptimType.EXACT_SGD
+    optimizer_class, kwargs = in_backward_optimizer(tensor)
+    if "optimizer" in kwargs:
+        return resolve_optimizer(kwargs["optimizer"]) or EmbOptimType.EXACT_SGD
+    if optimizer_class is not None:
+        return resolve_optimizer(optimizer_class) or EmbOptimType.EXACT_SGD
     if fused_params and fused_params.get("optimizer") is not None:
         return resolve_optimizer(fused_params["optimizer"]) or EmbOptimType.EXACT_SGD
     return fallback or EmbOptimType.EXACT_SGD
+
+
+def sharder_fused_params(sharders: Sequence[ModuleSharder[nn.Module]]) -> Dict[str, Any]:
+    """The fused_params of the CafeEmbeddingBagCollection sharder among `sharders` ({} if none):
+    where its tables' optimizer comes from when the parameters carry none."""
+    for s in sharders:
+        if getattr(s, "module_type", None) is CafeEmbeddingBagCollection:
+            return dict(getattr(s, "fused_params", None) or {})
+    return {}
 
 
 @dataclass(frozen=True)
@@ -224,8 +220,7 @@ class CafeStorageEstimator(ShardEstimator):
             sharder_data = (sharder_data_map or {}).get(option.module_type_key)
             fused = getattr(sharder_data, "fused_params", None) or {}
             optimizer = effective_optimizer(option.tensor, fused, self._optimizer)
-            stock_class = getattr(option.tensor, "_optimizer_classes", [None])[0]
-            multiplier = stock_optimizer_multiplier(stock_class, option.tensor.shape)
+            multiplier = stock_optimizer_multiplier(option.tensor)
             layout = group_layout(module, option.name)
             element = option.tensor.element_size()
             on_device = self._topology.compute_device in ("cuda", "mtia")

@@ -3,15 +3,20 @@
 A physical table bigger than ``rw_share`` (default 5%) of a rank's fair share (total / world
 size) is sharded row-wise, so every rank holds an equal block of it (for a CAFE group, a block
 with its own hot rows, hashed rows and sketch); the others are table-wise, placed largest first
-on the rank with the most room left (LPT). Tables of at most 5% of a rank placed this way leave
-ranks within about 5% of each other. Bytes are weights + HotSketch (slots + free list) +
-optimizer state, as FBGEMM TBE allocates it (estimators.optimizer_state_bytes).
+on the rank with the most room left (LPT, ``place_largest_first``). Tables of at most 5% of a
+rank placed this way leave ranks within about 5% of each other. Bytes are weights + HotSketch
+(slots + free list) + optimizer state, as FBGEMM TBE allocates it
+(estimators.optimizer_state_bytes).
+
+This is the planner's one placement engine: the budget solver places candidate layouts with
+``assign``, and CafePlanner's TorchRec callback re-places the table-wise shards of TorchRec's
+chosen plan with the same ``place_largest_first`` (by the estimators' bytes).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torchrec.distributed.sharding_plan import calculate_shard_sizes_and_offsets
@@ -22,6 +27,7 @@ from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan, GroupLayout
 from cafe_planner.estimators import OptimizerLike, ShardBytes, optimizer_state_bytes, resolve_optimizer
 
 TW, RW = ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,22 @@ def choose_sharding(tables: Sequence[PhysicalTable], world_size: int, optimizer:
     return {t.name: RW if whole[t.name] > rw_share * fair and row_wise_ok(t, world_size) else TW for t in tables}
 
 
+def place_largest_first(sizes: Mapping[K, int], load: Sequence[int], caps: Optional[Sequence[int]] = None) -> Dict[K, int]:
+    """The rank of each whole (table-wise) table: largest first (ties by key), each on the rank
+    with the most room left under its cap, or without caps the least loaded one (lowest rank on
+    ties). `load` is what each rank holds already (its row-wise blocks). The solver and the
+    planner's TorchRec callback both place with this, so a configured module lands where the
+    budget was checked."""
+    load = list(load)
+    room = list(caps) if caps is not None else [0] * len(load)
+    out: Dict[K, int] = {}
+    for key in sorted(sizes, key=lambda k: (-sizes[k], str(k))):
+        r = max(range(len(load)), key=lambda r: (room[r] - load[r], -r))
+        out[key] = r
+        load[r] += sizes[key]
+    return out
+
+
 @dataclass
 class Assignment:
     """Where each physical table goes and what each rank then holds."""
@@ -98,48 +120,57 @@ class Assignment:
     rank_bytes: List[int]
     rank_tables: List[List[str]]
 
+    def holdings(self) -> List[str]:
+        """Per rank, what it holds: each table or row-wise block with its bytes."""
+        out = []
+        for r, names in enumerate(self.rank_tables):
+            parts = []
+            for name in names:
+                idx = self.ranks[name].index(r)
+                sb = self.shards[name][idx]
+                kind = f"block {idx} of" if self.sharding[name] == RW else "table"
+                parts.append(f"{kind} {name} {sb.state:,} B (weights {sb.weights:,}, optimizer {sb.optimizer:,}, "
+                             f"sketch {sb.sketch:,})")
+            out.append("; ".join(parts))
+        return out
 
-def assign(tables: Sequence[PhysicalTable], world_size: int, optimizer: OptimizerLike, caps: Optional[Sequence[int]] = None,
-           sharding: Optional[Mapping[str, str]] = None, rw_share: float = 0.05) -> Assignment:
-    """Shard (``sharding`` or ``choose_sharding``) and place: row-wise blocks on ranks 0..W-1,
-    table-wise tables largest first on the rank with the most room left under its cap."""
-    chosen = dict(choose_sharding(tables, world_size, optimizer, rw_share))
-    chosen.update(sharding or {})
-    caps = list(caps) if caps is not None else [0] * world_size
+
+def assign(tables: Sequence[PhysicalTable], world_size: int, optimizer: OptimizerLike, *,
+           caps: Optional[Sequence[int]] = None, rw_share: float = 0.05) -> Assignment:
+    """Shard (choose_sharding) and place: row-wise blocks on ranks 0..W-1 (as TorchRec's
+    partitioner places them), table-wise tables by place_largest_first."""
+    chosen = choose_sharding(tables, world_size, optimizer, rw_share)
     load = [0] * world_size
     ranks: Dict[str, List[int]] = {}
     shards: Dict[str, List[ShardBytes]] = {}
-    rank_tables: List[List[str]] = [[] for _ in range(world_size)]
     for t in tables:
         if chosen[t.name] == RW:
-            shards[t.name] = [shard_bytes(t, r, optimizer) for r in shard_rows(t.rows, t.dim, world_size, RW)]
-            ranks[t.name] = list(range(len(shards[t.name])))
-            for r, s in enumerate(shards[t.name]):
-                load[r] += s.state
-                rank_tables[r].append(t.name)
-    tw = [t for t in tables if chosen[t.name] != RW]
-    whole = {t.name: shard_bytes(t, t.rows, optimizer) for t in tw}
-    for t in sorted(tw, key=lambda t: -whole[t.name].state):
-        r = max(range(world_size), key=lambda r: (caps[r] - load[r], -r))
-        load[r] += whole[t.name].state
-        ranks[t.name], shards[t.name] = [r], [whole[t.name]]
-        rank_tables[r].append(t.name)
-    return Assignment(chosen, ranks, shards, load, rank_tables)
+            sizes = shard_rows(t.rows, t.dim, world_size, RW)
+            block = {rows: shard_bytes(t, rows, optimizer) for rows in set(sizes)}  # blocks come in two sizes
+            shards[t.name] = [block[rows] for rows in sizes]
+            ranks[t.name] = list(range(len(sizes)))
+        else:
+            shards[t.name] = [shard_bytes(t, t.rows, optimizer)]
+    for t in tables:
+        for r, s in zip(ranks.get(t.name, ()), shards[t.name]):
+            load[r] += s.state
+    whole = {t.name: shards[t.name][0].state for t in tables if chosen[t.name] == TW}
+    for name, r in place_largest_first(whole, load, caps).items():
+        ranks[name] = [r]
+    rank_bytes = [0] * world_size
+    rank_tables: List[List[str]] = [[] for _ in range(world_size)]
+    for t in tables:
+        for r, s in zip(ranks[t.name], shards[t.name]):
+            rank_bytes[r] += s.state
+            rank_tables[r].append(t.name)
+    return Assignment(chosen, ranks, shards, rank_bytes, rank_tables)
 
 
-def shortfall_message(assignment: Assignment, caps: Sequence[int], where: str) -> Optional[str]:
-    """None when every rank fits; else which rank (and tables) overflow and by how many bytes."""
-    over = [(load - cap, r) for r, (load, cap) in enumerate(zip(assignment.rank_bytes, caps)) if load > cap]
+def over_budget_message(needs: Sequence[int], caps: Sequence[int], holdings: Sequence[str]) -> Optional[str]:
+    """None when every rank fits its cap; else, largest shortfall first, each rank over its cap,
+    by how many bytes, and what it holds. The solver and the planner's final check both say it so."""
+    over = sorted(((need - cap, r) for r, (need, cap) in enumerate(zip(needs, caps)) if need > cap), reverse=True)
     if not over:
         return None
-    lines = []
-    for short, r in sorted(over, reverse=True):
-        parts = []
-        for name in assignment.rank_tables[r]:
-            idx = assignment.ranks[name].index(r)
-            sb = assignment.shards[name][idx]
-            kind = f"block {idx} of" if assignment.sharding[name] == RW else "table"
-            parts.append(f"{kind} {name} {sb.state:,} B (weights {sb.weights:,}, optimizer {sb.optimizer:,}, sketch {sb.sketch:,})")
-        lines.append(f"rank {r} needs {assignment.rank_bytes[r]:,} bytes but its cap is {caps[r]:,}: "
-                     f"short by {short:,} bytes; it holds " + "; ".join(parts))
-    return f"{where}: " + " | ".join(lines)
+    return " | ".join(f"rank {r} needs {needs[r]:,} bytes but its cap is {caps[r]:,}: short by {short:,} bytes; "
+                      f"it holds {holdings[r]}" for short, r in over)

@@ -24,9 +24,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from cafe_torchrec.config import CafeConfig, default_hot_share, default_threshold
 from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan, hot_row_bytes
 
-from cafe_planner.estimators import OptimizerLike, optimizer_state_bytes
-from cafe_planner.fitting import bisect_log, fitting_plan
+from cafe_planner.estimators import optimizer_state_bytes
 from cafe_planner.placement import Assignment
+from cafe_planner.problem import BudgetProblem, bisect_log
 from cafe_planner.value_curves import ValueCurve, top_value
 
 Solution = Tuple[Dict[str, CafeConfig], CafePlan, Assignment]
@@ -54,17 +54,18 @@ def _hot_and_hashed(curves: Sequence[ValueCurve], want: Sequence[float], floor: 
     return hashed_at(hi)[1]
 
 
-def solve_profiled(tables: Sequence[EmbeddingBagConfig], base: CafeConfig, world_size: int, opt: OptimizerLike,
-                   caps: Sequence[int], rw_share: float, ratio_u: float, curves: Mapping[str, ValueCurve],
+def solve_profiled(problem: BudgetProblem, ratio_u: float, curves: Mapping[str, ValueCurve],
                    spread: float) -> Optional[Solution]:
-    """Bisect the price per byte until the profiled allocation fills the tightest rank."""
+    """Bisect the price per byte until the profiled allocation fills the tightest rank of
+    `problem` (ratio_u: its uniform solution's ratio; curves: value_curves of its tables)."""
+    tables, base = problem.tables, problem.base
     hot_share = base.hot_share if base.hot_share is not None else default_hot_share(ratio_u)
     threshold = base.threshold if base.threshold is not None else default_threshold(ratio_u)
     fixed = replace(base, hot_share=hot_share, threshold=threshold)
     groups: Dict[Tuple[str, int], List[EmbeddingBagConfig]] = {}
     for t in tables:
         groups.setdefault((base.group or f"dim{t.embedding_dim}", t.embedding_dim), []).append(t)
-    opt_row = {t.name: optimizer_state_bytes(opt, 1, t.embedding_dim) for t in tables}
+    opt_row = {t.name: optimizer_state_bytes(problem.optimizer, 1, t.embedding_dim) for t in tables}
     row_bytes = {t.name: t.embedding_dim * BYTES_PER_VALUE[t.data_type] + opt_row[t.name] for t in tables}
     floor_ratio = spread * ratio_u
 
@@ -86,7 +87,7 @@ def solve_profiled(tables: Sequence[EmbeddingBagConfig], base: CafeConfig, world
         return configs
 
     def evaluate(configs: Dict[str, CafeConfig]) -> Optional[Solution]:
-        got = fitting_plan(tables, configs, world_size, opt, caps, rw_share)
+        got = problem.fitting(configs)
         return None if got is None else (configs, got[0], got[1])
 
     top = top_value(list(curves.values()))

@@ -1,21 +1,21 @@
-"""Budget solving: which tables to compress, how hard, and how to shard them so every rank fits.
+"""The budget solver: which tables to compress, how hard, and how to shard them so every rank fits.
 
-Memory is what the budget counts: weights + HotSketch (slots + free list) + optimizer state,
-sized by cafe_torchrec.layout (the one place tables are sized) and, for the optimizer, by what
-FBGEMM TBE allocates (estimators.optimizer_state_bytes). Per-step input/output buffers are not
-part of the budget (the planner reports them apart).
+    solution = solve_budget(tables, "2GiB", world_size=4, optimizer="rowwise_adagrad")
+    ebc = CafeEmbeddingBagCollection(tables, solution.configs)
 
-solve_budget takes a fixed ratio (only checked against the budget), else the uniform split (one
-ratio for every table, uniform.py), refined by the profiled split when a profile ({feature:
-int64 tensor of sampled ids}, e.g. a few batches of the training stream) is given (profiled.py,
-value_curves.py). Every candidate is placed on the ranks as placement.py describes (row-wise
-for big tables, the others table-wise, largest first) and checked per rank (fitting.py).
+solve_budget takes a fixed ratio (only checked against the budget), else the uniform split: one
+compression ratio for every table, the smallest that fits every rank, found by bisection in
+log(ratio), with the paper's hot share and threshold for that ratio (CafeConfig). A profile
+({feature: int64 tensor of sampled ids}, e.g. a few batches of the training stream) refines it
+with the profiled split (profiled.py, value_curves.py). Every candidate is a BudgetProblem's
+(problem.py): placed on the ranks as placement.py describes and checked per rank.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+import math
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torchrec.distributed.planner.types import ParameterConstraints
@@ -24,33 +24,41 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from cafe_torchrec.config import CafeConfig
 from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan
 
-from cafe_planner.budget import Budget, rank_caps
-from cafe_planner.estimators import OptimizerLike, resolve_optimizer
-from cafe_planner.fitting import fits, infeasible_error, plan_and_place
+from cafe_planner.estimators import OptimizerLike
 from cafe_planner.placement import Assignment, physical_tables
+from cafe_planner.problem import Budget, BudgetProblem, bisect_log
 from cafe_planner.profiled import solve_profiled
-from cafe_planner.uniform import bisect_ratio, uniform_configs
 from cafe_planner.value_curves import coverage_of, value_curves
 
 
 @dataclass
 class BudgetSolution:
-    """What solve_budget chose: per-table CafeConfigs, the layout they give, the sharding and
-    per-rank bytes (weights + optimizer state + sketch)."""
+    """What solve_budget chose for its problem: per-table CafeConfigs, the layout they give, the
+    sharding and per-rank bytes (weights + optimizer state + sketch)."""
 
+    problem: BudgetProblem
     configs: Dict[str, CafeConfig]
     plan: CafePlan
-    world_size: int
-    caps: List[int]
     assignment: Assignment
-    optimizer: str
     method: str  # "uniform", "profile" or "fixed"
     uniform_ratio: float
     coverage: Dict[str, float] = field(default_factory=dict)  # profile: estimated importance mass covered
 
     @property
-    def budget(self) -> int:
-        return sum(self.caps)
+    def world_size(self) -> int:
+        return self.problem.world_size
+
+    @property
+    def caps(self) -> Optional[List[int]]:
+        return list(self.problem.caps) if self.problem.caps is not None else None
+
+    @property
+    def budget(self) -> Optional[int]:
+        return self.problem.budget
+
+    @property
+    def optimizer(self) -> str:
+        return self.problem.optimizer.value if self.problem.optimizer is not None else "sgd"
 
     @property
     def rank_bytes(self) -> List[int]:
@@ -85,25 +93,25 @@ class BudgetSolution:
         """ParameterConstraints per physical table pinning this solution's sharding type, with
         one pooling factor per feature (default 1.0, or `pooling_factors[feature]`)."""
         pf = pooling_factors or {}
-        out = {}
-        for t in physical_tables(self.plan):
-            out[t.name] = ParameterConstraints(sharding_types=[self.sharding[t.name]],
-                                               pooling_factors=[float(pf.get(f, 1.0)) for f in t.features])
-        return out
+        return {t.name: ParameterConstraints(sharding_types=[self.sharding[t.name]],
+                                             pooling_factors=[float(pf.get(f, 1.0)) for f in t.features])
+                for t in physical_tables(self.plan)}
 
     def describe(self) -> str:
         """One line for the split, then one per rank: its bytes against its cap, and its tables."""
-        r = self.effective_ratio()
-        lines = [f"{self.method} split: {self.used:,} of {self.budget:,} bytes ({100 * self.usage:.1f}%), "
-                 f"overall ratio {r:.1f}x, optimizer {self.optimizer}, world size {self.world_size}"]
-        for rank, (b, c) in enumerate(zip(self.rank_bytes, self.caps)):
-            lines.append(f"  rank {rank}: {b:,} / {c:,} bytes: {', '.join(self.assignment.rank_tables[rank])}")
+        budget = f"{self.used:,} of {self.budget:,} bytes ({100 * self.usage:.1f}%)" if self.budget else f"{self.used:,} bytes"
+        lines = [f"{self.method} split: {budget}, overall ratio {self.effective_ratio():.1f}x, "
+                 f"optimizer {self.optimizer}, world size {self.world_size}"]
+        caps = self.caps or [None] * self.world_size
+        for rank, (b, c) in enumerate(zip(self.rank_bytes, caps)):
+            cap = f" / {c:,}" if c is not None else ""
+            lines.append(f"  rank {rank}: {b:,}{cap} bytes: {', '.join(self.assignment.rank_tables[rank])}")
         return "\n".join(lines)
 
 
 def solve_budget(
     tables: Sequence[EmbeddingBagConfig],
-    budget: Budget,
+    budget: Optional[Budget],
     world_size: int,
     optimizer: OptimizerLike = "sgd",
     base: Optional[CafeConfig] = None,
@@ -114,42 +122,60 @@ def solve_budget(
     spread: float = 10.0,
 ) -> BudgetSolution:
     """Per-table CafeConfigs and sharding that fit `budget` (total bytes, split evenly, or one
-    cap per rank) on `world_size` ranks, counting weights + sketch + `optimizer` state.
+    cap per rank; None: no budget, with a fixed `ratio`) on `world_size` ranks, counting
+    weights + sketch + `optimizer` state.
 
     ratio: a fixed common ratio (no search; the budget is only checked). Otherwise the uniform
     split (bisection on one ratio), refined by `profile` when given (see the module docstring).
     Raises ValueError naming the rank (and its tables) or the table that does not fit and the
     shortfall in bytes when even `max_ratio` (or the fixed ratio) does not fit.
     """
-    base = base or CafeConfig()
-    caps = rank_caps(budget, world_size)
-    opt = resolve_optimizer(optimizer)
-    opt_name = opt.value if opt is not None else "sgd"
-    tables = list(tables)
+    problem = BudgetProblem.create(tables, world_size, budget, optimizer, base, rw_share)
     if ratio is not None:
-        configs = uniform_configs(tables, base, ratio)
-        plan, a = plan_and_place(tables, configs, world_size, opt, caps, rw_share)
-        if not fits(a, caps):
-            raise infeasible_error(tables, configs, world_size, opt, caps, rw_share, f"at the fixed ratio {ratio:g}x")
-        return BudgetSolution(configs, plan, world_size, caps, a, opt_name, "fixed", float(ratio))
+        configs = uniform_configs(problem, ratio)
+        plan, a = problem.place(configs)
+        if not problem.fits(a):
+            raise problem.infeasible(configs, f"at the fixed ratio {ratio:g}x")
+        return BudgetSolution(problem, configs, plan, a, "fixed", float(ratio))
+    if problem.caps is None:
+        raise ValueError("solve_budget needs a budget or a fixed ratio")
 
-    ratio_u, plan, a = bisect_ratio(tables, base, world_size, opt, caps, rw_share, max_ratio)
-    configs = uniform_configs(tables, base, ratio_u)
-    uniform = BudgetSolution(configs, plan, world_size, caps, a, opt_name, "uniform", ratio_u)
+    ratio_u, plan, a = bisect_ratio(problem, max_ratio)
+    uniform = BudgetSolution(problem, uniform_configs(problem, ratio_u), plan, a, "uniform", ratio_u)
     if profile is None:
         return uniform
-    curves = value_curves(tables, profile)
+    curves = value_curves(problem.tables, profile)
     uniform.coverage = coverage_of(uniform.plan, curves)
-    solved = solve_profiled(tables, base, world_size, opt, caps, rw_share, ratio_u, curves, spread)
+    solved = solve_profiled(problem, ratio_u, curves, spread)
     if solved is None:
         return uniform
     configs, plan, a = solved
-    out = BudgetSolution(configs, plan, world_size, caps, a, opt_name, "profile", ratio_u)
-    out.coverage = coverage_of(plan, curves)
-    return out
+    return BudgetSolution(problem, configs, plan, a, "profile", ratio_u, coverage_of(plan, curves))
 
 
-def estimate_coverage(plan: Union[CafePlan, "BudgetSolution"], tables: Sequence[EmbeddingBagConfig],
+def uniform_configs(problem: BudgetProblem, ratio: float) -> Dict[str, CafeConfig]:
+    """The problem's base config at `ratio` for every table."""
+    return {t.name: replace(problem.base, compression_ratio=float(ratio)) for t in problem.tables}
+
+
+def bisect_ratio(problem: BudgetProblem, max_ratio: float) -> Tuple[float, CafePlan, Assignment]:
+    """The smallest common ratio in [1, max_ratio] whose plan fits every rank."""
+
+    def attempt(r: float) -> Optional[Tuple[CafePlan, Assignment]]:
+        return problem.fitting(uniform_configs(problem, r))
+
+    found = attempt(1.0)
+    if found is not None:
+        return 1.0, found[0], found[1]
+    best = attempt(max_ratio)
+    if best is None:
+        raise problem.infeasible(uniform_configs(problem, max_ratio), f"even at the highest ratio tried ({max_ratio:g}x)")
+    # log(ratio): 0 (ratio 1) does not fit, log(max_ratio) fits
+    hi, best = bisect_log(attempt, 0.0, math.log(max_ratio), best, 1e-5)
+    return math.exp(hi), best[0], best[1]
+
+
+def estimate_coverage(plan: Union[CafePlan, BudgetSolution], tables: Sequence[EmbeddingBagConfig],
                       profile: Mapping[str, torch.Tensor]) -> Dict[str, float]:
     """Per logical table, the estimated share of its importance mass (by the profile) that
     gets a row of its own under `plan` (or a solution's plan): plain tables all of it; a group's

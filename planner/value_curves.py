@@ -41,7 +41,10 @@ class ValueCurve:
         seen = int(np.searchsorted(-self.head, -tau, side="right"))
         if self.tail_coef <= 0 or d >= self.rows:
             return float(min(seen, self.rows))
-        k = (self.tail_coef / tau) ** (1.0 / self.tail_exp)  # tail ranks d+1..k are worth >= tau
+        try:
+            k = (self.tail_coef / tau) ** (1.0 / self.tail_exp)  # tail ranks d+1..k are worth >= tau
+        except OverflowError:  # a flat tail (exponent near 0) at a tiny tau: beyond every row
+            k = float(self.rows)
         return float(min(seen + max(0.0, min(k, self.rows) - d), self.rows))
 
     def mass_of_top(self, k: float) -> float:

@@ -59,13 +59,15 @@ def sharding_constraints(args: argparse.Namespace, spec: Any, world: int) -> Dic
 
 
 def plan_sharding(args: argparse.Namespace, spec: Any, model: torch.nn.Module, sharders: List[Any], d: Dist) -> Any:
-    """EmbeddingShardingPlanner.collective_plan over the world: every rank gets rank 0's plan."""
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    """CafePlanner.collective_plan over the world (rank 0 plans, every rank gets its plan): TorchRec's
+    planner with CAFE's sketch and optimizer bytes counted and table-wise tables balanced by memory."""
+    from torchrec.distributed.planner import Topology
 
-    constraints = sharding_constraints(args, spec, d.world_size) or None
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=d.world_size, local_world_size=d.local_world_size, compute_device=d.device.type),
-        batch_size=args.batch_size, constraints=constraints)
+    from cafe_planner import CafePlanner
+
+    planner = CafePlanner(
+        Topology(world_size=d.world_size, local_world_size=d.local_world_size, compute_device=d.device.type),
+        batch_size=args.batch_size, constraints=sharding_constraints(args, spec, d.world_size))
     return planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
 
 
