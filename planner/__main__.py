@@ -146,6 +146,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"optimizer {args.optimizer}; planned on {describe_machine()}")
         print("\n".join(grid_lines(["world size", "ranks/host", "ratio", "planning s", "bytes/rank min",
                                      "bytes/rank max", "balance", "budget used"], summary)))
+        print("bytes/rank: weights + optimizer state + sketch; balance: (max - min) / max; "
+              "planning s: configure (with --budget) + TorchRec planning of one size")
     age = _process_age()
     total = f"{age:.2f} s since the interpreter started" if age is not None else f"{time.perf_counter() - start:.2f} s"
     print(f"planning {time.perf_counter() - imported:.2f} s; total {total}")

@@ -198,7 +198,7 @@ class CafePlanner:
                          f"overall {solution.effective_ratio():.4g}x)")
         stats = ReportStats(storage, perf, self.optimizer, self.caps,
                             solution.coverage if solution is not None else None, notes)
-        placement = TableWisePlacement(storage, self.caps, self.storage_reservation)
+        placement = TableWisePlacement(storage, self.caps, self.storage_reservation, topology)
         kwargs = dict(self.planner_kwargs)
         kwargs.setdefault("debug", False)
         extra_stats = kwargs.pop("stats", None) or []
@@ -243,18 +243,20 @@ class TableWisePlacement:
     (the stock estimate for tables that are not CAFE's); ranks start from what the other shards
     (row-wise blocks) put there, and `caps`, when given, are the memory budget per rank. The
     result must fit each device's storage after TorchRec's reservation (hbm and ddr, as the
-    estimators count them); ``overflow`` says which rank does not, else stays None.
+    estimators count them; the whole device if the reservation keeps no reserved topology);
+    ``overflow`` says which rank does not, else stays None.
     """
 
     def __init__(self, storage: CafeStorageEstimator, caps: Optional[Sequence[int]],
-                 reservation: StorageReservation) -> None:
+                 reservation: StorageReservation, topology: Topology) -> None:
         self.storage = storage
         self.caps = caps
         self.reservation = reservation
+        self.topology = topology
         self.overflow: Optional[str] = None
 
     def __call__(self, best: List[ShardingOption]) -> List[ShardingOption]:
-        reserved = self.reservation.last_reserved_topology
+        reserved = self.reservation.last_reserved_topology or self.topology
         world = len(reserved.devices)
         movable = [o for o in best if o.sharding_type == TW and len(o.shards) == 1]
         moving = {id(o) for o in movable}

@@ -249,7 +249,7 @@ class ReportStats(Stats):
                 rr.perf_ms += s.perf.total if s.perf is not None else 0.0
                 if o.name not in rr.tables:
                     rr.tables.append(o.name)
-        notes = self.notes + [f"planning took {run_time:.2f} s; step cost from the TorchRec perf model (ms), "
+        notes = self.notes + [f"TorchRec planning took {run_time:.2f} s; step cost from the TorchRec perf model (ms), "
                               "CAFE remap + sketch included"]
         return PlanReport(
             world_size=topology.world_size, local_world_size=topology.local_world_size,

@@ -238,6 +238,23 @@ def test_infeasible_budget_names_rank_and_shortfall():
     assert "short by" in err.getvalue() and "rank" in err.getvalue()
 
 
+def test_placement_beyond_a_device_is_refused():
+    """Per-rank caps steer every table-wise table to rank 0 (the most room under its cap);
+    that is more than rank 0's device holds after TorchRec's reservation (TorchRec's own
+    placement, two tables per rank, fitted), so plan() says so instead of returning the plan."""
+    tables = [EmbeddingBagConfig(name=f"p{i}", embedding_dim=16, num_embeddings=30000, feature_names=[f"p{i}"])
+              for i in range(4)]  # 1.9 MB each, plain at ratio 1
+    ebc = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=1.0), device=torch.device("meta"))
+    topology = Topology(world_size=2, compute_device="cpu", ddr_cap=6_000_000)
+    balanced = CafePlanner(topology, rw_share=1.0)
+    balanced.plan(ebc, [CafeEmbeddingBagCollectionSharder()])
+    assert [len(r.tables) for r in balanced.report().ranks] == [2, 2]
+    skewed = CafePlanner(topology, rw_share=1.0, memory_budget=[1 << 30, 1])
+    with pytest.raises(ValueError, match=r"rank 0 needs hbm 0 / ddr [\d,]+ bytes .* device holds hbm 0 / ddr 6,000,000"):
+        skewed.plan(ebc, [CafeEmbeddingBagCollectionSharder()])
+    assert skewed.report().ranks[0].tables == ["p0", "p1", "p2", "p3"]
+
+
 # ------------------------------------------------------------------ (d) the solver
 @pytest.mark.parametrize("world,budget", [(1, 48 << 20), (4, 64 << 20), (8, 3 << 20)])
 def test_solver_fits_and_fills_the_budget(world, budget):
