@@ -27,15 +27,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--dcn-low-rank-dim", type=int, default=32)
     g.add_argument("--cafe-threshold", type=float, default=None, help="CAFE hot threshold (default: per ratio)")
     g.add_argument("--cafe-hot-share", type=float, default=None, help="CAFE hot memory share (default: per ratio)")
-    g.add_argument("--cafe-importance", choices=("gradient", "frequency"), default="gradient")
+    g.add_argument("--cafe-importance", choices=("gradient", "frequency"), default=None,
+                   help="CAFE importance score (default: CafeConfig's, gradient)")
     g.add_argument("--cafe-level2-share", type=float, default=None,
                    help="CAFE-ML: share of hashed rows in the second hashed region (default: CafeConfig's)")
     g.add_argument("--cafe-medium-share", type=float, default=None,
                    help="CAFE-ML: medium threshold as a share of the hot threshold (default: CafeConfig's)")
+    g.add_argument("--cafe-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any CafeConfig field, e.g. decay=0.9 or slots_per_bucket=8 (repeatable; not compression_ratio, "
+                        "multi_level or seed, which --compression-ratio, --embedding and --seed set)")
     g.add_argument("--baseline-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra constructor argument of a baseline, e.g. collisions=global (qr), eviction_interval=50 (mc)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=1024, help="per-rank batch size")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="per-rank batch size (default: the stream's with --data stream, else 1024)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="rowwise_adagrad", help="embedding optimizer (fused)")
     g.add_argument("--learning-rate", type=float, default=0.05, help="embedding learning rate")
     g.add_argument("--dense-optimizer", choices=("adagrad", "sgd", "adam"), default="adagrad")
@@ -43,7 +48,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: the whole split)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=("synthetic", "tsv", "npy"), default="synthetic")
+    g.add_argument("--data", choices=("synthetic", "tsv", "npy", "stream"), default="synthetic",
+                   help="stream: a named setting of examples/dlrm/data/streams.py (train days, validation day, test day)")
+    g.add_argument("--stream", choices=tuple(stream_settings()), default=None, help="--data stream: the setting")
+    g.add_argument("--stream-seed", type=int, default=0, help="--data stream: seed of the stream's world and draws")
     g.add_argument("--cardinality-scale", type=float, default=None,
                    help="logical cardinalities = Criteo Kaggle cardinalities x scale (default: 0.01 synthetic, 1 tsv/npy)")
     g.add_argument("--cardinalities", default=None, help="explicit logical cardinalities, 26 comma separated")
@@ -80,8 +88,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--fail-at-step", type=int, default=None, help="raise InjectedFailure before this step")
     g.add_argument("--fail-rank", type=int, default=0, help="the rank that fails (with --fail-at-step)")
     args = p.parse_args(argv)
-    if args.batch_size <= 0 or args.log_every <= 0:
-        p.error("--batch-size and --log-every must be positive")
+    if args.log_every <= 0:
+        p.error("--log-every must be positive")
     if args.checkpoint_every and not args.checkpoint_dir:
         p.error("--checkpoint-every needs --checkpoint-dir")
     if args.resume == "latest" and not args.checkpoint_dir:
@@ -92,6 +100,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--data npy needs --npy-root")
     if args.data == "synthetic" and args.days < 2:
         p.error("--days must be >= 2 (train on all days but the last, test on the last)")
+    _resolve_batch_size(p, args)
+    try:
+        args.cafe_config_options = cafe_options(args)
+        args.baseline_options = key_value_options(args.baseline_option, "--baseline-option")
+    except ValueError as err:
+        p.error(str(err))
+    if args.cafe_config_options and args.embedding not in ("cafe", "cafe-ml"):
+        p.error(f"CAFE options {sorted(args.cafe_config_options)} given for --embedding {args.embedding}")
+    if args.baseline_options and args.embedding in ("cafe", "cafe-ml", "full"):
+        p.error(f"--baseline-option given for --embedding {args.embedding}, which is no baseline")
     args.run_name = args.run_name or args.embedding
     if args.cardinality_scale is None:
         args.cardinality_scale = 0.01 if args.data == "synthetic" else 1.0
@@ -105,13 +123,37 @@ def comma_ints(text: str) -> List[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def key_value_options(pairs: Sequence[str]) -> Dict[str, Any]:
-    """KEY=VALUE strings -> a dict, values as int, float, bool or str."""
+def _resolve_batch_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--batch-size: a stream's batch size is part of its setting; other sources default to 1024."""
+    if args.data == "stream":
+        if args.stream is None:
+            p.error("--data stream needs --stream NAME")
+        spec_batch = stream_settings()[args.stream].batch_size
+        if args.batch_size not in (None, spec_batch):
+            p.error(f"--batch-size {args.batch_size}: stream {args.stream} is defined with batches of {spec_batch}")
+        args.batch_size = spec_batch
+    elif args.batch_size is None:
+        args.batch_size = 1024
+    if args.batch_size <= 0:
+        p.error("--batch-size must be positive")
+
+
+def stream_settings() -> Dict[str, Any]:
+    """The named streams (--stream choices)."""
+    from examples.dlrm.data.streams import settings
+
+    return settings()
+
+
+def key_value_options(pairs: Sequence[str], flag: str) -> Dict[str, Any]:
+    """KEY=VALUE strings of a repeatable `flag` -> a dict, values as int, float, bool or str."""
     out: Dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--baseline-option {pair!r}: expected KEY=VALUE")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {pair!r}: expected KEY=VALUE")
+        if key.strip() in out:
+            raise ValueError(f"{flag} {key.strip()} is given twice")
         parsed: Any = value
         for conv in (int, float):
             try:
@@ -126,14 +168,26 @@ def key_value_options(pairs: Sequence[str]) -> Dict[str, Any]:
 
 
 def cafe_options(args: argparse.Namespace) -> Dict[str, Any]:
-    """The CafeConfig fields the CAFE flags set; the rest keep CafeConfig's per-ratio defaults."""
-    options: Dict[str, Any] = {"importance": args.cafe_importance}
-    if args.cafe_threshold is not None:
-        options["threshold"] = args.cafe_threshold
-    if args.cafe_hot_share is not None:
-        options["hot_share"] = args.cafe_hot_share
-    if args.cafe_level2_share is not None:
-        options["level2_share"] = args.cafe_level2_share
-    if args.cafe_medium_share is not None:
-        options["medium_share"] = args.cafe_medium_share
+    """The CafeConfig fields the CAFE flags and --cafe-option set; the rest keep CafeConfig's defaults.
+
+    Raises ValueError for a field CafeConfig does not have, one that another flag owns, or one
+    set both by its own flag and by --cafe-option.
+    """
+    import dataclasses
+
+    from cafe_torchrec.config import CafeConfig
+
+    flags = {"importance": args.cafe_importance, "threshold": args.cafe_threshold, "hot_share": args.cafe_hot_share,
+             "level2_share": args.cafe_level2_share, "medium_share": args.cafe_medium_share}
+    options = {key: value for key, value in flags.items() if value is not None}
+    known = {f.name for f in dataclasses.fields(CafeConfig)}
+    owned = {"compression_ratio": "--compression-ratio", "multi_level": "--embedding cafe-ml", "seed": "--seed"}
+    for key, value in key_value_options(args.cafe_option, "--cafe-option").items():
+        if key in owned:
+            raise ValueError(f"--cafe-option {key}: set it with {owned[key]}")
+        if key not in known:
+            raise ValueError(f"--cafe-option {key}: CafeConfig has no such field (fields: {', '.join(sorted(known))})")
+        if key in options:
+            raise ValueError(f"--cafe-option {key}: also set by --cafe-{key.replace('_', '-')}")
+        options[key] = value
     return options

@@ -1,5 +1,5 @@
-"""This rank's train and test batches: the split per data source, the logical cardinalities, and
-the per-method adapters a stream goes through before the model sees it."""
+"""This rank's train, validation and test batches: the split per data source, the logical
+cardinalities, and the per-method adapters a stream goes through before the model sees it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torchrec.datasets.utils import Batch
@@ -20,7 +20,7 @@ BatchTransform = Callable[[Iterator[Batch]], Iterator[Batch]]
 
 @dataclass
 class Data:
-    """This rank's view of the train and test splits."""
+    """This rank's view of the train, test and (for sources that have one) validation splits."""
 
     cardinalities: List[int]
     train_steps: int  # per rank, equal on every rank
@@ -28,6 +28,8 @@ class Data:
     train_from: Callable[[int], Iterator[Batch]]  # step -> this rank's batches from that step on
     test: Callable[[], Iterator[Batch]]
     description: Dict[str, Any] = field(default_factory=dict)
+    validation: Optional[Callable[[], Iterator[Batch]]] = None
+    validation_batches: int = 0  # per rank, equal on every rank
 
 
 def make_data(args: argparse.Namespace, rank: int, world: int) -> Data:
@@ -36,7 +38,28 @@ def make_data(args: argparse.Namespace, rank: int, world: int) -> Data:
         return _synthetic_data(args, rank, world)
     if args.data == "tsv":
         return _tsv_data(args, rank, world)
+    if args.data == "stream":
+        return _stream_data(args, rank, world)
     return _npy_data(args, rank, world)
+
+
+def _stream_data(args: argparse.Namespace, rank: int, world: int) -> Data:
+    """A named stream of examples/dlrm/data/streams.py: its train days, validation day and test day."""
+    from examples.dlrm.data.criteo_tsv import make_batch
+    from examples.dlrm.data.streams import batch_at, settings
+
+    spec = settings()[args.stream]
+    per_rank = {split: spec.steps(split) // world for split in ("train", "validation", "test")}
+
+    def split_from(split: str, start: int) -> Iterator[Batch]:
+        for i in range(start, per_rank[split]):
+            dense, ids, labels = batch_at(spec, split, rank + i * world, args.stream_seed)
+            yield make_batch(dense.numpy(), ids.numpy(), labels.numpy())
+
+    return Data(list(spec.cardinalities), per_rank["train"], per_rank["test"],
+                lambda start: split_from("train", start), lambda: split_from("test", 0),
+                {"data": "stream", "stream_seed": args.stream_seed, **spec.summary()},
+                validation=lambda: split_from("validation", 0), validation_batches=per_rank["validation"])
 
 
 def _synthetic_data(args: argparse.Namespace, rank: int, world: int) -> Data:

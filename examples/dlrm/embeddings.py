@@ -8,15 +8,13 @@ cardinalities and wraps them in the chosen method:
 - ``full``: TorchRec's stock EmbeddingBagCollection, uncompressed (ids must lie in
   [0, cardinality): see `needs_id_modulo`);
 - ``hash``, ``qr``, ``ada``, ``mc-lfu``, ``mc-dlfu``: the baselines of
-  `cafe_torchrec.baselines`, imported lazily so that this module works before (or without)
-  them; a missing one raises `MethodUnavailable` naming what could not be imported.
+  `cafe_torchrec.baselines`.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -25,21 +23,16 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 METHODS = ("cafe", "cafe-ml", "full", "hash", "qr", "ada", "mc-lfu", "mc-dlfu")
-COMPRESSED = tuple(m for m in METHODS if m != "full")
 CAFE_METHODS = ("cafe", "cafe-ml")
 
-# method -> (module of cafe_torchrec.baselines, class name, fixed keyword arguments)
+# method -> (class name in cafe_torchrec.baselines, fixed keyword arguments)
 _BASELINES: Dict[str, tuple] = {
-    "hash": ("cafe_torchrec.baselines", "HashingEmbeddingBagCollection", {}),
-    "qr": ("cafe_torchrec.baselines", "QREmbeddingBagCollection", {}),
-    "ada": ("cafe_torchrec.baselines", "AdaEmbedEmbeddingBagCollection", {}),
-    "mc-lfu": ("cafe_torchrec.baselines", "ManagedCollisionEmbeddingBags", {"eviction": "lfu"}),
-    "mc-dlfu": ("cafe_torchrec.baselines", "ManagedCollisionEmbeddingBags", {"eviction": "distance_lfu"}),
+    "hash": ("HashingEmbeddingBagCollection", {}),
+    "qr": ("QREmbeddingBagCollection", {}),
+    "ada": ("AdaEmbedEmbeddingBagCollection", {}),
+    "mc-lfu": ("ManagedCollisionEmbeddingBags", {"eviction": "lfu"}),
+    "mc-dlfu": ("ManagedCollisionEmbeddingBags", {"eviction": "distance_lfu"}),
 }
-
-
-class MethodUnavailable(RuntimeError):
-    """The requested method's module cannot be imported (yet)."""
 
 
 def table_configs(cardinalities: Sequence[int], embedding_dim: int = 16,
@@ -56,32 +49,9 @@ def table_configs(cardinalities: Sequence[int], embedding_dim: int = 16,
     ]
 
 
-def baseline_class(method: str) -> Callable[..., nn.Module]:
-    """The baseline class for `method`, imported now; MethodUnavailable when it is not there."""
-    module_name, class_name, _ = _BASELINES[method]
-    try:
-        module = importlib.import_module(module_name)
-        return getattr(module, class_name)
-    except (ImportError, AttributeError) as err:
-        raise MethodUnavailable(
-            f"--embedding {method} needs {module_name}.{class_name}, which cannot be imported yet ({err}); "
-            f"available now: {', '.join(available_methods())}") from err
-
-
 def available_methods() -> List[str]:
-    """The methods whose modules import in this environment."""
-    out = []
-    for m in METHODS:
-        if m not in _BASELINES:
-            out.append(m)
-            continue
-        module_name, class_name, _ = _BASELINES[m]
-        try:
-            if hasattr(importlib.import_module(module_name), class_name):
-                out.append(m)
-        except ImportError:
-            pass
-    return out
+    """Every method (all import with the library; examples/demo.py asks for its defaults)."""
+    return list(METHODS)
 
 
 @dataclass
@@ -103,18 +73,9 @@ class EmbeddingSpec:
         """Stock tables index rows by id: ids must be taken modulo the cardinality first."""
         return self.method == "full"
 
-    def physical_table_names(self) -> List[str]:
-        """Names of the tables TorchRec's planner sees (what ParameterConstraints are keyed by)."""
-        return list(physical_tables(self.module))
-
     def physical_tables(self) -> Dict[str, int]:
         """Planner-visible table name -> rows."""
         return physical_tables(self.module)
-
-    def cafe_group_tables(self) -> List[str]:
-        """The CAFE group tables (one per group) among the physical tables; [] for other methods."""
-        plan = getattr(self.module, "plan", None)
-        return [g.name for g in plan.groups] if self.is_cafe and plan is not None else []
 
     def memory(self) -> Dict[str, float]:
         return memory_of(self.module)
@@ -150,8 +111,11 @@ def build_embedding(method: str, cardinalities: Sequence[int], *, embedding_dim:
         config = CafeConfig(compression_ratio=compression_ratio, multi_level=method == "cafe-ml", seed=seed, **options)
         module = CafeEmbeddingBagCollection(tables, cafe=config, device=device)
         return EmbeddingSpec(method, module, tables, compression_ratio, options)
-    cls = baseline_class(method)
-    options = {**_BASELINES[method][2], **(baseline_options or {})}
+    from cafe_torchrec import baselines
+
+    class_name, fixed = _BASELINES[method]
+    options = {**fixed, **(baseline_options or {})}
+    cls = getattr(baselines, class_name)
     module = cls(tables, compression_ratio, is_weighted=False, device=device, **options)
     return EmbeddingSpec(method, module, tables, compression_ratio, options)
 

@@ -9,20 +9,26 @@ and a plan from `EmbeddingShardingPlanner.collective_plan`; training runs throug
 `KeyedOptimizerWrapper` combined with `model.fused_optimizer`.
 
 Data: `--data synthetic` (SyntheticCriteo: train on every day but the last, test on the
-last), `--data tsv` (raw Criteo TSV, chronological split at `--train-rows`) or `--data npy`
-(TorchRec's day files; train on every day but the last). Batch k of a split goes to rank
-k % world_size; each rank runs the same number of steps.
+last), `--data tsv` (raw Criteo TSV, chronological split at `--train-rows`), `--data npy`
+(TorchRec's day files; train on every day but the last) or `--data stream --stream NAME`
+(a named setting of data/streams.py: train days, a validation day, a test day). Batch k of
+a split goes to rank k % world_size; each rank runs the same number of steps.
 
 Training is cut into segments at evaluation and checkpoint steps; the pipeline is drained
 at each boundary, so evaluation (model.eval() + no_grad: no sketch update) and checkpoints
 see a quiescent model and a checkpoint's data position is exactly its step.
 
-Output (rank 0): `<out-dir>/<run-name>.json` (method, memory, compression ratio, test AUC and
-log loss, average online training loss, samples/s, histories) and `<run-name>.png`.
+Periodic evaluations (`--eval-every`) use the validation split when the data has one, else
+the test split; the final evaluation covers both (`val_auc`, `val_log_loss` are None without
+a validation split).
 
-This module is the training loop (run, main, cli); its parts live beside it: args (flags),
-process_group, data_setup (splits, stream adapters), model (DLRM, optimizers), sharding,
-pipeline, evaluation, checkpoints and plotting.
+Output (rank 0): `<out-dir>/<run-name>.json` (method, memory, compression ratio, test and
+validation AUC and log loss, average online training loss, samples/s, the loss, evaluation
+and hot-lookup-share histories with their steps) and `<run-name>.png`.
+
+This module is the training loop (run and the steps it calls, main, cli); its parts live
+beside it: args (flags), process_group, data_setup (splits, stream adapters), model (DLRM,
+optimizers), sharding, pipeline, evaluation, checkpoints and plotting.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):  # run as a script (torchrun examples/dlrm/train.py): import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -45,7 +52,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from examples.dlrm.args import cafe_options, key_value_options, parse_args
+from examples.dlrm.args import parse_args
 from examples.dlrm.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
 from examples.dlrm.data_setup import input_transform, make_data
 from examples.dlrm.evaluation import cafe_modules, evaluate, hot_counts
@@ -66,31 +73,80 @@ class InjectedFailure(RuntimeError):
     """Raised by --fail-at-step / --fail-rank (a test hook)."""
 
 
+@dataclass
+class Trainee:
+    """The sharded model of a run and what trains, evaluates and describes it."""
+
+    spec: Any  # examples.dlrm.embeddings.EmbeddingSpec
+    memory: Dict[str, float]
+    description: str
+    plan: Any
+    dmp: torch.nn.Module
+    optimizer: Any
+    pipeline: Any
+    cafes: List[torch.nn.Module]
+
+
+@dataclass
+class Splits:
+    """The batches the model sees (after the method's input adapters): training from a step on, and the
+    evaluation splits; `monitor` is what periodic evaluations use (validation when the data has one)."""
+
+    train_from: Callable[[int], Iterator[Any]]
+    test: Callable[[], Iterator[Any]]
+    validation: Optional[Callable[[], Iterator[Any]]]
+
+    @property
+    def monitor(self) -> Callable[[], Iterator[Any]]:
+        return self.validation or self.test
+
+
 def run(args: argparse.Namespace, d: Dist) -> Dict[str, Any]:
     """Build, shard and train the model on this rank, evaluate it; rank 0 writes the JSON and PNG."""
-    from torch.distributed.optim import _apply_optimizer_in_backward
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
-    from tqdm import tqdm
-
-    from examples.dlrm.embeddings import CAFE_METHODS, build_embedding
-
     wall_start = time.perf_counter()
     torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     torch.manual_seed(args.seed)
     data = make_data(args, d.rank, d.world_size)
-    total_steps = data.train_steps if args.max_steps is None else min(args.max_steps, data.train_steps)
-    if total_steps <= 0 or data.test_batches <= 0:
-        raise ValueError(f"not enough data for {d.world_size} rank(s) at batch size {args.batch_size}: "
-                         f"{data.train_steps} train steps, {data.test_batches} test batches per rank")
+    total_steps = planned_steps(args, data, d.world_size)
+    trainee = build_trainee(args, data, d)
+    announce(args, d, trainee, data, total_steps)
+    meta, resumed_from = initial_state(args, trainee, d)
+    splits = adapted_splits(args, trainee, data)
+    step, last_ckpt = train(args, d, trainee, splits, meta, total_steps)
+    final = final_evaluations(trainee, splits, d.world_size)
+    meta["eval_history"].append({"step": step, **(final["validation"] or final["test"])})
+    results = results_of(args, d, trainee, data, meta, final, step, resumed_from, last_ckpt)
+    if d.rank == 0:
+        write_outputs(args, trainee, meta, results, wall_start)
+    dist.barrier()
+    return results
+
+
+def planned_steps(args: argparse.Namespace, data: Any, world: int) -> int:
+    """Training steps of this run (--max-steps caps the split); raises when a split is empty."""
+    total = data.train_steps if args.max_steps is None else min(args.max_steps, data.train_steps)
+    if total <= 0 or data.test_batches <= 0 or (data.validation is not None and data.validation_batches <= 0):
+        raise ValueError(f"not enough data for {world} rank(s) at batch size {args.batch_size}: "
+                         f"{data.train_steps} train steps, {data.validation_batches} validation batches, "
+                         f"{data.test_batches} test batches per rank")
+    return total
+
+
+def build_trainee(args: argparse.Namespace, data: Any, d: Dist) -> Trainee:
+    """The embedding collection, DLRM, fused and dense optimizers, sharding plan, DMP and pipeline."""
+    from torch.distributed.optim import _apply_optimizer_in_backward
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    from examples.dlrm.embeddings import CAFE_METHODS, build_embedding
 
     # The whole collection is sharded when it is CAFE or stock: build it on meta (no unsharded weights).
     # A baseline's wrapper (its own id state) stays unsharded around its inner tables: build it for real.
     whole = args.embedding in CAFE_METHODS or args.embedding == "full"
     spec = build_embedding(args.embedding, data.cardinalities, embedding_dim=args.embedding_dim,
-                           compression_ratio=args.compression_ratio, seed=args.seed, cafe_options=cafe_options(args),
-                           baseline_options=key_value_options(args.baseline_option),
+                           compression_ratio=args.compression_ratio, seed=args.seed,
+                           cafe_options=args.cafe_config_options, baseline_options=args.baseline_options,
                            device=torch.device("meta") if whole else d.device)
     memory, description = spec.memory(), spec.describe()  # before sharding: baselines read their inner EBC
     model = build_model(args, spec, d.device)
@@ -104,120 +160,179 @@ def run(args: argparse.Namespace, d: Dist) -> Dict[str, Any]:
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
     pipeline = make_pipeline(spec.is_cafe or args.embedding == "full", dmp, optimizer, d.device)
     cafes = cafe_modules(dmp) if spec.is_cafe else []
-    if d.rank == 0 and d.world_size > 1 and args.embedding in ("ada", "mc-lfu", "mc-dlfu"):
+    return Trainee(spec, memory, description, plan, dmp, optimizer, pipeline, cafes)
+
+
+def announce(args: argparse.Namespace, d: Dist, trainee: Trainee, data: Any, total_steps: int) -> None:
+    """Rank 0 prints what runs where (and warns when a baseline's id state cannot be sharded)."""
+    if d.rank != 0:
+        return
+    if d.world_size > 1 and args.embedding in ("ada", "mc-lfu", "mc-dlfu"):
         print(f"[train] WARNING: {args.embedding} keeps its per-id state unsharded; on {d.world_size} ranks each "
               "rank updates its own copy (DDP does not broadcast buffers), so ranks may map one id to different rows",
               flush=True)
-    if d.rank == 0:
-        print(f"[train] {type(pipeline).__name__}; {args.embedding} x{args.compression_ratio:g} on {d.world_size} rank(s), {d.device}: "
-              f"{total_steps} steps of {args.batch_size}/rank, {data.test_batches} test batches/rank", flush=True)
-        print("\n".join("[train] " + line for line in description.splitlines()), flush=True)
-        print("\n".join("[plan] " + line for line in plan_summary(plan)), flush=True)
+    print(f"[train] {type(trainee.pipeline).__name__}; {args.embedding} x{args.compression_ratio:g} on "
+          f"{d.world_size} rank(s), {d.device}: {total_steps} steps of {args.batch_size}/rank, "
+          f"{data.validation_batches} validation and {data.test_batches} test batches/rank", flush=True)
+    print("\n".join("[train] " + line for line in trainee.description.splitlines()), flush=True)
+    print("\n".join("[plan] " + line for line in plan_summary(trainee.plan)), flush=True)
 
-    # state that survives a resume
+
+def initial_state(args: argparse.Namespace, trainee: Trainee, d: Dist) -> Tuple[Dict[str, Any], Optional[Path]]:
+    """The run state that survives a resume: fresh, or loaded (with the model) from the checkpoint to resume."""
     meta: Dict[str, Any] = {"step": 0, "loss_sum": 0.0, "samples": 0, "train_time": 0.0, "hot": 0.0,
                             "lookups": 0.0, "loss_history": [], "eval_history": [], "hot_history": []}
     resumed_from = resolve_resume(args)
     if resumed_from is not None:
-        meta = load_checkpoint(resumed_from, dmp, optimizer)
+        meta = load_checkpoint(resumed_from, trainee.dmp, trainee.optimizer)
         if d.rank == 0:
             print(f"[train] resumed from {resumed_from} at step {meta['step']}", flush=True)
-    start_step = meta["step"]
-    transformed = input_transform(args.embedding, spec.needs_id_modulo, data.cardinalities)
-    stream_from = lambda s: transformed(data.train_from(s))  # noqa: E731
-    test_stream = lambda: transformed(data.test())  # noqa: E731
-    periodic_test = test_stream if args.eval_batches is None else (lambda: islice(test_stream(), args.eval_batches))
+    return meta, resumed_from
 
-    boundaries = {total_steps}
-    for every in (args.eval_every, args.checkpoint_every):
-        if every and every > 0:
-            boundaries.update(range(every, total_steps, every))
-    bar = tqdm(total=total_steps, initial=start_step, disable=d.rank != 0 or args.no_progress,
-               dynamic_ncols=True, mininterval=1.0, desc=args.run_name)
-    step = start_step
-    # loss sum, samples, hot lookups, lookups since the last flush (on the device: no sync per step)
-    interval = torch.zeros(4, dtype=torch.float64, device=d.device)
-    last_ckpt: Optional[Path] = None
 
-    def flush_interval() -> None:
-        if cafes:
-            hot, lookups = hot_counts(cafes)
-            interval[2] += hot
-            interval[3] += lookups
-        dist.all_reduce(interval)
-        loss_sum, samples, hot, lookups = interval.cpu().tolist()
-        interval.zero_()
+def adapted_splits(args: argparse.Namespace, trainee: Trainee, data: Any) -> Splits:
+    """The data's splits through the method's input adapters."""
+    transformed = input_transform(args.embedding, trainee.spec.needs_id_modulo, data.cardinalities)
+    validation = data.validation
+    return Splits(lambda start: transformed(data.train_from(start)), lambda: transformed(data.test()),
+                  (lambda: transformed(validation())) if validation is not None else None)
+
+
+class IntervalLog:
+    """Loss and hot-lookup counts since the last flush, kept on the device (no sync per step); a flush
+    all-reduces them over ranks and appends one point to meta's loss and hot-share histories."""
+
+    def __init__(self, meta: Dict[str, Any], cafes: List[torch.nn.Module], device: torch.device, bar: Any) -> None:
+        self.meta, self.cafes, self.bar = meta, cafes, bar
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, samples, hot lookups, lookups
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor) -> None:
+        self.sums[0] += loss.detach().double() * logits.numel()
+        self.sums[1] += logits.numel()
+
+    def flush(self, step: int, train_time: float) -> None:
+        """Fold the interval into meta; `train_time` (so far, this segment included) gives the samples/s shown."""
+        if self.cafes:
+            hot, lookups = hot_counts(self.cafes)
+            self.sums[2] += hot
+            self.sums[3] += lookups
+        dist.all_reduce(self.sums)
+        loss_sum, samples, hot, lookups = self.sums.cpu().tolist()
+        self.sums.zero_()
         if samples == 0:
             return
+        meta = self.meta
         meta["loss_sum"] += loss_sum
         meta["samples"] += int(samples)
         meta["loss_history"].append({"step": step, "loss": loss_sum / samples})
         postfix = {"loss": f"{loss_sum / samples:.4f}"}
-        if cafes:
+        if self.cafes:
             meta["hot"] += hot
             meta["lookups"] += lookups
             share = hot / lookups if lookups else 0.0
             meta["hot_history"].append({"step": step, "hot_lookup_share": share})
             postfix["hot"] = f"{share:.1%}"
-        elapsed = meta["train_time"] + (time.perf_counter() - seg_start)
-        postfix["samples/s"] = f"{meta['samples'] / max(elapsed, 1e-9):,.0f}"
-        bar.set_postfix(postfix, refresh=False)
+        postfix["samples/s"] = f"{meta['samples'] / max(train_time, 1e-9):,.0f}"
+        self.bar.set_postfix(postfix, refresh=False)
 
-    while step < total_steps:
-        seg_end = min(b for b in boundaries if b > step)
-        batches = stream_from(step)
-        batches = islice(batches, seg_end - step)
-        restart(pipeline)
+
+def segment_ends(args: argparse.Namespace, total_steps: int) -> List[int]:
+    """Steps at which training pauses (evaluations, checkpoints) and the last step, ascending."""
+    ends = {total_steps}
+    for every in (args.eval_every, args.checkpoint_every):
+        if every and every > 0:
+            ends.update(range(every, total_steps, every))
+    return sorted(ends)
+
+
+def train_segment(args: argparse.Namespace, d: Dist, trainee: Trainee, batches: Iterator[Any], step: int,
+                  seg_end: int, log: IntervalLog, seg_start: float) -> Tuple[int, bool]:
+    """Steps from `step` to `seg_end`; returns (the step reached, whether the batches ran out first)."""
+    while step < seg_end:
+        if args.fail_at_step is not None and step == args.fail_at_step and d.rank == args.fail_rank:
+            raise InjectedFailure(f"injected failure on rank {d.rank} at step {step} (--fail-at-step)")
+        try:
+            loss, logits, _ = trainee.pipeline.progress(batches)  # DLRMTrain's (loss, logits, labels)
+        except StopIteration:
+            return step, True
+        step += 1
+        log.add(loss, logits)
+        log.bar.update(1)
+        if step % args.log_every == 0 or step == seg_end:
+            log.flush(step, log.meta["train_time"] + time.perf_counter() - seg_start)
+    return step, False
+
+
+def train(args: argparse.Namespace, d: Dist, trainee: Trainee, splits: Splits, meta: Dict[str, Any],
+          total_steps: int) -> Tuple[int, Optional[Path]]:
+    """Train segment by segment (the pipeline drained at each end), evaluating and checkpointing between
+    them; returns the last step and the last checkpoint written."""
+    from tqdm import tqdm
+
+    step = meta["step"]
+    bar = tqdm(total=total_steps, initial=step, disable=d.rank != 0 or args.no_progress,
+               dynamic_ncols=True, mininterval=1.0, desc=args.run_name)
+    log = IntervalLog(meta, trainee.cafes, d.device, bar)
+    monitor = splits.monitor if args.eval_batches is None else (lambda: islice(splits.monitor(), args.eval_batches))
+    last_ckpt: Optional[Path] = None
+    for seg_end in (e for e in segment_ends(args, total_steps) if e > step):
+        restart(trainee.pipeline)
         seg_start = time.perf_counter()
-        exhausted = False
-        while step < seg_end:
-            if args.fail_at_step is not None and step == args.fail_at_step and d.rank == args.fail_rank:
-                raise InjectedFailure(f"injected failure on rank {d.rank} at step {step} (--fail-at-step)")
-            try:
-                loss, logits, _ = pipeline.progress(batches)  # DLRMTrain's (loss, logits, labels)
-            except StopIteration:
-                exhausted = True
-                break
-            step += 1
-            interval[0] += loss.detach().double() * logits.numel()
-            interval[1] += logits.numel()
-            bar.update(1)
-            if step % args.log_every == 0 or step == seg_end:
-                flush_interval()
+        step, exhausted = train_segment(args, d, trainee, islice(splits.train_from(step), seg_end - step), step,
+                                        seg_end, log, seg_start)
         if d.device.type == "cuda":
             torch.cuda.synchronize(d.device)
         meta["train_time"] += time.perf_counter() - seg_start
         if step % args.log_every and step != seg_end:  # stopped early: flush the rest
-            flush_interval()
+            log.flush(step, meta["train_time"])
         meta["step"] = step
         if exhausted:  # fewer batches than counted (skipped lines): every rank stops here
-            total_steps = step
             break
         if args.eval_every and step % args.eval_every == 0 and step < total_steps:
-            result = evaluate(pipeline, dmp, periodic_test(), d.world_size)
+            result = evaluate(trainee.pipeline, trainee.dmp, monitor(), d.world_size)
             meta["eval_history"].append({"step": step, **result})
             if d.rank == 0:
                 bar.write(f"[eval] step {step}: AUC {result['auc']:.4f}, log loss {result['log_loss']:.4f}")
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            last_ckpt = save_checkpoint(Path(args.checkpoint_dir), step, dmp, optimizer, meta, args.keep_checkpoints, d)
+            last_ckpt = save_checkpoint(Path(args.checkpoint_dir), step, trainee.dmp, trainee.optimizer, meta,
+                                        args.keep_checkpoints, d)
             if d.rank == 0:
                 bar.write(f"[checkpoint] {last_ckpt}")
     bar.close()
+    return step, last_ckpt
 
-    final = evaluate(pipeline, dmp, test_stream(), d.world_size)
-    meta["eval_history"].append({"step": step, **final})
-    results = {
+
+def final_evaluations(trainee: Trainee, splits: Splits, world: int) -> Dict[str, Optional[Dict[str, float]]]:
+    """AUC and log loss on the whole test split and, when the data has one, the whole validation split."""
+    def on(split: Callable[[], Iterator[Any]]) -> Dict[str, float]:
+        return evaluate(trainee.pipeline, trainee.dmp, split(), world)
+
+    return {"validation": on(splits.validation) if splits.validation is not None else None,
+            "test": on(splits.test)}
+
+
+def results_of(args: argparse.Namespace, d: Dist, trainee: Trainee, data: Any, meta: Dict[str, Any],
+               final: Dict[str, Optional[Dict[str, float]]], step: int, resumed_from: Optional[Path],
+               last_ckpt: Optional[Path]) -> Dict[str, Any]:
+    """The run's results (the JSON's content; val_* are None when the data has no validation split)."""
+    memory, test, val = trainee.memory, final["test"], final["validation"] or {}
+    return {
         "method": args.embedding,
         "run_name": args.run_name,
-        "compression_ratio_requested": spec.compression_ratio,
+        "compression_ratio_requested": trainee.spec.compression_ratio,
         "compression_ratio": memory["compression_ratio"],
         "memory_bytes": memory["physical_bytes"],
         "logical_bytes": memory["logical_bytes"],
         "memory": memory,
-        "describe": description,
-        "test_auc": final["auc"],
-        "test_log_loss": final["log_loss"],
-        "test_samples": final["samples"],
+        "describe": trainee.description,
+        "cafe_options": trainee.spec.options if trainee.spec.is_cafe else None,
+        "test_auc": test["auc"],
+        "test_log_loss": test["log_loss"],
+        "test_samples": test["samples"],
+        "val_auc": val.get("auc"),
+        "val_log_loss": val.get("log_loss"),
+        "val_samples": val.get("samples"),
+        "eval_split": "validation" if final["validation"] is not None else "test",
         "online_train_loss": meta["loss_sum"] / max(meta["samples"], 1),
         "samples_per_sec": meta["samples"] / max(meta["train_time"], 1e-9),
         "train_samples": meta["samples"],
@@ -227,8 +342,8 @@ def run(args: argparse.Namespace, d: Dist) -> Dict[str, Any]:
         "batch_size": args.batch_size,
         "global_batch_size": args.batch_size * d.world_size,
         "device": str(d.device),
-        "sharding": plan_summary(plan),
-        "hot_lookup_share": meta["hot"] / meta["lookups"] if spec.is_cafe and meta["lookups"] else None,
+        "sharding": plan_summary(trainee.plan),
+        "hot_lookup_share": meta["hot"] / meta["lookups"] if trainee.spec.is_cafe and meta["lookups"] else None,
         "data": data.description,
         "eval_history": meta["eval_history"],
         "loss_history": meta["loss_history"],
@@ -237,25 +352,29 @@ def run(args: argparse.Namespace, d: Dist) -> Dict[str, Any]:
         "last_checkpoint": str(last_ckpt) if last_ckpt else None,
         "args": vars(args),
     }
-    if d.rank == 0:
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not args.no_plot:
-            plot = out_dir / f"{args.run_name}.png"
-            write_plot(plot, meta["loss_history"], meta["eval_history"],
-                       f"{args.run_name}: {args.embedding} {memory['compression_ratio']:.1f}x, test AUC {final['auc']:.4f}")
-            results["plot"] = str(plot)
-        results["wall_time_s"] = time.perf_counter() - wall_start
-        path = out_dir / f"{args.run_name}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2, default=str))
-        os.replace(tmp, path)
-        results["json"] = str(path)
-        print(f"[result] {args.run_name}: AUC {final['auc']:.4f}, log loss {final['log_loss']:.4f}, "
-              f"online loss {results['online_train_loss']:.4f}, {results['samples_per_sec']:,.0f} samples/s, "
-              f"{memory['physical_bytes']:,} bytes ({memory['compression_ratio']:.1f}x) -> {path}", flush=True)
-    dist.barrier()
-    return results
+
+
+def write_outputs(args: argparse.Namespace, trainee: Trainee, meta: Dict[str, Any], results: Dict[str, Any],
+                  wall_start: float) -> None:
+    """The PNG and (atomically) the JSON under --out-dir, and the one-line summary."""
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ratio = trainee.memory["compression_ratio"]
+    if not args.no_plot:
+        plot = out_dir / f"{args.run_name}.png"
+        write_plot(plot, meta["loss_history"], meta["eval_history"],
+                   f"{args.run_name}: {args.embedding} {ratio:.1f}x, test AUC {results['test_auc']:.4f}")
+        results["plot"] = str(plot)
+    results["wall_time_s"] = time.perf_counter() - wall_start
+    path = out_dir / f"{args.run_name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(tmp, path)
+    results["json"] = str(path)
+    val = f"val AUC {results['val_auc']:.4f}, " if results["val_auc"] is not None else ""
+    print(f"[result] {args.run_name}: {val}AUC {results['test_auc']:.4f}, log loss {results['test_log_loss']:.4f}, "
+          f"online loss {results['online_train_loss']:.4f}, {results['samples_per_sec']:,.0f} samples/s, "
+          f"{trainee.memory['physical_bytes']:,} bytes ({ratio:.1f}x) -> {path}", flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Data sources of the DLRM example: raw Criteo TSV, TorchRec's preprocessed npy days, and a synthetic stream."""
+"""Data sources of the DLRM example: raw Criteo TSV, TorchRec's preprocessed npy days, a synthetic stream,
+and the quality suite's named streams."""
 
 from examples.dlrm.data.criteo_npy import (
     CriteoNpyConfig,
@@ -15,6 +16,7 @@ from examples.dlrm.data.criteo_tsv import (
     dense_transform,
     make_batch,
 )
+from examples.dlrm.data.streams import StreamSpec, batch_at, batches, settings
 from examples.dlrm.data.synthetic import (
     KAGGLE_CARDINALITIES,
     SyntheticCriteo,
@@ -31,11 +33,15 @@ __all__ = [
     "CriteoTsvConfig",
     "CriteoTsvReader",
     "NpyDayPaths",
+    "StreamSpec",
     "SyntheticCriteo",
     "SyntheticCriteoConfig",
+    "batch_at",
+    "batches",
     "default_zipf_exponents",
     "dense_transform",
     "make_batch",
     "npy_day_paths",
+    "settings",
     "write_npy_day",
 ]

@@ -1,0 +1,575 @@
+"""Quality suite (issue #21): does CAFE beat hashing at equal memory on streams we did not design?
+
+    python -m benchmarks.suite                    # hash, cafe, cafe-paper (+ official, cafe-adagrad) everywhere
+    python -m benchmarks.suite --quick            # dev subset for fast iteration: 3 dev settings, 2 ratios, 1 seed
+    python -m benchmarks.suite --grid             # adds the hand-tuned grid (chosen on validation)
+    python -m benchmarks.suite --merge            # re-print the table from the cached runs, running nothing
+
+Every run is one `python -m examples.dlrm.train --data stream --stream NAME` process with
+`--threads 1`, at most `--jobs` (2) at a time. Methods x settings x ratios x seeds: the
+settings are the named streams of examples/dlrm/data/streams.py (train days, a validation
+day, a held-out test day), the ratios 10/100/1000/10000, the seeds >= 3 (the seed picks the
+stream's world and draws and the model's initialisation and hash salts, so a cell's spread
+covers both).
+
+Methods (`METHODS`, a dict to edit as CafeConfig grows policies):
+- ``hash``: the hashing trick at the same memory;
+- ``cafe``: CAFE with CafeConfig's defaults at run time (whatever they are then);
+- ``cafe-paper``: the paper's fixed policy (threshold per ratio, decay 0.98 by trigger);
+- ``grid``: the paper policy over a hand grid of (threshold, decay, hot_share), the point
+  CHOSEN on the validation day with the first seed, then REPORTED on the test day with all
+  seeds (per setting and ratio; `GRID`, `GRID_RATIOS`);
+- ``official``: the official artifact's CAFE layer, through benchmarks.official.train_official
+  on the very same batches (skipped, with the reason, when that module or the artifact is
+  absent); ``cafe-adagrad``: our CAFE with element-wise Adagrad, lr 0.05, as the official
+  trains, reported only beside it (same memory, same optimizer).
+
+Protocol: constants are chosen on validation only; settings are `dev` (defaults may be tuned
+on them) or `held_out` (never tuned on); the table reports the two separately. Runs with the
+same command line and code share one cached result (cafe and cafe-paper today).
+
+Cache: each finished run's JSON is kept under results/suite/runs/, keyed by its command line
+and a digest of the code it runs (cafe_torchrec for CAFE, the baseline's files for hashing,
+examples/dlrm for all), so an interrupted suite resumes and a code change reruns what it
+touches. `--reuse hash` keeps a method's cached runs across code changes; `--merge` prints
+whatever is cached (stale runs marked *).
+
+Output: the machine line, one table per role (mean test AUC and its spread max - min over
+seeds per method; CAFE - hash in AUC points with the spread of the per-seed differences),
+the grid's choices, for abrupt-drift settings at 1000x the recovery time of the hot-lookup
+share after each drift (steps, and fraction of a day, until it is back to 90% of its level
+before the drift), results/suite/summary.json and docs/suite.png (AUC gain over hashing per
+setting and ratio, one marker per method, error bars = spread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from benchmarks.common import machine, table
+from examples.dlrm.data.streams import StreamSpec, batches, settings
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "results" / "suite"
+PLOT = REPO / "docs" / "suite.png"
+ARTIFACT = REPO.parent / "shared" / "peers" / "cafe-official"
+
+# method -> trainer arguments. "cafe" follows CafeConfig's defaults; "cafe-paper" pins the paper's
+# policy (today the defaults are the paper's: add e.g. "--cafe-option", "policy=paper" once they differ).
+METHODS: Dict[str, List[str]] = {
+    "hash": ["--embedding", "hash"],
+    "cafe": ["--embedding", "cafe"],
+    "cafe-paper": ["--embedding", "cafe"],
+    "cafe-adagrad": ["--embedding", "cafe", "--optimizer", "adagrad", "--learning-rate", "0.05"],
+}
+OFFICIAL = "official"  # runs benchmarks.official.train_official in a worker process
+GRID_METHOD = "grid"  # METHODS["cafe-paper"] plus one point of GRID
+# Grid of the paper policy: threshold as a multiple of the paper's per-ratio threshold, decay, hot share.
+GRID = {"threshold_x": (0.1, 0.3, 1.0), "decay": (0.98, 0.8), "hot_share": (0.4, 0.6, 0.8)}
+GRID_RATIOS = (1000, 10000)
+RATIOS = (10, 100, 1000, 10000)
+SEEDS = (0, 1, 2)
+QUICK_RATIOS = (100, 10000)
+TABLE_METHODS = ("hash", "cafe", "cafe-paper", GRID_METHOD, OFFICIAL, "cafe-adagrad")
+CAFE_LIKE = ("cafe", "cafe-paper", GRID_METHOD, "cafe-adagrad")
+RECOVERY_RATIO = 1000
+RECOVERY_LEVEL = 0.9
+# Code each method runs: a change there invalidates its cached runs (examples/dlrm counts for all).
+CODE = {
+    "hash": ("cafe_torchrec/baselines", "cafe_torchrec/collection.py", "cafe_torchrec/layout.py",
+             "cafe_torchrec/validation.py", "cafe_torchrec/hashing.py"),
+    "cafe": ("cafe_torchrec",),
+    OFFICIAL: ("benchmarks/official.py",),
+}
+COMMON_CODE = ("examples/dlrm",)
+CODE_SUFFIXES = (".py", ".cpp", ".h", ".cu", ".cuh")
+SKIPPED = 75  # exit status of a run that could not start for a passing reason (not cached)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run: which method label asked for it, where, and the exact trainer arguments."""
+
+    method: str
+    setting: str
+    ratio: float
+    seed: int
+    args: Tuple[str, ...]  # trainer arguments (official: the worker's)
+    code_of: str  # the CODE entry whose files it runs
+
+    @property
+    def key(self) -> str:
+        """Same command line, same key: methods whose arguments coincide share one result."""
+        return hashlib.sha1(json.dumps([self.code_of, self.args]).encode()).hexdigest()[:12]
+
+    def stem(self) -> str:
+        return f"{self.setting}/{self.ratio:g}x-s{self.seed}-{self.key}"
+
+
+# ----------------------------------------------------------------------------- planning
+def official_available() -> Optional[str]:
+    """None when benchmarks.official can be imported, else why not."""
+    if importlib.util.find_spec("benchmarks.official") is None:
+        return "benchmarks/official.py is not there (yet)"
+    return None
+
+
+def log_every(spec: StreamSpec) -> int:
+    """Hot-share resolution: ~50 points per day, so recovery after a drift is measured to 2% of a day."""
+    return max(1, spec.steps_per_day // 50)
+
+
+def train_args(spec: StreamSpec, method_args: Sequence[str], ratio: float, seed: int) -> Tuple[str, ...]:
+    return ("--data", "stream", "--stream", spec.name, "--stream-seed", str(seed), "--seed", str(seed),
+            "--compression-ratio", f"{ratio:g}", "--log-every", str(log_every(spec)), *method_args)
+
+
+def grid_points(ratio: float) -> List[Dict[str, float]]:
+    """The grid's CafeConfig fields at a ratio (thresholds relative to the paper's there)."""
+    from cafe_torchrec.config import default_threshold
+
+    paper = default_threshold(ratio)
+    return [{"threshold": round(paper * tx, 3), "decay": decay, "hot_share": share}
+            for tx, decay, share in itertools.product(GRID["threshold_x"], GRID["decay"], GRID["hot_share"])]
+
+
+def grid_args(point: Dict[str, float]) -> List[str]:
+    out = list(METHODS["cafe-paper"])
+    for key, value in point.items():
+        out += ["--cafe-option", f"{key}={value:g}"]
+    return out
+
+
+def plan_runs(methods: Sequence[str], specs: Sequence[StreamSpec], ratios: Sequence[float],
+              seeds: Sequence[int]) -> List[Run]:
+    """Every run of the fixed methods, and the grid's validation runs (first seed, GRID_RATIOS only)."""
+    runs = []
+    for spec, ratio, seed, method in itertools.product(specs, ratios, seeds, methods):
+        if method == OFFICIAL:
+            runs.append(Run(method, spec.name, ratio, seed, ("official", spec.name, f"{ratio:g}", str(seed)), OFFICIAL))
+        elif method == GRID_METHOD:
+            if seed == seeds[0] and ratio in GRID_RATIOS:
+                runs += [Run(method, spec.name, ratio, seed, train_args(spec, grid_args(p), ratio, seed), "cafe")
+                         for p in grid_points(ratio)]
+        else:
+            runs.append(Run(method, spec.name, ratio, seed, train_args(spec, METHODS[method], ratio, seed),
+                            "hash" if method == "hash" else "cafe"))
+    return runs
+
+
+# ----------------------------------------------------------------------------- the cache
+def code_digest(code_of: str) -> str:
+    """A digest of the source files a method runs (examples/dlrm included)."""
+    h = hashlib.sha1()
+    for root in (*CODE[code_of], *COMMON_CODE):
+        path = REPO / root
+        files = sorted(p for p in path.rglob("*") if p.suffix in CODE_SUFFIXES) if path.is_dir() else [path]
+        for p in files:
+            if p.exists():
+                h.update(str(p.relative_to(REPO)).encode())
+                h.update(p.read_bytes())
+    return h.hexdigest()[:10]
+
+
+class Cache:
+    """Finished runs under results/suite/runs/<setting>/<ratio>x-s<seed>-<key>-<code digest>.json."""
+
+    def __init__(self, root: Path, reuse: Iterable[str], any_code: bool) -> None:
+        self.root, self.reuse, self.any_code = root, set(reuse), any_code
+        self.digests = {name: code_digest(name) for name in CODE}
+
+    def path(self, run: Run) -> Path:
+        return self.root / f"{run.stem()}-{self.digests[run.code_of]}.json"
+
+    def get(self, run: Run) -> Optional[Dict[str, Any]]:
+        """The cached result of this run with today's code, else (with --reuse / --merge) the newest other."""
+        exact = self.path(run)
+        if exact.exists():
+            return json.loads(exact.read_text())
+        if self.any_code or run.method in self.reuse:
+            older = sorted(self.root.glob(f"{run.stem()}-*.json"), key=lambda p: p.stat().st_mtime)
+            if older:
+                return {**json.loads(older[-1].read_text()), "stale": True}
+        return None
+
+    def put(self, run: Run, result: Dict[str, Any]) -> None:
+        path = self.path(run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- running
+def execute(run: Run) -> Dict[str, Any]:
+    """One run in its own process; a failure becomes {"error": ..., "returncode": ...}."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory(prefix="suite-") as tmp:
+        if run.code_of == OFFICIAL:
+            cmd = [sys.executable, "-m", "benchmarks.suite", "--official-worker", *run.args[1:], f"{tmp}/run.json"]
+        else:
+            cmd = [sys.executable, "-m", "examples.dlrm.train", *run.args, "--threads", "1", "--no-progress",
+                   "--no-plot", "--out-dir", tmp, "--run-name", "run"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        out = Path(tmp) / "run.json"
+        if proc.returncode == 0 and out.exists():
+            result = json.loads(out.read_text())
+        else:
+            lines = (proc.stderr.strip() or proc.stdout.strip() or "failed").splitlines()
+            result = {"error": lines[-1][:300], "returncode": proc.returncode}
+    result["suite"] = {"method": run.method, "setting": run.setting, "ratio": run.ratio, "seed": run.seed,
+                       "args": list(run.args), "wall_s": time.perf_counter() - start}
+    return result
+
+
+def run_all(runs: List[Run], cache: Cache, jobs: int, dry: bool) -> Dict[Run, Dict[str, Any]]:
+    """Results of `runs`: cached ones read, the rest executed (distinct keys once), `jobs` at a time."""
+    from tqdm import tqdm
+
+    results: Dict[Run, Dict[str, Any]] = {}
+    todo: Dict[str, List[Run]] = {}
+    for run in runs:
+        found = cache.get(run)
+        if found is not None:
+            results[run] = found
+        else:
+            todo.setdefault(str(cache.path(run)), []).append(run)
+    if dry or not todo:
+        return results
+    with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(todo), desc="runs", dynamic_ncols=True) as bar:
+        futures = {pool.submit(execute, group[0]): group for group in todo.values()}
+        for future in as_completed(futures):
+            group = futures[future]
+            result = future.result()
+            # a failure is cached (an infeasible ratio stays infeasible) unless the process was killed or skipped
+            if result.get("returncode", 0) >= 0 and result.get("returncode") != SKIPPED:
+                cache.put(group[0], result)
+            for run in group:
+                results[run] = result
+            name = f"{group[0].setting} {'/'.join(sorted({r.method for r in group}))} {group[0].ratio:g}x s{group[0].seed}"
+            bar.write(f"{name}: " + (f"val {result['val_auc']:.4f} test {result['test_auc']:.4f}"
+                                     if "error" not in result else f"ERROR {result['error']}"))
+            bar.update(1)
+    return results
+
+
+def official_worker(setting: str, ratio: str, seed: str, out: str) -> None:
+    """--official-worker: train the official CAFE layer on a stream's batches, write the trainer-like JSON."""
+    from benchmarks.official import train_official
+
+    spec, seed_i = settings()[setting], int(seed)
+    try:
+        result = train_official(list(spec.cardinalities), batches(spec, "train", seed_i),
+                                batches(spec, "validation", seed_i), batches(spec, "test", seed_i),
+                                compression_ratio=float(ratio), seed=seed_i, embedding_dim=16,
+                                batch_size=spec.batch_size)
+    except Exception as err:  # noqa: BLE001 - without the artifact it is a skip, with it a failure
+        if ARTIFACT.exists():
+            raise
+        result = f"{ARTIFACT} is absent ({type(err).__name__}: {err})"
+    if not isinstance(result, dict) or "test_auc" not in result:
+        print(f"official skipped: {result}", file=sys.stderr)
+        raise SystemExit(SKIPPED)
+    Path(out).write_text(json.dumps({"method": OFFICIAL, **result}))
+
+
+# ----------------------------------------------------------------------------- reading results
+def ok(result: Optional[Dict[str, Any]]) -> bool:
+    return result is not None and "error" not in result
+
+
+def choose_grid(results: Dict[Run, Dict[str, Any]]) -> Dict[Tuple[str, float], Tuple[str, ...]]:
+    """(setting, ratio) -> the grid run's arguments with the best validation AUC (first seed)."""
+    best: Dict[Tuple[str, float], Tuple[float, Tuple[str, ...]]] = {}
+    for run, result in results.items():
+        if run.method == GRID_METHOD and ok(result):
+            cell = (run.setting, run.ratio)
+            if cell not in best or result["val_auc"] > best[cell][0]:
+                best[cell] = (result["val_auc"], run.args)
+    return {cell: args for cell, (_, args) in best.items()}
+
+
+def grid_reports(choice: Dict[Tuple[str, float], Tuple[str, ...]], seeds: Sequence[int]) -> List[Run]:
+    """The chosen grid points with every seed (the first seed's run is the choosing run itself)."""
+    runs = []
+    for (setting, ratio), args in choice.items():
+        for seed in seeds:
+            seeded = list(args)
+            for flag in ("--stream-seed", "--seed"):
+                seeded[seeded.index(flag) + 1] = str(seed)
+            runs.append(Run("grid-best", setting, ratio, seed, tuple(seeded), "cafe"))
+    return runs
+
+
+def spread(values: Sequence[float]) -> float:
+    return max(values) - min(values) if values else float("nan")
+
+
+def cells(results: Dict[Run, Dict[str, Any]], specs: Sequence[StreamSpec], ratios: Sequence[float],
+          seeds: Sequence[int], methods: Sequence[str]) -> List[Dict[str, Any]]:
+    """Per (setting, ratio, method): per-seed test and validation AUC, mean, spread, and the gain over
+    hashing (per-seed differences, AUC points)."""
+    by: Dict[Tuple[str, float, str, int], Dict[str, Any]] = {}
+    for run, result in results.items():
+        method = GRID_METHOD if run.method == "grid-best" else run.method
+        if run.method != GRID_METHOD:
+            by[(run.setting, run.ratio, method, run.seed)] = result
+    out = []
+    for spec, ratio, method in itertools.product(specs, ratios, methods):
+        runs = {s: by.get((spec.name, ratio, method, s)) for s in seeds}
+        good = {s: r for s, r in runs.items() if ok(r)}
+        errors = sorted({r["error"] for r in runs.values() if r is not None and "error" in r})
+        cell: Dict[str, Any] = {"setting": spec.name, "role": spec.role, "ratio": ratio, "method": method,
+                                "seeds": sorted(good), "errors": errors, "stale": any(r.get("stale") for r in good.values())}
+        if good:
+            test = [good[s]["test_auc"] for s in sorted(good)]
+            cell.update(test_auc=test, test_auc_mean=statistics.fmean(test), test_auc_spread=spread(test),
+                        val_auc=[good[s].get("val_auc") for s in sorted(good)])
+            hashed = {s: by.get((spec.name, ratio, "hash", s)) for s in good}
+            diffs = [100 * (good[s]["test_auc"] - hashed[s]["test_auc"]) for s in sorted(good) if ok(hashed[s])]
+            if diffs and method != "hash":
+                cell.update(gain_points=diffs, gain_mean=statistics.fmean(diffs), gain_spread=spread(diffs),
+                            gain_min=min(diffs), gain_max=max(diffs))
+        out.append(cell)
+    return out
+
+
+def recovery(result: Dict[str, Any], spec: StreamSpec) -> List[Dict[str, Any]]:
+    """Per drift step: steps (and fraction of a day) until the hot-lookup share is back to 90% of its
+    mean over the last 3 logged intervals before the drift; None when it is not back before the next
+    drift (or the end). A logged point at step k covers the batches before k, so the figure is an
+    upper bound with the log interval's resolution."""
+    history = [(h["step"], h["hot_lookup_share"]) for h in result.get("hot_history", [])]
+    out = []
+    ends = list(spec.drift_steps[1:]) + [spec.train_steps]
+    for drift, end in zip(spec.drift_steps, ends):
+        before = [share for step, share in history if step <= drift][-3:]
+        if not before:
+            continue
+        level = statistics.fmean(before)
+        after = [(step, share) for step, share in history if drift < step <= end]
+        back = next((step for step, share in after if share >= RECOVERY_LEVEL * level), None)
+        steps = back - drift if back is not None else None
+        out.append({"drift_step": drift, "level_before": level, "min_after": min((s for _, s in after), default=None),
+                    "steps": steps, "days": steps / spec.steps_per_day if steps is not None else None})
+    return out
+
+
+def recoveries(results: Dict[Run, Dict[str, Any]], specs: Sequence[StreamSpec]) -> List[Dict[str, Any]]:
+    """Recovery of every CAFE-like run on abrupt-drift settings at RECOVERY_RATIO, per method and setting."""
+    out = []
+    for spec in specs:
+        if spec.drift != "abrupt":
+            continue
+        per_method: Dict[str, List[Dict[str, Any]]] = {}
+        for run, result in results.items():
+            method = GRID_METHOD if run.method == "grid-best" else run.method
+            if run.setting == spec.name and run.ratio == RECOVERY_RATIO and method in CAFE_LIKE and ok(result) \
+                    and run.method != GRID_METHOD:
+                per_method.setdefault(method, []).extend(recovery(result, spec))
+        for method, drifts in sorted(per_method.items()):
+            done = [d["steps"] for d in drifts if d["steps"] is not None]
+            out.append({"setting": spec.name, "method": method, "drifts": len(drifts), "recovered": len(done),
+                        "mean_steps": statistics.fmean(done) if done else None,
+                        "max_steps": max(done) if done else None,
+                        "mean_days": statistics.fmean(done) / spec.steps_per_day if done else None,
+                        "level_before": statistics.fmean(d["level_before"] for d in drifts),
+                        "min_after": statistics.fmean(d["min_after"] for d in drifts if d["min_after"] is not None)})
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+def print_tables(cell_list: List[Dict[str, Any]], methods: Sequence[str]) -> None:
+    shown = [m for m in TABLE_METHODS if m in methods]
+    index = {(c["setting"], c["ratio"], c["method"]): c for c in cell_list}
+    for role in ("dev", "held_out"):
+        rows = []
+        for setting, ratio in dict.fromkeys((c["setting"], c["ratio"]) for c in cell_list if c["role"] == role):
+            row: List[Any] = [setting, f"{ratio:g}x"]
+            for method in shown:
+                c = index[(setting, ratio, method)]
+                if "test_auc_mean" in c:
+                    mark = "*" if c["stale"] else ""
+                    row.append(f"{c['test_auc_mean']:.4f} ({c['test_auc_spread']:.4f}, n={len(c['seeds'])}){mark}")
+                else:
+                    row.append("n/a" if c["errors"] else "-")
+            for method in (m for m in shown if m != "hash"):
+                c = index[(setting, ratio, method)]
+                row.append(f"{c['gain_mean']:+.2f} ({c['gain_spread']:.2f})" if "gain_mean" in c else "-")
+            rows.append(row)
+        if rows:
+            print(f"\n{role} settings: mean test AUC (spread max-min over seeds); "
+                  "gain = method - hash in AUC points (spread of the per-seed differences)")
+            print(table(["setting", "ratio", *shown, *[f"{m}-hash" for m in shown if m != "hash"]], rows))
+    errors = sorted({(c["setting"], c["ratio"], c["method"], e) for c in cell_list for e in c["errors"]})
+    for setting, ratio, method, error in errors:
+        print(f"n/a {setting} {ratio:g}x {method}: {error}")
+
+
+def plot(cell_list: List[Dict[str, Any]], specs: Sequence[StreamSpec], methods: Sequence[str], path: Path) -> None:
+    """AUC gain over hashing per setting and ratio, one marker per method, error bars = per-seed min..max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in TABLE_METHODS if m in methods and m != "hash"]
+    cols = min(4, len(specs))
+    rows = -(-len(specs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    markers = dict(zip(TABLE_METHODS, "sovD^P"))
+    for ax, spec in zip(axes.flat, specs):
+        ratios = sorted({c["ratio"] for c in cell_list if c["setting"] == spec.name})
+        for k, method in enumerate(shown):
+            pts = [c for c in cell_list if c["setting"] == spec.name and c["method"] == method and "gain_mean" in c]
+            xs = [ratios.index(c["ratio"]) + (k - (len(shown) - 1) / 2) * 0.12 for c in pts]
+            ys = [c["gain_mean"] for c in pts]
+            err = [[c["gain_mean"] - c["gain_min"] for c in pts], [c["gain_max"] - c["gain_mean"] for c in pts]]
+            ax.errorbar(xs, ys, yerr=err, fmt=markers.get(method, "o"), capsize=3, label=method)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(ratios)), [f"{r:g}x" for r in ratios])
+        ax.set_title(f"{spec.name} ({spec.role})", fontsize=10)
+        ax.set_ylabel("test AUC - hash (points)")
+    for ax in list(axes.flat)[len(specs):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(shown), fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_recovery(rec: List[Dict[str, Any]]) -> None:
+    if not rec:
+        return
+    print(f"\nhot-lookup share after an abrupt drift, {RECOVERY_RATIO:g}x: steps until back to "
+          f"{RECOVERY_LEVEL:.0%} of the level before it (mean over drifts x seeds; upper bounds at the log interval)")
+    rows = [[r["setting"], r["method"], f"{r['recovered']}/{r['drifts']}",
+             f"{r['mean_steps']:.0f}" if r["mean_steps"] is not None else "never",
+             f"{r['max_steps']}" if r["max_steps"] is not None else "-",
+             f"{r['mean_days']:.3f}" if r["mean_days"] is not None else "-",
+             f"{r['level_before']:.3f}", f"{r['min_after']:.3f}"] for r in rec]
+    print(table(["setting", "method", "recovered", "mean steps", "max steps", "mean days", "share before",
+                 "min share after"], rows))
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="dev settings, ratios 100 and 10000, seed 0")
+    p.add_argument("--methods", default=None, help="comma separated (default: hash,cafe,cafe-paper, and "
+                                                   "official,cafe-adagrad when benchmarks.official exists)")
+    p.add_argument("--grid", action="store_true", help="add the grid method")
+    p.add_argument("--settings", default=None, help="comma separated stream names (default: all)")
+    p.add_argument("--ratios", type=float, nargs="+", default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
+    p.add_argument("--reuse", default="", help="comma separated methods whose cached runs survive code changes")
+    p.add_argument("--merge", action="store_true", help="run nothing: print the table from cached runs")
+    p.add_argument("--out-dir", default=str(OUT))
+    p.add_argument("--plot", default=str(PLOT))
+    p.add_argument("--official-worker", nargs=4, metavar=("SETTING", "RATIO", "SEED", "OUT"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def selection(args: argparse.Namespace) -> Tuple[List[str], List[StreamSpec], List[float], List[int]]:
+    """Methods, settings, ratios and seeds of this invocation."""
+    all_specs = settings()
+    if args.methods:
+        methods = args.methods.split(",")
+    else:
+        methods = ["hash", "cafe", "cafe-paper"]
+        if official_available() is None and not args.quick:
+            methods += [OFFICIAL, "cafe-adagrad"]
+    if args.grid and GRID_METHOD not in methods:
+        methods.append(GRID_METHOD)
+    unknown = [m for m in methods if m not in METHODS and m not in (OFFICIAL, GRID_METHOD)]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; known: {', '.join([*METHODS, OFFICIAL, GRID_METHOD])}")
+    if OFFICIAL in methods and official_available() is not None:
+        print(f"official: skipped, {official_available()}")
+        methods.remove(OFFICIAL)
+    if args.settings:
+        names = args.settings.split(",")
+    else:
+        names = [n for n, s in all_specs.items() if s.role == "dev"] if args.quick else list(all_specs)
+    bad = [n for n in names if n not in all_specs]
+    if bad:
+        raise SystemExit(f"unknown settings {bad}; known: {', '.join(all_specs)}")
+    specs = [all_specs[n] for n in names]
+    ratios = args.ratios or list(QUICK_RATIOS if args.quick else RATIOS)
+    seeds = args.seeds or ([SEEDS[0]] if args.quick else list(SEEDS))
+    return methods, specs, ratios, seeds
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    if args.official_worker:
+        official_worker(*args.official_worker)
+        return {}
+    import torch
+
+    torch.set_num_threads(1)  # the machine line then states the runs' thread count
+    start = time.perf_counter()
+    methods, specs, ratios, seeds = selection(args)
+    for spec in list(specs):
+        if spec.criteo_path is not None and not Path(spec.criteo_path).exists():
+            print(f"{spec.name}: skipped, {spec.criteo_path} not found")
+            specs.remove(spec)
+    cache = Cache(Path(args.out_dir) / "runs", [m for m in args.reuse.split(",") if m], any_code=args.merge)
+    runs = plan_runs(methods, specs, ratios, seeds)
+    distinct = {str(cache.path(r)) for r in runs}
+    grid_cells = sum(1 for s in specs for r in ratios if r in GRID_RATIOS) if GRID_METHOD in methods else 0
+    cached = sum(1 for r in runs if cache.get(r) is not None)
+    print(f"machine: {machine()}")
+    print(f"methods {','.join(methods)}; settings {','.join(s.name for s in specs)}; ratios "
+          f"{','.join(f'{r:g}' for r in ratios)}; seeds {','.join(map(str, seeds))}")
+    print(f"expected runs: {len(distinct)} distinct ({len(runs)} requested, identical command lines shared)"
+          + (f", plus up to {grid_cells * (len(seeds) - 1)} for the grid's chosen points" if grid_cells else "")
+          + f"; {cached} cached")
+    results = run_all(runs, cache, args.jobs, dry=args.merge)
+    choice = choose_grid(results)
+    if choice:
+        results.update(run_all(grid_reports(choice, seeds), cache, args.jobs, dry=args.merge))
+    cell_list = cells(results, specs, ratios, seeds, methods)
+    print(f"\nmachine: {machine()}")
+    print_tables(cell_list, methods)
+    if choice:
+        print("\ngrid points chosen on validation (first seed):")
+        for (setting, ratio), chosen in sorted(choice.items()):
+            print(f"  {setting} {ratio:g}x: {' '.join(a for a in chosen if '=' in a)}")
+    rec = recoveries(results, specs)
+    print_recovery(rec)
+    wall = time.perf_counter() - start
+    summary = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "wall_time_s": wall,
+               "methods": methods, "method_args": {m: METHODS.get(m) for m in methods}, "ratios": ratios,
+               "seeds": seeds, "grid": {"values": GRID, "ratios": GRID_RATIOS,
+                                        "chosen": {f"{s}@{r:g}": list(a) for (s, r), a in choice.items()}},
+               "settings": {s.name: s.summary() for s in specs}, "cells": cell_list, "recovery": rec}
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    plot(cell_list, specs, methods, Path(args.plot))
+    print(f"\nwrote {out / 'summary.json'} and {args.plot}; wall time {wall / 60:.1f} min")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
