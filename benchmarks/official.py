@@ -287,9 +287,10 @@ def official_memory(layer: torch.nn.Module, cardinalities: Sequence[int], embedd
             "memory_bytes": physical, "logical_bytes": logical, "compression_ratio": float(logical / physical)}
 
 
-def build_official_model(artifact: OfficialArtifact, cardinalities: Sequence[int], config: OfficialConfig,
+def build_official_model(artifact: OfficialArtifact, cardinalities: Sequence[int], config: Optional[OfficialConfig],
                          embedding_dim: int, dense_arch: Sequence[int], over_arch: Sequence[int]) -> torch.nn.Module:
-    """Its EmbeddingLayer (CAFE, one shared sketch) inside its DLRM_Net with this project's DLRM shape.
+    """Its EmbeddingLayer (CAFE with one shared sketch; `config` None: its uncompressed baseline, one
+    plain table per field) inside its DLRM_Net with this project's DLRM shape.
 
     Its DLRM_Net is torchrec's DLRM in shape (ReLU after every dense layer, the last included;
     pairwise dots of the dense output and the F embeddings, upper triangle, concatenated after
@@ -297,9 +298,12 @@ def build_official_model(artifact: OfficialArtifact, cardinalities: Sequence[int
     sqrt(2 / (fan_in + fan_out)), as the DLRM reference) and ends in a sigmoid with BCELoss
     where torchrec's DLRMTrain uses BCEWithLogits.
     """
-    args = argparse.Namespace(compress_method="cafe", compress_rate=config.compress_rate,
-                              cafe_hash_rate=config.hash_rate, cafe_sketch_threshold=config.threshold,
-                              cafe_decay=config.decay, cafe_hot_separate_field=False, cafe_use_freq=False)
+    if config is None:
+        args = argparse.Namespace(compress_method=None, compress_rate=1.0)
+    else:
+        args = argparse.Namespace(compress_method="cafe", compress_rate=config.compress_rate,
+                                  cafe_hash_rate=config.hash_rate, cafe_sketch_threshold=config.threshold,
+                                  cafe_decay=config.decay, cafe_hot_separate_field=False, cafe_use_freq=False)
     layer = artifact.init_embed.EmbeddingLayer(args, embedding_dim, np.asarray(cardinalities, dtype=np.int64),
                                                torch.device("cpu"))
     num_features = len(cardinalities)
@@ -362,6 +366,7 @@ def train_official(
     dense_arch: Optional[Sequence[int]] = None,
     over_arch: Sequence[int] = (64, 32, 1),
     progress: bool = False,
+    method: str = "cafe",
 ) -> Dict[str, float]:
     """Train the artifact's CAFE layer in its DLRM_Net, one pass over `train`; evaluate on both splits.
 
@@ -380,6 +385,10 @@ def train_official(
     threshold, hot_share, hot_lookup_share (share of compressed-field training lookups served by
     a hot row), train_samples. Raises OfficialUnavailable, or ValueError for a ratio off its grid,
     a bad shape, ids out of range or a batch over 16384 rows.
+
+    `method="full"` trains its uncompressed baseline instead (main.py without --compress_method:
+    one plain table per field; `compression_ratio` is then not used), to tell differences of
+    the training setup from differences of CAFE.
     """
     from tqdm import tqdm
 
@@ -392,8 +401,10 @@ def train_official(
         raise ValueError(f"need at least 2 features of >= 1 id each, got {list(cardinalities)}")
     if sum(cardinalities) >= 2**31:
         raise ValueError("the artifact's global ids (id + field offset) are int32: cardinalities must sum below 2^31")
+    if method not in ("cafe", "full"):
+        raise ValueError(f"method must be 'cafe' or 'full', got {method!r}")
     artifact = build_official()
-    config = official_config(artifact, compression_ratio)
+    config = official_config(artifact, compression_ratio) if method == "cafe" else None
     torch.manual_seed(seed)
     np.random.seed(seed)
     model = build_official_model(artifact, cardinalities, config, embedding_dim, dense_arch, over_arch)
@@ -437,8 +448,8 @@ def train_official(
         "memory_bytes": float(memory["memory_bytes"]),
         "compression_ratio": float(memory["compression_ratio"]),
         "hot_rows": float(memory["hot_rows"]),
-        "threshold": float(config.threshold),
-        "hot_share": config.hot_share,
+        "threshold": float(config.threshold) if config else float("nan"),
+        "hot_share": config.hot_share if config else float("nan"),
         "hot_lookup_share": hot / lookups if lookups else float("nan"),
         "train_samples": float(samples),
     }

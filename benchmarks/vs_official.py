@@ -15,6 +15,10 @@ day), so that both sides read the same rows, cheaply, in the same order.
   (element-wise, fused in backward) and the same learning rates, each side at its own default
   hot share and threshold for the ratio.
 
+`--full` adds both sides uncompressed (the official's plain tables in the same loop, ours
+`--embedding full`): a gap there is the training setup's (model init, optimizer kernels), not
+CAFE's.
+
 Both run one intra-op thread (the official's sketch query is an OpenMP loop on the same
 libgomp); ours keeps its sketch update on the caller's thread (CAFE_SKETCH_THREAD=0) unless
 `--sketch-thread`, which lets it use the second core. samples/s is each training loop's own
@@ -27,11 +31,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import math
 import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -81,22 +86,28 @@ def npy_batches(root: Path, day: int, batch_size: int) -> Iterator[Batch]:
                torch.from_numpy(labels[start:stop].reshape(-1).astype(np.float32)))
 
 
-def run_ours(root: Path, cardinalities: Sequence[int], ratio: float, batch_size: int, seed: int, out_dir: Path) -> Dict:
-    """examples.dlrm.train on the npy days, in this process; its results dict."""
+def run_ours(root: Path, cardinalities: Sequence[int], ratio: Optional[float], batch_size: int, seed: int,
+             out_dir: Path) -> Dict:
+    """examples.dlrm.train on the npy days, in this process (ratio None: uncompressed); its results dict."""
     from examples.dlrm.train import main as train_main
 
+    method = ["--embedding", "full"] if ratio is None else ["--embedding", "cafe", "--compression-ratio", f"{ratio:g}"]
     return train_main([
-        "--embedding", "cafe", "--compression-ratio", f"{ratio:g}", "--data", "npy", "--npy-root", str(root),
+        *method, "--data", "npy", "--npy-root", str(root),
         "--npy-days", "0,1", "--cardinalities", ",".join(map(str, cardinalities)), "--batch-size", str(batch_size),
         "--optimizer", "adagrad", "--learning-rate", "0.05", "--dense-lr", "0.01", "--seed", str(seed),
         "--threads", "1", "--cpu", "--no-progress", "--no-plot", "--log-every", "50",
-        "--out-dir", str(out_dir), "--run-name", f"ours_{ratio:g}x_seed{seed}"])
+        "--out-dir", str(out_dir), "--run-name", f"ours_{_label(ratio)}_seed{seed}"])
 
 
-def run_official(root: Path, cardinalities: Sequence[int], ratio: float, batch_size: int, seed: int) -> Dict:
-    """train_official on the same npy days (no validation split: val_auc is nan)."""
+def run_official(root: Path, cardinalities: Sequence[int], ratio: Optional[float], batch_size: int, seed: int) -> Dict:
+    """train_official on the same npy days (ratio None: its uncompressed baseline; no validation split)."""
     return train_official(cardinalities, npy_batches(root, 0, batch_size), [], npy_batches(root, 1, batch_size),
-                          compression_ratio=ratio, seed=seed)
+                          compression_ratio=ratio or 1.0, seed=seed, method="cafe" if ratio else "full")
+
+
+def _label(ratio: Optional[float]) -> str:
+    return "full" if ratio is None else f"{ratio:g}x"
 
 
 def render(rows: List[Dict], batch_size: int) -> str:
@@ -108,11 +119,11 @@ def render(rows: List[Dict], batch_size: int) -> str:
     for r in rows:
         o, u = r["official"], r["ours"]
         lines.append(
-            f"| {r['ratio']:g}x | {r['seed']} | {o['samples_per_sec']:,.0f} | {u['samples_per_sec']:,.0f} | "
+            f"| {_label(r['ratio'])} | {r['seed']} | {o['samples_per_sec']:,.0f} | {u['samples_per_sec']:,.0f} | "
             f"{u['samples_per_sec'] / o['samples_per_sec']:.2f} | {o['test_auc']:.4f} | {u['test_auc']:.4f} | "
             f"{o['online_train_loss']:.4f} | {u['online_train_loss']:.4f} | "
             f"{o['memory_bytes']:,.0f} ({o['compression_ratio']:.1f}x) | {u['memory_bytes']:,.0f} ({u['compression_ratio']:.1f}x) | "
-            f"{o['hot_lookup_share']:.3f} | {u['hot_lookup_share']:.3f} |")
+            f"{_share(o.get('hot_lookup_share'))} | {_share(u.get('hot_lookup_share'))} |")
     lines += ["", f"| ratio (batch {batch_size}) | ours / official samples/s, median (range) | official test AUC, mean (spread) | "
               "ours test AUC, mean (spread) |", "|---|---|---|---|"]
     for ratio in dict.fromkeys(r["ratio"] for r in rows):
@@ -120,9 +131,13 @@ def render(rows: List[Dict], batch_size: int) -> str:
         speed = [r["ours"]["samples_per_sec"] / r["official"]["samples_per_sec"] for r in sel]
         auc = {side: [r[side]["test_auc"] for r in sel] for side in ("official", "ours")}
         cells = [f"{statistics.mean(a):.4f} ({max(a) - min(a):.4f})" for a in (auc["official"], auc["ours"])]
-        lines.append(f"| {ratio:g}x | {statistics.median(speed):.2f} ({min(speed):.2f}-{max(speed):.2f}) | "
+        lines.append(f"| {_label(ratio)} | {statistics.median(speed):.2f} ({min(speed):.2f}-{max(speed):.2f}) | "
                      f"{cells[0]} | {cells[1]} |")
     return "\n".join(lines)
+
+
+def _share(value: Optional[float]) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
 def main() -> None:
@@ -134,6 +149,9 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=3, help="synthetic days: train on all but the last")
     parser.add_argument("--samples-per-day", type=int, default=1 << 18)
     parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--full", action="store_true",
+                        help="also run both sides uncompressed (the official's plain tables, ours --embedding full): "
+                             "tells gaps of the training setup from gaps of CAFE")
     parser.add_argument("--sketch-thread", action="store_true",
                         help="let ours update its sketch on its background thread (a second core)")
     parser.add_argument("--out-dir", default="results/vs_official", help="our trainer's JSONs")
@@ -158,12 +176,12 @@ def main() -> None:
             print(f"writing the stream ({args.days} days x {args.samples_per_day:,} samples, Kaggle x {args.scale:g}) ...",
                   flush=True)
             cards = write_stream(root, args.scale, args.days, args.samples_per_day, args.data_seed)
-            for ratio in args.ratios:
+            for ratio in [*args.ratios, *([None] if args.full else [])]:
                 for i, seed in enumerate(args.seeds):
                     row = {"ratio": ratio, "seed": seed}
                     order = ("official", "ours") if i % 2 == 0 else ("ours", "official")
                     for side in order:
-                        print(f"[vs_official] {ratio:g}x seed {seed}: {side}", flush=True)
+                        print(f"[vs_official] {_label(ratio)} seed {seed}: {side}", flush=True)
                         row[side] = (run_official(root, cards, ratio, args.batch_size, seed) if side == "official"
                                      else run_ours(root, cards, ratio, args.batch_size, seed, Path(args.out_dir)))
                     rows.append(row)
