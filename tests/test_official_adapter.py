@@ -84,6 +84,14 @@ def test_train_official_tiny_stream(artifact: official.OfficialArtifact, one_thr
     assert result["memory_bytes"] == hot * (row + 48) + tables * row
 
 
+def test_train_official_full_baseline(artifact: official.OfficialArtifact, one_thread) -> None:
+    """method="full": its uncompressed tables (one per field) in the same loop, no sketch."""
+    result = train_official(CARDINALITIES, _stream(30, 0), [], _stream(4, 2), compression_ratio=100, seed=0, method="full")
+    assert result["memory_bytes"] == sum(CARDINALITIES) * 4 * 16 and result["hot_rows"] == 0
+    assert math.isnan(result["hot_lookup_share"]) and math.isnan(result["val_auc"])
+    assert result["test_auc"] > 0.6
+
+
 def test_train_official_rejects_bad_input(artifact: official.OfficialArtifact, one_thread) -> None:
     with pytest.raises(ValueError, match="grid"):
         train_official(CARDINALITIES, _stream(1, 0), [], [], compression_ratio=7, seed=0)
