@@ -7,21 +7,28 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench-sketch clean
 
-$(STAMP): requirements.txt setup.cfg
+OPS := $(VENV)/.ops-built
+
+$(STAMP): requirements.txt setup.cfg setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps torchrec==1.8.0
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	CAFE_BUILD_OPS=0 $(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-demo: $(STAMP)
+# the C++ ops, compiled in place (cafe_torchrec/_C*.so) when their sources change
+$(OPS): $(STAMP) $(wildcard cafe_torchrec/csrc/*)
+	$(PY) setup.py -q build_ext --inplace
+	touch $(OPS)
+
+demo: $(OPS)
 	$(PY) -m examples.demo
 
-test: $(STAMP)
+test: $(OPS)
 	$(PY) -m pytest -q tests
 
-bench-sketch: $(STAMP)
+bench-sketch: $(OPS)
 	$(PY) -m benchmarks.sketch
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info cafe_torchrec/_C*.so
