@@ -192,3 +192,33 @@ def test_training_on_a_stream_reports_validation_and_test(tmp_path: Path) -> Non
     assert "threshold 7," in saved["describe"] and saved["cafe_options"] == {"threshold": 7, "decay": 0.9}
     assert [h["step"] for h in saved["hot_history"]] == [5, 10, 15, 20, 25, 30]
     assert saved["data"]["stream"] == "short128" and saved["data"]["drift_steps"] == []
+
+
+def test_suite_recovery_and_grid_choice() -> None:
+    """The suite's readings: recovery steps after each drift, the grid point chosen on validation (not test),
+    and gains over hashing paired by seed."""
+    from benchmarks.suite import Run, cells, choose_grid, grid_reports, recovery
+
+    spec = small("abrupt")  # drifts at steps 6 and 12 of 18
+    shares = {2: 0.5, 4: 0.6, 6: 0.6, 8: 0.1, 10: 0.55, 12: 0.6, 14: 0.2, 16: 0.3, 18: 0.35}
+    result = {"hot_history": [{"step": k, "hot_lookup_share": v} for k, v in shares.items()]}
+    drifts = recovery(result, spec)
+    assert [d["drift_step"] for d in drifts] == [6, 12]
+    assert drifts[0]["level_before"] == pytest.approx(1.7 / 3) and drifts[0]["steps"] == 4  # 0.55 >= 0.9 x 0.567
+    assert drifts[1]["steps"] is None and drifts[1]["min_after"] == 0.2  # 0.35 < 0.9 x 1.25 / 3 at the end
+
+    def run(method: str, seed: int, args: tuple) -> Run:
+        return Run(method, "s", 1000.0, seed, ("--stream-seed", str(seed), "--seed", str(seed), *args), "cafe")
+
+    results = {run("grid", 0, ("a",)): {"val_auc": 0.70, "test_auc": 0.60},
+               run("grid", 0, ("b",)): {"val_auc": 0.69, "test_auc": 0.80}}
+    choice = choose_grid(results)
+    assert choice == {("s", 1000.0): ("--stream-seed", "0", "--seed", "0", "a")}
+    reports = grid_reports(choice, [0, 1])
+    assert [r.args[:4] for r in reports] == [("--stream-seed", "0", "--seed", "0"), ("--stream-seed", "1", "--seed", "1")]
+    paired = {run("hash", 0, ()): {"test_auc": 0.60}, run("hash", 1, ()): {"test_auc": 0.70},
+              run("cafe", 0, ()): {"test_auc": 0.62}, run("cafe", 1, ()): {"test_auc": 0.71}}
+    spec_s = StreamSpec(**{**small().__dict__, "name": "s"})
+    (cell,) = cells(paired, [spec_s], [1000.0], [0, 1], ["cafe"])
+    assert cell["gain_points"] == pytest.approx([2.0, 1.0]) and cell["gain_spread"] == pytest.approx(1.0)
+    assert cell["test_auc_spread"] == pytest.approx(0.09)
