@@ -51,6 +51,7 @@ import importlib.util
 import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,7 +97,7 @@ CODE = {
 }
 COMMON_CODE = ("examples/dlrm",)
 CODE_SUFFIXES = (".py", ".cpp", ".h", ".cu", ".cuh")
-SKIPPED = 75  # exit status of a run that could not start for a passing reason (not cached)
+SKIPPED = 75  # exit status of an official run without the artifact
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,25 +172,42 @@ def plan_runs(methods: Sequence[str], specs: Sequence[StreamSpec], ratios: Seque
 
 
 # ----------------------------------------------------------------------------- the cache
-def code_digest(code_of: str) -> str:
-    """A digest of the source files a method runs (examples/dlrm included)."""
+def code_digest(code_of: str, repo: Path) -> str:
+    """A digest of the source files a method runs in the checkout `repo` (examples/dlrm included)."""
     h = hashlib.sha1()
     for root in (*CODE[code_of], *COMMON_CODE):
-        path = REPO / root
+        path = repo / root
         files = sorted(p for p in path.rglob("*") if p.suffix in CODE_SUFFIXES) if path.is_dir() else [path]
         for p in files:
             if p.exists():
-                h.update(str(p.relative_to(REPO)).encode())
+                h.update(str(p.relative_to(repo)).encode())
                 h.update(p.read_bytes())
     return h.hexdigest()[:10]
+
+
+def snapshot(commit: str) -> Tuple[Path, str]:
+    """A read-only copy of `commit` (git archive) to run from, beside a link to ../shared so its relative
+    paths (the Criteo sample, the official artifact) resolve as in the checkout; returns (root, sha).
+
+    Why: other work edits the checkout while a suite runs for an hour; a snapshot keeps every run
+    of one suite on one commit."""
+    sha = subprocess.run(["git", "rev-parse", "--short", commit], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    base = Path(tempfile.mkdtemp(prefix=f"suite-{sha}-"))
+    (base / "shared").symlink_to(REPO.parent / "shared")
+    root = base / "repo"
+    root.mkdir()
+    archive = subprocess.run(["git", "archive", "--format=tar", sha], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root, sha
 
 
 class Cache:
     """Finished runs under results/suite/runs/<setting>/<ratio>x-s<seed>-<key>-<code digest>.json."""
 
-    def __init__(self, root: Path, reuse: Iterable[str], any_code: bool) -> None:
+    def __init__(self, root: Path, repo: Path, reuse: Iterable[str], any_code: bool) -> None:
         self.root, self.reuse, self.any_code = root, set(reuse), any_code
-        self.digests = {name: code_digest(name) for name in CODE}
+        self.digests = {name: code_digest(name, repo) for name in CODE}
 
     def path(self, run: Run) -> Path:
         return self.root / f"{run.stem()}-{self.digests[run.code_of]}.json"
@@ -214,8 +232,8 @@ class Cache:
 
 
 # ----------------------------------------------------------------------------- running
-def execute(run: Run) -> Dict[str, Any]:
-    """One run in its own process; a failure becomes {"error": ..., "returncode": ...}."""
+def execute(run: Run, repo: Path) -> Dict[str, Any]:
+    """One run in its own process in the checkout `repo`; a failure becomes {"error": ..., "returncode": ...}."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory(prefix="suite-") as tmp:
@@ -225,7 +243,7 @@ def execute(run: Run) -> Dict[str, Any]:
             cmd = [sys.executable, "-m", "examples.dlrm.train", *run.args, "--threads", "1", "--no-progress",
                    "--no-plot", "--out-dir", tmp, "--run-name", "run"]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
         out = Path(tmp) / "run.json"
         if proc.returncode == 0 and out.exists():
             result = json.loads(out.read_text())
@@ -237,7 +255,13 @@ def execute(run: Run) -> Dict[str, Any]:
     return result
 
 
-def run_all(runs: List[Run], cache: Cache, jobs: int, dry: bool) -> Dict[Run, Dict[str, Any]]:
+def cacheable(result: Dict[str, Any]) -> bool:
+    """Successes, and ValueErrors (an unsupported input, e.g. a ratio a method cannot reach, stays so);
+    not other failures (a checkout edited mid-run, a killed process), which the next resume retries."""
+    return "error" not in result or "ValueError" in result["error"]
+
+
+def run_all(runs: List[Run], cache: Cache, jobs: int, dry: bool, repo: Path) -> Dict[Run, Dict[str, Any]]:
     """Results of `runs`: cached ones read, the rest executed (distinct keys once), `jobs` at a time."""
     from tqdm import tqdm
 
@@ -252,12 +276,11 @@ def run_all(runs: List[Run], cache: Cache, jobs: int, dry: bool) -> Dict[Run, Di
     if dry or not todo:
         return results
     with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(todo), desc="runs", dynamic_ncols=True) as bar:
-        futures = {pool.submit(execute, group[0]): group for group in todo.values()}
+        futures = {pool.submit(execute, group[0], repo): group for group in todo.values()}
         for future in as_completed(futures):
             group = futures[future]
             result = future.result()
-            # a failure is cached (an infeasible ratio stays infeasible) unless the process was killed or skipped
-            if result.get("returncode", 0) >= 0 and result.get("returncode") != SKIPPED:
+            if cacheable(result):
                 cache.put(group[0], result)
             for run in group:
                 results[run] = result
@@ -479,6 +502,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
     p.add_argument("--reuse", default="", help="comma separated methods whose cached runs survive code changes")
     p.add_argument("--merge", action="store_true", help="run nothing: print the table from cached runs")
+    p.add_argument("--snapshot", nargs="?", const="HEAD", default=None, metavar="COMMIT",
+                   help="run from a git archive of COMMIT (default HEAD) instead of the live checkout")
     p.add_argument("--out-dir", default=str(OUT))
     p.add_argument("--plot", default=str(PLOT))
     p.add_argument("--official-worker", nargs=4, metavar=("SETTING", "RATIO", "SEED", "OUT"), help=argparse.SUPPRESS)
@@ -529,21 +554,33 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if spec.criteo_path is not None and not Path(spec.criteo_path).exists():
             print(f"{spec.name}: skipped, {spec.criteo_path} not found")
             specs.remove(spec)
-    cache = Cache(Path(args.out_dir) / "runs", [m for m in args.reuse.split(",") if m], any_code=args.merge)
+    repo, commit = snapshot(args.snapshot) if args.snapshot else (REPO, "working tree")
+    try:
+        return run_suite(args, methods, specs, ratios, seeds, repo, commit, start)
+    finally:
+        if args.snapshot:
+            shutil.rmtree(repo.parent, ignore_errors=True)
+
+
+def run_suite(args: argparse.Namespace, methods: List[str], specs: List[StreamSpec], ratios: List[float],
+              seeds: List[int], repo: Path, commit: str, start: float) -> Dict[str, Any]:
+    """Plan, run (or read) and report; the checkout `repo` is what runs."""
+    cache = Cache(Path(args.out_dir) / "runs", repo, [m for m in args.reuse.split(",") if m], any_code=args.merge)
     runs = plan_runs(methods, specs, ratios, seeds)
     distinct = {str(cache.path(r)) for r in runs}
     grid_cells = sum(1 for s in specs for r in ratios if r in GRID_RATIOS) if GRID_METHOD in methods else 0
     cached = sum(1 for r in runs if cache.get(r) is not None)
     print(f"machine: {machine()}")
+    print(f"code: {commit} ({repo})")
     print(f"methods {','.join(methods)}; settings {','.join(s.name for s in specs)}; ratios "
           f"{','.join(f'{r:g}' for r in ratios)}; seeds {','.join(map(str, seeds))}")
     print(f"expected runs: {len(distinct)} distinct ({len(runs)} requested, identical command lines shared)"
           + (f", plus up to {grid_cells * (len(seeds) - 1)} for the grid's chosen points" if grid_cells else "")
           + f"; {cached} cached")
-    results = run_all(runs, cache, args.jobs, dry=args.merge)
+    results = run_all(runs, cache, args.jobs, args.merge, repo)
     choice = choose_grid(results)
     if choice:
-        results.update(run_all(grid_reports(choice, seeds), cache, args.jobs, dry=args.merge))
+        results.update(run_all(grid_reports(choice, seeds), cache, args.jobs, args.merge, repo))
     cell_list = cells(results, specs, ratios, seeds, methods)
     print(f"\nmachine: {machine()}")
     print_tables(cell_list, methods)
@@ -554,7 +591,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     rec = recoveries(results, specs)
     print_recovery(rec)
     wall = time.perf_counter() - start
-    summary = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "wall_time_s": wall,
+    summary = {"machine": machine(), "code": commit, "date": time.strftime("%Y-%m-%d %H:%M"), "wall_time_s": wall,
                "methods": methods, "method_args": {m: METHODS.get(m) for m in methods}, "ratios": ratios,
                "seeds": seeds, "grid": {"values": GRID, "ratios": GRID_RATIOS,
                                         "chosen": {f"{s}@{r:g}": list(a) for (s, r), a in choice.items()}},
