@@ -31,8 +31,10 @@ Labels ~ Bernoulli(sigmoid(z)) with the logit
         + sum_j beta_j eps_j                                  dense linear (latent normals)
         + gamma eps_0 q(id_q)                                 one dense x id interaction
 
-where g, v (4-dim) and q are standard normals computed from a 64-bit hash of (seed, field,
-id, purpose), so every id of every field has its own effect (no shared table). The 13 dense
+where g, v (4-dim) and q are standard normals (approximately: the sum of the four 16-bit
+lanes of a 64-bit hash of (seed, field, id, purpose), scaled), so every id of every field has
+its own effect (no shared table); a_f are Dirichlet shares of the linear variance and P is F
+random field pairs. The 13 dense
 features are log(1 + floor(exp(mu_j + sigma_j eps_j))), Criteo-like transformed counts of
 correlated normals eps (a shared per-sample factor): the model sees counts, the label uses
 the normals. The bias b(day) is calibrated (bisection on a 16k-sample draw of that day) so
