@@ -43,9 +43,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from cafe_torchrec.hashing import bounded, bounded_int, fold, fold_int, mix64, mix64_int, odd_multiplier
+from cafe_torchrec.hashing import (LEVEL_MULTIPLIERS, SLOT_BITS, SLOT_MASK, bounded_int, fold_int, make_keys, mix64, mix64_int,
+                                   table_salts)
 from cafe_torchrec.importance import occurrence_scores
-from cafe_torchrec.sketch import HotSketch, InsertResult
+from cafe_torchrec.sketch import HotSketch, InsertResult, torch_kernel
 from tests.reference_sketch import ReferenceSketch
 
 NUM_FEATURES = 26  # Criteo's categorical features
@@ -57,36 +58,15 @@ TIMED_SIZES = (4096, 65536)
 # The sketch of the 26 Kaggle tables at 1000x, dim 16 (CafeEmbeddingBagCollection's layout).
 HOT_ROWS, THRESHOLD = 11_458, 500.0
 
-# Mirrors cafe_torchrec/feature_map.py (make_keys, table_salts, SLOT_BITS) and remap.py
-# (CafeGroupRemap.lookup's torch path and hashed_rows, level seeds 101 and 202): both modules
-# import torchrec, which the GPU machine lacks. Switch to the library calls once they import
-# with torch alone.
-SLOT_BITS = 15
-SLOT_MASK = (1 << SLOT_BITS) - 1
-LEVEL_MULTIPLIERS = (odd_multiplier(101), odd_multiplier(202))
-
-
-def table_salts(num_tables: int, seed: int) -> torch.Tensor:
-    """One salt per table slot (feature_map.table_salts)."""
-    return torch.tensor([mix64_int(i, seed) for i in range(num_tables)], dtype=torch.int64)
-
-
-def make_keys(ids: torch.Tensor, table_slots: torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
-    """((mix64(id, salt_t) >> 15) << 15) | t (feature_map.make_keys)."""
-    return ((mix64(ids, salts[table_slots]) >> SLOT_BITS) << SLOT_BITS) | table_slots
 
 
 def lookup(sketch: HotSketch, regions: torch.Tensor, keys: torch.Tensor,
            multi_level: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Primary row (hot row, else level-1 row), level-2 row and medium flag per key
-    (CafeGroupRemap.lookup without stats). regions [T, 4]: level-1 offset and rows, level-2
-    offset and rows per table slot."""
-    hot_row, medium = sketch.query(keys)
-    info = regions[keys & SLOT_MASK]
-    level1 = info[:, 0] + bounded(fold(keys, LEVEL_MULTIPLIERS[0]), info[:, 1])
-    primary = torch.where(hot_row >= 0, hot_row, level1)
-    level2 = info[:, 2] + bounded(fold(keys, LEVEL_MULTIPLIERS[1]), info[:, 3]) if multi_level else keys.new_empty(0)
-    return primary, level2, medium
+    """Primary row (hot row, else level-1 row), level-2 row and medium flag per key: the torch-ops
+    twin of the fused lookup (HotSketch.lookup), with or without the sketch's medium level.
+    regions [T, 4]: level-1 offset and rows, level-2 offset and rows per table slot."""
+    out = torch_kernel.lookup(sketch.state(), keys, regions, sketch.medium_threshold if multi_level else None, None)
+    return out.primary, out.level2, out.medium
 
 
 def make_regions(level1_rows: Sequence[int], level2_rows: Sequence[int], hot_rows: int) -> torch.Tensor:
@@ -306,8 +286,8 @@ def check_keys_to_rows(device: torch.device, quick: bool) -> str:
         for key in want_keys:
             o1, r1, o2, r2 = regions[key & SLOT_MASK].tolist()
             hot_row = ref.query(key)[0]
-            ref_primary.append(hot_row if hot_row >= 0 else o1 + bounded_int(fold_int(key, LEVEL_MULTIPLIERS[0]), r1))
-            ref_level2.append(o2 + bounded_int(fold_int(key, LEVEL_MULTIPLIERS[1]), r2))
+            ref_primary.append(hot_row if hot_row >= 0 else o1 + bounded_int(fold_int(key, LEVEL_MULTIPLIERS[1]), r1))
+            ref_level2.append(o2 + bounded_int(fold_int(key, LEVEL_MULTIPLIERS[2]), r2))
             ref_medium.append(ref.is_medium(key, args["medium_threshold"]))
         if primary.tolist() != ref_primary or level2.tolist() != ref_level2 or medium.tolist() != ref_medium:
             raise AssertionError(f"batch {step}: rows differ from the plain-int reference")

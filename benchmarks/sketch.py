@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.common import best_time, machine, table
-from cafe_torchrec.hashing import mix64
+from cafe_torchrec.hashing import SLOT_BITS, mix64
 from cafe_torchrec.sketch import HotSketch
 from tests.reference_sketch import ReferenceSketch
 
@@ -102,7 +102,7 @@ def step_cost(batch_size: int, ratio: float, dim: int = 16, multi_level: bool = 
     offsets = torch.arange(0, batch_size * num_features + 1, dtype=torch.int64)
 
     def keys_of(b: int) -> torch.Tensor:
-        return torch.ops.cafe.make_keys(ids[b], counts, salts, slots)
+        return torch.ops.cafe.make_keys(ids[b], counts, salts, slots, SLOT_BITS)
 
     def scores() -> torch.Tensor:
         return occurrence_scores(grad, columns, lengths, num_features, None, "gradient")

@@ -14,24 +14,10 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from cafe_torchrec.hashing import mix64, mix64_int
-from cafe_torchrec.layout import CafePlan, GroupLayout
+from cafe_torchrec.hashing import SLOT_BITS, make_keys, table_salts
 from cafe_torchrec.kjt import concat, feature_segments
-from cafe_torchrec.ops import use_cpp
-
-SLOT_BITS = 15
-SLOT_MASK = (1 << SLOT_BITS) - 1
-KEY_SPACE = (1 << 63) - 1  # keys lie in [0, KEY_SPACE]: the row-wise routing range
-
-
-def table_salts(layout: GroupLayout) -> torch.Tensor:
-    """One salt per table slot of a group, from the group's seed."""
-    return torch.tensor([mix64_int(i, layout.config.seed) for i in range(len(layout.tables))], dtype=torch.int64)
-
-
-def make_keys(ids: torch.Tensor, table_slots: torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
-    """((mix64(id, salt_t) >> 15) << 15) | t: 48 uniform hash bits, the table slot in the low bits."""
-    return ((mix64(ids, salts[table_slots]) >> SLOT_BITS) << SLOT_BITS) | table_slots
+from cafe_torchrec.layout import CafePlan
+from cafe_torchrec.ops import resolve_kernel
 
 
 @dataclass(frozen=True)
@@ -48,7 +34,8 @@ class FeatureInfo:
 class FeatureMap:
     """Logical features (config order) vs the inner collection's features, and the way back."""
 
-    def __init__(self, tables: List[EmbeddingBagConfig], plan: CafePlan) -> None:
+    def __init__(self, tables: List[EmbeddingBagConfig], plan: CafePlan, kernel: str = "auto") -> None:
+        self.kernel = kernel  # the collection's kernel choice (ops.resolve_kernel), for the pre-hash
         self.logical = [f for t in tables for f in t.feature_names]
         self.dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         self._starts = [sum(self.dims[:i]) for i in range(len(self.dims))]  # output column of each feature
@@ -61,7 +48,7 @@ class FeatureMap:
             for f in p.config.feature_names:
                 self.info[f] = FeatureInfo(p.config.name, None, 0, p.config.num_embeddings, p.config.embedding_dim)
         self.inner = [f for c in plan.physical_configs() for f in c.feature_names]
-        self.salts = {g.name: table_salts(g) for g in plan.groups}
+        self.salts = {g.name: table_salts(len(g.tables), g.config.seed) for g in plan.groups}
         starts, col = {}, 0
         for f in self.inner:
             starts[f] = col
@@ -96,8 +83,8 @@ class FeatureMap:
         """Keys of a run of one group's features (C++ on CPU, torch ops elsewhere)."""
         slots = torch.tensor([self.info[f].slot for f in names], dtype=torch.int64)
         salts = self.salts[table][slots]
-        if use_cpp(ids):  # int32 or int64 ids in, int64 keys out: no copy of the ids
-            return torch.ops.cafe.make_keys(ids, torch.tensor(counts, dtype=torch.int64), salts, slots)
+        if resolve_kernel(self.kernel, ids.device) == "cpp":  # int32 or int64 ids in, int64 keys out: no copy
+            return torch.ops.cafe.make_keys(ids, torch.tensor(counts, dtype=torch.int64), salts, slots, SLOT_BITS)
         per_value = slots.to(ids.device).repeat_interleave(torch.tensor(counts, device=ids.device))
         return make_keys(ids.to(torch.int64), per_value, self.salts[table].to(ids.device))
 

@@ -1,4 +1,5 @@
-"""The hashes: a 64-bit mix where raw ids enter, one multiplication from then on.
+"""The hashes: a 64-bit mix where raw ids enter, one multiplication from then on; the one
+place that defines keys, hashed rows and their constants (the C++ ops take them as arguments).
 
 A plain modulo is wrong for CAFE: raw ids are often dense per feature, so ``id % w`` puts
 neighbouring ids in neighbouring buckets and correlates bucket and row choice. Raw ids are
@@ -85,3 +86,32 @@ def _wrap(v: int) -> int:
     """Wrap a Python int into the int64 range (two's complement)."""
     v &= (1 << 64) - 1
     return v - (1 << 64) if v >= (1 << 63) else v
+
+
+# ---- keys: ((mix64(id, salt_t) >> 15) << 15) | t, the table slot t of a group in the low bits
+SLOT_BITS = 15
+SLOT_MASK = (1 << SLOT_BITS) - 1
+KEY_SPACE = (1 << 63) - 1  # keys lie in [0, KEY_SPACE]: the row-wise routing range
+
+
+def table_salts(num_tables: int, seed: int) -> torch.Tensor:
+    """One salt per table slot of a group, from the group's seed."""
+    return torch.tensor([mix64_int(i, seed) for i in range(num_tables)], dtype=torch.int64)
+
+
+def make_keys(ids: torch.Tensor, table_slots: torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
+    """((mix64(id, salt_t) >> 15) << 15) | t: 48 uniform hash bits, the table slot in the low bits."""
+    return ((mix64(ids, salts[table_slots]) >> SLOT_BITS) << SLOT_BITS) | table_slots
+
+
+# ---- hashed rows: offset_t + bounded(fold(key, m_level), rows_t) in the level's region of table t
+LEVEL_MULTIPLIERS = {1: odd_multiplier(101), 2: odd_multiplier(202)}
+SKETCH_SEED = 303  # mixed with the group's seed into the sketch's bucket hash
+
+
+def hashed_rows(keys: torch.Tensor, regions: torch.Tensor, level: int) -> torch.Tensor:
+    """Level-1 or level-2 row of each key; regions [T, 4] int64 holds per table slot the
+    level-1 offset and rows, then the level-2 offset and rows."""
+    info = regions[keys & SLOT_MASK]
+    offset, rows = (info[:, 0], info[:, 1]) if level == 1 else (info[:, 2], info[:, 3])
+    return offset + bounded(fold(keys, LEVEL_MULTIPLIERS[level]), rows)

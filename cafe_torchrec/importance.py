@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from cafe_torchrec.ops import use_cpp
+from cafe_torchrec.ops import resolve_kernel
+
 
 
 def occurrence_scores(
@@ -22,19 +23,28 @@ def occurrence_scores(
     num_features: int,
     weights: Optional[torch.Tensor],
     mode: str,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Scores [N] for the occurrences of `num_features` features, feature-major like a KJT.
 
     grad [B, C]: gradient of a pooled output whose `columns` hold the features' pooled
-    values (feature by feature); lengths [F*B]: bag lengths, feature-major; weights [N] or None.
+    values (feature by feature); lengths [F*B]: bag lengths, feature-major; weights [N] or None;
+    mode "gradient" or "frequency"; kernel: the group's kernel choice (ops.resolve_kernel):
+    "cpp" runs the C++ op on float32 gradients, "torch" torch_occurrence_scores.
     """
     if mode == "frequency":
         return torch.ones(int(lengths.sum()), dtype=torch.float32, device=lengths.device)
-    dim = (columns[1] - columns[0]) // max(num_features, 1)
-    if use_cpp(grad) and grad.dtype == torch.float32:
+    if resolve_kernel(kernel, grad.device) == "cpp" and grad.dtype == torch.float32:
+        dim = (columns[1] - columns[0]) // max(num_features, 1)
         empty = grad.new_empty(0)
         return torch.ops.cafe.occurrence_scores(grad, columns[0], num_features, dim, lengths,
                                                 weights if weights is not None else empty)
+    return torch_occurrence_scores(grad, columns, lengths, num_features, weights)
+
+
+def torch_occurrence_scores(grad: torch.Tensor, columns: Tuple[int, int], lengths: torch.Tensor, num_features: int,
+                            weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """The gradient scores of occurrence_scores in torch ops (any device): the twin of the C++ op."""
     pooled_grad = grad[:, columns[0] : columns[1]]
     batch = pooled_grad.shape[0]
     per_feature = lengths.view(num_features, batch).sum(1)  # [F]

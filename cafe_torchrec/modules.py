@@ -12,7 +12,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from cafe_torchrec.collection import ConfiguredCollection
 from cafe_torchrec.config import CafeConfig, config_per_table
-from cafe_torchrec.feature_map import FeatureMap, make_keys
+from cafe_torchrec.feature_map import FeatureMap
+from cafe_torchrec.hashing import make_keys
 from cafe_torchrec.layout import CafePlan, plan_tables
 from cafe_torchrec.migration import has_in_backward_optimizer
 from cafe_torchrec.remap import CafeGroupRemap, remap_kjt
@@ -36,6 +37,11 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
     after the optimizer update. So the physical tables must be updated inside backward: under
     DistributedModelParallel (fused TBE, the normal way) or, unsharded, after
     `apply_optimizer_in_backward(SGD | Adagrad | RowWiseAdagrad, ebc.parameters(), ...)`.
+
+    kernel: how the id work runs (pre-hash, sketch lookup and insert, importance), decided once
+    for the device: "auto" (default; the C++ ops on CPU when they load, else their torch-ops
+    twins; the CAFE_KERNEL environment variable can set it), "cpp" (an error where the C++ ops
+    cannot run) or "torch".
     """
 
     def __init__(
@@ -44,15 +50,15 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
         cafe: Union[CafeConfig, Dict[str, CafeConfig]] = CafeConfig(),
         is_weighted: bool = False,
         device: Optional[torch.device] = None,
-        sketch_kernel: str = "auto",
+        kernel: str = "auto",
     ) -> None:
         super().__init__(tables, is_weighted, device)
         device = self._device
         configs = config_per_table(cafe, [t.name for t in tables])
         self.plan: CafePlan = plan_tables(self._tables, configs)
         self.physical = EmbeddingBagCollection(self.plan.physical_configs(), is_weighted=is_weighted, device=device)
-        self.groups = nn.ModuleDict({g.name: CafeGroupRemap(g, device, sketch_kernel) for g in self.plan.groups})
-        self.feature_map = FeatureMap(self._tables, self.plan)
+        self.groups = nn.ModuleDict({g.name: CafeGroupRemap(g, device, kernel) for g in self.plan.groups})
+        self.feature_map = FeatureMap(self._tables, self.plan, kernel)
 
     # ---- forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:

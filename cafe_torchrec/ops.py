@@ -9,7 +9,9 @@ exist after `available()` returns True. It loads, in order:
    ~/.cache/torch_extensions), with a warning saying why;
 3. else nothing: every op has a torch-ops twin (the CUDA path), ~3x slower on CPU, used with a
    warning that says so.
-CAFE_KERNEL=torch forces the twins everywhere; CAFE_KERNEL=cpp makes a missing C++ build an error.
+Which kernel runs is decided once per collection (or sketch) by `resolve_kernel`: the
+collection's `kernel` argument, else CAFE_KERNEL (auto | cpp | torch), with "cpp" an error when
+the C++ ops cannot run.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ HEADERS = ["common.h"]
 COMPILE_ARGS = ["-O3", "-fopenmp"]  # -fopenmp: ATen's inline parallel_for is serial without it; the
 LINK_ARGS = ["-fopenmp"]  # library links the libgomp torch has loaded, so torch.set_num_threads rules
 MARKER = b"cafe-source-hash:"  # csrc/build_info.cpp
+KERNELS = ("auto", "cpp", "torch")
 
 
 def source_hash(csrc: Path = CSRC) -> str:
@@ -45,17 +48,34 @@ def source_hash(csrc: Path = CSRC) -> str:
 def kernel_choice() -> str:
     """CAFE_KERNEL: 'auto' (C++ on CPU when it loads), 'cpp' (C++ or an error), 'torch'."""
     choice = os.environ.get("CAFE_KERNEL", "auto")
-    if choice not in ("auto", "cpp", "torch"):
-        raise ValueError(f"CAFE_KERNEL must be 'auto', 'cpp' or 'torch', got {choice!r}")
+    if choice not in KERNELS:
+        raise ValueError(f"CAFE_KERNEL must be one of {KERNELS}, got {choice!r}")
     return choice
+
+
+def resolve_kernel(requested: str, device: torch.device) -> str:
+    """'cpp' or 'torch' for work on `device`. `requested` 'auto' follows CAFE_KERNEL (default:
+    the C++ ops on CPU when they load, else the torch-ops twins); 'cpp' raises where the C++
+    ops cannot run (another device, or no build)."""
+    if requested not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {requested!r}")
+    choice = kernel_choice() if requested == "auto" else requested
+    if choice == "torch":
+        return "torch"
+    if device.type != "cpu":
+        if choice == "cpp":
+            raise ValueError(f"kernel 'cpp' runs on CPU tensors only, not on {device}")
+        return "torch"
+    if available():
+        return "cpp"
+    if choice == "cpp":
+        raise RuntimeError("kernel 'cpp' was asked for, but the C++ ops neither load nor build (see the warning)")
+    return "torch"
 
 
 @lru_cache(maxsize=1)
 def available() -> bool:
     """True once the C++ ops are registered (see the module docstring for the order tried)."""
-    choice = kernel_choice()
-    if choice == "torch":
-        return False
     if _registered():
         return True
     reason = _load_prebuilt()
@@ -67,17 +87,10 @@ def available() -> bool:
         _load_just_in_time()
         return True
     except Exception as err:  # a missing compiler must not stop training: fall back, loudly
-        if choice == "cpp":
-            raise RuntimeError(f"CAFE_KERNEL=cpp, but the C++ ops neither load ({reason}) nor build ({err})") from err
         logger.warning("CAFE C++ ops unavailable (%s; build failed: %s). Using the torch-ops kernels: the same "
                        "results, ~3x slower CAFE id work on CPU. Set CAFE_KERNEL=torch to choose them silently, "
                        "CAFE_KERNEL=cpp to make this an error", reason, err)
         return False
-
-
-def use_cpp(tensor: torch.Tensor) -> bool:
-    """Whether the C++ op applies to this tensor (CPU and built)."""
-    return tensor.device.type == "cpu" and available()
 
 
 def _registered() -> bool:

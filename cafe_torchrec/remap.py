@@ -11,29 +11,19 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from cafe_torchrec.feature_map import SLOT_MASK, FeatureInfo
+from cafe_torchrec.feature_map import FeatureInfo
+from cafe_torchrec.hashing import SKETCH_SEED, SLOT_MASK, hashed_rows, mix64_int
 from cafe_torchrec.kjt import concat, feature_segments
-from cafe_torchrec.hashing import bounded, fold, mix64_int, odd_multiplier
 from cafe_torchrec.layout import GroupLayout
-from cafe_torchrec.ops import use_cpp
 from cafe_torchrec.sketch import HotSketch, InsertResult
+from cafe_torchrec.sketch.types import Lookup
 
-_LEVEL1_SEED, _LEVEL2_SEED, _SKETCH_SEED = 101, 202, 303  # 101 and 202 are fixed in csrc/remap.cpp too
-_LEVEL_MULTIPLIERS = {1: odd_multiplier(_LEVEL1_SEED), 2: odd_multiplier(_LEVEL2_SEED)}
 # in the layout signature: 1 = buckets and rows by mix64, 2 = by hashing.fold, 3 = sketch slots
 # without a hot row carry their Space-Saving error in the row word
 _FORMAT = 3
-STAT_COLUMNS = ("lookups", "hot_lookups", "medium_lookups", "promotions", "demotions")  # columns of `stat_counts`
-
-
-@dataclass
-class GroupLookup:
-    """Rows for a batch of keys [N]: primary (hot row, else level-1 row), level-2 row, masks."""
-
-    primary: torch.Tensor  # [N] int64
-    level2: torch.Tensor  # [N] int64, meaningful where medium (empty when single-level)
-    medium: torch.Tensor  # [N] bool (may be empty when single-level)
-    hints: Optional[torch.Tensor]  # [N] int32 slot holding each key (-1 absent), for the insert
+LOOKUP_COLUMNS = ("lookups", "hot_lookups", "medium_lookups")  # columns of `lookup_counts`
+MIGRATION_COLUMNS = ("promotions", "demotions")  # columns of `migration_counts`
+STAT_COLUMNS = LOOKUP_COLUMNS + MIGRATION_COLUMNS
 
 
 @dataclass
@@ -53,6 +43,8 @@ class CafeGroupRemap(nn.Module):
     """Rows and HotSketch of one group on one shard; `layout` is this shard's block layout.
 
     Rows are local to the block: [hot rows | table 0 level-1 | table 0 level-2 | ...].
+    `kernel` ('auto', 'cpp', 'torch') is the group's kernel choice, resolved once by its sketch
+    for the device it lives on; lookup, insert and importance scoring all follow it.
     """
 
     def __init__(self, layout: GroupLayout, device: torch.device, kernel: str = "auto") -> None:
@@ -67,7 +59,7 @@ class CafeGroupRemap(nn.Module):
             medium_threshold=cfg.threshold * cfg.medium_share if cfg.multi_level else None,
             decay=cfg.decay,
             decay_trigger=cfg.decay_trigger,
-            seed=mix64_int(_SKETCH_SEED, cfg.seed),
+            seed=mix64_int(SKETCH_SEED, cfg.seed),
             device=device,
             kernel=kernel,
         )
@@ -77,9 +69,17 @@ class CafeGroupRemap(nn.Module):
         )  # per table slot: level-1 offset, level-1 rows, level-2 offset, level-2 rows
         self.register_buffer("regions", regions.to("cpu" if device.type == "meta" else device), persistent=False)
         self.register_buffer("layout_signature", self._signature().to(device), persistent=True)
-        self.register_buffer("stat_counts", torch.zeros(len(layout.tables), len(STAT_COLUMNS), dtype=torch.int64, device=device),
+        tables = len(layout.tables)
+        self.register_buffer("lookup_counts", torch.zeros(tables, len(LOOKUP_COLUMNS), dtype=torch.int64, device=device),
                              persistent=False)
+        self.register_buffer("migration_counts",
+                             torch.zeros(tables, len(MIGRATION_COLUMNS), dtype=torch.int64, device=device), persistent=False)
         self.pending: Optional[Future] = None  # a sketch update still running (training.py)
+
+    @property
+    def kernel(self) -> str:
+        """'cpp' or 'torch': the kernel the group runs (its sketch's, for its device)."""
+        return self.sketch.kernel
 
     def settle(self) -> None:
         """Wait for a sketch update still running in the background (re-raising its error once)."""
@@ -102,47 +102,28 @@ class CafeGroupRemap(nn.Module):
 
     def hashed_rows(self, keys: torch.Tensor, level: int) -> torch.Tensor:
         """Level-1 or level-2 row of each key in this block."""
-        info = self._regions(keys.device)[keys & SLOT_MASK]
-        offset, rows = (info[:, 0], info[:, 1]) if level == 1 else (info[:, 2], info[:, 3])
-        return offset + bounded(fold(keys, _LEVEL_MULTIPLIERS[level]), rows)
+        return hashed_rows(keys, self._regions(keys.device), level)
 
-    def lookup(self, keys: torch.Tensor, count: bool) -> GroupLookup:
-        """Rows of each key; counts lookups per table for stats() when `count` (training)."""
+    def lookup(self, keys: torch.Tensor, count: bool) -> Lookup:
+        """Rows of each key (the sketch's fused lookup); counts lookups per table for stats()
+        when `count` (training)."""
         self.settle()
-        cfg = self.layout.config
-        if self.sketch.kernel != "torch" and use_cpp(keys):
-            self.sketch.prepare()
-            stats = self.stat_counts[:, :3].contiguous() if count else keys.new_empty(0)
-            medium_threshold = self.sketch.medium_threshold if cfg.multi_level else float("inf")
-            primary, level2, medium, hints = torch.ops.cafe.remap_lookup(
-                self.sketch.slots, keys, self._regions(keys.device), cfg.slots_per_bucket, medium_threshold,
-                self.sketch.multiplier, cfg.multi_level, stats)
-            if count:
-                self.stat_counts[:, :3] = stats
-            return GroupLookup(primary, level2, medium, hints)
-        hot_row, medium = self.sketch.query(keys)
-        hot = hot_row >= 0
-        primary = torch.where(hot, hot_row, self.hashed_rows(keys, 1))
-        level2 = self.hashed_rows(keys, 2) if cfg.multi_level else keys.new_empty(0)
-        if count:
-            slots, n = keys & SLOT_MASK, len(self.layout.tables)
-            for column, mask in enumerate((None, hot, medium)):
-                self.stat_counts[:, column] += torch.bincount(slots if mask is None else slots[mask], minlength=n)
-        return GroupLookup(primary, level2, medium, None)
+        return self.sketch.lookup(keys, self._regions(keys.device), self.lookup_counts if count else None)
 
     def record(self, keys: torch.Tensor, scores: torch.Tensor, hints: Optional[torch.Tensor] = None) -> InsertResult:
         """Insert importance scores; count promotions and demotions per table."""
         result = self.sketch.insert(keys, scores, hints)
-        n = len(self.layout.tables)
-        self.stat_counts[:, 3] += torch.bincount(result.promoted_keys & SLOT_MASK, minlength=n).to(self.stat_counts.device)
-        self.stat_counts[:, 4] += torch.bincount(result.demoted_keys & SLOT_MASK, minlength=n).to(self.stat_counts.device)
+        n, counts = len(self.layout.tables), self.migration_counts
+        counts[:, 0] += torch.bincount(result.promoted_keys & SLOT_MASK, minlength=n).to(counts.device)
+        counts[:, 1] += torch.bincount(result.demoted_keys & SLOT_MASK, minlength=n).to(counts.device)
         return result
 
     def counters(self) -> List[Dict[str, int]]:
         """Per table slot, the monotonic counters (STAT_COLUMNS) since construction: reading
         does not reset them (stats.stats_interval gives per-interval figures)."""
         self.settle()
-        return [dict(zip(STAT_COLUMNS, row)) for row in self.stat_counts.tolist()]
+        rows = torch.cat([self.lookup_counts, self.migration_counts], dim=1).tolist()
+        return [dict(zip(STAT_COLUMNS, row)) for row in rows]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[override]
         self.settle()

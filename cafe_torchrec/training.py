@@ -42,7 +42,7 @@ def background_worker() -> Optional[ThreadPoolExecutor]:
 
 def _score_and_record(group: CafeGroupRemap, batch: GroupBatch, grad: torch.Tensor) -> InsertResult:
     scores = occurrence_scores(grad, batch.columns, batch.lengths, batch.num_features, batch.weights,
-                               group.layout.config.importance)
+                               group.layout.config.importance, group.kernel)
     return group.record(batch.keys, scores, batch.hints)
 
 

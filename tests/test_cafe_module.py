@@ -13,6 +13,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
+from cafe_torchrec.sketch import cpp_kernel, torch_kernel
 from tests.helpers import features_of, tables, zipf_kjt
 
 
@@ -147,16 +148,14 @@ def test_cpp_lookup_split_across_threads_equals_the_torch_path() -> None:
     keys = torch.cat([ebc.keys(f, batch[f].values()) for f in names])
     threads = torch.get_num_threads()
     looks, counts = [], []
+    regions, sketch = group.regions, group.sketch
     try:
         torch.set_num_threads(3)
-        for kernel in ("cpp", "torch"):
-            group.sketch.kernel = kernel
-            before = group.stat_counts.clone()
-            looks.append(group.lookup(keys, count=True))
-            counts.append(group.stat_counts - before)
+        for kernel in (cpp_kernel, torch_kernel):
+            counts.append(torch.zeros(3, 3, dtype=torch.int64))
+            looks.append(kernel.lookup(sketch.state(), keys, regions, sketch.medium_threshold, counts[-1]))
     finally:
         torch.set_num_threads(threads)
-        group.sketch.kernel = "auto"
     cpp, ref = looks
     hot = ref.primary < group.layout.hot_rows
     assert hot.any() and ref.medium.any() and (~hot & ~ref.medium).any()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cafe_torchrec.feature_map import make_keys
+from cafe_torchrec.hashing import make_keys
 from cafe_torchrec.hashing import bounded, fold, fold_int, mix64, mix64_int, odd_multiplier
 
 

@@ -18,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
 from cafe_torchrec.distributed import CafeEmbeddingBagCollectionSharder
-from cafe_torchrec.feature_map import KEY_SPACE
+from cafe_torchrec.hashing import KEY_SPACE
 from cafe_torchrec.migration import row_store
 from cafe_torchrec.remap import CafeGroupRemap
 from cafe_torchrec.sketch.types import errors_of, hot_rows_of

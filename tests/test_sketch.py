@@ -9,7 +9,7 @@ import torch
 
 from cafe_torchrec.hashing import mix64
 from cafe_torchrec.sketch import HotSketch
-from cafe_torchrec.sketch.cpp_kernel import available as cpp_available
+from cafe_torchrec.ops import available as cpp_available
 from tests.reference_sketch import ReferenceSketch
 
 KERNELS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="no C++ build"))]
@@ -217,13 +217,13 @@ def test_nbytes_is_sixteen_per_slot_plus_free_list() -> None:
 def test_cpp_make_keys_equals_torch_make_keys() -> None:
     if not cpp_available():
         pytest.skip("no C++ build")
-    from cafe_torchrec.feature_map import make_keys
+    from cafe_torchrec.hashing import SLOT_BITS, make_keys
 
     ids = torch.cat([torch.randint(-(2**62), 2**62, (500,)), torch.tensor([0, -1, 2**63 - 1, -(2**63)])])
     counts = torch.tensor([200, 0, 304])
     salts, slots = torch.tensor([11, 22, 33]), torch.tensor([0, 1, 2])
     expected = make_keys(ids, slots.repeat_interleave(counts), salts)
-    assert torch.equal(torch.ops.cafe.make_keys(ids, counts, salts, slots), expected)
+    assert torch.equal(torch.ops.cafe.make_keys(ids, counts, salts, slots, SLOT_BITS), expected)
     assert (expected >= 0).all() and torch.equal(expected & 0x7FFF, slots.repeat_interleave(counts))
 
 

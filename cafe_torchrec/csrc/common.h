@@ -63,9 +63,6 @@ constexpr int64_t mix64(int64_t x, int64_t seed) {
   return static_cast<int64_t>(z & 0x7FFFFFFFFFFFFFFFULL);
 }
 
-// The odd multiplier a seed stands for: the twin of cafe_torchrec.hashing.odd_multiplier.
-constexpr int64_t odd_multiplier(int64_t seed) { return mix64(seed, 0x5EED) | 1; }
-
 // A key (already a uniform hash) re-spread by one multiplication, as a 63-bit value: the twin
 // of cafe_torchrec.hashing.fold. The top bits of key * odd depend on every bit of the key.
 inline int64_t fold(int64_t key, int64_t multiplier) {

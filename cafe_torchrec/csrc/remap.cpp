@@ -15,31 +15,27 @@ namespace {
 using cafe::mix64;
 using cafe::Slot;
 
-constexpr int64_t kSlotBits = 15;
-constexpr int64_t kSlotMask = (1 << kSlotBits) - 1;
-// the multipliers of the level-1 and level-2 hashed rows (cafe_torchrec.remap's twins)
-constexpr int64_t kLevel1Multiplier = cafe::odd_multiplier(101);
-constexpr int64_t kLevel2Multiplier = cafe::odd_multiplier(202);
 
 // Keys of ids laid out feature by feature (length_per_key[f] ids of feature f); int32 ids are
 // read as they are (sign-extended), so they give the keys of the same int64 ids without a copy.
 template <typename Id>
 void make_keys_from(const Id* in, int64_t* out, int64_t total, const int64_t* lpk, const int64_t* salts,
-                    const int64_t* slots, int64_t features) {
+                    const int64_t* slots, int64_t features, int64_t slot_bits) {
   int64_t start = 0;
   for (int64_t f = 0; f < features; ++f) {
     const int64_t n = lpk[f], salt = salts[f], slot = slots[f];
     TORCH_CHECK(start + n <= total, "length_per_key exceeds the values");
     for (int64_t i = start; i < start + n; ++i) {
-      out[i] = ((mix64(static_cast<int64_t>(in[i]), salt) >> kSlotBits) << kSlotBits) | slot;
+      out[i] = ((mix64(static_cast<int64_t>(in[i]), salt) >> slot_bits) << slot_bits) | slot;
     }
     start += n;
   }
   TORCH_CHECK(start == total, "length_per_key does not cover the values");
 }
 
+// The key layout (slot bits) and hashes come from cafe_torchrec.hashing, the one place that defines them.
 at::Tensor make_keys(const at::Tensor& values, const at::Tensor& length_per_key, const at::Tensor& salts,
-                     const at::Tensor& table_slots) {
+                     const at::Tensor& table_slots, int64_t slot_bits) {
   TORCH_CHECK(values.dim() == 1 && (values.scalar_type() == at::kLong || values.scalar_type() == at::kInt),
               "values: 1-D int32 or int64");
   const at::Tensor v = values.contiguous();
@@ -51,13 +47,18 @@ at::Tensor make_keys(const at::Tensor& values, const at::Tensor& length_per_key,
   int64_t* out = keys.data_ptr<int64_t>();
   if (v.scalar_type() == at::kInt) {
     make_keys_from(v.data_ptr<int32_t>(), out, v.numel(), lpk.data_ptr<int64_t>(), sa.data_ptr<int64_t>(),
-                   sl.data_ptr<int64_t>(), lpk.numel());
+                   sl.data_ptr<int64_t>(), lpk.numel(), slot_bits);
   } else {
     make_keys_from(v.data_ptr<int64_t>(), out, v.numel(), lpk.data_ptr<int64_t>(), sa.data_ptr<int64_t>(),
-                   sl.data_ptr<int64_t>(), lpk.numel());
+                   sl.data_ptr<int64_t>(), lpk.numel(), slot_bits);
   }
   return keys;
 }
+
+// How a key names its table slot and hashed rows (cafe_torchrec.hashing: SLOT_MASK, LEVEL_MULTIPLIERS).
+struct KeyFormat {
+  int64_t slot_mask, level1, level2;
+};
 
 // Where remap_lookup writes each key's rows (l2 and m are null when single-level).
 struct LookupOut {
@@ -72,14 +73,14 @@ struct LookupOut {
 // coin flip no predictor learns).
 template <int64_t C, bool kMultiLevel>
 void lookup_range(const Slot* slots, const int64_t* keys, int64_t begin, int64_t limit, int64_t w, int64_t c,
-                  int64_t multiplier, const int64_t* regions, int64_t tables, float medium_threshold, LookupOut out,
-                  int64_t* counts) {
+                  int64_t multiplier, KeyFormat format, const int64_t* regions, int64_t tables,
+                  float medium_threshold, LookupOut out, int64_t* counts) {
   cafe::ProbeRing ring(keys, begin, limit, multiplier, w, c);
   const int64_t slots_per_bucket = C > 0 ? C : c;
   for (int64_t start = begin, end; start < limit; start = end) {
-    const int64_t t = keys[start] & kSlotMask;
+    const int64_t t = keys[start] & format.slot_mask;
     TORCH_CHECK(t < tables, "key names table slot ", t, " but the group has ", tables);
-    for (end = start + 1; end < limit && (keys[end] & kSlotMask) == t; ++end) {}
+    for (end = start + 1; end < limit && (keys[end] & format.slot_mask) == t; ++end) {}
     const int64_t* region = regions + 4 * t;
     const int64_t off1 = region[0], rows1 = region[1], off2 = region[2], rows2 = region[3];
     int64_t hot_count = 0, medium_count = 0;
@@ -88,11 +89,11 @@ void lookup_range(const Slot* slots, const int64_t* keys, int64_t begin, int64_t
       const Slot slot = slots[base + (found ? j : 0)];
       const bool hot = found & (slot.row >= 0);
       out.h[i] = static_cast<int32_t>(cafe::select(found, base + j, -1));
-      out.p[i] = cafe::select(hot, slot.row, off1 + cafe::bounded(cafe::fold(key, kLevel1Multiplier), rows1));
+      out.p[i] = cafe::select(hot, slot.row, off1 + cafe::bounded(cafe::fold(key, format.level1), rows1));
       hot_count += hot;
       if constexpr (kMultiLevel) {
         const bool med = found & cafe::confirmed_cold(slot.row) & (cafe::estimate(slot) >= medium_threshold);
-        out.l2[i] = off2 + cafe::bounded(cafe::fold(key, kLevel2Multiplier), rows2);
+        out.l2[i] = off2 + cafe::bounded(cafe::fold(key, format.level2), rows2);
         out.m[i] = med;
         medium_count += med;
       }
@@ -108,14 +109,15 @@ void lookup_range(const Slot* slots, const int64_t* keys, int64_t begin, int64_t
 // range counts into its own [T, 3] array; they are summed into stats (if given) in range order.
 template <int64_t C, bool kMultiLevel>
 void lookup_all(const Slot* slots, const int64_t* keys, int64_t n, int64_t w, int64_t c, int64_t multiplier,
-                const int64_t* regions, int64_t tables, float medium_threshold, LookupOut out, int64_t* stats) {
+                KeyFormat format, const int64_t* regions, int64_t tables, float medium_threshold, LookupOut out,
+                int64_t* stats) {
   constexpr int64_t kGrain = 16384;
   const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrain));
   std::vector<int64_t> counts(static_cast<size_t>(ranges * 3 * tables), 0);
   at::parallel_for(0, ranges, 1, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
-      lookup_range<C, kMultiLevel>(slots, keys, n * r / ranges, n * (r + 1) / ranges, w, c, multiplier, regions, tables,
-                                   medium_threshold, out, counts.data() + r * 3 * tables);
+      lookup_range<C, kMultiLevel>(slots, keys, n * r / ranges, n * (r + 1) / ranges, w, c, multiplier, format, regions,
+                                   tables, medium_threshold, out, counts.data() + r * 3 * tables);
     }
   });
   if (stats == nullptr) return;
@@ -129,7 +131,8 @@ void lookup_all(const Slot* slots, const int64_t* keys, int64_t n, int64_t w, in
 // stats [T, 3] += lookups, hot, medium.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> remap_lookup(
     const at::Tensor& slots_t, const at::Tensor& keys_t, const at::Tensor& regions_t, int64_t c,
-    double medium_threshold_d, int64_t multiplier, bool multi_level, at::Tensor stats_t) {
+    double medium_threshold_d, int64_t multiplier, int64_t slot_bits, int64_t level1_multiplier,
+    int64_t level2_multiplier, bool multi_level, at::Tensor stats_t) {
   const Slot* slots = cafe::slots_of(slots_t, c);
   TORCH_CHECK(slots_t.size(0) <= INT32_MAX, "a sketch of at most 2^31 - 1 slots (hints are int32)");
   TORCH_CHECK(keys_t.dim() == 1 && keys_t.scalar_type() == at::kLong, "keys: 1-D int64");
@@ -151,7 +154,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> remap_lookup(
   at::Tensor hint = at::empty({n}, keys_c.options().dtype(at::kInt));  // int32: half the traffic of int64
   const LookupOut out{primary.data_ptr<int64_t>(), multi_level ? level2.data_ptr<int64_t>() : nullptr,
                       multi_level ? medium.data_ptr<bool>() : nullptr, hint.data_ptr<int32_t>()};
-  const auto run = [&](auto all) { all(slots, keys, n, w, c, multiplier, regions, tables, medium_threshold, out, stats); };
+  const KeyFormat format{(int64_t{1} << slot_bits) - 1, level1_multiplier, level2_multiplier};
+  const auto run = [&](auto all) {
+    all(slots, keys, n, w, c, multiplier, format, regions, tables, medium_threshold, out, stats);
+  };
   if (c == 4) {
     multi_level ? run(lookup_all<4, true>) : run(lookup_all<4, false>);
   } else {
@@ -163,9 +169,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> remap_lookup(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cafe, m) {
-  m.def("make_keys(Tensor values, Tensor length_per_key, Tensor salts, Tensor table_slots) -> Tensor");
+  m.def("make_keys(Tensor values, Tensor length_per_key, Tensor salts, Tensor table_slots, int slot_bits) -> Tensor");
   m.def("remap_lookup(Tensor slots, Tensor keys, Tensor regions, int slots_per_bucket, float medium_threshold, "
-        "int multiplier, bool multi_level, Tensor(a!) stats) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int multiplier, int slot_bits, int level1_multiplier, int level2_multiplier, bool multi_level, "
+        "Tensor(a!) stats) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cafe, CPU, m) {

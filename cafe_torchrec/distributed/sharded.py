@@ -36,7 +36,8 @@ from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from cafe_torchrec.distributed.sketch_state import ShardedSketchState, owner_blocks
-from cafe_torchrec.feature_map import KEY_SPACE, FeatureMap
+from cafe_torchrec.feature_map import FeatureMap
+from cafe_torchrec.hashing import KEY_SPACE
 from cafe_torchrec.modules import CafeEmbeddingBagCollection
 from cafe_torchrec.remap import CafeGroupRemap, remap_kjt
 from cafe_torchrec.stats import CollectionReport
@@ -77,7 +78,7 @@ class ShardedCafeEmbeddingBagCollection(
         self._plain_offsets: Dict[str, int] = {}  # first row of this rank's shard of each plain table
         self._plain_rows: Dict[str, int] = {}  # rows of it this rank holds
         local: Dict[str, CafeGroupRemap] = {}
-        kernel = next(iter(module.groups.values())).sketch.kernel if len(module.groups) else "auto"
+        kernel = module.feature_map.kernel
         for sharding in self.physical._embedding_shardings:
             for config in sharding._grouped_embedding_configs:
                 for table in config.embedding_tables:

@@ -6,10 +6,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from cafe_torchrec.ops import available
-from cafe_torchrec.sketch.types import InsertParams, InsertResult, SketchState
+from cafe_torchrec.hashing import LEVEL_MULTIPLIERS, SLOT_BITS
+from cafe_torchrec.sketch.types import InsertParams, InsertResult, Lookup, SketchState
 
-__all__ = ["available", "insert_", "query"]
+__all__ = ["insert_", "lookup", "query"]
 
 
 def insert_(
@@ -46,3 +46,14 @@ def query(
         medium_threshold,
         state.multiplier,
     )
+
+
+def lookup(state: SketchState, keys: torch.Tensor, regions: torch.Tensor, medium_threshold: Optional[float],
+           counts: Optional[torch.Tensor]) -> Lookup:
+    """Same contract as torch_kernel.lookup, in one fused pass that also returns hints."""
+    multi_level = medium_threshold is not None
+    primary, level2, medium, hints = torch.ops.cafe.remap_lookup(
+        state.slots, keys, regions, state.slots_per_bucket, medium_threshold if multi_level else float("inf"),
+        state.multiplier, SLOT_BITS, LEVEL_MULTIPLIERS[1], LEVEL_MULTIPLIERS[2], multi_level,
+        counts if counts is not None else keys.new_empty(0))
+    return Lookup(primary, level2, medium, hints)

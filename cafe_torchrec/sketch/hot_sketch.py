@@ -8,12 +8,14 @@ import torch
 from torch import nn
 
 from cafe_torchrec.hashing import MAX_BOUND, odd_multiplier
+from cafe_torchrec.ops import KERNELS, resolve_kernel
 from cafe_torchrec.sketch import cpp_kernel, torch_kernel
 from cafe_torchrec.sketch.types import (
     COLD_WORD,
     EMPTY_KEY,
     InsertParams,
     InsertResult,
+    Lookup,
     SketchState,
     errors_of,
     estimates_of,
@@ -32,9 +34,12 @@ class HotSketch(nn.Module):
     importance scores and hands out hot rows to keys whose score reaches ``threshold``;
     ``query`` tells, per key, its hot row (or -1) and whether it is medium (score at least
     ``medium_threshold`` without a row, and hit again since it entered: see torch_kernel, for
-    multi-level hashing). All state is in buffers, so
-    ``state_dict`` round-trips it exactly. CPU tensors use a C++ kernel when it builds, other
-    devices the torch-ops kernel; both implement the semantics in ``torch_kernel``.
+    multi-level hashing); ``lookup`` turns keys into the rows of a group's block (hot row, or
+    hashed rows). All state is in buffers, so ``state_dict`` round-trips it exactly.
+
+    ``kernel`` ('auto', 'cpp', 'torch'; see ops.resolve_kernel) is resolved once for the device
+    the sketch lives on: the C++ kernel on CPU when it loads, else the torch-ops kernel; both
+    implement the semantics in ``torch_kernel``.
     """
 
     def __init__(
@@ -58,7 +63,8 @@ class HotSketch(nn.Module):
         self.medium_threshold = float(medium_threshold) if medium_threshold is not None else None
         self.decay = float(decay)
         self.slots_per_bucket = slots_per_bucket
-        self.kernel = kernel
+        self.requested_kernel = kernel
+        self._resolved: Optional[Tuple[torch.device, str]] = None  # (device, kernel)
         self._decay_trigger_factor = float(decay_trigger)
         slots = num_buckets * slots_per_bucket
         self.register_buffer("slots", _empty_slots(slots, device))
@@ -152,37 +158,52 @@ class HotSketch(nn.Module):
         """The buffers as a kernel argument."""
         return SketchState(self.slots, self.free_rows, self.free_count, self.total_score, self.slots_per_bucket, self.multiplier)
 
-    def _use_cpp(self, keys: torch.Tensor) -> bool:
-        if self.kernel == "torch" or keys.device.type != "cpu":
-            return False
-        return cpp_kernel.available() or _fail_if_required(self.kernel)
+    @property
+    def kernel(self) -> str:
+        """'cpp' or 'torch': the kernel this sketch runs on its device (resolved once per device)."""
+        device = self.slots.device
+        if self._resolved is None or self._resolved[0] != device:
+            self._resolved = (device, resolve_kernel(self.requested_kernel, device))
+        return self._resolved[1]
+
+    def _kernel_for(self, keys: torch.Tensor):
+        if keys.device != self.slots.device:
+            raise ValueError(f"keys are on {keys.device}, the sketch on {self.slots.device}")
+        return cpp_kernel if self.kernel == "cpp" else torch_kernel
 
     @torch.no_grad()
     def insert(self, keys: torch.Tensor, scores: torch.Tensor, hints: Optional[torch.Tensor] = None) -> InsertResult:
         """Add a batch of (key, score) pairs; scores NaN, inf or negative are skipped and counted.
 
-        `hints` [N] int32 (optional): the slot a query found each key in (-1 if absent); the
+        `hints` [N] int32 (optional): the slot a lookup found each key in (-1 if absent); the
         C++ kernel verifies and uses them to skip re-probing. Results do not depend on them.
         """
-        cpp = self._use_cpp(keys)
-        _check_keys(keys, signs=not cpp)  # the C++ kernel checks signs itself, in its first pass
+        kernel = self._kernel_for(keys)
+        _check_keys(keys, signs=kernel is torch_kernel)  # the C++ kernel checks signs itself, in its first pass
         self._ensure_ready()
         if scores.shape != keys.shape or not scores.is_floating_point():
             raise ValueError(f"scores must be a float tensor shaped like keys {tuple(keys.shape)}, got {scores.dtype} {tuple(scores.shape)}")
-        scores = scores.to(torch.float32)
         params = InsertParams(self.threshold, self.decay, self.decay_trigger)
-        if cpp:
-            return cpp_kernel.insert_(self.state(), keys, scores, params, hints)
-        return torch_kernel.insert_(self.state(), keys, scores, params)
+        return kernel.insert_(self.state(), keys, scores.to(torch.float32), params, hints)
+
+    @torch.no_grad()
+    def lookup(self, keys: torch.Tensor, regions: torch.Tensor, counts: Optional[torch.Tensor] = None) -> Lookup:
+        """Rows of each key in a group's block: its hot row, else its level-1 row, and with a
+        medium level (medium_threshold set) the level-2 row and the medium mask; regions [T, 4]
+        as hashing.hashed_rows. `counts` [T, 3] int64 (optional) += lookups, hot and medium
+        lookups per table slot."""
+        kernel = self._kernel_for(keys)
+        _check_keys(keys, signs=kernel is torch_kernel)
+        self._ensure_ready()
+        return kernel.lookup(self.state(), keys, regions, self.medium_threshold, counts)
 
     @torch.no_grad()
     def query(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per key: hot row (int64, -1 if not hot) and a medium mask (False if no medium level)."""
-        cpp = self._use_cpp(keys)
-        _check_keys(keys, signs=not cpp)
+        kernel = self._kernel_for(keys)
+        _check_keys(keys, signs=kernel is torch_kernel)
         self._ensure_ready()
         medium = self.medium_threshold if self.medium_threshold is not None else float("inf")
-        kernel = cpp_kernel if cpp else torch_kernel
         return kernel.query(self.state(), keys, medium)
 
     def hot_rows_used(self) -> int:
@@ -226,12 +247,6 @@ def _check_keys(keys: torch.Tensor, signs: bool) -> None:
         raise ValueError("keys must be non-negative 63-bit hashes (use cafe_torchrec.hashing.mix64)")
 
 
-def _fail_if_required(kernel: str) -> bool:
-    if kernel == "cpp":
-        raise RuntimeError("kernel='cpp' was asked for but the C++ HotSketch kernel did not build")
-    return False
-
-
 def _check_config(hot_capacity: int, threshold: float, num_buckets: int, slots: int,
                   medium: Optional[float], decay: float, trigger: float, kernel: str) -> None:
     if num_buckets > MAX_BOUND:
@@ -246,5 +261,5 @@ def _check_config(hot_capacity: int, threshold: float, num_buckets: int, slots: 
         raise ValueError(f"decay must be in (0, 1), got {decay}")
     if not trigger > 0:
         raise ValueError(f"decay_trigger must be > 0, got {trigger}")
-    if kernel not in ("auto", "cpp", "torch"):
-        raise ValueError(f"kernel must be 'auto', 'cpp' or 'torch', got {kernel!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")

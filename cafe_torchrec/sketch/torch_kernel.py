@@ -37,7 +37,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from cafe_torchrec.hashing import bounded, fold
+from cafe_torchrec.hashing import SLOT_MASK, bounded, fold, hashed_rows
 from cafe_torchrec.sketch.types import (
     COLD_WORD,
     EMPTY_KEY,
@@ -46,6 +46,7 @@ from cafe_torchrec.sketch.types import (
     NO_ROW,
     InsertParams,
     InsertResult,
+    Lookup,
     SketchState,
     cold_words,
     errors_of,
@@ -183,3 +184,19 @@ def query(
     rows = torch.where(found & (word >= 0), word.long(), NO_ROW)
     medium = found & (word < 0) & ~newcomers_of(word) & (estimates_of(state.scores[safe], word) >= medium_threshold)
     return rows, medium
+
+
+def lookup(state: SketchState, keys: torch.Tensor, regions: torch.Tensor, medium_threshold: Optional[float],
+           counts: Optional[torch.Tensor]) -> Lookup:
+    """Rows of each key (see types.Lookup; no hints); `counts` [T, 3] += lookups, hot and medium
+    lookups per table slot. Without a medium threshold there is no level 2."""
+    multi_level = medium_threshold is not None
+    hot_row, medium = query(state, keys, medium_threshold if multi_level else float("inf"))
+    hot = hot_row >= 0
+    primary = torch.where(hot, hot_row, hashed_rows(keys, regions, 1))
+    level2 = hashed_rows(keys, regions, 2) if multi_level else keys.new_empty(0)
+    if counts is not None:
+        slots, n = keys & SLOT_MASK, counts.shape[0]
+        for column, mask in enumerate((None, hot, medium)):
+            counts[:, column] += torch.bincount(slots if mask is None else slots[mask], minlength=n)
+    return Lookup(primary, level2, medium if multi_level else keys.new_empty(0, dtype=torch.bool), None)

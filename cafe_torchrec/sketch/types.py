@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -107,3 +108,15 @@ class InsertResult:
     skipped: int
     dropped: int
     decayed: bool
+
+
+@dataclass
+class Lookup:
+    """Rows of a batch of keys [N] in a group's block: primary (hot row, else level-1 row),
+    level-2 row and medium mask (both empty without a medium level), and, from the C++
+    kernel, the slot holding each key (int32, -1 absent): a hint for the insert in backward."""
+
+    primary: torch.Tensor
+    level2: torch.Tensor
+    medium: torch.Tensor
+    hints: Optional[torch.Tensor]
