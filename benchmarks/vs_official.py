@@ -87,11 +87,13 @@ def npy_batches(root: Path, day: int, batch_size: int) -> Iterator[Batch]:
 
 
 def run_ours(root: Path, cardinalities: Sequence[int], ratio: Optional[float], batch_size: int, seed: int,
-             out_dir: Path) -> Dict:
-    """examples.dlrm.train on the npy days, in this process (ratio None: uncompressed); its results dict."""
+             out_dir: Path, cafe_options: Sequence[str] = ()) -> Dict:
+    """examples.dlrm.train on the npy days, in this process (ratio None: uncompressed); its results dict.
+    `cafe_options`: KEY=VALUE CafeConfig fields for its --cafe-option."""
     from examples.dlrm.train import main as train_main
 
-    method = ["--embedding", "full"] if ratio is None else ["--embedding", "cafe", "--compression-ratio", f"{ratio:g}"]
+    method = ["--embedding", "full"] if ratio is None else ["--embedding", "cafe", "--compression-ratio", f"{ratio:g}",
+                                                             *[x for kv in cafe_options for x in ("--cafe-option", kv)]]
     return train_main([
         *method, "--data", "npy", "--npy-root", str(root),
         "--npy-days", "0,1", "--cardinalities", ",".join(map(str, cardinalities)), "--batch-size", str(batch_size),
@@ -152,6 +154,8 @@ def main() -> None:
     parser.add_argument("--full", action="store_true",
                         help="also run both sides uncompressed (the official's plain tables, ours --embedding full): "
                              "tells gaps of the training setup from gaps of CAFE")
+    parser.add_argument("--ours-cafe-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a CafeConfig field for ours (e.g. hot_share=0.7, decay=0.99: the official's values)")
     parser.add_argument("--sketch-thread", action="store_true",
                         help="let ours update its sketch on its background thread (a second core)")
     parser.add_argument("--out-dir", default="results/vs_official", help="our trainer's JSONs")
@@ -183,7 +187,8 @@ def main() -> None:
                     for side in order:
                         print(f"[vs_official] {_label(ratio)} seed {seed}: {side}", flush=True)
                         row[side] = (run_official(root, cards, ratio, args.batch_size, seed) if side == "official"
-                                     else run_ours(root, cards, ratio, args.batch_size, seed, Path(args.out_dir)))
+                                     else run_ours(root, cards, ratio, args.batch_size, seed, Path(args.out_dir),
+                                                   args.ours_cafe_option))
                     rows.append(row)
     finally:
         torch.set_num_threads(threads)
