@@ -38,7 +38,7 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -190,7 +190,7 @@ def build_model(cfg: SmokeConfig, device: torch.device) -> DLRMTrain:
     return DLRMTrain(DLRM(**common))
 
 
-def shard(model: DLRMTrain, cfg: SmokeConfig, device: torch.device) -> tuple:
+def shard(model: DLRMTrain, cfg: SmokeConfig, device: torch.device) -> Tuple[DistributedModelParallel, ShardingPlan]:
     """In-backward embedding optimizer, the reference's planner, and DMP with the CAFE sharder."""
     embedding_optimizer = torch.optim.Adagrad if cfg.adagrad else torch.optim.SGD
     kwargs: Dict[str, float] = {"lr": cfg.learning_rate}
@@ -208,7 +208,7 @@ def shard(model: DLRMTrain, cfg: SmokeConfig, device: torch.device) -> tuple:
     return DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders), plan
 
 
-def make_optimizer(model: DistributedModelParallel, cfg: SmokeConfig) -> tuple:
+def make_optimizer(model: DistributedModelParallel, cfg: SmokeConfig) -> Tuple[CombinedOptimizer, Any]:
     """The fused embedding optimizer and a keyed dense one, combined, and a warmup LR scheduler."""
     if cfg.adagrad:
         def dense(params: Any) -> torch.optim.Optimizer:
@@ -237,7 +237,8 @@ def record_input_dtypes(sharded: Any) -> List[Dict[str, str]]:
     return seen
 
 
-def train(pipeline: TrainPipelineSparseDist, model: torch.nn.Module, loader: MappedLoader, scheduler: Any) -> List[float]:
+def train(pipeline: TrainPipelineSparseDist, model: torch.nn.Module, loader: MappedLoader,
+          scheduler: Any) -> List[float]:
     """One epoch: progress() then scheduler.step() per batch until the pipeline runs dry."""
     model.train()
     batches = iter(loader)
