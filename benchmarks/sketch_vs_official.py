@@ -4,7 +4,8 @@
 
 The official sketch is built from its source (benchmarks/official.py: g++ -O3 -march=native)
 and called through ctypes; ours is `cafe_torchrec.sketch.HotSketch` with the C++ kernel and
-the fused lookup `torch.ops.cafe.remap_lookup` (as `CafeGroupRemap.lookup` calls it). One
+its fused lookup `HotSketch.lookup` (hot row or hashed row per key, and the slot hints the
+insert takes), keys from the C++ pre-hash `torch.ops.cafe.make_keys` as the collection makes them. One
 intra-op thread for both (torch.set_num_threads(1) also sets the OpenMP threads of the
 official's query loop: the same libgomp). Times are this thread's CPU time (all work runs on
 it), the median of `--repeats` rounds, in ns per occurrence; a round runs both sides back to
@@ -130,6 +131,13 @@ def unique_keys(artifact: OfficialArtifact, repeats: int, decay: float) -> Dict[
     return out
 
 
+def prehash(ids: torch.Tensor, counts: torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
+    """Keys of feature-major ids, `counts[t]` of table slot t: the collection's C++ pre-hash."""
+    from cafe_torchrec.hashing import SLOT_BITS
+
+    return torch.ops.cafe.make_keys(ids, counts, salts, torch.arange(len(counts)), SLOT_BITS)
+
+
 class _Step:
     """One DLRM step's inputs for both sides: ids, global ids, keys, gradient and scores."""
 
@@ -138,8 +146,7 @@ class _Step:
         self.ids = [zipf_ids(b, n, ZIPF_Z, seed * 1000 + i) for i, n in enumerate(cards)]
         self.global_ids = np.ascontiguousarray(
             np.concatenate([(x + o).numpy() for x, o in zip(self.ids, offsets)]).astype(np.int32))
-        self.keys = torch.ops.cafe.make_keys(torch.cat(self.ids), torch.full((f,), b, dtype=torch.int64), salts,
-                                             torch.arange(f))  # feature-major, as a KJT
+        self.keys = prehash(torch.cat(self.ids), torch.full((f,), b, dtype=torch.int64), salts)  # feature-major
         gen = torch.Generator().manual_seed(10_000 + seed)
         self.grad = torch.randn(b, f * STEP_DIM, generator=gen)
         norms = torch.linalg.vector_norm(self.grad.view(b, f, STEP_DIM), dim=2)  # [B, F]
@@ -161,13 +168,12 @@ def dlrm_step(artifact: OfficialArtifact, repeats: int, decay: float) -> Dict[st
     n = f * b
     offsets = np.concatenate([[0], np.cumsum(cards)[:-1]]).tolist()
     salts = torch.tensor([mix64_int(i, 0) for i in range(f)], dtype=torch.int64)
-    counts, slots = torch.full((f,), b, dtype=torch.int64), torch.arange(f)
+    counts = torch.full((f,), b, dtype=torch.int64)
     ours = HotSketch(hot_capacity=STEP_HOT_ROWS, threshold=float(STEP_THRESHOLD), decay=decay, kernel="cpp")
     ours.prepare()
     level1 = [max(1, c // 1000) for c in cards]  # hashed rows only shape the lookup's output, not its cost
     starts = np.concatenate([[STEP_HOT_ROWS], STEP_HOT_ROWS + np.cumsum(level1)[:-1]]).tolist()
     regions = torch.tensor([[s, r, 0, 1] for s, r in zip(starts, level1)], dtype=torch.int64)
-    no_stats = torch.empty(0, dtype=torch.int64)
     off = OfficialSketch(artifact, STEP_HOT_ROWS, STEP_THRESHOLD, decay, index=OFFICIAL_C)
     OfficialSketch(artifact, STEP_HOT_ROWS, STEP_THRESHOLD, decay, index=OFFICIAL_PY)  # the one its bags use
     weight_hot = Parameter(torch.zeros(STEP_HOT_ROWS, STEP_DIM))
@@ -177,7 +183,7 @@ def dlrm_step(artifact: OfficialArtifact, repeats: int, decay: float) -> Dict[st
     lengths = torch.ones(n, dtype=torch.int64)
 
     def lookup(step: _Step) -> torch.Tensor:
-        return torch.ops.cafe.remap_lookup(ours.slots, step.keys, regions, 4, float("inf"), ours.multiplier, False, no_stats)[3]
+        return ours.lookup(step.keys, regions).hints
 
     def official_python(step: _Step) -> None:
         for bag, ids in zip(bags, step.ids):
@@ -202,7 +208,7 @@ def dlrm_step(artifact: OfficialArtifact, repeats: int, decay: float) -> Dict[st
                 t["off_q"], t["off_i"] = _timed(off_query), _timed(off_insert)
                 t["off_py"] = _timed(lambda: official_python(step))
             else:
-                t["hash"] = _timed(lambda: torch.ops.cafe.make_keys(torch.cat(step.ids), counts, salts, slots))
+                t["hash"] = _timed(lambda: prehash(torch.cat(step.ids), counts, salts))
                 hints: List[torch.Tensor] = []
                 t["q"] = _timed(lambda: hints.append(lookup(step)))
                 t["i"] = _timed(lambda: ours.insert(step.keys, step.scores, hints[0]))
@@ -233,7 +239,7 @@ def _recall(exact: Dict[int, float], off: OfficialSketch, ours, offsets: Sequenc
     local = torch.tensor(np.asarray(top) - np.asarray(offsets)[field], dtype=torch.int64)
     order = np.argsort(field, kind="stable")
     counts = torch.tensor(np.bincount(field, minlength=len(offsets)), dtype=torch.int64)
-    keys = torch.ops.cafe.make_keys(local[order], counts, salts, torch.arange(len(offsets)))
+    keys = prehash(local[order], counts, salts)
     ours_hot = float((ours.query(keys)[0] >= 0).float().mean())
     seen = np.fromiter(exact, dtype=np.int32, count=len(exact))
     return {"official": off_hot, "ours": ours_hot,
