@@ -23,7 +23,10 @@ Both run one intra-op thread (the official's sketch query is an OpenMP loop on t
 libgomp); ours keeps its sketch update on the caller's thread (CAFE_SKETCH_THREAD=0) unless
 `--sketch-thread`, which lets it use the second core. samples/s is each training loop's own
 (data reading included, evaluation not), wall time; the two sides of a (ratio, seed) pair run
-back to back, alternating who goes first, and "ours / official" is the pair's ratio.
+back to back, alternating who goes first, and "ours / official" is the pair's ratio; the
+summary also gives the best run of each side (the least disturbed, as benchmarks.train_speed
+takes the best of its repeats). On a shared host the pairs still spread widely: use several
+seeds.
 Prints the machine and a markdown table ready for the README.
 """
 
@@ -126,14 +129,15 @@ def render(rows: List[Dict], batch_size: int) -> str:
             f"{o['online_train_loss']:.4f} | {u['online_train_loss']:.4f} | "
             f"{o['memory_bytes']:,.0f} ({o['compression_ratio']:.1f}x) | {u['memory_bytes']:,.0f} ({u['compression_ratio']:.1f}x) | "
             f"{_share(o.get('hot_lookup_share'))} | {_share(u.get('hot_lookup_share'))} |")
-    lines += ["", f"| ratio (batch {batch_size}) | ours / official samples/s, median (range) | official test AUC, mean (spread) | "
-              "ours test AUC, mean (spread) |", "|---|---|---|---|"]
+    lines += ["", f"| ratio (batch {batch_size}) | ours / official samples/s: median of pairs (range) | best ours / best official | "
+              "official test AUC, mean (spread) | ours test AUC, mean (spread) |", "|---|---|---|---|---|"]
     for ratio in dict.fromkeys(r["ratio"] for r in rows):
         sel = [r for r in rows if r["ratio"] == ratio]
         speed = [r["ours"]["samples_per_sec"] / r["official"]["samples_per_sec"] for r in sel]
         auc = {side: [r[side]["test_auc"] for r in sel] for side in ("official", "ours")}
         cells = [f"{statistics.mean(a):.4f} ({max(a) - min(a):.4f})" for a in (auc["official"], auc["ours"])]
-        lines.append(f"| {_label(ratio)} | {statistics.median(speed):.2f} ({min(speed):.2f}-{max(speed):.2f}) | "
+        best = max(r["ours"]["samples_per_sec"] for r in sel) / max(r["official"]["samples_per_sec"] for r in sel)
+        lines.append(f"| {_label(ratio)} | {statistics.median(speed):.2f} ({min(speed):.2f}-{max(speed):.2f}) | {best:.2f} | "
                      f"{cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
