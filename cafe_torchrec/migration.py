@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from cafe_torchrec._torchrec_compat import fused_table_kernel, in_backward_optimizers
+
 
 @dataclass
 class RowStore:
@@ -33,22 +35,18 @@ def row_store(ebc: nn.Module, table: str) -> RowStore:
     if isinstance(ebc, EmbeddingBagCollection):
         weight = ebc.embedding_bags[table].weight
         return RowStore(weight.data, _in_backward_states(weight))
-    for lookup in getattr(ebc, "_lookups", []):
-        lookup = getattr(lookup, "module", lookup)  # DDP-wrapped data-parallel lookups
-        for emb_module in getattr(lookup, "_emb_modules", []):
-            tables = [t.name for t in emb_module._config.embedding_tables]
-            if table in tables:
-                i = tables.index(table)
-                tbe = emb_module._emb_module
-                states = tbe.split_optimizer_states()  # [] for SGD, else one list per table
-                return RowStore(tbe.split_embedding_weights()[i], list(states[i]) if i < len(states) else [])
+    found = fused_table_kernel(ebc, table)
+    if found is not None:
+        tbe, i = found
+        states = tbe.split_optimizer_states()  # [] for SGD, else one list per table
+        return RowStore(tbe.split_embedding_weights()[i], list(states[i]) if i < len(states) else [])
     raise KeyError(f"physical table {table!r} not found in {type(ebc).__name__}")
 
 
 def has_in_backward_optimizer(ebc: nn.Module, table: str) -> bool:
     """Whether the table's updates happen inside backward (fused TBE, or apply_optimizer_in_backward)."""
     if isinstance(ebc, EmbeddingBagCollection):
-        return bool(getattr(ebc.embedding_bags[table].weight, "_in_backward_optimizers", None))
+        return bool(in_backward_optimizers(ebc.embedding_bags[table].weight))
     return True
 
 
@@ -69,7 +67,7 @@ def copy_rows(store: RowStore, dst: torch.Tensor, src: torch.Tensor, src2: Optio
 
 def _in_backward_states(weight: torch.Tensor) -> List[torch.Tensor]:
     states = []
-    for opt in getattr(weight, "_in_backward_optimizers", []):
+    for opt in in_backward_optimizers(weight):
         for value in opt.state.get(weight, {}).values():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 states.append(value.view(value.shape[0], -1) if value.dim() > 1 else value)

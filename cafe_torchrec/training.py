@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from cafe_torchrec._torchrec_compat import queue_end_of_backward
 from cafe_torchrec.importance import occurrence_scores
 from cafe_torchrec.migration import copy_rows, row_store
 from cafe_torchrec.remap import CafeGroupRemap, GroupBatch
@@ -71,7 +72,7 @@ def importance_hook(
                     group.pending = None
             migrate([(group, done.result()) for group, done in pending], physical())
 
-        torch.autograd.Variable._execution_engine.queue_callback(finish)
+        queue_end_of_backward(finish)
 
     return hook
 

@@ -41,6 +41,7 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from cafe_torchrec._torchrec_compat import queue_end_of_backward
 from cafe_torchrec.baselines.base import (SMALL_TABLE_ROWS, BaselineCollection, bytes_per_value, check_unique,
                                           keeps_plain)
 from cafe_torchrec.importance import occurrence_scores
@@ -243,7 +244,7 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
                 self.steps += 1
             step = int(self.steps)
             if step == 1 or step % self.interval == 0 or step % self.decay_interval == 0:
-                torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_of_step(step))
+                queue_end_of_backward(lambda: self._end_of_step(step))
 
         return hook
 

@@ -17,6 +17,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from cafe_torchrec._torchrec_compat import sharded_embedding_bag_configs
 from cafe_torchrec.collection import ConfiguredCollection
 from cafe_torchrec.layout import BYTES_PER_VALUE
 from cafe_torchrec.validation import checked_input
@@ -107,7 +108,7 @@ class BaselineCollection(ConfiguredCollection):
         physical = self.physical
         if hasattr(physical, "embedding_bag_configs"):
             return physical.embedding_bag_configs()
-        return physical._embedding_bag_configs  # a ShardedEmbeddingBagCollection
+        return sharded_embedding_bag_configs(physical)
 
     def weight_bytes(self) -> int:
         return sum(c.num_embeddings * c.embedding_dim * bytes_per_value(c) for c in self.physical_configs())

@@ -12,8 +12,13 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.modules.mc_modules import (DistanceLFU_EvictionPolicy, LFU_EvictionPolicy, ManagedCollisionCollection,
                                          MCHManagedCollisionModule)
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
+from cafe_torchrec._torchrec_compat import (
+    managed_collision_embedding_module,
+    managed_collision_modules,
+    managed_collision_tbes,
+)
 from cafe_torchrec.baselines.base import SMALL_TABLE_ROWS, BaselineCollection, keeps_plain
 from cafe_torchrec.hashing import mix64
 
@@ -93,7 +98,7 @@ class ManagedCollisionEmbeddingBags(BaselineCollection):
     @property
     def physical(self) -> EmbeddingBagCollection:
         """The inner stock EmbeddingBagCollection (owned by the MC-EBC)."""
-        return self.mc_ebc._embedding_module
+        return managed_collision_embedding_module(self.mc_ebc)
 
     def _forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if not self._optimizer_checked:
@@ -107,17 +112,14 @@ class ManagedCollisionEmbeddingBags(BaselineCollection):
 
     # ---- introspection
     def mc_modules(self) -> Dict[str, MCHManagedCollisionModule]:
-        return dict(self.mc_ebc._managed_collision_collection._managed_collision_modules.items())
+        return managed_collision_modules(self.mc_ebc)
 
     @torch.no_grad()
     def rows_of(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         """The physical row of each raw id of `table` now (the shared miss row is zch_size - 1)."""
-        module = self.mc_modules()[table]
         raw = prehash(ids, PREHASH_RANGE) if self.input_hash_size is None else ids
-        sorted_ids, mapping = module._mch_sorted_raw_ids, module._mch_remapped_ids_mapping
-        pos = torch.searchsorted(sorted_ids[:-1], raw)
-        hit = sorted_ids[pos] == raw
-        return torch.where(hit, mapping[pos], torch.full_like(raw, module._zch_size - 1))
+        remapped = self.mc_modules()[table].remap({table: JaggedTensor(values=raw, lengths=torch.ones_like(raw))})
+        return remapped[table].values()
 
     def extra_bytes(self) -> int:
         total = 0
@@ -136,12 +138,12 @@ class ManagedCollisionEmbeddingBags(BaselineCollection):
 def _refuse_sharded_cpu_rowwise_adagrad(mc_ebc: torch.nn.Module) -> None:
     """A sharded MC-EBC on CPU with fused EXACT_ROWWISE_ADAGRAD fails at its first eviction
     (fbgemm reset_weight_momentum has no CPU kernel): refuse it before training starts."""
-    tables = getattr(mc_ebc, "_table_to_tbe_and_index", None)
+    tables = managed_collision_tbes(mc_ebc)
     if not tables:
         return
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-    for table, (tbe, _) in tables.items():
+    for table, tbe in tables.items():
         if getattr(tbe, "optimizer", None) == EmbOptimType.EXACT_ROWWISE_ADAGRAD and getattr(tbe, "use_cpu", False):
             raise ValueError(
                 f"table {table!r}: managed collision sharded on CPU with fused RowWiseAdagrad fails at the first "

@@ -14,8 +14,9 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
+
+from cafe_torchrec._torchrec_compat import is_sharded_tensor
 
 
 def load_checkpoint_atomically(model: nn.Module, checkpoint_id: str, optimizer: Optional[Any] = None,
@@ -58,7 +59,7 @@ def _check_model_state(model: nn.Module, loaded: Dict[str, Any]) -> None:
 
 def _local(value: Any) -> Optional[torch.Tensor]:
     """This rank's tensor of a plain or sharded state entry (None where it holds no shard)."""
-    if isinstance(value, ShardedTensor):
+    if is_sharded_tensor(value):
         shards = value.local_shards()
         return shards[0].tensor if shards else None
     return value

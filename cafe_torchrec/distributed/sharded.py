@@ -35,6 +35,14 @@ from torchrec.distributed.utils import append_prefix
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from cafe_torchrec._torchrec_compat import (
+    create_input_dists,
+    embedding_shardings,
+    local_embedding_tables,
+    replace_input_dist,
+    sharding_process_group,
+    take_over_input_dist,
+)
 from cafe_torchrec.distributed.sketch_state import ShardedSketchState, owner_blocks
 from cafe_torchrec.feature_map import FeatureMap
 from cafe_torchrec.hashing import KEY_SPACE
@@ -72,22 +80,20 @@ class ShardedCafeEmbeddingBagCollection(
         self.plan = module.plan
         self.feature_map: FeatureMap = module.feature_map
         self.physical: ShardedEmbeddingBagCollection = physical_sharder.shard(module.physical, params, env=env, device=device)
-        self.physical._has_uninitialized_input_dist = False  # this module builds the input dists
+        take_over_input_dist(self.physical)  # this module builds the input dists
         self._input_dists_ready = False
         layouts = {g.name: g for g in self.plan.groups}
         self._plain_offsets: Dict[str, int] = {}  # first row of this rank's shard of each plain table
         self._plain_rows: Dict[str, int] = {}  # rows of it this rank holds
         local: Dict[str, CafeGroupRemap] = {}
         kernel = module.feature_map.kernel
-        for sharding in self.physical._embedding_shardings:
-            for config in sharding._grouped_embedding_configs:
-                for table in config.embedding_tables:
-                    rows, offset = table.local_rows, table.local_metadata.shard_offsets[0] if table.local_metadata else 0
-                    if table.name in layouts and rows > 0:
-                        local[table.name] = CafeGroupRemap(layouts[table.name].block(rows), device, kernel)
-                    elif table.name not in layouts:
-                        self._plain_offsets[table.name] = offset
-                        self._plain_rows[table.name] = rows
+        for table in local_embedding_tables(self.physical):
+            rows, offset = table.local_rows, table.local_metadata.shard_offsets[0] if table.local_metadata else 0
+            if table.name in layouts and rows > 0:
+                local[table.name] = CafeGroupRemap(layouts[table.name].block(rows), device, kernel)
+            elif table.name not in layouts:
+                self._plain_offsets[table.name] = offset
+                self._plain_rows[table.name] = rows
         self.groups = nn.ModuleDict(local)
         owners = {name: owner_blocks(layout, params[name]) for name, layout in layouts.items() if name in params}
         self._sketch_state = ShardedSketchState(owners, self.groups, env.process_group, env.rank)
@@ -145,11 +151,10 @@ class ShardedCafeEmbeddingBagCollection(
 
     # ---- input dists: row-wise routes raw keys by range and keeps them
     def _create_input_dists(self, feature_names: List[str]) -> None:
-        inner = self.physical
-        inner._create_input_dist(feature_names)
-        for i, sharding in enumerate(inner._embedding_shardings):
+        create_input_dists(self.physical, feature_names)
+        for i, sharding in enumerate(embedding_shardings(self.physical)):
             if isinstance(sharding, BaseRwEmbeddingSharding):
-                inner._input_dists[i] = self._row_wise_dist(sharding)
+                replace_input_dist(self.physical, i, self._row_wise_dist(sharding))
         self._input_dists_ready = True
 
     def _row_wise_dist(self, sharding: EmbeddingSharding) -> RwSparseFeaturesDist:
@@ -158,7 +163,7 @@ class ShardedCafeEmbeddingBagCollection(
             info = self.feature_map.info[f]
             hash_sizes.append(KEY_SPACE if info.group is not None else info.plain_rows)
         return RwSparseFeaturesDist(
-            pg=sharding._pg,
+            pg=sharding_process_group(sharding),
             num_features=len(hash_sizes),
             feature_hash_sizes=hash_sizes,
             device=self._device,

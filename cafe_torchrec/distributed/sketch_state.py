@@ -14,10 +14,9 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
-from torch.distributed._shard.metadata import ShardMetadata
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata, TensorProperties
 from torchrec.distributed.types import ParameterSharding
 
+from cafe_torchrec._torchrec_compat import is_sharded_tensor, row_sharded_tensor
 from cafe_torchrec.layout import GroupLayout
 from cafe_torchrec.remap import CafeGroupRemap
 
@@ -57,7 +56,7 @@ class ShardedSketchState:
         for group in self._shapes:
             for key in [k for k in state_dict if k.startswith(f"{prefix}groups.{group}.")]:
                 value = state_dict[key]
-                if not isinstance(value, ShardedTensor):
+                if not is_sharded_tensor(value):
                     continue
                 shards = value.local_shards()
                 if group in self._groups and shards:
@@ -65,18 +64,9 @@ class ShardedSketchState:
                 else:
                     del state_dict[key]
 
-    def _sharded(self, tensor: Any, owners: List[Tuple[int, Tuple[torch.Size, torch.dtype]]]) -> ShardedTensor:
-        metas, offset, local = [], 0, []
-        for rank, (shape, _) in owners:
-            meta = ShardMetadata(shard_offsets=[offset] + [0] * (len(shape) - 1), shard_sizes=list(shape),
-                                 placement=f"rank:{rank}/cpu")
-            metas.append(meta)
-            if rank == self._rank and tensor is not None:
-                local.append(Shard(tensor.detach().clone(), meta))
-            offset += shape[0]
-        first, dtype = owners[0][1]
-        size = torch.Size([offset] + list(first[1:]))
-        metadata = ShardedTensorMetadata(shards_metadata=metas, size=size,
-                                         tensor_properties=TensorProperties(dtype=dtype))
-        return ShardedTensor._init_from_local_shards_and_global_metadata(local, metadata, process_group=self._pg)
+    def _sharded(self, tensor: Any, owners: List[Tuple[int, Tuple[torch.Size, torch.dtype]]]) -> Any:
+        """A copy of this rank's buffer as its shard of the ShardedTensor of all owners' buffers."""
+        local = tensor.detach().clone() if tensor is not None else None
+        shards = [(rank, shape) for rank, (shape, _) in owners]
+        return row_sharded_tensor(local, shards, self._rank, owners[0][1][1], self._pg)
 
