@@ -98,6 +98,8 @@ CODE = {
 COMMON_CODE = ("examples/dlrm",)
 CODE_SUFFIXES = (".py", ".cpp", ".h", ".cu", ".cuh")
 SKIPPED = 75  # exit status of an official run without the artifact
+# A run is ~10-90 s; one far past that is stuck (e.g. on the stale lock of a killed JIT build of the C++ ops).
+RUN_TIMEOUT_S = 1800
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +245,10 @@ def execute(run: Run, repo: Path) -> Dict[str, Any]:
             cmd = [sys.executable, "-m", "examples.dlrm.train", *run.args, "--threads", "1", "--no-progress",
                    "--no-plot", "--out-dir", tmp, "--run-name", "run"]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc = subprocess.CompletedProcess(cmd, -1, "", f"timed out after {RUN_TIMEOUT_S} s")
         out = Path(tmp) / "run.json"
         if proc.returncode == 0 and out.exists():
             result = json.loads(out.read_text())
