@@ -1,4 +1,4 @@
-"""CafeConfig: how one logical table is compressed, with the paper's per-ratio defaults."""
+"""CafeConfig: how one logical table is compressed: memory split, hot-row policy, sketch."""
 
 from __future__ import annotations
 
@@ -6,11 +6,17 @@ import math
 from dataclasses import dataclass, replace
 from typing import Dict, Optional, Sequence, Union
 
+from cafe_torchrec.sketch.policy import AdaptivePolicy
+
 # Artifact defaults (ArtifactEvaluation/tasks/criteo.json): hot threshold per compression ratio.
 _THRESHOLDS = {2: 10, 5: 10, 10: 20, 20: 30, 50: 50, 100: 100, 200: 200, 500: 500, 1000: 500,
                2000: 500, 5000: 500, 10000: 500}
 # Best share of memory for hot rows + sketch per ratio (CAFE+ TOIS Fig. 18c).
 _HOT_SHARES = {10: 0.3, 100: 0.6, 1000: 0.7, 10000: 0.8}
+
+
+POLICIES = ("adaptive", "paper")
+_PAPER_DECAY, _PAPER_DECAY_TRIGGER = 0.98, 10.0
 
 
 @dataclass(frozen=True)
@@ -20,11 +26,22 @@ class CafeConfig:
     compression_ratio: logical bytes / physical bytes (weights + sketch), as in the paper.
     hot_share: share of the table's memory for hot rows and sketch (*group*; default: the
         paper's best per ratio, 0.3/0.6/0.7/0.8 at 10/100/1000/10000x, log-interpolated).
-    threshold: score at which an id gets a hot row (*group*; default: the artifact's per ratio).
+    policy: how ids get and lose hot rows (*group*):
+        "adaptive" (default): hot rows follow the ids with the most recent importance, with no
+        per-dataset threshold (sketch/policy.py): scores decay so that the marginal hot id's
+        score stays near `horizon` occurrences, an id takes a free row once its estimate
+        reaches `entry_score`, and a challenger takes the weakest hot id's row when it beats it
+        by the factor `hysteresis`. The constants are scale-free: they count occurrences of
+        average importance, not absolute scores.
+        "paper": the SIGMOD paper's fixed policy: promotion at a fixed `threshold` (default: the
+        artifact's per ratio), demotion only at a `decay` (default 0.98) that fires when the
+        score inserted since the last one exceeds `decay_trigger` (default 10) x buckets x
+        threshold. `threshold`, `decay` and `decay_trigger` apply to this policy only.
     multi_level: medium ids sum one row of each of two hashed regions (CAFE-ML) (*group*).
-    medium_share: medium threshold = medium_share x threshold (*group*; the paper's code: 0.2).
+    medium_share: the medium level as a share of the hot one: of the threshold (paper) or of the
+        marginal hot id's estimate (adaptive) (*group*; the paper's code: 0.2).
     level2_share: share of a table's hashed rows in the second region (the paper's code: 0.3).
-    decay / decay_trigger / slots_per_bucket: sketch parameters (*group*).
+    slots_per_bucket: sketch bucket size (*group*).
     importance: "gradient" (L2 norm of the embedding gradient, normalised per feature and
         batch to mean 1) or "frequency" (1 per occurrence) (*group*).
     group: tables with the same dim and group name share one hot pool and sketch; None puts
@@ -34,25 +51,41 @@ class CafeConfig:
 
     compression_ratio: float = 100.0
     hot_share: Optional[float] = None
+    policy: str = "adaptive"
+    horizon: float = 32.0
+    hysteresis: float = 1.5
+    entry_score: float = 2.0
     threshold: Optional[float] = None
+    decay: Optional[float] = None
+    decay_trigger: Optional[float] = None
     multi_level: bool = False
     medium_share: float = 0.2
     level2_share: float = 0.3
-    decay: float = 0.98
-    decay_trigger: float = 10.0
     slots_per_bucket: int = 4
     importance: str = "gradient"
     group: Optional[str] = None
     seed: int = 0
 
     def resolved(self) -> "CafeConfig":
-        """The config with its per-ratio defaults filled in, validated."""
+        """The config with its defaults filled in (per ratio, per policy), validated."""
         self.validate()
+        paper = self.policy == "paper"
         return replace(
             self,
             hot_share=self.hot_share if self.hot_share is not None else default_hot_share(self.compression_ratio),
-            threshold=self.threshold if self.threshold is not None else default_threshold(self.compression_ratio),
+            threshold=(self.threshold if self.threshold is not None else default_threshold(self.compression_ratio))
+            if paper else None,
+            decay=(self.decay if self.decay is not None else _PAPER_DECAY) if paper else None,
+            decay_trigger=(self.decay_trigger if self.decay_trigger is not None else _PAPER_DECAY_TRIGGER)
+            if paper else None,
         )
+
+    def adaptive_policy(self) -> Optional[AdaptivePolicy]:
+        """The sketch policy of an adaptive config (None for the paper's)."""
+        if self.policy != "adaptive":
+            return None
+        return AdaptivePolicy(horizon=self.horizon, hysteresis=self.hysteresis, entry_score=self.entry_score,
+                              medium_share=self.medium_share if self.multi_level else None)
 
     def validate(self, where: str = "CafeConfig") -> None:
         """Raise ValueError naming the field (and `where`, e.g. the table) that is out of range."""
@@ -60,15 +93,23 @@ class CafeConfig:
             raise ValueError(f"{where}: compression_ratio must be >= 1, got {self.compression_ratio}")
         if self.hot_share is not None and not 0 < self.hot_share < 1:
             raise ValueError(f"{where}: hot_share must be in (0, 1), got {self.hot_share}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"{where}: policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.policy == "adaptive":
+            fixed = [name for name in ("threshold", "decay", "decay_trigger") if getattr(self, name) is not None]
+            if fixed:
+                raise ValueError(f"{where}: {fixed} set the paper's fixed policy; the adaptive policy (the default) "
+                                 "has no threshold or decay to set: pass policy='paper' to use them")
+            AdaptivePolicy(self.horizon, self.hysteresis, self.entry_score).validate(where)
         if self.threshold is not None and not self.threshold > 0:
             raise ValueError(f"{where}: threshold must be > 0, got {self.threshold}")
         if not 0 < self.medium_share <= 1:
             raise ValueError(f"{where}: medium_share must be in (0, 1], got {self.medium_share}")
         if not 0 < self.level2_share < 1:
             raise ValueError(f"{where}: level2_share must be in (0, 1), got {self.level2_share}")
-        if not 0 < self.decay < 1:
+        if self.decay is not None and not 0 < self.decay < 1:
             raise ValueError(f"{where}: decay must be in (0, 1), got {self.decay}")
-        if not self.decay_trigger > 0:
+        if self.decay_trigger is not None and not self.decay_trigger > 0:
             raise ValueError(f"{where}: decay_trigger must be > 0, got {self.decay_trigger}")
         if self.slots_per_bucket < 1:
             raise ValueError(f"{where}: slots_per_bucket must be >= 1, got {self.slots_per_bucket}")
@@ -78,8 +119,8 @@ class CafeConfig:
     def group_fields(self) -> tuple:
         """The fields every table of one CAFE group must share."""
         r = self.resolved()
-        return (r.hot_share, r.threshold, r.multi_level, r.medium_share, r.decay, r.decay_trigger,
-                r.slots_per_bucket, r.importance, r.seed)
+        return (r.hot_share, r.policy, r.horizon, r.hysteresis, r.entry_score, r.threshold, r.multi_level,
+                r.medium_share, r.decay, r.decay_trigger, r.slots_per_bucket, r.importance, r.seed)
 
 
 def default_threshold(ratio: float) -> float:

@@ -1,4 +1,4 @@
-"""Copy rows and their optimizer state inside a physical table when ids turn hot.
+"""Migration: copy rows and their optimizer state inside a physical table when ids turn hot.
 
 A promoted id's new hot row starts from what the id saw until now: its level-1 row, or the
 sum of its level-1 and level-2 rows when it was medium (multi-level). Its optimizer state
@@ -13,13 +13,17 @@ mixes in the previous owner's gradient.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from cafe_torchrec._torchrec_compat import fused_table_kernel, in_backward_optimizers
+from cafe_torchrec.sketch import InsertResult
+
+if TYPE_CHECKING:
+    from cafe_torchrec.remap import CafeGroupRemap
 
 
 @dataclass
@@ -48,6 +52,18 @@ def has_in_backward_optimizer(ebc: nn.Module, table: str) -> bool:
     if isinstance(ebc, EmbeddingBagCollection):
         return bool(in_backward_optimizers(ebc.embedding_bags[table].weight))
     return True
+
+
+def migrate(results: List[Tuple[CafeGroupRemap, InsertResult]], physical: nn.Module) -> None:
+    """Copy each promoted key's current rows (and optimizer state) into its new hot row
+    (`results`: each group's sketch insert of the step; `physical`: the tables' module)."""
+    for group, result in results:
+        if result.promoted_keys.numel() == 0:
+            continue
+        keys = result.promoted_keys.to(group.regions.device)
+        src2 = group.hashed_rows(keys, 2) if group.layout.config.multi_level else None
+        copy_rows(row_store(physical, group.layout.name), result.promoted_rows.to(keys.device),
+                  group.hashed_rows(keys, 1), src2)
 
 
 @torch.no_grad()

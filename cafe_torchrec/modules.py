@@ -10,6 +10,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from cafe_torchrec.backward import importance_hook
 from cafe_torchrec.collection import ConfiguredCollection
 from cafe_torchrec.config import CafeConfig, config_per_table
 from cafe_torchrec.feature_map import FeatureMap
@@ -18,7 +19,6 @@ from cafe_torchrec.layout import CafePlan, plan_tables
 from cafe_torchrec.migration import has_in_backward_optimizer
 from cafe_torchrec.remap import CafeGroupRemap, remap_kjt
 from cafe_torchrec.stats import CollectionReport
-from cafe_torchrec.training import importance_hook
 from cafe_torchrec.validation import checked_input
 
 

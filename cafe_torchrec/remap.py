@@ -3,7 +3,6 @@ block), with the HotSketch behind it; and the KJT-level remap both collections u
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -11,6 +10,8 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from cafe_torchrec.backward import wait_for_sketch_update
+from cafe_torchrec.config import POLICIES
 from cafe_torchrec.feature_map import FeatureInfo
 from cafe_torchrec.hashing import SKETCH_SEED, SLOT_MASK, hashed_rows, mix64_int
 from cafe_torchrec.kjt import concat, feature_segments
@@ -19,8 +20,8 @@ from cafe_torchrec.sketch import HotSketch, InsertResult
 from cafe_torchrec.sketch.types import Lookup
 
 # in the layout signature: 1 = buckets and rows by mix64, 2 = by hashing.fold, 3 = sketch slots
-# without a hot row carry their Space-Saving error in the row word
-_FORMAT = 3
+# without a hot row carry their Space-Saving error in the row word, 4 = the policy's state
+_FORMAT = 4
 LOOKUP_COLUMNS = ("lookups", "hot_lookups", "medium_lookups")  # columns of `lookup_counts`
 MIGRATION_COLUMNS = ("promotions", "demotions")  # columns of `migration_counts`
 STAT_COLUMNS = LOOKUP_COLUMNS + MIGRATION_COLUMNS
@@ -51,17 +52,20 @@ class CafeGroupRemap(nn.Module):
         super().__init__()
         self.layout = layout
         cfg = layout.config
+        adaptive = cfg.adaptive_policy()
+        paper_medium = cfg.threshold * cfg.medium_share if cfg.multi_level and adaptive is None else None
         self.sketch = HotSketch(
             hot_capacity=layout.hot_rows,
             threshold=cfg.threshold,
             num_buckets=max(1, layout.hot_rows),
             slots_per_bucket=cfg.slots_per_bucket,
-            medium_threshold=cfg.threshold * cfg.medium_share if cfg.multi_level else None,
-            decay=cfg.decay,
-            decay_trigger=cfg.decay_trigger,
+            medium_threshold=paper_medium,
+            decay=cfg.decay if cfg.decay is not None else 0.98,
+            decay_trigger=cfg.decay_trigger if cfg.decay_trigger is not None else 10.0,
             seed=mix64_int(SKETCH_SEED, cfg.seed),
             device=device,
             kernel=kernel,
+            adaptive=adaptive,
         )
         regions = torch.tensor(
             [[o1, t.level1_rows, o2, max(t.level2_rows, 1)] for t, (o1, o2) in zip(layout.tables, layout.region_offsets())],
@@ -74,23 +78,17 @@ class CafeGroupRemap(nn.Module):
                              persistent=False)
         self.register_buffer("migration_counts",
                              torch.zeros(tables, len(MIGRATION_COLUMNS), dtype=torch.int64, device=device), persistent=False)
-        self.pending: Optional[Future] = None  # a sketch update still running (training.py)
 
     @property
     def kernel(self) -> str:
         """'cpp' or 'torch': the kernel the group runs (its sketch's, for its device)."""
         return self.sketch.kernel
 
-    def settle(self) -> None:
-        """Wait for a sketch update still running in the background (re-raising its error once)."""
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            pending.result()
-
     def _signature(self) -> torch.Tensor:
         """Layout as numbers: a checkpoint of another layout is refused on load."""
         cfg = self.layout.config
-        nums = [_FORMAT, self.layout.hot_rows, self.layout.dim, cfg.slots_per_bucket, cfg.seed, int(cfg.multi_level)]
+        nums = [_FORMAT, self.layout.hot_rows, self.layout.dim, cfg.slots_per_bucket, cfg.seed, int(cfg.multi_level),
+                POLICIES.index(cfg.policy)]
         for t in self.layout.tables:
             nums += [t.logical_rows, t.level1_rows, t.level2_rows]
         return torch.tensor(nums, dtype=torch.int64)
@@ -107,7 +105,7 @@ class CafeGroupRemap(nn.Module):
     def lookup(self, keys: torch.Tensor, count: bool) -> Lookup:
         """Rows of each key (the sketch's fused lookup); counts lookups per table for stats()
         when `count` (training)."""
-        self.settle()
+        wait_for_sketch_update(self)
         return self.sketch.lookup(keys, self._regions(keys.device), self.lookup_counts if count else None)
 
     def record(self, keys: torch.Tensor, scores: torch.Tensor, hints: Optional[torch.Tensor] = None) -> InsertResult:
@@ -121,16 +119,16 @@ class CafeGroupRemap(nn.Module):
     def counters(self) -> List[Dict[str, int]]:
         """Per table slot, the monotonic counters (STAT_COLUMNS) since construction: reading
         does not reset them (stats.stats_interval gives per-interval figures)."""
-        self.settle()
+        wait_for_sketch_update(self)
         rows = torch.cat([self.lookup_counts, self.migration_counts], dim=1).tolist()
         return [dict(zip(STAT_COLUMNS, row)) for row in rows]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[override]
-        self.settle()
+        wait_for_sketch_update(self)
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:  # type: ignore[override]
-        self.settle()
+        wait_for_sketch_update(self)
         sig = state_dict.get(prefix + "layout_signature")
         if sig is not None and not torch.equal(sig.cpu(), self._signature()):
             raise ValueError(f"checkpoint for CAFE group {self.layout.name!r} has another layout "

@@ -111,7 +111,7 @@ def describe(plan: CafePlan, memory_figures: Mapping[str, float]) -> str:
     for g in plan.groups:
         cfg = g.config
         lines.append(f"group {g.name}: dim {g.dim}, {g.physical_rows:,} rows ({g.hot_rows:,} hot), "
-                     f"threshold {cfg.threshold:g}, hot share {cfg.hot_share:.2f}, "
+                     f"{_policy(cfg)}, hot share {cfg.hot_share:.2f}, "
                      f"{'multi-level' if cfg.multi_level else 'single-level'}, tables "
                      + ", ".join(f"{t.name} {t.logical_rows:,}->{t.hashed_rows:,}" for t in g.tables))
     for p in plan.plain:
@@ -120,6 +120,12 @@ def describe(plan: CafePlan, memory_figures: Mapping[str, float]) -> str:
     lines.append(f"compression ratio {m['compression_ratio']:.1f}x "
                  f"({m['logical_bytes']:,} -> {m['weight_bytes'] + m['sketch_bytes']:,} bytes)")
     return "\n".join(lines)
+
+
+def _policy(cfg: Any) -> str:
+    if cfg.policy == "paper":
+        return f"paper policy (threshold {cfg.threshold:g}, decay {cfg.decay:g})"
+    return f"adaptive policy (horizon {cfg.horizon:g}, hysteresis {cfg.hysteresis:g})"
 
 
 class CollectionReport:

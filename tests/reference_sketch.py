@@ -4,13 +4,19 @@ Per batch, in the documented order: decay check; present keys add each occurrenc
 absent keys, summed, take an empty or the minimum non-hot slot in first-occurrence order;
 surviving candidates get free rows in slot order. A slot's estimate is its score less half its
 error (the evicted key's score it inherited).
+
+With `adaptive` (cafe_torchrec/sketch/policy.py, written again here from its docstring): the
+insert's threshold is the entry score and it never decays; before an insert, when the
+occurrences since the last rebalance reach 1/rebalances_per_horizon of the decayed count,
+a rebalance decays every score by a quantised factor and re-ranks hot and candidate slots.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from cafe_torchrec.hashing import bounded_int, fold_int, odd_multiplier
 
@@ -45,6 +51,10 @@ class ReferenceSketch:
     newcomer: List[bool] = field(default_factory=list)  # placed, not hit by a later batch: never medium
     free: List[int] = field(default_factory=list)
     total: float = 0.0
+    adaptive: Optional[Any] = None  # an AdaptivePolicy (its fields only are read)
+    decayed: float = 0.0  # adaptive: decayed occurrence count before the current interval
+    since: int = 0  # adaptive: occurrences since the last rebalance
+    medium: float = float("inf")  # adaptive: the medium level the last rebalance set
 
     def __post_init__(self) -> None:
         n = self.num_buckets * self.slots
@@ -57,10 +67,16 @@ class ReferenceSketch:
 
     def insert_batch(self, keys: List[int], scores: List[float]) -> Tuple[List[int], List[int], List[int]]:
         """Returns (promoted keys, promoted rows, demoted rows)."""
-        demoted = []
-        if self.total > self.trigger:
+        demoted: List[int] = []
+        rebalanced: Tuple[List[int], List[int]] = ([], [])
+        if self.adaptive is not None:
+            self.threshold, self.trigger = self.adaptive.entry_score, float("inf")
+            if self.since > 0 and self.since * self.adaptive.rebalances_per_horizon >= self.decayed:
+                rebalanced, demoted = self._rebalance()
+        elif self.total > self.trigger:
             demoted = self._decay()
         valid = [(k, s) for k, s in zip(keys, scores) if s == s and abs(s) != float("inf") and s >= 0]
+        self.since += len(valid)
         present = {k for k, _ in valid if self._slot_of(k) is not None}
         for _, s in valid:
             self.total += s
@@ -88,7 +104,43 @@ class ReferenceSketch:
                 self.rows[j] = self.free.pop()
                 promoted_keys.append(k)
                 promoted_rows.append(self.rows[j])
-        return promoted_keys, promoted_rows, demoted
+        return rebalanced[0] + promoted_keys, rebalanced[1] + promoted_rows, demoted
+
+    def _rebalance(self) -> Tuple[Tuple[List[int], List[int]], List[int]]:
+        """The adaptive policy's decay and re-ranking; returns ((promoted keys, rows), demoted rows)."""
+        policy = self.adaptive
+        held = [j for j in range(len(self.keys)) if self.keys[j] != EMPTY]
+        ranked = sorted((self.estimate(j) for j in held), reverse=True)
+        k = min(self.capacity, len(held))
+        q = ranked[k - 1] if k else 0.0
+        total = self.decayed + self.since
+        steps = 0
+        if q > 0 and total > 0 and self.since > 0:
+            steps = min(16, int(round(16 * (self.since * q / (total * policy.horizon)) / math.log(2))))
+        f = f32(2.0 ** (-steps / 16))
+        if f < 1.0:
+            for j in range(len(self.keys)):
+                self.scores[j] = f32(self.scores[j] * f)
+                self.errors[j] = error32(f32(self.errors[j] * f))
+        self.decayed, self.since = total * f, 0
+        candidates = sorted((j for j in held if self.rows[j] == NO_ROW and not self.newcomer[j]
+                             and self.estimate(j) >= policy.entry_score), key=lambda j: (-self.estimate(j), j))
+        hot = sorted((j for j in range(len(self.keys)) if self.rows[j] >= 0), key=lambda j: (self.estimate(j), j))
+        fill = min(len(candidates), len(self.free))
+        plan = [(c, self.free.pop()) for c in candidates[:fill]]
+        demoted = []
+        for c, h in zip(candidates[fill:], hot):
+            if not self.estimate(c) >= f32(policy.hysteresis * self.estimate(h)):
+                break
+            plan.append((c, self.rows[h]))
+            demoted.append(self.rows[h])
+            self.rows[h], self.errors[h], self.newcomer[h] = NO_ROW, 0.0, False
+        for c, row in plan:
+            self.scores[c], self.errors[c] = self.estimate(c), 0.0
+            self.rows[c] = row
+        if policy.medium_share is not None:
+            self.medium = f32(policy.medium_share * max(q * f, policy.entry_score))
+        return ([self.keys[c] for c, _ in plan], [row for _, row in plan]), demoted
 
     def _slot_of(self, key: int) -> Optional[int]:
         base = self.bucket(key) * self.slots

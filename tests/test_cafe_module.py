@@ -19,7 +19,7 @@ from tests.helpers import features_of, tables, zipf_kjt
 
 def make(rows=(5000, 3000), lr: float = 0.05, optimizer=torch.optim.SGD, **cfg) -> CafeEmbeddingBagCollection:
     torch.manual_seed(0)
-    args = dict(compression_ratio=20, threshold=3.0, seed=1)
+    args = dict(compression_ratio=20, policy="paper", threshold=3.0, seed=1)
     args.update(cfg)
     ebc = CafeEmbeddingBagCollection(tables(rows), CafeConfig(**args))
     _apply_optimizer_in_backward(optimizer, ebc.parameters(), {"lr": lr})
@@ -111,7 +111,7 @@ def test_checkpoint_from_another_config_is_refused_untouched() -> None:
 
 def test_mean_pooling_and_multi_level_are_exact() -> None:
     tbls = tables([5000], dim=8, pooling=PoolingType.MEAN)
-    ebc = CafeEmbeddingBagCollection(tbls, CafeConfig(compression_ratio=20, threshold=6.0, multi_level=True, medium_share=0.25))
+    ebc = CafeEmbeddingBagCollection(tbls, CafeConfig(compression_ratio=20, policy="paper", threshold=6.0, multi_level=True, medium_share=0.25))
     _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.0})
     gen = torch.Generator().manual_seed(0)
     kjt = zipf_kjt(["f0"], 32, 50, gen, max_len=4)
@@ -194,7 +194,8 @@ def test_output_order_and_plain_tables_follow_the_configs() -> None:
 def test_bad_configs_raise_value_error_naming_the_table(bad, match) -> None:
     tbl = EmbeddingBagConfig(name="t_cat", embedding_dim=bad.get("dim", 8), num_embeddings=10_000, feature_names=["cat"],
                              pooling=bad.get("pooling", PoolingType.SUM))
-    cfg = CafeConfig(compression_ratio=bad.get("ratio", 10.0), hot_share=bad.get("hot_share"), threshold=bad.get("threshold"))
+    cfg = CafeConfig(compression_ratio=bad.get("ratio", 10.0), hot_share=bad.get("hot_share"), threshold=bad.get("threshold"),
+                     policy="paper")
     with pytest.raises(ValueError, match=match) as err:
         CafeEmbeddingBagCollection([tbl], cfg)
     assert "t_cat" in str(err.value)
@@ -203,7 +204,7 @@ def test_bad_configs_raise_value_error_naming_the_table(bad, match) -> None:
 def test_mismatched_group_settings_raise() -> None:
     tbls = tables([5000, 5000])
     with pytest.raises(ValueError, match="group"):
-        CafeEmbeddingBagCollection(tbls, {"t0": CafeConfig(threshold=5.0), "t1": CafeConfig(threshold=6.0)})
+        CafeEmbeddingBagCollection(tbls, {"t0": CafeConfig(policy="paper", threshold=5.0), "t1": CafeConfig(policy="paper", threshold=6.0)})
 
 
 def test_bad_input_raises_and_changes_nothing() -> None:

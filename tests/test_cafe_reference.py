@@ -18,7 +18,7 @@ DIM, BATCH, STEPS, LR = 8, 16, 25, 0.05
 def build(optimizer: str, multi_level: bool, kernel: str = "auto"):
     torch.manual_seed(0)
     tbls = tables([4000, 3000], dim=DIM, features_per_table=[2, 1])
-    cfg = CafeConfig(compression_ratio=20, threshold=3.0, decay=0.8, decay_trigger=0.5, multi_level=multi_level, seed=7)
+    cfg = CafeConfig(compression_ratio=20, policy="paper", threshold=3.0, decay=0.8, decay_trigger=0.5, multi_level=multi_level, seed=7)
     ebc = CafeEmbeddingBagCollection(tbls, cfg, kernel=kernel)
     model = DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[8, DIM], over_arch_layer_sizes=[8, 1])
     layout = ebc.plan.groups[0]

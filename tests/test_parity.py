@@ -35,7 +35,7 @@ def tables(pooling: PoolingType = PoolingType.SUM) -> List[EmbeddingBagConfig]:
 
 def cafe(pooling: PoolingType = PoolingType.SUM, weighted: bool = False) -> CafeEmbeddingBagCollection:
     torch.manual_seed(0)
-    ebc = CafeEmbeddingBagCollection(tables(pooling), CafeConfig(compression_ratio=100, threshold=2.0, seed=3),
+    ebc = CafeEmbeddingBagCollection(tables(pooling), CafeConfig(compression_ratio=100, seed=3),
                                      is_weighted=weighted)
     _apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.1})
     return ebc

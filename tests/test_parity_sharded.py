@@ -26,7 +26,7 @@ GROUP = "cafe_dim8"
 
 def sharded(sharding_type: str, world: int) -> DistributedModelParallel:
     torch.manual_seed(0)
-    ebc = CafeEmbeddingBagCollection(tables(), CafeConfig(compression_ratio=100, threshold=2.0, seed=3))
+    ebc = CafeEmbeddingBagCollection(tables(), CafeConfig(compression_ratio=100, seed=3))
     sharders = [CafeEmbeddingBagCollectionSharder(fused_params={"learning_rate": 0.1})]
     constraints = {name: ParameterConstraints(sharding_types=[sharding_type]) for name in (GROUP, "small")}
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints)

@@ -40,7 +40,7 @@ def assert_same_rows_and_errors(slots: torch.Tensor, expected: torch.Tensor, who
 def build() -> CafeEmbeddingBagCollection:
     torch.manual_seed(0)
     return CafeEmbeddingBagCollection(tables([6000, 4000], features_per_table=[2, 1]),
-                                      CafeConfig(compression_ratio=20, threshold=3.0, decay=0.7, decay_trigger=1.0, seed=5))
+                                      CafeConfig(compression_ratio=20, policy="paper", threshold=3.0, decay=0.7, decay_trigger=1.0, seed=5))
 
 
 def batches(rank: int) -> List[KeyedJaggedTensor]:

@@ -46,7 +46,7 @@ def train_dlrm(rank: int, world: int) -> Dict[str, object]:
     torch.manual_seed(0)
     tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=n, feature_names=[f])
               for i, (f, n) in enumerate(zip(FEATURES, [200_000, 50_000, 300, 80_000]))]
-    ebc = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=50, threshold=2.0))
+    ebc = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=50))
     model = DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[16, 16],
                            over_arch_layer_sizes=[16, 1]))
     _apply_optimizer_in_backward(RowWiseAdagrad, model.model.sparse_arch.parameters(), {"lr": 0.1})
@@ -89,7 +89,7 @@ def mixed(rank: int, world: int) -> Dict[str, object]:
     class TwoCollections(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.cafe = CafeEmbeddingBagCollection(cafe_tables, CafeConfig(compression_ratio=100, threshold=2.0))
+            self.cafe = CafeEmbeddingBagCollection(cafe_tables, CafeConfig(compression_ratio=100))
             self.stock = EmbeddingBagCollection(stock_tables)
 
         def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:

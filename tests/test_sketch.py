@@ -247,3 +247,150 @@ def test_cpp_occurrence_scores_equal_the_definition(weighted: bool) -> None:
         mean = expected[mask].mean() if mask.any() else torch.tensor(0.0)
         expected[mask] = expected[mask] / mean if mean > 0 else 0.0
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- the adaptive policy (sketch/policy.py)
+def make_adaptive(kernel: str, **policy) -> HotSketch:
+    from cafe_torchrec.sketch.policy import AdaptivePolicy
+
+    args = dict(horizon=6.0, hysteresis=1.5, entry_score=1.0, rebalances_per_horizon=4, medium_share=0.25)
+    args.update(policy)
+    return HotSketch(hot_capacity=24, num_buckets=16, slots_per_bucket=4, seed=3, kernel=kernel,
+                     adaptive=AdaptivePolicy(**args))
+
+
+def reference_for(sk: HotSketch) -> ReferenceSketch:
+    return ReferenceSketch(sk.num_buckets, sk.slots_per_bucket, sk.hot_capacity, sk.threshold, 0.98, 0.0, 3,
+                           adaptive=sk.adaptive)
+
+
+def drifting_batches(gen: torch.Generator, steps: int, batch: int = 200):
+    for step in range(steps):
+        offset = 0 if step < steps // 2 else 7_000  # an abrupt drift half way
+        yield zipf_keys(batch, 600, 1.1, gen) + offset * 2654435761
+
+
+def assert_same_as_reference(sk: HotSketch, ref: ReferenceSketch, res, got: tuple) -> None:
+    pos, rows, demoted = got
+    assert res.promoted_keys.tolist() == pos and res.promoted_rows.tolist() == rows
+    assert res.demoted_rows.tolist() == demoted
+    assert sk.slot_keys.tolist() == ref.keys and sk.slot_scores.tolist() == ref.scores
+    assert sk.slot_rows.tolist() == ref.rows and sk.slot_errors.tolist() == ref.errors
+    assert sk.slot_newcomers.tolist() == ref.newcomer
+    assert sk.free_rows[: int(sk.free_count[0])].tolist() == ref.free
+    assert float(sk.decayed_occurrences[0]) == ref.decayed and int(sk.occurrences_since[0]) == ref.since
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_adaptive_policy_ranks_like_the_sequential_reference(kernel: str) -> None:
+    """No decay (a huge horizon keeps the factor at 1), so sums stay exact in any order: both
+    kernels must pick the same promotions, swaps and rows as the reference, bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    sk = make_adaptive(kernel, horizon=1e12)
+    ref = reference_for(sk)
+    swaps = 0
+    for keys in drifting_batches(gen, 80):
+        scores = dyadic_scores(keys.numel(), gen)
+        res = sk.insert(keys, scores)
+        assert_same_as_reference(sk, ref, res, ref.insert_batch(keys.tolist(), scores.tolist()))
+        swaps += res.demoted_rows.numel()
+    assert swaps > 10  # the drift made challengers replace hot ids
+
+
+def test_adaptive_policy_with_decay_equals_the_reference_bit_for_bit() -> None:
+    """With decays (non-dyadic factors), the C++ insert, which adds occurrences in input order
+    as the reference does, stays bit-equal; the torch-ops twin agrees on keys and rows."""
+    if not cpp_available():
+        pytest.skip("no C++ build")
+    gen = torch.Generator().manual_seed(5)
+    sk, twin = make_adaptive("cpp"), make_adaptive("torch")
+    ref = reference_for(sk)
+    decays = 0
+    for keys in drifting_batches(gen, 120):
+        scores = torch.rand(keys.numel(), generator=gen) * 2
+        res, res_twin = sk.insert(keys, scores), twin.insert(keys, scores)
+        assert_same_as_reference(sk, ref, res, ref.insert_batch(keys.tolist(), scores.tolist()))
+        assert float(sk.medium_level[0]) == (ref.medium if ref.medium != float("inf") else sk._first_medium)
+        assert torch.equal(res.promoted_keys, res_twin.promoted_keys) and torch.equal(sk.slot_rows, twin.slot_rows)
+        torch.testing.assert_close(twin.slot_scores, sk.slot_scores, rtol=1e-5, atol=1e-5)
+        decays += res.decayed
+    assert decays > 10
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_adaptive_policy_follows_an_abrupt_drift(kernel: str) -> None:
+    """The share of a batch that hits hot rows returns to 90% of its pre-drift level within a
+    few horizons of the marginal id; the paper's policy on the same stream does not return."""
+    from cafe_torchrec.sketch.policy import AdaptivePolicy
+
+    def hit_shares(sk: HotSketch) -> list:
+        gen = torch.Generator().manual_seed(6)
+        weights = torch.arange(1, 5001, dtype=torch.float64).pow(-1.1)
+        shares = []
+        for step in range(300):
+            ids = torch.multinomial(weights, 500, replacement=True, generator=gen) + (10**6 if step >= 150 else 0)
+            keys = mix64(ids, 1)
+            shares.append(float((sk.query(keys)[0] >= 0).float().mean()))
+            sk.insert(keys, torch.ones(500))
+        return shares
+
+    adaptive = hit_shares(HotSketch(64, adaptive=AdaptivePolicy(), kernel=kernel))
+    paper = hit_shares(HotSketch(64, threshold=100.0, kernel=kernel))
+    before = sum(adaptive[130:150]) / 20
+    back = next(i for i, s in enumerate(adaptive[150:]) if s >= 0.9 * before)
+    assert before > 0.5 and back < 60, (before, back)
+    assert max(paper[200:]) < 0.1 * before  # the paper's stale hot ids never leave
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("stream", ["all new", "one id", "nan scores", "huge scores"])
+def test_adaptive_policy_stays_finite_and_never_leaks_rows(kernel: str, stream: str) -> None:
+    gen = torch.Generator().manual_seed(7)
+    sk = make_adaptive(kernel, horizon=4.0)
+    assigned: dict = {}
+    for step in range(300):
+        if stream == "all new":
+            keys = mix64(torch.arange(200) + 200 * step, 2)
+        elif stream == "one id":
+            keys = mix64(torch.zeros(200, dtype=torch.int64), 2)
+        else:
+            keys = zipf_keys(200, 300, 1.2, gen)
+        scores = torch.rand(200, generator=gen) * 3
+        if stream == "nan scores":
+            scores[::3] = float("nan")
+        if stream == "huge scores":
+            scores = scores * 1e37
+        res = sk.insert(keys, scores)
+        for k, r in zip(res.demoted_keys.tolist(), res.demoted_rows.tolist()):
+            assert assigned.pop(r) == k
+        for k, r in zip(res.promoted_keys.tolist(), res.promoted_rows.tolist()):
+            assert r not in assigned
+            assigned[r] = k
+        rows = sk.slot_rows[sk.slot_rows >= 0]
+        free = sk.free_rows[: int(sk.free_count[0])]
+        assert torch.cat([rows, free]).unique().numel() == rows.numel() + free.numel() == sk.hot_capacity
+        assert sorted(rows.tolist()) == sorted(assigned)
+        assert torch.isfinite(sk.slot_scores).all() and (sk.slot_scores >= 0).all()
+        assert torch.isfinite(sk.decayed_occurrences).all() and torch.isfinite(sk.medium_level).all()
+    if stream == "one id":  # decay bounds its score near horizon x its rate, not the stream length
+        assert float(sk.slot_scores.max()) < 200 * 4.0 * 4
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_adaptive_state_round_trips_between_rebalances(kernel: str) -> None:
+    gen = torch.Generator().manual_seed(8)
+    a = make_adaptive(kernel)
+    batches = list(drifting_batches(gen, 60))
+    for keys in batches[:23]:  # stop between two rebalances
+        a.insert(keys, dyadic_scores(keys.numel(), gen))
+    assert int(a.occurrences_since[0]) > 0
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    b = make_adaptive(kernel)
+    b.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    for keys in batches[23:]:
+        scores = dyadic_scores(keys.numel(), gen)
+        ra, rb = a.insert(keys, scores), b.insert(keys, scores)
+        assert torch.equal(ra.promoted_rows, rb.promoted_rows) and torch.equal(ra.demoted_rows, rb.demoted_rows)
+    assert torch.equal(a.slots, b.slots) and torch.equal(a.medium_level, b.medium_level)
+    assert torch.equal(a.decayed_occurrences, b.decayed_occurrences)

@@ -196,7 +196,7 @@ int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s, PhaseA
       if (b[j].row < 0 && (victim < 0 || b[j].score < b[victim].score)) victim = j;
     }
     if (empty >= 0) {
-      b[empty] = Slot{key, usums[u], cold_word(0.0f, true)};
+      b[empty] = Slot{key, std::min(usums[u], kFloatMax), cold_word(0.0f, true)};
     } else if (victim >= 0) {
       const float evicted = b[victim].score;
       b[victim] = Slot{key, std::min(evicted + usums[u], kFloatMax), cold_word(evicted, true)};

@@ -43,13 +43,13 @@ from cafe_torchrec._torchrec_compat import (
     sharding_process_group,
     take_over_input_dist,
 )
+from cafe_torchrec.backward import importance_hook
 from cafe_torchrec.distributed.sketch_state import ShardedSketchState, owner_blocks
 from cafe_torchrec.feature_map import FeatureMap
 from cafe_torchrec.hashing import KEY_SPACE
 from cafe_torchrec.modules import CafeEmbeddingBagCollection
 from cafe_torchrec.remap import CafeGroupRemap, remap_kjt
 from cafe_torchrec.stats import CollectionReport
-from cafe_torchrec.training import importance_hook
 from cafe_torchrec.validation import checked_input
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from cafe_torchrec.hashing import MAX_BOUND, odd_multiplier
 from cafe_torchrec.ops import KERNELS, resolve_kernel
 from cafe_torchrec.sketch import cpp_kernel, torch_kernel
+from cafe_torchrec.sketch.policy import AdaptivePolicy, rebalance_
 from cafe_torchrec.sketch.types import (
     COLD_WORD,
     EMPTY_KEY,
@@ -45,7 +47,7 @@ class HotSketch(nn.Module):
     def __init__(
         self,
         hot_capacity: int,
-        threshold: float,
+        threshold: Optional[float] = None,
         num_buckets: Optional[int] = None,
         slots_per_bucket: int = 4,
         medium_threshold: Optional[float] = None,
@@ -54,13 +56,24 @@ class HotSketch(nn.Module):
         seed: int = 0,
         device: Optional[torch.device] = None,
         kernel: str = "auto",
+        adaptive: Optional[AdaptivePolicy] = None,
     ) -> None:
         super().__init__()
         num_buckets = hot_capacity if num_buckets is None else num_buckets
+        if adaptive is not None:  # the policy replaces the fixed threshold, decay and medium level
+            if threshold is not None or medium_threshold is not None:
+                raise ValueError("an adaptive HotSketch takes no threshold or medium_threshold (see AdaptivePolicy)")
+            adaptive.validate()
+            threshold, decay_trigger = adaptive.entry_score, math.inf
+        elif threshold is None:
+            raise ValueError("HotSketch needs a threshold, or an AdaptivePolicy")
         _check_config(hot_capacity, threshold, num_buckets, slots_per_bucket, medium_threshold, decay, decay_trigger, kernel)
         self.hot_capacity = hot_capacity
         self.threshold = float(threshold)
-        self.medium_threshold = float(medium_threshold) if medium_threshold is not None else None
+        self.adaptive = adaptive
+        self._has_medium = medium_threshold is not None or (adaptive is not None and adaptive.medium_share is not None)
+        first_medium = medium_threshold if adaptive is None else (adaptive.medium_share or 1.0) * adaptive.entry_score
+        self._first_medium = float(first_medium) if self._has_medium else math.inf
         self.decay = float(decay)
         self.slots_per_bucket = slots_per_bucket
         self.requested_kernel = kernel
@@ -72,6 +85,11 @@ class HotSketch(nn.Module):
         self.register_buffer("free_count", torch.tensor([hot_capacity], dtype=torch.int64, device=device))
         self.register_buffer("total_score", torch.zeros(1, dtype=torch.float64, device=device))
         self.register_buffer("seed", torch.tensor([seed], dtype=torch.int64, device=device))
+        # the medium level (inf without one): fixed, or set by the adaptive policy at each rebalance
+        self.register_buffer("medium_level", torch.tensor([self._first_medium], dtype=torch.float32, device=device))
+        # adaptive policy: the decayed occurrence count before the current interval, occurrences since
+        self.register_buffer("decayed_occurrences", torch.zeros(1, dtype=torch.float64, device=device))
+        self.register_buffer("occurrences_since", torch.zeros(1, dtype=torch.int64, device=device))
         # 0 after DistributedModelParallel materialises meta buffers as zeros: re-initialise lazily
         self.register_buffer("initialized", torch.ones(1, dtype=torch.int64, device=device))
         self._seed = seed
@@ -122,6 +140,11 @@ class HotSketch(nn.Module):
         return state.keys[held[order]], estimates[order]
 
     @property
+    def medium_threshold(self) -> Optional[float]:
+        """The medium level (CAFE-ML), None without one; the adaptive policy moves it."""
+        return float(self.medium_level[0]) if self._has_medium else None
+
+    @property
     def decay_trigger(self) -> float:
         return self._decay_trigger_factor * self.num_buckets * self.threshold
 
@@ -132,6 +155,9 @@ class HotSketch(nn.Module):
             self.free_rows.copy_(torch.arange(self.hot_capacity - 1, -1, -1, dtype=torch.int32))
             self.free_count.fill_(self.hot_capacity)
             self.total_score.zero_()
+            self.medium_level.fill_(self._first_medium)
+            self.decayed_occurrences.zero_()
+            self.occurrences_since.zero_()
             self.seed.fill_(self._configured_seed)
             self.initialized.fill_(1)
         self._seed = self._configured_seed
@@ -184,7 +210,22 @@ class HotSketch(nn.Module):
         if scores.shape != keys.shape or not scores.is_floating_point():
             raise ValueError(f"scores must be a float tensor shaped like keys {tuple(keys.shape)}, got {scores.dtype} {tuple(scores.shape)}")
         params = InsertParams(self.threshold, self.decay, self.decay_trigger)
-        return kernel.insert_(self.state(), keys, scores.to(torch.float32), params, hints)
+        rebalanced = self._rebalance_if_due()
+        result = kernel.insert_(self.state(), keys, scores.to(torch.float32), params, hints)
+        if self.adaptive is not None:
+            self.occurrences_since += keys.numel() - result.skipped
+        return result if rebalanced is None else _merged(rebalanced, result)
+
+    def _rebalance_if_due(self) -> Optional[InsertResult]:
+        """The adaptive policy's rebalance (sketch/policy.py), when due."""
+        policy = self.adaptive
+        if policy is None or not policy.due(int(self.occurrences_since[0]), float(self.decayed_occurrences[0])):
+            return None
+        result, marginal = rebalance_(self.state(), policy, self.hot_capacity, self.decayed_occurrences,
+                                      self.occurrences_since)
+        if policy.medium_share is not None:
+            self.medium_level.fill_(policy.medium_share * max(marginal, policy.entry_score))
+        return result
 
     @torch.no_grad()
     def lookup(self, keys: torch.Tensor, regions: torch.Tensor, counts: Optional[torch.Tensor] = None) -> Lookup:
@@ -224,6 +265,15 @@ class HotSketch(nn.Module):
         return (f"buckets={self.num_buckets}, slots_per_bucket={self.slots_per_bucket}, "
                 f"hot_capacity={self.hot_capacity}, threshold={self.threshold}, "
                 f"medium_threshold={self.medium_threshold}, decay={self.decay}")
+
+
+def _merged(first: InsertResult, second: InsertResult) -> InsertResult:
+    """Two results of one insert call (a rebalance, then the insert), in that order."""
+    return InsertResult(torch.cat([first.promoted_keys, second.promoted_keys]),
+                        torch.cat([first.promoted_rows, second.promoted_rows]),
+                        torch.cat([first.demoted_keys, second.demoted_keys]),
+                        torch.cat([first.demoted_rows, second.demoted_rows]),
+                        first.skipped + second.skipped, first.dropped + second.dropped, first.decayed or second.decayed)
 
 
 def sketch_nbytes(num_buckets: int, slots_per_bucket: int, hot_capacity: int) -> int:

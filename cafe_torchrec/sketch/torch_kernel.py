@@ -136,6 +136,7 @@ def _place_newcomers(state: SketchState, keys: torch.Tensor, scores: torch.Tenso
     first = torch.full((uniq.numel(),), keys.numel(), dtype=torch.int64, device=device)
     first.scatter_reduce_(0, inverse, torch.arange(keys.numel(), device=device), reduce="amin")
     sums = torch.zeros(uniq.numel(), dtype=torch.float32, device=device).index_add_(0, inverse, scores)
+    sums = torch.clamp(sums, max=FLOAT_MAX)  # a sum of huge scores saturates, as every score does
     order = torch.argsort(first)
     ukeys, usums, ubase = uniq[order], sums[order], base[first[order]]
     by_bucket = torch.argsort(ubase, stable=True)

@@ -94,7 +94,6 @@ class SmokeConfig:
     train_batches: int = 60
     eval_batches: int = 4
     compression_ratio: float = 10.0
-    threshold: float = 2.0
     seed: int = 0
 
     @classmethod
@@ -180,7 +179,7 @@ def build_model(cfg: SmokeConfig, device: torch.device) -> DLRMTrain:
                                  feature_names=[name])
               for name, rows in zip(DEFAULT_CAT_NAMES, cfg.num_embeddings_per_feature)]
     collection = CafeEmbeddingBagCollection(
-        tables=tables, cafe=CafeConfig(compression_ratio=cfg.compression_ratio, threshold=cfg.threshold),
+        tables=tables, cafe=CafeConfig(compression_ratio=cfg.compression_ratio),
         device=torch.device("meta"))
     common = dict(embedding_bag_collection=collection, dense_in_features=len(DEFAULT_INT_NAMES),
                   dense_arch_layer_sizes=cfg.dense_arch_layer_sizes, over_arch_layer_sizes=cfg.over_arch_layer_sizes,

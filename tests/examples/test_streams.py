@@ -179,8 +179,8 @@ def test_cafe_options_are_checked() -> None:
 
 def test_training_on_a_stream_reports_validation_and_test(tmp_path: Path) -> None:
     result = train.main(["--data", "stream", "--stream", "short128", "--max-steps", "30", "--log-every", "5",
-                         "--embedding", "cafe", "--compression-ratio", "100", "--cafe-option", "threshold=7",
-                         "--cafe-option", "decay=0.9", "--out-dir", str(tmp_path), "--run-name", "s",
+                         "--embedding", "cafe", "--compression-ratio", "100", "--cafe-option", "policy=paper",
+                         "--cafe-option", "threshold=7", "--cafe-option", "decay=0.9", "--out-dir", str(tmp_path), "--run-name", "s",
                          "--no-progress", "--no-plot"])
     saved = json.loads((tmp_path / "s.json").read_text())
     assert saved["test_auc"] == result["test_auc"] and saved["eval_split"] == "validation"
@@ -189,7 +189,7 @@ def test_training_on_a_stream_reports_validation_and_test(tmp_path: Path) -> Non
     for key in ("val_auc", "test_auc", "val_log_loss", "test_log_loss"):
         assert math.isfinite(saved[key]), key
     assert saved["val_auc"] != saved["test_auc"]
-    assert "threshold 7," in saved["describe"] and saved["cafe_options"] == {"threshold": 7, "decay": 0.9}
+    assert "threshold 7," in saved["describe"] and saved["cafe_options"] == {"policy": "paper", "threshold": 7, "decay": 0.9}
     assert [h["step"] for h in saved["hot_history"]] == [5, 10, 15, 20, 25, 30]
     assert saved["data"]["stream"] == "short128" and saved["data"]["drift_steps"] == []
 

@@ -1,0 +1,169 @@
+"""The adaptive hot-row policy: hot rows follow the ids with the most recent importance, with no
+threshold to set per dataset.
+
+The paper's policy (the sketch's own insert, torch_kernel.py) promotes an id when its score
+reaches a fixed threshold and demotes it only when a decay, fired after a fixed score mass,
+brings it below. Both constants are absolute scores tuned on Criteo: on shorter, smaller or
+less skewed streams the threshold is rarely reached, decays rarely fire, and yesterday's hot
+ids keep their rows. The adaptive policy counts time in occurrences (scores are normalised to
+mean 1 per occurrence, so an occurrence is one unit of mass) and, before an insert, once the
+occurrences since the last rebalance reach 1/`rebalances_per_horizon` of the decayed count
+(every insert while that count is 0), rebalances:
+
+1. Decays. Let q be the estimate of the k-th highest held slot (k = min(hot rows, held
+   slots)): the marginal hot id. Every slot's score is multiplied by f so that, in steady
+   state, q stays near `horizon` occurrences: with S the decayed occurrence count before the
+   interval plus the n occurrences during it, the decay rate per occurrence is
+   q / (S x horizon), and f = 2^(-j / 16) with j = round(16 n q / (S horizon ln 2)), capped at
+   16 (f >= 1/2 per rebalance); the decayed count becomes S f. Counts are integers and f is
+   quantised, so kernels and the reference stay bit-equal. The memory horizon is "the time
+   in which the marginal hot id sees `horizon` occurrences", whatever the batch size, stream
+   length, feature count or skew.
+2. Re-ranks with hysteresis. Candidates are held, confirmed (hit since placed), non-hot slots
+   with estimate >= entry_score, by estimate descending (ties: lower slot first); hot slots by
+   estimate ascending (ties: lower slot first). Free rows go to the first candidates (rows
+   popped from the free stack); then the next candidate c_i replaces the weakest remaining hot
+   slot h_i while estimate(c_i) >= hysteresis x estimate(h_i): h_i becomes cold (error 0,
+   confirmed) and c_i takes its row. A promoted slot keeps its estimate as its score and no
+   error, as in the insert.
+3. Sets the medium level (CAFE-ML): medium_share x max(q f, entry_score).
+
+Between rebalances the insert runs with threshold = entry_score (an id takes a free row on a
+later batch's hit once its estimate reaches it) and never decays by score mass. Demotion
+happens only here, so a hot id keeps its row until a challenger beats it by the hysteresis
+factor, and an abrupt drift is caught within a few horizons of the marginal id.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from cafe_torchrec.sketch.types import (
+    COLD_WORD,
+    EMPTY_KEY,
+    NEWCOMER_BIT,
+    InsertResult,
+    SketchState,
+    cold_words,
+    errors_of,
+    estimates_of,
+    newcomers_of,
+)
+
+DECAY_STEPS = 16  # f = 2^(-j / DECAY_STEPS), j in [0, DECAY_STEPS]
+
+
+@dataclass(frozen=True)
+class AdaptivePolicy:
+    """Constants of the adaptive policy (see the module docstring); scale-free by design."""
+
+    horizon: float = 32.0
+    hysteresis: float = 1.5
+    entry_score: float = 2.0
+    rebalances_per_horizon: int = 16
+    medium_share: Optional[float] = None  # None: no medium level
+
+    def validate(self, where: str = "AdaptivePolicy") -> None:
+        if not self.horizon > 0:
+            raise ValueError(f"{where}: horizon must be > 0, got {self.horizon}")
+        if not self.hysteresis >= 1:
+            raise ValueError(f"{where}: hysteresis must be >= 1, got {self.hysteresis}")
+        if not self.entry_score > 0:
+            raise ValueError(f"{where}: entry_score must be > 0, got {self.entry_score}")
+        if self.rebalances_per_horizon < 1:
+            raise ValueError(f"{where}: rebalances_per_horizon must be >= 1, got {self.rebalances_per_horizon}")
+
+    def due(self, occurrences_since: int, decayed_occurrences: float) -> bool:
+        """Whether a rebalance runs before the next insert."""
+        return occurrences_since > 0 and occurrences_since * self.rebalances_per_horizon >= decayed_occurrences
+        if self.medium_share is not None and not 0 < self.medium_share <= 1:
+            raise ValueError(f"{where}: medium_share must be in (0, 1], got {self.medium_share}")
+
+
+def decay_exponent(since: float, before: float, marginal: float, horizon: float) -> int:
+    """j of the decay factor 2^(-j / 16) (module docstring, step 1)."""
+    total = before + since
+    if not (marginal > 0 and total > 0 and since > 0):
+        return 0
+    rate = since * marginal / (total * horizon)
+    return min(DECAY_STEPS, int(round(DECAY_STEPS * rate / math.log(2))))
+
+
+def decay_factor(exponent: int) -> float:
+    """2^(-exponent / 16) rounded to float32, the factor the scores are multiplied by."""
+    return float(torch.tensor(2.0 ** (-exponent / DECAY_STEPS), dtype=torch.float32))
+
+
+def marginal_estimate(estimates: torch.Tensor, held: torch.Tensor, capacity: int) -> float:
+    """The k-th highest estimate of the held slots, k = min(capacity, held); 0 if none."""
+    values = estimates[held]
+    k = min(capacity, int(values.numel()))
+    if k == 0:
+        return 0.0
+    return float(torch.topk(values, k, sorted=False).values.min())
+
+
+def rebalance_(state: SketchState, policy: AdaptivePolicy, capacity: int, decayed: torch.Tensor,
+               since: torch.Tensor) -> Tuple[InsertResult, float]:
+    """Steps 1 and 2 of the module docstring on `state` in place. `decayed` (float64 [1]: the
+    decayed occurrence count before this interval) becomes (before + since) f, `since` (int64
+    [1]: occurrences during it) becomes 0. Returns the promotions and demotions, and the
+    marginal estimate after the decay (for the medium level)."""
+    keys, words = state.keys, state.words
+    held = keys != EMPTY_KEY
+    q = marginal_estimate(estimates_of(state.scores, words), held, capacity)
+    before, count = float(decayed[0]), int(since[0])
+    f = decay_factor(decay_exponent(count, before, q, policy.horizon))
+    if f < 1.0:
+        scale_(state, f)
+    decayed.fill_((before + count) * f)
+    since.zero_()
+    estimates = estimates_of(state.scores, words)
+    hot = words >= 0
+    candidates = (held & ~hot & ~newcomers_of(words) & (estimates >= policy.entry_score)).nonzero().flatten()
+    candidates = candidates[_order(estimates[candidates], descending=True)]
+    hot_slots = hot.nonzero().flatten()
+    hot_slots = hot_slots[_order(estimates[hot_slots], descending=False)]
+    fill = min(int(candidates.numel()), int(state.free_count[0]))
+    challengers = candidates[fill:]
+    pairs = min(int(challengers.numel()), int(hot_slots.numel()))
+    wins = estimates[challengers[:pairs]] >= policy.hysteresis * estimates[hot_slots[:pairs]]
+    swaps = int(torch.cumprod(wins.to(torch.int64), 0).sum()) if pairs else 0
+    result = reassign_(state, hot_slots[:swaps], candidates[: fill + swaps], fill)
+    result.decayed = f < 1.0
+    return result, q * f
+
+
+def scale_(state: SketchState, factor: float) -> None:
+    """Every score, and the Space-Saving error of every slot without a hot row, times `factor`."""
+    words = state.words
+    cold = (words < 0).nonzero().flatten()
+    cold_now = words[cold]
+    words[cold] = cold_words(errors_of(cold_now) * factor, cold_now & NEWCOMER_BIT)
+    state.scores.mul_(factor)
+
+
+def reassign_(state: SketchState, demote: torch.Tensor, promote: torch.Tensor, fill: int) -> InsertResult:
+    """Give the first `fill` slots of `promote` free rows (popped from the stack), then swap:
+    demote[i] turns cold and its row goes to promote[fill + i]. Returns what changed."""
+    words, device = state.words, state.keys.device
+    empty = torch.empty(0, dtype=torch.int64, device=device)
+    top = int(state.free_count[0])
+    first_rows = state.free_rows[top - fill : top].flip(0).long() if fill else empty
+    demoted_rows = words[demote].long()
+    rows = torch.cat([first_rows, demoted_rows])
+    demoted_keys = state.keys[demote].clone()
+    words[demote] = COLD_WORD
+    state.free_count -= fill
+    state.scores[promote] = estimates_of(state.scores[promote], words[promote])
+    words[promote] = rows.to(torch.int32)
+    return InsertResult(state.keys[promote].clone(), rows, demoted_keys, demoted_rows, 0, 0, False)
+
+
+def _order(values: torch.Tensor, descending: bool) -> torch.Tensor:
+    """A stable sort order of `values` (ties keep slot order)."""
+    return torch.sort(values, descending=descending, stable=True).indices
