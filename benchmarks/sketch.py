@@ -74,9 +74,9 @@ def step_cost(batch_size: int, ratio: float, dim: int = 16, multi_level: bool = 
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
     from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
+    from cafe_torchrec.backward import background_worker
     from cafe_torchrec.importance import occurrence_scores
     from cafe_torchrec.ops import available
-    from cafe_torchrec.training import background_worker
     from examples.dlrm.data.synthetic import KAGGLE_CARDINALITIES
 
     available()  # builds the C++ ops before their first direct use below
