@@ -41,7 +41,10 @@ class CafeConfig:
     medium_share: the medium level as a share of the hot one: of the threshold (paper) or of the
         marginal hot id's estimate (adaptive) (*group*; the paper's code: 0.2).
     level2_share: share of a table's hashed rows in the second region (the paper's code: 0.3).
-    slots_per_bucket: sketch bucket size (*group*).
+    slots_per_bucket: sketch bucket size (*group*; the paper's 4: one 64-byte cache line).
+    slots_per_hot_row: sketch slots per hot row (*group*; the paper's 4, one bucket per hot
+        row). A slot is 16 bytes; fewer slots leave more of the memory to hot rows, at the cost
+        of room for challengers (ids tracked before they earn a row).
     importance: "gradient" (L2 norm of the embedding gradient, normalised per feature and
         batch to mean 1) or "frequency" (1 per occurrence) (*group*).
     group: tables with the same dim and group name share one hot pool and sketch; None puts
@@ -62,6 +65,7 @@ class CafeConfig:
     medium_share: float = 0.2
     level2_share: float = 0.3
     slots_per_bucket: int = 4
+    slots_per_hot_row: float = 4.0
     importance: str = "gradient"
     group: Optional[str] = None
     seed: int = 0
@@ -113,6 +117,8 @@ class CafeConfig:
             raise ValueError(f"{where}: decay_trigger must be > 0, got {self.decay_trigger}")
         if self.slots_per_bucket < 1:
             raise ValueError(f"{where}: slots_per_bucket must be >= 1, got {self.slots_per_bucket}")
+        if not self.slots_per_hot_row >= 1:
+            raise ValueError(f"{where}: slots_per_hot_row must be >= 1, got {self.slots_per_hot_row}")
         if self.importance not in ("gradient", "frequency"):
             raise ValueError(f"{where}: importance must be 'gradient' or 'frequency', got {self.importance!r}")
 
@@ -120,7 +126,7 @@ class CafeConfig:
         """The fields every table of one CAFE group must share."""
         r = self.resolved()
         return (r.hot_share, r.policy, r.horizon, r.hysteresis, r.entry_score, r.threshold, r.multi_level,
-                r.medium_share, r.decay, r.decay_trigger, r.slots_per_bucket, r.importance, r.seed)
+                r.medium_share, r.decay, r.decay_trigger, r.slots_per_bucket, r.slots_per_hot_row, r.importance, r.seed)
 
 
 def default_threshold(ratio: float) -> float:

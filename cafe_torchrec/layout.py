@@ -22,7 +22,7 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from cafe_torchrec.config import CafeConfig
 from cafe_torchrec.hashing import MAX_BOUND
 from cafe_torchrec.validation import check_tables
-from cafe_torchrec.sketch.hot_sketch import sketch_nbytes
+from cafe_torchrec.sketch.hot_sketch import FREE_ROW_BYTES, SLOT_BYTES, sketch_nbytes
 
 MAX_TABLES_PER_GROUP = 1 << 15  # the table slot lives in the low 15 bits of a key
 BYTES_PER_VALUE = {DataType.FP32: 4, DataType.FP16: 2}
@@ -95,10 +95,14 @@ class GroupLayout:
         tables = tuple(replace(t, level1_rows=next(rest), level2_rows=next(rest) if multi else 0) for t in self.tables)
         return replace(self, hot_rows=hot, tables=tables)
 
+    @property
+    def sketch_buckets(self) -> int:
+        """Buckets of the group's HotSketch: slots_per_hot_row slots per hot row (at least one bucket)."""
+        return sketch_buckets(self.hot_rows, self.config.slots_per_hot_row, self.config.slots_per_bucket)
+
     def sketch_bytes(self) -> int:
-        """What the group's HotSketch allocates: one bucket per hot row (at least one bucket)."""
-        c = self.config.slots_per_bucket
-        return sketch_nbytes(max(1, self.hot_rows), c, self.hot_rows)
+        """What the group's HotSketch allocates."""
+        return sketch_nbytes(self.sketch_buckets, self.config.slots_per_bucket, self.hot_rows)
 
     def weight_bytes(self) -> int:
         return self.physical_rows * self.dim * BYTES_PER_VALUE[self.data_type]
@@ -142,20 +146,31 @@ class CafePlan:
         return configs
 
 
-def is_compressed(rows: int, cfg: CafeConfig) -> bool:
-    """The paper's rule: tables with at most 2000 / ratio rows (or ratio 1) stay plain."""
-    return cfg.compression_ratio > 1 and rows > 2000.0 / cfg.compression_ratio
+# The paper's code (init_embed.py: compress_threshold = 2000 * compress_rate) leaves a field
+# uncompressed when it has at most 2000 / ratio rows; CAFE and every baseline here do the same.
+SMALL_TABLE_ROWS = 2000.0
 
 
-def hot_row_bytes(dim: int, slots_per_bucket: int, bytes_per_value: int = 4) -> int:
-    """What one hot row costs: its weights, one sketch bucket, one free-list entry."""
-    return dim * bytes_per_value + sketch_nbytes(1, slots_per_bucket, 1)
+def keeps_plain(rows: int, ratio: float, small_table_rows: float = SMALL_TABLE_ROWS) -> bool:
+    """Whether a table stays uncompressed (stock rows, row = id mod rows): ratio 1, or at most
+    `small_table_rows / ratio` rows (the paper's rule; small_table_rows 0 compresses all)."""
+    return ratio <= 1 or rows <= small_table_rows / ratio
+
+
+def sketch_buckets(hot_rows: int, slots_per_hot_row: float, slots_per_bucket: int) -> int:
+    """Buckets of a HotSketch giving `slots_per_hot_row` slots per hot row (at least one)."""
+    return max(1, math.ceil(hot_rows * slots_per_hot_row / slots_per_bucket))
+
+
+def hot_row_bytes(dim: int, slots_per_hot_row: float, bytes_per_value: int = 4) -> float:
+    """What one hot row costs: its weights, its share of sketch slots, one free-list entry."""
+    return dim * bytes_per_value + slots_per_hot_row * SLOT_BYTES + FREE_ROW_BYTES
 
 
 def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeConfig]) -> GroupLayout:
     """Hot rows and hashed rows of one group from each table's ratio (the paper's formulas):
 
-    hot rows = sum_t(rows_t x dim x 4 / ratio_t) x hot_share / (4 dim + sketch bytes per row);
+    hot rows = sum_t(rows_t x dim x 4 / ratio_t) x hot_share / (4 dim + sketch bytes per hot row);
     hashed rows_t = ceil(rows_t x (1 - hot_share) / ratio_t), split 1 - level2_share : level2_share
     between two regions when multi-level.
     """
@@ -163,7 +178,7 @@ def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[st
     dim, dtype = tables[0].embedding_dim, tables[0].data_type
     width = BYTES_PER_VALUE[dtype]
     hot_bytes = sum(t.num_embeddings * dim * width / configs[t.name].compression_ratio for t in tables) * first.hot_share
-    hot_rows = int(hot_bytes // hot_row_bytes(dim, first.slots_per_bucket, width))
+    hot_rows = int(hot_bytes // hot_row_bytes(dim, first.slots_per_hot_row, width))
     layouts = []
     for t in tables:
         cfg = configs[t.name]
@@ -184,7 +199,7 @@ def plan_tables(tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeCon
     plain = []
     for t in tables:
         cfg = configs[t.name]
-        if is_compressed(t.num_embeddings, cfg):
+        if not keeps_plain(t.num_embeddings, cfg.compression_ratio):
             key = (cfg.group if cfg.group is not None else f"dim{t.embedding_dim}", t.embedding_dim)
             grouped.setdefault(key, []).append(t)
         else:

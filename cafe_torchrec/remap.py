@@ -12,9 +12,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cafe_torchrec.backward import wait_for_sketch_update
 from cafe_torchrec.config import POLICIES
-from cafe_torchrec.feature_map import FeatureInfo
+from cafe_torchrec.feature_map import FeatureMap
 from cafe_torchrec.hashing import SKETCH_SEED, SLOT_MASK, hashed_rows, mix64_int
-from cafe_torchrec.kjt import concat, feature_segments
+from cafe_torchrec.kjt import concat, table_segments
 from cafe_torchrec.layout import GroupLayout
 from cafe_torchrec.sketch import HotSketch, InsertResult
 from cafe_torchrec.sketch.types import Lookup
@@ -57,7 +57,7 @@ class CafeGroupRemap(nn.Module):
         self.sketch = HotSketch(
             hot_capacity=layout.hot_rows,
             threshold=cfg.threshold,
-            num_buckets=max(1, layout.hot_rows),
+            num_buckets=layout.sketch_buckets,
             slots_per_bucket=cfg.slots_per_bucket,
             medium_threshold=paper_medium,
             decay=cfg.decay if cfg.decay is not None else 0.98,
@@ -87,8 +87,8 @@ class CafeGroupRemap(nn.Module):
     def _signature(self) -> torch.Tensor:
         """Layout as numbers: a checkpoint of another layout is refused on load."""
         cfg = self.layout.config
-        nums = [_FORMAT, self.layout.hot_rows, self.layout.dim, cfg.slots_per_bucket, cfg.seed, int(cfg.multi_level),
-                POLICIES.index(cfg.policy)]
+        nums = [_FORMAT, self.layout.hot_rows, self.layout.sketch_buckets, self.layout.dim, cfg.slots_per_bucket,
+                cfg.seed, int(cfg.multi_level), POLICIES.index(cfg.policy)]
         for t in self.layout.tables:
             nums += [t.logical_rows, t.level1_rows, t.level2_rows]
         return torch.tensor(nums, dtype=torch.int64)
@@ -139,7 +139,7 @@ class CafeGroupRemap(nn.Module):
 
 def remap_kjt(
     kjt: KeyedJaggedTensor,
-    info: Dict[str, FeatureInfo],
+    feature_map: FeatureMap,
     groups: Dict[str, CafeGroupRemap],
     plain_offsets: Dict[str, int],
     training: bool,
@@ -147,38 +147,32 @@ def remap_kjt(
     """Prepared ids (keys / id mod rows) of a KJT -> local physical rows; medium keys give two
     rows to their bag. Returns the remapped KJT and, when training, what backward needs.
     `plain_offsets[table]` is the first row a row-wise shard of a plain table holds."""
-    stride = kjt.stride()
-    length_per_key = kjt.length_per_key()
-    values, lengths, weights = kjt.values(), kjt.lengths(), kjt.weights_or_none()
+    info = feature_map.info
     out_values, out_lengths, out_weights, batches = [], [], [], []
-    feature, start, column = 0, 0, 0
-    for table, names in feature_segments(kjt.keys(), info):
-        n = sum(length_per_key[feature : feature + len(names)])
-        seg_values = values[start : start + n]
-        seg_lengths = lengths[feature * stride : (feature + len(names)) * stride]
-        seg_weights = weights[start : start + n] if weights is not None else None
-        if info[names[0]].group is None:
-            out_values.append(seg_values - plain_offsets.get(table, 0))
-            out_lengths.append(seg_lengths)
-            out_weights.append(seg_weights)
+    column = 0
+    for seg in table_segments(kjt, feature_map.table_of):
+        if info[seg.features[0]].group is None:
+            out_values.append(seg.values - plain_offsets.get(seg.table, 0))
+            out_lengths.append(seg.lengths)
+            out_weights.append(seg.weights)
         else:
-            group = groups[table]
-            rows, new_lengths, new_weights, hints = _rows_with_medium(group, seg_values, seg_lengths, seg_weights, training)
+            group = groups[seg.table]
+            rows, new_lengths, new_weights, hints = _rows_with_medium(group, seg.values, seg.lengths, seg.weights,
+                                                                      training)
             out_values.append(rows)
             out_lengths.append(new_lengths)
             out_weights.append(new_weights)
             if training:
-                batches.append(GroupBatch(table, seg_values, seg_lengths, seg_weights, len(names),
-                                          (column, column + group.layout.dim * len(names)), hints))
-        column += sum(info[f].dim for f in names)
-        feature += len(names)
-        start += n
+                batches.append(GroupBatch(seg.table, seg.values, seg.lengths, seg.weights, len(seg.features),
+                                          (column, column + group.layout.dim * len(seg.features)), hints))
+        column += sum(info[f].dim for f in seg.features)
+    weights = kjt.weights_or_none()
     remapped = KeyedJaggedTensor(
         keys=kjt.keys(),
-        values=concat(out_values, values),
-        lengths=concat(out_lengths, lengths),
+        values=concat(out_values, kjt.values()),
+        lengths=concat(out_lengths, kjt.lengths()),
         weights=concat(out_weights, weights) if weights is not None else None,
-        stride=stride,
+        stride=kjt.stride(),
     )
     return remapped, batches
 
