@@ -3,14 +3,11 @@ segments of a KJT, and a concatenation that does not copy a single piece."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Protocol, Tuple
+from dataclasses import dataclass
+from typing import Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-
-class _HasTable(Protocol):
-    table: str
 
 
 def has_variable_batch(features: KeyedJaggedTensor) -> bool:
@@ -72,15 +69,44 @@ def _complete_cumsum(lengths: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int64), (1, 0))
 
 
-def feature_segments(keys: List[str], info: Dict[str, _HasTable]) -> List[Tuple[str, List[str]]]:
+def _feature_runs(keys: List[str], table_of: Mapping[str, str]) -> List[Tuple[str, List[str]]]:
     """Consecutive features of one physical table: [(table, [features])]."""
     segments: List[Tuple[str, List[str]]] = []
     for f in keys:
-        if segments and segments[-1][0] == info[f].table:
+        if segments and segments[-1][0] == table_of[f]:
             segments[-1][1].append(f)
         else:
-            segments.append((info[f].table, [f]))
+            segments.append((table_of[f], [f]))
     return segments
+
+
+@dataclass(frozen=True)
+class TableSegment:
+    """One run of consecutive features of a KJT that share a physical table, as views."""
+
+    table: str
+    features: List[str]
+    counts: List[int]  # ids of each feature
+    values: torch.Tensor  # [sum(counts)] the run's ids
+    lengths: torch.Tensor  # [len(features) x stride] bag lengths, feature-major
+    weights: Optional[torch.Tensor]  # [sum(counts)] or None
+
+
+def table_segments(kjt: KeyedJaggedTensor, table_of: Mapping[str, str]) -> Iterator[TableSegment]:
+    """The runs of a (fixed-stride) KJT's features by physical table (`table_of[feature]`), in
+    key order: what a collection that handles a physical table's features together walks."""
+    stride = kjt.stride()
+    length_per_key = kjt.length_per_key()
+    values, lengths, weights = kjt.values(), kjt.lengths(), kjt.weights_or_none()
+    feature, start = 0, 0
+    for table, names in _feature_runs(kjt.keys(), table_of):
+        counts = length_per_key[feature : feature + len(names)]
+        end = start + sum(counts)
+        yield TableSegment(table, names, counts, values[start:end],
+                           lengths[feature * stride : (feature + len(names)) * stride],
+                           weights[start:end] if weights is not None else None)
+        feature += len(names)
+        start = end
 
 
 def concat(pieces: List[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ mixes in the previous owner's gradient.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -52,6 +52,19 @@ def has_in_backward_optimizer(ebc: nn.Module, table: str) -> bool:
     if isinstance(ebc, EmbeddingBagCollection):
         return bool(in_backward_optimizers(ebc.embedding_bags[table].weight))
     return True
+
+
+def require_in_backward_optimizer(ebc: nn.Module, tables: Iterable[str], what: str, reason: str) -> None:
+    """ValueError naming the first of `tables` (called `what`, e.g. "CAFE table") whose updates
+    do not happen inside backward: rows that move at the end of backward (`reason`, e.g.
+    "migrations must run") must move after the step's update, never before it."""
+    for table in tables:
+        if not has_in_backward_optimizer(ebc, table):
+            raise ValueError(
+                f"{what} {table!r} is trained without an in-backward optimizer: {reason} after the update. "
+                "Shard with DistributedModelParallel (fused TBE), or call "
+                "torch.distributed.optim._apply_optimizer_in_backward(SGD | Adagrad | RowWiseAdagrad, "
+                "ebc.parameters(), {...}) before training; for inference use eval() or no_grad().")
 
 
 def migrate(results: List[Tuple[CafeGroupRemap, InsertResult]], physical: nn.Module) -> None:

@@ -16,7 +16,7 @@ from cafe_torchrec.config import CafeConfig, config_per_table
 from cafe_torchrec.feature_map import FeatureMap
 from cafe_torchrec.hashing import make_keys
 from cafe_torchrec.layout import CafePlan, plan_tables
-from cafe_torchrec.migration import has_in_backward_optimizer
+from cafe_torchrec.migration import require_in_backward_optimizer
 from cafe_torchrec.remap import CafeGroupRemap, remap_kjt
 from cafe_torchrec.stats import CollectionReport
 from cafe_torchrec.validation import checked_input
@@ -65,23 +65,15 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
         features = checked_input(features, self.feature_map.logical, self._is_weighted)
         training = self.training and torch.is_grad_enabled()
         if training and any(p.requires_grad for p in self.physical.parameters()):
-            self._check_in_backward_optimizers()  # before anything (sketch, stats) is touched
+            # before anything (sketch, stats) is touched
+            require_in_backward_optimizer(self.physical, [g.name for g in self.plan.groups], "CAFE table",
+                                          "migrations must run")
         groups = dict(self.groups.items())
-        inner, batches = remap_kjt(self.feature_map.prepare(features), self.feature_map.info, groups, {}, training)
+        inner, batches = remap_kjt(self.feature_map.prepare(features), self.feature_map, groups, {}, training)
         values = self.physical(inner).values()
         if training and batches and values.requires_grad:
             values.register_hook(importance_hook(batches, groups, lambda: self.physical))
-        return self.feature_map.to_output(values, self.feature_map.logical_lengths(features))
-
-    def _check_in_backward_optimizers(self) -> None:
-        for g in self.plan.groups:
-            if not has_in_backward_optimizer(self.physical, g.name):
-                raise ValueError(
-                    f"CAFE table {g.name!r} is trained without an in-backward optimizer: migrations must run "
-                    "after the update. Shard with DistributedModelParallel (fused TBE), or call "
-                    "torch.distributed.optim._apply_optimizer_in_backward(SGD | Adagrad | RowWiseAdagrad, "
-                    "ebc.parameters(), {...}) before training; for inference use eval() or no_grad()."
-                )
+        return self.feature_map.output(values, self.feature_map.output.bag_lengths(features))
 
     # ---- introspection
     def keys(self, feature: str, ids: torch.Tensor) -> torch.Tensor:

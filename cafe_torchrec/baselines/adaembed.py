@@ -42,10 +42,12 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from cafe_torchrec._torchrec_compat import queue_end_of_backward
-from cafe_torchrec.baselines.base import (SMALL_TABLE_ROWS, BaselineCollection, bytes_per_value, check_unique,
-                                          keeps_plain)
+from cafe_torchrec.baselines.base import BaselineCollection, bytes_per_value, check_unique
 from cafe_torchrec.importance import occurrence_scores
-from cafe_torchrec.migration import has_in_backward_optimizer, row_store
+from cafe_torchrec.kjt import table_segments
+from cafe_torchrec.layout import SMALL_TABLE_ROWS, keeps_plain
+from cafe_torchrec.migration import require_in_backward_optimizer, row_store
+from cafe_torchrec.output import PooledOutput
 
 BYTES_PER_ID = 8  # importance (float32) + row (int32): the paper's "2 words per feature"
 
@@ -167,42 +169,26 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
         inner = [f for c in configs for f in c.feature_names]
         self._inner_features = inner
         self._inner_perm = None if inner == self._feature_names else [self._feature_names.index(f) for f in inner]
-        dims = dict(zip(self._feature_names, self._dims))
-        start, starts = 0, {}
-        for f in inner:
-            starts[f] = start
-            start += dims[f]
-        columns = [i for f in self._feature_names for i in range(starts[f], starts[f] + dims[f])]
-        self.register_buffer("_columns", None if columns == list(range(start)) else
-                             torch.tensor(columns, dtype=torch.int64, device=self._device), persistent=False)
-        self._mean_features = [i for i, t in enumerate(self._feature_table) if self._tables[t].pooling == PoolingType.MEAN]
-        # segments of the inner feature order: (pool name or None, number of features, plain rows per feature)
-        self._segments: List[Tuple[Optional[str], int, List[int]]] = [
-            (p.name, len(p.features), []) for p in self.pools.values()]
-        self._segments += [(None, len(t.feature_names), [t.num_embeddings] * len(t.feature_names)) for t in self._plain]
+        self._table_of = {f: c.name for c in configs for f in c.feature_names}  # feature -> pool or plain table
+        self._plain_rows = {t.name: t.num_embeddings for t in self._plain}
+        self.pooled_output = PooledOutput(self._tables, inner, mean_by_sum=True)  # every inner table pools with SUM
 
     # ---- forward
     def _forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if self._inner_perm is not None:
             features = features.permute(self._inner_perm)
         training = self.training and torch.is_grad_enabled()
-        stride = features.stride()
-        values, lengths, weights = features.values(), features.lengths(), features.weights_or_none()
-        counts = lengths.view(len(self._inner_features), stride).sum(1)
-        counts_list = counts.tolist()
         out_values, out_lengths, out_weights, batches = [], [], [], []
-        feature, start, column = 0, 0, 0
-        for pool_name, n_feat, plain_rows in self._segments:
-            n_values = sum(counts_list[feature : feature + n_feat])
-            seg_values = values[start : start + n_values]
-            seg_lengths = lengths[feature * stride : (feature + n_feat) * stride]
-            seg_weights = weights[start : start + n_values] if weights is not None else None
-            if pool_name is not None:
-                pool: _AdaPool = self.pools[pool_name]
-                keys = pool.keys(seg_values, counts[feature : feature + n_feat])
+        column = 0
+        for seg in table_segments(features, self._table_of):
+            seg_values, seg_lengths, seg_weights = seg.values, seg.lengths, seg.weights
+            if seg.table in self.pools:
+                pool: _AdaPool = self.pools[seg.table]
+                n_feat, n_values = len(seg.features), seg_values.numel()
+                keys = pool.keys(seg_values, torch.tensor(seg.counts, dtype=torch.int64, device=seg_values.device))
                 rows = pool.row_of[keys].long()
                 keep = rows >= 0
-                bag = torch.repeat_interleave(torch.arange(seg_lengths.numel(), device=values.device), seg_lengths,
+                bag = torch.repeat_interleave(torch.arange(seg_lengths.numel(), device=seg_values.device), seg_lengths,
                                               output_size=n_values)
                 kept_lengths = torch.zeros_like(seg_lengths).index_add_(
                     0, bag[keep], torch.ones(bag[keep].shape, dtype=seg_lengths.dtype, device=bag.device))
@@ -213,26 +199,18 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
                 seg_values, seg_lengths = rows[keep], kept_lengths
                 seg_weights = seg_weights[keep] if seg_weights is not None else None
             else:
-                modulus = torch.tensor(plain_rows, dtype=torch.int64, device=values.device)
-                seg_values = torch.remainder(seg_values, torch.repeat_interleave(
-                    modulus, counts[feature : feature + n_feat], output_size=n_values))
+                seg_values = torch.remainder(seg_values, self._plain_rows[seg.table])
             out_values.append(seg_values)
             out_lengths.append(seg_lengths)
             if seg_weights is not None:
                 out_weights.append(seg_weights)
-            feature += n_feat
-            start += n_values
         inner = KeyedJaggedTensor(keys=self._inner_features, values=torch.cat(out_values), lengths=torch.cat(out_lengths),
-                                  weights=torch.cat(out_weights) if out_weights else None, stride=stride)
+                                  weights=torch.cat(out_weights) if out_weights else None, stride=features.stride())
         pooled = self.physical(inner).values()
         if training and batches and pooled.requires_grad:
-            self._check_in_backward_optimizers()
+            require_in_backward_optimizer(self.physical, list(self.pools), "AdaEmbed pool", "rows are reassigned")
             pooled.register_hook(self._backward_hook(batches))
-        if self._columns is not None:
-            pooled = pooled.index_select(1, self._columns)
-        if self._mean_features:
-            pooled = self.divide_mean(pooled, features)
-        return self.output(pooled)
+        return self.output(pooled, self.pooled_output.bag_lengths(features))
 
     # ---- backward: importance, then reallocation after the optimizer update
     def _backward_hook(self, batches):
@@ -285,15 +263,6 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
         pool.reallocations += 1
         pool.last_admitted = admitted
         return admitted
-
-    def _check_in_backward_optimizers(self) -> None:
-        for name in self.pools:
-            if not has_in_backward_optimizer(self.physical, name):
-                raise ValueError(
-                    f"AdaEmbed pool {name!r} is trained without an in-backward optimizer: rows are reassigned "
-                    "after the update. Shard with DistributedModelParallel (fused TBE), or call "
-                    "torch.distributed.optim._apply_optimizer_in_backward(SGD | Adagrad | RowWiseAdagrad, "
-                    "ebc.parameters(), {...}) before training; for inference use eval() or no_grad().")
 
     # ---- introspection
     def rows_of(self, table: str, ids: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""What the baseline collections share: checks, the small-table rule, output building, memory.
+"""What the baseline collections share: checks, output building, memory.
 
 Every baseline is an `EmbeddingBagCollectionInterface` with the constructor shape of
 `CafeEmbeddingBagCollection` (tables, compression_ratio, is_weighted, device, **method
@@ -14,23 +14,14 @@ import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from cafe_torchrec._torchrec_compat import sharded_embedding_bag_configs
 from cafe_torchrec.collection import ConfiguredCollection
 from cafe_torchrec.layout import BYTES_PER_VALUE
+from cafe_torchrec.output import PooledOutput
 from cafe_torchrec.validation import checked_input
-
-
-# The paper's code (init_embed.py: compress_threshold = 2000 * compress_rate) leaves a field
-# uncompressed when it has at most 2000 / ratio rows; CafeEmbeddingBagCollection does the same.
-SMALL_TABLE_ROWS = 2000.0
-
-
-def keeps_plain(rows: int, ratio: float, small_table_rows: float) -> bool:
-    """Whether a table stays uncompressed (stock rows, row = id mod rows): the paper's rule."""
-    return ratio <= 1 or rows <= small_table_rows / ratio
 
 
 def bytes_per_value(config: EmbeddingBagConfig) -> int:
@@ -69,8 +60,9 @@ class BaselineCollection(ConfiguredCollection):
         super().__init__(tables, is_weighted, device)
         self.compression_ratio = float(compression_ratio)
         self._feature_names = [f for t in self._tables for f in t.feature_names]
-        self._dims = [t.embedding_dim for t in self._tables for _ in t.feature_names]
         self._feature_table = [i for i, t in enumerate(self._tables) for _ in t.feature_names]
+        # stock inner tables in config order by default; AdaEmbed replaces it with its own
+        self.pooled_output = PooledOutput(self._tables, self._feature_names, mean_by_sum=False)
 
     # ---- forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -82,25 +74,15 @@ class BaselineCollection(ConfiguredCollection):
     def _forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         raise NotImplementedError
 
-    def output(self, values: torch.Tensor) -> KeyedTensor:
-        """The pooled values [B, sum(dims)] (config order) as the collection's KeyedTensor."""
-        return KeyedTensor(keys=self._feature_names, length_per_key=self._dims, values=values)
+    def output(self, values: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> KeyedTensor:
+        """The inner pooled values as the collection's KeyedTensor (`lengths`:
+        pooled_output.bag_lengths() of the input where MEAN features are divided)."""
+        return self.pooled_output(values, lengths)
 
     def per_feature(self, features: KeyedJaggedTensor, per_feature: torch.Tensor) -> torch.Tensor:
         """Expand one value per feature (config order) to one value per id of `features`."""
         counts = features.lengths().view(len(self._feature_names), features.stride()).sum(1)
         return torch.repeat_interleave(per_feature.to(counts.device), counts, output_size=features.values().numel())
-
-    def divide_mean(self, values: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
-        """MEAN features pooled with SUM (config-order columns): divide by the original bag lengths."""
-        lengths = features.lengths().view(-1, features.stride())
-        keys = features.keys()
-        scale = torch.ones(values.shape[0], len(self._feature_names), dtype=values.dtype, device=values.device)
-        for i, t in enumerate(self._feature_table):
-            if self._tables[t].pooling == PoolingType.MEAN:
-                scale[:, i] = 1.0 / lengths[keys.index(self._feature_names[i])].clamp(min=1).to(values.dtype)
-        dims = torch.tensor(self._dims, device=values.device)
-        return values * torch.repeat_interleave(scale, dims, dim=1, output_size=values.shape[1])
 
     # ---- memory, as the paper counts it
     def physical_configs(self) -> List[EmbeddingBagConfig]:

@@ -11,7 +11,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from cafe_torchrec.baselines.base import SMALL_TABLE_ROWS, BaselineCollection, keeps_plain
+from cafe_torchrec.baselines.base import BaselineCollection
+from cafe_torchrec.layout import SMALL_TABLE_ROWS, keeps_plain
 
 
 class HashingEmbeddingBagCollection(BaselineCollection):

@@ -19,8 +19,9 @@ from cafe_torchrec._torchrec_compat import (
     managed_collision_modules,
     managed_collision_tbes,
 )
-from cafe_torchrec.baselines.base import SMALL_TABLE_ROWS, BaselineCollection, keeps_plain
+from cafe_torchrec.baselines.base import BaselineCollection
 from cafe_torchrec.hashing import mix64
+from cafe_torchrec.layout import SMALL_TABLE_ROWS, keeps_plain
 
 PREHASH_RANGE = 2**62
 EVICTIONS = ("lfu", "distance_lfu")

@@ -11,7 +11,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from cafe_torchrec.baselines.base import SMALL_TABLE_ROWS, BaselineCollection, check_unique, keeps_plain
+from cafe_torchrec.baselines.base import BaselineCollection, check_unique
+from cafe_torchrec.layout import SMALL_TABLE_ROWS, keeps_plain
 
 OPERATIONS = ("mult", "add")
 

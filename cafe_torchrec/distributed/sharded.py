@@ -106,7 +106,7 @@ class ShardedCafeEmbeddingBagCollection(
 
     def input_dist(self, ctx: CafeContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
         features = checked_input(features, self.feature_map.logical, self._is_weighted)
-        ctx.logical_lengths = self.feature_map.logical_lengths(features)
+        ctx.logical_lengths = self.feature_map.output.bag_lengths(features)
         prepared = self.feature_map.prepare(features)
         if not self._input_dists_ready:
             self._create_input_dists(prepared.keys())
@@ -117,7 +117,7 @@ class ShardedCafeEmbeddingBagCollection(
         groups = dict(self.groups.items())
         remapped, per_sharding = [], []
         for kjt in dist_input:
-            kjt_out, batches = remap_kjt(kjt, self.feature_map.info, groups, self._plain_offsets, training)
+            kjt_out, batches = remap_kjt(kjt, self.feature_map, groups, self._plain_offsets, training)
             remapped.append(kjt_out)
             per_sharding.append(batches)
         outputs = self.physical.compute(ctx, KJTList(remapped))
@@ -129,7 +129,7 @@ class ShardedCafeEmbeddingBagCollection(
     def output_dist(self, ctx: CafeContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
         awaitable = self.physical.output_dist(ctx, output)
         lengths = ctx.logical_lengths
-        awaitable.callbacks.append(lambda kt: self.feature_map.to_output(kt.values(), lengths))
+        awaitable.callbacks.append(lambda kt: self.feature_map.output(kt.values(), lengths))
         return awaitable
 
     def compute_and_output_dist(self, ctx: CafeContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:

@@ -1,0 +1,62 @@
+"""A collection's pooled output from its inner collection's: columns back in config order and
+MEAN features divided by their original bag lengths, as the KeyedTensor TorchRec expects.
+
+CAFE and AdaEmbed pool every physical table with SUM (their remap changes bag lengths: a
+medium id adds a row, an id without a row is dropped) and group features of several logical
+tables in one physical table, so their inner output is in another column order and MEAN
+features still need their division. The other baselines keep stock tables in config order."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+
+class PooledOutput:
+    """Maps inner pooled values [B, sum(dims)] to the collection's KeyedTensor.
+
+    tables: the logical tables (config order is output order); inner: the inner collection's
+    features in its output column order; mean_by_sum: whether the inner tables pool the logical
+    MEAN features with SUM, so their columns are divided here by the original bag lengths.
+    """
+
+    def __init__(self, tables: Sequence[EmbeddingBagConfig], inner: Sequence[str], mean_by_sum: bool) -> None:
+        self.features: List[str] = [f for t in tables for f in t.feature_names]
+        self.dims: List[int] = [t.embedding_dim for t in tables for _ in t.feature_names]
+        self._starts = [sum(self.dims[:i]) for i in range(len(self.dims))]  # output column of each feature
+        dims = dict(zip(self.features, self.dims))
+        starts: Dict[str, int] = {}
+        col = 0
+        for f in inner:
+            starts[f] = col
+            col += dims[f]
+        columns = [i for f in self.features for i in range(starts[f], starts[f] + dims[f])]
+        self.columns: Optional[torch.Tensor] = None if columns == list(range(col)) else torch.tensor(columns)
+        self.mean_features: List[int] = [i for i, t in enumerate(t for t in tables for _ in t.feature_names)
+                                          if mean_by_sum and t.pooling == PoolingType.MEAN]
+
+    def bag_lengths(self, features: KeyedJaggedTensor) -> Optional[torch.Tensor]:
+        """Bag lengths [F, B] in config order of a (fixed-stride) input KJT, kept only when some
+        feature is divided; taken before any remap changes them."""
+        if not self.mean_features:
+            return None
+        by_key = features.lengths().view(-1, features.stride())
+        order = features.keys()
+        return torch.stack([by_key[order.index(f)] for f in self.features])
+
+    def __call__(self, values: torch.Tensor, lengths: Optional[torch.Tensor]) -> KeyedTensor:
+        """Inner pooled values -> KeyedTensor keyed by feature in config order; `lengths` is
+        bag_lengths() of the input."""
+        if self.columns is not None:
+            values = values.index_select(1, self.columns.to(values.device))
+        if self.mean_features:
+            assert lengths is not None, "MEAN features need the input's bag_lengths()"
+            scale = torch.ones_like(values)
+            for i in self.mean_features:
+                bag = lengths[i].clamp(min=1).to(values.dtype)
+                scale[:, self._starts[i] : self._starts[i] + self.dims[i]] = (1.0 / bag)[:, None]
+            values = values * scale
+        return KeyedTensor(keys=self.features, length_per_key=self.dims, values=values)
