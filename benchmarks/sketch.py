@@ -75,9 +75,9 @@ def step_cost(batch_size: int, ratio: float, dim: int = 16, multi_level: bool = 
 
     from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
     from cafe_torchrec.backward import background_worker
+    from cafe_torchrec.datasets import KAGGLE_CARDINALITIES
     from cafe_torchrec.importance import occurrence_scores
     from cafe_torchrec.ops import available
-    from examples.dlrm.data.synthetic import KAGGLE_CARDINALITIES
 
     available()  # builds the C++ ops before their first direct use below
     torch.set_num_threads(threads)

@@ -32,11 +32,10 @@ from tqdm import tqdm
 
 from benchmarks.common import machine, table
 from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
+from cafe_torchrec.datasets import KAGGLE_CARDINALITIES as KAGGLE
 from cafe_torchrec.distributed import CafeEmbeddingBagCollectionSharder
 from tests.dist_utils import run_ranks
 
-KAGGLE = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
-          5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
 FEATURES = [f"cat_{i}" for i in range(26)]
 
 

@@ -28,19 +28,16 @@ import sys
 import time
 from typing import Callable, List, Optional, TypeVar
 
-KAGGLE = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992, 5461306, 10,
-          5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572)
-# Criteo 1TB as the MLPerf DLRM reference hashes it (--max-ind-range=40000000).
-TERABYTE = (39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10, 2208, 11938, 155, 4,
-            976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36)
+from cafe_torchrec.datasets import KAGGLE_CARDINALITIES, TERABYTE_CARDINALITIES
+
 Number = TypeVar("Number", int, float)
 
 
 def cardinalities(spec: str) -> List[int]:
     if spec.lower() == "kaggle":
-        return list(KAGGLE)
+        return list(KAGGLE_CARDINALITIES)
     if spec.lower() == "terabyte":
-        return list(TERABYTE)
+        return list(TERABYTE_CARDINALITIES)
     try:
         out = [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
@@ -71,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--ratio", type=_floats, default=None, help="fixed compression ratio (or a comma list)")
     parser.add_argument("--optimizer", default="rowwise_adagrad", help="sgd, adagrad, rowwise_adagrad, adam, ...")
     parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--cardinalities", type=cardinalities, default=list(KAGGLE), help="kaggle, terabyte or 1,2,3...")
+    parser.add_argument("--cardinalities", type=cardinalities, default=list(KAGGLE_CARDINALITIES), help="kaggle, terabyte or 1,2,3...")
     parser.add_argument("--batch-size", type=int, default=512, help="per-rank batch size for the estimates")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the topology's compute device")
     parser.add_argument("--local-world-size", type=_positive, default=None, metavar="N",

@@ -22,6 +22,7 @@ import torch
 from torchrec.distributed.sharding_plan import calculate_shard_sizes_and_offsets
 from torchrec.distributed.types import ShardingType
 
+from cafe_torchrec.distributed.sharder import every_rank_has_rows
 from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan, GroupLayout
 
 from cafe_planner.estimators import OptimizerLike, ShardBytes, optimizer_state_bytes, resolve_optimizer
@@ -74,13 +75,13 @@ def row_wise_ok(table: PhysicalTable, world_size: int) -> bool:
     plain table at least one row per rank."""
     sizes = shard_rows(table.rows, table.dim, world_size, RW)
     if table.layout is None:
-        return min(sizes) >= 1
+        return every_rank_has_rows(sizes)
     try:
         for s in set(sizes):
             table.layout.block(s)
     except ValueError:
         return False
-    return min(sizes) >= 1
+    return every_rank_has_rows(sizes)
 
 
 def choose_sharding(tables: Sequence[PhysicalTable], world_size: int, optimizer: OptimizerLike,

@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Sequence, Type
 
 import torch
 from torch import nn
 from torchrec.distributed.embedding_types import BaseEmbeddingSharder, EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.sharding_plan import calculate_shard_sizes_and_offsets
 from torchrec.distributed.types import EmbeddingModuleShardingPlan, ShardingEnv, ShardingType
 
 from cafe_torchrec.distributed.sharded import ShardedCafeEmbeddingBagCollection
 from cafe_torchrec.modules import CafeEmbeddingBagCollection
 
 SHARDING_TYPES = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
+
+
+def row_wise_shard_rows(rows: int, world_size: int) -> List[int]:
+    """Rows of each rank's block when TorchRec cuts a table of `rows` rows row-wise over
+    `world_size` ranks (calculate_shard_sizes_and_offsets: ceil(rows / W) each, the last ranks
+    fewer, possibly none)."""
+    sizes, _ = calculate_shard_sizes_and_offsets(torch.empty(rows, 1, device="meta"), world_size, world_size,
+                                                 ShardingType.ROW_WISE.value)
+    return [s[0] for s in sizes]
+
+
+def every_rank_has_rows(shard_rows: Sequence[int]) -> bool:
+    """The row-wise rule: no rank's block may be empty. FBGEMM's CPU exact backward on a 0-row
+    table (get_hash_size in embedding_backward_split_cpu_template.cpp) scans hash_size_cumsum past
+    its end for a non-zero size: undefined behaviour, seen as a spurious "tables with more than 2B
+    rows" error on that rank now and then. The sharder refuses such plans; the planner and the
+    example trainer shard such tables table-wise."""
+    return min(shard_rows) >= 1
 
 
 class PhysicalTablesSharder(EmbeddingBagCollectionSharder):
@@ -50,10 +69,10 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
                 raise ValueError(f"CAFE table {table!r}: sharding type {sharding.sharding_type!r} is not supported; "
                                  f"use one of {SHARDING_TYPES}")
             shards = sharding.sharding_spec.shards if sharding.sharding_spec is not None else []
-            if sharding.sharding_type == ShardingType.ROW_WISE.value and any(m.shard_sizes[0] == 0 for m in shards):
-                # FBGEMM's CPU backward reads past its arrays on a 0-row table: refuse it here
+            sizes = [m.shard_sizes[0] for m in shards]
+            if sharding.sharding_type == ShardingType.ROW_WISE.value and sizes and not every_rank_has_rows(sizes):
                 raise ValueError(f"CAFE table {table!r}: a row-wise plan leaves a rank with no rows "
-                                 f"({[m.shard_sizes[0] for m in shards]}); shard it table-wise")
+                                 f"({sizes}); shard it table-wise")
         return ShardedCafeEmbeddingBagCollection(module, params, self._physical_sharder, env, device or torch.device("cpu"))
 
     def shardable_parameters(self, module: CafeEmbeddingBagCollection) -> Dict[str, nn.Parameter]:

@@ -33,25 +33,15 @@ def make_sharders(args: argparse.Namespace, spec: Any, device: torch.device) -> 
     return [CafeEmbeddingBagCollectionSharder(), *defaults]
 
 
-def row_wise_safe(rows: int, world: int) -> bool:
-    """Whether a row-wise split of `rows` gives every rank at least one row.
-
-    A rank with an empty row-wise shard makes FBGEMM's CPU exact backward (get_hash_size in
-    embedding_backward_split_cpu_template.cpp) scan hash_size_cumsum past its end for a non-zero
-    size: undefined behaviour, seen as a spurious "CPU exact rowwise adagrad currently doesn't
-    support embedding tables with more than 2B rows" on rank 1 now and then.
-    """
-    block = -(-rows // world)
-    return rows > block * (world - 1)
-
-
 def sharding_constraints(args: argparse.Namespace, spec: Any, world: int) -> Dict[str, Any]:
     """ParameterConstraints per physical table: --sharding on the tables it fits, table-wise for tiny ones."""
     from torchrec.distributed.planner import ParameterConstraints
 
+    from cafe_torchrec.distributed.sharder import every_rank_has_rows, row_wise_shard_rows
+
     constraints = {}
     for name, rows in spec.physical_tables().items():
-        if world > 1 and not row_wise_safe(rows, world):
+        if world > 1 and not every_rank_has_rows(row_wise_shard_rows(rows, world)):
             constraints[name] = ParameterConstraints(sharding_types=["table_wise"])
         elif args.sharding != "auto":
             constraints[name] = ParameterConstraints(sharding_types=[args.sharding])

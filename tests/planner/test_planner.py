@@ -20,9 +20,11 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 
 from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
 from cafe_torchrec._torchrec_compat import sharded_lookups
+from cafe_torchrec.datasets import KAGGLE_CARDINALITIES as KAGGLE
+from cafe_torchrec.datasets import TERABYTE_CARDINALITIES as TERABYTE
 from cafe_torchrec.distributed import CafeEmbeddingBagCollectionSharder
 from cafe_planner import CafePlanner, estimate_coverage, load_calibration, solve_budget
-from cafe_planner.__main__ import KAGGLE, TERABYTE, main as cli_main
+from cafe_planner.__main__ import main as cli_main
 from cafe_planner.calibrate import measure, write
 from tests.dist_utils import run_ranks
 

@@ -28,12 +28,8 @@ import torch
 from torch.utils.data import IterableDataset
 from torchrec.datasets.utils import Batch
 
+from cafe_torchrec.datasets import KAGGLE_CARDINALITIES
 from examples.dlrm.data.criteo_tsv import make_batch
-
-KAGGLE_CARDINALITIES: tuple[int, ...] = (
-    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
-    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
-)  # fmt: skip
 
 _MASK64 = (1 << 64) - 1
 _FEISTEL_ROUNDS = 4

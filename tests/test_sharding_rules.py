@@ -1,0 +1,44 @@
+"""The row-wise rule every user of it shares: no rank's block may be empty (FBGEMM's CPU
+backward misbehaves on a 0-row table). The sharder refuses such a plan; the planner and the
+example trainer shard such tables table-wise."""
+
+from __future__ import annotations
+
+import argparse
+from types import SimpleNamespace
+
+import pytest
+from torchrec.distributed.types import EnumerableShardingSpec, ParameterSharding, ShardMetadata
+
+from cafe_planner.placement import PhysicalTable, row_wise_ok
+from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
+from cafe_torchrec.distributed.sharder import CafeEmbeddingBagCollectionSharder, every_rank_has_rows, row_wise_shard_rows
+from examples.dlrm.sharding import sharding_constraints
+from tests.helpers import tables
+
+
+def test_row_wise_blocks_are_torchrec_s_and_an_empty_block_breaks_the_rule() -> None:
+    assert row_wise_shard_rows(10, 4) == [3, 3, 3, 1]
+    assert row_wise_shard_rows(9, 4) == [3, 3, 3, 0]  # ceil(9 / 4) = 3 rows each: the last rank gets none
+    assert every_rank_has_rows(row_wise_shard_rows(10, 4))
+    assert not every_rank_has_rows(row_wise_shard_rows(9, 4))
+
+
+def test_planner_and_trainer_keep_a_table_with_an_empty_block_table_wise() -> None:
+    assert row_wise_ok(PhysicalTable("t", 10, 8, 4, ("f",)), 4)
+    assert not row_wise_ok(PhysicalTable("t", 9, 8, 4, ("f",)), 4)
+    spec = SimpleNamespace(physical_tables=lambda: {"fits": 10, "empty_rank": 9})
+    constraints = sharding_constraints(argparse.Namespace(sharding="row_wise"), spec, world=4)
+    assert constraints["fits"].sharding_types == ["row_wise"]
+    assert constraints["empty_rank"].sharding_types == ["table_wise"]
+
+
+def test_sharder_refuses_a_row_wise_plan_with_an_empty_block() -> None:
+    ebc = CafeEmbeddingBagCollection(tables([5000], dim=8), CafeConfig(compression_ratio=2))
+    name, rows = ebc.plan.groups[0].name, ebc.plan.groups[0].physical_rows
+    shards = [ShardMetadata(shard_offsets=[0, 0], shard_sizes=[rows, 8], placement="rank:0/cpu"),
+              ShardMetadata(shard_offsets=[rows, 0], shard_sizes=[0, 8], placement="rank:1/cpu")]
+    plan = {name: ParameterSharding(sharding_type="row_wise", compute_kernel="fused", ranks=[0, 1],
+                                    sharding_spec=EnumerableShardingSpec(shards))}
+    with pytest.raises(ValueError, match="leaves a rank with no rows"):
+        CafeEmbeddingBagCollectionSharder().shard(ebc, plan, env=None)
