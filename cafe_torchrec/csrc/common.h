@@ -35,9 +35,9 @@ inline int32_t cold_word(float error, bool newcomer) {
   return static_cast<int32_t>(0x80000000u | (bits & kErrorBits) | static_cast<uint32_t>(newcomer));
 }
 
-// The error a row word holds; 0 for a hot slot, whose word is a row index: its bits read as a
-// denormal float, and arithmetic on a denormal takes a microcode assist (~100 cycles), which
-// made every query or multi-level lookup of a hot key ~5x slower than the probe itself.
+// The error a row word holds; 0 for a hot slot. A hot slot's word is a row index, whose bits
+// would read as a denormal float, and arithmetic on denormals is slow on x86 (a microcode
+// assist): the sign bit masks the bits to 0 instead, so hot keys cost what cold ones do.
 inline float error_of(int32_t word) {
   const uint32_t bits = static_cast<uint32_t>(word) & kErrorBits & static_cast<uint32_t>(word >> 31);
   float error;
@@ -95,10 +95,10 @@ inline int64_t find_any(const Slot* b, int64_t c, int64_t key) {
 constexpr int64_t kAhead = 32;  // how many keys ahead a slot is prefetched
 
 // Probes keys in input order, each key's bucket computed and prefetched kAhead keys early and
-// kept in a ring of 64 until probed (an [N] array of them was ~1.7 MB of extra memory traffic per
-// batch of 106k keys). One ring serves one contiguous range [begin, limit) of keys, probed in
-// runs: visit(i, key, base, j) gets key i's bucket base and its slot j there, or the bucket
-// size if absent. C is 4 for buckets of four (the branch-free find4), else 0 (any c).
+// kept in a ring of 64 until probed: the bases in flight stay in L1, where an [N] array of them
+// would add a pass over memory per batch. One ring serves one contiguous range [begin, limit) of
+// keys, probed in runs: visit(i, key, base, j) gets key i's bucket base and its slot j there, or
+// the bucket size if absent. C is 4 for buckets of four (the branch-free find4), else 0 (any c).
 class ProbeRing {
  public:
   ProbeRing(const int64_t* keys, int64_t begin, int64_t limit, int64_t multiplier, int64_t w, int64_t c)
