@@ -188,8 +188,8 @@ def code_digest(code_of: str, repo: Path) -> str:
 
 
 def snapshot(commit: str) -> Tuple[Path, str]:
-    """A read-only copy of `commit` (git archive) to run from, beside a link to ../shared so its relative
-    paths (the Criteo sample, the official artifact) resolve as in the checkout; returns (root, sha).
+    """A copy of `commit` (git archive) to run from, beside a link to ../shared so its relative paths
+    (the Criteo sample, the official artifact) resolve as in the checkout; returns (root, sha).
 
     Why: other work edits the checkout while a suite runs for an hour; a snapshot keeps every run
     of one suite on one commit."""
@@ -201,6 +201,9 @@ def snapshot(commit: str) -> Tuple[Path, str]:
     root.mkdir()
     archive = subprocess.run(["git", "archive", "--format=tar", sha], cwd=REPO, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    # planner/ imports as cafe_planner through the editable install, which points at the checkout: a link
+    # in the snapshot's root (first on sys.path with -m) makes the snapshot's own planner win
+    (root / "cafe_planner").symlink_to("planner")
     return root, sha
 
 
