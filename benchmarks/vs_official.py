@@ -130,15 +130,18 @@ def render(rows: List[Dict], batch_size: int) -> str:
             f"{o['memory_bytes']:,.0f} ({o['compression_ratio']:.1f}x) | {u['memory_bytes']:,.0f} ({u['compression_ratio']:.1f}x) | "
             f"{_share(o.get('hot_lookup_share'))} | {_share(u.get('hot_lookup_share'))} |")
     lines += ["", f"| ratio (batch {batch_size}) | ours / official samples/s: median of pairs (range) | best ours / best official | "
-              "official test AUC, mean (spread) | ours test AUC, mean (spread) |", "|---|---|---|---|---|"]
+              "official test AUC, mean (spread) | ours test AUC, mean (spread) | ours - official AUC, paired mean (s.e.) |",
+              "|---|---|---|---|---|---|"]
     for ratio in dict.fromkeys(r["ratio"] for r in rows):
         sel = [r for r in rows if r["ratio"] == ratio]
         speed = [r["ours"]["samples_per_sec"] / r["official"]["samples_per_sec"] for r in sel]
         auc = {side: [r[side]["test_auc"] for r in sel] for side in ("official", "ours")}
         cells = [f"{statistics.mean(a):.4f} ({max(a) - min(a):.4f})" for a in (auc["official"], auc["ours"])]
         best = max(r["ours"]["samples_per_sec"] for r in sel) / max(r["official"]["samples_per_sec"] for r in sel)
+        diff = [u - o for u, o in zip(auc["ours"], auc["official"])]
+        se = statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
         lines.append(f"| {_label(ratio)} | {statistics.median(speed):.2f} ({min(speed):.2f}-{max(speed):.2f}) | {best:.2f} | "
-                     f"{cells[0]} | {cells[1]} |")
+                     f"{cells[0]} | {cells[1]} | {statistics.mean(diff):+.4f} ({se:.4f}) |")
     return "\n".join(lines)
 
 
@@ -162,7 +165,8 @@ def main() -> None:
                         help="a CafeConfig field for ours (e.g. hot_share=0.7, decay=0.99: the official's values)")
     parser.add_argument("--sketch-thread", action="store_true",
                         help="let ours update its sketch on its background thread (a second core)")
-    parser.add_argument("--out-dir", default="results/vs_official", help="our trainer's JSONs")
+    parser.add_argument("--out-dir", default="results/vs_official",
+                        help="our trainer's JSONs and vs_official.json (every row of the table)")
     args = parser.parse_args()
     try:
         build_official()
@@ -200,6 +204,14 @@ def main() -> None:
           f"{'on' if args.sketch_thread else 'off'})")
     print(f"data: synthetic stream, Kaggle cardinalities x {args.scale:g} ({sum(cards):,} ids), "
           f"{args.days - 1} training days + 1 test day of {args.samples_per_day:,} samples, batch {args.batch_size}\n")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keep = ("test_auc", "test_log_loss", "online_train_loss", "samples_per_sec", "memory_bytes", "compression_ratio",
+            "hot_lookup_share")
+    (out / "vs_official.json").write_text(json.dumps(
+        {"machine": host, "command": " ".join([COMMAND, *sys.argv[1:]]),
+         "rows": [{**r, **{side: {k: r[side].get(k) for k in keep} for side in ("official", "ours")}} for r in rows]},
+        indent=2))
     print(render(rows, args.batch_size))
     print(f"\n(command: {' '.join([COMMAND, *sys.argv[1:]])})")
 
