@@ -1,11 +1,11 @@
 # Two entry points: `make demo` (the main job on the embedded default) and `make test`.
-# Both create .venv with the pinned stack on first use.
+# Both create .venv with the pinned stack on first use. `make lint` checks style and types.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench-sketch clean
+.PHONY: demo test lint bench-sketch clean
 
 OPS := $(VENV)/.ops-built
 
@@ -26,6 +26,14 @@ demo: $(OPS)
 
 test: $(OPS)
 	$(PY) -m pytest -q tests
+
+# ruff (lint, then formatting) on the tree; mypy on the library and the planner. mypy sees planner/
+# under its installed name cafe_planner through a link in build/mypy (pyproject.toml's mypy_path).
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	mkdir -p build/mypy && ln -sfn ../../planner build/mypy/cafe_planner
+	$(PY) -m mypy -p cafe_torchrec -p cafe_planner
 
 bench-sketch: $(OPS)
 	$(PY) -m benchmarks.sketch

@@ -47,20 +47,20 @@ def sharded_lookups(sharded: nn.Module) -> List[nn.Module]:
 # sharded collection (distributed/sharded.py): CAFE builds the stock module's input dists itself
 
 
-def take_over_input_dist(sharded: nn.Module) -> None:
+def take_over_input_dist(sharded: Any) -> None:
     """Stop a ShardedEmbeddingBagCollection from building its input dists at its first
     `input_dist` (`_has_uninitialized_input_dist`): the CAFE module builds them from the prepared
     feature order and swaps in its row-wise dists (create_input_dists, replace_input_dist)."""
     sharded._has_uninitialized_input_dist = False
 
 
-def embedding_shardings(sharded: nn.Module) -> List[Any]:
+def embedding_shardings(sharded: Any) -> List[Any]:
     """The EmbeddingSharding objects of a ShardedEmbeddingBagCollection, one per sharding type,
     in the order of its input dists and lookups (`_embedding_shardings`)."""
     return list(sharded._embedding_shardings)
 
 
-def local_embedding_tables(sharded: nn.Module) -> List[Any]:
+def local_embedding_tables(sharded: Any) -> List[Any]:
     """The ShardedEmbeddingTable configs this rank holds (name, local_rows, local_metadata), over
     all shardings (`_grouped_embedding_configs` of each): the public `embedding_tables()` lists
     every rank's tables for table-wise sharding."""
@@ -74,13 +74,13 @@ def sharding_process_group(sharding: Any) -> Any:
     return sharding._pg
 
 
-def create_input_dists(sharded: nn.Module, feature_names: List[str]) -> None:
+def create_input_dists(sharded: Any, feature_names: List[str]) -> None:
     """Build the stock input dists of a ShardedEmbeddingBagCollection for input features in
     `feature_names` order (`_create_input_dist`, what its first `input_dist` would call)."""
     sharded._create_input_dist(feature_names)
 
 
-def replace_input_dist(sharded: nn.Module, index: int, dist: nn.Module) -> None:
+def replace_input_dist(sharded: Any, index: int, dist: nn.Module) -> None:
     """Use `dist` as the input dist of the module's `index`-th sharding (`_input_dists[index]`)."""
     sharded._input_dists[index] = dist
 
@@ -88,7 +88,7 @@ def replace_input_dist(sharded: nn.Module, index: int, dist: nn.Module) -> None:
 # migration (migration.py): the rows and optimizer state a migration copies
 
 
-def fused_table_kernel(sharded: nn.Module, table: str) -> Optional[Tuple[nn.Module, int]]:
+def fused_table_kernel(sharded: Any, table: str) -> Optional[Tuple[Any, int]]:
     """The FBGEMM TBE that holds `table` in a sharded TorchRec collection and the table's index
     among its tables, or None: the lookups' kernels (`_lookups`, each lookup's `_emb_modules`;
     a data-parallel lookup is DDP-wrapped) are not reachable through public attributes."""
@@ -116,7 +116,7 @@ def queue_end_of_backward(callback: Callable[[], None]) -> None:
     fused / in-backward optimizer update of the pass (`Variable._execution_engine.queue_callback`,
     which is how torch's own in-backward optimizers and DDP schedule end-of-backward work).
     Must be called from inside a backward hook."""
-    torch.autograd.Variable._execution_engine.queue_callback(callback)  # type: ignore[attr-defined]
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
 # sharded sketch state and checkpoints (distributed/sketch_state.py, distributed/checkpoint.py)
@@ -157,25 +157,25 @@ def row_sharded_tensor(local: Optional[torch.Tensor], shards: Sequence[Tuple[int
 # baselines (baselines/base.py, baselines/managed_collision.py)
 
 
-def sharded_embedding_bag_configs(sharded: nn.Module) -> List[Any]:
+def sharded_embedding_bag_configs(sharded: Any) -> List[Any]:
     """The EmbeddingBagConfigs a ShardedEmbeddingBagCollection was built from
     (`_embedding_bag_configs`; the sharded module has no `embedding_bag_configs()`)."""
     return list(sharded._embedding_bag_configs)
 
 
-def managed_collision_embedding_module(mc_ebc: nn.Module) -> nn.Module:
+def managed_collision_embedding_module(mc_ebc: Any) -> nn.Module:
     """The (sharded or not) EmbeddingBagCollection inside a ManagedCollisionEmbeddingBagCollection
     (`_embedding_module`)."""
     return mc_ebc._embedding_module
 
 
-def managed_collision_modules(mc_ebc: nn.Module) -> Dict[str, nn.Module]:
+def managed_collision_modules(mc_ebc: Any) -> Dict[str, nn.Module]:
     """Table name -> managed-collision module of a (sharded or not) ManagedCollisionEmbeddingBagCollection
     (`_managed_collision_collection._managed_collision_modules`)."""
     return dict(mc_ebc._managed_collision_collection._managed_collision_modules.items())
 
 
-def managed_collision_tbes(mc_ebc: nn.Module) -> Dict[str, nn.Module]:
+def managed_collision_tbes(mc_ebc: Any) -> Dict[str, Any]:
     """Table name -> FBGEMM TBE of a sharded ManagedCollisionEmbeddingBagCollection
     (`_table_to_tbe_and_index`); empty for the unsharded module, which has none."""
     return {table: tbe for table, (tbe, _) in getattr(mc_ebc, "_table_to_tbe_and_index", {}).items()}

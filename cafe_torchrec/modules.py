@@ -17,7 +17,7 @@ from cafe_torchrec.feature_map import FeatureMap
 from cafe_torchrec.hashing import make_keys
 from cafe_torchrec.layout import CafePlan, plan_tables
 from cafe_torchrec.migration import require_in_backward_optimizer
-from cafe_torchrec.remap import CafeGroupRemap, remap_kjt
+from cafe_torchrec.remap import CafeGroupRemap, group_remaps, remap_kjt
 from cafe_torchrec.stats import CollectionReport
 from cafe_torchrec.validation import checked_input
 
@@ -68,7 +68,7 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
             # before anything (sketch, stats) is touched
             require_in_backward_optimizer(self.physical, [g.name for g in self.plan.groups], "CAFE table",
                                           "migrations must run")
-        groups = dict(self.groups.items())
+        groups = group_remaps(self.groups)
         inner, batches = remap_kjt(self.feature_map.prepare(features), self.feature_map, groups, {}, training)
         values = self.physical(inner).values()
         if training and batches and values.requires_grad:

@@ -4,7 +4,7 @@ block), with the HotSketch behind it; and the KJT-level remap both collections u
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -47,6 +47,12 @@ class CafeGroupRemap(nn.Module):
     `kernel` ('auto', 'cpp', 'torch') is the group's kernel choice, resolved once by its sketch
     for the device it lives on; lookup, insert and importance scoring all follow it.
     """
+
+    # buffers (registered in __init__)
+    regions: torch.Tensor
+    layout_signature: torch.Tensor
+    lookup_counts: torch.Tensor
+    migration_counts: torch.Tensor
 
     def __init__(self, layout: GroupLayout, device: torch.device, kernel: str = "auto") -> None:
         super().__init__()
@@ -123,11 +129,11 @@ class CafeGroupRemap(nn.Module):
         rows = torch.cat([self.lookup_counts, self.migration_counts], dim=1).tolist()
         return [dict(zip(STAT_COLUMNS, row)) for row in rows]
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[override]
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         wait_for_sketch_update(self)
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:  # type: ignore[override]
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         wait_for_sketch_update(self)
         sig = state_dict.get(prefix + "layout_signature")
         if sig is not None and not torch.equal(sig.cpu(), self._signature()):
@@ -135,6 +141,12 @@ class CafeGroupRemap(nn.Module):
                              f"(saved {sig.tolist()}, this module {self._signature().tolist()}); "
                              "it was saved from a different config, world size or version")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+
+def group_remaps(groups: nn.ModuleDict) -> Dict[str, CafeGroupRemap]:
+    """A collection's `groups` (a ModuleDict of CafeGroupRemap) as the dict the remap and the
+    backward hook take."""
+    return {name: cast(CafeGroupRemap, group) for name, group in groups.items()}
 
 
 def remap_kjt(
@@ -148,20 +160,25 @@ def remap_kjt(
     rows to their bag. Returns the remapped KJT and, when training, what backward needs.
     `plain_offsets[table]` is the first row a row-wise shard of a plain table holds."""
     info = feature_map.info
-    out_values, out_lengths, out_weights, batches = [], [], [], []
+    out_values: List[torch.Tensor] = []
+    out_lengths: List[torch.Tensor] = []
+    out_weights: List[torch.Tensor] = []
+    batches: List[GroupBatch] = []
     column = 0
     for seg in table_segments(kjt, feature_map.table_of):
         if info[seg.features[0]].group is None:
             out_values.append(seg.values - plain_offsets.get(seg.table, 0))
             out_lengths.append(seg.lengths)
-            out_weights.append(seg.weights)
+            if seg.weights is not None:
+                out_weights.append(seg.weights)
         else:
             group = groups[seg.table]
             rows, new_lengths, new_weights, hints = _rows_with_medium(group, seg.values, seg.lengths, seg.weights,
                                                                       training)
             out_values.append(rows)
             out_lengths.append(new_lengths)
-            out_weights.append(new_weights)
+            if new_weights is not None:
+                out_weights.append(new_weights)
             if training:
                 batches.append(GroupBatch(seg.table, seg.values, seg.lengths, seg.weights, len(seg.features),
                                           (column, column + group.layout.dim * len(seg.features)), hints))
@@ -177,9 +194,11 @@ def remap_kjt(
     return remapped, batches
 
 
-def _rows_with_medium(group: CafeGroupRemap, keys: torch.Tensor, lengths: torch.Tensor,
-                      weights: Optional[torch.Tensor], training: bool):
-    """Rows for one group's occurrences; a medium occurrence contributes two rows to its bag."""
+def _rows_with_medium(
+    group: CafeGroupRemap, keys: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor], training: bool
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Rows for one group's occurrences; a medium occurrence contributes two rows to its bag.
+    Returns rows, bag lengths, weights and the lookup's slot hints."""
     lookup = group.lookup(keys, count=training)
     if not group.layout.config.multi_level or not bool(lookup.medium.any()):
         return lookup.primary, lengths, weights, lookup.hints

@@ -87,11 +87,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from torchrec.distributed.planner import Topology
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-    from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
-    from cafe_torchrec.distributed import CafeEmbeddingBagCollectionSharder
-
     from cafe_planner.planner import CafePlanner
     from cafe_planner.report import grid_lines
+    from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
+    from cafe_torchrec.distributed import CafeEmbeddingBagCollectionSharder
 
     budget = None
     if args.budget is not None:

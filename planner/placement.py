@@ -22,10 +22,9 @@ import torch
 from torchrec.distributed.sharding_plan import calculate_shard_sizes_and_offsets
 from torchrec.distributed.types import ShardingType
 
+from cafe_planner.estimators import OptimizerLike, ShardBytes, optimizer_state_bytes, resolve_optimizer
 from cafe_torchrec.distributed.sharder import every_rank_has_rows
 from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan, GroupLayout
-
-from cafe_planner.estimators import OptimizerLike, ShardBytes, optimizer_state_bytes, resolve_optimizer
 
 TW, RW = ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value
 K = TypeVar("K", bound=Hashable)

@@ -12,7 +12,11 @@ from torchrec.distributed.types import EnumerableShardingSpec, ParameterSharding
 
 from cafe_planner.placement import PhysicalTable, row_wise_ok
 from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
-from cafe_torchrec.distributed.sharder import CafeEmbeddingBagCollectionSharder, every_rank_has_rows, row_wise_shard_rows
+from cafe_torchrec.distributed.sharder import (
+    CafeEmbeddingBagCollectionSharder,
+    every_rank_has_rows,
+    row_wise_shard_rows,
+)
 from examples.dlrm.sharding import sharding_constraints
 from tests.helpers import tables
 

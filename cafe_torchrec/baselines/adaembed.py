@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -60,6 +60,13 @@ def ada_hot_rows(total_rows: int, dim: int, ratio: float, value_bytes: int = 4) 
 
 class _AdaPool(nn.Module):
     """Per-id state of one pool: importance and row (-1: none) for every id of its tables."""
+
+    # buffers (registered in __init__)
+    importance: torch.Tensor
+    row_of: torch.Tensor
+    _rows: torch.Tensor
+    _offsets: torch.Tensor
+    _feature_slots: torch.Tensor
 
     def __init__(self, name: str, tables: List[EmbeddingBagConfig], hot_rows: int, device: torch.device) -> None:
         super().__init__()
@@ -111,6 +118,7 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
     """
 
     method = "adaembed"
+    steps: torch.Tensor  # a buffer (registered in __init__)
 
     def __init__(self, tables: List[EmbeddingBagConfig], compression_ratio: float, is_weighted: bool = False,
                  device: Optional[torch.device] = None, interval: int = 4096, importance: str = "gradient",
@@ -142,7 +150,8 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
             hot = ada_hot_rows(total, dim, self.compression_ratio, bytes_per_value(members[0]))
             if hot < 1:
                 raise ValueError(
-                    f"tables {[t.name for t in members]} (dim {dim}): AdaEmbed cannot reach {self.compression_ratio:g}x: "
+                    f"tables {[t.name for t in members]} (dim {dim}): AdaEmbed cannot reach "
+                    f"{self.compression_ratio:g}x: "
                     f"its 2 words (score, row) per id alone cost 2/{dim} of the table, so the ratio must stay below "
                     f"dim / 2 = {dim / 2:g}")
             pools[name] = _AdaPool(name, members, hot, self._device)
@@ -154,7 +163,8 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
             bound = math.sqrt(1.0 / max(t.num_embeddings for t in p.tables))
             configs.append(EmbeddingBagConfig(
                 name=p.name, embedding_dim=p.dim, num_embeddings=p.hot_rows, feature_names=list(p.features),
-                pooling=PoolingType.SUM, data_type=p.tables[0].data_type, weight_init_min=-bound, weight_init_max=bound))
+                pooling=PoolingType.SUM, data_type=p.tables[0].data_type, weight_init_min=-bound,
+                weight_init_max=bound))
         for t in plain:
             configs.append(EmbeddingBagConfig(
                 name=t.name, embedding_dim=t.embedding_dim, num_embeddings=t.num_embeddings,
@@ -183,7 +193,7 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
         for seg in table_segments(features, self._table_of):
             seg_values, seg_lengths, seg_weights = seg.values, seg.lengths, seg.weights
             if seg.table in self.pools:
-                pool: _AdaPool = self.pools[seg.table]
+                pool = self._pools()[seg.table]
                 n_feat, n_values = len(seg.features), seg_values.numel()
                 keys = pool.keys(seg_values, torch.tensor(seg.counts, dtype=torch.int64, device=seg_values.device))
                 rows = pool.row_of[keys].long()
@@ -204,7 +214,8 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
             out_lengths.append(seg_lengths)
             if seg_weights is not None:
                 out_weights.append(seg_weights)
-        inner = KeyedJaggedTensor(keys=self._inner_features, values=torch.cat(out_values), lengths=torch.cat(out_lengths),
+        inner = KeyedJaggedTensor(keys=self._inner_features, values=torch.cat(out_values),
+                                  lengths=torch.cat(out_lengths),
                                   weights=torch.cat(out_weights) if out_weights else None, stride=features.stride())
         pooled = self.physical(inner).values()
         if training and batches and pooled.requires_grad:
@@ -228,7 +239,7 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
 
     @torch.no_grad()
     def _end_of_step(self, step: int) -> None:
-        for pool in self.pools.values():
+        for pool in self._pools().values():
             if step == 1 or step % self.interval == 0:
                 self.reallocate(pool.name)
             if step % self.decay_interval == 0:
@@ -238,7 +249,7 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
     def reallocate(self, pool_name: str) -> int:
         """Give the pool's rows to the ids of highest (per-table normalised) importance; returns
         how many ids were admitted (0 when fewer than min_change x rows would change owner)."""
-        pool: _AdaPool = self.pools[pool_name]
+        pool = self._pools()[pool_name]
         score = pool.importance.clone()
         for a, b in pool.bounds:
             p95 = _percentile(score[a:b], 0.95)
@@ -265,9 +276,13 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
         return admitted
 
     # ---- introspection
+    def _pools(self) -> Dict[str, _AdaPool]:
+        """The pools by name (`pools` is a ModuleDict of _AdaPool)."""
+        return {name: cast(_AdaPool, pool) for name, pool in self.pools.items()}
+
     def rows_of(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         """The pool row of each id of `table` (-1: none, reads zeros); for plain tables, id mod rows."""
-        for pool in self.pools.values():
+        for pool in self._pools().values():
             names = [t.name for t in pool.tables]
             if table in names:
                 i = names.index(table)
@@ -278,18 +293,18 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
 
     def extra_bytes(self) -> int:
         return sum(p.importance.numel() * p.importance.element_size() + p.row_of.numel() * p.row_of.element_size()
-                   for p in self.pools.values())
+                   for p in self._pools().values())
 
     def stats(self) -> Dict[str, Dict[str, int]]:
         """Per pool: rows, ids covered, rows in use, reallocations and ids admitted by the last one."""
         return {name: {"hot_rows": p.hot_rows, "ids": p.total_rows, "rows_used": int((p.row_of >= 0).sum()),
                        "reallocations": p.reallocations, "last_admitted": p.last_admitted, "steps": int(self.steps)}
-                for name, p in self.pools.items()}
+                for name, p in self._pools().items()}
 
     def describe_tables(self) -> List[str]:
         lines = []
         for t in self._tables:
-            pool = next((p for p in self.pools.values() if t in p.tables), None)
+            pool = next((p for p in self._pools().values() if t in p.tables), None)
             if pool is None:
                 lines.append(f"table {t.name}: uncompressed ({t.num_embeddings:,} rows)")
             else:

@@ -30,7 +30,8 @@ def bytes_per_value(config: EmbeddingBagConfig) -> int:
 
 def check_ratio(compression_ratio: float, method: str) -> None:
     """A finite compression ratio >= 1, or ValueError naming the method."""
-    if not (isinstance(compression_ratio, (int, float)) and compression_ratio >= 1 and math.isfinite(compression_ratio)):
+    is_number = isinstance(compression_ratio, (int, float))
+    if not (is_number and compression_ratio >= 1 and math.isfinite(compression_ratio)):
         raise ValueError(f"{method}: compression_ratio must be a finite number >= 1, got {compression_ratio!r}")
 
 

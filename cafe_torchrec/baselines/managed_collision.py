@@ -10,8 +10,12 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
-from torchrec.modules.mc_modules import (DistanceLFU_EvictionPolicy, LFU_EvictionPolicy, ManagedCollisionCollection,
-                                         MCHManagedCollisionModule)
+from torchrec.modules.mc_modules import (
+    DistanceLFU_EvictionPolicy,
+    LFU_EvictionPolicy,
+    ManagedCollisionCollection,
+    MCHManagedCollisionModule,
+)
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from cafe_torchrec._torchrec_compat import (
@@ -81,12 +85,14 @@ class ManagedCollisionEmbeddingBags(BaselineCollection):
             raise ValueError(f"ManagedCollisionEmbeddingBags: input_hash_size must be >= 1, got {input_hash_size}")
         self.eviction, self.eviction_interval = eviction, eviction_interval
         self.input_hash_size = input_hash_size
-        self.zch_sizes = [t.num_embeddings + 1 if keeps_plain(t.num_embeddings, self.compression_ratio, small_table_rows)
-                          else max(2, math.floor(t.num_embeddings / self.compression_ratio)) for t in self._tables]
+        ratio = self.compression_ratio
+        self.zch_sizes = [t.num_embeddings + 1 if keeps_plain(t.num_embeddings, ratio, small_table_rows)
+                          else max(2, math.floor(t.num_embeddings / ratio)) for t in self._tables]
         configs = [dataclasses.replace(t, num_embeddings=z) for t, z in zip(self._tables, self.zch_sizes)]
         modules = {}
         for t, z in zip(self._tables, self.zch_sizes):
-            policy = LFU_EvictionPolicy() if eviction == "lfu" else DistanceLFU_EvictionPolicy(decay_exponent=decay_exponent)
+            policy = (LFU_EvictionPolicy() if eviction == "lfu"
+                      else DistanceLFU_EvictionPolicy(decay_exponent=decay_exponent))
             modules[t.name] = MCHManagedCollisionModule(
                 zch_size=z, device=self._device, eviction_policy=policy, eviction_interval=eviction_interval,
                 input_hash_size=PREHASH_RANGE if input_hash_size is None else input_hash_size,

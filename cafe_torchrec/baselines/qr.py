@@ -68,7 +68,8 @@ class QREmbeddingBagCollection(BaselineCollection):
                 continue
             n = t.num_embeddings
             lo, hi = (math.sqrt(1.0 / n), 1.0) if operation == "mult" else (-math.sqrt(1.0 / n), math.sqrt(1.0 / n))
-            configs.append(_copy(t, f"{t.name}_q", math.ceil(n / c), [f"{f}_q" for f in t.feature_names], t.pooling, (lo, hi)))
+            configs.append(_copy(t, f"{t.name}_q", math.ceil(n / c), [f"{f}_q" for f in t.feature_names], t.pooling,
+                                 (lo, hi)))
             configs.append(_copy(t, f"{t.name}_r", c, [f"{f}_r" for f in t.feature_names], t.pooling, (lo, hi)))
         check_unique([c.name for c in configs], "table")
         self.physical = EmbeddingBagCollection(configs, is_weighted=is_weighted, device=self._device)
@@ -85,7 +86,8 @@ class QREmbeddingBagCollection(BaselineCollection):
                                                 dtype=torch.int64, device=dev), persistent=False)
         self.register_buffer("_compressed_features", torch.tensor([i for i, c in enumerate(compressed) if c],
                                                                   dtype=torch.int64, device=dev), persistent=False)
-        self.register_buffer("_compressed_mask", torch.tensor(compressed, dtype=torch.bool, device=dev), persistent=False)
+        self.register_buffer("_compressed_mask", torch.tensor(compressed, dtype=torch.bool, device=dev),
+                             persistent=False)
 
     def _choose_collisions(self, collisions: Union[str, int], small_table_rows: float) -> List[int]:
         ratio = self.compression_ratio
@@ -100,7 +102,8 @@ class QREmbeddingBagCollection(BaselineCollection):
                 if c is None:
                     raise ValueError(
                         f"table {t.name!r}: QR cannot compress {t.num_embeddings:,} rows {ratio:g}x: its budget of "
-                        f"{t.num_embeddings / ratio:,.1f} rows is below 2 sqrt(n) = {2 * math.sqrt(t.num_embeddings):,.1f} "
+                        f"{t.num_embeddings / ratio:,.1f} rows is below 2 sqrt(n) = "
+                        f"{2 * math.sqrt(t.num_embeddings):,.1f} "
                         "((n/ratio)^2 < 4n); use a lower ratio, collisions='global' or a fixed int")
                 out.append(c)
             return out
@@ -130,8 +133,8 @@ class QREmbeddingBagCollection(BaselineCollection):
             bad = ((longest > 1) & self._compressed_mask).nonzero()
             if bad.numel():
                 f = self._feature_names[int(bad[0])]
-                raise ValueError(f"feature {f!r} has a bag of {int(longest[int(bad[0])])} ids: QR 'mult' is exact only for "
-                                 "bags of at most one id (use operation='add' for multi-hot features)")
+                raise ValueError(f"feature {f!r} has a bag of {int(longest[int(bad[0])])} ids: QR 'mult' is exact "
+                                 "only for bags of at most one id (use operation='add' for multi-hot features)")
         x = torch.remainder(features.values(), self.per_feature(features, self._rows))
         c = self.per_feature(features, self._c)
         values, weights = [torch.div(x, c, rounding_mode="floor")], features.weights_or_none()

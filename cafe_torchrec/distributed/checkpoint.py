@@ -39,7 +39,7 @@ def load_checkpoint_atomically(model: nn.Module, checkpoint_id: str, optimizer: 
     _check_model_state(model, state["model"])
     with torch.no_grad():
         model.load_state_dict(state["model"])
-        if "optim" in state:
+        if optimizer is not None and "optim" in state:
             optimizer.load_state_dict(state["optim"])
     return {k: state[k] for k in (extra or {})}
 

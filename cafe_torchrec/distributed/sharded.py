@@ -22,8 +22,11 @@ import torch
 from torch import nn
 from torchrec.distributed.embedding_sharding import EmbeddingSharding
 from torchrec.distributed.embedding_types import KJTList, ShardedEmbeddingModule
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionContext, ShardedEmbeddingBagCollection
+from torchrec.distributed.embeddingbag import (
+    EmbeddingBagCollectionContext,
+    EmbeddingBagCollectionSharder,
+    ShardedEmbeddingBagCollection,
+)
 from torchrec.distributed.sharding.rw_sharding import BaseRwEmbeddingSharding, RwSparseFeaturesDist
 from torchrec.distributed.types import (
     Awaitable,
@@ -32,6 +35,7 @@ from torchrec.distributed.types import (
     ShardingEnv,
 )
 from torchrec.distributed.utils import append_prefix
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -48,7 +52,7 @@ from cafe_torchrec.distributed.sketch_state import ShardedSketchState, owner_blo
 from cafe_torchrec.feature_map import FeatureMap
 from cafe_torchrec.hashing import KEY_SPACE
 from cafe_torchrec.modules import CafeEmbeddingBagCollection
-from cafe_torchrec.remap import CafeGroupRemap, remap_kjt
+from cafe_torchrec.remap import CafeGroupRemap, group_remaps, remap_kjt
 from cafe_torchrec.stats import CollectionReport
 from cafe_torchrec.validation import checked_input
 
@@ -69,7 +73,7 @@ class ShardedCafeEmbeddingBagCollection(
         self,
         module: CafeEmbeddingBagCollection,
         params: EmbeddingModuleShardingPlan,
-        physical_sharder: nn.Module,
+        physical_sharder: EmbeddingBagCollectionSharder,
         env: ShardingEnv,
         device: torch.device,
     ) -> None:
@@ -79,7 +83,8 @@ class ShardedCafeEmbeddingBagCollection(
         self._is_weighted = module.is_weighted()
         self.plan = module.plan
         self.feature_map: FeatureMap = module.feature_map
-        self.physical: ShardedEmbeddingBagCollection = physical_sharder.shard(module.physical, params, env=env, device=device)
+        self.physical: ShardedEmbeddingBagCollection = physical_sharder.shard(module.physical, params, env=env,
+                                                                              device=device)
         take_over_input_dist(self.physical)  # this module builds the input dists
         self._input_dists_ready = False
         layouts = {g.name: g for g in self.plan.groups}
@@ -114,7 +119,7 @@ class ShardedCafeEmbeddingBagCollection(
 
     def compute(self, ctx: CafeContext, dist_input: KJTList) -> List[torch.Tensor]:
         training = self.training and torch.is_grad_enabled()
-        groups = dict(self.groups.items())
+        groups = group_remaps(self.groups)
         remapped, per_sharding = [], []
         for kjt in dist_input:
             kjt_out, batches = remap_kjt(kjt, self.feature_map, groups, self._plain_offsets, training)

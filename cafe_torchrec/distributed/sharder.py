@@ -54,7 +54,8 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
 
     def __init__(self, fused_params: Optional[Dict[str, Any]] = None, qcomm_codecs_registry=None) -> None:
         super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
-        self._physical_sharder = PhysicalTablesSharder(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
+        self._physical_sharder = PhysicalTablesSharder(fused_params=fused_params,
+                                                       qcomm_codecs_registry=qcomm_codecs_registry)
 
     def shard(
         self,
@@ -73,7 +74,8 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
             if sharding.sharding_type == ShardingType.ROW_WISE.value and sizes and not every_rank_has_rows(sizes):
                 raise ValueError(f"CAFE table {table!r}: a row-wise plan leaves a rank with no rows "
                                  f"({sizes}); shard it table-wise")
-        return ShardedCafeEmbeddingBagCollection(module, params, self._physical_sharder, env, device or torch.device("cpu"))
+        return ShardedCafeEmbeddingBagCollection(module, params, self._physical_sharder, env,
+                                                 device or torch.device("cpu"))
 
     def shardable_parameters(self, module: CafeEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
         return self._physical_sharder.shardable_parameters(module.physical)
