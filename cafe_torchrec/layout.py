@@ -22,7 +22,7 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from cafe_torchrec.config import CafeConfig
 from cafe_torchrec.hashing import MAX_BOUND
 from cafe_torchrec.validation import check_tables
-from cafe_torchrec.sketch.hot_sketch import FREE_ROW_BYTES, SLOT_BYTES, sketch_nbytes
+from cafe_torchrec.sketch.hot_sketch import SLOT_BYTES, per_row_bytes, sketch_nbytes
 
 MAX_TABLES_PER_GROUP = 1 << 15  # the table slot lives in the low 15 bits of a key
 BYTES_PER_VALUE = {DataType.FP32: 4, DataType.FP16: 2}
@@ -102,7 +102,8 @@ class GroupLayout:
 
     def sketch_bytes(self) -> int:
         """What the group's HotSketch allocates."""
-        return sketch_nbytes(self.sketch_buckets, self.config.slots_per_bucket, self.hot_rows)
+        return sketch_nbytes(self.sketch_buckets, self.config.slots_per_bucket, self.hot_rows,
+                             self.config.policy == "adaptive")
 
     def weight_bytes(self) -> int:
         return self.physical_rows * self.dim * BYTES_PER_VALUE[self.data_type]
@@ -162,9 +163,10 @@ def sketch_buckets(hot_rows: int, slots_per_hot_row: float, slots_per_bucket: in
     return max(1, math.ceil(hot_rows * slots_per_hot_row / slots_per_bucket))
 
 
-def hot_row_bytes(dim: int, slots_per_hot_row: float, bytes_per_value: int = 4) -> float:
-    """What one hot row costs: its weights, its share of sketch slots, one free-list entry."""
-    return dim * bytes_per_value + slots_per_hot_row * SLOT_BYTES + FREE_ROW_BYTES
+def hot_row_bytes(dim: int, config: CafeConfig, bytes_per_value: int = 4) -> float:
+    """What one hot row costs under `config` (resolved): its weights, its share of sketch
+    slots, its free-list entry (and policy mark)."""
+    return dim * bytes_per_value + config.slots_per_hot_row * SLOT_BYTES + per_row_bytes(config.policy == "adaptive")
 
 
 def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeConfig]) -> GroupLayout:
@@ -178,7 +180,7 @@ def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[st
     dim, dtype = tables[0].embedding_dim, tables[0].data_type
     width = BYTES_PER_VALUE[dtype]
     hot_bytes = sum(t.num_embeddings * dim * width / configs[t.name].compression_ratio for t in tables) * first.hot_share
-    hot_rows = int(hot_bytes // hot_row_bytes(dim, first.slots_per_hot_row, width))
+    hot_rows = int(hot_bytes // hot_row_bytes(dim, first, width))
     layouts = []
     for t in tables:
         cfg = configs[t.name]

@@ -74,7 +74,7 @@ def solve_profiled(problem: BudgetProblem, ratio_u: float, curves: Mapping[str, 
         configs: Dict[str, CafeConfig] = {}
         for (_, dim), members in groups.items():
             width = BYTES_PER_VALUE[members[0].data_type]
-            kappa = hot_share / (1 - hot_share) * dim * width / hot_row_bytes(dim, base.slots_per_hot_row, width)
+            kappa = hot_share / (1 - hot_share) * dim * width / hot_row_bytes(dim, fixed.resolved(), width)
             want = [curves[t.name].count_at_least(price * row_bytes[t.name]) for t in members]
             floor = [max(1.0, t.num_embeddings * (1 - hot_share) / floor_ratio) for t in members]
             hashed = dict(zip((t.name for t in members), _hot_and_hashed([curves[t.name] for t in members], want, floor, kappa)))

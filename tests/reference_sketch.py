@@ -55,6 +55,7 @@ class ReferenceSketch:
     decayed: float = 0.0  # adaptive: decayed occurrence count before the current interval
     since: int = 0  # adaptive: occurrences since the last rebalance
     medium: float = float("inf")  # adaptive: the medium level the last rebalance set
+    marks: Dict[int, float] = field(default_factory=dict)  # adaptive: hot row -> its score after the last rebalance
 
     def __post_init__(self) -> None:
         n = self.num_buckets * self.slots
@@ -104,6 +105,7 @@ class ReferenceSketch:
                 self.rows[j] = self.free.pop()
                 promoted_keys.append(k)
                 promoted_rows.append(self.rows[j])
+                self.marks[self.rows[j]] = float("inf")  # unknown until the next rebalance
         return rebalanced[0] + promoted_keys, rebalanced[1] + promoted_rows, demoted
 
     def _rebalance(self) -> Tuple[Tuple[List[int], List[int]], List[int]]:
@@ -118,10 +120,15 @@ class ReferenceSketch:
         if q > 0 and total > 0 and self.since > 0:
             steps = min(16, int(round(16 * (self.since * q / (total * policy.horizon)) / math.log(2))))
         f = f32(2.0 ** (-steps / 16))
+        stale = [j for j in range(len(self.keys)) if self.rows[j] >= 0
+                 and self.scores[j] == self.marks.get(self.rows[j], float("inf"))
+                 and f32(self.scores[j] * f32(1.0 - f)) >= 8.0]  # no gain, though 8 occurrences were due
         if f < 1.0:
             for j in range(len(self.keys)):
                 self.scores[j] = f32(self.scores[j] * f)
                 self.errors[j] = error32(f32(self.errors[j] * f))
+        for j in stale:
+            self.scores[j] = f32(self.scores[j] * 0.5)
         self.decayed, self.since = total * f, 0
         candidates = sorted((j for j in held if self.rows[j] == NO_ROW and not self.newcomer[j]
                              and self.estimate(j) >= policy.entry_score), key=lambda j: (-self.estimate(j), j))
@@ -140,6 +147,7 @@ class ReferenceSketch:
             self.rows[c] = row
         if policy.medium_share is not None:
             self.medium = f32(policy.medium_share * max(q * f, policy.entry_score))
+        self.marks = {self.rows[j]: self.scores[j] for j in range(len(self.keys)) if self.rows[j] >= 0}
         return ([self.keys[c] for c, _ in plan], [row for _, row in plan]), demoted
 
     def _slot_of(self, key: int) -> Optional[int]:

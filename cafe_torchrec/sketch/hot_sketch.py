@@ -11,7 +11,7 @@ from torch import nn
 from cafe_torchrec.hashing import MAX_BOUND, odd_multiplier
 from cafe_torchrec.ops import KERNELS, resolve_kernel
 from cafe_torchrec.sketch import cpp_kernel, torch_kernel
-from cafe_torchrec.sketch.policy import AdaptivePolicy, rebalance_
+from cafe_torchrec.sketch.policy import UNKNOWN_MARK, AdaptivePolicy, rebalance_
 from cafe_torchrec.sketch.types import (
     COLD_WORD,
     EMPTY_KEY,
@@ -27,6 +27,7 @@ from cafe_torchrec.sketch.types import (
 
 SLOT_BYTES = 16  # int64 key + float32 score + int32 hot row or error (the paper's 12 B with 32-bit keys)
 FREE_ROW_BYTES = 4
+ROW_MARK_BYTES = 4  # the adaptive policy's float32 per hot row
 
 
 class HotSketch(nn.Module):
@@ -90,6 +91,9 @@ class HotSketch(nn.Module):
         # adaptive policy: the decayed occurrence count before the current interval, occurrences since
         self.register_buffer("decayed_occurrences", torch.zeros(1, dtype=torch.float64, device=device))
         self.register_buffer("occurrences_since", torch.zeros(1, dtype=torch.int64, device=device))
+        # adaptive policy: each hot row's score after the last rebalance (sketch/policy.py)
+        self.register_buffer("row_marks", torch.full((hot_capacity if adaptive is not None else 0,), UNKNOWN_MARK,
+                                                     dtype=torch.float32, device=device))
         # 0 after DistributedModelParallel materialises meta buffers as zeros: re-initialise lazily
         self.register_buffer("initialized", torch.ones(1, dtype=torch.int64, device=device))
         self._seed = seed
@@ -158,6 +162,7 @@ class HotSketch(nn.Module):
             self.medium_level.fill_(self._first_medium)
             self.decayed_occurrences.zero_()
             self.occurrences_since.zero_()
+            self.row_marks.fill_(UNKNOWN_MARK)
             self.seed.fill_(self._configured_seed)
             self.initialized.fill_(1)
         self._seed = self._configured_seed
@@ -214,6 +219,7 @@ class HotSketch(nn.Module):
         result = kernel.insert_(self.state(), keys, scores.to(torch.float32), params, hints)
         if self.adaptive is not None:
             self.occurrences_since += keys.numel() - result.skipped
+            self.row_marks[result.promoted_rows.to(self.row_marks.device)] = UNKNOWN_MARK
         return result if rebalanced is None else _merged(rebalanced, result)
 
     def _rebalance_if_due(self) -> Optional[InsertResult]:
@@ -222,7 +228,7 @@ class HotSketch(nn.Module):
         if policy is None or not policy.due(int(self.occurrences_since[0]), float(self.decayed_occurrences[0])):
             return None
         result, marginal = rebalance_(self.state(), policy, self.hot_capacity, self.decayed_occurrences,
-                                      self.occurrences_since)
+                                      self.occurrences_since, self.row_marks)
         if policy.medium_share is not None:
             self.medium_level.fill_(policy.medium_share * max(marginal, policy.entry_score))
         return result
@@ -253,7 +259,7 @@ class HotSketch(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes of the sketch: slots plus the free list (the paper counts the sketch too)."""
-        return sketch_nbytes(self.num_buckets, self.slots_per_bucket, self.hot_capacity)
+        return sketch_nbytes(self.num_buckets, self.slots_per_bucket, self.hot_capacity, self.adaptive is not None)
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -276,9 +282,15 @@ def _merged(first: InsertResult, second: InsertResult) -> InsertResult:
                         first.skipped + second.skipped, first.dropped + second.dropped, first.decayed or second.decayed)
 
 
-def sketch_nbytes(num_buckets: int, slots_per_bucket: int, hot_capacity: int) -> int:
-    """Bytes a HotSketch of this shape holds; shared by the module, the planner and benchmarks."""
-    return num_buckets * slots_per_bucket * SLOT_BYTES + hot_capacity * FREE_ROW_BYTES
+def sketch_nbytes(num_buckets: int, slots_per_bucket: int, hot_capacity: int, adaptive: bool = False) -> int:
+    """Bytes a HotSketch of this shape holds (slots, the free-row stack, and with the adaptive
+    policy its per-row marks); shared by the module, the planner and benchmarks."""
+    return num_buckets * slots_per_bucket * SLOT_BYTES + hot_capacity * per_row_bytes(adaptive)
+
+
+def per_row_bytes(adaptive: bool) -> int:
+    """Sketch bytes per hot row besides its slots: a free-stack entry, and a mark if adaptive."""
+    return FREE_ROW_BYTES + (ROW_MARK_BYTES if adaptive else 0)
 
 
 def _empty_slots(n: int, device: Optional[torch.device]) -> torch.Tensor:

@@ -19,6 +19,11 @@ occurrences since the last rebalance reach 1/`rebalances_per_horizon` of the dec
    quantised, so kernels and the reference stay bit-equal. The memory horizon is "the time
    in which the marginal hot id sees `horizon` occurrences", whatever the batch size, stream
    length, feature count or skew.
+   A hot id that gained nothing since the last rebalance although its score says it should
+   have seen at least `STALE_HITS` occurrences in that time (score x (1 - f) >= 8: the
+   occurrences the decay took from it) is stale, as yesterday's popular ids are after an
+   abrupt drift: its score is halved as well. Stale rows thus free within a fraction of a
+   horizon instead of the many horizons their large scores would take to decay.
 2. Re-ranks with hysteresis. Candidates are held, confirmed (hit since placed), non-hot slots
    with estimate >= entry_score, by estimate descending (ties: lower slot first); hot slots by
    estimate ascending (ties: lower slot first). Free rows go to the first candidates (rows
@@ -55,6 +60,9 @@ from cafe_torchrec.sketch.types import (
 )
 
 DECAY_STEPS = 16  # f = 2^(-j / DECAY_STEPS), j in [0, DECAY_STEPS]
+STALE_HITS = 8.0  # a hot id expected to see this many occurrences in an interval and seeing none is stale
+STALE_FACTOR = 0.5  # the extra decay of a stale hot id
+UNKNOWN_MARK = float("inf")  # the mark of a row handed out by an insert since the last rebalance
 
 
 @dataclass(frozen=True)
@@ -108,18 +116,23 @@ def marginal_estimate(estimates: torch.Tensor, held: torch.Tensor, capacity: int
 
 
 def rebalance_(state: SketchState, policy: AdaptivePolicy, capacity: int, decayed: torch.Tensor,
-               since: torch.Tensor) -> Tuple[InsertResult, float]:
+               since: torch.Tensor, marks: torch.Tensor) -> Tuple[InsertResult, float]:
     """Steps 1 and 2 of the module docstring on `state` in place. `decayed` (float64 [1]: the
     decayed occurrence count before this interval) becomes (before + since) f, `since` (int64
-    [1]: occurrences during it) becomes 0. Returns the promotions and demotions, and the
-    marginal estimate after the decay (for the medium level)."""
-    keys, words = state.keys, state.words
+    [1]: occurrences during it) becomes 0, `marks` (float32 [hot rows]: each hot row's score
+    after the last rebalance, UNKNOWN_MARK for rows an insert handed out since) takes the
+    scores after this one. Returns the promotions and demotions, and the marginal estimate
+    after the decay (for the medium level)."""
+    keys, words, scores = state.keys, state.words, state.scores
     held = keys != EMPTY_KEY
-    q = marginal_estimate(estimates_of(state.scores, words), held, capacity)
+    q = marginal_estimate(estimates_of(scores, words), held, capacity)
     before, count = float(decayed[0]), int(since[0])
     f = decay_factor(decay_exponent(count, before, q, policy.horizon))
+    hot_now = (words >= 0).nonzero().flatten()
+    stale = hot_now[(scores[hot_now] == marks[words[hot_now].long()]) & (scores[hot_now] * (1.0 - f) >= STALE_HITS)]
     if f < 1.0:
         scale_(state, f)
+    scores[stale] = scores[stale] * STALE_FACTOR
     decayed.fill_((before + count) * f)
     since.zero_()
     estimates = estimates_of(state.scores, words)
@@ -135,6 +148,8 @@ def rebalance_(state: SketchState, policy: AdaptivePolicy, capacity: int, decaye
     swaps = int(torch.cumprod(wins.to(torch.int64), 0).sum()) if pairs else 0
     result = reassign_(state, hot_slots[:swaps], candidates[: fill + swaps], fill)
     result.decayed = f < 1.0
+    hot_after = (words >= 0).nonzero().flatten()
+    marks[words[hot_after].long()] = scores[hot_after]
     return result, q * f
 
 
