@@ -33,8 +33,9 @@ Prints the machine and a markdown table ready for the README.
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -84,8 +85,8 @@ def npy_batches(root: Path, day: int, batch_size: int) -> Iterator[Batch]:
     dense, sparse, labels = (np.load(p, mmap_mode="r") for p in (paths.dense, paths.sparse, paths.labels))
     for start in range(0, len(labels) - batch_size + 1, batch_size):
         stop = start + batch_size
-        yield (torch.from_numpy(np.ascontiguousarray(dense[start:stop])),
-               torch.from_numpy(np.ascontiguousarray(sparse[start:stop])),
+        yield (torch.from_numpy(np.array(dense[start:stop])),  # copies out of the read-only mmap
+               torch.from_numpy(np.array(sparse[start:stop])),
                torch.from_numpy(labels[start:stop].reshape(-1).astype(np.float32)))
 
 
