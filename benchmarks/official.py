@@ -51,7 +51,18 @@ Batch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # dense [B, 13] f32, sp
 
 PEER_DIR = Path(__file__).resolve().parents[2] / "shared" / "peers" / "cafe-official"
 PEER_ENV = "CAFE_OFFICIAL_DIR"  # overrides PEER_DIR
-BUILD_COMMAND = ["g++", "-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "--std=c++17", "sketch.cpp", "-o", "sklib.so"]
+BUILD_COMMAND = [
+    "g++",
+    "-O3",
+    "-march=native",
+    "-fPIC",
+    "-shared",
+    "-fopenmp",
+    "--std=c++17",
+    "sketch.cpp",
+    "-o",
+    "sklib.so",
+]
 PATCH = "insert-grad-torch2.patch"
 NUM_DENSE = 13
 # sketch.cpp returns its results in static buffers of 16384 ints (`ins`, `que`): one C call, and so
@@ -146,9 +157,11 @@ def _import(root: Path, digest: str) -> Tuple[ModuleType, ModuleType, ModuleType
         spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
         spec.submodule_search_locations = [str(root)]
         sys.modules[name] = importlib.util.module_from_spec(spec)
-    return (importlib.import_module(f"{name}.embeddings.init_embed"),
-            importlib.import_module(f"{name}.embeddings.sk_embedding_bag"),
-            importlib.import_module(f"{name}.models"))
+    return (
+        importlib.import_module(f"{name}.embeddings.init_embed"),
+        importlib.import_module(f"{name}.embeddings.sk_embedding_bag"),
+        importlib.import_module(f"{name}.models"),
+    )
 
 
 def build_official(cache_root: Optional[str] = None) -> OfficialArtifact:
@@ -196,10 +209,13 @@ def official_config(artifact: OfficialArtifact, compression_ratio: float) -> Off
     rates = artifact.cafe_grid["compress_rate"]
     for i, r in enumerate(rates):
         if math.isclose(r, rate, rel_tol=1e-9):
-            return OfficialConfig(r, int(artifact.cafe_grid["cafe_sketch_threshold"][i]),
-                                  float(artifact.cafe_grid["cafe_hash_rate"][i]))
-    raise ValueError(f"compression_ratio {compression_ratio:g}: the official artifact's grid (tasks/criteo.json) "
-                     f"has ratios {sorted(round(1 / r) for r in rates)}")
+            return OfficialConfig(
+                r, int(artifact.cafe_grid["cafe_sketch_threshold"][i]), float(artifact.cafe_grid["cafe_hash_rate"][i])
+            )
+    raise ValueError(
+        f"compression_ratio {compression_ratio:g}: the official artifact's grid (tasks/criteo.json) "
+        f"has ratios {sorted(round(1 / r) for r in rates)}"
+    )
 
 
 # ----------------------------------------------------------------------------- the sketch, by ctypes
@@ -211,8 +227,14 @@ class OfficialSketch:
     26 global sketches: 0 is the one its EmbeddingLayer uses.
     """
 
-    def __init__(self, artifact: OfficialArtifact, hot_rows: int, threshold: int, decay: float = DECAY,
-                 index: int = MAX_SKETCHES - 1) -> None:
+    def __init__(
+        self,
+        artifact: OfficialArtifact,
+        hot_rows: int,
+        threshold: int,
+        decay: float = DECAY,
+        index: int = MAX_SKETCHES - 1,
+    ) -> None:
         if not 0 <= index < MAX_SKETCHES:
             raise ValueError(f"index must be in [0, {MAX_SKETCHES}), got {index}")
         if hot_rows < 2:
@@ -227,9 +249,16 @@ class OfficialSketch:
         self.c_query.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
         self.c_query.restype = ctypes.POINTER(ctypes.c_int)
         self.c_insert = lib.batch_insert_val
-        self.c_insert.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.c_int]
+        self.c_insert.argtypes = [
+            ctypes.POINTER(ctypes.c_int),
+            ctypes.POINTER(ctypes.c_float),
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
         self.c_insert.restype = ctypes.POINTER(ctypes.c_int)
-        self._init(hot_rows, int(threshold), ctypes.c_double(decay), index)  # leaks the previous SS at index, as init_embed does
+        self._init(
+            hot_rows, int(threshold), ctypes.c_double(decay), index
+        )  # leaks the previous SS at index, as init_embed does
 
     @property
     def nbytes(self) -> int:
@@ -256,15 +285,17 @@ class OfficialSketch:
     def insert(self, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """Its batch_insert_val, in calls of at most MAX_IDS_PER_CALL ids: 1 where an id just became hot."""
         sp = scores.astype(np.float32, copy=False)
-        return self._chunked(ids, lambda p, n, start: self.c_insert(p, self.scores_arg(sp[start:start + n]), n, self.index))
+        return self._chunked(
+            ids, lambda p, n, start: self.c_insert(p, self.scores_arg(sp[start : start + n]), n, self.index)
+        )
 
     def _chunked(self, ids: np.ndarray, call) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         out = np.empty(len(ids), dtype=np.int32)
         for start in range(0, len(ids), MAX_IDS_PER_CALL):
-            chunk = ids[start:start + MAX_IDS_PER_CALL]
+            chunk = ids[start : start + MAX_IDS_PER_CALL]
             ptr = call(self.ids_arg(chunk), len(chunk), start)
-            out[start:start + len(chunk)] = np.ctypeslib.as_array(ptr, shape=(len(chunk),))
+            out[start : start + len(chunk)] = np.ctypeslib.as_array(ptr, shape=(len(chunk),))
         return out
 
 
@@ -283,12 +314,25 @@ def official_memory(layer: torch.nn.Module, cardinalities: Sequence[int], embedd
     sketch = hot_rows * SLOTS_PER_BUCKET * SLOT_BYTES
     physical = (hot_rows + hashed + plain) * row + sketch
     logical = sum(int(c) for c in cardinalities) * row
-    return {"hot_rows": hot_rows, "hashed_rows": hashed, "plain_rows": plain, "sketch_bytes": sketch,
-            "memory_bytes": physical, "logical_bytes": logical, "compression_ratio": float(logical / physical)}
+    return {
+        "hot_rows": hot_rows,
+        "hashed_rows": hashed,
+        "plain_rows": plain,
+        "sketch_bytes": sketch,
+        "memory_bytes": physical,
+        "logical_bytes": logical,
+        "compression_ratio": float(logical / physical),
+    }
 
 
-def build_official_model(artifact: OfficialArtifact, cardinalities: Sequence[int], config: Optional[OfficialConfig],
-                         embedding_dim: int, dense_arch: Sequence[int], over_arch: Sequence[int]) -> torch.nn.Module:
+def build_official_model(
+    artifact: OfficialArtifact,
+    cardinalities: Sequence[int],
+    config: Optional[OfficialConfig],
+    embedding_dim: int,
+    dense_arch: Sequence[int],
+    over_arch: Sequence[int],
+) -> torch.nn.Module:
     """Its EmbeddingLayer (CAFE with one shared sketch; `config` None: its uncompressed baseline, one
     plain table per field) inside its DLRM_Net with this project's DLRM shape.
 
@@ -301,38 +345,56 @@ def build_official_model(artifact: OfficialArtifact, cardinalities: Sequence[int
     if config is None:
         args = argparse.Namespace(compress_method=None, compress_rate=1.0)
     else:
-        args = argparse.Namespace(compress_method="cafe", compress_rate=config.compress_rate,
-                                  cafe_hash_rate=config.hash_rate, cafe_sketch_threshold=config.threshold,
-                                  cafe_decay=config.decay, cafe_hot_separate_field=False, cafe_use_freq=False)
-    layer = artifact.init_embed.EmbeddingLayer(args, embedding_dim, np.asarray(cardinalities, dtype=np.int64),
-                                               torch.device("cpu"))
+        args = argparse.Namespace(
+            compress_method="cafe",
+            compress_rate=config.compress_rate,
+            cafe_hash_rate=config.hash_rate,
+            cafe_sketch_threshold=config.threshold,
+            cafe_decay=config.decay,
+            cafe_hot_separate_field=False,
+            cafe_use_freq=False,
+        )
+    layer = artifact.init_embed.EmbeddingLayer(
+        args, embedding_dim, np.asarray(cardinalities, dtype=np.int64), torch.device("cpu")
+    )
     num_features = len(cardinalities)
     ln_bot = np.array([NUM_DENSE, *dense_arch], dtype=int)
     ln_top = np.array([num_features * (num_features + 1) // 2 + dense_arch[-1], *over_arch], dtype=int)
     return artifact.models.DLRM_Net(layer, torch.device("cpu"), embedding_dim, num_features, NUM_DENSE, ln_bot, ln_top)
 
 
-def _check_batch(batch: Batch, cardinalities: torch.Tensor, where: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _check_batch(
+    batch: Batch, cardinalities: torch.Tensor, where: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate one batch before the model sees it: shapes, dtypes, ids in range, size per C call."""
     dense, sparse, labels = batch
     b = sparse.shape[0] if sparse.dim() == 2 else -1
     if sparse.dim() != 2 or sparse.shape[1] != len(cardinalities) or sparse.dtype != torch.int64:
-        raise ValueError(f"{where}: sparse must be int64 [B, {len(cardinalities)}], got {sparse.dtype} {tuple(sparse.shape)}")
+        raise ValueError(
+            f"{where}: sparse must be int64 [B, {len(cardinalities)}], got {sparse.dtype} {tuple(sparse.shape)}"
+        )
     if dense.shape != (b, NUM_DENSE) or labels.shape != (b,):
-        raise ValueError(f"{where}: dense must be [B, {NUM_DENSE}] and labels [B] with B = {b}, "
-                         f"got {tuple(dense.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"{where}: dense must be [B, {NUM_DENSE}] and labels [B] with B = {b}, "
+            f"got {tuple(dense.shape)} and {tuple(labels.shape)}"
+        )
     if b > MAX_IDS_PER_CALL:
-        raise ValueError(f"{where}: batch of {b} rows; the artifact's sketch returns at most {MAX_IDS_PER_CALL} "
-                         "ids per call (static buffers in sketch.cpp)")
+        raise ValueError(
+            f"{where}: batch of {b} rows; the artifact's sketch returns at most {MAX_IDS_PER_CALL} "
+            "ids per call (static buffers in sketch.cpp)"
+        )
     bad = ((sparse < 0) | (sparse >= cardinalities)).any(dim=0)
     if bool(bad.any()):
         f = int(bad.nonzero()[0])
-        raise ValueError(f"{where}: feature {f} has ids outside [0, {int(cardinalities[f])}) "
-                         "(the artifact needs label-encoded ids)")
+        raise ValueError(
+            f"{where}: feature {f} has ids outside [0, {int(cardinalities[f])}) (the artifact needs label-encoded ids)"
+        )
     return dense.float(), sparse.t().contiguous(), labels.float().view(-1, 1)
 
 
-def _evaluate(model: torch.nn.Module, batches: Iterable[Batch], cardinalities: torch.Tensor, where: str) -> Tuple[float, float]:
+def _evaluate(
+    model: torch.nn.Module, batches: Iterable[Batch], cardinalities: torch.Tensor, where: str
+) -> Tuple[float, float]:
     """AUC (torchmetrics) and mean log loss; (nan, nan) for an empty split. No sketch updates."""
     from torchmetrics.classification import BinaryAUROC
 

@@ -40,7 +40,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import torch
@@ -53,14 +53,20 @@ COMMAND = "python -m benchmarks.sketch_vs_official"
 UNIQUE_KEYS, UNIQUE_HOT_ROWS, UNIQUE_THRESHOLD = 100_000, 25_000, 50
 STEP_BATCH, STEP_DIM, STEP_HOT_ROWS, STEP_THRESHOLD, ZIPF_Z, WARM_STEPS = 4096, 16, 10_000, 4, 1.05, 5
 OFFICIAL_C, OFFICIAL_PY = 25, 0  # official sketch indices: the C-call one, and the one its SKEmbeddingBag uses
+T = TypeVar("T")
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    """CPU seconds of this thread in fn: at one thread all of both sides' work runs on it, and time
-    the shared machine's scheduler gives other processes (~4 ms slices here) does not count."""
+def _timed(fn: Callable[..., object], *args: object) -> float:
+    """CPU seconds of this thread in fn(*args): at one thread all of both sides' work runs on it, and
+    time the shared machine's scheduler gives other processes (~4 ms slices here) does not count."""
+    return _timed_result(fn, *args)[0]
+
+
+def _timed_result(fn: Callable[..., T], *args: object) -> Tuple[float, T]:
+    """(CPU seconds of this thread in fn(*args), its result)."""
     start = time.thread_time()
-    fn()
-    return time.thread_time() - start
+    result = fn(*args)
+    return time.thread_time() - start, result
 
 
 @dataclass
@@ -87,8 +93,10 @@ class Measure:
 
 def _c_calls(sketch: OfficialSketch, ids: np.ndarray, scores: np.ndarray, chunk: int):
     """The official's C calls over `ids` in pieces of `chunk`, pointers prepared: (query, insert) closures."""
-    pieces = [(sketch.ids_arg(ids[s:s + chunk]), sketch.scores_arg(scores[s:s + chunk]), len(ids[s:s + chunk]))
-              for s in range(0, len(ids), chunk)]
+    pieces = [
+        (sketch.ids_arg(ids[s : s + chunk]), sketch.scores_arg(scores[s : s + chunk]), len(ids[s : s + chunk]))
+        for s in range(0, len(ids), chunk)
+    ]
 
     def query() -> None:
         for ptr, _, n in pieces:
@@ -145,7 +153,8 @@ class _Step:
         f, b = len(cards), STEP_BATCH
         self.ids = [zipf_ids(b, n, ZIPF_Z, seed * 1000 + i) for i, n in enumerate(cards)]
         self.global_ids = np.ascontiguousarray(
-            np.concatenate([(x + o).numpy() for x, o in zip(self.ids, offsets)]).astype(np.int32))
+            np.concatenate([(x + o).numpy() for x, o in zip(self.ids, offsets)]).astype(np.int32)
+        )
         self.keys = prehash(torch.cat(self.ids), torch.full((f,), b, dtype=torch.int64), salts)  # feature-major
         gen = torch.Generator().manual_seed(10_000 + seed)
         self.grad = torch.randn(b, f * STEP_DIM, generator=gen)
@@ -177,9 +186,21 @@ def dlrm_step(artifact: OfficialArtifact, repeats: int, decay: float) -> Dict[st
     off = OfficialSketch(artifact, STEP_HOT_ROWS, STEP_THRESHOLD, decay, index=OFFICIAL_C)
     OfficialSketch(artifact, STEP_HOT_ROWS, STEP_THRESHOLD, decay, index=OFFICIAL_PY)  # the one its bags use
     weight_hot = Parameter(torch.zeros(STEP_HOT_ROWS, STEP_DIM))
-    bags = [artifact.sk_embedding_bag.SKEmbeddingBag(i, STEP_HOT_ROWS, artifact.lib, weight_hot, torch.device("cpu"), c,
-                                                    STEP_DIM, o, max(1, math.ceil(c * 0.2 / 1000)), False)
-            for i, (c, o) in enumerate(zip(cards, offsets))]
+    bags = [
+        artifact.sk_embedding_bag.SKEmbeddingBag(
+            i,
+            STEP_HOT_ROWS,
+            artifact.lib,
+            weight_hot,
+            torch.device("cpu"),
+            c,
+            STEP_DIM,
+            o,
+            max(1, math.ceil(c * 0.2 / 1000)),
+            False,
+        )
+        for i, (c, o) in enumerate(zip(cards, offsets))
+    ]
     lengths = torch.ones(n, dtype=torch.int64)
 
     def lookup(step: _Step) -> torch.Tensor:
@@ -189,13 +210,17 @@ def dlrm_step(artifact: OfficialArtifact, repeats: int, decay: float) -> Dict[st
         for bag, ids in zip(bags, step.ids):
             bag.query(ids)
         for i, (bag, ids) in enumerate(zip(bags, step.ids)):
-            bag.out_grad = step.grad[:, i * STEP_DIM:(i + 1) * STEP_DIM]
+            bag.out_grad = step.grad[:, i * STEP_DIM : (i + 1) * STEP_DIM]
             bag.insert_grad(ids)
 
-    names = {"query": "query (ours: fused lookup)", "insert": "insert (ours: with the lookup's slot hints)",
-             "both": "query + insert", "hash": "ours' pre-hash (make_keys; the official adds field offsets in Python)",
-             "step": "whole step (official: its Python query + insert_grad per field; ours: pre-hash + lookup + "
-                     "scoring + insert)"}
+    names = {
+        "query": "query (ours: fused lookup)",
+        "insert": "insert (ours: with the lookup's slot hints)",
+        "both": "query + insert",
+        "hash": "ours' pre-hash (make_keys; the official adds field offsets in Python)",
+        "step": "whole step (official: its Python query + insert_grad per field; ours: pre-hash + lookup + "
+        "scoring + insert)",
+    }
     out: Dict[str, Measure] = {key: Measure(n) for key in names}
     exact: Dict[int, float] = {}
     recall: Dict[str, float] = {}
@@ -203,25 +228,27 @@ def dlrm_step(artifact: OfficialArtifact, repeats: int, decay: float) -> Dict[st
         step = _Step(cards, offsets, salts, s)
         off_query, off_insert = _c_calls(off, step.global_ids, step.scores_np, b)
         t: Dict[str, float] = {}
-        for side in (("official", "ours") if s % 2 == 0 else ("ours", "official")):  # alternate who goes first
+        for side in ("official", "ours") if s % 2 == 0 else ("ours", "official"):  # alternate who goes first
             if side == "official":
                 t["off_q"], t["off_i"] = _timed(off_query), _timed(off_insert)
-                t["off_py"] = _timed(lambda: official_python(step))
+                t["off_py"] = _timed(official_python, step)
             else:
-                t["hash"] = _timed(lambda: prehash(torch.cat(step.ids), counts, salts))
-                hints: List[torch.Tensor] = []
-                t["q"] = _timed(lambda: hints.append(lookup(step)))
-                t["i"] = _timed(lambda: ours.insert(step.keys, step.scores, hints[0]))
-                t["score"] = _timed(lambda: occurrence_scores(step.grad, (0, f * STEP_DIM), lengths, f, None, "gradient"))
+                t["hash"] = _timed(prehash, torch.cat(step.ids), counts, salts)
+                t["q"], hints = _timed_result(lookup, step)
+                t["i"] = _timed(ours.insert, step.keys, step.scores, hints)
+                t["score"] = _timed(occurrence_scores, step.grad, (0, f * STEP_DIM), lengths, f, None, "gradient")
         if s < WARM_STEPS:
             for gid, score in zip(step.global_ids.tolist(), step.scores.tolist()):
                 exact[gid] = exact.get(gid, 0.0) + score
             if s == WARM_STEPS - 1:
                 recall = _recall(exact, off, ours, offsets, salts)
             continue
-        for key, official_t, ours_t in (("query", t["off_q"], t["q"]), ("insert", t["off_i"], t["i"]),
-                                        ("both", t["off_q"] + t["off_i"], t["q"] + t["i"]),
-                                        ("step", t["off_py"], t["hash"] + t["q"] + t["score"] + t["i"])):
+        for key, official_t, ours_t in (
+            ("query", t["off_q"], t["q"]),
+            ("insert", t["off_i"], t["i"]),
+            ("both", t["off_q"] + t["off_i"], t["q"] + t["i"]),
+            ("step", t["off_py"], t["hash"] + t["q"] + t["score"] + t["i"]),
+        ):
             out[key].official.append(official_t)
             out[key].ours.append(ours_t)
         out["hash"].ours.append(t["hash"])
@@ -230,7 +257,9 @@ def dlrm_step(artifact: OfficialArtifact, repeats: int, decay: float) -> Dict[st
     return results
 
 
-def _recall(exact: Dict[int, float], off: OfficialSketch, ours, offsets: Sequence[int], salts: torch.Tensor) -> Dict[str, float]:
+def _recall(
+    exact: Dict[int, float], off: OfficialSketch, ours, offsets: Sequence[int], salts: torch.Tensor
+) -> Dict[str, float]:
     """Share of the true top-k (k = hot rows) holding a hot row in each sketch."""
     top = sorted(exact, key=exact.__getitem__, reverse=True)[:STEP_HOT_ROWS]
     off_hot = float((off.query(np.asarray(top, dtype=np.int32)) < 0).mean())
@@ -242,27 +271,39 @@ def _recall(exact: Dict[int, float], off: OfficialSketch, ours, offsets: Sequenc
     keys = prehash(local[order], counts, salts)
     ours_hot = float((ours.query(keys)[0] >= 0).float().mean())
     seen = np.fromiter(exact, dtype=np.int32, count=len(exact))
-    return {"official": off_hot, "ours": ours_hot,
-            "official rows": float((off.query(seen) < 0).sum()), "ours rows": float(ours.hot_rows_used())}
+    return {
+        "official": off_hot,
+        "ours": ours_hot,
+        "official rows": float((off.query(seen) < 0).sum()),
+        "ours rows": float(ours.hot_rows_used()),
+    }
 
 
 def render(results: Dict[str, Dict[str, Union[Measure, Dict[str, float]]]], bytes_row: str, repeats: int) -> str:
     """The markdown table: one bold row per workload, then its measurements."""
-    lines = [f"| ns per occurrence, median of {repeats} | official artifact (C call) | ours | ours / official |",
-             "|---|---|---|---|"]
+    lines = [
+        f"| ns per occurrence, median of {repeats} | official artifact (C call) | ours | ours / official |",
+        "|---|---|---|---|",
+    ]
     for workload, rows in results.items():
         lines.append(f"| **{workload}** | | | |")
         for name, m in rows.items():
             if isinstance(m, dict):  # recall
-                lines.append(f"| recall of the true top-{STEP_HOT_ROWS // 1000}k after {WARM_STEPS} steps "
-                             f"(threshold {STEP_THRESHOLD}) | {m['official']:.3f} | {m['ours']:.3f} | |")
-                lines.append(f"| hot rows assigned then (of {STEP_HOT_ROWS:,}) | {m['official rows']:,.0f} | "
-                             f"{m['ours rows']:,.0f} | |")
+                lines.append(
+                    f"| recall of the true top-{STEP_HOT_ROWS // 1000}k after {WARM_STEPS} steps "
+                    f"(threshold {STEP_THRESHOLD}) | {m['official']:.3f} | {m['ours']:.3f} | |"
+                )
+                lines.append(
+                    f"| hot rows assigned then (of {STEP_HOT_ROWS:,}) | {m['official rows']:,.0f} | "
+                    f"{m['ours rows']:,.0f} | |"
+                )
                 continue
             off, ratio = m.ns("official"), m.ratio()
             note = " (its Python step)" if name.startswith("whole step") else ""
-            lines.append(f"| {name} | {f'{off:.1f}{note}' if off is not None else '-'} | {m.ns('ours'):.1f} | "
-                         f"{f'{ratio:.2f}' if ratio is not None else ''} |")
+            lines.append(
+                f"| {name} | {f'{off:.1f}{note}' if off is not None else '-'} | {m.ns('ours'):.1f} | "
+                f"{f'{ratio:.2f}' if ratio is not None else ''} |"
+            )
     lines.append(bytes_row)
     return "\n".join(lines)
 
@@ -287,20 +328,27 @@ def main() -> None:
     try:
         print(f"machine: {machine()}")
         print(f"official artifact: {artifact.root} (built with: {artifact.build_command})\n")
+        unique = (
+            f"{UNIQUE_KEYS // 1000}k unique keys, {UNIQUE_HOT_ROWS // 1000}k hot rows, threshold {UNIQUE_THRESHOLD}"
+        )
+        step = (
+            f"Zipf({ZIPF_Z}), 26 x {STEP_BATCH} per step, {STEP_HOT_ROWS // 1000}k hot rows, paper memory, "
+            f"threshold {STEP_THRESHOLD}"
+        )
         results = {
-            f"{UNIQUE_KEYS // 1000}k unique keys, {UNIQUE_HOT_ROWS // 1000}k hot rows, threshold {UNIQUE_THRESHOLD}":
-                unique_keys(artifact, args.repeats, args.decay),
-            f"Zipf({ZIPF_Z}), 26 x {STEP_BATCH} per step, {STEP_HOT_ROWS // 1000}k hot rows, paper memory, threshold {STEP_THRESHOLD}":
-                dlrm_step(artifact, args.repeats, args.decay),
+            unique: unique_keys(artifact, args.repeats, args.decay),
+            step: dlrm_step(artifact, args.repeats, args.decay),
         }
     finally:
         torch.set_num_threads(threads)
     ours = HotSketch(hot_capacity=STEP_HOT_ROWS, threshold=1.0)
     slot_bytes = ours.slots.numel() * ours.slots.element_size() // ours.slots.shape[0]
     off_bytes = OfficialSketch(artifact, STEP_HOT_ROWS, STEP_THRESHOLD, index=OFFICIAL_C).nbytes
-    bytes_row = (f"| sketch bytes at {STEP_HOT_ROWS // 1000}k hot rows (4 slots each) | {off_bytes:,} "
-                 f"(12 B slots) | {ours.nbytes():,} ({slot_bytes} B slots + 4 B free-list entry per hot row) | "
-                 f"{ours.nbytes() / off_bytes:.2f} |")
+    bytes_row = (
+        f"| sketch bytes at {STEP_HOT_ROWS // 1000}k hot rows (4 slots each) | {off_bytes:,} "
+        f"(12 B slots) | {ours.nbytes():,} ({slot_bytes} B slots + 4 B free-list entry per hot row) | "
+        f"{ours.nbytes() / off_bytes:.2f} |"
+    )
     print(render(results, bytes_row, args.repeats))
     print(f"\n(one thread, decay {args.decay} on both; command: {COMMAND})")
 

@@ -1,4 +1,6 @@
-"""End to end against the original: the official CAFE artifact's layer in its DLRM loop vs ours, same data, batch and memory.
+"""End to end against the original: the official CAFE artifact's layer in its DLRM loop vs ours.
+
+Same data, batch and memory on both sides.
 
     python -m benchmarks.vs_official [--ratios 100 1000] [--batch-size 4096] [--seeds 0 1]
 
@@ -58,8 +60,14 @@ def write_stream(root: Path, scale: float, days: int, samples_per_day: int, data
     from examples.dlrm.data import KAGGLE_CARDINALITIES, SyntheticCriteo, SyntheticCriteoConfig
     from examples.dlrm.data.criteo_npy import npy_day_paths
 
-    cfg = SyntheticCriteoConfig(cardinalities=KAGGLE_CARDINALITIES, cardinality_scale=scale, num_days=days,
-                                samples_per_day=samples_per_day, drift=0.1, seed=data_seed)
+    cfg = SyntheticCriteoConfig(
+        cardinalities=KAGGLE_CARDINALITIES,
+        cardinality_scale=scale,
+        num_days=days,
+        samples_per_day=samples_per_day,
+        drift=0.1,
+        seed=data_seed,
+    )
     root.mkdir(parents=True, exist_ok=True)
     for out_day, source_days in ((0, range(days - 1)), (1, [days - 1])):
         stream = SyntheticCriteo(cfg, _WRITE_BATCH, days=list(source_days))
@@ -85,31 +93,84 @@ def npy_batches(root: Path, day: int, batch_size: int) -> Iterator[Batch]:
     dense, sparse, labels = (np.load(p, mmap_mode="r") for p in (paths.dense, paths.sparse, paths.labels))
     for start in range(0, len(labels) - batch_size + 1, batch_size):
         stop = start + batch_size
-        yield (torch.from_numpy(np.array(dense[start:stop])),  # copies out of the read-only mmap
-               torch.from_numpy(np.array(sparse[start:stop])),
-               torch.from_numpy(labels[start:stop].reshape(-1).astype(np.float32)))
+        yield (
+            torch.from_numpy(np.array(dense[start:stop])),  # copies out of the read-only mmap
+            torch.from_numpy(np.array(sparse[start:stop])),
+            torch.from_numpy(labels[start:stop].reshape(-1).astype(np.float32)),
+        )
 
 
-def run_ours(root: Path, cardinalities: Sequence[int], ratio: Optional[float], batch_size: int, seed: int,
-             out_dir: Path, cafe_options: Sequence[str] = ()) -> Dict:
+def run_ours(
+    root: Path,
+    cardinalities: Sequence[int],
+    ratio: Optional[float],
+    batch_size: int,
+    seed: int,
+    out_dir: Path,
+    cafe_options: Sequence[str] = (),
+) -> Dict:
     """examples.dlrm.train on the npy days, in this process (ratio None: uncompressed); its results dict.
     `cafe_options`: KEY=VALUE CafeConfig fields for its --cafe-option."""
     from examples.dlrm.train import main as train_main
 
-    method = ["--embedding", "full"] if ratio is None else ["--embedding", "cafe", "--compression-ratio", f"{ratio:g}",
-                                                             *[x for kv in cafe_options for x in ("--cafe-option", kv)]]
-    return train_main([
-        *method, "--data", "npy", "--npy-root", str(root),
-        "--npy-days", "0,1", "--cardinalities", ",".join(map(str, cardinalities)), "--batch-size", str(batch_size),
-        "--optimizer", "adagrad", "--learning-rate", "0.05", "--dense-lr", "0.01", "--seed", str(seed),
-        "--threads", "1", "--cpu", "--no-progress", "--no-plot", "--log-every", "50",
-        "--out-dir", str(out_dir), "--run-name", f"ours_{_label(ratio)}_seed{seed}"])
+    method = (
+        ["--embedding", "full"]
+        if ratio is None
+        else [
+            "--embedding",
+            "cafe",
+            "--compression-ratio",
+            f"{ratio:g}",
+            *[x for kv in cafe_options for x in ("--cafe-option", kv)],
+        ]
+    )
+    return train_main(
+        [
+            *method,
+            "--data",
+            "npy",
+            "--npy-root",
+            str(root),
+            "--npy-days",
+            "0,1",
+            "--cardinalities",
+            ",".join(map(str, cardinalities)),
+            "--batch-size",
+            str(batch_size),
+            "--optimizer",
+            "adagrad",
+            "--learning-rate",
+            "0.05",
+            "--dense-lr",
+            "0.01",
+            "--seed",
+            str(seed),
+            "--threads",
+            "1",
+            "--cpu",
+            "--no-progress",
+            "--no-plot",
+            "--log-every",
+            "50",
+            "--out-dir",
+            str(out_dir),
+            "--run-name",
+            f"ours_{_label(ratio)}_seed{seed}",
+        ]
+    )
 
 
 def run_official(root: Path, cardinalities: Sequence[int], ratio: Optional[float], batch_size: int, seed: int) -> Dict:
     """train_official on the same npy days (ratio None: its uncompressed baseline; no validation split)."""
-    return train_official(cardinalities, npy_batches(root, 0, batch_size), [], npy_batches(root, 1, batch_size),
-                          compression_ratio=ratio or 1.0, seed=seed, method="cafe" if ratio else "full")
+    return train_official(
+        cardinalities,
+        npy_batches(root, 0, batch_size),
+        [],
+        npy_batches(root, 1, batch_size),
+        compression_ratio=ratio or 1.0,
+        seed=seed,
+        method="cafe" if ratio else "full",
+    )
 
 
 def _label(ratio: Optional[float]) -> str:
@@ -118,21 +179,29 @@ def _label(ratio: Optional[float]) -> str:
 
 def render(rows: List[Dict], batch_size: int) -> str:
     """Markdown: one row per (ratio, seed), then the per-ratio summary."""
-    lines = ["| ratio | seed | official samples/s | ours samples/s | ours / official | official test AUC | "
-             "ours test AUC | official online loss | ours online loss | official bytes (ratio) | ours bytes (ratio) | "
-             "official hot-lookup share | ours hot-lookup share |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| ratio | seed | official samples/s | ours samples/s | ours / official | official test AUC | "
+        "ours test AUC | official online loss | ours online loss | official bytes (ratio) | ours bytes (ratio) | "
+        "official hot-lookup share | ours hot-lookup share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         o, u = r["official"], r["ours"]
         lines.append(
             f"| {_label(r['ratio'])} | {r['seed']} | {o['samples_per_sec']:,.0f} | {u['samples_per_sec']:,.0f} | "
             f"{u['samples_per_sec'] / o['samples_per_sec']:.2f} | {o['test_auc']:.4f} | {u['test_auc']:.4f} | "
             f"{o['online_train_loss']:.4f} | {u['online_train_loss']:.4f} | "
-            f"{o['memory_bytes']:,.0f} ({o['compression_ratio']:.1f}x) | {u['memory_bytes']:,.0f} ({u['compression_ratio']:.1f}x) | "
-            f"{_share(o.get('hot_lookup_share'))} | {_share(u.get('hot_lookup_share'))} |")
-    lines += ["", f"| ratio (batch {batch_size}) | ours / official samples/s: median of pairs (range) | best ours / best official | "
-              "official test AUC, mean (spread) | ours test AUC, mean (spread) | ours - official AUC, paired mean (s.e.) |",
-              "|---|---|---|---|---|---|"]
+            f"{o['memory_bytes']:,.0f} ({o['compression_ratio']:.1f}x) | "
+            f"{u['memory_bytes']:,.0f} ({u['compression_ratio']:.1f}x) | "
+            f"{_share(o.get('hot_lookup_share'))} | {_share(u.get('hot_lookup_share'))} |"
+        )
+    lines += [
+        "",
+        f"| ratio (batch {batch_size}) | ours / official samples/s: median of pairs (range) | "
+        "best ours / best official | "
+        "official test AUC, mean (spread) | ours test AUC, mean (spread) | ours - official AUC, paired mean (s.e.) |",
+        "|---|---|---|---|---|---|",
+    ]
     for ratio in dict.fromkeys(r["ratio"] for r in rows):
         sel = [r for r in rows if r["ratio"] == ratio]
         speed = [r["ours"]["samples_per_sec"] / r["official"]["samples_per_sec"] for r in sel]
@@ -141,8 +210,10 @@ def render(rows: List[Dict], batch_size: int) -> str:
         best = max(r["ours"]["samples_per_sec"] for r in sel) / max(r["official"]["samples_per_sec"] for r in sel)
         diff = [u - o for u, o in zip(auc["ours"], auc["official"])]
         se = statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
-        lines.append(f"| {_label(ratio)} | {statistics.median(speed):.2f} ({min(speed):.2f}-{max(speed):.2f}) | {best:.2f} | "
-                     f"{cells[0]} | {cells[1]} | {statistics.mean(diff):+.4f} ({se:.4f}) |")
+        lines.append(
+            f"| {_label(ratio)} | {statistics.median(speed):.2f} ({min(speed):.2f}-{max(speed):.2f}) | {best:.2f} | "
+            f"{cells[0]} | {cells[1]} | {statistics.mean(diff):+.4f} ({se:.4f}) |"
+        )
     return "\n".join(lines)
 
 
@@ -159,15 +230,29 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=3, help="synthetic days: train on all but the last")
     parser.add_argument("--samples-per-day", type=int, default=1 << 18)
     parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--full", action="store_true",
-                        help="also run both sides uncompressed (the official's plain tables, ours --embedding full): "
-                             "tells gaps of the training setup from gaps of CAFE")
-    parser.add_argument("--ours-cafe-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a CafeConfig field for ours (e.g. hot_share=0.7, decay=0.99: the official's values)")
-    parser.add_argument("--sketch-thread", action="store_true",
-                        help="let ours update its sketch on its background thread (a second core)")
-    parser.add_argument("--out-dir", default="results/vs_official",
-                        help="our trainer's JSONs and vs_official.json (every row of the table)")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="also run both sides uncompressed (the official's plain tables, ours --embedding full): "
+        "tells gaps of the training setup from gaps of CAFE",
+    )
+    parser.add_argument(
+        "--ours-cafe-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a CafeConfig field for ours (e.g. hot_share=0.7, decay=0.99: the official's values)",
+    )
+    parser.add_argument(
+        "--sketch-thread",
+        action="store_true",
+        help="let ours update its sketch on its background thread (a second core)",
+    )
+    parser.add_argument(
+        "--out-dir",
+        default="results/vs_official",
+        help="our trainer's JSONs and vs_official.json (every row of the table)",
+    )
     args = parser.parse_args()
     try:
         build_official()
@@ -186,8 +271,11 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="vs-official-") as tmp:
             root = Path(tmp)
-            print(f"writing the stream ({args.days} days x {args.samples_per_day:,} samples, Kaggle x {args.scale:g}) ...",
-                  flush=True)
+            print(
+                f"writing the stream ({args.days} days x {args.samples_per_day:,} samples, "
+                f"Kaggle x {args.scale:g}) ...",
+                flush=True,
+            )
             cards = write_stream(root, args.scale, args.days, args.samples_per_day, args.data_seed)
             for ratio in [*args.ratios, *([None] if args.full else [])]:
                 for i, seed in enumerate(args.seeds):
@@ -195,24 +283,44 @@ def main() -> None:
                     order = ("official", "ours") if i % 2 == 0 else ("ours", "official")
                     for side in order:
                         print(f"[vs_official] {_label(ratio)} seed {seed}: {side}", flush=True)
-                        row[side] = (run_official(root, cards, ratio, args.batch_size, seed) if side == "official"
-                                     else run_ours(root, cards, ratio, args.batch_size, seed, Path(args.out_dir),
-                                                   args.ours_cafe_option))
+                        row[side] = (
+                            run_official(root, cards, ratio, args.batch_size, seed)
+                            if side == "official"
+                            else run_ours(
+                                root, cards, ratio, args.batch_size, seed, Path(args.out_dir), args.ours_cafe_option
+                            )
+                        )
                     rows.append(row)
     finally:
         torch.set_num_threads(threads)
-    print(f"\nmachine: {host} (ours' sketch thread "
-          f"{'on' if args.sketch_thread else 'off'})")
-    print(f"data: synthetic stream, Kaggle cardinalities x {args.scale:g} ({sum(cards):,} ids), "
-          f"{args.days - 1} training days + 1 test day of {args.samples_per_day:,} samples, batch {args.batch_size}\n")
+    print(f"\nmachine: {host} (ours' sketch thread {'on' if args.sketch_thread else 'off'})")
+    print(
+        f"data: synthetic stream, Kaggle cardinalities x {args.scale:g} ({sum(cards):,} ids), "
+        f"{args.days - 1} training days + 1 test day of {args.samples_per_day:,} samples, batch {args.batch_size}\n"
+    )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    keep = ("test_auc", "test_log_loss", "online_train_loss", "samples_per_sec", "memory_bytes", "compression_ratio",
-            "hot_lookup_share")
-    (out / "vs_official.json").write_text(json.dumps(
-        {"machine": host, "command": " ".join([COMMAND, *sys.argv[1:]]),
-         "rows": [{**r, **{side: {k: r[side].get(k) for k in keep} for side in ("official", "ours")}} for r in rows]},
-        indent=2))
+    keep = (
+        "test_auc",
+        "test_log_loss",
+        "online_train_loss",
+        "samples_per_sec",
+        "memory_bytes",
+        "compression_ratio",
+        "hot_lookup_share",
+    )
+    (out / "vs_official.json").write_text(
+        json.dumps(
+            {
+                "machine": host,
+                "command": " ".join([COMMAND, *sys.argv[1:]]),
+                "rows": [
+                    {**r, **{side: {k: r[side].get(k) for k in keep} for side in ("official", "ours")}} for r in rows
+                ],
+            },
+            indent=2,
+        )
+    )
     print(render(rows, args.batch_size))
     print(f"\n(command: {' '.join([COMMAND, *sys.argv[1:]])})")
 

@@ -86,7 +86,9 @@ def test_train_official_tiny_stream(artifact: official.OfficialArtifact, one_thr
 
 def test_train_official_full_baseline(artifact: official.OfficialArtifact, one_thread) -> None:
     """method="full": its uncompressed tables (one per field) in the same loop, no sketch."""
-    result = train_official(CARDINALITIES, _stream(30, 0), [], _stream(4, 2), compression_ratio=100, seed=0, method="full")
+    result = train_official(
+        CARDINALITIES, _stream(30, 0), [], _stream(4, 2), compression_ratio=100, seed=0, method="full"
+    )
     assert result["memory_bytes"] == sum(CARDINALITIES) * 4 * 16 and result["hot_rows"] == 0
     assert math.isnan(result["hot_lookup_share"]) and math.isnan(result["val_auc"])
     assert result["test_auc"] > 0.6
