@@ -2,10 +2,13 @@
 
 A promoted id's new hot row starts from what the id saw until now: its level-1 row, or the
 sum of its level-1 and level-2 rows when it was medium (multi-level). Its optimizer state
-starts from the source row's state (element-wise maximum of the two sources for medium ids),
-so the id keeps the step size it had: a fresh zero accumulator would give it a large first
-step, a jump the paper's smooth migration avoids. A demoted id's row is simply freed: its
-content is overwritten at the row's next promotion, weights and state alike.
+starts fresh (zero), as a new row of its own: the hashed row's accumulator holds the summed
+gradients of every id that shares it, so copying it would give the id a step size a fraction
+of a fresh row's just when it starts to learn for itself. Measured against the official CAFE
+artifact (whose new hot rows start fresh): copying the state cost 0.3-1.4 AUC points,
+zeroing it closed the gap (docs/results.md, "Against the official CAFE artifact"). A
+demoted id's row is simply freed: its content is overwritten at the row's next promotion,
+weights and state alike.
 Migrations run after the optimizer update of the step (end of backward), so the copy never
 mixes in the previous owner's gradient.
 """
@@ -81,7 +84,7 @@ def migrate(results: List[Tuple[CafeGroupRemap, InsertResult]], physical: nn.Mod
 
 @torch.no_grad()
 def copy_rows(store: RowStore, dst: torch.Tensor, src: torch.Tensor, src2: Optional[torch.Tensor]) -> None:
-    """weight[dst] = weight[src] (+ weight[src2]); state[dst] = state[src] (max state[src2])."""
+    """weight[dst] = weight[src] (+ weight[src2]); optimizer state[dst] = 0 (a fresh row)."""
     if dst.numel() == 0:
         return
     rows = store.weight.shape[0]
@@ -90,8 +93,7 @@ def copy_rows(store: RowStore, dst: torch.Tensor, src: torch.Tensor, src2: Optio
     for state in store.states:
         if state.dim() == 0 or state.shape[0] != rows:
             continue
-        value = state[src] if src2 is None else torch.maximum(state[src], state[src2])
-        state[dst] = value
+        state[dst] = 0
 
 
 def _in_backward_states(weight: torch.Tensor) -> List[torch.Tensor]:

@@ -245,3 +245,26 @@ def test_empty_batch_and_empty_feature() -> None:
     out.values().sum().backward()
     half = KeyedJaggedTensor(keys=["f0", "f1"], values=torch.tensor([5, 6]), lengths=torch.tensor([1, 1, 0, 0]))
     ebc(half).values().sum().backward()
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Adagrad, RowWiseAdagrad])
+@pytest.mark.parametrize("multi_level", [False, True])
+def test_promotion_copies_the_rows_and_starts_the_optimizer_state_fresh(optimizer, multi_level) -> None:
+    """The new hot row holds what the id read (its level-1 row, plus its level-2 row with
+    CAFE-ML), after this step's update; its optimizer state starts at zero, as a fresh row."""
+    from cafe_torchrec.migration import row_store
+
+    ebc = make(lr=0.1, optimizer=optimizer, threshold=5.0, multi_level=multi_level, medium_share=0.1)
+    group = ebc.groups[ebc.plan.groups[0].name]
+    kjt = one_id_kjt(ebc, "f0", 42, batch=8)
+    key = ebc.keys("f0", torch.tensor([42]))
+    store = row_store(ebc.physical, group.layout.name)
+    sources = [group.hashed_rows(key, 1)] + ([group.hashed_rows(key, 2)] if multi_level else [])
+    ebc(kjt).values().sum().backward()  # enters the sketch
+    ebc(kjt).values().sum().backward()  # promoted at the end of this backward, after the update
+    row = int(group.sketch.query(key)[0])
+    assert row >= 0
+    torch.testing.assert_close(store.weight[row], sum(store.weight[s][0] for s in sources))
+    assert all(bool((state[sources[0]] != 0).any()) for state in store.states)  # the hashed row has state
+    for state in store.states:
+        assert bool((state[row] == 0).all())
