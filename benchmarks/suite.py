@@ -35,7 +35,7 @@ touches. `--reuse hash` keeps a method's cached runs across code changes; `--mer
 whatever is cached (stale runs marked *).
 
 Output: the machine line, one table per role (mean test AUC and its spread max - min over
-seeds per method; CAFE - hash in AUC points with the spread of the per-seed differences),
+seeds per method; method - hash in AUC points with the min and max of the per-seed differences),
 the grid's choices, for abrupt-drift settings at 1000x the recovery time of the hot-lookup
 share after each drift (steps, and fraction of a day, until it is back to 90% of its level
 before the drift), results/suite/summary.json and docs/suite.png (AUC gain over hashing per
@@ -438,11 +438,11 @@ def print_tables(cell_list: List[Dict[str, Any]], methods: Sequence[str]) -> Non
                     row.append("n/a" if c["errors"] else "-")
             for method in (m for m in shown if m != "hash"):
                 c = index[(setting, ratio, method)]
-                row.append(f"{c['gain_mean']:+.2f} ({c['gain_spread']:.2f})" if "gain_mean" in c else "-")
+                row.append(f"{c['gain_mean']:+.2f} [{c['gain_min']:+.2f}, {c['gain_max']:+.2f}]" if "gain_mean" in c else "-")
             rows.append(row)
         if rows:
-            print(f"\n{role} settings: mean test AUC (spread max-min over seeds); "
-                  "gain = method - hash in AUC points (spread of the per-seed differences)")
+            print(f"\n{role} settings: mean test AUC (spread max-min over seeds, seeds); method-hash: mean gain "
+                  "in AUC points [min, max] of the per-seed differences (spread = max - min)")
             print(table(["setting", "ratio", *shown, *[f"{m}-hash" for m in shown if m != "hash"]], rows))
     errors = sorted({(c["setting"], c["ratio"], c["method"], e) for c in cell_list for e in c["errors"]})
     for setting, ratio, method, error in errors:
