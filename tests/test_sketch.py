@@ -394,3 +394,34 @@ def test_adaptive_state_round_trips_between_rebalances(kernel: str) -> None:
         assert torch.equal(ra.promoted_rows, rb.promoted_rows) and torch.equal(ra.demoted_rows, rb.demoted_rows)
     assert torch.equal(a.slots, b.slots) and torch.equal(a.medium_level, b.medium_level)
     assert torch.equal(a.decayed_occurrences, b.decayed_occurrences)
+
+
+def test_adaptive_rebalance_with_many_swaps_equals_the_reference() -> None:
+    """An abrupt drift on a larger sketch makes one rebalance swap more than 64 hot ids (the C++
+    kernel sorts only the prefixes the swaps reach, doubling them as needed)."""
+    if not cpp_available():
+        pytest.skip("no C++ build")
+    gen = torch.Generator().manual_seed(9)
+    from cafe_torchrec.sketch.policy import AdaptivePolicy
+
+    policy = AdaptivePolicy(horizon=8.0, rebalances_per_horizon=1)
+    sk = HotSketch(hot_capacity=300, num_buckets=300, slots_per_bucket=4, seed=3, kernel="cpp", adaptive=policy)
+    ref = reference_for(sk)
+    most = 0
+    for step in range(60):
+        ids = torch.multinomial(torch.arange(1, 3001, dtype=torch.float64).pow(-0.9), 3000, True, generator=gen)
+        keys = mix64(ids + (10**6 if step >= 30 else 0), 4)
+        scores = torch.rand(keys.numel(), generator=gen) * (2 if step < 30 else 40)  # the new ids weigh far more
+        res = sk.insert(keys, scores)
+        assert_same_as_reference(sk, ref, res, ref.insert_batch(keys.tolist(), scores.tolist()))
+        most = max(most, res.demoted_rows.numel())
+    assert most > 64, most
+
+
+@pytest.mark.parametrize("bad", [dict(horizon=0.0), dict(hysteresis=0.5), dict(entry_score=-1.0),
+                                 dict(rebalances_per_horizon=0), dict(medium_share=1.5)])
+def test_bad_adaptive_policy_raises(bad: dict) -> None:
+    from cafe_torchrec.sketch.policy import AdaptivePolicy
+
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        HotSketch(hot_capacity=4, adaptive=AdaptivePolicy(**bad))

@@ -9,6 +9,8 @@
 #include "common.h"
 
 #include <algorithm>
+#include <cmath>
+#include <functional>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -312,12 +314,129 @@ std::tuple<at::Tensor, at::Tensor> sketch_query(const at::Tensor& slots_t, const
   return {rows, is_medium};
 }
 
+// The adaptive policy's rebalance: the C++ twin of cafe_torchrec.sketch.policy.rebalance_ (its
+// docstring is the spec; this follows it step by step with the same float32 and float64
+// arithmetic, so the two are bit-equal). One pass computes the estimates, nth_element finds
+// the marginal one, and only the hot and candidate slots are sorted.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_rebalance(
+    at::Tensor slots_t, at::Tensor free_rows, at::Tensor free_count, at::Tensor marks_t, at::Tensor decayed_t,
+    at::Tensor since_t, int64_t c, int64_t capacity, double horizon, double hysteresis_d, double entry_d,
+    double stale_hits_d, double stale_factor_d, int64_t decay_steps) {
+  Slot* slots = slots_of(slots_t, c);
+  TORCH_CHECK(free_rows.is_contiguous() && free_rows.scalar_type() == at::kInt, "free_rows: int32");
+  TORCH_CHECK(marks_t.is_contiguous() && marks_t.scalar_type() == at::kFloat, "marks: float32");
+  TORCH_CHECK(decayed_t.scalar_type() == at::kDouble && since_t.scalar_type() == at::kLong, "decayed f64, since i64");
+  const int64_t n = slots_t.size(0);
+  int32_t* fr = free_rows.data_ptr<int32_t>();
+  int64_t& fc = *free_count.data_ptr<int64_t>();
+  float* marks = marks_t.data_ptr<float>();
+  double& decayed = *decayed_t.data_ptr<double>();
+  int64_t& since = *since_t.data_ptr<int64_t>();
+  const float hysteresis = static_cast<float>(hysteresis_d), entry = static_cast<float>(entry_d);
+  const float stale_hits = static_cast<float>(stale_hits_d), stale_factor = static_cast<float>(stale_factor_d);
+
+  // 1. the marginal estimate, the decay factor, stale hot ids
+  std::vector<float> held;
+  held.reserve(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) {
+    if (slots[j].key != kEmptyKey) held.push_back(cafe::estimate(slots[j]));
+  }
+  const int64_t k = std::min<int64_t>(capacity, static_cast<int64_t>(held.size()));
+  double q = 0.0;
+  if (k > 0) {
+    std::nth_element(held.begin(), held.begin() + (k - 1), held.end(), std::greater<float>());
+    q = held[k - 1];
+  }
+  const double before = decayed;
+  const int64_t count = since;
+  const double total = before + static_cast<double>(count);
+  int64_t exponent = 0;
+  if (q > 0 && total > 0 && count > 0) {
+    const double rate = static_cast<double>(count) * q / (total * horizon);
+    // clamped in double before the cast: a huge rate (scores near FLT_MAX) must not overflow int64
+    exponent = static_cast<int64_t>(std::min(static_cast<double>(decay_steps), std::nearbyint(decay_steps * rate / std::log(2.0))));
+  }
+  const float f = static_cast<float>(std::pow(2.0, -static_cast<double>(exponent) / static_cast<double>(decay_steps)));
+  const float due = static_cast<float>(1.0 - static_cast<double>(f));
+  std::vector<int64_t> stale;
+  for (int64_t j = 0; j < n; ++j) {
+    const Slot& sl = slots[j];
+    if (sl.row >= 0 && sl.score == marks[sl.row] && sl.score * due >= stale_hits) stale.push_back(j);
+  }
+  if (f < 1.0f) {
+    for (int64_t j = 0; j < n; ++j) {
+      Slot& sl = slots[j];
+      sl.score = sl.score * f;
+      if (sl.row < 0) sl.row = cold_word(cafe::error_of(sl.row) * f, sl.row & kNewcomerBit);
+    }
+  }
+  for (const int64_t j : stale) slots[j].score = slots[j].score * stale_factor;
+  decayed = total * static_cast<double>(f);
+  since = 0;
+
+  // 2. re-rank: candidates by estimate descending, hot slots ascending (ties: lower slot first)
+  std::vector<std::pair<float, int64_t>> candidates, hot;
+  for (int64_t j = 0; j < n; ++j) {
+    const Slot& sl = slots[j];
+    if (sl.key == kEmptyKey) continue;
+    const float e = cafe::estimate(sl);
+    if (sl.row >= 0) {
+      hot.emplace_back(e, j);
+    } else if (!(sl.row & kNewcomerBit) && e >= entry) {
+      candidates.emplace_back(e, j);
+    }
+  }
+  // Only the prefixes the swaps reach need sorting (usually a few slots, not the whole sketch):
+  // sort `depth` pairs, and twice as many while every pair sorted so far was a swap.
+  const auto descending = [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  const auto ascending = [](const auto& a, const auto& b) {
+    return a.first < b.first || (a.first == b.first && a.second < b.second);
+  };
+  const int64_t fill = std::min<int64_t>(static_cast<int64_t>(candidates.size()), fc);
+  const int64_t pairs = std::min<int64_t>(static_cast<int64_t>(candidates.size()) - fill, static_cast<int64_t>(hot.size()));
+  int64_t swaps = 0;
+  for (int64_t depth = std::min<int64_t>(pairs, 64);; depth = std::min(pairs, 2 * depth)) {
+    std::partial_sort(candidates.begin(), candidates.begin() + fill + depth, candidates.end(), descending);
+    std::partial_sort(hot.begin(), hot.begin() + depth, hot.end(), ascending);
+    swaps = 0;
+    while (swaps < depth && candidates[fill + swaps].first >= hysteresis * hot[swaps].first) ++swaps;
+    if (swaps < depth || depth == pairs) break;
+  }
+  std::vector<int64_t> promoted_keys, promoted_rows, demoted_keys, demoted_rows;
+  for (int64_t i = 0; i < fill; ++i) promoted_rows.push_back(fr[fc - 1 - i]);
+  for (int64_t i = 0; i < swaps; ++i) {
+    Slot& sl = slots[hot[i].second];
+    demoted_keys.push_back(sl.key);
+    demoted_rows.push_back(sl.row);
+    promoted_rows.push_back(sl.row);
+    sl.row = kColdWord;
+  }
+  fc -= fill;
+  for (int64_t i = 0; i < fill + swaps; ++i) {
+    Slot& sl = slots[candidates[i].second];
+    sl.score = cafe::estimate(sl);
+    sl.row = static_cast<int32_t>(promoted_rows[i]);
+    promoted_keys.push_back(sl.key);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    if (slots[j].row >= 0) marks[slots[j].row] = slots[j].score;
+  }
+  return {to_tensor(promoted_keys), to_tensor(promoted_rows), to_tensor(demoted_keys), to_tensor(demoted_rows),
+          q * static_cast<double>(f), f < 1.0f};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cafe, m) {
   m.def("sketch_insert(Tensor(a!) slots, Tensor(b!) free_rows, Tensor(c!) free_count, "
         "Tensor(d!) total_score, Tensor keys, Tensor scores, Tensor hints, int slots_per_bucket, float threshold, "
         "float decay, float decay_trigger, int multiplier) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("sketch_rebalance(Tensor(a!) slots, Tensor(b!) free_rows, Tensor(c!) free_count, Tensor(d!) marks, "
+        "Tensor(e!) decayed, Tensor(f!) since, int slots_per_bucket, int capacity, float horizon, float hysteresis, "
+        "float entry_score, float stale_hits, float stale_factor, int decay_steps) "
+        "-> (Tensor, Tensor, Tensor, Tensor, float, bool)");
   m.def("sketch_query(Tensor slots, Tensor keys, int slots_per_bucket, float medium_threshold, "
         "int multiplier) -> (Tensor, Tensor)");
 }
@@ -325,4 +444,5 @@ TORCH_LIBRARY_FRAGMENT(cafe, m) {
 TORCH_LIBRARY_IMPL(cafe, CPU, m) {
   m.impl("sketch_insert", &sketch_insert);
   m.impl("sketch_query", &sketch_query);
+  m.impl("sketch_rebalance", &sketch_rebalance);
 }

@@ -7,9 +7,10 @@ from typing import Optional, Tuple
 import torch
 
 from cafe_torchrec.hashing import LEVEL_MULTIPLIERS, SLOT_BITS
+from cafe_torchrec.sketch.policy import DECAY_STEPS, STALE_FACTOR, STALE_HITS, AdaptivePolicy
 from cafe_torchrec.sketch.types import InsertParams, InsertResult, Lookup, SketchState
 
-__all__ = ["insert_", "lookup", "query"]
+__all__ = ["insert_", "lookup", "query", "rebalance_"]
 
 
 def insert_(
@@ -57,3 +58,12 @@ def lookup(state: SketchState, keys: torch.Tensor, regions: torch.Tensor, medium
         state.multiplier, SLOT_BITS, LEVEL_MULTIPLIERS[1], LEVEL_MULTIPLIERS[2], multi_level,
         counts if counts is not None else keys.new_empty(0))
     return Lookup(primary, level2, medium, hints)
+
+
+def rebalance_(state: SketchState, policy: AdaptivePolicy, capacity: int, decayed: torch.Tensor,
+               since: torch.Tensor, marks: torch.Tensor) -> Tuple[InsertResult, float]:
+    """Same contract as policy.rebalance_ (the torch-ops twin and spec), in one C++ pass."""
+    pkeys, prows, dkeys, drows, marginal, was_decayed = torch.ops.cafe.sketch_rebalance(
+        state.slots, state.free_rows, state.free_count, marks, decayed, since, state.slots_per_bucket, capacity,
+        policy.horizon, policy.hysteresis, policy.entry_score, STALE_HITS, STALE_FACTOR, DECAY_STEPS)
+    return InsertResult(pkeys, prows, dkeys, drows, 0, 0, bool(was_decayed)), float(marginal)

@@ -227,8 +227,9 @@ class HotSketch(nn.Module):
         policy = self.adaptive
         if policy is None or not policy.due(int(self.occurrences_since[0]), float(self.decayed_occurrences[0])):
             return None
-        result, marginal = rebalance_(self.state(), policy, self.hot_capacity, self.decayed_occurrences,
-                                      self.occurrences_since, self.row_marks)
+        rebalance = cpp_kernel.rebalance_ if self.kernel == "cpp" else rebalance_
+        result, marginal = rebalance(self.state(), policy, self.hot_capacity, self.decayed_occurrences,
+                                     self.occurrences_since, self.row_marks)
         if policy.medium_share is not None:
             self.medium_level.fill_(policy.medium_share * max(marginal, policy.entry_score))
         return result

@@ -84,12 +84,12 @@ class AdaptivePolicy:
             raise ValueError(f"{where}: entry_score must be > 0, got {self.entry_score}")
         if self.rebalances_per_horizon < 1:
             raise ValueError(f"{where}: rebalances_per_horizon must be >= 1, got {self.rebalances_per_horizon}")
+        if self.medium_share is not None and not 0 < self.medium_share <= 1:
+            raise ValueError(f"{where}: medium_share must be in (0, 1], got {self.medium_share}")
 
     def due(self, occurrences_since: int, decayed_occurrences: float) -> bool:
         """Whether a rebalance runs before the next insert."""
         return occurrences_since > 0 and occurrences_since * self.rebalances_per_horizon >= decayed_occurrences
-        if self.medium_share is not None and not 0 < self.medium_share <= 1:
-            raise ValueError(f"{where}: medium_share must be in (0, 1], got {self.medium_share}")
 
 
 def decay_exponent(since: float, before: float, marginal: float, horizon: float) -> int:
