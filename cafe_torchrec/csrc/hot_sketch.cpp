@@ -358,34 +358,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
   }
   const float f = static_cast<float>(std::pow(2.0, -static_cast<double>(exponent) / static_cast<double>(decay_steps)));
   const float due = static_cast<float>(1.0 - static_cast<double>(f));
-  std::vector<int64_t> stale;
-  for (int64_t j = 0; j < n; ++j) {
-    const Slot& sl = slots[j];
-    if (sl.row >= 0 && sl.score == marks[sl.row] && sl.score * due >= stale_hits) stale.push_back(j);
-  }
-  if (f < 1.0f) {
-    for (int64_t j = 0; j < n; ++j) {
-      Slot& sl = slots[j];
-      sl.score = sl.score * f;
-      if (sl.row < 0) sl.row = cold_word(cafe::error_of(sl.row) * f, sl.row & kNewcomerBit);
-    }
-  }
-  for (const int64_t j : stale) slots[j].score = slots[j].score * stale_factor;
   decayed = total * static_cast<double>(f);
   since = 0;
 
-  // 2. re-rank: candidates by estimate descending, hot slots ascending (ties: lower slot first)
+  // One pass: a hot slot is stale when it gained nothing since the last rebalance although
+  // `stale_hits` occurrences were due (judged on its score before this decay); every score (and
+  // cold slot's error) is decayed, stale ones halved too; then slots are listed for re-ranking:
+  // hot slots, and candidates (confirmed, no row, estimate >= entry).
   std::vector<std::pair<float, int64_t>> candidates, hot;
   for (int64_t j = 0; j < n; ++j) {
-    const Slot& sl = slots[j];
+    Slot& sl = slots[j];
     if (sl.key == kEmptyKey) continue;
-    const float e = cafe::estimate(sl);
     if (sl.row >= 0) {
-      hot.emplace_back(e, j);
-    } else if (!(sl.row & kNewcomerBit) && e >= entry) {
-      candidates.emplace_back(e, j);
+      const bool stale = sl.score == marks[sl.row] && sl.score * due >= stale_hits;
+      if (f < 1.0f) sl.score = sl.score * f;
+      if (stale) sl.score = sl.score * stale_factor;
+      hot.emplace_back(sl.score, j);
+      continue;
     }
+    if (f < 1.0f) {
+      sl.score = sl.score * f;
+      sl.row = cold_word(cafe::error_of(sl.row) * f, sl.row & kNewcomerBit);
+    }
+    const float e = cafe::estimate(sl);
+    if (!(sl.row & kNewcomerBit) && e >= entry) candidates.emplace_back(e, j);
   }
+
+  // 2. re-rank: candidates by estimate descending, hot slots ascending (ties: lower slot first).
   // Only the prefixes the swaps reach need sorting (usually a few slots, not the whole sketch):
   // sort `depth` pairs, and twice as many while every pair sorted so far was a swap.
   const auto descending = [](const auto& a, const auto& b) {
@@ -420,9 +419,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
     sl.row = static_cast<int32_t>(promoted_rows[i]);
     promoted_keys.push_back(sl.key);
   }
-  for (int64_t j = 0; j < n; ++j) {
-    if (slots[j].row >= 0) marks[slots[j].row] = slots[j].score;
-  }
+  for (size_t i = static_cast<size_t>(swaps); i < hot.size(); ++i) marks[slots[hot[i].second].row] = slots[hot[i].second].score;
+  for (int64_t i = 0; i < fill + swaps; ++i) marks[slots[candidates[i].second].row] = slots[candidates[i].second].score;
   return {to_tensor(promoted_keys), to_tensor(promoted_rows), to_tensor(demoted_keys), to_tensor(demoted_rows),
           q * static_cast<double>(f), f < 1.0f};
 }
