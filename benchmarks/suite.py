@@ -68,18 +68,20 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "results" / "suite"
 PLOT = REPO / "docs" / "suite.png"
 
-# method -> trainer arguments. "cafe" follows CafeConfig's defaults; "cafe-paper" pins the paper's
-# policy (today the defaults are the paper's: add e.g. "--cafe-option", "policy=paper" once they differ).
+# method -> trainer arguments. "cafe" follows CafeConfig's defaults (the adaptive policy);
+# "cafe-paper" pins the paper's fixed policy.
 METHODS: Dict[str, List[str]] = {
     "hash": ["--embedding", "hash"],
     "cafe": ["--embedding", "cafe"],
-    "cafe-paper": ["--embedding", "cafe"],
+    "cafe-paper": ["--embedding", "cafe", "--cafe-option", "policy=paper"],
     "cafe-adagrad": ["--embedding", "cafe", "--optimizer", "adagrad", "--learning-rate", "0.05"],
 }
 OFFICIAL = "official"  # runs benchmarks.official.train_official in a worker process
-GRID_METHOD = "grid"  # METHODS["cafe-paper"] plus one point of GRID
-# Grid of the paper policy: threshold as a multiple of the paper's per-ratio threshold, decay, hot share.
-GRID = {"threshold_x": (0.1, 0.3, 1.0), "decay": (0.98, 0.8), "hot_share": (0.4, 0.6, 0.8)}
+GRID_METHOD = "grid"  # METHODS["cafe"] plus one point of GRID
+# The hand-tuned grid, over both policies: the paper's (threshold as a multiple of its per-ratio
+# threshold, decay, hot share) and the adaptive one (horizon, hot share).
+GRID = {"threshold_x": (0.1, 1.0), "decay": (0.98, 0.8), "hot_share": (0.6, 0.85)}
+ADAPTIVE_GRID = {"horizon": (16.0, 64.0), "hot_share": (0.6, 0.9)}
 GRID_RATIOS = (1000, 10000)
 RATIOS = (10, 100, 1000, 10000)
 SEEDS = (0, 1, 2)
@@ -140,19 +142,23 @@ def train_args(spec: StreamSpec, method_args: Sequence[str], ratio: float, seed:
             "--compression-ratio", f"{ratio:g}", "--log-every", str(log_every(spec)), *method_args)
 
 
-def grid_points(ratio: float) -> List[Dict[str, float]]:
-    """The grid's CafeConfig fields at a ratio (thresholds relative to the paper's there)."""
+def grid_points(ratio: float) -> List[Dict[str, Any]]:
+    """The grid's CafeConfig fields at a ratio (paper thresholds relative to the paper's there)."""
     from cafe_torchrec.config import default_threshold
 
     paper = default_threshold(ratio)
-    return [{"threshold": round(paper * tx, 3), "decay": decay, "hot_share": share}
-            for tx, decay, share in itertools.product(GRID["threshold_x"], GRID["decay"], GRID["hot_share"])]
+    points: List[Dict[str, Any]] = [
+        {"policy": "paper", "threshold": round(paper * tx, 3), "decay": decay, "hot_share": share}
+        for tx, decay, share in itertools.product(GRID["threshold_x"], GRID["decay"], GRID["hot_share"])]
+    points += [{"horizon": horizon, "hot_share": share}
+               for horizon, share in itertools.product(ADAPTIVE_GRID["horizon"], ADAPTIVE_GRID["hot_share"])]
+    return points
 
 
-def grid_args(point: Dict[str, float]) -> List[str]:
-    out = list(METHODS["cafe-paper"])
+def grid_args(point: Dict[str, Any]) -> List[str]:
+    out = list(METHODS["cafe"])
     for key, value in point.items():
-        out += ["--cafe-option", f"{key}={value:g}"]
+        out += ["--cafe-option", f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"]
     return out
 
 
@@ -601,7 +607,7 @@ def run_suite(args: argparse.Namespace, methods: List[str], specs: List[StreamSp
     wall = time.perf_counter() - start
     summary = {"machine": machine(), "code": commit, "date": time.strftime("%Y-%m-%d %H:%M"), "wall_time_s": wall,
                "methods": methods, "method_args": {m: METHODS.get(m) for m in methods}, "ratios": ratios,
-               "seeds": seeds, "grid": {"values": GRID, "ratios": GRID_RATIOS,
+               "seeds": seeds, "grid": {"values": GRID, "adaptive": ADAPTIVE_GRID, "ratios": GRID_RATIOS,
                                         "chosen": {f"{s}@{r:g}": list(a) for (s, r), a in choice.items()}},
                "settings": {s.name: s.summary() for s in specs}, "cells": cell_list, "recovery": rec}
     out = Path(args.out_dir)
