@@ -208,6 +208,12 @@ def settings() -> Dict[str, StreamSpec]:
                    "per day, continuously",
                    batch_size=1024, steps_per_day=300, train_days=3, eval_steps=100,
                    field_cardinalities=big26, zipf=_spread(0.9, 1.3, 26), drift="gradual", drift_rate=0.3),
+        StreamSpec("flat8", "dev",
+                   "low skew: 8 fields (1M to 2k ids), Zipf 0.6-0.85, 600 steps of 1024, no drift: the hot rows "
+                   "pay least here, so a default that spends too much memory on them shows",
+                   batch_size=1024, steps_per_day=300, train_days=2, eval_steps=100,
+                   field_cardinalities=(1_000_000, 800_000, 500_000, 250_000, 80_000, 20_000, 8_000, 2_000),
+                   zipf=_spread(0.6, 0.85, 8)),
         StreamSpec("long128", "held_out",
                    "long stream: 5,500 steps of 128, 10 fields from 3 to 1.5M ids, 20% of ranks re-assigned per day",
                    batch_size=128, steps_per_day=1100, train_days=5, eval_steps=400,
