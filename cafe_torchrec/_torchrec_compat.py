@@ -179,3 +179,37 @@ def managed_collision_tbes(mc_ebc: Any) -> Dict[str, Any]:
     """Table name -> FBGEMM TBE of a sharded ManagedCollisionEmbeddingBagCollection
     (`_table_to_tbe_and_index`); empty for the unsharded module, which has none."""
     return {table: tbe for table, (tbe, _) in getattr(mc_ebc, "_table_to_tbe_and_index", {}).items()}
+
+
+# serving (inference/): the frozen collection's ops under torch.export
+
+
+def add_meta_kernel(namespace: str, op: str, kernel: Callable[..., Any]) -> Optional[Any]:
+    """Register `kernel` as the Meta kernel of `namespace::op` unless the op has one
+    (`torch._C._dispatch_has_kernel_for_dispatch_key`), so torch.export can trace it on fake
+    tensors; returns the torch.library.Library that keeps the registration alive, or None."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::{op}", "Meta"):
+        return None
+    library = torch.library.Library(namespace, "IMPL", "Meta")
+    library.impl(op, kernel)
+    return library
+
+
+def module_with_children(root: nn.Module, replacements: Dict[str, nn.Module]) -> nn.Module:
+    """A copy of `root` in which the submodule at each path of `replacements` is replaced:
+    the modules on those paths are shallow copies with their own child dict (`_modules`),
+    everything else is shared, and `root` itself is left as it was (a DMP model stays usable
+    while its gathered serving copy exists)."""
+    import copy
+
+    if "" in replacements:
+        return replacements[""]
+    clone = copy.copy(root)
+    clone._modules = dict(root._modules)
+    children: Dict[str, Dict[str, nn.Module]] = {}
+    for path, module in replacements.items():
+        head, _, rest = path.partition(".")
+        children.setdefault(head, {})[rest] = module
+    for name, below in children.items():
+        clone._modules[name] = module_with_children(root._modules[name], below)
+    return clone

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
+from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -32,10 +33,14 @@ class FeatureInfo:
     dim: int
 
 
-class FeatureMap:
-    """Logical features (config order) vs the inner collection's features, and the way back."""
+class FeatureMap(nn.Module):
+    """Logical features (config order) vs the inner collection's features, and the way back.
+
+    A module without state, so a torch.fx graph can hand it to the collections' wrapped
+    lookup call (fx refers to modules by their path)."""
 
     def __init__(self, tables: List[EmbeddingBagConfig], plan: CafePlan, kernel: str = "auto") -> None:
+        super().__init__()
         self.kernel = kernel  # the collection's kernel choice (ops.resolve_kernel), for the pre-hash
         self.logical = [f for t in tables for f in t.feature_names]
         self.info: Dict[str, FeatureInfo] = {}

@@ -25,7 +25,7 @@ def expand_variable_batch(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
     expanded batch, which is what the VBE input means.
 
     Raises ValueError naming VBE and the feature when the inverse indices are missing, lack
-    a key, have the wrong shape, or point outside the key's bags."""
+    a key, have the wrong shape, or point outside the key's bags. TorchScript compiles it."""
     keys = features.keys()
     inverse = features.inverse_indices_or_none()
     if inverse is None:
@@ -34,25 +34,26 @@ def expand_variable_batch(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
     names, indices = inverse
     if indices.dim() != 2 or indices.shape[0] != len(names):
         raise ValueError(f"variable-batch (VBE) inverse_indices must be [len(keys)={len(names)}, batch], "
-                         f"got shape {tuple(indices.shape)}")
+                         f"got shape {indices.shape}")
     row_of = {name: i for i, name in enumerate(names)}
     strides = features.stride_per_key() if features.variable_stride_per_key() else [features.stride()] * len(keys)
     lengths = features.lengths()
     if lengths.numel() != sum(strides):
         raise ValueError(f"variable-batch (VBE) KeyedJaggedTensor: strides per key {strides} sum to {sum(strides)} "
                          f"bags but there are {lengths.numel()} lengths (features {keys})")
-    bag_starts, rows = 0, []
+    bag_starts = 0
+    rows: List[torch.Tensor] = []
     for key, stride in zip(keys, strides):
         if key not in row_of:
-            raise ValueError(f"variable-batch (VBE) feature {key!r} has no inverse_indices (they name {names})")
+            raise ValueError(f"variable-batch (VBE) feature '{key}' has no inverse_indices (they name {names})")
         index = indices[row_of[key]].to(torch.int64)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= stride):
-            raise ValueError(f"variable-batch (VBE) feature {key!r}: inverse_indices must lie in [0, {stride}) "
+        if index.numel() > 0 and (int(index.min()) < 0 or int(index.max()) >= stride):
+            raise ValueError(f"variable-batch (VBE) feature '{key}': inverse_indices must lie in [0, {stride}) "
                              f"(its {stride} bags), got [{int(index.min())}, {int(index.max())}]")
         rows.append(index + bag_starts)
         bag_starts += stride
     batch = int(indices.shape[1])
-    bags = torch.cat(rows) if rows else lengths.new_zeros(0, dtype=torch.int64)
+    bags = torch.cat(rows) if len(rows) > 0 else lengths.new_zeros(0, dtype=torch.int64)
     offsets = _complete_cumsum(lengths)
     new_lengths = lengths[bags]
     new_offsets = _complete_cumsum(new_lengths)

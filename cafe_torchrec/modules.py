@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -17,9 +17,20 @@ from cafe_torchrec.feature_map import FeatureMap
 from cafe_torchrec.hashing import make_keys
 from cafe_torchrec.layout import CafePlan, plan_tables
 from cafe_torchrec.migration import require_in_backward_optimizer
-from cafe_torchrec.remap import CafeGroupRemap, group_remaps, remap_kjt
+from cafe_torchrec.remap import CafeGroupRemap, GroupBatch, group_remaps, remap_kjt
 from cafe_torchrec.stats import CollectionReport
 from cafe_torchrec.validation import checked_input
+
+# torch.fx keeps these as single calls: they read tensor values (checks, sketch lookups)
+torch.fx.wrap("checked_input")
+
+
+@torch.fx.wrap
+def _physical_input(features: KeyedJaggedTensor, feature_map: FeatureMap, groups: nn.ModuleDict,
+                    training: bool) -> Tuple[KeyedJaggedTensor, List[GroupBatch]]:
+    """The inner collection's input (ids -> keys -> rows) of a checked KJT and, when training,
+    what backward needs."""
+    return remap_kjt(feature_map.prepare(features), feature_map, group_remaps(groups), {}, training)
 
 
 class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
@@ -59,6 +70,7 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
         self.physical = EmbeddingBagCollection(self.plan.physical_configs(), is_weighted=is_weighted, device=device)
         self.groups = nn.ModuleDict({g.name: CafeGroupRemap(g, device, kernel) for g in self.plan.groups})
         self.feature_map = FeatureMap(self._tables, self.plan, kernel)
+        self.register_load_state_dict_pre_hook(refuse_foreign_state)
 
     # ---- forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -68,11 +80,10 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
             # before anything (sketch, stats) is touched
             require_in_backward_optimizer(self.physical, [g.name for g in self.plan.groups], "CAFE table",
                                           "migrations must run")
-        groups = group_remaps(self.groups)
-        inner, batches = remap_kjt(self.feature_map.prepare(features), self.feature_map, groups, {}, training)
-        values = self.physical(inner).values()
-        if training and batches and values.requires_grad:
-            values.register_hook(importance_hook(batches, groups, lambda: self.physical))
+        inner = _physical_input(features, self.feature_map, self.groups, training)
+        values = self.physical(inner[0]).values()
+        if training and inner[1] and values.requires_grad:
+            values.register_hook(importance_hook(inner[1], group_remaps(self.groups), lambda: self.physical))
         return self.feature_map.output(values, self.feature_map.output.bag_lengths(features))
 
     # ---- introspection
@@ -86,3 +97,26 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
 
     def plain_rows(self) -> Dict[str, int]:
         return {p.config.name: p.config.num_embeddings for p in self.plan.plain}
+
+    # ---- serving
+    def to_inference(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The frozen inference form of this collection (cafe_torchrec.inference.freeze): the
+        rows its eval forward serves now, no sketch, no optimizer state, physical tables in
+        TorchRec's quantized collection as `dtype` (torch.float32, float16, int8, quint4x2)."""
+        from cafe_torchrec.inference import freeze
+
+        return freeze(self, dtype)
+
+
+def refuse_foreign_state(module: nn.Module, state_dict: Dict[str, object], prefix: str, *_: object) -> None:
+    """load_state_dict pre-hook: a state dict with keys under this collection's prefix that are
+    not its own (another layout, e.g. a stock EmbeddingBagCollection's) raises ValueError naming
+    them, strict or not, instead of loading nothing; keys it simply lacks load as torch does."""
+    own = {prefix + name for name in module.state_dict(keep_vars=True)}
+    unexpected = sorted(k for k in state_dict if k.startswith(prefix) and k not in own)
+    if unexpected:
+        missing = sorted(own - set(state_dict))
+        raise ValueError(f"state dict for the CAFE collection at {prefix or 'the root'!r} has another layout: "
+                         f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}, missing keys "
+                         f"{missing[:6]}{' ...' if len(missing) > 6 else ''}; a stock EmbeddingBagCollection's state "
+                         "dict loads with cafe_torchrec.inference.warm_start")

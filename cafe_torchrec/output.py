@@ -26,7 +26,6 @@ class PooledOutput:
     def __init__(self, tables: Sequence[EmbeddingBagConfig], inner: Sequence[str], mean_by_sum: bool) -> None:
         self.features: List[str] = [f for t in tables for f in t.feature_names]
         self.dims: List[int] = [t.embedding_dim for t in tables for _ in t.feature_names]
-        self._starts = [sum(self.dims[:i]) for i in range(len(self.dims))]  # output column of each feature
         dims = dict(zip(self.features, self.dims))
         starts: Dict[str, int] = {}
         col = 0
@@ -37,6 +36,9 @@ class PooledOutput:
         self.columns: Optional[torch.Tensor] = None if columns == list(range(col)) else torch.tensor(columns)
         self.mean_features: List[int] = [i for i, t in enumerate(t for t in tables for _ in t.feature_names)
                                           if mean_by_sum and t.pooling == PoolingType.MEAN]
+        # per output column its feature, and per feature whether it is divided (mean_divided's arguments)
+        self.column_features = torch.tensor([i for i, d in enumerate(self.dims) for _ in range(d)], dtype=torch.int64)
+        self.mean_mask = torch.tensor([i in self.mean_features for i in range(len(self.features))], dtype=torch.bool)
 
     def bag_lengths(self, features: KeyedJaggedTensor) -> Optional[torch.Tensor]:
         """Bag lengths [F, B] in config order of a (fixed-stride) input KJT, kept only when some
@@ -54,9 +56,16 @@ class PooledOutput:
             values = values.index_select(1, self.columns.to(values.device))
         if self.mean_features:
             assert lengths is not None, "MEAN features need the input's bag_lengths()"
-            scale = torch.ones_like(values)
-            for i in self.mean_features:
-                bag = lengths[i].clamp(min=1).to(values.dtype)
-                scale[:, self._starts[i] : self._starts[i] + self.dims[i]] = (1.0 / bag)[:, None]
-            values = values * scale
+            values = mean_divided(values, lengths, self.column_features.to(values.device),
+                                  self.mean_mask.to(values.device))
         return KeyedTensor(keys=self.features, length_per_key=self.dims, values=values)
+
+
+def mean_divided(values: torch.Tensor, lengths: torch.Tensor, column_features: torch.Tensor,
+                 mean_mask: torch.Tensor) -> torch.Tensor:
+    """Pooled values [B, C] (config order) with the columns of MEAN features divided by their
+    bag lengths [F, B] (empty bags by 1); column_features [C] names each column's feature and
+    mean_mask [F] the MEAN ones. TorchScript compiles it (frozen collections call it)."""
+    bags = lengths.clamp(min=1).to(values.dtype)
+    scale = torch.where(mean_mask[:, None], 1.0 / bags, torch.ones_like(bags))
+    return values * scale.index_select(0, column_features).t()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Dict, List, Sequence
 
 import torch
@@ -43,47 +42,78 @@ def check_tables(tables: Sequence[EmbeddingBagConfig], is_weighted: bool, owner:
             features[f] = t.name
 
 
-ID_DTYPES = (torch.int32, torch.int64)
-
-
 def checked_input(features: KeyedJaggedTensor, expected: List[str], weighted: bool) -> KeyedJaggedTensor:
     """The KJT a collection computes on: checked (ValueError naming the feature, raised before
     any state changes), and a variable-batch (VBE) KJT expanded to its output batch, so the
-    output equals the stock collection's and training sees the batch the VBE input stands for."""
+    output equals the stock collection's and training sees the batch the VBE input stands for.
+
+    TorchScript compiles it (a frozen collection calls it in its scripted forward) and
+    torch.fx keeps it as one call (the collections wrap it), so it runs in traced graphs too."""
     check_features(features, expected, weighted)
     return expand_variable_batch(features) if has_variable_batch(features) else features
 
 
 def check_features(features: KeyedJaggedTensor, expected: List[str], weighted: bool) -> None:
     """Keys, dtypes and lengths of an input KJT (variable-batch or not); raises ValueError
-    naming what is wrong. int32 and int64 ids, lengths and offsets are accepted, as stock."""
+    naming what is wrong. int32 and int64 ids, lengths and offsets are accepted, as stock.
+    Under torch.export the checks that read tensor values are left out (an exported graph
+    cannot branch on them); the key and dtype checks stay."""
     keys = features.keys()
-    if len(set(keys)) != len(keys):
-        dup = sorted({k for k in keys if keys.count(k) > 1})
+    dup = _duplicates(keys)
+    if len(dup) > 0:
         raise ValueError(f"KeyedJaggedTensor has duplicated feature keys {dup}")
-    unknown = [k for k in keys if k not in expected]
-    if unknown:
+    unknown = _not_in(keys, expected)
+    if len(unknown) > 0:
         raise ValueError(f"KeyedJaggedTensor has unknown features {unknown}; expected {expected}")
-    missing = [k for k in expected if k not in keys]
-    if missing:
+    missing = _not_in(expected, keys)
+    if len(missing) > 0:
         raise ValueError(f"KeyedJaggedTensor lacks features {missing}")
     values, lengths = features.values(), features.lengths()
-    if values.dtype not in ID_DTYPES:
+    if values.dtype != torch.int32 and values.dtype != torch.int64:
         raise ValueError(f"feature ids must be int32 or int64, got {values.dtype} (features {keys})")
-    if lengths.dtype not in ID_DTYPES:
+    if lengths.dtype != torch.int32 and lengths.dtype != torch.int64:
         raise ValueError(f"lengths must be int32 or int64, got {lengths.dtype} (features {keys})")
-    if lengths.numel() and bool((lengths < 0).any()):
-        raise ValueError(f"feature {keys[_key_of_bag(features, int((lengths < 0).nonzero()[0]))]!r} has negative lengths")
-    if int(lengths.sum()) != values.numel():
-        raise ValueError(f"lengths sum to {int(lengths.sum())} but there are {values.numel()} ids (features {keys})")
     if weighted and features.weights_or_none() is None:
         raise ValueError("this collection is weighted but the KeyedJaggedTensor has no weights")
+    if _exporting():
+        return
+    if lengths.numel() > 0 and bool((lengths < 0).any()):
+        raise ValueError(f"feature '{keys[_key_of_bag(features, int((lengths < 0).nonzero()[0]))]}' has negative lengths")
+    if int(lengths.sum()) != values.numel():
+        raise ValueError(f"lengths sum to {int(lengths.sum())} but there are {values.numel()} ids (features {keys})")
+
+
+def _exporting() -> bool:
+    """Whether torch.export / torch.compile is tracing (never under TorchScript)."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.compiler.is_compiling()
+
+
+def _duplicates(keys: List[str]) -> List[str]:
+    """Keys listed more than once, sorted."""
+    dup: List[str] = []
+    for i, k in enumerate(keys):
+        if k in keys[:i] and k not in dup:
+            dup.append(k)
+    return sorted(dup)
+
+
+def _not_in(names: List[str], others: List[str]) -> List[str]:
+    """The names that are not among `others`, in order."""
+    out: List[str] = []
+    for name in names:
+        if name not in others:
+            out.append(name)
+    return out
 
 
 def _key_of_bag(features: KeyedJaggedTensor, bag: int) -> int:
     """Index of the key whose bags hold flat bag index `bag` (per-key strides for VBE)."""
     strides = features.stride_per_key() if features.variable_stride_per_key() else [features.stride()] * len(features.keys())
-    for i, end in enumerate(itertools.accumulate(strides)):
+    end = 0
+    for i, stride in enumerate(strides):
+        end += stride
         if bag < end:
             return i
     return len(strides) - 1

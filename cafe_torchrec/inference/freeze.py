@@ -1,0 +1,212 @@
+"""freeze(): a trained CAFE collection (unsharded, or sharded under DMP) -> its frozen form.
+
+What is frozen per CAFE group and block is what the training module's eval forward would
+serve at this moment: the keys its sketch holds with a hot row or as medium, read back
+through the group's own lookup (so both kernels' semantics carry over unchanged), and the
+block's regions. Sharded, every rank freezes the blocks it holds, and rank 0 gathers them with
+the full physical tables (ShardedTensor.gather); the blocks are put in bucket order (the rank
+a row-wise block lives on is the bucket TorchRec's block bucketization sends its keys to).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, QuantConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
+
+from cafe_torchrec.hashing import KEY_SPACE, table_salts
+from cafe_torchrec.inference.frozen import ABSENT, MEDIUM, FrozenCafeEmbeddingBagCollection, salt_offsets
+from cafe_torchrec.layout import CafePlan, GroupLayout
+from cafe_torchrec.modules import CafeEmbeddingBagCollection
+from cafe_torchrec.remap import CafeGroupRemap
+
+# torch dtypes of the physical tables TorchRec's quantized collection (FBGEMM IntNBit TBE) serves
+SERVING_DTYPES = (torch.float32, torch.float16, torch.int8, torch.quint4x2)
+ROW_ALIGNMENT = 1  # bytes; FBGEMM's CPU default (TorchRec's 16 pads an INT8 row of dim 16 from 20 to 32 bytes)
+
+
+@dataclass
+class FrozenBlock:
+    """One block of a group as served: its first physical row, its layout, and the keys its
+    sketch holds with a hot row (rows: the row in the block) or as medium (rows: -1)."""
+
+    first_row: int
+    layout: GroupLayout
+    keys: torch.Tensor
+    rows: torch.Tensor
+
+
+def served_keys(remap: CafeGroupRemap) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The keys a group's (or block's) sketch holds with a hot row or as medium, and each one's
+    hot row in the block (-1 if medium): read through the group's lookup, as the eval forward."""
+    remap.sketch.prepare()
+    held = remap.sketch.slot_keys
+    held = held[held >= 0].clone()
+    lookup = remap.lookup(held, count=False)
+    hot = lookup.primary < remap.layout.hot_rows
+    medium = lookup.medium if lookup.medium.numel() else torch.zeros_like(hot)
+    keep = hot | medium
+    return held[keep].cpu(), torch.where(hot, lookup.primary, -1)[keep].cpu()
+
+
+def quantized_tables(plan: CafePlan, weights: Dict[str, torch.Tensor], is_weighted: bool, dtype: torch.dtype,
+                     zero_rows: bool) -> nn.Module:
+    """TorchRec's QuantEmbeddingBagCollection (FBGEMM IntNBit TBE, row-wise quantized for INT8 and
+    INT4) over the physical tables, from their FP32 weights, with an all-zero last row each
+    when `zero_rows`; built by TorchRec's own from_float."""
+    configs = [replace(c, num_embeddings=c.num_embeddings + int(zero_rows)) for c in plan.physical_configs()]
+    ebc = EmbeddingBagCollection(configs, is_weighted=is_weighted, device=torch.device("meta"))
+    for c in configs:
+        weight = weights[c.name].detach().float().cpu()
+        if zero_rows:
+            weight = torch.cat([weight, weight.new_zeros(1, weight.shape[1])])
+        ebc.embedding_bags[c.name].weight = nn.Parameter(weight, requires_grad=False)
+    ebc.qconfig = QuantConfig(activation=torch.quantization.PlaceholderObserver.with_args(dtype=torch.float),
+                              weight=torch.quantization.PlaceholderObserver.with_args(dtype=dtype))
+    quant_prep_customize_row_alignment(ebc, [EmbeddingBagCollection], ROW_ALIGNMENT)
+    return QuantEmbeddingBagCollection.from_float(ebc)
+
+
+def build_frozen(tables: Sequence[EmbeddingBagConfig], plan: CafePlan, blocks: Dict[str, List[FrozenBlock]],
+                 weights: Dict[str, torch.Tensor], is_weighted: bool,
+                 dtype: torch.dtype) -> FrozenCafeEmbeddingBagCollection:
+    """The frozen collection of a plan from its groups' blocks (in bucket order) and its
+    physical tables' FP32 weights."""
+    multi_level = any(g.config.multi_level for g in plan.groups)
+    layouts = {g.name: g for g in plan.groups}
+    inner: List[str] = []
+    info: List[List[int]] = []
+    regions: List[List[int]] = [[0, 1, 0, 1]]  # row 0: the placeholder plain features point at
+    bounds: List[int] = [0]
+    keys: List[torch.Tensor] = []  # per group, its blocks' keys
+    values: List[torch.Tensor] = []
+    for config in plan.physical_configs():
+        zero_row = config.num_embeddings  # the appended all-zero row (multi-level only)
+        layout = layouts.get(config.name)
+        if layout is None:
+            for f in config.feature_names:
+                inner.append(f)
+                info.append([0, 0, 0, 1, 1, 0, config.num_embeddings, zero_row])
+            continue
+        group_blocks = blocks[layout.name]
+        base = len(regions)
+        for b in group_blocks:
+            regions += [[o1 + b.first_row, t.level1_rows, o2 + b.first_row, max(t.level2_rows, 1)]
+                        for t, (o1, o2) in zip(b.layout.tables, b.layout.region_offsets())]
+        keys.append(torch.cat([b.keys for b in group_blocks]))
+        values.append(torch.cat([torch.where(b.rows >= 0, b.rows + b.first_row, MEDIUM) for b in group_blocks]))
+        offsets = salt_offsets(table_salts(len(layout.tables), layout.config.seed)).tolist()
+        for f in config.feature_names:
+            slot = next(i for i, t in enumerate(layout.tables) if f in t.features)
+            inner.append(f)
+            info.append([offsets[slot], slot, base + slot, len(layout.tables), block_size(len(group_blocks)),
+                         len(group_blocks) - 1, 0, zero_row])
+        bounds.append(len(inner))
+    bounds.append(len(inner))
+    hash_table, hash_offsets = _hash_map(keys, values)
+    physical = quantized_tables(plan, weights, is_weighted, dtype, zero_rows=multi_level)
+    multi_block = any(len(blocks[g.name]) > 1 for g in plan.groups)
+    return FrozenCafeEmbeddingBagCollection(
+        tables, inner, torch.tensor(info, dtype=torch.int64), bounds, hash_table, hash_offsets,
+        torch.tensor(regions, dtype=torch.int64), physical, is_weighted, multi_level, multi_block)
+
+
+def _hash_map(keys: List[torch.Tensor], values: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """FBGEMM's pruned hash map (linear probing) with one region per group (keys[g] -> values[g])
+    at most half full, so probes stay short, and a last region of capacity 0 for the plain
+    features (FBGEMM passes its ids through); filled by FBGEMM's own insert."""
+    capacities = [max(1, 2 * k.numel()) for k in keys] + [0]
+    hash_offsets = torch.tensor([0] + list(itertools.accumulate(capacities)), dtype=torch.int64)
+    hash_table = torch.full((int(hash_offsets[-1]), 2), ABSENT, dtype=torch.int64)
+    counts = [k.numel() for k in keys] + [0]
+    offsets = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int64)
+    empty = torch.empty(0, dtype=torch.int64)
+    torch.ops.fbgemm.pruned_hashmap_insert(torch.cat(keys + [empty]), torch.cat(values + [empty]), offsets,
+                                           hash_table, hash_offsets)
+    return hash_table, hash_offsets
+
+
+def freeze(collection: nn.Module, dtype: torch.dtype = torch.float32) -> Optional[FrozenCafeEmbeddingBagCollection]:
+    """The frozen inference form of a trained CAFE collection, its physical tables in `dtype`
+    (torch.float32, float16, int8 or quint4x2 for INT4). A CafeEmbeddingBagCollection freezes
+    here; a ShardedCafeEmbeddingBagCollection (inside DMP) freezes collectively: call it on
+    every rank; rank 0 gets the module, the other ranks None."""
+    from cafe_torchrec.distributed.sharded import ShardedCafeEmbeddingBagCollection
+
+    if dtype not in SERVING_DTYPES:
+        raise ValueError(f"freeze: dtype {dtype} is not served; use one of {SERVING_DTYPES}")
+    if isinstance(collection, CafeEmbeddingBagCollection):
+        return _freeze_unsharded(collection, dtype)
+    if isinstance(collection, ShardedCafeEmbeddingBagCollection):
+        return _freeze_sharded(collection, dtype)
+    raise ValueError(f"freeze takes a CafeEmbeddingBagCollection or its sharded form, got {type(collection).__name__}")
+
+
+def _freeze_unsharded(collection: CafeEmbeddingBagCollection, dtype: torch.dtype) -> FrozenCafeEmbeddingBagCollection:
+    blocks = {}
+    for name, remap in collection.groups.items():
+        keys, rows = served_keys(remap)
+        blocks[name] = [FrozenBlock(0, remap.layout, keys, rows)]
+    weights = {name: bag.weight for name, bag in collection.physical.embedding_bags.items()}
+    return build_frozen(collection.embedding_bag_configs(), collection.plan, blocks, weights, collection.is_weighted(),
+                        dtype)
+
+
+def _freeze_sharded(collection: nn.Module, dtype: torch.dtype) -> Optional[FrozenCafeEmbeddingBagCollection]:
+    """Every rank's blocks and the full physical tables, gathered to rank 0."""
+    rank = dist.get_rank()
+    plan: CafePlan = collection.plan
+    state = collection.physical.state_dict()
+    local: Dict[str, Tuple[int, torch.Tensor, torch.Tensor]] = {}
+    for name, remap in collection.groups.items():
+        shard = state[f"embedding_bags.{name}.weight"].local_shards()[0]
+        keys, rows = served_keys(remap)
+        local[name] = (shard.metadata.shard_offsets[0], keys, rows)
+    per_rank: List[Dict[str, Tuple[int, torch.Tensor, torch.Tensor]]] = [{} for _ in range(dist.get_world_size())]
+    dist.gather_object(local, per_rank if rank == 0 else None, dst=0)
+    weights: Dict[str, torch.Tensor] = {}
+    for config in plan.physical_configs():
+        sharded = state[f"embedding_bags.{config.name}.weight"]
+        full = torch.empty(tuple(sharded.size()), dtype=sharded.dtype) if rank == 0 else None
+        sharded.gather(dst=0, out=full)
+        if full is not None:
+            weights[config.name] = full
+    if rank != 0:
+        return None
+    blocks: Dict[str, List[FrozenBlock]] = {}
+    for layout in plan.groups:
+        shards = state[f"embedding_bags.{layout.name}.weight"].metadata().shards_metadata
+        owners = sorted((m.placement.rank(), m.shard_sizes[0]) for m in shards if m.shard_sizes[0] > 0)
+        blocks[layout.name] = []
+        for owner, rows in owners:
+            first_row, keys, block_rows = per_rank[owner][layout.name]
+            blocks[layout.name].append(FrozenBlock(first_row, layout.block(rows), keys, block_rows))
+    return build_frozen(collection.embedding_bag_configs(), plan, blocks, weights, _is_weighted(collection), dtype)
+
+
+def block_size(num_blocks: int) -> int:
+    """Keys per row-wise block: TorchRec's block bucketization over KEY_SPACE (see
+    distributed/sharded.py `_row_wise_dist`), ceil(KEY_SPACE / blocks)."""
+    return (KEY_SPACE + num_blocks - 1) // num_blocks
+
+
+def _is_weighted(collection: nn.Module) -> bool:
+    return bool(getattr(collection, "_is_weighted"))
+
+
+def served_dtype(name: Union[str, torch.dtype]) -> torch.dtype:
+    """'fp32' | 'fp16' | 'int8' | 'int4' (or a torch dtype) -> the torch dtype freeze takes."""
+    if isinstance(name, torch.dtype):
+        return name
+    names = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8, "int4": torch.quint4x2}
+    if name not in names:
+        raise ValueError(f"serving dtype {name!r} is not one of {sorted(names)}")
+    return names[name]

@@ -1,0 +1,212 @@
+"""FrozenCafeEmbeddingBagCollection: a trained CAFE collection as a compact inference module.
+
+What the training module's eval forward computes from its sketches is frozen into tensors:
+the keys that held a hot row (with the row) or were medium (multi-level) go into a static
+open-addressing table, FBGEMM's pruned hash map (one region per CAFE group, all its row-wise
+blocks together: blocks own disjoint key ranges), and every block's hashed regions into a
+table of regions. The forward is pure tensor work: ids -> keys (the pre-hash), one hash-map
+probe per key, the hashed row of the others (in the block TorchRec's block bucketization
+routed the key to during training: key // block size), id mod rows for plain tables, and
+one lookup in TorchRec's quantized collection (FBGEMM's IntNBit TBE) over the physical
+tables in FP32, FP16, INT8 or INT4. No sketch, no optimizer state.
+
+It runs eagerly, under torch.fx (TorchRec's tracer or torch's), TorchScript (of the fx
+graph, as TorchRec's own quantized collection) and torch.export: the Python-level steps
+(input checks, VBE expansion, the feature permute, building the inner KJT) are fx-wrapped,
+scriptable calls, and the rest has no data-dependent shapes. A medium key reads two rows; so
+that every id reads the same number, a collection with a multi-level group gives every id a
+second row, the level-2 row of a medium key or an all-zero row appended to each physical
+table (zero in every dtype), right after its first row as in training, so FP32 outputs
+equal the training module's bit for bit.
+"""
+
+from typing import Dict, List, Optional, Sequence
+
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, data_type_to_sparse_type
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from cafe_torchrec._torchrec_compat import add_meta_kernel
+from cafe_torchrec.hashing import LEVEL_MULTIPLIERS, SLOT_BITS, _GOLDEN, _M1, _M2, _POSITIVE
+from cafe_torchrec.output import mean_divided
+from cafe_torchrec.validation import checked_input
+
+ABSENT = -1  # what the hash map says for a key it does not hold
+MEDIUM = -2  # the hash map's value for a medium key (multi-level: level-1 and level-2 rows)
+KEY_BITS = _POSITIVE & ~((1 << SLOT_BITS) - 1)  # a key's 48 hash bits: (mix64 >> 15) << 15
+
+
+@torch.fx.wrap
+def serving_input(features: KeyedJaggedTensor, logical: List[str], inner: List[str],
+                  weighted: bool) -> KeyedJaggedTensor:
+    """A checked input KJT (ValueError naming the feature), VBE expanded to its output batch,
+    with its keys in the physical tables' feature order."""
+    features = checked_input(features, logical, weighted)
+    keys = features.keys()
+    order = [keys.index(f) for f in inner]
+    if order == list(range(len(inner))):
+        return features
+    return features.permute(order)
+
+
+@torch.fx.wrap
+def physical_input(keys: List[str], rows: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor],
+                   stride: int) -> KeyedJaggedTensor:
+    """The quantized collection's input: physical rows per inner feature."""
+    return KeyedJaggedTensor(keys=keys, values=rows, lengths=lengths, weights=weights, stride=stride)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical shift right of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def serving_keys(ids: torch.Tensor, salt_offsets: torch.Tensor, slots: torch.Tensor, m1: int, m2: int,
+                 key_bits: int) -> torch.Tensor:
+    """hashing.make_keys in a form TorchScript compiles: ((mix64(id, salt) >> 15) << 15) | slot,
+    with salt_offsets = salt * golden + golden (mix64's first step) per id."""
+    z = ids + salt_offsets
+    z = (z ^ _shift_right(z, 30)) * m1
+    z = (z ^ _shift_right(z, 27)) * m2
+    return ((z ^ _shift_right(z, 31)) & key_bits) | slots
+
+
+def serving_hashed_rows(keys: torch.Tensor, multiplier: int, offsets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """hashing.hashed_rows with each key's region given: offset + bounded(fold(key, m), rows)."""
+    return offsets + ((_shift_right(keys * multiplier, 1) >> 32) * rows >> 31)
+
+
+def salt_offsets(salts: torch.Tensor) -> torch.Tensor:
+    """mix64's first step for each salt: salt * golden + golden (wrapping int64)."""
+    return salts * _GOLDEN + _GOLDEN
+
+
+def _hash_map_lookup_meta(indices: torch.Tensor, offsets: torch.Tensor, hash_table: torch.Tensor,
+                          hash_table_offsets: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(indices)
+
+
+# torch.export traces ops on fake tensors; FBGEMM's CPU build has no fake or meta kernel for
+# pruned_hashmap_lookup (its output is shaped like its indices)
+_HASH_MAP_META = add_meta_kernel("fbgemm", "pruned_hashmap_lookup", _hash_map_lookup_meta)
+
+
+# per inner feature, the columns of FrozenCafeEmbeddingBagCollection.feature_info
+INFO_COLUMNS = ("salt_offset", "slot", "region", "num_tables", "block_size", "last_block", "plain_rows", "zero_row")
+
+
+class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """A trained CafeEmbeddingBagCollection for inference (built by `freeze`, or
+    `CafeEmbeddingBagCollection.to_inference`): same KJT in, same KeyedTensor out.
+
+    physical: TorchRec's QuantEmbeddingBagCollection over the physical tables (one per CAFE
+    group, one per plain table, in plan order; with one zero row appended each when a group is
+    multi-level). hash_table / hash_offsets: FBGEMM pruned hash map, one region per group then
+    an empty one for plain features (value: physical row, or MEDIUM). regions [R, 4]: per
+    group, block and table slot the level-1 offset and rows, level-2 offset and rows (row 0 is
+    a placeholder plain features point at). feature_info [F, len(INFO_COLUMNS)] per inner
+    feature; group_bounds: the inner features where each group's run ends (hash-map tables).
+    """
+
+    def __init__(self, tables: Sequence[EmbeddingBagConfig], inner: Sequence[str], feature_info: torch.Tensor,
+                 group_bounds: Sequence[int], hash_table: torch.Tensor, hash_offsets: torch.Tensor,
+                 regions: torch.Tensor, physical: nn.Module, is_weighted: bool, multi_level: bool,
+                 multi_block: bool) -> None:
+        super().__init__()
+        self._tables = list(tables)
+        self._is_weighted = is_weighted
+        self._multi_level = multi_level
+        self._multi_block = multi_block
+        self._features: List[str] = [f for t in tables for f in t.feature_names]
+        self._inner: List[str] = list(inner)
+        self._dims: List[int] = [t.embedding_dim for t in tables for _ in t.feature_names]
+        self._has_mean = any(t.pooling == PoolingType.MEAN for t in tables)
+        self._has_plain = bool((feature_info[:, INFO_COLUMNS.index("plain_rows")] > 0).any())
+        self._multipliers = (_M1, _M2, KEY_BITS, LEVEL_MULTIPLIERS[1], LEVEL_MULTIPLIERS[2])
+        self.physical = physical
+        self.register_buffer("feature_info", feature_info)
+        for i, name in enumerate(INFO_COLUMNS):  # one contiguous column each: gathered per id
+            self.register_buffer(name, feature_info[:, i].clone(), persistent=False)
+        self.register_buffer("group_bounds", torch.tensor(list(group_bounds), dtype=torch.int64))
+        self.register_buffer("hash_table", hash_table)
+        self.register_buffer("hash_offsets", hash_offsets)
+        self.register_buffer("regions", regions)
+        self._same_dims = len(set(self._dims)) == 1
+        self._in_config_order = self._inner == self._features
+        dims = dict(zip(self._features, self._dims))
+        starts, start = {}, 0
+        for f in self._inner:
+            starts[f] = start
+            start += dims[f]
+        self.register_buffer("columns", torch.tensor([c for f in self._features for c in range(starts[f], starts[f] + dims[f])],
+                                                     dtype=torch.int64))
+        self.register_buffer("config_order", torch.tensor([self._inner.index(f) for f in self._features], dtype=torch.int64))
+        self.register_buffer("column_features", torch.tensor([i for i, d in enumerate(self._dims) for _ in range(d)],
+                                                             dtype=torch.int64))
+        self.register_buffer("mean_mask", torch.tensor([t.pooling == PoolingType.MEAN for t in self._tables
+                                                        for _ in t.feature_names], dtype=torch.bool))
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        features = serving_input(features, self._features, self._inner, self._is_weighted)
+        ids = features.values().to(torch.int64)
+        lengths = features.lengths().to(torch.int64)
+        stride = features.stride()
+        num_features = len(self._inner)
+        bag_feature = torch.arange(num_features, device=ids.device).repeat_interleave(stride)
+        feature = torch.repeat_interleave(bag_feature, lengths, output_size=ids.numel())
+        m1, m2, key_bits, level1, level2 = self._multipliers
+        keys = serving_keys(ids, self.salt_offset.index_select(0, feature), self.slot.index_select(0, feature),
+                            m1, m2, key_bits)
+        offsets = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0))
+        held = torch.ops.fbgemm.pruned_hashmap_lookup(keys, offsets.index_select(0, self.group_bounds * stride),
+                                                      self.hash_table, self.hash_offsets)
+        region_index = self.region.index_select(0, feature)
+        if self._multi_block:
+            block = torch.div(keys, self.block_size.index_select(0, feature), rounding_mode="floor")
+            block = torch.minimum(block, self.last_block.index_select(0, feature))
+            region_index = region_index + block * self.num_tables.index_select(0, feature)
+        region = self.regions.index_select(0, region_index)
+        rows = torch.where(held >= 0, held, serving_hashed_rows(keys, level1, region[:, 0], region[:, 1]))
+        if self._has_plain:
+            plain_rows = self.plain_rows.index_select(0, feature)
+            rows = torch.where(plain_rows > 0, torch.remainder(ids, plain_rows.clamp(min=1)), rows)
+        weights = features.weights_or_none() if self._is_weighted else None
+        bag_lengths = lengths
+        if self._multi_level:
+            second = torch.where(held == MEDIUM, serving_hashed_rows(keys, level2, region[:, 2], region[:, 3]),
+                                 self.zero_row.index_select(0, feature))
+            rows = torch.stack([rows, second], dim=1).flatten()
+            bag_lengths = lengths * 2
+            if weights is not None:
+                weights = weights.repeat_interleave(2)
+        values = self.physical(physical_input(self._inner, rows, bag_lengths, weights, stride)).values()
+        if not self._in_config_order:
+            if self._same_dims:  # whole features move: cheaper than moving columns
+                values = values.view(stride, num_features, -1).index_select(1, self.config_order).view(stride, -1)
+            else:
+                values = values.index_select(1, self.columns)
+        if self._has_mean:
+            per_feature = lengths.view(num_features, -1).index_select(0, self.config_order)
+            values = mean_divided(values, per_feature, self.column_features, self.mean_mask)
+        return KeyedTensor(keys=self._features, length_per_key=self._dims, values=values)
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._tables
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    def nbytes(self) -> Dict[str, int]:
+        """Bytes held: the physical tables as FBGEMM's IntNBit TBE stores them ("weights": rows
+        x the rounded row size of their dtype, INT8 and INT4 rows with their scale and bias) and
+        the frozen maps ("maps": hash map, regions, per-feature tables)."""
+        row_alignment = int(getattr(self.physical, "row_alignment"))
+        weights = sum(c.num_embeddings * rounded_row_size_in_bytes(c.embedding_dim, data_type_to_sparse_type(c.data_type),
+                                                                   row_alignment)
+                      for c in self.physical.embedding_bag_configs())
+        maps = sum(b.numel() * b.element_size() for name, b in self.state_dict().items() if not name.startswith("physical."))
+        return {"weights": weights, "maps": maps, "total": weights + maps}

@@ -1,0 +1,281 @@
+"""Serving: the frozen collection against the training module's eval forward, TorchRec's serving
+recipe (quantize, fx, TorchScript, export), the conversions to and from a stock collection, the
+refusal of a foreign state dict, and freezing a DMP-sharded collection on 2 gloo ranks.
+
+No `from __future__ import annotations` here: torch.jit.script reads the annotations of the
+traced model's forward, which must be types, not strings."""
+
+import copy
+from typing import Dict, List
+
+import pytest
+import torch
+import torchrec.fx
+from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
+from cafe_torchrec.hashing import make_keys
+from cafe_torchrec.inference import (
+    FrozenCafeEmbeddingBagCollection,
+    freeze,
+    frequent_ids,
+    quantize_inference_model,
+    to_embedding_bag_collection,
+    warm_start,
+)
+from tests.dist_utils import run_ranks
+from tests.helpers import zipf_kjt
+
+FEATURES = ["f0", "f1", "f2", "f3"]
+GROUP = "cafe_dim8"
+
+
+def tables(pooling: PoolingType = PoolingType.SUM) -> List[EmbeddingBagConfig]:
+    """Two compressed tables (one with two features) and one plain table of 10 rows."""
+    return [EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=6000, feature_names=["f0", "f1"], pooling=pooling),
+            EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=4000, feature_names=["f2"], pooling=pooling),
+            EmbeddingBagConfig(name="t2", embedding_dim=8, num_embeddings=10, feature_names=["f3"], pooling=pooling)]
+
+
+def batch(gen: torch.Generator, size: int = 24, weighted: bool = False) -> KeyedJaggedTensor:
+    kjt = zipf_kjt(FEATURES, size, 400, gen, max_len=3)
+    if not weighted:
+        return kjt
+    return KeyedJaggedTensor(keys=FEATURES, values=kjt.values(), lengths=kjt.lengths(),
+                             weights=torch.rand(kjt.values().numel(), generator=gen) + 0.5)
+
+
+def trained(multi_level: bool = False, pooling: PoolingType = PoolingType.SUM, weighted: bool = False,
+            steps: int = 8) -> CafeEmbeddingBagCollection:
+    """A small collection after a few SGD steps on Zipf ids: hot rows taken, medium ids when multi-level."""
+    torch.manual_seed(0)
+    ebc = CafeEmbeddingBagCollection(tables(pooling), CafeConfig(compression_ratio=20, policy="paper", threshold=3.0,
+                                                                 seed=5, multi_level=multi_level), is_weighted=weighted)
+    _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.1})
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ebc(batch(gen, 32, weighted)).values().sum().backward()
+    return ebc.eval()
+
+
+def served(ebc: CafeEmbeddingBagCollection, kjt: KeyedJaggedTensor) -> torch.Tensor:
+    with torch.no_grad():
+        return ebc(kjt).values()
+
+
+def hot_and_medium(ebc: CafeEmbeddingBagCollection, kjt: KeyedJaggedTensor) -> Dict[str, int]:
+    """How many of the batch's compressed ids the sketch serves from a hot row, and as medium."""
+    remap = ebc.groups[GROUP]
+    keys = torch.cat([ebc.keys(f, kjt[f].values()) for f in ("f0", "f1", "f2")])
+    lookup = remap.lookup(keys, count=False)
+    medium = int(lookup.medium.sum()) if lookup.medium.numel() else 0
+    return {"hot": int((lookup.primary < remap.layout.hot_rows).sum()), "medium": medium}
+
+
+def variants(kjt: KeyedJaggedTensor, gen: torch.Generator) -> Dict[str, KeyedJaggedTensor]:
+    """The same batch as int32, with the keys permuted, and a VBE batch."""
+    order = [2, 0, 3, 1]
+    permuted = kjt.permute(order)
+    narrow = KeyedJaggedTensor(keys=FEATURES, values=kjt.values().int(), lengths=kjt.lengths().int(),
+                               weights=kjt.weights_or_none())
+    strides = [3, 5, 2, 4]
+    lengths = torch.randint(0, 3, (sum(strides),), generator=gen)
+    values = torch.randint(-5, 900, (int(lengths.sum()),), generator=gen)
+    inverse = torch.stack([torch.randint(0, s, (6,), generator=gen) for s in strides])
+    weights = torch.rand(values.numel(), generator=gen) if kjt.weights_or_none() is not None else None
+    vbe = KeyedJaggedTensor(keys=FEATURES, values=values, lengths=lengths, weights=weights,
+                            stride_per_key_per_rank=[[s] for s in strides], inverse_indices=(FEATURES, inverse))
+    return {"plain": kjt, "permuted": permuted, "int32": narrow, "vbe": vbe}
+
+
+@pytest.mark.parametrize("multi_level,pooling,weighted", [
+    (False, PoolingType.SUM, False), (True, PoolingType.SUM, False), (True, PoolingType.MEAN, False),
+    (False, PoolingType.SUM, True), (True, PoolingType.SUM, True)])
+def test_frozen_fp32_equals_the_eval_forward(multi_level: bool, pooling: PoolingType, weighted: bool) -> None:
+    ebc = trained(multi_level, pooling, weighted)
+    frozen = freeze(ebc)
+    gen = torch.Generator().manual_seed(2)
+    kjt = batch(gen, 24, weighted)
+    seen = hot_and_medium(ebc, kjt)
+    assert seen["hot"] > 10 and (seen["medium"] > 0) == multi_level, seen
+    for name, variant in variants(kjt, gen).items():
+        assert torch.equal(frozen(variant).values(), served(ebc, variant)), name
+    assert not any("sketch" in k for k in frozen.state_dict())
+
+
+def test_frozen_refuses_what_training_refuses() -> None:
+    frozen = freeze(trained())
+    bad = KeyedJaggedTensor(keys=["f0", "f1", "f2"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 0, 1, 0, 0, 0]))
+    with pytest.raises(ValueError, match="lacks features"):
+        frozen(bad)
+    with pytest.raises(ValueError, match="negative lengths"):
+        frozen(KeyedJaggedTensor(keys=FEATURES, values=torch.tensor([1]), lengths=torch.tensor([2, -1, 0, 0])))
+
+
+def test_quantized_tables_track_fp32_and_shrink() -> None:
+    ebc = trained(multi_level=True)
+    kjt = batch(torch.Generator().manual_seed(3), 32)
+    reference = served(ebc, kjt)
+    scale = float(reference.abs().max())
+    bytes_fp32 = freeze(ebc).nbytes()["weights"]
+    for dtype, tolerance in ((torch.float16, 2e-3), (torch.int8, 2e-2), (torch.quint4x2, 0.2)):
+        frozen = freeze(ebc, dtype)
+        error = float((frozen(kjt).values() - reference).abs().max())
+        assert 0 < error <= tolerance * scale, (dtype, error, scale)
+    int8 = freeze(ebc, torch.int8).nbytes()["weights"]
+    assert int8 * 8 * 4 == bytes_fp32 * (8 + 4)  # dim 8: 8 bytes and an fp16 scale and bias per row
+
+
+class TinyModel(nn.Module):
+    """A CAFE collection, a stock collection and a dense layer, as a DLRM holds them."""
+
+    def __init__(self, cafe: nn.Module, stock: nn.Module) -> None:
+        super().__init__()
+        self.cafe, self.stock, self.dense = cafe, stock, nn.Linear(8 * 6, 1)
+
+    def forward(self, features: KeyedJaggedTensor, other: KeyedJaggedTensor) -> torch.Tensor:
+        return self.dense(torch.cat([self.cafe(features).values(), self.stock(other).values()], dim=1))
+
+
+def test_torchrec_serving_recipe_quantize_fx_script_export() -> None:
+    torch.manual_seed(0)
+    stock = EmbeddingBagCollection([EmbeddingBagConfig(name="s0", embedding_dim=8, num_embeddings=50,
+                                                       feature_names=["g0", "g1"])])
+    model = TinyModel(trained(multi_level=True), stock).eval()
+    gen = torch.Generator().manual_seed(4)
+    kjt = batch(gen, 16)
+    other = KeyedJaggedTensor(keys=["g0", "g1"], values=torch.randint(0, 50, (40,), generator=gen),
+                              lengths=torch.full((32,), 1).index_fill_(0, torch.tensor([0, 9]), 5))
+    with torch.no_grad():
+        expected = model(kjt, other)
+    served_model = quantize_inference_model(model, torch.int8)
+    assert isinstance(served_model.cafe, FrozenCafeEmbeddingBagCollection)
+    assert type(served_model.stock).__name__ == "QuantizedEmbeddingBagCollection" or "quant" in type(served_model.stock).__module__
+    eager = served_model(kjt, other)
+    torch.testing.assert_close(eager, expected, atol=0.02, rtol=0.05)
+    traced = torchrec.fx.symbolic_trace(served_model)
+    scripted = torch.jit.script(traced)
+    for name, module in (("fx", traced), ("script", scripted)):
+        assert torch.equal(module(kjt, other), eager), name
+    # torch.export of the CAFE part (the stock part after TorchRec's own quantize_inference_model
+    # does not export with this torch and FBGEMM: its TBE holds an fbgemm.AtomicCounter without a fake class)
+    exported = torch.export.export(served_model.cafe, (kjt,), strict=False)
+    assert torch.equal(exported.module()(kjt).values(), served_model.cafe(kjt).values())
+    with pytest.raises(Exception, match="lacks features"):  # the checks survive scripting
+        scripted(KeyedJaggedTensor(keys=["f0"], values=torch.tensor([1]), lengths=torch.tensor([1])), other)
+
+
+@pytest.mark.parametrize("tracer", [torch.fx.symbolic_trace, torchrec.fx.symbolic_trace])
+def test_training_module_traces_with_fx_in_eval(tracer) -> None:
+    ebc = trained(multi_level=True, pooling=PoolingType.MEAN)
+    graph = tracer(ebc)
+    kjt = batch(torch.Generator().manual_seed(5))
+    assert torch.equal(graph(kjt).values(), served(ebc, kjt))
+    with pytest.raises(ValueError, match="unknown features"):  # the input checks run in the traced graph
+        graph(KeyedJaggedTensor(keys=FEATURES + ["x"], values=torch.tensor([1]), lengths=torch.tensor([1, 0, 0, 0, 0])))
+
+
+@pytest.mark.parametrize("multi_level,pooling", [(False, PoolingType.SUM), (True, PoolingType.MEAN)])
+def test_export_to_a_plain_collection_gives_each_id_its_cafe_row(multi_level: bool, pooling: PoolingType) -> None:
+    ebc = trained(multi_level, pooling)
+    stock = to_embedding_bag_collection(ebc)
+    kjt = batch(torch.Generator().manual_seed(6))  # ids in [0, 400): within every table but the plain one
+    plain = kjt["f3"].values() % 10
+    kjt = KeyedJaggedTensor(keys=FEATURES, values=torch.cat([kjt.values()[: -plain.numel()], plain]), lengths=kjt.lengths())
+    torch.testing.assert_close(stock(kjt).values(), served(ebc, kjt), rtol=1e-6, atol=1e-6)
+    raw = {"t0": torch.tensor([-7, 10**12, 3]), "t1": torch.tensor([5])}
+    listed = to_embedding_bag_collection(ebc, raw)
+    positions = KeyedJaggedTensor(keys=FEATURES, values=torch.tensor([0, 1, 2, 0, 0, 0]),
+                                  lengths=torch.tensor([1, 1, 1, 1, 0, 1, 0, 1]))
+    ids = KeyedJaggedTensor(keys=FEATURES, values=torch.tensor([-7, 10**12, 3, -7, 5, 0]),
+                            lengths=torch.tensor([1, 1, 1, 1, 0, 1, 0, 1]))
+    torch.testing.assert_close(listed(positions).values(), served(ebc, ids), rtol=1e-6, atol=1e-6)
+
+
+def test_warm_start_from_a_stock_state_dict() -> None:
+    torch.manual_seed(0)
+    stock = EmbeddingBagCollection(tables())
+    gen = torch.Generator().manual_seed(7)
+    sample = [batch(gen, 32) for _ in range(4)]
+    ebc = CafeEmbeddingBagCollection(tables(), CafeConfig(compression_ratio=20, policy="paper", threshold=3.0, seed=5))
+    hot = frequent_ids(sample, ebc)
+    assert 0 < sum(v.numel() for v in hot.values()) <= ebc.plan.groups[0].hot_rows
+    report = warm_start(ebc.eval(), stock.state_dict(), hot)
+    assert report[GROUP]["hot"] >= 0.9 * report[GROUP]["given"]
+    # hot ids: their stock rows exactly; the others: the mean stock row of the ids sharing their hashed row
+    remap, layout = ebc.groups[GROUP], ebc.plan.groups[0]
+    salts = ebc.feature_map.salts[GROUP]
+    for slot, name, feature in ((0, "t0", "f0"), (1, "t1", "f2")):
+        weight = stock.embedding_bags[name].weight.detach()
+        ids = torch.arange(weight.shape[0])
+        keys = make_keys(ids, torch.full_like(ids, slot), salts)
+        is_hot = remap.lookup(keys, count=False).primary < layout.hot_rows
+        rows = remap.hashed_rows(keys, 1)
+        probe = torch.tensor([int(hot[name][0]), int((~is_hot).nonzero()[0]), int((~is_hot).nonzero()[5])])
+        kjt = KeyedJaggedTensor(keys=FEATURES, values=probe, stride=3,
+                                lengths=torch.cat([torch.ones(3, dtype=torch.int64) if f == feature
+                                                   else torch.zeros(3, dtype=torch.int64) for f in FEATURES]))
+        out = served(ebc, kjt).view(3, 4, 8)[:, FEATURES.index(feature)]
+        assert bool(is_hot[probe[0]]) and torch.equal(out[0], weight[probe[0]])
+        for j in (1, 2):
+            members = (~is_hot) & (rows == rows[probe[j]])
+            torch.testing.assert_close(out[j], weight[members].mean(0), rtol=1e-5, atol=1e-6)
+    assert torch.equal(ebc.physical.embedding_bags["t2"].weight, stock.embedding_bags["t2"].weight)
+
+
+def test_a_foreign_state_dict_raises_strict_or_not() -> None:
+    ebc = trained()
+    stock = EmbeddingBagCollection(tables()).state_dict()
+    before = copy.deepcopy(ebc.state_dict())
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"(?s)another layout.*embedding_bags\.t0\.weight.*warm_start"):
+            ebc.load_state_dict(stock, strict=strict)
+    assert all(torch.equal(before[k], v) for k, v in ebc.state_dict().items())
+    parent = nn.ModuleDict({"ebc": ebc})
+    with pytest.raises(ValueError, match=r"'ebc\.'"):
+        parent.load_state_dict({f"ebc.{k}": v for k, v in stock.items()}, strict=False)
+    ebc.load_state_dict(before)  # its own layout still loads, and a partial one without foreign keys too
+    ebc.load_state_dict({k: v for k, v in before.items() if k.startswith("physical.")}, strict=False)
+
+
+def _sharded_freeze(rank: int, world: int) -> Dict[str, object]:
+    from tests.test_sharded import shard
+
+    out: Dict[str, object] = {}
+    for sharding_type in ("row_wise", "table_wise"):
+        torch.manual_seed(0)
+        ebc = CafeEmbeddingBagCollection(tables(), CafeConfig(compression_ratio=20, policy="paper", threshold=3.0,
+                                                              seed=5, multi_level=True))
+        _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.1})
+        dmp, _, _ = shard(ebc, sharding_type, world)
+        gen = torch.Generator().manual_seed(10 + rank)
+        for _ in range(6):
+            dmp(batch(gen, 32)).values().sum().backward()
+        dmp.eval()
+        probes = [batch(torch.Generator().manual_seed(100 + r), 16) for r in range(world)]
+        with torch.no_grad():
+            local = dmp(probes[rank]).values()
+        frozen = freeze(dmp.module, torch.float32)
+        served_model = quantize_inference_model(dmp, torch.float32)
+        out[sharding_type] = {
+            "local": local,
+            "frozen": [frozen(p).values() for p in probes] if frozen is not None else None,
+            "model": [served_model(p).values() for p in probes] if served_model is not None else None,
+        }
+    return out
+
+
+def test_freeze_a_dmp_sharded_collection_on_two_ranks() -> None:
+    results = run_ranks(_sharded_freeze, 2)
+    for sharding_type in ("row_wise", "table_wise"):
+        assert results[1][sharding_type]["frozen"] is None and results[1][sharding_type]["model"] is None
+        rank0 = results[0][sharding_type]
+        for rank in range(2):
+            local = results[rank][sharding_type]["local"]
+            # row-wise pools each rank's rows apart and sums the partial bags: equal up to float order
+            torch.testing.assert_close(rank0["frozen"][rank], local, rtol=1e-5, atol=1e-6, msg=f"{sharding_type} {rank}")
+            assert torch.equal(rank0["model"][rank], rank0["frozen"][rank])
