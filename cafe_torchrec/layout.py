@@ -22,7 +22,7 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from cafe_torchrec.config import CafeConfig
 from cafe_torchrec.hashing import MAX_BOUND
 from cafe_torchrec.validation import check_tables
-from cafe_torchrec.sketch.hot_sketch import SLOT_BYTES, per_row_bytes, sketch_nbytes
+from cafe_torchrec.sketch.hot_sketch import SLOT_BYTES, per_row_bytes
 
 MAX_TABLES_PER_GROUP = 1 << 15  # the table slot lives in the low 15 bits of a key
 BYTES_PER_VALUE = {DataType.FP32: 4, DataType.FP16: 2}
@@ -101,9 +101,12 @@ class GroupLayout:
         return sketch_buckets(self.hot_rows, self.config.slots_per_hot_row, self.config.slots_per_bucket)
 
     def sketch_bytes(self) -> int:
-        """What the group's HotSketch allocates."""
-        return sketch_nbytes(self.sketch_buckets, self.config.slots_per_bucket, self.hot_rows,
-                             self.config.policy == "adaptive")
+        """Every byte of the group's state besides its weights: the HotSketch (slots, free stack,
+        policy marks and scalars) and the remap's bookkeeping (regions, counters, layout
+        signature), counted on a meta-device instance so that no buffer is ever left out."""
+        from cafe_torchrec.remap import group_state_bytes  # remap builds on this module
+
+        return group_state_bytes(self)
 
     def weight_bytes(self) -> int:
         return self.physical_rows * self.dim * BYTES_PER_VALUE[self.data_type]

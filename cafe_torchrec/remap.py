@@ -3,6 +3,7 @@ block), with the HotSketch behind it; and the KJT-level remap both collections u
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, cast
 
@@ -38,6 +39,13 @@ class GroupBatch:
     num_features: int
     columns: Tuple[int, int]  # the features' columns in the pooled lookup output
     hints: Optional[torch.Tensor]  # [N] from the forward lookup
+
+
+@functools.lru_cache(maxsize=4096)
+def group_state_bytes(layout: GroupLayout) -> int:
+    """Bytes of every buffer a CafeGroupRemap of this (block) layout holds, sketch included."""
+    remap = CafeGroupRemap(layout, torch.device("meta"))
+    return sum(b.numel() * b.element_size() for b in remap.buffers())
 
 
 class CafeGroupRemap(nn.Module):

@@ -59,7 +59,7 @@ def solve_profiled(problem: BudgetProblem, ratio_u: float, curves: Mapping[str, 
     """Bisect the price per byte until the profiled allocation fills the tightest rank of
     `problem` (ratio_u: its uniform solution's ratio; curves: value_curves of its tables)."""
     tables, base = problem.tables, problem.base
-    hot_share = base.hot_share if base.hot_share is not None else default_hot_share(ratio_u)
+    hot_share = base.hot_share if base.hot_share is not None else default_hot_share(ratio_u, base.policy)
     fixed = replace(base, hot_share=hot_share)
     if base.policy == "paper":  # the paper's threshold is per ratio: keep the uniform solution's for every table
         fixed = replace(fixed, threshold=base.threshold if base.threshold is not None else default_threshold(ratio_u))

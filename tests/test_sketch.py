@@ -209,9 +209,11 @@ def test_bad_config_raises(bad: dict) -> None:
         make("torch", **bad) if "kernel" not in bad else HotSketch(hot_capacity=4, threshold=1.0, kernel=bad["kernel"])
 
 
-def test_nbytes_is_sixteen_per_slot_plus_free_list() -> None:
+def test_nbytes_counts_every_buffer_sixteen_bytes_a_slot() -> None:
     sk = make("torch")
-    assert sk.nbytes() == 16 * 4 * 16 + 24 * 4
+    scalars = 6 * 8 + 4  # free count, total score, seed, initialized, decayed count, count since; medium level
+    assert sk.nbytes() == 16 * 4 * 16 + 24 * 4 + scalars
+    assert make_adaptive("torch").nbytes() == 16 * 4 * 16 + 24 * (4 + 4) + scalars  # + a mark per hot row
 
 
 def test_cpp_make_keys_equals_torch_make_keys() -> None:

@@ -1,6 +1,6 @@
 """HotSketch: the importance sketch of CAFE, with a C++ CPU kernel and a torch-ops kernel."""
 
-from cafe_torchrec.sketch.hot_sketch import HotSketch, sketch_nbytes
+from cafe_torchrec.sketch.hot_sketch import HotSketch
 from cafe_torchrec.sketch.types import InsertResult
 
-__all__ = ["HotSketch", "InsertResult", "sketch_nbytes"]
+__all__ = ["HotSketch", "InsertResult"]

@@ -259,8 +259,9 @@ class HotSketch(nn.Module):
         return self.hot_capacity - int(self.free_count[0])
 
     def nbytes(self) -> int:
-        """Bytes of the sketch: slots plus the free list (the paper counts the sketch too)."""
-        return sketch_nbytes(self.num_buckets, self.slots_per_bucket, self.hot_capacity, self.adaptive is not None)
+        """Bytes of every buffer of the sketch: its slots, free stack, policy marks and scalars
+        (the paper counts the sketch in the compressed size)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -281,12 +282,6 @@ def _merged(first: InsertResult, second: InsertResult) -> InsertResult:
                         torch.cat([first.demoted_keys, second.demoted_keys]),
                         torch.cat([first.demoted_rows, second.demoted_rows]),
                         first.skipped + second.skipped, first.dropped + second.dropped, first.decayed or second.decayed)
-
-
-def sketch_nbytes(num_buckets: int, slots_per_bucket: int, hot_capacity: int, adaptive: bool = False) -> int:
-    """Bytes a HotSketch of this shape holds (slots, the free-row stack, and with the adaptive
-    policy its per-row marks); shared by the module, the planner and benchmarks."""
-    return num_buckets * slots_per_bucket * SLOT_BYTES + hot_capacity * per_row_bytes(adaptive)
 
 
 def per_row_bytes(adaptive: bool) -> int:
