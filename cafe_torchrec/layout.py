@@ -182,12 +182,13 @@ def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[st
     first = configs[tables[0].name].resolved()
     dim, dtype = tables[0].embedding_dim, tables[0].data_type
     width = BYTES_PER_VALUE[dtype]
-    hot_bytes = sum(t.num_embeddings * dim * width / configs[t.name].compression_ratio for t in tables) * first.hot_share
+    hot_share = first.hot_share if first.hot_share is not None else 0.0  # resolved: never None
+    hot_bytes = sum(t.num_embeddings * dim * width / configs[t.name].compression_ratio for t in tables) * hot_share
     hot_rows = int(hot_bytes // hot_row_bytes(dim, first, width))
     layouts = []
     for t in tables:
         cfg = configs[t.name]
-        hashed = max(1, math.ceil(t.num_embeddings * (1 - first.hot_share) / cfg.compression_ratio))
+        hashed = max(1, math.ceil(t.num_embeddings * (1 - hot_share) / cfg.compression_ratio))
         level2 = max(1, round(hashed * cfg.level2_share)) if first.multi_level else 0
         level1 = max(1, hashed - level2)
         if max(level1, level2, hot_rows) > MAX_BOUND:

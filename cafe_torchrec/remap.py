@@ -67,7 +67,8 @@ class CafeGroupRemap(nn.Module):
         self.layout = layout
         cfg = layout.config
         adaptive = cfg.adaptive_policy()
-        paper_medium = cfg.threshold * cfg.medium_share if cfg.multi_level and adaptive is None else None
+        paper_medium = (cfg.threshold * cfg.medium_share
+                        if cfg.multi_level and adaptive is None and cfg.threshold is not None else None)
         self.sketch = HotSketch(
             hot_capacity=layout.hot_rows,
             threshold=cfg.threshold,

@@ -23,7 +23,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan
-from cafe_torchrec.remap import STAT_COLUMNS, CafeGroupRemap
+from cafe_torchrec.remap import STAT_COLUMNS, CafeGroupRemap, group_remaps
 
 Stats = Dict[str, Dict[str, Any]]
 _SHARES = {"hot_lookup_share": "hot_lookups", "medium_lookup_share": "medium_lookups"}
@@ -141,11 +141,11 @@ class CollectionReport:
     def stats(self) -> Stats:
         """Per group (or block held) and plain table: hot rows used/free, monotonic counters
         (lookups, hot and medium lookups, promotions, demotions), shares, bytes."""
-        return collection_stats(self.groups.values(), self.plain_rows(), self.plan)
+        return collection_stats(group_remaps(self.groups).values(), self.plain_rows(), self.plan)
 
     def memory(self) -> Dict[str, float]:
         """Logical and physical bytes and the compression ratio (weights + sketch, as the paper)."""
-        return memory(self.embedding_bag_configs(), self.plan, self.groups.values(), self.plain_rows())
+        return memory(self.embedding_bag_configs(), self.plan, group_remaps(self.groups).values(), self.plain_rows())
 
     def describe(self) -> str:
         """What the collection chose, one line per group and plain table."""

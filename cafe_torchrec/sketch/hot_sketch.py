@@ -45,6 +45,17 @@ class HotSketch(nn.Module):
     implement the semantics in ``torch_kernel``.
     """
 
+    slots: torch.Tensor
+    free_rows: torch.Tensor
+    free_count: torch.Tensor
+    total_score: torch.Tensor
+    seed: torch.Tensor
+    medium_level: torch.Tensor
+    decayed_occurrences: torch.Tensor
+    occurrences_since: torch.Tensor
+    row_marks: torch.Tensor
+    initialized: torch.Tensor
+
     def __init__(
         self,
         hot_capacity: int,
@@ -70,11 +81,12 @@ class HotSketch(nn.Module):
             raise ValueError("HotSketch needs a threshold, or an AdaptivePolicy")
         _check_config(hot_capacity, threshold, num_buckets, slots_per_bucket, medium_threshold, decay, decay_trigger, kernel)
         self.hot_capacity = hot_capacity
+        assert threshold is not None  # set above for both policies
         self.threshold = float(threshold)
         self.adaptive = adaptive
         self._has_medium = medium_threshold is not None or (adaptive is not None and adaptive.medium_share is not None)
         first_medium = medium_threshold if adaptive is None else (adaptive.medium_share or 1.0) * adaptive.entry_score
-        self._first_medium = float(first_medium) if self._has_medium else math.inf
+        self._first_medium = float(first_medium) if self._has_medium and first_medium is not None else math.inf
         self.decay = float(decay)
         self.slots_per_bucket = slots_per_bucket
         self.requested_kernel = kernel

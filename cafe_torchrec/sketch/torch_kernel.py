@@ -192,7 +192,7 @@ def lookup(state: SketchState, keys: torch.Tensor, regions: torch.Tensor, medium
     """Rows of each key (see types.Lookup; no hints); `counts` [T, 3] += lookups, hot and medium
     lookups per table slot. Without a medium threshold there is no level 2."""
     multi_level = medium_threshold is not None
-    hot_row, medium = query(state, keys, medium_threshold if multi_level else float("inf"))
+    hot_row, medium = query(state, keys, float("inf") if medium_threshold is None else medium_threshold)
     hot = hot_row >= 0
     primary = torch.where(hot, hot_row, hashed_rows(keys, regions, 1))
     level2 = hashed_rows(keys, regions, 2) if multi_level else keys.new_empty(0)
