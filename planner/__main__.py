@@ -112,6 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if budget is not None:
                     configs = planner.configure(tables)
                 else:
+                    assert ratio is not None  # without a budget every run has a ratio
                     configs = {t.name: CafeConfig(compression_ratio=ratio) for t in tables}
                 module = CafeEmbeddingBagCollection(tables, configs, device=torch.device("meta"))
                 planner.plan(module, [CafeEmbeddingBagCollectionSharder()])
@@ -120,7 +121,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return 2
             seconds = time.perf_counter() - t0
             report = planner.report()
-            label = f"{ratio:g}x" if ratio is not None else f"{planner.solution.effective_ratio():.4g}x (budget)"
+            solution = planner.solution
+            label = f"{ratio:g}x" if ratio is not None or solution is None else f"{solution.effective_ratio():.4g}x (budget)"
             if args.json:
                 out = report.to_dict()
                 out.update(seconds=seconds, requested_ratio=ratio, process_seconds=_process_age())

@@ -62,15 +62,16 @@ def measure(ids: int = 1 << 17, dim: int = 16, repeat: int = 7, vocab: int = 1 <
         gen = torch.Generator().manual_seed(0)
         setup = _Setup.build(ids, dim, vocab, gen)
         fwd, bwd = _cafe_costs(setup, repeat)
-        out: Dict[str, object] = dict(_sketch_costs(setup, repeat, gen))
+        costs: Dict[str, float] = dict(_sketch_costs(setup, repeat, gen))
         # never below the sketch call that the remap itself makes
-        out["remap_fwd_ns"] = max(fwd, float(out["sketch_query_ns"]))
-        out["remap_bwd_ns"] = max(bwd, float(out["sketch_insert_ns"]))
-        out["tbe_fwd_ns"], out["tbe_bwd_ns"] = _tbe_costs(setup, repeat, gen)
+        costs["remap_fwd_ns"] = max(fwd, costs["sketch_query_ns"])
+        costs["remap_bwd_ns"] = max(bwd, costs["sketch_insert_ns"])
+        costs["tbe_fwd_ns"], costs["tbe_bwd_ns"] = _tbe_costs(setup, repeat, gen)
     finally:
         torch.set_num_threads(threads)
-    out["fwd_overhead"] = float(out["remap_fwd_ns"]) / float(out["tbe_fwd_ns"])
-    out["bwd_overhead"] = float(out["remap_bwd_ns"]) / float(out["tbe_bwd_ns"])
+    costs["fwd_overhead"] = costs["remap_fwd_ns"] / costs["tbe_fwd_ns"]
+    costs["bwd_overhead"] = costs["remap_bwd_ns"] / costs["tbe_bwd_ns"]
+    out: Dict[str, object] = dict(costs)
     out["ids"], out["dim"], out["threads"] = setup.n, dim, 1
     out["machine"] = describe_machine()
     out["torch"] = torch.__version__
@@ -221,7 +222,7 @@ def main(argv: Optional[list] = None) -> int:
     record = measure(ids=args.ids, dim=args.dim, repeat=args.repeat)
     path = write(record, args.out)
     for key in ("sketch_query_ns", "sketch_insert_ns", "remap_fwd_ns", "remap_bwd_ns", "tbe_fwd_ns", "tbe_bwd_ns"):
-        print(f"{key:18s} {float(record[key]):8.1f} ns/id")
+        print(f"{key:18s} {record[key]:8.1f} ns/id")
     print(f"fwd_overhead {record['fwd_overhead']:.2f}x TBE, bwd_overhead {record['bwd_overhead']:.2f}x TBE")
     print(f"written to {path}")
     return 0

@@ -48,6 +48,7 @@ def rank_caps(budget: Budget, world_size: int) -> List[int]:
         if len(budget) != world_size:
             raise ValueError(f"{len(budget)} per-rank caps for a world size of {world_size}")
         return [parse_bytes(b) for b in budget]
+    assert isinstance(budget, (int, float, str))
     total = parse_bytes(budget)
     return [total // world_size + (1 if r < total % world_size else 0) for r in range(world_size)]
 

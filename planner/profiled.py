@@ -125,7 +125,9 @@ def solve_profiled(problem: BudgetProblem, ratio_u: float, curves: Mapping[str, 
         best, over = bisect(frozen)
         if best is None:
             break
-        jumping = [t.name for t in tables if over is not None and over[t.name] != best[0][t.name] and t.name not in frozen]
+        if over is None:
+            break
+        jumping = [t.name for t in tables if over[t.name] != best[0][t.name] and t.name not in frozen]
         for name in jumping:
             got = evaluate({**best[0], name: over[name]})
             if got is not None:

@@ -123,10 +123,10 @@ class PlanReport:
 
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)
-        for r, row in zip(out["ranks"], self.ranks):
-            r["state_bytes"] = row.state_bytes
-        for t, row in zip(out["tables"], self.tables):
-            t["state_bytes"] = row.state_bytes
+        for r, rank_row in zip(out["ranks"], self.ranks):
+            r["state_bytes"] = rank_row.state_bytes
+        for t, table_row in zip(out["tables"], self.tables):
+            t["state_bytes"] = table_row.state_bytes
         out["balance"] = self.balance()
         out["total_state_bytes"] = self.total_state_bytes()
         return out
@@ -144,9 +144,9 @@ def human_bytes(n: Optional[float]) -> str:
     return f"{int(n)} B"
 
 
-def grid_lines(headers: Sequence[str], rows: List[Sequence[str]], left: Sequence[int] = (0,)) -> List[str]:
+def grid_lines(headers: Sequence[str], rows: Sequence[Sequence[str]], left: Sequence[int] = (0,)) -> List[str]:
     """A plain-text table: headers, a rule, one line per row; columns in `left` left-aligned, others right."""
-    widths = [max(len(str(r[i])) for r in [headers] + rows) for i in range(len(headers))]
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
 
     def line(r: Sequence[str]) -> str:
         return "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()

@@ -102,7 +102,7 @@ class BudgetSolution:
         budget = f"{self.used:,} of {self.budget:,} bytes ({100 * self.usage:.1f}%)" if self.budget else f"{self.used:,} bytes"
         lines = [f"{self.method} split: {budget}, overall ratio {self.effective_ratio():.1f}x, "
                  f"optimizer {self.optimizer}, world size {self.world_size}"]
-        caps = self.caps or [None] * self.world_size
+        caps: Sequence[Optional[int]] = self.caps or [None] * self.world_size
         for rank, (b, c) in enumerate(zip(self.rank_bytes, caps)):
             cap = f" / {c:,}" if c is not None else ""
             lines.append(f"  rank {rank}: {b:,}{cap} bytes: {', '.join(self.assignment.rank_tables[rank])}")
@@ -171,8 +171,9 @@ def bisect_ratio(problem: BudgetProblem, max_ratio: float) -> Tuple[float, CafeP
     if best is None:
         raise problem.infeasible(uniform_configs(problem, max_ratio), f"even at the highest ratio tried ({max_ratio:g}x)")
     # log(ratio): 0 (ratio 1) does not fit, log(max_ratio) fits
-    hi, best = bisect_log(attempt, 0.0, math.log(max_ratio), best, 1e-5)
-    return math.exp(hi), best[0], best[1]
+    hi, fits = bisect_log(attempt, 0.0, math.log(max_ratio), best, 1e-5)
+    assert fits is not None  # bisect_log keeps the last plan that fits, and max_ratio fits
+    return math.exp(hi), fits[0], fits[1]
 
 
 def estimate_coverage(plan: Union[CafePlan, BudgetSolution], tables: Sequence[EmbeddingBagConfig],

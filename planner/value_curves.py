@@ -74,8 +74,8 @@ def value_curves(tables: Sequence[EmbeddingBagConfig], profile: Mapping[str, tor
     per_feature = float(np.mean(known)) if known else 1.0
     curves = {}
     for t in tables:
-        ids = [torch.as_tensor(profile[f]).reshape(-1).to(torch.int64) for f in t.feature_names if f in profile]
-        ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64)
+        pieces = [torch.as_tensor(profile[f]).reshape(-1).to(torch.int64) for f in t.feature_names if f in profile]
+        ids = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
         n = ids.numel()
         mass = n / per_feature if n else float(len(t.feature_names))  # occurrences per sample, relative
         rows = t.num_embeddings
