@@ -2,6 +2,7 @@
 physical rows, at world size 1, 2 and 4 (gloo, CPU), measured side by side in one run.
 
     python -m benchmarks.throughput [--batch 4096] [--steps 5] [--rounds 9] [--worlds 1 2 4]
+    python -m benchmarks.throughput --profile     # where CAFE's extra time goes, world size 1
 
 Both sides get the same DLRM-sized input (26 features, Zipf 1.05 ids over the Criteo Kaggle
 cardinalities) and the same fused row-wise Adagrad; the stock side looks up id mod rows in a
@@ -9,11 +10,19 @@ table shaped exactly like CAFE's physical table, so the ratio is CAFE's own over
 (pre-hash, remap, sketch, migration). Each rank builds both models and times them in
 alternating blocks; the table gives the median per-round ratio (and its range), which moves far
 less than the absolute samples/s on a shared machine.
+
+`--profile` runs one rank with every piece of work on the caller's thread
+(CAFE_SKETCH_THREAD=0) under torch.profiler and splits a step's CPU time: the CAFE ops
+(pre-hash, lookup, importance, insert, rebalance), CAFE's profiler ranges (`## cafe: ... ##`,
+their Python and tensor work around the ops), the TBE kernels, and what is left; stock's step
+beside it. With the sketch thread on (the default), importance, insert and rebalance overlap
+the TBE backward where a core is free.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Dict, List, Tuple
@@ -104,6 +113,46 @@ def paired_rates(rank: int, world: int, ratio: float, batch: int, steps: int, ro
     return rates
 
 
+CAFE_OPS = ("cafe::make_keys", "cafe::remap_lookup", "cafe::occurrence_scores", "cafe::sketch_insert",
+            "cafe::sketch_rebalance")
+CAFE_RANGES = ("## cafe: input check and pre-hash ##", "## cafe: remap ##", "## cafe: importance and sketch insert ##",
+               "## cafe: migration ##")
+
+
+def profile_phases(rank: int, world: int, ratio: float, batch: int, steps: int, sharding: str) -> List[list]:
+    """Per step CPU ms of stock and CAFE, and CAFE's parts (see the module docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    models = {m: build(world, m, ratio, sharding) for m in ("stock", "cafe")}
+    cafe = models["cafe"][1]
+    batches = criteo_batches(batch, 2 * steps, seed=rank)
+    inputs = {"cafe": batches,
+              "stock": [KeyedJaggedTensor.from_lengths_sync(keys=cafe.feature_map.inner, values=_stock_ids(b, cafe),
+                                                            lengths=b.lengths()) for b in batches]}
+    probe = torch.randn(batch, 26 * 16)
+    totals, events = {}, {}
+    for method, (dmp, _) in models.items():
+        for kjt in inputs[method][:steps]:  # warm-up
+            (dmp(kjt).values() * probe).sum().backward()
+        start = time.thread_time()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for kjt in inputs[method][steps:]:
+                (dmp(kjt).values() * probe).sum().backward()
+        totals[method] = (time.thread_time() - start) / steps * 1e3
+        events[method] = {e.key: e for e in prof.key_averages()}
+    ms = {k: e.self_cpu_time_total / steps / 1e3 for k, e in events["cafe"].items()}
+    rows = [["stock step", totals["stock"]], ["CAFE step", totals["cafe"]],
+            ["CAFE - stock", totals["cafe"] - totals["stock"]]]
+    for op in CAFE_OPS:
+        rows.append([f"  {op}", ms.get(op, 0.0)])
+    for label in CAFE_RANGES:
+        event = events["cafe"].get(label)
+        total = event.cpu_time_total / steps / 1e3 if event is not None else 0.0
+        rows.append([f"  {label} (total, ops included)", total])
+    rows.append(["CAFE / stock (CPU time)", totals["stock"] / totals["cafe"]])
+    return rows
+
+
 def _stock_ids(kjt: KeyedJaggedTensor, cafe: CafeEmbeddingBagCollection) -> torch.Tensor:
     """id mod rows of each feature's physical table (the hashing the stock table stands for)."""
     prepared = cafe.feature_map.prepare(kjt)
@@ -125,7 +174,16 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=1000.0)
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--sharding", choices=["table_wise", "row_wise"], default="row_wise")
+    parser.add_argument("--profile", action="store_true", help="split a world-size-1 step's CPU time instead")
     args = parser.parse_args()
+    if args.profile:
+        os.environ["CAFE_SKETCH_THREAD"] = "0"  # every piece of work on the thread the profile sees
+        print(f"machine: {machine()}")
+        print(f"one rank, 26 Criteo Kaggle features, {args.batch} samples/step, {args.ratio:g}x, {args.sharding}, "
+              f"{args.steps * 4} profiled steps, all work on one thread")
+        rows = run_ranks(profile_phases, 1, args.ratio, args.batch, args.steps * 4, args.sharding)[0]
+        print(table(["per step", "CPU ms"], rows))
+        return
     print(f"machine: {machine()}")
     print(f"26 Criteo Kaggle features, {args.batch} samples/rank/step, {args.ratio:g}x, {args.sharding}, fused row-wise Adagrad\n")
     rows = []

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from cafe_torchrec._torchrec_compat import queue_end_of_backward
 from cafe_torchrec.importance import occurrence_scores
@@ -56,9 +57,10 @@ def wait_for_sketch_update(group: CafeGroupRemap) -> None:
 
 
 def _score_and_record(group: CafeGroupRemap, batch: GroupBatch, grad: torch.Tensor) -> InsertResult:
-    scores = occurrence_scores(grad, batch.columns, batch.lengths, batch.num_features, batch.weights,
-                               group.layout.config.importance, group.kernel)
-    return group.record(batch.keys, scores, batch.hints)
+    with record_function("## cafe: importance and sketch insert ##"):
+        scores = occurrence_scores(grad, batch.columns, batch.lengths, batch.num_features, batch.weights,
+                                   group.layout.config.importance, group.kernel)
+        return group.record(batch.keys, scores, batch.hints)
 
 
 def _start_update(group: CafeGroupRemap, batch: GroupBatch, grad: torch.Tensor,
@@ -89,7 +91,8 @@ def importance_hook(
             for group, done in started:
                 if _pending.get(group) is done:
                     del _pending[group]
-            migrate([(group, done.result()) for group, done in started], physical())
+            with record_function("## cafe: migration ##"):
+                migrate([(group, done.result()) for group, done in started], physical())
 
         queue_end_of_backward(finish)
 

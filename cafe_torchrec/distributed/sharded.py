@@ -20,6 +20,7 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
+from torch.autograd.profiler import record_function
 from torchrec.distributed.embedding_sharding import EmbeddingSharding
 from torchrec.distributed.embedding_types import KJTList, ShardedEmbeddingModule
 from torchrec.distributed.embeddingbag import (
@@ -110,9 +111,10 @@ class ShardedCafeEmbeddingBagCollection(
         return CafeContext()
 
     def input_dist(self, ctx: CafeContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
-        features = checked_input(features, self.feature_map.logical, self._is_weighted)
-        ctx.logical_lengths = self.feature_map.output.bag_lengths(features)
-        prepared = self.feature_map.prepare(features)
+        with record_function("## cafe: input check and pre-hash ##"):
+            features = checked_input(features, self.feature_map.logical, self._is_weighted)
+            ctx.logical_lengths = self.feature_map.output.bag_lengths(features)
+            prepared = self.feature_map.prepare(features)
         if not self._input_dists_ready:
             self._create_input_dists(prepared.keys())
         return self.physical.input_dist(ctx, prepared)
@@ -121,10 +123,11 @@ class ShardedCafeEmbeddingBagCollection(
         training = self.training and torch.is_grad_enabled()
         groups = group_remaps(self.groups)
         remapped, per_sharding = [], []
-        for kjt in dist_input:
-            kjt_out, batches = remap_kjt(kjt, self.feature_map, groups, self._plain_offsets, training)
-            remapped.append(kjt_out)
-            per_sharding.append(batches)
+        with record_function("## cafe: remap ##"):
+            for kjt in dist_input:
+                kjt_out, batches = remap_kjt(kjt, self.feature_map, groups, self._plain_offsets, training)
+                remapped.append(kjt_out)
+                per_sharding.append(batches)
         outputs = self.physical.compute(ctx, KJTList(remapped))
         for output, batches in zip(outputs, per_sharding):
             if batches and output.requires_grad:
