@@ -25,7 +25,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--over-arch", default="64,32,1", help="over arch layer sizes, comma separated (last: 1)")
     g.add_argument("--dcn-num-layers", type=int, default=2)
     g.add_argument("--dcn-low-rank-dim", type=int, default=32)
-    g.add_argument("--cafe-threshold", type=float, default=None, help="CAFE hot threshold (default: per ratio)")
+    g.add_argument("--cafe-threshold", type=float, default=None,
+                   help="CAFE hot threshold of the paper's fixed policy (with --cafe-option policy=paper; "
+                        "the default adaptive policy has none)")
     g.add_argument("--cafe-hot-share", type=float, default=None, help="CAFE hot memory share (default: per ratio)")
     g.add_argument("--cafe-importance", choices=("gradient", "frequency"), default=None,
                    help="CAFE importance score (default: CafeConfig's, gradient)")
