@@ -198,18 +198,26 @@ def snapshot(commit: str) -> Tuple[Path, str]:
     (the Criteo sample, the official artifact) resolve as in the checkout; returns (root, sha).
 
     Why: other work edits the checkout while a suite runs for an hour; a snapshot keeps every run
-    of one suite on one commit."""
+    of one suite on one commit. One fixed folder per commit, kept for the next suite: the JIT build
+    of the C++ ops is keyed by its sources' paths too, so a new folder would rebuild them."""
     sha = subprocess.run(["git", "rev-parse", "--short", commit], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout.strip()
-    base = Path(tempfile.mkdtemp(prefix=f"suite-{sha}-"))
-    (base / "shared").symlink_to(REPO.parent / "shared")
+    base = Path(tempfile.gettempdir()) / f"cafe-suite-{sha}"
     root = base / "repo"
-    root.mkdir()
+    if root.is_dir():
+        return root, sha
+    staging = Path(tempfile.mkdtemp(prefix=f"cafe-suite-{sha}-"))
+    (staging / "shared").symlink_to(REPO.parent / "shared")
+    (staging / "repo").mkdir()
     archive = subprocess.run(["git", "archive", "--format=tar", sha], cwd=REPO, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    subprocess.run(["tar", "-x", "-C", str(staging / "repo")], input=archive, check=True)
     # planner/ imports as cafe_planner through the editable install, which points at the checkout: a link
     # in the snapshot's root (first on sys.path with -m) makes the snapshot's own planner win
-    (root / "cafe_planner").symlink_to("planner")
+    (staging / "repo" / "cafe_planner").symlink_to("planner")
+    try:
+        os.rename(staging, base)  # atomic: a concurrent suite either sees the whole snapshot or makes its own
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
     return root, sha
 
 
@@ -569,11 +577,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             print(f"{spec.name}: skipped, {spec.criteo_path} not found")
             specs.remove(spec)
     repo, commit = snapshot(args.snapshot) if args.snapshot else (REPO, "working tree")
-    try:
-        return run_suite(args, methods, specs, ratios, seeds, repo, commit, start)
-    finally:
-        if args.snapshot:
-            shutil.rmtree(repo.parent, ignore_errors=True)
+    return run_suite(args, methods, specs, ratios, seeds, repo, commit, start)
 
 
 def run_suite(args: argparse.Namespace, methods: List[str], specs: List[StreamSpec], ratios: List[float],
