@@ -211,5 +211,5 @@ def module_with_children(root: nn.Module, replacements: Dict[str, nn.Module]) ->
         head, _, rest = path.partition(".")
         children.setdefault(head, {})[rest] = module
     for name, below in children.items():
-        clone._modules[name] = module_with_children(root._modules[name], below)
+        clone._modules[name] = module_with_children(root.get_submodule(name), below)
     return clone

@@ -105,7 +105,9 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
         TorchRec's quantized collection as `dtype` (torch.float32, float16, int8, quint4x2)."""
         from cafe_torchrec.inference import freeze
 
-        return freeze(self, dtype)
+        frozen = freeze(self, dtype)
+        assert frozen is not None  # only a sharded collection freezes to None (on ranks other than 0)
+        return frozen
 
 
 def refuse_foreign_state(module: nn.Module, state_dict: Dict[str, object], prefix: str, *_: object) -> None:

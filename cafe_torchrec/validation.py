@@ -78,7 +78,8 @@ def check_features(features: KeyedJaggedTensor, expected: List[str], weighted: b
     if _exporting():
         return
     if lengths.numel() > 0 and bool((lengths < 0).any()):
-        raise ValueError(f"feature '{keys[_key_of_bag(features, int((lengths < 0).nonzero()[0]))]}' has negative lengths")
+        key = keys[_key_of_bag(features, int((lengths < 0).nonzero()[0]))]
+        raise ValueError(f"feature '{key}' has negative lengths")
     if int(lengths.sum()) != values.numel():
         raise ValueError(f"lengths sum to {int(lengths.sum())} but there are {values.numel()} ids (features {keys})")
 

@@ -36,25 +36,37 @@ GROUP = "cafe_dim8"
 
 def tables(pooling: PoolingType = PoolingType.SUM) -> List[EmbeddingBagConfig]:
     """Two compressed tables (one with two features) and one plain table of 10 rows."""
-    return [EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=6000, feature_names=["f0", "f1"], pooling=pooling),
-            EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=4000, feature_names=["f2"], pooling=pooling),
-            EmbeddingBagConfig(name="t2", embedding_dim=8, num_embeddings=10, feature_names=["f3"], pooling=pooling)]
+    return [
+        EmbeddingBagConfig(
+            name="t0", embedding_dim=8, num_embeddings=6000, feature_names=["f0", "f1"], pooling=pooling
+        ),
+        EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=4000, feature_names=["f2"], pooling=pooling),
+        EmbeddingBagConfig(name="t2", embedding_dim=8, num_embeddings=10, feature_names=["f3"], pooling=pooling),
+    ]
 
 
 def batch(gen: torch.Generator, size: int = 24, weighted: bool = False) -> KeyedJaggedTensor:
     kjt = zipf_kjt(FEATURES, size, 400, gen, max_len=3)
     if not weighted:
         return kjt
-    return KeyedJaggedTensor(keys=FEATURES, values=kjt.values(), lengths=kjt.lengths(),
-                             weights=torch.rand(kjt.values().numel(), generator=gen) + 0.5)
+    return KeyedJaggedTensor(
+        keys=FEATURES,
+        values=kjt.values(),
+        lengths=kjt.lengths(),
+        weights=torch.rand(kjt.values().numel(), generator=gen) + 0.5,
+    )
 
 
-def trained(multi_level: bool = False, pooling: PoolingType = PoolingType.SUM, weighted: bool = False,
-            steps: int = 8) -> CafeEmbeddingBagCollection:
+def trained(
+    multi_level: bool = False, pooling: PoolingType = PoolingType.SUM, weighted: bool = False, steps: int = 8
+) -> CafeEmbeddingBagCollection:
     """A small collection after a few SGD steps on Zipf ids: hot rows taken, medium ids when multi-level."""
     torch.manual_seed(0)
-    ebc = CafeEmbeddingBagCollection(tables(pooling), CafeConfig(compression_ratio=20, policy="paper", threshold=3.0,
-                                                                 seed=5, multi_level=multi_level), is_weighted=weighted)
+    ebc = CafeEmbeddingBagCollection(
+        tables(pooling),
+        CafeConfig(compression_ratio=20, policy="paper", threshold=3.0, seed=5, multi_level=multi_level),
+        is_weighted=weighted,
+    )
     _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.1})
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -80,21 +92,41 @@ def variants(kjt: KeyedJaggedTensor, gen: torch.Generator) -> Dict[str, KeyedJag
     """The same batch as int32, with the keys permuted, and a VBE batch."""
     order = [2, 0, 3, 1]
     permuted = kjt.permute(order)
-    narrow = KeyedJaggedTensor(keys=FEATURES, values=kjt.values().int(), lengths=kjt.lengths().int(),
-                               weights=kjt.weights_or_none())
+    narrow = KeyedJaggedTensor(
+        keys=FEATURES, values=kjt.values().int(), lengths=kjt.lengths().int(), weights=kjt.weights_or_none()
+    )
     strides = [3, 5, 2, 4]
     lengths = torch.randint(0, 3, (sum(strides),), generator=gen)
     values = torch.randint(-5, 900, (int(lengths.sum()),), generator=gen)
     inverse = torch.stack([torch.randint(0, s, (6,), generator=gen) for s in strides])
     weights = torch.rand(values.numel(), generator=gen) if kjt.weights_or_none() is not None else None
-    vbe = KeyedJaggedTensor(keys=FEATURES, values=values, lengths=lengths, weights=weights,
-                            stride_per_key_per_rank=[[s] for s in strides], inverse_indices=(FEATURES, inverse))
-    return {"plain": kjt, "permuted": permuted, "int32": narrow, "vbe": vbe}
+    vbe = KeyedJaggedTensor(
+        keys=FEATURES,
+        values=values,
+        lengths=lengths,
+        weights=weights,
+        stride_per_key_per_rank=[[s] for s in strides],
+        inverse_indices=(FEATURES, inverse),
+    )
+    no_ids = KeyedJaggedTensor(
+        keys=FEATURES,
+        values=torch.zeros(0, dtype=torch.int64),
+        lengths=torch.zeros(8, dtype=torch.int64),
+        weights=torch.zeros(0) if kjt.weights_or_none() is not None else None,
+    )
+    return {"plain": kjt, "permuted": permuted, "int32": narrow, "vbe": vbe, "no ids": no_ids}
 
 
-@pytest.mark.parametrize("multi_level,pooling,weighted", [
-    (False, PoolingType.SUM, False), (True, PoolingType.SUM, False), (True, PoolingType.MEAN, False),
-    (False, PoolingType.SUM, True), (True, PoolingType.SUM, True)])
+@pytest.mark.parametrize(
+    "multi_level,pooling,weighted",
+    [
+        (False, PoolingType.SUM, False),
+        (True, PoolingType.SUM, False),
+        (True, PoolingType.MEAN, False),
+        (False, PoolingType.SUM, True),
+        (True, PoolingType.SUM, True),
+    ],
+)
 def test_frozen_fp32_equals_the_eval_forward(multi_level: bool, pooling: PoolingType, weighted: bool) -> None:
     ebc = trained(multi_level, pooling, weighted)
     frozen = freeze(ebc)
@@ -109,7 +141,9 @@ def test_frozen_fp32_equals_the_eval_forward(multi_level: bool, pooling: Pooling
 
 def test_frozen_refuses_what_training_refuses() -> None:
     frozen = freeze(trained())
-    bad = KeyedJaggedTensor(keys=["f0", "f1", "f2"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 0, 1, 0, 0, 0]))
+    bad = KeyedJaggedTensor(
+        keys=["f0", "f1", "f2"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 0, 1, 0, 0, 0])
+    )
     with pytest.raises(ValueError, match="lacks features"):
         frozen(bad)
     with pytest.raises(ValueError, match="negative lengths"):
@@ -143,18 +177,25 @@ class TinyModel(nn.Module):
 
 def test_torchrec_serving_recipe_quantize_fx_script_export() -> None:
     torch.manual_seed(0)
-    stock = EmbeddingBagCollection([EmbeddingBagConfig(name="s0", embedding_dim=8, num_embeddings=50,
-                                                       feature_names=["g0", "g1"])])
+    stock = EmbeddingBagCollection(
+        [EmbeddingBagConfig(name="s0", embedding_dim=8, num_embeddings=50, feature_names=["g0", "g1"])]
+    )
     model = TinyModel(trained(multi_level=True), stock).eval()
     gen = torch.Generator().manual_seed(4)
     kjt = batch(gen, 16)
-    other = KeyedJaggedTensor(keys=["g0", "g1"], values=torch.randint(0, 50, (40,), generator=gen),
-                              lengths=torch.full((32,), 1).index_fill_(0, torch.tensor([0, 9]), 5))
+    other = KeyedJaggedTensor(
+        keys=["g0", "g1"],
+        values=torch.randint(0, 50, (40,), generator=gen),
+        lengths=torch.full((32,), 1).index_fill_(0, torch.tensor([0, 9]), 5),
+    )
     with torch.no_grad():
         expected = model(kjt, other)
     served_model = quantize_inference_model(model, torch.int8)
     assert isinstance(served_model.cafe, FrozenCafeEmbeddingBagCollection)
-    assert type(served_model.stock).__name__ == "QuantizedEmbeddingBagCollection" or "quant" in type(served_model.stock).__module__
+    assert (
+        type(served_model.stock).__name__ == "QuantizedEmbeddingBagCollection"
+        or "quant" in type(served_model.stock).__module__
+    )
     eager = served_model(kjt, other)
     torch.testing.assert_close(eager, expected, atol=0.02, rtol=0.05)
     traced = torchrec.fx.symbolic_trace(served_model)
@@ -185,14 +226,18 @@ def test_export_to_a_plain_collection_gives_each_id_its_cafe_row(multi_level: bo
     stock = to_embedding_bag_collection(ebc)
     kjt = batch(torch.Generator().manual_seed(6))  # ids in [0, 400): within every table but the plain one
     plain = kjt["f3"].values() % 10
-    kjt = KeyedJaggedTensor(keys=FEATURES, values=torch.cat([kjt.values()[: -plain.numel()], plain]), lengths=kjt.lengths())
+    kjt = KeyedJaggedTensor(
+        keys=FEATURES, values=torch.cat([kjt.values()[: -plain.numel()], plain]), lengths=kjt.lengths()
+    )
     torch.testing.assert_close(stock(kjt).values(), served(ebc, kjt), rtol=1e-6, atol=1e-6)
     raw = {"t0": torch.tensor([-7, 10**12, 3]), "t1": torch.tensor([5])}
     listed = to_embedding_bag_collection(ebc, raw)
-    positions = KeyedJaggedTensor(keys=FEATURES, values=torch.tensor([0, 1, 2, 0, 0, 0]),
-                                  lengths=torch.tensor([1, 1, 1, 1, 0, 1, 0, 1]))
-    ids = KeyedJaggedTensor(keys=FEATURES, values=torch.tensor([-7, 10**12, 3, -7, 5, 0]),
-                            lengths=torch.tensor([1, 1, 1, 1, 0, 1, 0, 1]))
+    positions = KeyedJaggedTensor(
+        keys=FEATURES, values=torch.tensor([0, 1, 2, 0, 0, 0]), lengths=torch.tensor([1, 1, 1, 1, 0, 1, 0, 1])
+    )
+    ids = KeyedJaggedTensor(
+        keys=FEATURES, values=torch.tensor([-7, 10**12, 3, -7, 5, 0]), lengths=torch.tensor([1, 1, 1, 1, 0, 1, 0, 1])
+    )
     torch.testing.assert_close(listed(positions).values(), served(ebc, ids), rtol=1e-6, atol=1e-6)
 
 
@@ -216,9 +261,17 @@ def test_warm_start_from_a_stock_state_dict() -> None:
         is_hot = remap.lookup(keys, count=False).primary < layout.hot_rows
         rows = remap.hashed_rows(keys, 1)
         probe = torch.tensor([int(hot[name][0]), int((~is_hot).nonzero()[0]), int((~is_hot).nonzero()[5])])
-        kjt = KeyedJaggedTensor(keys=FEATURES, values=probe, stride=3,
-                                lengths=torch.cat([torch.ones(3, dtype=torch.int64) if f == feature
-                                                   else torch.zeros(3, dtype=torch.int64) for f in FEATURES]))
+        kjt = KeyedJaggedTensor(
+            keys=FEATURES,
+            values=probe,
+            stride=3,
+            lengths=torch.cat(
+                [
+                    torch.ones(3, dtype=torch.int64) if f == feature else torch.zeros(3, dtype=torch.int64)
+                    for f in FEATURES
+                ]
+            ),
+        )
         out = served(ebc, kjt).view(3, 4, 8)[:, FEATURES.index(feature)]
         assert bool(is_hot[probe[0]]) and torch.equal(out[0], weight[probe[0]])
         for j in (1, 2):
@@ -248,8 +301,9 @@ def _sharded_freeze(rank: int, world: int) -> Dict[str, object]:
     out: Dict[str, object] = {}
     for sharding_type in ("row_wise", "table_wise"):
         torch.manual_seed(0)
-        ebc = CafeEmbeddingBagCollection(tables(), CafeConfig(compression_ratio=20, policy="paper", threshold=3.0,
-                                                              seed=5, multi_level=True))
+        ebc = CafeEmbeddingBagCollection(
+            tables(), CafeConfig(compression_ratio=20, policy="paper", threshold=3.0, seed=5, multi_level=True)
+        )
         _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.1})
         dmp, _, _ = shard(ebc, sharding_type, world)
         gen = torch.Generator().manual_seed(10 + rank)
@@ -277,5 +331,7 @@ def test_freeze_a_dmp_sharded_collection_on_two_ranks() -> None:
         for rank in range(2):
             local = results[rank][sharding_type]["local"]
             # row-wise pools each rank's rows apart and sums the partial bags: equal up to float order
-            torch.testing.assert_close(rank0["frozen"][rank], local, rtol=1e-5, atol=1e-6, msg=f"{sharding_type} {rank}")
+            torch.testing.assert_close(
+                rank0["frozen"][rank], local, rtol=1e-5, atol=1e-6, msg=f"{sharding_type} {rank}"
+            )
             assert torch.equal(rank0["model"][rank], rank0["frozen"][rank])

@@ -15,5 +15,13 @@ from cafe_torchrec.inference.freeze import SERVING_DTYPES, freeze, served_dtype
 from cafe_torchrec.inference.frozen import FrozenCafeEmbeddingBagCollection
 from cafe_torchrec.inference.recipe import quantize_inference_model
 
-__all__ = ["FrozenCafeEmbeddingBagCollection", "SERVING_DTYPES", "freeze", "frequent_ids", "quantize_inference_model",
-           "served_dtype", "to_embedding_bag_collection", "warm_start"]
+__all__ = [
+    "FrozenCafeEmbeddingBagCollection",
+    "SERVING_DTYPES",
+    "freeze",
+    "frequent_ids",
+    "quantize_inference_model",
+    "served_dtype",
+    "to_embedding_bag_collection",
+    "warm_start",
+]

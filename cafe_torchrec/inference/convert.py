@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -21,17 +21,20 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cafe_torchrec.hashing import make_keys
+from cafe_torchrec.inference.frozen import FrozenCafeEmbeddingBagCollection
 from cafe_torchrec.layout import GroupLayout
 from cafe_torchrec.modules import CafeEmbeddingBagCollection
-from cafe_torchrec.remap import CafeGroupRemap
+from cafe_torchrec.remap import CafeGroupRemap, group_remaps
 
 CHUNK = 1 << 16  # ids per forward or hashing pass, so memory stays bounded for large tables
 SEED_ROUNDS = 4  # insert rounds a warm start gives ids that lose their sketch slot to a bucket neighbour
 
 
 @torch.no_grad()
-def to_embedding_bag_collection(collection: nn.Module, ids: Optional[Mapping[str, torch.Tensor]] = None
-                                ) -> EmbeddingBagCollection:
+def to_embedding_bag_collection(
+    collection: Union[CafeEmbeddingBagCollection, FrozenCafeEmbeddingBagCollection],
+    ids: Optional[Mapping[str, torch.Tensor]] = None,
+) -> EmbeddingBagCollection:
     """A stock EmbeddingBagCollection (FP32, same table names, features and pooling) whose
     table t has one row per id of ids[t] (default: every id in [0, num_embeddings)), holding
     what `collection` (a CafeEmbeddingBagCollection or its frozen form) gives that id now."""
@@ -42,12 +45,26 @@ def to_embedding_bag_collection(collection: nn.Module, ids: Optional[Mapping[str
     tables, weights = [], {}
     try:
         for config in configs:
-            table_ids = ids[config.name] if ids is not None and config.name in ids else torch.arange(config.num_embeddings)
-            weights[config.name] = _rows_of(collection, features, config.feature_names[0], table_ids.to(torch.int64),
-                                            config.embedding_dim, collection.is_weighted())
-            tables.append(EmbeddingBagConfig(name=config.name, embedding_dim=config.embedding_dim,
-                                             num_embeddings=max(1, table_ids.numel()),
-                                             feature_names=list(config.feature_names), pooling=config.pooling))
+            table_ids = (
+                ids[config.name] if ids is not None and config.name in ids else torch.arange(config.num_embeddings)
+            )
+            weights[config.name] = _rows_of(
+                collection,
+                features,
+                config.feature_names[0],
+                table_ids.to(torch.int64),
+                config.embedding_dim,
+                collection.is_weighted(),
+            )
+            tables.append(
+                EmbeddingBagConfig(
+                    name=config.name,
+                    embedding_dim=config.embedding_dim,
+                    num_embeddings=max(1, table_ids.numel()),
+                    feature_names=list(config.feature_names),
+                    pooling=config.pooling,
+                )
+            )
     finally:
         collection.train(was_training)
     ebc = EmbeddingBagCollection(tables, is_weighted=collection.is_weighted(), device=torch.device("meta"))
@@ -56,21 +73,26 @@ def to_embedding_bag_collection(collection: nn.Module, ids: Optional[Mapping[str
     return ebc
 
 
-def _rows_of(collection: nn.Module, features: list, feature: str, ids: torch.Tensor, dim: int,
-             weighted: bool) -> torch.Tensor:
+def _rows_of(
+    collection: nn.Module, features: List[str], feature: str, ids: torch.Tensor, dim: int, weighted: bool
+) -> torch.Tensor:
     """The pooled output of one-id bags of `feature` (weight 1): each id's row, [len(ids), dim]."""
     rows = []
     for chunk in ids.split(CHUNK):
         n = chunk.numel()
-        lengths = torch.cat([torch.ones(n, dtype=torch.int64) if f == feature else torch.zeros(n, dtype=torch.int64)
-                             for f in features])
-        kjt = KeyedJaggedTensor(keys=features, values=chunk, lengths=lengths, stride=n,
-                                weights=torch.ones(n) if weighted else None)
+        lengths = torch.cat(
+            [torch.ones(n, dtype=torch.int64) if f == feature else torch.zeros(n, dtype=torch.int64) for f in features]
+        )
+        kjt = KeyedJaggedTensor(
+            keys=features, values=chunk, lengths=lengths, stride=n, weights=torch.ones(n) if weighted else None
+        )
         rows.append(collection(kjt)[feature].detach().float())
     return torch.cat(rows) if rows else torch.zeros(0, dim)
 
 
-def frequent_ids(batches: Iterable[KeyedJaggedTensor], collection: CafeEmbeddingBagCollection) -> Dict[str, torch.Tensor]:
+def frequent_ids(
+    batches: Iterable[KeyedJaggedTensor], collection: CafeEmbeddingBagCollection
+) -> Dict[str, torch.Tensor]:
     """The ids a warm start should make hot, measured on sample batches: per CAFE group, its
     hot-row capacity of the most frequent ids over its tables (ties by id), as {table: ids}."""
     counts: Dict[str, Dict[int, int]] = {}
@@ -83,16 +105,21 @@ def frequent_ids(batches: Iterable[KeyedJaggedTensor], collection: CafeEmbedding
                 table[i] = table.get(i, 0) + c
     out: Dict[str, torch.Tensor] = {}
     for layout in collection.plan.groups:
-        ranked = sorted(((c, -i, t.name) for t in layout.tables for i, c in counts.get(t.name, {}).items()),
-                        reverse=True)[: layout.hot_rows]
+        ranked = sorted(
+            ((c, -i, t.name) for t in layout.tables for i, c in counts.get(t.name, {}).items()), reverse=True
+        )[: layout.hot_rows]
         for t in layout.tables:
             out[t.name] = torch.tensor([-i for _, i, name in ranked if name == t.name], dtype=torch.int64)
     return out
 
 
 @torch.no_grad()
-def warm_start(collection: CafeEmbeddingBagCollection, state_dict: Mapping[str, torch.Tensor],
-               hot_ids: Mapping[str, torch.Tensor], prefix: str = "embedding_bags.") -> Dict[str, Dict[str, int]]:
+def warm_start(
+    collection: CafeEmbeddingBagCollection,
+    state_dict: Mapping[str, torch.Tensor],
+    hot_ids: Mapping[str, torch.Tensor],
+    prefix: str = "embedding_bags.",
+) -> Dict[str, Dict[str, int]]:
     """Initialise a fresh, unsharded CAFE collection from a stock EmbeddingBagCollection's
     state_dict (keys `{prefix}{table}.weight`, the logical tables): hot_ids[t] (ids of table t,
     e.g. from frequent_ids) get hot rows holding their stock rows, hashed rows the mean of the
@@ -106,14 +133,18 @@ def warm_start(collection: CafeEmbeddingBagCollection, state_dict: Mapping[str, 
         if name not in configs:
             raise ValueError(f"warm start: hot ids for {name!r}, which is not a table of this collection")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= configs[name].num_embeddings):
-            raise ValueError(f"warm start: hot ids of table {name!r} must lie in [0, {configs[name].num_embeddings}) "
-                             "(the stock rows they take)")
+            raise ValueError(
+                f"warm start: hot ids of table {name!r} must lie in [0, {configs[name].num_embeddings}) "
+                "(the stock rows they take)"
+            )
     for layout in collection.plan.groups:
         given = sum(hot_ids[t.name].numel() for t in layout.tables if t.name in hot_ids)
         if given > layout.hot_rows:
-            raise ValueError(f"warm start of CAFE group {layout.name!r}: {given} hot ids for {layout.hot_rows} hot rows")
+            raise ValueError(
+                f"warm start of CAFE group {layout.name!r}: {given} hot ids for {layout.hot_rows} hot rows"
+            )
     report = {}
-    for name, remap in collection.groups.items():
+    for name, remap in group_remaps(collection.groups).items():
         report[name] = _warm_group(collection, remap, stock, hot_ids)
     for plain in collection.plan.plain:
         collection.physical.embedding_bags[plain.config.name].weight.copy_(stock[plain.config.name])
@@ -123,23 +154,33 @@ def warm_start(collection: CafeEmbeddingBagCollection, state_dict: Mapping[str, 
 def _stock_weight(state_dict: Mapping[str, torch.Tensor], prefix: str, config: EmbeddingBagConfig) -> torch.Tensor:
     key = f"{prefix}{config.name}.weight"
     if key not in state_dict:
-        raise ValueError(f"warm start: the state dict has no {key!r} for table {config.name!r} "
-                         f"(its keys start {sorted(state_dict)[:4]})")
+        raise ValueError(
+            f"warm start: the state dict has no {key!r} for table {config.name!r} "
+            f"(its keys start {sorted(state_dict)[:4]})"
+        )
     weight = state_dict[key]
     if tuple(weight.shape) != (config.num_embeddings, config.embedding_dim):
-        raise ValueError(f"warm start: {key!r} is {tuple(weight.shape)}, table {config.name!r} is "
-                         f"({config.num_embeddings}, {config.embedding_dim})")
+        raise ValueError(
+            f"warm start: {key!r} is {tuple(weight.shape)}, table {config.name!r} is "
+            f"({config.num_embeddings}, {config.embedding_dim})"
+        )
     return weight.detach().float().cpu()
 
 
-def _warm_group(collection: CafeEmbeddingBagCollection, remap: CafeGroupRemap, stock: Dict[str, torch.Tensor],
-                hot_ids: Mapping[str, torch.Tensor]) -> Dict[str, int]:
+def _warm_group(
+    collection: CafeEmbeddingBagCollection,
+    remap: CafeGroupRemap,
+    stock: Dict[str, torch.Tensor],
+    hot_ids: Mapping[str, torch.Tensor],
+) -> Dict[str, int]:
     """Seed one group's sketch with its hot ids, then fill its physical table."""
     layout = remap.layout
     weight = collection.physical.embedding_bags[layout.name].weight
     salts = collection.feature_map.salts[layout.name]
-    ids = [hot_ids[t.name].to(torch.int64).cpu() if t.name in hot_ids else torch.zeros(0, dtype=torch.int64)
-           for t in layout.tables]
+    ids = [
+        hot_ids[t.name].to(torch.int64).cpu() if t.name in hot_ids else torch.zeros(0, dtype=torch.int64)
+        for t in layout.tables
+    ]
     slots = torch.cat([torch.full_like(i, s) for s, i in enumerate(ids)])
     rows = _seed_hot(remap, make_keys(torch.cat(ids), slots, salts).to(weight.device)).cpu()
     hot = rows >= 0
@@ -171,8 +212,9 @@ def _hot_rows(remap: CafeGroupRemap, keys: torch.Tensor) -> torch.Tensor:
     return torch.where(primary < remap.layout.hot_rows, primary, -1)
 
 
-def _mean_hashed_rows(remap: CafeGroupRemap, weight: torch.Tensor, stock: torch.Tensor, slot: int,
-                      salts: torch.Tensor, hot: torch.Tensor) -> None:
+def _mean_hashed_rows(
+    remap: CafeGroupRemap, weight: torch.Tensor, stock: torch.Tensor, slot: int, salts: torch.Tensor, hot: torch.Tensor
+) -> None:
     """Level-1 rows of table `slot` := the mean stock row of its non-hot ids; level-2 rows := 0."""
     layout: GroupLayout = remap.layout
     table = layout.tables[slot]

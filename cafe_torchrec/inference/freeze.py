@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.distributed as dist
@@ -22,11 +22,12 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
+from cafe_torchrec.distributed.sharded import ShardedCafeEmbeddingBagCollection
 from cafe_torchrec.hashing import KEY_SPACE, table_salts
 from cafe_torchrec.inference.frozen import ABSENT, MEDIUM, FrozenCafeEmbeddingBagCollection, salt_offsets
 from cafe_torchrec.layout import CafePlan, GroupLayout
 from cafe_torchrec.modules import CafeEmbeddingBagCollection
-from cafe_torchrec.remap import CafeGroupRemap
+from cafe_torchrec.remap import CafeGroupRemap, group_remaps
 
 # torch dtypes of the physical tables TorchRec's quantized collection (FBGEMM IntNBit TBE) serves
 SERVING_DTYPES = (torch.float32, torch.float16, torch.int8, torch.quint4x2)
@@ -57,8 +58,9 @@ def served_keys(remap: CafeGroupRemap) -> Tuple[torch.Tensor, torch.Tensor]:
     return held[keep].cpu(), torch.where(hot, lookup.primary, -1)[keep].cpu()
 
 
-def quantized_tables(plan: CafePlan, weights: Dict[str, torch.Tensor], is_weighted: bool, dtype: torch.dtype,
-                     zero_rows: bool) -> nn.Module:
+def quantized_tables(
+    plan: CafePlan, weights: Dict[str, torch.Tensor], is_weighted: bool, dtype: torch.dtype, zero_rows: bool
+) -> nn.Module:
     """TorchRec's QuantEmbeddingBagCollection (FBGEMM IntNBit TBE, row-wise quantized for INT8 and
     INT4) over the physical tables, from their FP32 weights, with an all-zero last row each
     when `zero_rows`; built by TorchRec's own from_float."""
@@ -69,15 +71,22 @@ def quantized_tables(plan: CafePlan, weights: Dict[str, torch.Tensor], is_weight
         if zero_rows:
             weight = torch.cat([weight, weight.new_zeros(1, weight.shape[1])])
         ebc.embedding_bags[c.name].weight = nn.Parameter(weight, requires_grad=False)
-    ebc.qconfig = QuantConfig(activation=torch.quantization.PlaceholderObserver.with_args(dtype=torch.float),
-                              weight=torch.quantization.PlaceholderObserver.with_args(dtype=dtype))
+    ebc.qconfig = QuantConfig(
+        activation=torch.quantization.PlaceholderObserver.with_args(dtype=torch.float),
+        weight=torch.quantization.PlaceholderObserver.with_args(dtype=dtype),
+    )
     quant_prep_customize_row_alignment(ebc, [EmbeddingBagCollection], ROW_ALIGNMENT)
     return QuantEmbeddingBagCollection.from_float(ebc)
 
 
-def build_frozen(tables: Sequence[EmbeddingBagConfig], plan: CafePlan, blocks: Dict[str, List[FrozenBlock]],
-                 weights: Dict[str, torch.Tensor], is_weighted: bool,
-                 dtype: torch.dtype) -> FrozenCafeEmbeddingBagCollection:
+def build_frozen(
+    tables: Sequence[EmbeddingBagConfig],
+    plan: CafePlan,
+    blocks: Dict[str, List[FrozenBlock]],
+    weights: Dict[str, torch.Tensor],
+    is_weighted: bool,
+    dtype: torch.dtype,
+) -> FrozenCafeEmbeddingBagCollection:
     """The frozen collection of a plan from its groups' blocks (in bucket order) and its
     physical tables' FP32 weights."""
     multi_level = any(g.config.multi_level for g in plan.groups)
@@ -99,24 +108,46 @@ def build_frozen(tables: Sequence[EmbeddingBagConfig], plan: CafePlan, blocks: D
         group_blocks = blocks[layout.name]
         base = len(regions)
         for b in group_blocks:
-            regions += [[o1 + b.first_row, t.level1_rows, o2 + b.first_row, max(t.level2_rows, 1)]
-                        for t, (o1, o2) in zip(b.layout.tables, b.layout.region_offsets())]
+            regions += [
+                [o1 + b.first_row, t.level1_rows, o2 + b.first_row, max(t.level2_rows, 1)]
+                for t, (o1, o2) in zip(b.layout.tables, b.layout.region_offsets())
+            ]
         keys.append(torch.cat([b.keys for b in group_blocks]))
         values.append(torch.cat([torch.where(b.rows >= 0, b.rows + b.first_row, MEDIUM) for b in group_blocks]))
         offsets = salt_offsets(table_salts(len(layout.tables), layout.config.seed)).tolist()
         for f in config.feature_names:
             slot = next(i for i, t in enumerate(layout.tables) if f in t.features)
             inner.append(f)
-            info.append([offsets[slot], slot, base + slot, len(layout.tables), block_size(len(group_blocks)),
-                         len(group_blocks) - 1, 0, zero_row])
+            info.append(
+                [
+                    offsets[slot],
+                    slot,
+                    base + slot,
+                    len(layout.tables),
+                    block_size(len(group_blocks)),
+                    len(group_blocks) - 1,
+                    0,
+                    zero_row,
+                ]
+            )
         bounds.append(len(inner))
     bounds.append(len(inner))
     hash_table, hash_offsets = _hash_map(keys, values)
     physical = quantized_tables(plan, weights, is_weighted, dtype, zero_rows=multi_level)
     multi_block = any(len(blocks[g.name]) > 1 for g in plan.groups)
     return FrozenCafeEmbeddingBagCollection(
-        tables, inner, torch.tensor(info, dtype=torch.int64), bounds, hash_table, hash_offsets,
-        torch.tensor(regions, dtype=torch.int64), physical, is_weighted, multi_level, multi_block)
+        tables,
+        inner,
+        torch.tensor(info, dtype=torch.int64),
+        bounds,
+        hash_table,
+        hash_offsets,
+        torch.tensor(regions, dtype=torch.int64),
+        physical,
+        is_weighted,
+        multi_level,
+        multi_block,
+    )
 
 
 def _hash_map(keys: List[torch.Tensor], values: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -129,8 +160,9 @@ def _hash_map(keys: List[torch.Tensor], values: List[torch.Tensor]) -> Tuple[tor
     counts = [k.numel() for k in keys] + [0]
     offsets = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int64)
     empty = torch.empty(0, dtype=torch.int64)
-    torch.ops.fbgemm.pruned_hashmap_insert(torch.cat(keys + [empty]), torch.cat(values + [empty]), offsets,
-                                           hash_table, hash_offsets)
+    torch.ops.fbgemm.pruned_hashmap_insert(
+        torch.cat(keys + [empty]), torch.cat(values + [empty]), offsets, hash_table, hash_offsets
+    )
     return hash_table, hash_offsets
 
 
@@ -139,8 +171,6 @@ def freeze(collection: nn.Module, dtype: torch.dtype = torch.float32) -> Optiona
     (torch.float32, float16, int8 or quint4x2 for INT4). A CafeEmbeddingBagCollection freezes
     here; a ShardedCafeEmbeddingBagCollection (inside DMP) freezes collectively: call it on
     every rank; rank 0 gets the module, the other ranks None."""
-    from cafe_torchrec.distributed.sharded import ShardedCafeEmbeddingBagCollection
-
     if dtype not in SERVING_DTYPES:
         raise ValueError(f"freeze: dtype {dtype} is not served; use one of {SERVING_DTYPES}")
     if isinstance(collection, CafeEmbeddingBagCollection):
@@ -152,21 +182,24 @@ def freeze(collection: nn.Module, dtype: torch.dtype = torch.float32) -> Optiona
 
 def _freeze_unsharded(collection: CafeEmbeddingBagCollection, dtype: torch.dtype) -> FrozenCafeEmbeddingBagCollection:
     blocks = {}
-    for name, remap in collection.groups.items():
+    for name, remap in group_remaps(collection.groups).items():
         keys, rows = served_keys(remap)
         blocks[name] = [FrozenBlock(0, remap.layout, keys, rows)]
-    weights = {name: bag.weight for name, bag in collection.physical.embedding_bags.items()}
-    return build_frozen(collection.embedding_bag_configs(), collection.plan, blocks, weights, collection.is_weighted(),
-                        dtype)
+    weights = {name: cast(torch.Tensor, bag.weight) for name, bag in collection.physical.embedding_bags.items()}
+    return build_frozen(
+        collection.embedding_bag_configs(), collection.plan, blocks, weights, collection.is_weighted(), dtype
+    )
 
 
-def _freeze_sharded(collection: nn.Module, dtype: torch.dtype) -> Optional[FrozenCafeEmbeddingBagCollection]:
+def _freeze_sharded(
+    collection: ShardedCafeEmbeddingBagCollection, dtype: torch.dtype
+) -> Optional[FrozenCafeEmbeddingBagCollection]:
     """Every rank's blocks and the full physical tables, gathered to rank 0."""
     rank = dist.get_rank()
-    plan: CafePlan = collection.plan
-    state = collection.physical.state_dict()
+    plan = collection.plan
+    state: Dict[str, Any] = collection.physical.state_dict()
     local: Dict[str, Tuple[int, torch.Tensor, torch.Tensor]] = {}
-    for name, remap in collection.groups.items():
+    for name, remap in group_remaps(collection.groups).items():
         shard = state[f"embedding_bags.{name}.weight"].local_shards()[0]
         keys, rows = served_keys(remap)
         local[name] = (shard.metadata.shard_offsets[0], keys, rows)
@@ -189,17 +222,13 @@ def _freeze_sharded(collection: nn.Module, dtype: torch.dtype) -> Optional[Froze
         for owner, rows in owners:
             first_row, keys, block_rows = per_rank[owner][layout.name]
             blocks[layout.name].append(FrozenBlock(first_row, layout.block(rows), keys, block_rows))
-    return build_frozen(collection.embedding_bag_configs(), plan, blocks, weights, _is_weighted(collection), dtype)
+    return build_frozen(collection.embedding_bag_configs(), plan, blocks, weights, bool(collection._is_weighted), dtype)
 
 
 def block_size(num_blocks: int) -> int:
     """Keys per row-wise block: TorchRec's block bucketization over KEY_SPACE (see
     distributed/sharded.py `_row_wise_dist`), ceil(KEY_SPACE / blocks)."""
     return (KEY_SPACE + num_blocks - 1) // num_blocks
-
-
-def _is_weighted(collection: nn.Module) -> bool:
-    return bool(getattr(collection, "_is_weighted"))
 
 
 def served_dtype(name: Union[str, torch.dtype]) -> torch.dtype:

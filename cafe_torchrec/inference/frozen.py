@@ -20,7 +20,7 @@ table (zero in every dtype), right after its first row as in training, so FP32 o
 equal the training module's bit for bit.
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, cast
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
@@ -31,7 +31,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from cafe_torchrec._torchrec_compat import add_meta_kernel
-from cafe_torchrec.hashing import LEVEL_MULTIPLIERS, SLOT_BITS, _GOLDEN, _M1, _M2, _POSITIVE
+from cafe_torchrec.hashing import _GOLDEN, _M1, _M2, _POSITIVE, LEVEL_MULTIPLIERS, SLOT_BITS
 from cafe_torchrec.output import mean_divided
 from cafe_torchrec.validation import checked_input
 
@@ -41,8 +41,9 @@ KEY_BITS = _POSITIVE & ~((1 << SLOT_BITS) - 1)  # a key's 48 hash bits: (mix64 >
 
 
 @torch.fx.wrap
-def serving_input(features: KeyedJaggedTensor, logical: List[str], inner: List[str],
-                  weighted: bool) -> KeyedJaggedTensor:
+def serving_input(
+    features: KeyedJaggedTensor, logical: List[str], inner: List[str], weighted: bool
+) -> KeyedJaggedTensor:
     """A checked input KJT (ValueError naming the feature), VBE expanded to its output batch,
     with its keys in the physical tables' feature order."""
     features = checked_input(features, logical, weighted)
@@ -54,8 +55,9 @@ def serving_input(features: KeyedJaggedTensor, logical: List[str], inner: List[s
 
 
 @torch.fx.wrap
-def physical_input(keys: List[str], rows: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor],
-                   stride: int) -> KeyedJaggedTensor:
+def physical_input(
+    keys: List[str], rows: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor], stride: int
+) -> KeyedJaggedTensor:
     """The quantized collection's input: physical rows per inner feature."""
     return KeyedJaggedTensor(keys=keys, values=rows, lengths=lengths, weights=weights, stride=stride)
 
@@ -65,8 +67,9 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def serving_keys(ids: torch.Tensor, salt_offsets: torch.Tensor, slots: torch.Tensor, m1: int, m2: int,
-                 key_bits: int) -> torch.Tensor:
+def serving_keys(
+    ids: torch.Tensor, salt_offsets: torch.Tensor, slots: torch.Tensor, m1: int, m2: int, key_bits: int
+) -> torch.Tensor:
     """hashing.make_keys in a form TorchScript compiles: ((mix64(id, salt) >> 15) << 15) | slot,
     with salt_offsets = salt * golden + golden (mix64's first step) per id."""
     z = ids + salt_offsets
@@ -85,8 +88,9 @@ def salt_offsets(salts: torch.Tensor) -> torch.Tensor:
     return salts * _GOLDEN + _GOLDEN
 
 
-def _hash_map_lookup_meta(indices: torch.Tensor, offsets: torch.Tensor, hash_table: torch.Tensor,
-                          hash_table_offsets: torch.Tensor) -> torch.Tensor:
+def _hash_map_lookup_meta(
+    indices: torch.Tensor, offsets: torch.Tensor, hash_table: torch.Tensor, hash_table_offsets: torch.Tensor
+) -> torch.Tensor:
     return torch.empty_like(indices)
 
 
@@ -112,10 +116,20 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     feature; group_bounds: the inner features where each group's run ends (hash-map tables).
     """
 
-    def __init__(self, tables: Sequence[EmbeddingBagConfig], inner: Sequence[str], feature_info: torch.Tensor,
-                 group_bounds: Sequence[int], hash_table: torch.Tensor, hash_offsets: torch.Tensor,
-                 regions: torch.Tensor, physical: nn.Module, is_weighted: bool, multi_level: bool,
-                 multi_block: bool) -> None:
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        inner: Sequence[str],
+        feature_info: torch.Tensor,
+        group_bounds: Sequence[int],
+        hash_table: torch.Tensor,
+        hash_offsets: torch.Tensor,
+        regions: torch.Tensor,
+        physical: nn.Module,
+        is_weighted: bool,
+        multi_level: bool,
+        multi_block: bool,
+    ) -> None:
         super().__init__()
         self._tables = list(tables)
         self._is_weighted = is_weighted
@@ -142,28 +156,63 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         for f in self._inner:
             starts[f] = start
             start += dims[f]
-        self.register_buffer("columns", torch.tensor([c for f in self._features for c in range(starts[f], starts[f] + dims[f])],
-                                                     dtype=torch.int64))
-        self.register_buffer("config_order", torch.tensor([self._inner.index(f) for f in self._features], dtype=torch.int64))
-        self.register_buffer("column_features", torch.tensor([i for i, d in enumerate(self._dims) for _ in range(d)],
-                                                             dtype=torch.int64))
-        self.register_buffer("mean_mask", torch.tensor([t.pooling == PoolingType.MEAN for t in self._tables
-                                                        for _ in t.feature_names], dtype=torch.bool))
+        self.register_buffer(
+            "columns",
+            torch.tensor([c for f in self._features for c in range(starts[f], starts[f] + dims[f])], dtype=torch.int64),
+        )
+        self.register_buffer(
+            "config_order", torch.tensor([self._inner.index(f) for f in self._features], dtype=torch.int64)
+        )
+        self.register_buffer(
+            "column_features", torch.tensor([i for i, d in enumerate(self._dims) for _ in range(d)], dtype=torch.int64)
+        )
+        self.register_buffer(
+            "mean_mask",
+            torch.tensor(
+                [t.pooling == PoolingType.MEAN for t in self._tables for _ in t.feature_names], dtype=torch.bool
+            ),
+        )
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        inner = self.physical_input(features)
+        values = self.physical(inner).values()
+        stride = inner.stride()
+        num_features = len(self._inner)
+        if not self._in_config_order:
+            if self._same_dims:  # whole features move: cheaper than moving columns
+                dim = self._dims[0]
+                values = values.view(stride, num_features, dim).index_select(1, self.config_order).view(stride, -1)
+            else:
+                values = values.index_select(1, self.columns)
+        if self._has_mean:
+            lengths = inner.lengths().view(num_features, stride)
+            if self._multi_level:
+                lengths = torch.div(lengths, 2, rounding_mode="floor")
+            values = mean_divided(
+                values, lengths.index_select(0, self.config_order), self.column_features, self.mean_mask
+            )
+        return KeyedTensor(keys=self._features, length_per_key=self._dims, values=values)
+
+    def physical_input(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The quantized collection's input for a KJT: per inner feature, the physical rows its
+        ids read (two per id with a multi-level group)."""
         features = serving_input(features, self._features, self._inner, self._is_weighted)
         ids = features.values().to(torch.int64)
         lengths = features.lengths().to(torch.int64)
         stride = features.stride()
         num_features = len(self._inner)
-        bag_feature = torch.arange(num_features, device=ids.device).repeat_interleave(stride)
-        feature = torch.repeat_interleave(bag_feature, lengths, output_size=ids.numel())
+        per_feature = lengths.view(num_features, stride).sum(1)
+        feature = torch.repeat_interleave(
+            torch.arange(num_features, device=ids.device), per_feature, output_size=ids.numel()
+        )
         m1, m2, key_bits, level1, level2 = self._multipliers
-        keys = serving_keys(ids, self.salt_offset.index_select(0, feature), self.slot.index_select(0, feature),
-                            m1, m2, key_bits)
+        keys = serving_keys(
+            ids, self.salt_offset.index_select(0, feature), self.slot.index_select(0, feature), m1, m2, key_bits
+        )
         offsets = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0))
-        held = torch.ops.fbgemm.pruned_hashmap_lookup(keys, offsets.index_select(0, self.group_bounds * stride),
-                                                      self.hash_table, self.hash_offsets)
+        held = torch.ops.fbgemm.pruned_hashmap_lookup(
+            keys, offsets.index_select(0, self.group_bounds * stride), self.hash_table, self.hash_offsets
+        )
         region_index = self.region.index_select(0, feature)
         if self._multi_block:
             block = torch.div(keys, self.block_size.index_select(0, feature), rounding_mode="floor")
@@ -177,22 +226,16 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         weights = features.weights_or_none() if self._is_weighted else None
         bag_lengths = lengths
         if self._multi_level:
-            second = torch.where(held == MEDIUM, serving_hashed_rows(keys, level2, region[:, 2], region[:, 3]),
-                                 self.zero_row.index_select(0, feature))
+            second = torch.where(
+                held == MEDIUM,
+                serving_hashed_rows(keys, level2, region[:, 2], region[:, 3]),
+                self.zero_row.index_select(0, feature),
+            )
             rows = torch.stack([rows, second], dim=1).flatten()
             bag_lengths = lengths * 2
             if weights is not None:
                 weights = weights.repeat_interleave(2)
-        values = self.physical(physical_input(self._inner, rows, bag_lengths, weights, stride)).values()
-        if not self._in_config_order:
-            if self._same_dims:  # whole features move: cheaper than moving columns
-                values = values.view(stride, num_features, -1).index_select(1, self.config_order).view(stride, -1)
-            else:
-                values = values.index_select(1, self.columns)
-        if self._has_mean:
-            per_feature = lengths.view(num_features, -1).index_select(0, self.config_order)
-            values = mean_divided(values, per_feature, self.column_features, self.mean_mask)
-        return KeyedTensor(keys=self._features, length_per_key=self._dims, values=values)
+        return physical_input(self._inner, rows, bag_lengths, weights, stride)
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return self._tables
@@ -204,9 +247,13 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Bytes held: the physical tables as FBGEMM's IntNBit TBE stores them ("weights": rows
         x the rounded row size of their dtype, INT8 and INT4 rows with their scale and bias) and
         the frozen maps ("maps": hash map, regions, per-feature tables)."""
-        row_alignment = int(getattr(self.physical, "row_alignment"))
-        weights = sum(c.num_embeddings * rounded_row_size_in_bytes(c.embedding_dim, data_type_to_sparse_type(c.data_type),
-                                                                   row_alignment)
-                      for c in self.physical.embedding_bag_configs())
-        maps = sum(b.numel() * b.element_size() for name, b in self.state_dict().items() if not name.startswith("physical."))
+        row_alignment = int(cast(Any, self.physical).row_alignment)
+        weights = sum(
+            c.num_embeddings
+            * rounded_row_size_in_bytes(c.embedding_dim, data_type_to_sparse_type(c.data_type), row_alignment)
+            for c in cast(Any, self.physical).embedding_bag_configs()
+        )
+        maps = sum(
+            b.numel() * b.element_size() for name, b in self.state_dict().items() if not name.startswith("physical.")
+        )
         return {"weights": weights, "maps": maps, "total": weights + maps}

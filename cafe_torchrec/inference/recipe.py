@@ -10,7 +10,7 @@ torch.export.export.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -24,8 +24,9 @@ from cafe_torchrec.inference.freeze import freeze
 from cafe_torchrec.modules import CafeEmbeddingBagCollection
 
 
-def quantize_inference_model(model: nn.Module, dtype: torch.dtype = torch.int8,
-                             output_dtype: torch.dtype = torch.float) -> Optional[nn.Module]:
+def quantize_inference_model(
+    model: nn.Module, dtype: torch.dtype = torch.int8, output_dtype: torch.dtype = torch.float
+) -> Optional[nn.Module]:
     """The model for serving: every CAFE collection frozen with physical tables in `dtype`
     (torch.float32, float16, int8, quint4x2), then TorchRec's quantize_inference_model with
     `dtype` for the stock collections.
@@ -38,15 +39,20 @@ def quantize_inference_model(model: nn.Module, dtype: torch.dtype = torch.int8,
     from cafe_torchrec.distributed.sharded import ShardedCafeEmbeddingBagCollection
 
     sharded = isinstance(model, DistributedModelParallel)
-    root = model.module if sharded else model
+    root = cast(nn.Module, model.module) if sharded else model
     cafe_types = (CafeEmbeddingBagCollection, ShardedCafeEmbeddingBagCollection)
     targets = [(path, m) for path, m in root.named_modules() if isinstance(m, cafe_types)]
     inside = [p for p, _ in targets]
-    others = [path for path, m in root.named_modules() if isinstance(m, ShardedModule) and not isinstance(m, cafe_types)
-              and not any(_below(path, p) for p in inside)]
+    others = [
+        path
+        for path, m in root.named_modules()
+        if isinstance(m, ShardedModule) and not isinstance(m, cafe_types) and not any(_below(path, p) for p in inside)
+    ]
     if others:
-        raise ValueError(f"quantize_inference_model gathers sharded CAFE collections only; {others} are sharded "
-                         "stock modules (gather them with TorchRec, e.g. shard_quant_model for serving)")
+        raise ValueError(
+            f"quantize_inference_model gathers sharded CAFE collections only; {others} are sharded "
+            "stock modules (gather them with TorchRec, e.g. shard_quant_model for serving)"
+        )
     frozen: Dict[str, nn.Module] = {}
     for path, module in targets:  # the same order on every rank: the sharded ones gather collectively
         result = freeze(module, dtype)
