@@ -1,9 +1,10 @@
 """Quality suite (issue #21): does CAFE beat hashing at equal memory on streams we did not design?
 
     python -m benchmarks.suite                    # hash, cafe, cafe-paper (+ official, cafe-adagrad) everywhere
-    python -m benchmarks.suite --quick            # dev subset for fast iteration: 3 dev settings, 2 ratios, 1 seed
+    python -m benchmarks.suite --quick            # dev subset for fast iteration: dev settings, 2 ratios, 1 seed
     python -m benchmarks.suite --grid             # adds the hand-tuned grid (chosen on validation)
     python -m benchmarks.suite --merge            # re-print the table from the cached runs, running nothing
+    python -m benchmarks.suite --snapshot [COMMIT]  # every run from a git archive of COMMIT (default HEAD)
 
 Every run is one `python -m examples.dlrm.train --data stream --stream NAME` process with
 `--threads 1`, at most `--jobs` (2) at a time. Methods x settings x ratios x seeds: the
@@ -15,10 +16,12 @@ covers both).
 Methods (`METHODS`, a dict to edit as CafeConfig grows policies):
 - ``hash``: the hashing trick at the same memory;
 - ``cafe``: CAFE with CafeConfig's defaults at run time (whatever they are then);
-- ``cafe-paper``: the paper's fixed policy (threshold per ratio, decay 0.98 by trigger);
-- ``grid``: the paper policy over a hand grid of (threshold, decay, hot_share), the point
+- ``cafe-paper``: the paper's fixed policy (`--cafe-option policy=paper`: threshold per ratio,
+  decay 0.98 by trigger);
+- ``grid``: a hand grid over both policies (the paper's threshold x decay x hot share, the
+  adaptive one's horizon x hot share; `GRID`, `ADAPTIVE_GRID`, `GRID_RATIOS`), the point
   CHOSEN on the validation day with the first seed, then REPORTED on the test day with all
-  seeds (per setting and ratio; `GRID`, `GRID_RATIOS`);
+  seeds (per setting and ratio);
 - ``official``: the official artifact's CAFE layer, through benchmarks.official.train_official
   on the very same batches (skipped, with the reason, when that module or the artifact is
   absent); ``cafe-adagrad``: our CAFE with element-wise Adagrad, lr 0.05, as the official
@@ -26,7 +29,7 @@ Methods (`METHODS`, a dict to edit as CafeConfig grows policies):
 
 Protocol: constants are chosen on validation only; settings are `dev` (defaults may be tuned
 on them) or `held_out` (never tuned on); the table reports the two separately. Runs with the
-same command line and code share one cached result (cafe and cafe-paper today).
+same command line and code share one cached result.
 
 Cache: each finished run's JSON is kept under results/suite/runs/, keyed by its command line
 and a digest of the code it runs (cafe_torchrec for CAFE, the baseline's files for hashing,
@@ -39,7 +42,8 @@ seeds per method; method - hash in AUC points with the min and max of the per-se
 the grid's choices, for abrupt-drift settings at 1000x the recovery time of the hot-lookup
 share after each drift (steps, and fraction of a day, until it is back to 90% of its level
 before the drift), results/suite/summary.json and docs/suite.png (AUC gain over hashing per
-setting and ratio, one marker per method, error bars = spread).
+setting and ratio, one marker per method, error bars from the lowest to the highest per-seed
+difference).
 """
 
 from __future__ import annotations
