@@ -202,10 +202,20 @@ def test_torchrec_serving_recipe_quantize_fx_script_export() -> None:
     scripted = torch.jit.script(traced)
     for name, module in (("fx", traced), ("script", scripted)):
         assert torch.equal(module(kjt, other), eager), name
-    # torch.export of the CAFE part (the stock part after TorchRec's own quantize_inference_model
-    # does not export with this torch and FBGEMM: its TBE holds an fbgemm.AtomicCounter without a fake class)
-    exported = torch.export.export(served_model.cafe, (kjt,), strict=False)
-    assert torch.equal(exported.module()(kjt).values(), served_model.cafe(kjt).values())
+    # torch.export of the CAFE part, batch size and id count dynamic (the stock part after TorchRec's own
+    # quantize_inference_model does not export with this torch and FBGEMM: its TBE holds an fbgemm.AtomicCounter
+    # without a fake class); KJT leaves: values, weights, lengths, offsets, strides, inverse indices
+    dynamic = [
+        {0: torch.export.Dim("ids")},
+        None,
+        {0: len(FEATURES) * torch.export.Dim("batch", min=2)},
+        None,
+        None,
+        None,
+    ]
+    exported = torch.export.export(served_model.cafe, (kjt,), strict=False, dynamic_shapes={"features": dynamic})
+    other_size = batch(gen, 9)
+    assert torch.equal(exported.module()(other_size).values(), served_model.cafe(other_size).values())
     with pytest.raises(Exception, match="lacks features"):  # the checks survive scripting
         scripted(KeyedJaggedTensor(keys=["f0"], values=torch.tensor([1]), lengths=torch.tensor([1])), other)
 
