@@ -105,11 +105,11 @@ class ReferenceCafe(EmbeddingBagCollectionInterface):
         for key, row in zip(promoted_keys, promoted_rows):
             src = self.rows_if_not_hot(key)
             self.weight[row] = self.weight[src].sum(0)
-            self.accumulator[row] = self.accumulator[src].max()
+            self.accumulator[row] = 0.0  # a fresh row of its own
         return {"keys": promoted_keys, "rows": promoted_rows}
 
     def rows_if_not_hot(self, key: int) -> List[int]:
-        """The rows a key used before promotion: level-1, plus level-2 when medium."""
+        """The rows a promoted key's hot row starts from: level-1, plus level-2 with CAFE-ML."""
         slot = key & 0x7FFF
         t = self.layout.tables[slot]
         (o1, o2) = self.offsets[slot]
