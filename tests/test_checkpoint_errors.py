@@ -39,8 +39,15 @@ def try_load(rank: int, world: int, ckpt: str) -> Dict[str, object]:
         error = None
     except Exception as err:  # noqa: BLE001 - the test inspects it
         error = f"{type(err).__name__}: {err}"
+    foreign = {"embedding_bags.t0.weight": torch.zeros(6000, 8)}  # a stock EmbeddingBagCollection's key
+    try:
+        dmp.module.load_state_dict(foreign, strict=False)  # strict or not: refused, not "loaded nothing"
+        foreign_error = None
+    except ValueError as err:
+        foreign_error = str(err)
     after = local_tensors(dmp)
-    return {"error": error, "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
+    return {"error": error, "foreign_error": foreign_error,
+            "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
 
 
 def test_other_world_size_and_truncated_checkpoints_are_refused_untouched() -> None:
@@ -48,6 +55,7 @@ def test_other_world_size_and_truncated_checkpoints_are_refused_untouched() -> N
         run_ranks(run, 2, "row_wise", ckpt, "straight")
         (one,) = run_ranks(try_load, 1, ckpt)
         assert one["error"] and one["unchanged"], one
+        assert one["foreign_error"] and "another layout" in one["foreign_error"], one
         shard_file = sorted(glob.glob(os.path.join(ckpt, "*.distcp")))[0]
         os.truncate(shard_file, os.path.getsize(shard_file) // 2)
         two = run_ranks(try_load, 2, ckpt)

@@ -15,6 +15,7 @@ A step on rank r, following one id:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
@@ -52,7 +53,7 @@ from cafe_torchrec.backward import importance_hook
 from cafe_torchrec.distributed.sketch_state import ShardedSketchState, owner_blocks
 from cafe_torchrec.feature_map import FeatureMap
 from cafe_torchrec.hashing import KEY_SPACE
-from cafe_torchrec.modules import CafeEmbeddingBagCollection
+from cafe_torchrec.modules import CafeEmbeddingBagCollection, refuse_foreign_state
 from cafe_torchrec.remap import CafeGroupRemap, group_remaps, remap_kjt
 from cafe_torchrec.stats import CollectionReport
 from cafe_torchrec.validation import checked_input
@@ -103,8 +104,10 @@ class ShardedCafeEmbeddingBagCollection(
         self.groups = nn.ModuleDict(local)
         owners = {name: owner_blocks(layout, params[name]) for name, layout in layouts.items() if name in params}
         self._sketch_state = ShardedSketchState(owners, self.groups, env.process_group, env.rank)
-        self._register_state_dict_hook(self._sketch_state.post_state_dict)
-        self._register_load_state_dict_pre_hook(self._sketch_state.pre_load)
+        # partial: torch marks its public hooks with an attribute, which a bound method cannot take
+        self.register_state_dict_post_hook(functools.partial(self._sketch_state.post_state_dict))
+        self.register_load_state_dict_pre_hook(functools.partial(self._sketch_state.pre_load))
+        self.register_load_state_dict_pre_hook(refuse_foreign_state)  # after pre_load made its entries local
 
     # ---- the ShardedModule contract
     def create_context(self) -> CafeContext:
@@ -184,6 +187,9 @@ class ShardedCafeEmbeddingBagCollection(
     # ---- introspection (stats, memory, describe: cafe_torchrec.stats.CollectionReport)
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return self._tables
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
 
     def plain_rows(self) -> Dict[str, int]:
         return dict(self._plain_rows)

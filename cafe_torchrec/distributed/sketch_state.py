@@ -52,7 +52,7 @@ class ShardedSketchState:
                 key = f"{prefix}groups.{group}.{name}"
                 destination[key] = self._sharded(local.get(name), [(r, shapes[name]) for r, shapes in owners])
 
-    def pre_load(self, state_dict: Dict[str, Any], prefix: str, *_: Any) -> None:
+    def pre_load(self, module: nn.Module, state_dict: Dict[str, Any], prefix: str, *_: Any) -> None:
         for group in self._shapes:
             for key in [k for k in state_dict if k.startswith(f"{prefix}groups.{group}.")]:
                 value = state_dict[key]

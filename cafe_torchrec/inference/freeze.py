@@ -222,7 +222,7 @@ def _freeze_sharded(
         for owner, rows in owners:
             first_row, keys, block_rows = per_rank[owner][layout.name]
             blocks[layout.name].append(FrozenBlock(first_row, layout.block(rows), keys, block_rows))
-    return build_frozen(collection.embedding_bag_configs(), plan, blocks, weights, bool(collection._is_weighted), dtype)
+    return build_frozen(collection.embedding_bag_configs(), plan, blocks, weights, collection.is_weighted(), dtype)
 
 
 def block_size(num_blocks: int) -> int:
