@@ -55,7 +55,8 @@ class ReferenceSketch:
     decayed: float = 0.0  # adaptive: decayed occurrence count before the current interval
     since: int = 0  # adaptive: occurrences since the last rebalance
     medium: float = float("inf")  # adaptive: the medium level the last rebalance set
-    marks: Dict[int, float] = field(default_factory=dict)  # adaptive: hot row -> its score after the last rebalance
+    marks: Dict[int, Tuple[float, float]] = field(default_factory=dict)  # adaptive: hot row -> (score after the
+    # last rebalance, occurrences due since its last hit)
 
     def __post_init__(self) -> None:
         n = self.num_buckets * self.slots
@@ -105,7 +106,7 @@ class ReferenceSketch:
                 self.rows[j] = self.free.pop()
                 promoted_keys.append(k)
                 promoted_rows.append(self.rows[j])
-                self.marks[self.rows[j]] = float("inf")  # unknown until the next rebalance
+                self.marks[self.rows[j]] = (float("inf"), 0.0)  # unknown until the next rebalance
         return rebalanced[0] + promoted_keys, rebalanced[1] + promoted_rows, demoted
 
     def _rebalance(self) -> Tuple[Tuple[List[int], List[int]], List[int]]:
@@ -120,15 +121,20 @@ class ReferenceSketch:
         if q > 0 and total > 0 and self.since > 0:
             steps = min(16, int(round(16 * (self.since * q / (total * policy.horizon)) / math.log(2))))
         f = f32(2.0 ** (-steps / 16))
-        stale = [j for j in range(len(self.keys)) if self.rows[j] >= 0
-                 and self.scores[j] == self.marks.get(self.rows[j], float("inf"))
-                 and f32(self.scores[j] * f32(1.0 - f)) >= 8.0]  # no gain, though 8 occurrences were due
+        due: Dict[int, float] = {}  # hot row -> occurrences due since its last hit
+        for j in range(len(self.keys)):
+            if self.rows[j] >= 0:
+                mark, owed = self.marks.get(self.rows[j], (float("inf"), 0.0))
+                missed = self.scores[j] == mark
+                due[self.rows[j]] = f32(owed + f32(self.scores[j] * f32(1.0 - f))) if missed else 0.0
+        stale = [j for j in range(len(self.keys)) if self.rows[j] >= 0 and due[self.rows[j]] >= 8.0]
         if f < 1.0:
             for j in range(len(self.keys)):
                 self.scores[j] = f32(self.scores[j] * f)
                 self.errors[j] = error32(f32(self.errors[j] * f))
         for j in stale:
             self.scores[j] = f32(self.scores[j] * 0.5)
+            due[self.rows[j]] = 0.0
         self.decayed, self.since = total * f, 0
         candidates = sorted((j for j in held if self.rows[j] == NO_ROW and not self.newcomer[j]
                              and self.estimate(j) >= policy.entry_score), key=lambda j: (-self.estimate(j), j))
@@ -147,7 +153,9 @@ class ReferenceSketch:
             self.rows[c] = row
         if policy.medium_share is not None:
             self.medium = f32(policy.medium_share * max(q * f, policy.entry_score))
-        self.marks = {self.rows[j]: self.scores[j] for j in range(len(self.keys)) if self.rows[j] >= 0}
+        promoted = {row for _, row in plan}
+        self.marks = {self.rows[j]: (self.scores[j], 0.0 if self.rows[j] in promoted else due[self.rows[j]])
+                      for j in range(len(self.keys)) if self.rows[j] >= 0}
         return ([self.keys[c] for c, _ in plan], [row for _, row in plan]), demoted
 
     def _slot_of(self, key: int) -> Optional[int]:

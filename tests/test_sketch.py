@@ -213,7 +213,7 @@ def test_nbytes_counts_every_buffer_sixteen_bytes_a_slot() -> None:
     sk = make("torch")
     scalars = 6 * 8 + 4  # free count, total score, seed, initialized, decayed count, count since; medium level
     assert sk.nbytes() == 16 * 4 * 16 + 24 * 4 + scalars
-    assert make_adaptive("torch").nbytes() == 16 * 4 * 16 + 24 * (4 + 4) + scalars  # + a mark per hot row
+    assert make_adaptive("torch").nbytes() == 16 * 4 * 16 + 24 * (4 + 8) + scalars  # + two marks per hot row
 
 
 def test_cpp_make_keys_equals_torch_make_keys() -> None:

@@ -324,7 +324,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
     double stale_hits_d, double stale_factor_d, int64_t decay_steps) {
   Slot* slots = slots_of(slots_t, c);
   TORCH_CHECK(free_rows.is_contiguous() && free_rows.scalar_type() == at::kInt, "free_rows: int32");
-  TORCH_CHECK(marks_t.is_contiguous() && marks_t.scalar_type() == at::kFloat, "marks: float32");
+  TORCH_CHECK(marks_t.is_contiguous() && marks_t.scalar_type() == at::kFloat && marks_t.dim() == 2 &&
+                  marks_t.size(1) == 2, "marks: float32 [hot rows, 2]");
   TORCH_CHECK(decayed_t.scalar_type() == at::kDouble && since_t.scalar_type() == at::kLong, "decayed f64, since i64");
   const int64_t n = slots_t.size(0);
   int32_t* fr = free_rows.data_ptr<int32_t>();
@@ -361,18 +362,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
   decayed = total * static_cast<double>(f);
   since = 0;
 
-  // One pass: a hot slot is stale when it gained nothing since the last rebalance although
-  // `stale_hits` occurrences were due (judged on its score before this decay); every score (and
-  // cold slot's error) is decayed, stale ones halved too; then slots are listed for re-ranking:
-  // hot slots, and candidates (confirmed, no row, estimate >= entry).
+  // One pass: a hot slot that gained nothing since the last rebalance adds the occurrences this
+  // interval's decay takes from it (judged on its score before this decay) to those due since
+  // its last hit, and is stale once they reach `stale_hits`; every score (and cold slot's
+  // error) is decayed, stale ones halved too (their count restarts); then slots are listed for
+  // re-ranking: hot slots, and candidates (confirmed, no row, estimate >= entry).
   std::vector<std::pair<float, int64_t>> candidates, hot;
   for (int64_t j = 0; j < n; ++j) {
     Slot& sl = slots[j];
     if (sl.key == kEmptyKey) continue;
     if (sl.row >= 0) {
-      const bool stale = sl.score == marks[sl.row] && sl.score * due >= stale_hits;
+      float* mark = marks + 2 * static_cast<int64_t>(sl.row);
+      const bool missed = sl.score == mark[0];
+      float owed = missed ? mark[1] + sl.score * due : 0.0f;
+      const bool stale = missed & (owed >= stale_hits);
       if (f < 1.0f) sl.score = sl.score * f;
-      if (stale) sl.score = sl.score * stale_factor;
+      if (stale) {
+        sl.score = sl.score * stale_factor;
+        owed = 0.0f;
+      }
+      mark[1] = owed;
       hot.emplace_back(sl.score, j);
       continue;
     }
@@ -419,8 +428,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
     sl.row = static_cast<int32_t>(promoted_rows[i]);
     promoted_keys.push_back(sl.key);
   }
-  for (size_t i = static_cast<size_t>(swaps); i < hot.size(); ++i) marks[slots[hot[i].second].row] = slots[hot[i].second].score;
-  for (int64_t i = 0; i < fill + swaps; ++i) marks[slots[candidates[i].second].row] = slots[candidates[i].second].score;
+  for (size_t i = static_cast<size_t>(swaps); i < hot.size(); ++i) {
+    marks[2 * slots[hot[i].second].row] = slots[hot[i].second].score;
+  }
+  for (int64_t i = 0; i < fill + swaps; ++i) {
+    const Slot& sl = slots[candidates[i].second];
+    marks[2 * sl.row] = sl.score;
+    marks[2 * sl.row + 1] = 0.0f;  // a new owner: nothing due yet
+  }
   return {to_tensor(promoted_keys), to_tensor(promoted_rows), to_tensor(demoted_keys), to_tensor(demoted_rows),
           q * static_cast<double>(f), f < 1.0f};
 }

@@ -27,7 +27,7 @@ from cafe_torchrec.sketch.types import (
 
 SLOT_BYTES = 16  # int64 key + float32 score + int32 hot row or error (the paper's 12 B with 32-bit keys)
 FREE_ROW_BYTES = 4
-ROW_MARK_BYTES = 4  # the adaptive policy's float32 per hot row
+ROW_MARK_BYTES = 8  # the adaptive policy's two float32 per hot row: score at the last rebalance, occurrences due
 
 
 class HotSketch(nn.Module):
@@ -103,8 +103,8 @@ class HotSketch(nn.Module):
         # adaptive policy: the decayed occurrence count before the current interval, occurrences since
         self.register_buffer("decayed_occurrences", torch.zeros(1, dtype=torch.float64, device=device))
         self.register_buffer("occurrences_since", torch.zeros(1, dtype=torch.int64, device=device))
-        # adaptive policy: each hot row's score after the last rebalance (sketch/policy.py)
-        self.register_buffer("row_marks", torch.full((hot_capacity if adaptive is not None else 0,), UNKNOWN_MARK,
+        # adaptive policy: each hot row's score after the last rebalance and its occurrences due (sketch/policy.py)
+        self.register_buffer("row_marks", torch.full((hot_capacity if adaptive is not None else 0, 2), UNKNOWN_MARK,
                                                      dtype=torch.float32, device=device))
         # 0 after DistributedModelParallel materialises meta buffers as zeros: re-initialise lazily
         self.register_buffer("initialized", torch.ones(1, dtype=torch.int64, device=device))

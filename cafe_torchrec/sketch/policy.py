@@ -19,11 +19,13 @@ occurrences since the last rebalance reach 1/`rebalances_per_horizon` of the dec
    quantised, so kernels and the reference stay bit-equal. The memory horizon is "the time
    in which the marginal hot id sees `horizon` occurrences", whatever the batch size, stream
    length, feature count or skew.
-   A hot id that gained nothing since the last rebalance although its score says it should
-   have seen at least `STALE_HITS` occurrences in that time (score x (1 - f) >= 8: the
-   occurrences the decay took from it) is stale, as yesterday's popular ids are after an
-   abrupt drift: its score is halved as well. Stale rows thus free within a fraction of a
-   horizon instead of the many horizons their large scores would take to decay.
+   A hot id is stale when it has gained nothing over the rebalances since its last hit although
+   its scores said it should have seen `STALE_HITS` (8) occurrences in that time (each
+   rebalance adds score x (1 - f), the occurrences the decay took from it, to its count of
+   occurrences due; a hit resets it): yesterday's popular ids after an abrupt drift. Its score
+   is halved as well and its count restarts, so stale rows free within a fraction of a horizon
+   instead of the many horizons their scores would take to decay (a live id misses 8 expected
+   occurrences with probability e^-8).
 2. Re-ranks with hysteresis. Candidates are held, confirmed (hit since placed), non-hot slots
    with estimate >= entry_score, by estimate descending (ties: lower slot first); hot slots by
    estimate ascending (ties: lower slot first). Free rows go to the first candidates (rows
@@ -119,9 +121,9 @@ def rebalance_(state: SketchState, policy: AdaptivePolicy, capacity: int, decaye
                since: torch.Tensor, marks: torch.Tensor) -> Tuple[InsertResult, float]:
     """Steps 1 and 2 of the module docstring on `state` in place. `decayed` (float64 [1]: the
     decayed occurrence count before this interval) becomes (before + since) f, `since` (int64
-    [1]: occurrences during it) becomes 0, `marks` (float32 [hot rows]: each hot row's score
-    after the last rebalance, UNKNOWN_MARK for rows an insert handed out since) takes the
-    scores after this one. Returns the promotions and demotions, and the marginal estimate
+    [1]: occurrences during it) becomes 0, `marks` (float32 [hot rows, 2]: each hot row's score
+    after the last rebalance, UNKNOWN_MARK for rows an insert handed out since, and its
+    occurrences due since its last hit) takes the values after this one. Returns the promotions and demotions, and the marginal estimate
     after the decay (for the medium level)."""
     keys, words, scores = state.keys, state.words, state.scores
     held = keys != EMPTY_KEY
@@ -129,10 +131,14 @@ def rebalance_(state: SketchState, policy: AdaptivePolicy, capacity: int, decaye
     before, count = float(decayed[0]), int(since[0])
     f = decay_factor(decay_exponent(count, before, q, policy.horizon))
     hot_now = (words >= 0).nonzero().flatten()
-    stale = hot_now[(scores[hot_now] == marks[words[hot_now].long()]) & (scores[hot_now] * (1.0 - f) >= STALE_HITS)]
+    hot_rows = words[hot_now].long()
+    missed = scores[hot_now] == marks[hot_rows, 0]  # no hit since the last rebalance
+    due = torch.where(missed, marks[hot_rows, 1] + scores[hot_now] * (1.0 - f), torch.zeros_like(scores[hot_now]))
+    stale = missed & (due >= STALE_HITS)
     if f < 1.0:
         scale_(state, f)
-    scores[stale] = scores[stale] * STALE_FACTOR
+    scores[hot_now[stale]] = scores[hot_now[stale]] * STALE_FACTOR
+    due = torch.where(stale, torch.zeros_like(due), due)
     decayed.fill_((before + count) * f)
     since.zero_()
     estimates = estimates_of(state.scores, words)
@@ -148,8 +154,11 @@ def rebalance_(state: SketchState, policy: AdaptivePolicy, capacity: int, decaye
     swaps = int(torch.cumprod(wins.to(torch.int64), 0).sum()) if pairs else 0
     result = reassign_(state, hot_slots[:swaps], candidates[: fill + swaps], fill)
     result.decayed = f < 1.0
+    marks[hot_rows, 1] = due  # the swaps below give demoted rows new owners, which overwrite both
     hot_after = (words >= 0).nonzero().flatten()
-    marks[words[hot_after].long()] = scores[hot_after]
+    rows_after = words[hot_after].long()
+    marks[rows_after, 0] = scores[hot_after]
+    marks[result.promoted_rows, 1] = 0.0
     return result, q * f
 
 
