@@ -15,8 +15,10 @@ from setuptools import find_packages, setup
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 except ImportError as err:  # an isolated build environment has no torch, or another one
-    raise SystemExit("cafe-torchrec compiles its C++ ops against the torch you run: install torch first, then "
-                     "`pip install --no-build-isolation .`") from err
+    raise SystemExit(
+        "cafe-torchrec compiles its C++ ops against the torch you run: install torch first, then "
+        "`pip install --no-build-isolation .`"
+    ) from err
 
 HERE = Path(__file__).parent
 _spec = importlib.util.spec_from_file_location("cafe_ops_build", HERE / "cafe_torchrec" / "ops.py")
@@ -24,7 +26,7 @@ ops = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ops)  # the source list, flags and hash the runtime loader checks
 
 library = find_packages(include=["cafe_torchrec", "cafe_torchrec.*"])
-planner = ["cafe_planner" + name[len("planner"):] for name in find_packages(include=["planner", "planner.*"])]
+planner = ["cafe_planner" + name[len("planner") :] for name in find_packages(include=["planner", "planner.*"])]
 extension = CppExtension(
     "cafe_torchrec._C",
     sources=[f"cafe_torchrec/csrc/{name}" for name in ops.SOURCES],

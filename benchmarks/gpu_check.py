@@ -43,8 +43,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from cafe_torchrec.hashing import (LEVEL_MULTIPLIERS, SLOT_BITS, SLOT_MASK, bounded_int, fold_int, make_keys, mix64, mix64_int,
-                                   table_salts)
+from cafe_torchrec.hashing import (
+    LEVEL_MULTIPLIERS,
+    SLOT_BITS,
+    SLOT_MASK,
+    bounded_int,
+    fold_int,
+    make_keys,
+    mix64,
+    mix64_int,
+    table_salts,
+)
 from cafe_torchrec.importance import occurrence_scores
 from cafe_torchrec.sketch import HotSketch, InsertResult, torch_kernel
 from tests.reference_sketch import ReferenceSketch
@@ -59,9 +68,9 @@ TIMED_SIZES = (4096, 65536)
 HOT_ROWS, THRESHOLD = 11_458, 500.0
 
 
-
-def lookup(sketch: HotSketch, regions: torch.Tensor, keys: torch.Tensor,
-           multi_level: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lookup(
+    sketch: HotSketch, regions: torch.Tensor, keys: torch.Tensor, multi_level: bool
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Primary row (hot row, else level-1 row), level-2 row and medium flag per key: the torch-ops
     twin of the fused lookup (HotSketch.lookup), with or without the sketch's medium level.
     regions [T, 4]: level-1 offset and rows, level-2 offset and rows per table slot."""
@@ -127,9 +136,13 @@ def assert_same_result(a: InsertResult, b: InsertResult, where: str) -> None:
 
 def assert_matches_reference(sk: HotSketch, ref: ReferenceSketch, where: str) -> None:
     """Slot for slot equal to the sequential reference (keys, scores, rows, errors, flags, free stack)."""
-    for name, got, want in (("keys", sk.slot_keys, ref.keys), ("scores", sk.slot_scores, ref.scores),
-                            ("rows", sk.slot_rows, ref.rows), ("errors", sk.slot_errors, ref.errors),
-                            ("newcomers", sk.slot_newcomers, ref.newcomer)):
+    for name, got, want in (
+        ("keys", sk.slot_keys, ref.keys),
+        ("scores", sk.slot_scores, ref.scores),
+        ("rows", sk.slot_rows, ref.rows),
+        ("errors", sk.slot_errors, ref.errors),
+        ("newcomers", sk.slot_newcomers, ref.newcomer),
+    ):
         if got.tolist() != want:
             raise AssertionError(f"{where}: slot {name} differ from the sequential reference")
     if sk.free_rows[: int(sk.free_count[0])].tolist() != ref.free:
@@ -159,25 +172,64 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = 1e-5
 # while device and CPU twin, which compute the same sums, still agree bit for bit.
 SKETCHES: Dict[str, Dict[str, float]] = {
     # decays every few batches, evicts, promotes and demotes (the sizes of tests/test_sketch.py)
-    "small": dict(hot_capacity=24, threshold=6.0, num_buckets=16, slots_per_bucket=4, medium_threshold=2.0,
-                  decay=0.5, decay_trigger=20.0, seed=3),
+    "small": dict(
+        hot_capacity=24,
+        threshold=6.0,
+        num_buckets=16,
+        slots_per_bucket=4,
+        medium_threshold=2.0,
+        decay=0.5,
+        decay_trigger=20.0,
+        seed=3,
+    ),
     # a hot row per slot and no decay: buckets fill with hot slots and newcomers are dropped
-    "full": dict(hot_capacity=64, threshold=3.0, num_buckets=16, slots_per_bucket=4, medium_threshold=1.0,
-                 decay=0.5, decay_trigger=1e9, seed=5),
+    "full": dict(
+        hot_capacity=64,
+        threshold=3.0,
+        num_buckets=16,
+        slots_per_bucket=4,
+        medium_threshold=1.0,
+        decay=0.5,
+        decay_trigger=1e9,
+        seed=5,
+    ),
     # more buckets, longer streams
-    "large": dict(hot_capacity=384, threshold=6.0, num_buckets=256, slots_per_bucket=4, medium_threshold=2.0,
-                  decay=0.5, decay_trigger=16.0, seed=7),
+    "large": dict(
+        hot_capacity=384,
+        threshold=6.0,
+        num_buckets=256,
+        slots_per_bucket=4,
+        medium_threshold=2.0,
+        decay=0.5,
+        decay_trigger=16.0,
+        seed=7,
+    ),
     # the default decay: device vs CPU twin only (see above)
-    "large, decay 0.98": dict(hot_capacity=384, threshold=6.0, num_buckets=256, slots_per_bucket=4,
-                              medium_threshold=2.0, decay=0.98, decay_trigger=0.5, seed=9),
+    "large, decay 0.98": dict(
+        hot_capacity=384,
+        threshold=6.0,
+        num_buckets=256,
+        slots_per_bucket=4,
+        medium_threshold=2.0,
+        decay=0.98,
+        decay_trigger=0.5,
+        seed=9,
+    ),
 }
 
 
 def sketch_trio(device: torch.device, args: Dict[str, float]) -> Tuple[HotSketch, HotSketch, ReferenceSketch]:
     dev = HotSketch(kernel="torch", device=device, **args)
     cpu = HotSketch(kernel="torch", **args)
-    ref = ReferenceSketch(int(args["num_buckets"]), int(args["slots_per_bucket"]), int(args["hot_capacity"]),
-                          args["threshold"], args["decay"], cpu.decay_trigger, int(args["seed"]))
+    ref = ReferenceSketch(
+        int(args["num_buckets"]),
+        int(args["slots_per_bucket"]),
+        int(args["hot_capacity"]),
+        args["threshold"],
+        args["decay"],
+        cpu.decay_trigger,
+        int(args["seed"]),
+    )
     return dev, cpu, ref
 
 
@@ -187,8 +239,12 @@ def check_sketch_exact(device: torch.device, quick: bool) -> str:
     gen = torch.Generator().manual_seed(0)
     seen = {"batches": 0, "vs reference": 0, "promoted": 0, "demoted": 0, "decays": 0, "skipped": 0, "dropped": 0}
     large = 8 if quick else 30
-    streams = [("small", 40, 200, 400, 4000), ("full", 30, 200, 300, 300), ("large", large, 2048, 3000, 30000),
-               ("large, decay 0.98", large, 2048, 3000, 30000)]
+    streams = [
+        ("small", 40, 200, 400, 4000),
+        ("full", 30, 200, 300, 300),
+        ("large", large, 2048, 3000, 30000),
+        ("large, decay 0.98", large, 2048, 3000, 30000),
+    ]
     for scale, batches, n, vocab, vocab_later in streams:
         args = SKETCHES[scale]
         dev, cpu, ref = sketch_trio(device, args)
@@ -207,8 +263,11 @@ def check_sketch_exact(device: torch.device, quick: bool) -> str:
             assert_equal(q_dev[1], q_cpu[1], f"{where}: queried medium flags")
             if exact_reference:
                 promoted, rows, demoted = ref.insert_batch(keys.tolist(), scores.tolist())
-                if got.promoted_keys.tolist() != promoted or got.promoted_rows.tolist() != rows \
-                        or got.demoted_rows.tolist() != demoted:
+                if (
+                    got.promoted_keys.tolist() != promoted
+                    or got.promoted_rows.tolist() != rows
+                    or got.demoted_rows.tolist() != demoted
+                ):
                     raise AssertionError(f"{where}: promotions or demotions differ from the sequential reference")
                 assert_matches_reference(dev, ref, where)
                 if q_dev[0].tolist() != [ref.query(k)[0] for k in keys.tolist()]:
@@ -241,8 +300,11 @@ def check_sketch_float(device: torch.device, quick: bool) -> str:
             assert_equal(dev.slot_keys, cpu.slot_keys, f"{where}: slot keys")
             assert_equal(dev.slot_rows, cpu.slot_rows, f"{where}: slot rows")
             assert_equal(dev.slot_newcomers, cpu.slot_newcomers, f"{where}: newcomer flags")
-            worst = max(worst, assert_close(dev.slot_scores, cpu.slot_scores, f"{where}: slot scores", atol=1e-5),
-                        assert_close(dev.slot_errors, cpu.slot_errors, f"{where}: slot errors", atol=1e-5))
+            worst = max(
+                worst,
+                assert_close(dev.slot_scores, cpu.slot_scores, f"{where}: slot scores", atol=1e-5),
+                assert_close(dev.slot_errors, cpu.slot_errors, f"{where}: slot errors", atol=1e-5),
+            )
             q_dev, q_cpu = dev.query(keys.to(device)), cpu.query(keys)
             assert_equal(q_dev[0], q_cpu[0], f"{where}: queried hot rows")
             assert_equal(q_dev[1], q_cpu[1], f"{where}: queried medium flags")
@@ -272,8 +334,9 @@ def check_keys_to_rows(device: torch.device, quick: bool) -> str:
         keys = make_keys(ids.to(device), slots.to(device), salts.to(device))
         keys_cpu = make_keys(ids, slots, salts)
         assert_equal(keys, keys_cpu, f"batch {step}: keys")
-        want_keys = [((mix64_int(i, int(salts[t])) >> SLOT_BITS) << SLOT_BITS) | t
-                     for i, t in zip(ids.tolist(), slots.tolist())]
+        want_keys = [
+            ((mix64_int(i, int(salts[t])) >> SLOT_BITS) << SLOT_BITS) | t for i, t in zip(ids.tolist(), slots.tolist())
+        ]
         if keys_cpu.tolist() != want_keys:
             raise AssertionError(f"batch {step}: keys differ from mix64_int")
         for multi_level in (False, True):
@@ -302,8 +365,14 @@ def check_keys_to_rows(device: torch.device, quick: bool) -> str:
     return f"{6 * NUM_FEATURES * batch} keys, {hot} hot and {medium_seen} medium lookups"
 
 
-def importance_definition(grad: torch.Tensor, first_column: int, lengths: torch.Tensor, num_features: int,
-                          dim: int, weights: Optional[torch.Tensor]) -> torch.Tensor:
+def importance_definition(
+    grad: torch.Tensor,
+    first_column: int,
+    lengths: torch.Tensor,
+    num_features: int,
+    dim: int,
+    weights: Optional[torch.Tensor],
+) -> torch.Tensor:
     """Per occurrence: its bag's gradient norm x |weight|, divided by its feature's mean (float64)."""
     batch = grad.shape[0]
     out = []
@@ -332,13 +401,22 @@ def check_importance(device: torch.device, quick: bool) -> str:
     worst = 0.0
     for weighted in (False, True):
         weights = torch.randn(int(lengths.sum()), generator=gen) if weighted else None
-        got = occurrence_scores(grad.to(device), columns, lengths.to(device), NUM_FEATURES,
-                                weights.to(device) if weighted else None, "gradient")
+        got = occurrence_scores(
+            grad.to(device),
+            columns,
+            lengths.to(device),
+            NUM_FEATURES,
+            weights.to(device) if weighted else None,
+            "gradient",
+        )
         twin = occurrence_scores(grad, columns, lengths, NUM_FEATURES, weights, "gradient")
         want = importance_definition(grad, first, lengths, NUM_FEATURES, DIM, weights)
         what = "weighted" if weighted else "unweighted"
-        worst = max(worst, assert_close(got, want, f"{what} scores vs the definition"),
-                    assert_close(got, twin, f"{what} scores vs the CPU twin"))
+        worst = max(
+            worst,
+            assert_close(got, want, f"{what} scores vs the definition"),
+            assert_close(got, twin, f"{what} scores vs the CPU twin"),
+        )
     ones = occurrence_scores(grad.to(device), columns, lengths.to(device), NUM_FEATURES, None, "frequency")
     assert_equal(ones, torch.ones(int(lengths.sum())), "frequency scores")
     return f"{int(lengths.sum())} occurrences, max relative difference {worst:.2e}"
@@ -409,8 +487,9 @@ def time_ops(device: torch.device, batch: int, repeat: int, warm: int) -> Dict[s
         "sketch query": lambda b: sketch.query(keys[b]),
         "keys -> rows (CAFE)": lambda b: lookup(sketch, regions, keys[b], False),
         "keys -> rows (CAFE-ML)": lambda b: lookup(sketch, regions, keys[b], True),
-        "importance (d=16)": lambda b: occurrence_scores(grad, (0, NUM_FEATURES * DIM), lengths, NUM_FEATURES,
-                                                         None, "gradient"),
+        "importance (d=16)": lambda b: occurrence_scores(
+            grad, (0, NUM_FEATURES * DIM), lengths, NUM_FEATURES, None, "gradient"
+        ),
     }
     out = {}
     for name, fn in ops.items():
@@ -420,16 +499,24 @@ def time_ops(device: torch.device, batch: int, repeat: int, warm: int) -> Dict[s
     return out
 
 
-def run_timings(device: torch.device, sizes: Sequence[int], repeat: int, warm: int,
-                cpu_repeat: int) -> List[Dict[str, object]]:
+def run_timings(
+    device: torch.device, sizes: Sequence[int], repeat: int, warm: int, cpu_repeat: int
+) -> List[Dict[str, object]]:
     rows = []
     for batch in sizes:
         print(f"timing 26 x {batch} ids on {device} ...", flush=True)
         on_device = time_ops(device, batch, repeat, warm)
         on_cpu = time_ops(torch.device("cpu"), batch, cpu_repeat, warm) if device.type != "cpu" and cpu_repeat else {}
         for op, ms in on_device.items():
-            row = dict(op=op, features=NUM_FEATURES, batch=batch, ids=NUM_FEATURES * batch, device=str(device),
-                       ms=ms, ns_per_id=ms * 1e6 / (NUM_FEATURES * batch))
+            row = dict(
+                op=op,
+                features=NUM_FEATURES,
+                batch=batch,
+                ids=NUM_FEATURES * batch,
+                device=str(device),
+                ms=ms,
+                ns_per_id=ms * 1e6 / (NUM_FEATURES * batch),
+            )
             if op in on_cpu:
                 row.update(cpu_ms=on_cpu[op], speedup=on_cpu[op] / ms)
             rows.append(row)
@@ -446,8 +533,14 @@ def machine(device: torch.device) -> Dict[str, object]:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info: Dict[str, object] = dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
-                                   torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version())
+    info: Dict[str, object] = dict(
+        cpu=cpu,
+        cores=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+    )
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -455,8 +548,10 @@ def machine(device: torch.device) -> Dict[str, object]:
 
 def machine_line(info: Dict[str, object]) -> str:
     gpu = f"{info['gpu']}, " if "gpu" in info else ""
-    return (f"{gpu}{info['cpu']}, {info['cores']} cores ({info['threads']} intra-op threads), "
-            f"torch {info['torch']}, CUDA {info['cuda']}")
+    return (
+        f"{gpu}{info['cpu']}, {info['cores']} cores ({info['threads']} intra-op threads), "
+        f"torch {info['torch']}, CUDA {info['cuda']}"
+    )
 
 
 def markdown(info: Dict[str, object], checks: List[Dict[str, object]], timings: List[Dict[str, object]]) -> str:
@@ -477,8 +572,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="device under test (cpu: a dry run)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "results/gpu_check"))
-    parser.add_argument("--quick", action="store_true",
-                        help="smaller checks; 26 x 4096 timings only, 2 warm batches, 3 calls, no CPU column")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller checks; 26 x 4096 timings only, 2 warm batches, 3 calls, no CPU column",
+    )
     parser.add_argument("--repeat", type=int, default=None, help="timed calls per op (default 21 on a GPU, 5 on CPU)")
     parser.add_argument("--cpu-repeat", type=int, default=5, help="timed calls of the CPU twins beside a GPU (0: skip)")
     args = parser.parse_args(argv)
@@ -493,16 +591,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"Machine: {machine_line(info)}", flush=True)
     start = time.perf_counter()
     checks = run_checks(device, args.quick)
-    timings = run_timings(device, sizes, repeat, 2 if args.quick else WARM_BATCHES, 0 if args.quick else args.cpu_repeat)
+    timings = run_timings(
+        device, sizes, repeat, 2 if args.quick else WARM_BATCHES, 0 if args.quick else args.cpu_repeat
+    )
     table = markdown(info, checks, timings)
     print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)
-    record = dict(machine=info, device=str(device), quick=args.quick, repeat=repeat, checks=checks, timings=timings,
-                  seconds=round(time.perf_counter() - start, 1), command=" ".join(["python -m benchmarks.gpu_check", *(sys.argv[1:] if argv is None else argv)]))
+    record = dict(
+        machine=info,
+        device=str(device),
+        quick=args.quick,
+        repeat=repeat,
+        checks=checks,
+        timings=timings,
+        seconds=round(time.perf_counter() - start, 1),
+        command=" ".join(["python -m benchmarks.gpu_check", *(sys.argv[1:] if argv is None else argv)]),
+    )
     (args.out / "gpu_check.json").write_text(json.dumps(record, indent=2) + "\n")
     (args.out / "gpu_check.md").write_text(table)
     failed = [c["check"] for c in checks if not c["passed"]]
-    print(f"{len(checks) - len(failed)}/{len(checks)} checks passed in {record['seconds']} s; wrote {args.out}/gpu_check.json and .md")
+    print(
+        f"{len(checks) - len(failed)}/{len(checks)} checks passed in {record['seconds']} s; "
+        f"wrote {args.out}/gpu_check.json and .md"
+    )
     return 1 if failed else 0
 
 

@@ -43,15 +43,21 @@ def exponents(n: int, low: float = 0.5, high: float = 1.5) -> tuple:
 
 
 def tables_for(cardinalities: List[int]) -> List[EmbeddingBagConfig]:
-    return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=n, feature_names=[f"cat_{i}"])
-            for i, n in enumerate(cardinalities)]
+    return [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=n, feature_names=[f"cat_{i}"])
+        for i, n in enumerate(cardinalities)
+    ]
 
 
 def train_and_eval(configs, tables, train, test, seed: int, lr: float) -> Dict[str, float]:
     torch.manual_seed(seed)
     ebc = CafeEmbeddingBagCollection(tables, configs)
-    model = DLRM(embedding_bag_collection=ebc, dense_in_features=13, dense_arch_layer_sizes=[64, DIM],
-                 over_arch_layer_sizes=[64, 32, 1])
+    model = DLRM(
+        embedding_bag_collection=ebc,
+        dense_in_features=13,
+        dense_arch_layer_sizes=[64, DIM],
+        over_arch_layer_sizes=[64, 32, 1],
+    )
     _apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": lr})
     embedding_params = {id(p) for p in ebc.parameters()}
     dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in embedding_params], lr=1e-3)
@@ -90,17 +96,28 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     per_day = (args.steps + args.eval_batches) * args.batch
-    cfg = SyntheticCriteoConfig(cardinality_scale=args.scale, zipf_exponents=exponents(26), num_days=1,
-                                samples_per_day=per_day, drift=0.0, seed=args.seed)
+    cfg = SyntheticCriteoConfig(
+        cardinality_scale=args.scale,
+        zipf_exponents=exponents(26),
+        num_days=1,
+        samples_per_day=per_day,
+        drift=0.0,
+        seed=args.seed,
+    )
     stream = SyntheticCriteo(cfg, args.batch)
     cards = stream.cardinalities
     tables = tables_for(cards)
     train = [stream.batch(0, i) for i in range(args.steps)]
     test = [stream.batch(0, args.steps + i) for i in range(args.eval_batches)]
-    oracle = float(binary_auroc(torch.cat([stream.teacher_probability(b, 0) for b in test]),
-                                torch.cat([b.labels for b in test]).long()))
-    profile = {f"cat_{i}": torch.cat([b.sparse_features[f"cat_{i}"].values() for b in train[: args.profile_batches]])
-               for i in range(len(cards))}
+    oracle = float(
+        binary_auroc(
+            torch.cat([stream.teacher_probability(b, 0) for b in test]), torch.cat([b.labels for b in test]).long()
+        )
+    )
+    profile = {
+        f"cat_{i}": torch.cat([b.sparse_features[f"cat_{i}"].values() for b in train[: args.profile_batches]])
+        for i in range(len(cards))
+    }
 
     HotSketch(8, 1.0).insert(torch.tensor([1]), torch.tensor([1.0]))  # load (or build) the C++ kernel before timing
     logical = sum(n * DIM * 4 for n in cards)
@@ -120,22 +137,61 @@ def main(argv=None) -> int:
         res = train_and_eval(sol.configs, tables, train, test, args.seed, args.lr)
         results[name] = res
         ratios = [r for r in sol.ratios().values()]
-        rows.append([name, f"{sol.used:,}", f"{min(ratios):.3g}-{max(ratios):.3g}x", f"{sol.effective_ratio():.1f}x",
-                     f"{100 * expected_mass(sol):.1f}%", res["hot_used"], f"{res['seconds']:.0f}", f"{res['auc']:.4f}",
-                     f"{res['logloss']:.4f}"])
+        rows.append(
+            [
+                name,
+                f"{sol.used:,}",
+                f"{min(ratios):.3g}-{max(ratios):.3g}x",
+                f"{sol.effective_ratio():.1f}x",
+                f"{100 * expected_mass(sol):.1f}%",
+                res["hot_used"],
+                f"{res['seconds']:.0f}",
+                f"{res['auc']:.4f}",
+                f"{res['logloss']:.4f}",
+            ]
+        )
     print(f"planner_split: {machine()}")
-    print(f"synthetic Criteo, 26 features, cardinalities x{args.scale:g} ({sum(cards):,} ids), Zipf exponents 0.5-1.5, "
-          f"drift 0; {args.steps} x {args.batch} training samples, {args.eval_batches * args.batch} held out; "
-          f"budget {budget:,} B (logical / {args.budget_ratio:g}, weights + sketch + row-wise Adagrad); "
-          f"profile = first {args.profile_batches} batches; oracle AUC {oracle:.4f}")
-    print(table(["split", "bytes used", "per-table ratio", "overall", "expected mass covered", "hot rows used",
-                 "train s", "AUC", "log loss"], rows))
+    print(
+        f"synthetic Criteo, 26 features, cardinalities x{args.scale:g} ({sum(cards):,} ids), Zipf exponents 0.5-1.5, "
+        f"drift 0; {args.steps} x {args.batch} training samples, {args.eval_batches * args.batch} held out; "
+        f"budget {budget:,} B (logical / {args.budget_ratio:g}, weights + sketch + row-wise Adagrad); "
+        f"profile = first {args.profile_batches} batches; oracle AUC {oracle:.4f}"
+    )
+    print(
+        table(
+            [
+                "split",
+                "bytes used",
+                "per-table ratio",
+                "overall",
+                "expected mass covered",
+                "hot rows used",
+                "train s",
+                "AUC",
+                "log loss",
+            ],
+            rows,
+        )
+    )
     delta = results["profiled"]["auc"] - results["uniform"]["auc"]
     print(f"profiled - uniform AUC: {delta:+.4f}")
-    per_table = [[t.name, cards[i], f"{exponents(26)[i]:.2f}", f"{uniform.ratios()[t.name]:.3g}",
-                  f"{profiled.ratios()[t.name]:.3g}", f"{100 * uniform.coverage[t.name]:.0f}%",
-                  f"{100 * profiled.coverage[t.name]:.0f}%"] for i, t in enumerate(tables)]
-    print(table(["table", "rows", "zipf", "uniform ratio", "profiled ratio", "uniform cover", "profiled cover"], per_table))
+    per_table = [
+        [
+            t.name,
+            cards[i],
+            f"{exponents(26)[i]:.2f}",
+            f"{uniform.ratios()[t.name]:.3g}",
+            f"{profiled.ratios()[t.name]:.3g}",
+            f"{100 * uniform.coverage[t.name]:.0f}%",
+            f"{100 * profiled.coverage[t.name]:.0f}%",
+        ]
+        for i, t in enumerate(tables)
+    ]
+    print(
+        table(
+            ["table", "rows", "zipf", "uniform ratio", "profiled ratio", "uniform cover", "profiled cover"], per_table
+        )
+    )
     return 0 if math.isfinite(delta) else 1
 
 

@@ -40,17 +40,45 @@ SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "crite
 
 def data_args(data: str, args: argparse.Namespace) -> List[str]:
     if data == "synthetic":
-        return ["--data", "synthetic", "--days", str(args.days), "--samples-per-day", str(args.samples_per_day),
-                "--cardinality-scale", str(args.cardinality_scale), "--drift", str(args.drift)]
+        return [
+            "--data",
+            "synthetic",
+            "--days",
+            str(args.days),
+            "--samples-per-day",
+            str(args.samples_per_day),
+            "--cardinality-scale",
+            str(args.cardinality_scale),
+            "--drift",
+            str(args.drift),
+        ]
     return ["--data", "tsv", "--tsv-path", str(SAMPLE), "--train-rows", "8000"]
 
 
-def run_one(method: str, ratio: Optional[float], data: str, seed: int, args: argparse.Namespace, out: Path) -> Dict[str, object]:
+def run_one(
+    method: str, ratio: Optional[float], data: str, seed: int, args: argparse.Namespace, out: Path
+) -> Dict[str, object]:
     name = (f"{data}-{method}-{ratio:g}x" if ratio else f"{data}-{method}") + (f"-s{seed}" if seed else "")
-    cmd = [sys.executable, "-m", "examples.dlrm.train", "--embedding", method, "--no-progress", "--no-plot",
-           "--out-dir", str(out), "--run-name", name, "--seed", str(seed),
-           "--batch-size", str(args.batch_size if data == "synthetic" else args.criteo10k_batch_size),
-           "--threads", str(args.threads), *data_args(data, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "examples.dlrm.train",
+        "--embedding",
+        method,
+        "--no-progress",
+        "--no-plot",
+        "--out-dir",
+        str(out),
+        "--run-name",
+        name,
+        "--seed",
+        str(seed),
+        "--batch-size",
+        str(args.batch_size if data == "synthetic" else args.criteo10k_batch_size),
+        "--threads",
+        str(args.threads),
+        *data_args(data, args),
+    ]
     if ratio:
         cmd += ["--compression-ratio", str(ratio), *METHOD_ARGS.get(method, [])]
     start = time.perf_counter()
@@ -74,9 +102,21 @@ def cells(results: List[Dict[str, object]]) -> List[Dict[str, object]]:
         if not ok:
             out.append(dict(runs[0]))
             continue
-        cell = {"data": data, "method": method, "ratio": ratio, "seeds": len(ok),
-                "auc_spread": max(r["test_auc"] for r in ok) - min(r["test_auc"] for r in ok)}
-        for key in ("test_auc", "test_log_loss", "online_train_loss", "memory_bytes", "compression_ratio", "samples_per_sec"):
+        cell = {
+            "data": data,
+            "method": method,
+            "ratio": ratio,
+            "seeds": len(ok),
+            "auc_spread": max(r["test_auc"] for r in ok) - min(r["test_auc"] for r in ok),
+        }
+        for key in (
+            "test_auc",
+            "test_log_loss",
+            "online_train_loss",
+            "memory_bytes",
+            "compression_ratio",
+            "samples_per_sec",
+        ):
             cell[key] = statistics.fmean(float(r[key]) for r in ok)
         out.append(cell)
     return out
@@ -117,14 +157,21 @@ def main() -> None:
     parser.add_argument("--cardinality-scale", type=float, default=0.1)
     parser.add_argument("--drift", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--criteo10k-batch-size", type=int, default=128,
-                        help="batch on the 10k-row sample (the paper's 128: 62 steps; 1024 would give 8)")
+    parser.add_argument(
+        "--criteo10k-batch-size",
+        type=int,
+        default=128,
+        help="batch on the 10k-row sample (the paper's 128: 62 steps; 1024 would give 8)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="model seeds per cell (mean and spread)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per run (2 contend badly on 2 cores)")
     parser.add_argument("--out-dir", default="results/quality")
     parser.add_argument("--no-full", action="store_true", help="skip the uncompressed run")
-    parser.add_argument("--merge", action="store_true",
-                        help="replace these runs in an existing quality.json instead of starting a new one")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace these runs in an existing quality.json instead of starting a new one",
+    )
     args = parser.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,8 +185,10 @@ def main() -> None:
                 for method in args.methods:
                     results.append(run_one(method, ratio, data, seed, args, out))
                     r = results[-1]
-                    print(f"{data} {method} {ratio:g}x seed {seed}: " + (r.get("error") or f"AUC {r['test_auc']:.4f}"),
-                          flush=True)
+                    print(
+                        f"{data} {method} {ratio:g}x seed {seed}: " + (r.get("error") or f"AUC {r['test_auc']:.4f}"),
+                        flush=True,
+                    )
     if args.merge and (out / "quality.json").exists():
         fresh = {(r["data"], r["method"], r["ratio"], r.get("seed", 0)) for r in results}
         old = json.loads((out / "quality.json").read_text())["results"]
@@ -147,16 +196,62 @@ def main() -> None:
     rows = []
     for r in sorted(cells(results), key=lambda r: (r["data"], r["ratio"] or 0, r["method"])):
         if "error" in r:
-            rows.append([r["data"], r["method"], f"{r['ratio']:g}x" if r["ratio"] else "1x", "-", "-", "-", "-", "-", "-", "-",
-                         "-", f"infeasible/failed: {r['error']}"])
+            rows.append(
+                [
+                    r["data"],
+                    r["method"],
+                    f"{r['ratio']:g}x" if r["ratio"] else "1x",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    f"infeasible/failed: {r['error']}",
+                ]
+            )
             continue
-        rows.append([r["data"], r["method"], f"{r['ratio']:g}x" if r["ratio"] else "1x", f"{r['test_auc']:.4f}",
-                     f"{r['auc_spread']:.4f}", r["seeds"], f"{r['test_log_loss']:.4f}", f"{r['online_train_loss']:.4f}",
-                     f"{r['memory_bytes'] / 2**20:.2f}", f"{r['compression_ratio']:.1f}", f"{r['samples_per_sec']:,.0f}", ""])
+        rows.append(
+            [
+                r["data"],
+                r["method"],
+                f"{r['ratio']:g}x" if r["ratio"] else "1x",
+                f"{r['test_auc']:.4f}",
+                f"{r['auc_spread']:.4f}",
+                r["seeds"],
+                f"{r['test_log_loss']:.4f}",
+                f"{r['online_train_loss']:.4f}",
+                f"{r['memory_bytes'] / 2**20:.2f}",
+                f"{r['compression_ratio']:.1f}",
+                f"{r['samples_per_sec']:,.0f}",
+                "",
+            ]
+        )
     print(f"\nmachine: {machine()}")
-    print(table(["data", "method", "ratio", "test AUC", "AUC spread", "seeds", "log loss", "online loss", "MiB",
-                 "achieved", "samples/s", "note"], rows))
-    (out / "quality.json").write_text(json.dumps({"machine": machine(), "args": vars(args), "results": results}, indent=1))
+    print(
+        table(
+            [
+                "data",
+                "method",
+                "ratio",
+                "test AUC",
+                "AUC spread",
+                "seeds",
+                "log loss",
+                "online loss",
+                "MiB",
+                "achieved",
+                "samples/s",
+                "note",
+            ],
+            rows,
+        )
+    )
+    (out / "quality.json").write_text(
+        json.dumps({"machine": machine(), "args": vars(args), "results": results}, indent=1)
+    )
     plot(results, out / "quality.png")
     print(f"\nwrote {out / 'quality.json'} and {out / 'quality.png'}")
 

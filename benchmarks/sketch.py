@@ -37,8 +37,8 @@ def throughput(batch: int) -> List[list]:
     rows = []
     for kernel in ("cpp", "torch"):
         sk = HotSketch(hot_capacity=batch // 4, threshold=50.0, kernel=kernel)
-        t_ins = best_time(lambda: sk.insert(keys, scores))
-        t_q = best_time(lambda: sk.query(keys))
+        t_ins = best_time(lambda sk=sk: sk.insert(keys, scores))
+        t_q = best_time(lambda sk=sk: sk.query(keys))
         rows.append([f"HotSketch ({kernel})", batch, batch / t_ins / 1e6, batch / t_q / 1e6])
     small = min(batch, 20_000)
     ref = ReferenceSketch(small // 4, 4, small // 4, 50.0, 0.98, 1e30, 1)
@@ -53,8 +53,9 @@ def throughput(batch: int) -> List[list]:
     return rows
 
 
-def step_cost(batch_size: int, ratio: float, dim: int = 16, multi_level: bool = False, threads: int = 1,
-              rounds: int = 15) -> List[list]:
+def step_cost(
+    batch_size: int, ratio: float, dim: int = 16, multi_level: bool = False, threads: int = 1, rounds: int = 15
+) -> List[list]:
     """CAFE's per-step id work for one DLRM batch against the FBGEMM TBE forward+backward over
     the same physical table, sized as CafeEmbeddingBagCollection sizes the 26 Criteo Kaggle
     tables at `ratio` and `dim` (the sketch's work does not depend on `dim`; the TBE's does).
@@ -81,8 +82,10 @@ def step_cost(batch_size: int, ratio: float, dim: int = 16, multi_level: bool = 
 
     available()  # builds the C++ ops before their first direct use below
     torch.set_num_threads(threads)
-    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"f{i}"])
-              for i, n in enumerate(KAGGLE_CARDINALITIES)]
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"f{i}"])
+        for i, n in enumerate(KAGGLE_CARDINALITIES)
+    ]
     ebc = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=ratio, multi_level=multi_level))
     layout = ebc.plan.groups[0]
     group = ebc.groups[layout.name]
@@ -93,12 +96,19 @@ def step_cost(batch_size: int, ratio: float, dim: int = 16, multi_level: bool = 
     lengths = torch.ones(num_features * batch_size, dtype=torch.int64)
     columns = (0, num_features * dim)
     warm, timed = 24, 4 * rounds
-    ids = [torch.cat([zipf_ids(batch_size, layout.tables[i].logical_rows, 1.05, 1000 * b + i) for i in range(num_features)])
-           for b in range(warm + timed)]
+    ids = [
+        torch.cat(
+            [zipf_ids(batch_size, layout.tables[i].logical_rows, 1.05, 1000 * b + i) for i in range(num_features)]
+        )
+        for b in range(warm + timed)
+    ]
     grad = torch.randn(batch_size, num_features * dim)
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
         [(layout.physical_rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
-        feature_table_map=[0] * num_features, optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01)
+        feature_table_map=[0] * num_features,
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=0.01,
+    )
     offsets = torch.arange(0, batch_size * num_features + 1, dtype=torch.int64)
 
     def keys_of(b: int) -> torch.Tensor:
@@ -156,8 +166,23 @@ def step_cost(batch_size: int, ratio: float, dim: int = 16, multi_level: bool = 
 
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     n = batch_size * num_features
-    return [[f"{ratio:g}x", "CAFE-ML" if multi_level else "CAFE", dim, threads, f"{layout.hot_rows:,}", f"{layout.physical_rows:,}", n, ms["tbe"], ms["sketch"], ms["cafe"],
-             median_ratio("sketch"), median_ratio("cafe"), median_ratio("step") - 1]]
+    return [
+        [
+            f"{ratio:g}x",
+            "CAFE-ML" if multi_level else "CAFE",
+            dim,
+            threads,
+            f"{layout.hot_rows:,}",
+            f"{layout.physical_rows:,}",
+            n,
+            ms["tbe"],
+            ms["sketch"],
+            ms["cafe"],
+            median_ratio("sketch"),
+            median_ratio("cafe"),
+            median_ratio("step") - 1,
+        ]
+    ]
 
 
 def _timed(fn) -> float:
@@ -195,13 +220,19 @@ def recall(z: float, k: int, vocab: int, n: int) -> Dict[str, Dict[int, float]]:
     thresholds = {"hot, paper rule": n / (25 * 10 * k), "hot, threshold k-th / 2": float(exact.values[-1]) / 2}
     out: Dict[str, Dict[int, float]] = {name: {} for name in ("held", "top-k", *thresholds)}
     for c in (2, 4, 8, 16):
-        sk = _filled(HotSketch(hot_capacity=0, threshold=1e30, num_buckets=4 * k // c, slots_per_bucket=c,
-                               decay_trigger=1e30), keys, scores)
+        sk = _filled(
+            HotSketch(hot_capacity=0, threshold=1e30, num_buckets=4 * k // c, slots_per_bucket=c, decay_trigger=1e30),
+            keys,
+            scores,
+        )
         out["held"][c] = len(truth_set & set(sk.slot_keys.tolist())) / k
         out["top-k"][c] = len(truth_set & set(sk.top_k(k)[0].tolist())) / k
         for name, threshold in thresholds.items():
-            sk = _filled(HotSketch(hot_capacity=k, threshold=threshold, num_buckets=4 * k // c, slots_per_bucket=c,
-                                   decay=0.99), keys, scores)
+            sk = _filled(
+                HotSketch(hot_capacity=k, threshold=threshold, num_buckets=4 * k // c, slots_per_bucket=c, decay=0.99),
+                keys,
+                scores,
+            )
             out[name][c] = float((sk.query(truth)[0] >= 0).float().mean())
     return out
 
@@ -219,7 +250,9 @@ def space_saving_bound(z: float, k: int, vocab: int, n: int) -> Dict[str, float]
     ids = zipf_ids(n, vocab, z, 1).tolist()
     gen = torch.Generator().manual_seed(2)
     scores = (torch.rand(n, generator=gen) * 2).tolist()
-    exact = torch.zeros(vocab, dtype=torch.float64).index_add_(0, torch.tensor(ids), torch.tensor(scores, dtype=torch.float64))
+    exact = torch.zeros(vocab, dtype=torch.float64).index_add_(
+        0, torch.tensor(ids), torch.tensor(scores, dtype=torch.float64)
+    )
     truth = set(exact.topk(k).indices.tolist())
     counts: Dict[int, float] = {}
     errors: Dict[int, float] = {}
@@ -256,17 +289,49 @@ def main() -> None:
     batch = 20_000 if args.quick else 100_000
     print("Throughput, one thread, batches of", batch, "unique keys (M ops/s; ratio to the reference)")
     print(table(["kernel", "batch", "insert M/s", "query M/s", "insert x ref", "query x ref"], throughput(batch)))
-    print("\nCost inside a step, one intra-op thread unless said: 26 Criteo Kaggle features x 4096 samples, Zipf 1.05 ids,")
+    print(
+        "\nCost inside a step, one intra-op thread unless said: 26 Criteo Kaggle features x 4096 samples, "
+        "Zipf 1.05 ids,"
+    )
     print("a fresh batch per call; TBE fwd+bwd (row-wise Adagrad) over CAFE's physical table vs the sketch")
     print("(query + insert), vs all of CAFE's id work (pre-hash, query, hashed rows, scoring, insert, stats),")
     print("and what a whole CAFE step adds to the TBE step when scoring and insert run on the background")
     print("thread during the TBE backward (the module's default; it needs a second core)")
-    print("(d=16 is the paper's Criteo dim and examples/dlrm's default, d=128 MLPerf DLRM's: the same sketch work, a larger TBE)")
-    cases = dict.fromkeys(((1000.0, 16, False, 1), (1000.0, 16, False, threads), (1000.0, 16, True, 1),
-                           (100.0, 16, False, 1), (1000.0, 64, False, 1), (1000.0, 128, False, 1)))  # one row per case
+    print(
+        "(d=16 is the paper's Criteo dim and examples/dlrm's default, d=128 MLPerf DLRM's: "
+        "the same sketch work, a larger TBE)"
+    )
+    cases = dict.fromkeys(
+        (
+            (1000.0, 16, False, 1),
+            (1000.0, 16, False, threads),
+            (1000.0, 16, True, 1),
+            (100.0, 16, False, 1),
+            (1000.0, 64, False, 1),
+            (1000.0, 128, False, 1),
+        )
+    )  # one row per case
     cost = [row for ratio, dim, ml, n in cases for row in step_cost(4096, ratio, dim, ml, n)]
-    print(table(["ratio", "method", "dim", "threads", "hot rows", "table rows", "ids", "TBE ms", "sketch ms", "CAFE ms", "sketch/TBE", "CAFE/TBE",
-                 "added to step"], cost))
+    print(
+        table(
+            [
+                "ratio",
+                "method",
+                "dim",
+                "threads",
+                "hot rows",
+                "table rows",
+                "ids",
+                "TBE ms",
+                "sketch ms",
+                "CAFE ms",
+                "sketch/TBE",
+                "CAFE/TBE",
+                "added to step",
+            ],
+            cost,
+        )
+    )
     torch.set_num_threads(threads)
     print("\nRecall of the true top-k at the paper's memory (4 slots per hot row), by slots per bucket c")
     k, vocab, n = (2_000, 200_000, 1_000_000) if args.quick else (10_000, 1_000_000, 5_000_000)
@@ -275,11 +340,16 @@ def main() -> None:
         r = recall(z, k, vocab, n)
         bound = space_saving_bound(z, k, vocab, n)
         for metric in r:
-            rows.append([z, f"{1 + 1 / (z - 1):.1f}", metric] + [r[metric][c] for c in (2, 4, 8, 16)]
-                        + [bound.get(metric, "")])
+            rows.append(
+                [z, f"{1 + 1 / (z - 1):.1f}", metric] + [r[metric][c] for c in (2, 4, 8, 16)] + [bound.get(metric, "")]
+            )
     print(table(["zipf z", "theory c*", "recall", "c=2", "c=4", "c=8", "c=16", "no buckets"], rows))
-    print(f"(k={k}, vocabulary {vocab:,}, stream {n:,}, gradient-like scores; \"no buckets\": a fully associative "
-          "Space-Saving with the same 4k counters; paper, Criteo 1000x: 0.82 at c=4 with this memory, up to 0.96 with 2.4x)")
+    print(
+        f'(k={k}, vocabulary {vocab:,}, stream {n:,}, gradient-like scores; "no buckets": a fully associative '
+        "Space-Saving with the same 4k counters; paper, Criteo 1000x: 0.82 at c=4 with this memory, "
+        "up to 0.96 with 2.4x)"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -307,7 +307,8 @@ def render(results: Dict[str, Dict[str, Union[Measure, Dict[str, float]]]], byte
                 )
                 lines.append(
                     f"| same recall, ours with its default adaptive policy (no threshold; rows assigned) | "
-                    f"{m['official']:.3f} | {m['ours, adaptive policy']:.3f} ({m['ours, adaptive policy rows']:,.0f}) | |"
+                    f"{m['official']:.3f} | {m['ours, adaptive policy']:.3f} "
+                    f"({m['ours, adaptive policy rows']:,.0f}) | |"
                 )
                 continue
             off, ratio = m.ns("official"), m.ratio()

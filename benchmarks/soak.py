@@ -74,8 +74,15 @@ def soak(cfg: SoakConfig, progress: bool = False) -> Dict[str, float]:
             assert float(scores.max()) <= 10 * sketch.decay_trigger, f"step {step}: scores unbounded"
             rss.append(rss_mb())
     tail = rss[len(rss) // 4 :] or rss
-    return {"steps": cfg.steps, "capacity": cfg.capacity, "promotions": promotions, "demotions": demotions,
-            "max_migrations_per_step": worst, "rss_after_warmup_mb": tail[0], "rss_end_mb": tail[-1]}
+    return {
+        "steps": cfg.steps,
+        "capacity": cfg.capacity,
+        "promotions": promotions,
+        "demotions": demotions,
+        "max_migrations_per_step": worst,
+        "rss_after_warmup_mb": tail[0],
+        "rss_end_mb": tail[-1],
+    }
 
 
 def main() -> None:

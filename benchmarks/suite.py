@@ -96,8 +96,13 @@ RECOVERY_RATIO = 1000
 RECOVERY_LEVEL = 0.9
 # Code each method runs: a change there invalidates its cached runs (examples/dlrm counts for all).
 CODE = {
-    "hash": ("cafe_torchrec/baselines", "cafe_torchrec/collection.py", "cafe_torchrec/layout.py",
-             "cafe_torchrec/validation.py", "cafe_torchrec/hashing.py"),
+    "hash": (
+        "cafe_torchrec/baselines",
+        "cafe_torchrec/collection.py",
+        "cafe_torchrec/layout.py",
+        "cafe_torchrec/validation.py",
+        "cafe_torchrec/hashing.py",
+    ),
     "cafe": ("cafe_torchrec",),
     OFFICIAL: ("benchmarks/official.py",),
 }
@@ -142,8 +147,21 @@ def log_every(spec: StreamSpec) -> int:
 
 
 def train_args(spec: StreamSpec, method_args: Sequence[str], ratio: float, seed: int) -> Tuple[str, ...]:
-    return ("--data", "stream", "--stream", spec.name, "--stream-seed", str(seed), "--seed", str(seed),
-            "--compression-ratio", f"{ratio:g}", "--log-every", str(log_every(spec)), *method_args)
+    return (
+        "--data",
+        "stream",
+        "--stream",
+        spec.name,
+        "--stream-seed",
+        str(seed),
+        "--seed",
+        str(seed),
+        "--compression-ratio",
+        f"{ratio:g}",
+        "--log-every",
+        str(log_every(spec)),
+        *method_args,
+    )
 
 
 def grid_points(ratio: float) -> List[Dict[str, Any]]:
@@ -153,9 +171,12 @@ def grid_points(ratio: float) -> List[Dict[str, Any]]:
     paper = default_threshold(ratio)
     points: List[Dict[str, Any]] = [
         {"policy": "paper", "threshold": round(paper * tx, 3), "decay": decay, "hot_share": share}
-        for tx, decay, share in itertools.product(GRID["threshold_x"], GRID["decay"], GRID["hot_share"])]
-    points += [{"horizon": horizon, "hot_share": share}
-               for horizon, share in itertools.product(ADAPTIVE_GRID["horizon"], ADAPTIVE_GRID["hot_share"])]
+        for tx, decay, share in itertools.product(GRID["threshold_x"], GRID["decay"], GRID["hot_share"])
+    ]
+    points += [
+        {"horizon": horizon, "hot_share": share}
+        for horizon, share in itertools.product(ADAPTIVE_GRID["horizon"], ADAPTIVE_GRID["hot_share"])
+    ]
     return points
 
 
@@ -166,8 +187,9 @@ def grid_args(point: Dict[str, Any]) -> List[str]:
     return out
 
 
-def plan_runs(methods: Sequence[str], specs: Sequence[StreamSpec], ratios: Sequence[float],
-              seeds: Sequence[int]) -> List[Run]:
+def plan_runs(
+    methods: Sequence[str], specs: Sequence[StreamSpec], ratios: Sequence[float], seeds: Sequence[int]
+) -> List[Run]:
     """Every run of the fixed methods, and the grid's validation runs (first seed, GRID_RATIOS only)."""
     runs = []
     for spec, ratio, seed, method in itertools.product(specs, ratios, seeds, methods):
@@ -175,11 +197,21 @@ def plan_runs(methods: Sequence[str], specs: Sequence[StreamSpec], ratios: Seque
             runs.append(Run(method, spec.name, ratio, seed, ("official", spec.name, f"{ratio:g}", str(seed)), OFFICIAL))
         elif method == GRID_METHOD:
             if seed == seeds[0] and ratio in GRID_RATIOS:
-                runs += [Run(method, spec.name, ratio, seed, train_args(spec, grid_args(p), ratio, seed), "cafe")
-                         for p in grid_points(ratio)]
+                runs += [
+                    Run(method, spec.name, ratio, seed, train_args(spec, grid_args(p), ratio, seed), "cafe")
+                    for p in grid_points(ratio)
+                ]
         else:
-            runs.append(Run(method, spec.name, ratio, seed, train_args(spec, METHODS[method], ratio, seed),
-                            "hash" if method == "hash" else "cafe"))
+            runs.append(
+                Run(
+                    method,
+                    spec.name,
+                    ratio,
+                    seed,
+                    train_args(spec, METHODS[method], ratio, seed),
+                    "hash" if method == "hash" else "cafe",
+                )
+            )
     return runs
 
 
@@ -204,8 +236,9 @@ def snapshot(commit: str) -> Tuple[Path, str]:
     Why: other work edits the checkout while a suite runs for an hour; a snapshot keeps every run
     of one suite on one commit. One fixed folder per commit, kept for the next suite: the JIT build
     of the C++ ops is keyed by its sources' paths too, so a new folder would rebuild them."""
-    sha = subprocess.run(["git", "rev-parse", "--short", commit], cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", commit], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
     base = Path(tempfile.gettempdir()) / f"cafe-suite-{sha}"
     root = base / "repo"
     if root.is_dir():
@@ -257,14 +290,31 @@ class Cache:
 # ----------------------------------------------------------------------------- running
 def execute(run: Run, repo: Path) -> Dict[str, Any]:
     """One run in its own process in the checkout `repo`; a failure becomes {"error": ..., "returncode": ...}."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     with tempfile.TemporaryDirectory(prefix="suite-") as tmp:
         if run.code_of == OFFICIAL:
             cmd = [sys.executable, "-m", "benchmarks.suite", "--official-worker", *run.args[1:], f"{tmp}/run.json"]
         else:
-            cmd = [sys.executable, "-m", "examples.dlrm.train", *run.args, "--threads", "1", "--no-progress",
-                   "--no-plot", "--out-dir", tmp, "--run-name", "run"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "examples.dlrm.train",
+                *run.args,
+                "--threads",
+                "1",
+                "--no-progress",
+                "--no-plot",
+                "--out-dir",
+                tmp,
+                "--run-name",
+                "run",
+            ]
         start = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
@@ -276,8 +326,14 @@ def execute(run: Run, repo: Path) -> Dict[str, Any]:
         else:
             lines = (proc.stderr.strip() or proc.stdout.strip() or "failed").splitlines()
             result = {"error": lines[-1][:300], "returncode": proc.returncode}
-    result["suite"] = {"method": run.method, "setting": run.setting, "ratio": run.ratio, "seed": run.seed,
-                       "args": list(run.args), "wall_s": time.perf_counter() - start}
+    result["suite"] = {
+        "method": run.method,
+        "setting": run.setting,
+        "ratio": run.ratio,
+        "seed": run.seed,
+        "args": list(run.args),
+        "wall_s": time.perf_counter() - start,
+    }
     return result
 
 
@@ -310,9 +366,17 @@ def run_all(runs: List[Run], cache: Cache, jobs: int, dry: bool, repo: Path) -> 
                 cache.put(group[0], result)
             for run in group:
                 results[run] = result
-            name = f"{group[0].setting} {'/'.join(sorted({r.method for r in group}))} {group[0].ratio:g}x s{group[0].seed}"
-            bar.write(f"{name}: " + (f"val {result['val_auc']:.4f} test {result['test_auc']:.4f}"
-                                     if "error" not in result else f"ERROR {result['error']}"))
+            name = (
+                f"{group[0].setting} {'/'.join(sorted({r.method for r in group}))} {group[0].ratio:g}x s{group[0].seed}"
+            )
+            bar.write(
+                f"{name}: "
+                + (
+                    f"val {result['val_auc']:.4f} test {result['test_auc']:.4f}"
+                    if "error" not in result
+                    else f"ERROR {result['error']}"
+                )
+            )
             bar.update(1)
     return results
 
@@ -324,9 +388,15 @@ def official_worker(setting: str, ratio: str, seed: str, out: str) -> None:
 
     spec, seed_i = settings()[setting], int(seed)
     try:
-        result = train_official(list(spec.cardinalities), batches(spec, "train", seed_i),
-                                batches(spec, "validation", seed_i), batches(spec, "test", seed_i),
-                                compression_ratio=float(ratio), seed=seed_i, embedding_dim=16)
+        result = train_official(
+            list(spec.cardinalities),
+            batches(spec, "train", seed_i),
+            batches(spec, "validation", seed_i),
+            batches(spec, "test", seed_i),
+            compression_ratio=float(ratio),
+            seed=seed_i,
+            embedding_dim=16,
+        )
     except OfficialUnavailable as err:
         print(f"official skipped: {err}", file=sys.stderr)
         raise SystemExit(SKIPPED) from None
@@ -365,8 +435,13 @@ def spread(values: Sequence[float]) -> float:
     return max(values) - min(values) if values else float("nan")
 
 
-def cells(results: Dict[Run, Dict[str, Any]], specs: Sequence[StreamSpec], ratios: Sequence[float],
-          seeds: Sequence[int], methods: Sequence[str]) -> List[Dict[str, Any]]:
+def cells(
+    results: Dict[Run, Dict[str, Any]],
+    specs: Sequence[StreamSpec],
+    ratios: Sequence[float],
+    seeds: Sequence[int],
+    methods: Sequence[str],
+) -> List[Dict[str, Any]]:
     """Per (setting, ratio, method): per-seed test and validation AUC, mean, spread, and the gain over
     hashing (per-seed differences, AUC points)."""
     by: Dict[Tuple[str, float, str, int], Dict[str, Any]] = {}
@@ -379,17 +454,33 @@ def cells(results: Dict[Run, Dict[str, Any]], specs: Sequence[StreamSpec], ratio
         runs = {s: by.get((spec.name, ratio, method, s)) for s in seeds}
         good = {s: r for s, r in runs.items() if ok(r)}
         errors = sorted({r["error"] for r in runs.values() if r is not None and "error" in r})
-        cell: Dict[str, Any] = {"setting": spec.name, "role": spec.role, "ratio": ratio, "method": method,
-                                "seeds": sorted(good), "errors": errors, "stale": any(r.get("stale") for r in good.values())}
+        cell: Dict[str, Any] = {
+            "setting": spec.name,
+            "role": spec.role,
+            "ratio": ratio,
+            "method": method,
+            "seeds": sorted(good),
+            "errors": errors,
+            "stale": any(r.get("stale") for r in good.values()),
+        }
         if good:
             test = [good[s]["test_auc"] for s in sorted(good)]
-            cell.update(test_auc=test, test_auc_mean=statistics.fmean(test), test_auc_spread=spread(test),
-                        val_auc=[good[s].get("val_auc") for s in sorted(good)])
+            cell.update(
+                test_auc=test,
+                test_auc_mean=statistics.fmean(test),
+                test_auc_spread=spread(test),
+                val_auc=[good[s].get("val_auc") for s in sorted(good)],
+            )
             hashed = {s: by.get((spec.name, ratio, "hash", s)) for s in good}
             diffs = [100 * (good[s]["test_auc"] - hashed[s]["test_auc"]) for s in sorted(good) if ok(hashed[s])]
             if diffs and method != "hash":
-                cell.update(gain_points=diffs, gain_mean=statistics.fmean(diffs), gain_spread=spread(diffs),
-                            gain_min=min(diffs), gain_max=max(diffs))
+                cell.update(
+                    gain_points=diffs,
+                    gain_mean=statistics.fmean(diffs),
+                    gain_spread=spread(diffs),
+                    gain_min=min(diffs),
+                    gain_max=max(diffs),
+                )
         out.append(cell)
     return out
 
@@ -410,8 +501,15 @@ def recovery(result: Dict[str, Any], spec: StreamSpec) -> List[Dict[str, Any]]:
         after = [(step, share) for step, share in history if drift < step <= end]
         back = next((step for step, share in after if share >= RECOVERY_LEVEL * level), None)
         steps = back - drift if back is not None else None
-        out.append({"drift_step": drift, "level_before": level, "min_after": min((s for _, s in after), default=None),
-                    "steps": steps, "days": steps / spec.steps_per_day if steps is not None else None})
+        out.append(
+            {
+                "drift_step": drift,
+                "level_before": level,
+                "min_after": min((s for _, s in after), default=None),
+                "steps": steps,
+                "days": steps / spec.steps_per_day if steps is not None else None,
+            }
+        )
     return out
 
 
@@ -425,17 +523,29 @@ def recoveries(results: Dict[Run, Dict[str, Any]], specs: Sequence[StreamSpec]) 
         per_drift: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
         for run, result in sorted(results.items(), key=lambda item: item[0].seed):
             method = GRID_METHOD if run.method == "grid-best" else run.method
-            if run.setting == spec.name and run.ratio == RECOVERY_RATIO and method in CAFE_LIKE and ok(result) \
-                    and run.method != GRID_METHOD:
+            if (
+                run.setting == spec.name
+                and run.ratio == RECOVERY_RATIO
+                and method in CAFE_LIKE
+                and ok(result)
+                and run.method != GRID_METHOD
+            ):
                 for drift in recovery(result, spec):
                     per_drift.setdefault((method, drift["drift_step"]), []).append({**drift, "seed": run.seed})
         for (method, step), drifts in sorted(per_drift.items()):
             done = [d["steps"] for d in drifts if d["steps"] is not None]
-            out.append({"setting": spec.name, "method": method, "drift_step": step,
-                        "seeds": [d["seed"] for d in drifts], "steps": [d["steps"] for d in drifts],
-                        "mean_days": statistics.fmean(done) / spec.steps_per_day if done else None,
-                        "level_before": statistics.fmean(d["level_before"] for d in drifts),
-                        "min_after": statistics.fmean(d["min_after"] for d in drifts if d["min_after"] is not None)})
+            out.append(
+                {
+                    "setting": spec.name,
+                    "method": method,
+                    "drift_step": step,
+                    "seeds": [d["seed"] for d in drifts],
+                    "steps": [d["steps"] for d in drifts],
+                    "mean_days": statistics.fmean(done) / spec.steps_per_day if done else None,
+                    "level_before": statistics.fmean(d["level_before"] for d in drifts),
+                    "min_after": statistics.fmean(d["min_after"] for d in drifts if d["min_after"] is not None),
+                }
+            )
     return out
 
 
@@ -456,11 +566,15 @@ def print_tables(cell_list: List[Dict[str, Any]], methods: Sequence[str]) -> Non
                     row.append("n/a" if c["errors"] else "-")
             for method in (m for m in shown if m != "hash"):
                 c = index[(setting, ratio, method)]
-                row.append(f"{c['gain_mean']:+.2f} [{c['gain_min']:+.2f}, {c['gain_max']:+.2f}]" if "gain_mean" in c else "-")
+                row.append(
+                    f"{c['gain_mean']:+.2f} [{c['gain_min']:+.2f}, {c['gain_max']:+.2f}]" if "gain_mean" in c else "-"
+                )
             rows.append(row)
         if rows:
-            print(f"\n{role} settings: mean test AUC (spread max-min over seeds, seeds); method-hash: mean gain "
-                  "in AUC points [min, max] of the per-seed differences (spread = max - min)")
+            print(
+                f"\n{role} settings: mean test AUC (spread max-min over seeds, seeds); method-hash: mean gain "
+                "in AUC points [min, max] of the per-seed differences (spread = max - min)"
+            )
             print(table(["setting", "ratio", *shown, *[f"{m}-hash" for m in shown if m != "hash"]], rows))
     errors = sorted({(c["setting"], c["ratio"], c["method"], e) for c in cell_list for e in c["errors"]})
     for setting, ratio, method, error in errors:
@@ -491,7 +605,7 @@ def plot(cell_list: List[Dict[str, Any]], specs: Sequence[StreamSpec], methods: 
         ax.set_xticks(range(len(ratios)), [f"{r:g}x" for r in ratios])
         ax.set_title(f"{spec.name} ({spec.role})", fontsize=10)
         ax.set_ylabel("test AUC - hash (points)")
-    for ax in list(axes.flat)[len(specs):]:
+    for ax in list(axes.flat)[len(specs) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(shown), fontsize=9)
@@ -504,23 +618,49 @@ def plot(cell_list: List[Dict[str, Any]], specs: Sequence[StreamSpec], methods: 
 def print_recovery(rec: List[Dict[str, Any]]) -> None:
     if not rec:
         return
-    print(f"\nhot-lookup share after an abrupt drift at {RECOVERY_RATIO:g}x: steps until it is back to "
-          f"{RECOVERY_LEVEL:.0%} of its level just before the drift, per seed ('never': not before the next "
-          "drift or the end; upper bounds at the log interval); share before and lowest share after, seed means")
-    rows = [[r["setting"], r["method"], r["drift_step"],
-             " ".join("never" if s is None else str(s) for s in r["steps"]),
-             f"{r['mean_days']:.3f}" if r["mean_days"] is not None else "-",
-             f"{r['level_before']:.3f}", f"{r['min_after']:.3f}"] for r in rec]
-    print(table(["setting", "method", "drift step", "steps per seed", "days (recovered)", "share before",
-                 "min share after"], rows))
+    print(
+        f"\nhot-lookup share after an abrupt drift at {RECOVERY_RATIO:g}x: steps until it is back to "
+        f"{RECOVERY_LEVEL:.0%} of its level just before the drift, per seed ('never': not before the next "
+        "drift or the end; upper bounds at the log interval); share before and lowest share after, seed means"
+    )
+    rows = [
+        [
+            r["setting"],
+            r["method"],
+            r["drift_step"],
+            " ".join("never" if s is None else str(s) for s in r["steps"]),
+            f"{r['mean_days']:.3f}" if r["mean_days"] is not None else "-",
+            f"{r['level_before']:.3f}",
+            f"{r['min_after']:.3f}",
+        ]
+        for r in rec
+    ]
+    print(
+        table(
+            [
+                "setting",
+                "method",
+                "drift step",
+                "steps per seed",
+                "days (recovered)",
+                "share before",
+                "min share after",
+            ],
+            rows,
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="dev settings, ratios 1000 and 10000, seed 0")
-    p.add_argument("--methods", default=None, help="comma separated (default: hash,cafe,cafe-paper, and "
-                                                   "official,cafe-adagrad when benchmarks.official exists)")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma separated (default: hash,cafe,cafe-paper, and "
+        "official,cafe-adagrad when benchmarks.official exists)",
+    )
     p.add_argument("--grid", action="store_true", help="add the grid method")
     p.add_argument("--settings", default=None, help="comma separated stream names (default: all)")
     p.add_argument("--ratios", type=float, nargs="+", default=None)
@@ -528,8 +668,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
     p.add_argument("--reuse", default="", help="comma separated methods whose cached runs survive code changes")
     p.add_argument("--merge", action="store_true", help="run nothing: print the table from cached runs")
-    p.add_argument("--snapshot", nargs="?", const="HEAD", default=None, metavar="COMMIT",
-                   help="run from a git archive of COMMIT (default HEAD) instead of the live checkout")
+    p.add_argument(
+        "--snapshot",
+        nargs="?",
+        const="HEAD",
+        default=None,
+        metavar="COMMIT",
+        help="run from a git archive of COMMIT (default HEAD) instead of the live checkout",
+    )
     p.add_argument("--out-dir", default=str(OUT))
     p.add_argument("--plot", default=str(PLOT))
     p.add_argument("--official-worker", nargs=4, metavar=("SETTING", "RATIO", "SEED", "OUT"), help=argparse.SUPPRESS)
@@ -584,8 +730,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return run_suite(args, methods, specs, ratios, seeds, repo, commit, start)
 
 
-def run_suite(args: argparse.Namespace, methods: List[str], specs: List[StreamSpec], ratios: List[float],
-              seeds: List[int], repo: Path, commit: str, start: float) -> Dict[str, Any]:
+def run_suite(
+    args: argparse.Namespace,
+    methods: List[str],
+    specs: List[StreamSpec],
+    ratios: List[float],
+    seeds: List[int],
+    repo: Path,
+    commit: str,
+    start: float,
+) -> Dict[str, Any]:
     """Plan, run (or read) and report; the checkout `repo` is what runs."""
     cache = Cache(Path(args.out_dir) / "runs", repo, [m for m in args.reuse.split(",") if m], any_code=args.merge)
     runs = plan_runs(methods, specs, ratios, seeds)
@@ -594,11 +748,15 @@ def run_suite(args: argparse.Namespace, methods: List[str], specs: List[StreamSp
     cached = sum(1 for r in runs if cache.get(r) is not None)
     print(f"machine: {machine()}")
     print(f"code: {commit} ({repo})")
-    print(f"methods {','.join(methods)}; settings {','.join(s.name for s in specs)}; ratios "
-          f"{','.join(f'{r:g}' for r in ratios)}; seeds {','.join(map(str, seeds))}")
-    print(f"expected runs: {len(distinct)} distinct ({len(runs)} requested, identical command lines shared)"
-          + (f", plus up to {grid_cells * (len(seeds) - 1)} for the grid's chosen points" if grid_cells else "")
-          + f"; {cached} cached")
+    print(
+        f"methods {','.join(methods)}; settings {','.join(s.name for s in specs)}; ratios "
+        f"{','.join(f'{r:g}' for r in ratios)}; seeds {','.join(map(str, seeds))}"
+    )
+    print(
+        f"expected runs: {len(distinct)} distinct ({len(runs)} requested, identical command lines shared)"
+        + (f", plus up to {grid_cells * (len(seeds) - 1)} for the grid's chosen points" if grid_cells else "")
+        + f"; {cached} cached"
+    )
     results = run_all(runs, cache, args.jobs, args.merge, repo)
     choice = choose_grid(results)
     if choice:
@@ -613,11 +771,25 @@ def run_suite(args: argparse.Namespace, methods: List[str], specs: List[StreamSp
     rec = recoveries(results, specs)
     print_recovery(rec)
     wall = time.perf_counter() - start
-    summary = {"machine": machine(), "code": commit, "date": time.strftime("%Y-%m-%d %H:%M"), "wall_time_s": wall,
-               "methods": methods, "method_args": {m: METHODS.get(m) for m in methods}, "ratios": ratios,
-               "seeds": seeds, "grid": {"values": GRID, "adaptive": ADAPTIVE_GRID, "ratios": GRID_RATIOS,
-                                        "chosen": {f"{s}@{r:g}": list(a) for (s, r), a in choice.items()}},
-               "settings": {s.name: s.summary() for s in specs}, "cells": cell_list, "recovery": rec}
+    summary = {
+        "machine": machine(),
+        "code": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "wall_time_s": wall,
+        "methods": methods,
+        "method_args": {m: METHODS.get(m) for m in methods},
+        "ratios": ratios,
+        "seeds": seeds,
+        "grid": {
+            "values": GRID,
+            "adaptive": ADAPTIVE_GRID,
+            "ratios": GRID_RATIOS,
+            "chosen": {f"{s}@{r:g}": list(a) for (s, r), a in choice.items()},
+        },
+        "settings": {s.name: s.summary() for s in specs},
+        "cells": cell_list,
+        "recovery": rec,
+    }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -57,17 +57,24 @@ def criteo_batches(batch: int, steps: int, seed: int) -> List[KeyedJaggedTensor]
             u = torch.rand(batch, generator=gen, dtype=torch.float64)
             ranks = torch.floor(torch.exp(u * torch.log(torch.tensor(float(n) + 1)))) - 1  # ~Zipf(1) ranks
             ids.append((ranks.long() * 2654435761) % n)
-        out.append(KeyedJaggedTensor.from_lengths_sync(keys=FEATURES, values=torch.cat(ids),
-                                                       lengths=torch.ones(26 * batch, dtype=torch.int64)))
+        out.append(
+            KeyedJaggedTensor.from_lengths_sync(
+                keys=FEATURES, values=torch.cat(ids), lengths=torch.ones(26 * batch, dtype=torch.int64)
+            )
+        )
     return out
 
 
 def tables(dim: int) -> List[EmbeddingBagConfig]:
-    return [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=n, feature_names=[f])
-            for f, n in zip(FEATURES, KAGGLE)]
+    return [
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=n, feature_names=[f])
+        for f, n in zip(FEATURES, KAGGLE)
+    ]
 
 
-def build(world: int, method: str, ratio: float, sharding: str) -> Tuple[DistributedModelParallel, CafeEmbeddingBagCollection]:
+def build(
+    world: int, method: str, ratio: float, sharding: str
+) -> Tuple[DistributedModelParallel, CafeEmbeddingBagCollection]:
     """A DMP of CAFE, or of the stock EBC over exactly CAFE's physical tables, with fused row-wise Adagrad."""
     torch.manual_seed(0)
     cafe = CafeEmbeddingBagCollection(tables(16), CafeConfig(compression_ratio=ratio))
@@ -78,21 +85,31 @@ def build(world: int, method: str, ratio: float, sharding: str) -> Tuple[Distrib
         sharder = _StockWithRowWise()
     _apply_optimizer_in_backward(RowWiseAdagrad, module.parameters(), {"lr": 0.01})
     names = [c.name for c in cafe.plan.physical_configs()]
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"),
-                                       constraints={n: ParameterConstraints(sharding_types=[sharding]) for n in names})
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device="cpu"),
+        constraints={n: ParameterConstraints(sharding_types=[sharding]) for n in names},
+    )
     plan = planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
     return DistributedModelParallel(module, device=torch.device("cpu"), plan=plan, sharders=[sharder]), cafe
 
 
-def paired_rates(rank: int, world: int, ratio: float, batch: int, steps: int, rounds: int, sharding: str) -> Dict[str, List[float]]:
+def paired_rates(
+    rank: int, world: int, ratio: float, batch: int, steps: int, rounds: int, sharding: str
+) -> Dict[str, List[float]]:
     """Samples/s (all ranks) of `rounds` blocks of `steps` steps, stock and CAFE alternating in one
     process, so that a slow spell of the shared machine hits both sides of a round alike."""
     models = {m: build(world, m, ratio, sharding) for m in ("stock", "cafe")}
     cafe = models["cafe"][1]
     batches = criteo_batches(batch, steps * (rounds + 1), seed=rank)  # fresh ids in every block
-    inputs = {"cafe": batches,
-              "stock": [KeyedJaggedTensor.from_lengths_sync(keys=cafe.feature_map.inner, values=_stock_ids(b, cafe),
-                                                            lengths=b.lengths()) for b in batches]}
+    inputs = {
+        "cafe": batches,
+        "stock": [
+            KeyedJaggedTensor.from_lengths_sync(
+                keys=cafe.feature_map.inner, values=_stock_ids(b, cafe), lengths=b.lengths()
+            )
+            for b in batches
+        ],
+    }
     probe = torch.randn(batch, 26 * 16)
 
     def block(method: str, index: int) -> float:
@@ -113,10 +130,19 @@ def paired_rates(rank: int, world: int, ratio: float, batch: int, steps: int, ro
     return rates
 
 
-CAFE_OPS = ("cafe::make_keys", "cafe::remap_lookup", "cafe::occurrence_scores", "cafe::sketch_insert",
-            "cafe::sketch_rebalance")
-CAFE_RANGES = ("## cafe: input check and pre-hash ##", "## cafe: remap ##", "## cafe: importance and sketch insert ##",
-               "## cafe: migration ##")
+CAFE_OPS = (
+    "cafe::make_keys",
+    "cafe::remap_lookup",
+    "cafe::occurrence_scores",
+    "cafe::sketch_insert",
+    "cafe::sketch_rebalance",
+)
+CAFE_RANGES = (
+    "## cafe: input check and pre-hash ##",
+    "## cafe: remap ##",
+    "## cafe: importance and sketch insert ##",
+    "## cafe: migration ##",
+)
 
 
 def profile_phases(rank: int, world: int, ratio: float, batch: int, steps: int, sharding: str) -> List[list]:
@@ -126,9 +152,15 @@ def profile_phases(rank: int, world: int, ratio: float, batch: int, steps: int, 
     models = {m: build(world, m, ratio, sharding) for m in ("stock", "cafe")}
     cafe = models["cafe"][1]
     batches = criteo_batches(batch, 2 * steps, seed=rank)
-    inputs = {"cafe": batches,
-              "stock": [KeyedJaggedTensor.from_lengths_sync(keys=cafe.feature_map.inner, values=_stock_ids(b, cafe),
-                                                            lengths=b.lengths()) for b in batches]}
+    inputs = {
+        "cafe": batches,
+        "stock": [
+            KeyedJaggedTensor.from_lengths_sync(
+                keys=cafe.feature_map.inner, values=_stock_ids(b, cafe), lengths=b.lengths()
+            )
+            for b in batches
+        ],
+    }
     probe = torch.randn(batch, 26 * 16)
     totals, events = {}, {}
     for method, (dmp, _) in models.items():
@@ -141,8 +173,11 @@ def profile_phases(rank: int, world: int, ratio: float, batch: int, steps: int, 
         totals[method] = (time.thread_time() - start) / steps * 1e3
         events[method] = {e.key: e for e in prof.key_averages()}
     ms = {k: e.self_cpu_time_total / steps / 1e3 for k, e in events["cafe"].items()}
-    rows = [["stock step", totals["stock"]], ["CAFE step", totals["cafe"]],
-            ["CAFE - stock", totals["cafe"] - totals["stock"]]]
+    rows = [
+        ["stock step", totals["stock"]],
+        ["CAFE step", totals["cafe"]],
+        ["CAFE - stock", totals["cafe"] - totals["stock"]],
+    ]
     for op in CAFE_OPS:
         rows.append([f"  {op}", ms.get(op, 0.0)])
     for label in CAFE_RANGES:
@@ -179,19 +214,32 @@ def main() -> None:
     if args.profile:
         os.environ["CAFE_SKETCH_THREAD"] = "0"  # every piece of work on the thread the profile sees
         print(f"machine: {machine()}")
-        print(f"one rank, 26 Criteo Kaggle features, {args.batch} samples/step, {args.ratio:g}x, {args.sharding}, "
-              f"{args.steps * 4} profiled steps, all work on one thread")
+        print(
+            f"one rank, 26 Criteo Kaggle features, {args.batch} samples/step, {args.ratio:g}x, {args.sharding}, "
+            f"{args.steps * 4} profiled steps, all work on one thread"
+        )
         rows = run_ranks(profile_phases, 1, args.ratio, args.batch, args.steps * 4, args.sharding)[0]
         print(table(["per step", "CPU ms"], rows))
         return
     print(f"machine: {machine()}")
-    print(f"26 Criteo Kaggle features, {args.batch} samples/rank/step, {args.ratio:g}x, {args.sharding}, fused row-wise Adagrad\n")
+    print(
+        f"26 Criteo Kaggle features, {args.batch} samples/rank/step, {args.ratio:g}x, {args.sharding}, "
+        "fused row-wise Adagrad\n"
+    )
     rows = []
     for world in tqdm(args.worlds, desc="world sizes"):
         rates = run_ranks(paired_rates, world, args.ratio, args.batch, args.steps, args.rounds, args.sharding)[0]
         ratios = [c / s for s, c in zip(rates["stock"], rates["cafe"])]
-        rows.append([world, statistics.median(rates["stock"]), statistics.median(rates["cafe"]),
-                     statistics.median(ratios), min(ratios), max(ratios)])
+        rows.append(
+            [
+                world,
+                statistics.median(rates["stock"]),
+                statistics.median(rates["cafe"]),
+                statistics.median(ratios),
+                min(ratios),
+                max(ratios),
+            ]
+        )
     print(table(["world", "stock EBC samples/s", "CAFE samples/s", "CAFE / stock (median)", "min", "max"], rows))
     print(f"(medians over {args.rounds} rounds; a round is {args.steps} stock steps then {args.steps} CAFE steps)")
 

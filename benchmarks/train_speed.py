@@ -25,11 +25,33 @@ METHODS = ("hash", "cafe", "cafe-ml")
 
 def samples_per_sec(method: str, ratio: float, args: argparse.Namespace, out: Path) -> float:
     name = f"{method}-{ratio:g}x"
-    cmd = [sys.executable, "-m", "examples.dlrm.train", "--embedding", method, "--compression-ratio", str(ratio),
-           "--data", "synthetic", "--cardinality-scale", "1.0", "--batch-size", str(args.batch_size),
-           "--days", "2", "--samples-per-day", str(args.steps * args.batch_size),  # one day trains, one tests
-           "--threads", "1", "--no-progress", "--no-plot",
-           "--out-dir", str(out), "--run-name", name]
+    cmd = [
+        sys.executable,
+        "-m",
+        "examples.dlrm.train",
+        "--embedding",
+        method,
+        "--compression-ratio",
+        str(ratio),
+        "--data",
+        "synthetic",
+        "--cardinality-scale",
+        "1.0",
+        "--batch-size",
+        str(args.batch_size),
+        "--days",
+        "2",
+        "--samples-per-day",
+        str(args.steps * args.batch_size),  # one day trains, one tests
+        "--threads",
+        "1",
+        "--no-progress",
+        "--no-plot",
+        "--out-dir",
+        str(out),
+        "--run-name",
+        name,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -52,9 +74,19 @@ def main() -> None:
             for _ in range(args.repeats):
                 for method in METHODS:
                     best[method] = max(best.get(method, 0.0), samples_per_sec(method, ratio, args, Path(tmp)))
-            rows.append([f"{ratio:g}x", best["hash"], best["cafe"], best["cafe"] / best["hash"],
-                         best["cafe-ml"], best["cafe-ml"] / best["hash"]])
-    print(table(["ratio", "hash samples/s", "CAFE samples/s", "CAFE / hash", "CAFE-ML samples/s", "CAFE-ML / hash"], rows))
+            rows.append(
+                [
+                    f"{ratio:g}x",
+                    best["hash"],
+                    best["cafe"],
+                    best["cafe"] / best["hash"],
+                    best["cafe-ml"],
+                    best["cafe-ml"] / best["hash"],
+                ]
+            )
+    print(
+        table(["ratio", "hash samples/s", "CAFE samples/s", "CAFE / hash", "CAFE-ML samples/s", "CAFE-ML / hash"], rows)
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,11 @@ if TYPE_CHECKING:
     from cafe_torchrec.sketch import HotSketch
 
 __all__ = ["CafeConfig", "CafeEmbeddingBagCollection", "HotSketch"]
-_WHERE = {"CafeConfig": "cafe_torchrec.config", "CafeEmbeddingBagCollection": "cafe_torchrec.modules",
-          "HotSketch": "cafe_torchrec.sketch"}
+_WHERE = {
+    "CafeConfig": "cafe_torchrec.config",
+    "CafeEmbeddingBagCollection": "cafe_torchrec.modules",
+    "HotSketch": "cafe_torchrec.sketch",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -64,8 +64,12 @@ def local_embedding_tables(sharded: Any) -> List[Any]:
     """The ShardedEmbeddingTable configs this rank holds (name, local_rows, local_metadata), over
     all shardings (`_grouped_embedding_configs` of each): the public `embedding_tables()` lists
     every rank's tables for table-wise sharding."""
-    return [table for sharding in embedding_shardings(sharded)
-            for config in sharding._grouped_embedding_configs for table in config.embedding_tables]
+    return [
+        table
+        for sharding in embedding_shardings(sharded)
+        for config in sharding._grouped_embedding_configs
+        for table in config.embedding_tables
+    ]
 
 
 def sharding_process_group(sharding: Any) -> Any:
@@ -130,8 +134,13 @@ def is_sharded_tensor(value: Any) -> bool:
     return isinstance(value, ShardedTensor)
 
 
-def row_sharded_tensor(local: Optional[torch.Tensor], shards: Sequence[Tuple[int, torch.Size]], rank: int,
-                       dtype: torch.dtype, process_group: Any) -> Any:
+def row_sharded_tensor(
+    local: Optional[torch.Tensor],
+    shards: Sequence[Tuple[int, torch.Size]],
+    rank: int,
+    dtype: torch.dtype,
+    process_group: Any,
+) -> Any:
     """A ShardedTensor cut along dim 0 into `shards` ((owner rank, shard shape), in order, on
     CPU), holding `local` as this rank's shard where given. Built from this rank's shard and the
     global metadata without a collective (`ShardedTensor._init_from_local_shards_and_global_metadata`,
@@ -142,16 +151,18 @@ def row_sharded_tensor(local: Optional[torch.Tensor], shards: Sequence[Tuple[int
 
     metas, offset, local_shards = [], 0, []
     for owner, shape in shards:
-        meta = ShardMetadata(shard_offsets=[offset] + [0] * (len(shape) - 1), shard_sizes=list(shape),
-                             placement=f"rank:{owner}/cpu")
+        meta = ShardMetadata(
+            shard_offsets=[offset] + [0] * (len(shape) - 1), shard_sizes=list(shape), placement=f"rank:{owner}/cpu"
+        )
         metas.append(meta)
         if owner == rank and local is not None:
             local_shards.append(Shard(local, meta))
         offset += shape[0]
     size = torch.Size([offset] + list(shards[0][1][1:]))
     metadata = ShardedTensorMetadata(shards_metadata=metas, size=size, tensor_properties=TensorProperties(dtype=dtype))
-    return ShardedTensor._init_from_local_shards_and_global_metadata(local_shards, metadata,
-                                                                     process_group=process_group)
+    return ShardedTensor._init_from_local_shards_and_global_metadata(
+        local_shards, metadata, process_group=process_group
+    )
 
 
 # baselines (baselines/base.py, baselines/managed_collision.py)

@@ -58,13 +58,21 @@ def wait_for_sketch_update(group: CafeGroupRemap) -> None:
 
 def _score_and_record(group: CafeGroupRemap, batch: GroupBatch, grad: torch.Tensor) -> InsertResult:
     with record_function("## cafe: importance and sketch insert ##"):
-        scores = occurrence_scores(grad, batch.columns, batch.lengths, batch.num_features, batch.weights,
-                                   group.layout.config.importance, group.kernel)
+        scores = occurrence_scores(
+            grad,
+            batch.columns,
+            batch.lengths,
+            batch.num_features,
+            batch.weights,
+            group.layout.config.importance,
+            group.kernel,
+        )
         return group.record(batch.keys, scores, batch.hints)
 
 
-def _start_update(group: CafeGroupRemap, batch: GroupBatch, grad: torch.Tensor,
-                  worker: Optional[ThreadPoolExecutor]) -> "Future[InsertResult]":
+def _start_update(
+    group: CafeGroupRemap, batch: GroupBatch, grad: torch.Tensor, worker: Optional[ThreadPoolExecutor]
+) -> "Future[InsertResult]":
     """Score and insert `batch` on the worker (or now, without one); the group's pending update."""
     wait_for_sketch_update(group)  # an earlier update of this group (another output of the same step)
     if worker is None:
@@ -85,7 +93,8 @@ def importance_hook(
     def hook(grad: torch.Tensor) -> None:
         worker = background_worker() if grad.device.type == "cpu" else None
         started: List[Tuple[CafeGroupRemap, "Future[InsertResult]"]] = [
-            (groups[b.group], _start_update(groups[b.group], b, grad, worker)) for b in batches]
+            (groups[b.group], _start_update(groups[b.group], b, grad, worker)) for b in batches
+        ]
 
         def finish() -> None:
             for group, done in started:

@@ -68,8 +68,13 @@ class FeatureMap(nn.Module):
             else:
                 pieces.append(self._keys(seg.table, seg.features, seg.values, seg.counts))
         prepared = concat(pieces, features.values())
-        return KeyedJaggedTensor(keys=self.inner, values=prepared, lengths=features.lengths(),
-                                 weights=features.weights_or_none(), stride=features.stride())
+        return KeyedJaggedTensor(
+            keys=self.inner,
+            values=prepared,
+            lengths=features.lengths(),
+            weights=features.weights_or_none(),
+            stride=features.stride(),
+        )
 
     def _keys(self, table: str, names: List[str], ids: torch.Tensor, counts: List[int]) -> torch.Tensor:
         """Keys of a run of one group's features (C++ on CPU, torch ops elsewhere)."""

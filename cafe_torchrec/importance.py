@@ -15,7 +15,6 @@ import torch
 from cafe_torchrec.ops import resolve_kernel
 
 
-
 def occurrence_scores(
     grad: torch.Tensor,
     columns: Tuple[int, int],
@@ -37,13 +36,19 @@ def occurrence_scores(
     if resolve_kernel(kernel, grad.device) == "cpp" and grad.dtype == torch.float32:
         dim = (columns[1] - columns[0]) // max(num_features, 1)
         empty = grad.new_empty(0)
-        return torch.ops.cafe.occurrence_scores(grad, columns[0], num_features, dim, lengths,
-                                                weights if weights is not None else empty)
+        return torch.ops.cafe.occurrence_scores(
+            grad, columns[0], num_features, dim, lengths, weights if weights is not None else empty
+        )
     return torch_occurrence_scores(grad, columns, lengths, num_features, weights)
 
 
-def torch_occurrence_scores(grad: torch.Tensor, columns: Tuple[int, int], lengths: torch.Tensor, num_features: int,
-                            weights: Optional[torch.Tensor]) -> torch.Tensor:
+def torch_occurrence_scores(
+    grad: torch.Tensor,
+    columns: Tuple[int, int],
+    lengths: torch.Tensor,
+    num_features: int,
+    weights: Optional[torch.Tensor],
+) -> torch.Tensor:
     """The gradient scores of occurrence_scores in torch ops (any device): the twin of the C++ op."""
     pooled_grad = grad[:, columns[0] : columns[1]]
     batch = pooled_grad.shape[0]

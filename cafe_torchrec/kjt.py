@@ -29,18 +29,23 @@ def expand_variable_batch(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
     keys = features.keys()
     inverse = features.inverse_indices_or_none()
     if inverse is None:
-        raise ValueError(f"variable-batch (VBE) KeyedJaggedTensor without inverse_indices (features {keys}): "
-                         "the output batch is undefined; build it with inverse_indices=(keys, [F, B] indices)")
+        raise ValueError(
+            f"variable-batch (VBE) KeyedJaggedTensor without inverse_indices (features {keys}): "
+            "the output batch is undefined; build it with inverse_indices=(keys, [F, B] indices)"
+        )
     names, indices = inverse
     if indices.dim() != 2 or indices.shape[0] != len(names):
-        raise ValueError(f"variable-batch (VBE) inverse_indices must be [len(keys)={len(names)}, batch], "
-                         f"got shape {indices.shape}")
+        raise ValueError(
+            f"variable-batch (VBE) inverse_indices must be [len(keys)={len(names)}, batch], got shape {indices.shape}"
+        )
     row_of = {name: i for i, name in enumerate(names)}
     strides = features.stride_per_key() if features.variable_stride_per_key() else [features.stride()] * len(keys)
     lengths = features.lengths()
     if lengths.numel() != sum(strides):
-        raise ValueError(f"variable-batch (VBE) KeyedJaggedTensor: strides per key {strides} sum to {sum(strides)} "
-                         f"bags but there are {lengths.numel()} lengths (features {keys})")
+        raise ValueError(
+            f"variable-batch (VBE) KeyedJaggedTensor: strides per key {strides} sum to {sum(strides)} "
+            f"bags but there are {lengths.numel()} lengths (features {keys})"
+        )
     bag_starts = 0
     rows: List[torch.Tensor] = []
     for key, stride in zip(keys, strides):
@@ -48,8 +53,10 @@ def expand_variable_batch(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
             raise ValueError(f"variable-batch (VBE) feature '{key}' has no inverse_indices (they name {names})")
         index = indices[row_of[key]].to(torch.int64)
         if index.numel() > 0 and (int(index.min()) < 0 or int(index.max()) >= stride):
-            raise ValueError(f"variable-batch (VBE) feature '{key}': inverse_indices must lie in [0, {stride}) "
-                             f"(its {stride} bags), got [{int(index.min())}, {int(index.max())}]")
+            raise ValueError(
+                f"variable-batch (VBE) feature '{key}': inverse_indices must lie in [0, {stride}) "
+                f"(its {stride} bags), got [{int(index.min())}, {int(index.max())}]"
+            )
         rows.append(index + bag_starts)
         bag_starts += stride
     batch = int(indices.shape[1])
@@ -61,8 +68,13 @@ def expand_variable_batch(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
     shift = torch.repeat_interleave(offsets[bags] - new_offsets[:-1], new_lengths, output_size=total)
     positions = shift + torch.arange(total, device=shift.device)
     weights = features.weights_or_none()
-    return KeyedJaggedTensor(keys=keys, values=features.values()[positions], lengths=new_lengths,
-                             weights=weights[positions] if weights is not None else None, stride=batch)
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=features.values()[positions],
+        lengths=new_lengths,
+        weights=weights[positions] if weights is not None else None,
+        stride=batch,
+    )
 
 
 def _complete_cumsum(lengths: torch.Tensor) -> torch.Tensor:
@@ -103,9 +115,14 @@ def table_segments(kjt: KeyedJaggedTensor, table_of: Mapping[str, str]) -> Itera
     for table, names in _feature_runs(kjt.keys(), table_of):
         counts = length_per_key[feature : feature + len(names)]
         end = start + sum(counts)
-        yield TableSegment(table, names, counts, values[start:end],
-                           lengths[feature * stride : (feature + len(names)) * stride],
-                           weights[start:end] if weights is not None else None)
+        yield TableSegment(
+            table,
+            names,
+            counts,
+            values[start:end],
+            lengths[feature * stride : (feature + len(names)) * stride],
+            weights[start:end] if weights is not None else None,
+        )
         feature += len(names)
         start = end
 

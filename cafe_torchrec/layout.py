@@ -21,8 +21,8 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 
 from cafe_torchrec.config import CafeConfig
 from cafe_torchrec.hashing import MAX_BOUND
-from cafe_torchrec.validation import check_tables
 from cafe_torchrec.sketch.hot_sketch import SLOT_BYTES, per_row_bytes
+from cafe_torchrec.validation import check_tables
 
 MAX_TABLES_PER_GROUP = 1 << 15  # the table slot lives in the low 15 bits of a key
 BYTES_PER_VALUE = {DataType.FP32: 4, DataType.FP16: 2}
@@ -78,17 +78,25 @@ class GroupLayout:
         if rows == self.physical_rows:
             return self
         multi = self.config.multi_level
-        sizes = [self.hot_rows] + [r for t in self.tables for r in ((t.level1_rows, t.level2_rows) if multi else (t.level1_rows,))]
+        sizes = [self.hot_rows] + [
+            r for t in self.tables for r in ((t.level1_rows, t.level2_rows) if multi else (t.level1_rows,))
+        ]
         minimum = [0] + [1] * (len(sizes) - 1)
         if rows < sum(minimum):
-            raise ValueError(f"CAFE group {self.name!r}: a block of {rows} rows cannot hold one hashed row per table "
-                             f"region ({sum(minimum)} needed); use fewer row-wise shards or a lower compression ratio")
+            raise ValueError(
+                f"CAFE group {self.name!r}: a block of {rows} rows cannot hold one hashed row per table "
+                f"region ({sum(minimum)} needed); use fewer row-wise shards or a lower compression ratio"
+            )
         exact = [s * rows / self.physical_rows for s in sizes]
         out = [max(m, math.floor(e)) for e, m in zip(exact, minimum)]
         by_fraction = sorted(range(len(sizes)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)
         i = 0
         while sum(out) != rows:
-            j = by_fraction[i % len(sizes)] if sum(out) < rows else max(range(len(sizes)), key=lambda k: out[k] - minimum[k])
+            j = (
+                by_fraction[i % len(sizes)]
+                if sum(out) < rows
+                else max(range(len(sizes)), key=lambda k: out[k] - minimum[k])
+            )
             out[j] += 1 if sum(out) < rows else -1
             i += 1
         hot, rest = out[0], iter(out[1:])
@@ -135,18 +143,33 @@ class CafePlan:
         configs = []
         for g in self.groups:
             bound = math.sqrt(1.0 / max(t.logical_rows for t in g.tables))
-            configs.append(EmbeddingBagConfig(
-                name=g.name, embedding_dim=g.dim, num_embeddings=g.physical_rows,
-                feature_names=g.features, pooling=PoolingType.SUM, data_type=g.data_type,
-                weight_init_min=-bound, weight_init_max=bound,
-            ))
+            configs.append(
+                EmbeddingBagConfig(
+                    name=g.name,
+                    embedding_dim=g.dim,
+                    num_embeddings=g.physical_rows,
+                    feature_names=g.features,
+                    pooling=PoolingType.SUM,
+                    data_type=g.data_type,
+                    weight_init_min=-bound,
+                    weight_init_max=bound,
+                )
+            )
         for p in self.plain:
             c = p.config
-            configs.append(EmbeddingBagConfig(
-                name=c.name, embedding_dim=c.embedding_dim, num_embeddings=c.num_embeddings,
-                feature_names=list(c.feature_names), pooling=PoolingType.SUM, data_type=c.data_type,
-                weight_init_min=c.weight_init_min, weight_init_max=c.weight_init_max, init_fn=c.init_fn,
-            ))
+            configs.append(
+                EmbeddingBagConfig(
+                    name=c.name,
+                    embedding_dim=c.embedding_dim,
+                    num_embeddings=c.num_embeddings,
+                    feature_names=list(c.feature_names),
+                    pooling=PoolingType.SUM,
+                    data_type=c.data_type,
+                    weight_init_min=c.weight_init_min,
+                    weight_init_max=c.weight_init_max,
+                    init_fn=c.init_fn,
+                )
+            )
         return configs
 
 
@@ -192,9 +215,13 @@ def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[st
         level2 = max(1, round(hashed * cfg.level2_share)) if first.multi_level else 0
         level1 = max(1, hashed - level2)
         if max(level1, level2, hot_rows) > MAX_BOUND:
-            raise ValueError(f"table {t.name!r}: {max(level1, level2, hot_rows):,} rows in one region exceed 2^31; "
-                             "raise its compression_ratio or split the table")
-        layouts.append(TableLayout(t.name, tuple(t.feature_names), t.num_embeddings, cfg.compression_ratio, level1, level2))
+            raise ValueError(
+                f"table {t.name!r}: {max(level1, level2, hot_rows):,} rows in one region exceed 2^31; "
+                "raise its compression_ratio or split the table"
+            )
+        layouts.append(
+            TableLayout(t.name, tuple(t.feature_names), t.num_embeddings, cfg.compression_ratio, level1, level2)
+        )
     return GroupLayout(name, dim, dtype, first, hot_rows, tuple(layouts))
 
 
@@ -214,13 +241,19 @@ def plan_tables(tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeCon
     for (group, dim), members in grouped.items():
         fields = {configs[t.name].group_fields() for t in members}
         if len(fields) > 1:
-            raise ValueError(f"CAFE group {group!r} (dim {dim}): tables {[t.name for t in members]} differ in "
-                             "group-level settings (hot_share, threshold, multi_level, decay, sketch, importance, seed)")
+            raise ValueError(
+                f"CAFE group {group!r} (dim {dim}): tables {[t.name for t in members]} differ in "
+                "group-level settings (hot_share, threshold, multi_level, decay, sketch, importance, seed)"
+            )
         if len({t.data_type for t in members}) > 1:
-            raise ValueError(f"CAFE group {group!r} (dim {dim}): tables {[t.name for t in members]} differ in data_type")
+            raise ValueError(
+                f"CAFE group {group!r} (dim {dim}): tables {[t.name for t in members]} differ in data_type"
+            )
         if len(members) > MAX_TABLES_PER_GROUP:
             raise ValueError(f"CAFE group {group!r} has {len(members)} tables; at most {MAX_TABLES_PER_GROUP}")
-        groups.append(size_group(f"cafe_{group}" if group.startswith("dim") else f"cafe_{group}_dim{dim}", members, configs))
+        groups.append(
+            size_group(f"cafe_{group}" if group.startswith("dim") else f"cafe_{group}_dim{dim}", members, configs)
+        )
     return CafePlan(tuple(groups), tuple(plain))
 
 

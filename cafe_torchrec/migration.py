@@ -67,7 +67,8 @@ def require_in_backward_optimizer(ebc: nn.Module, tables: Iterable[str], what: s
                 f"{what} {table!r} is trained without an in-backward optimizer: {reason} after the update. "
                 "Shard with DistributedModelParallel (fused TBE), or call "
                 "torch.distributed.optim._apply_optimizer_in_backward(SGD | Adagrad | RowWiseAdagrad, "
-                "ebc.parameters(), {...}) before training; for inference use eval() or no_grad().")
+                "ebc.parameters(), {...}) before training; for inference use eval() or no_grad()."
+            )
 
 
 def migrate(results: List[Tuple[CafeGroupRemap, InsertResult]], physical: nn.Module) -> None:
@@ -78,8 +79,12 @@ def migrate(results: List[Tuple[CafeGroupRemap, InsertResult]], physical: nn.Mod
             continue
         keys = result.promoted_keys.to(group.regions.device)
         src2 = group.hashed_rows(keys, 2) if group.layout.config.multi_level else None
-        copy_rows(row_store(physical, group.layout.name), result.promoted_rows.to(keys.device),
-                  group.hashed_rows(keys, 1), src2)
+        copy_rows(
+            row_store(physical, group.layout.name),
+            result.promoted_rows.to(keys.device),
+            group.hashed_rows(keys, 1),
+            src2,
+        )
 
 
 @torch.no_grad()

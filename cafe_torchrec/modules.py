@@ -26,8 +26,9 @@ torch.fx.wrap("checked_input")
 
 
 @torch.fx.wrap
-def _physical_input(features: KeyedJaggedTensor, feature_map: FeatureMap, groups: nn.ModuleDict,
-                    training: bool) -> Tuple[KeyedJaggedTensor, List[GroupBatch]]:
+def _physical_input(
+    features: KeyedJaggedTensor, feature_map: FeatureMap, groups: nn.ModuleDict, training: bool
+) -> Tuple[KeyedJaggedTensor, List[GroupBatch]]:
     """The inner collection's input (ids -> keys -> rows) of a checked KJT and, when training,
     what backward needs."""
     return remap_kjt(feature_map.prepare(features), feature_map, group_remaps(groups), {}, training)
@@ -78,8 +79,9 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
         training = self.training and torch.is_grad_enabled()
         if training and any(p.requires_grad for p in self.physical.parameters()):
             # before anything (sketch, stats) is touched
-            require_in_backward_optimizer(self.physical, [g.name for g in self.plan.groups], "CAFE table",
-                                          "migrations must run")
+            require_in_backward_optimizer(
+                self.physical, [g.name for g in self.plan.groups], "CAFE table", "migrations must run"
+            )
         inner = _physical_input(features, self.feature_map, self.groups, training)
         values = self.physical(inner[0]).values()
         if training and inner[1] and values.requires_grad:
@@ -118,7 +120,9 @@ def refuse_foreign_state(module: nn.Module, state_dict: Dict[str, object], prefi
     unexpected = sorted(k for k in state_dict if k.startswith(prefix) and k not in own)
     if unexpected:
         missing = sorted(own - set(state_dict))
-        raise ValueError(f"state dict for the CAFE collection at {prefix or 'the root'!r} has another layout: "
-                         f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}, missing keys "
-                         f"{missing[:6]}{' ...' if len(missing) > 6 else ''}; a stock EmbeddingBagCollection's state "
-                         "dict loads with cafe_torchrec.inference.warm_start")
+        raise ValueError(
+            f"state dict for the CAFE collection at {prefix or 'the root'!r} has another layout: "
+            f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}, missing keys "
+            f"{missing[:6]}{' ...' if len(missing) > 6 else ''}; a stock EmbeddingBagCollection's state "
+            "dict loads with cafe_torchrec.inference.warm_start"
+        )

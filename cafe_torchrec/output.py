@@ -34,8 +34,11 @@ class PooledOutput:
             col += dims[f]
         columns = [i for f in self.features for i in range(starts[f], starts[f] + dims[f])]
         self.columns: Optional[torch.Tensor] = None if columns == list(range(col)) else torch.tensor(columns)
-        self.mean_features: List[int] = [i for i, t in enumerate(t for t in tables for _ in t.feature_names)
-                                          if mean_by_sum and t.pooling == PoolingType.MEAN]
+        self.mean_features: List[int] = [
+            i
+            for i, t in enumerate(t for t in tables for _ in t.feature_names)
+            if mean_by_sum and t.pooling == PoolingType.MEAN
+        ]
         # per output column its feature, and per feature whether it is divided (mean_divided's arguments)
         self.column_features = torch.tensor([i for i, d in enumerate(self.dims) for _ in range(d)], dtype=torch.int64)
         self.mean_mask = torch.tensor([i in self.mean_features for i in range(len(self.features))], dtype=torch.bool)
@@ -56,13 +59,15 @@ class PooledOutput:
             values = values.index_select(1, self.columns.to(values.device))
         if self.mean_features:
             assert lengths is not None, "MEAN features need the input's bag_lengths()"
-            values = mean_divided(values, lengths, self.column_features.to(values.device),
-                                  self.mean_mask.to(values.device))
+            values = mean_divided(
+                values, lengths, self.column_features.to(values.device), self.mean_mask.to(values.device)
+            )
         return KeyedTensor(keys=self.features, length_per_key=self.dims, values=values)
 
 
-def mean_divided(values: torch.Tensor, lengths: torch.Tensor, column_features: torch.Tensor,
-                 mean_mask: torch.Tensor) -> torch.Tensor:
+def mean_divided(
+    values: torch.Tensor, lengths: torch.Tensor, column_features: torch.Tensor, mean_mask: torch.Tensor
+) -> torch.Tensor:
     """Pooled values [B, C] (config order) with the columns of MEAN features divided by their
     bag lengths [F, B] (empty bags by 1); column_features [C] names each column's feature and
     mean_mask [F] the MEAN ones. TorchScript compiles it (frozen collections call it)."""

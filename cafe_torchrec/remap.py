@@ -67,8 +67,11 @@ class CafeGroupRemap(nn.Module):
         self.layout = layout
         cfg = layout.config
         adaptive = cfg.adaptive_policy()
-        paper_medium = (cfg.threshold * cfg.medium_share
-                        if cfg.multi_level and adaptive is None and cfg.threshold is not None else None)
+        paper_medium = (
+            cfg.threshold * cfg.medium_share
+            if cfg.multi_level and adaptive is None and cfg.threshold is not None
+            else None
+        )
         self.sketch = HotSketch(
             hot_capacity=layout.hot_rows,
             threshold=cfg.threshold,
@@ -83,16 +86,25 @@ class CafeGroupRemap(nn.Module):
             adaptive=adaptive,
         )
         regions = torch.tensor(
-            [[o1, t.level1_rows, o2, max(t.level2_rows, 1)] for t, (o1, o2) in zip(layout.tables, layout.region_offsets())],
+            [
+                [o1, t.level1_rows, o2, max(t.level2_rows, 1)]
+                for t, (o1, o2) in zip(layout.tables, layout.region_offsets())
+            ],
             dtype=torch.int64,
         )  # per table slot: level-1 offset, level-1 rows, level-2 offset, level-2 rows
         self.register_buffer("regions", regions.to("cpu" if device.type == "meta" else device), persistent=False)
         self.register_buffer("layout_signature", self._signature().to(device), persistent=True)
         tables = len(layout.tables)
-        self.register_buffer("lookup_counts", torch.zeros(tables, len(LOOKUP_COLUMNS), dtype=torch.int64, device=device),
-                             persistent=False)
-        self.register_buffer("migration_counts",
-                             torch.zeros(tables, len(MIGRATION_COLUMNS), dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer(
+            "lookup_counts",
+            torch.zeros(tables, len(LOOKUP_COLUMNS), dtype=torch.int64, device=device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "migration_counts",
+            torch.zeros(tables, len(MIGRATION_COLUMNS), dtype=torch.int64, device=device),
+            persistent=False,
+        )
 
     @property
     def kernel(self) -> str:
@@ -102,8 +114,16 @@ class CafeGroupRemap(nn.Module):
     def _signature(self) -> torch.Tensor:
         """Layout as numbers: a checkpoint of another layout is refused on load."""
         cfg = self.layout.config
-        nums = [_FORMAT, self.layout.hot_rows, self.layout.sketch_buckets, self.layout.dim, cfg.slots_per_bucket,
-                cfg.seed, int(cfg.multi_level), POLICIES.index(cfg.policy)]
+        nums = [
+            _FORMAT,
+            self.layout.hot_rows,
+            self.layout.sketch_buckets,
+            self.layout.dim,
+            cfg.slots_per_bucket,
+            cfg.seed,
+            int(cfg.multi_level),
+            POLICIES.index(cfg.policy),
+        ]
         for t in self.layout.tables:
             nums += [t.logical_rows, t.level1_rows, t.level2_rows]
         return torch.tensor(nums, dtype=torch.int64)
@@ -146,9 +166,11 @@ class CafeGroupRemap(nn.Module):
         wait_for_sketch_update(self)
         sig = state_dict.get(prefix + "layout_signature")
         if sig is not None and not torch.equal(sig.cpu(), self._signature()):
-            raise ValueError(f"checkpoint for CAFE group {self.layout.name!r} has another layout "
-                             f"(saved {sig.tolist()}, this module {self._signature().tolist()}); "
-                             "it was saved from a different config, world size or version")
+            raise ValueError(
+                f"checkpoint for CAFE group {self.layout.name!r} has another layout "
+                f"(saved {sig.tolist()}, this module {self._signature().tolist()}); "
+                "it was saved from a different config, world size or version"
+            )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
 
@@ -182,15 +204,25 @@ def remap_kjt(
                 out_weights.append(seg.weights)
         else:
             group = groups[seg.table]
-            rows, new_lengths, new_weights, hints = _rows_with_medium(group, seg.values, seg.lengths, seg.weights,
-                                                                      training)
+            rows, new_lengths, new_weights, hints = _rows_with_medium(
+                group, seg.values, seg.lengths, seg.weights, training
+            )
             out_values.append(rows)
             out_lengths.append(new_lengths)
             if new_weights is not None:
                 out_weights.append(new_weights)
             if training:
-                batches.append(GroupBatch(seg.table, seg.values, seg.lengths, seg.weights, len(seg.features),
-                                          (column, column + group.layout.dim * len(seg.features)), hints))
+                batches.append(
+                    GroupBatch(
+                        seg.table,
+                        seg.values,
+                        seg.lengths,
+                        seg.weights,
+                        len(seg.features),
+                        (column, column + group.layout.dim * len(seg.features)),
+                        hints,
+                    )
+                )
         column += sum(info[f].dim for f in seg.features)
     weights = kjt.weights_or_none()
     remapped = KeyedJaggedTensor(

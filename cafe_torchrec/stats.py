@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Iterable, List, Mapping
 
 from torch import nn
-
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan
@@ -43,12 +42,20 @@ def group_stats(remap: CafeGroupRemap) -> Dict[str, Any]:
     totals = {name: sum(row[name] for row in per_table) for name in STAT_COLUMNS}
     used = remap.sketch.hot_rows_used()
     out = _with_shares(totals)
-    out.update(rows=layout.physical_rows, hot_rows=layout.hot_rows, hot_rows_used=used,
-               hot_rows_free=layout.hot_rows - used,
-               bytes={"weights": layout.weight_bytes(), "sketch": layout.sketch_bytes()})
+    out.update(
+        rows=layout.physical_rows,
+        hot_rows=layout.hot_rows,
+        hot_rows_used=used,
+        hot_rows_free=layout.hot_rows - used,
+        bytes={"weights": layout.weight_bytes(), "sketch": layout.sketch_bytes()},
+    )
     out["tables"] = {
-        t.name: {"logical_rows": t.logical_rows, "level1_rows": t.level1_rows, "level2_rows": t.level2_rows,
-                 **_with_shares(counts)}
+        t.name: {
+            "logical_rows": t.logical_rows,
+            "level1_rows": t.level1_rows,
+            "level2_rows": t.level2_rows,
+            **_with_shares(counts),
+        }
         for t, counts in zip(layout.tables, per_table)
     }
     return out
@@ -56,8 +63,11 @@ def group_stats(remap: CafeGroupRemap) -> Dict[str, Any]:
 
 def plain_stats(config: EmbeddingBagConfig, rows: int) -> Dict[str, Any]:
     """A plain (uncompressed) table, or this rank's `rows` of it."""
-    return {"uncompressed": True, "rows": rows,
-            "bytes": {"weights": rows * config.embedding_dim * BYTES_PER_VALUE[config.data_type], "sketch": 0}}
+    return {
+        "uncompressed": True,
+        "rows": rows,
+        "bytes": {"weights": rows * config.embedding_dim * BYTES_PER_VALUE[config.data_type], "sketch": 0},
+    }
 
 
 def collection_stats(groups: Iterable[CafeGroupRemap], plain: Mapping[str, int], plan: CafePlan) -> Stats:
@@ -88,21 +98,27 @@ def _interval(now: Dict[str, Any], before: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def memory(tables: Iterable[EmbeddingBagConfig], plan: CafePlan, groups: Iterable[CafeGroupRemap],
-           plain: Mapping[str, int]) -> Dict[str, float]:
+def memory(
+    tables: Iterable[EmbeddingBagConfig], plan: CafePlan, groups: Iterable[CafeGroupRemap], plain: Mapping[str, int]
+) -> Dict[str, float]:
     """The collection's bytes (see the module docstring); `groups` and `plain` {table: rows}
     are what this rank holds. Reads no tensor, so it works on the meta device too."""
     logical = sum(t.num_embeddings * t.embedding_dim * BYTES_PER_VALUE[t.data_type] for t in tables)
     configs = {p.config.name: p.config for p in plan.plain}
     weights = sum(g.weight_bytes() for g in plan.groups) + sum(
-        plain_stats(c, c.num_embeddings)["bytes"]["weights"] for c in configs.values())
+        plain_stats(c, c.num_embeddings)["bytes"]["weights"] for c in configs.values()
+    )
     sketch = sum(g.sketch_bytes() for g in plan.groups)
     held = list(groups)
-    return {"logical_bytes": logical, "weight_bytes": weights, "sketch_bytes": sketch,
-            "compression_ratio": logical / (weights + sketch),
-            "local_weight_bytes": sum(r.layout.weight_bytes() for r in held) + sum(
-                plain_stats(configs[name], rows)["bytes"]["weights"] for name, rows in plain.items()),
-            "local_sketch_bytes": sum(r.layout.sketch_bytes() for r in held)}
+    return {
+        "logical_bytes": logical,
+        "weight_bytes": weights,
+        "sketch_bytes": sketch,
+        "compression_ratio": logical / (weights + sketch),
+        "local_weight_bytes": sum(r.layout.weight_bytes() for r in held)
+        + sum(plain_stats(configs[name], rows)["bytes"]["weights"] for name, rows in plain.items()),
+        "local_sketch_bytes": sum(r.layout.sketch_bytes() for r in held),
+    }
 
 
 def describe(plan: CafePlan, memory_figures: Mapping[str, float]) -> str:
@@ -110,15 +126,19 @@ def describe(plan: CafePlan, memory_figures: Mapping[str, float]) -> str:
     lines = []
     for g in plan.groups:
         cfg = g.config
-        lines.append(f"group {g.name}: dim {g.dim}, {g.physical_rows:,} rows ({g.hot_rows:,} hot), "
-                     f"{_policy(cfg)}, hot share {cfg.hot_share:.2f}, "
-                     f"{'multi-level' if cfg.multi_level else 'single-level'}, tables "
-                     + ", ".join(f"{t.name} {t.logical_rows:,}->{t.hashed_rows:,}" for t in g.tables))
+        lines.append(
+            f"group {g.name}: dim {g.dim}, {g.physical_rows:,} rows ({g.hot_rows:,} hot), "
+            f"{_policy(cfg)}, hot share {cfg.hot_share:.2f}, "
+            f"{'multi-level' if cfg.multi_level else 'single-level'}, tables "
+            + ", ".join(f"{t.name} {t.logical_rows:,}->{t.hashed_rows:,}" for t in g.tables)
+        )
     for p in plan.plain:
         lines.append(f"table {p.config.name}: uncompressed ({p.config.num_embeddings:,} rows)")
     m = memory_figures
-    lines.append(f"compression ratio {m['compression_ratio']:.1f}x "
-                 f"({m['logical_bytes']:,} -> {m['weight_bytes'] + m['sketch_bytes']:,} bytes)")
+    lines.append(
+        f"compression ratio {m['compression_ratio']:.1f}x "
+        f"({m['logical_bytes']:,} -> {m['weight_bytes'] + m['sketch_bytes']:,} bytes)"
+    )
     return "\n".join(lines)
 
 

@@ -27,7 +27,9 @@ def check_tables(tables: Sequence[EmbeddingBagConfig], is_weighted: bool, owner:
         if t.num_embeddings < 1:
             raise ValueError(f"table {t.name!r}: num_embeddings must be >= 1, got {t.num_embeddings}")
         if t.embedding_dim < 1 or t.embedding_dim % 4:
-            raise ValueError(f"table {t.name!r}: embedding_dim {t.embedding_dim} is not a positive multiple of 4 (FBGEMM TBE)")
+            raise ValueError(
+                f"table {t.name!r}: embedding_dim {t.embedding_dim} is not a positive multiple of 4 (FBGEMM TBE)"
+            )
         if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
             raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (SUM or MEAN)")
         if t.data_type not in SUPPORTED_DATA_TYPES:
@@ -38,7 +40,10 @@ def check_tables(tables: Sequence[EmbeddingBagConfig], is_weighted: bool, owner:
             raise ValueError(f"table {t.name!r}: MEAN pooling with per-sample weights is not supported")
         for f in t.feature_names:
             if f in features:
-                raise ValueError(f"feature {f!r} is in tables {features[f]!r} and {t.name!r}; {owner} needs each feature in one table")
+                raise ValueError(
+                    f"feature {f!r} is in tables {features[f]!r} and {t.name!r}; "
+                    f"{owner} needs each feature in one table"
+                )
             features[f] = t.name
 
 
@@ -111,7 +116,9 @@ def _not_in(names: List[str], others: List[str]) -> List[str]:
 
 def _key_of_bag(features: KeyedJaggedTensor, bag: int) -> int:
     """Index of the key whose bags hold flat bag index `bag` (per-key strides for VBE)."""
-    strides = features.stride_per_key() if features.variable_stride_per_key() else [features.stride()] * len(features.keys())
+    strides = (
+        features.stride_per_key() if features.variable_stride_per_key() else [features.stride()] * len(features.keys())
+    )
     end = 0
     for i, stride in enumerate(strides):
         end += stride

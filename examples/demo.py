@@ -30,10 +30,10 @@ COMPONENT = "examples/dlrm/component.py:train"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--methods", default=None,
-                   help="comma separated (default: cafe,cafe-ml,hash if importable,full)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--methods", default=None, help="comma separated (default: cafe,cafe-ml,hash if importable,full)")
     p.add_argument("--compression-ratio", type=float, default=100.0)
     p.add_argument("--nproc", type=int, default=2, help="processes per job")
     p.add_argument("--gpu", type=int, default=0, help="GPUs per job (0: CPU/gloo)")
@@ -65,14 +65,46 @@ def torchx_bin() -> str:
 
 def job_command(args: argparse.Namespace, method: str, out_dir: Path) -> List[str]:
     script_args = [
-        "--embedding", method, "--compression-ratio", f"{args.compression_ratio:g}",
-        "--data", "synthetic", "--cardinality-scale", f"{args.cardinality_scale:g}", "--days", str(args.days),
-        "--samples-per-day", str(args.samples_per_day), "--batch-size", str(args.batch_size),
-        "--eval-every", str(args.eval_every), "--out-dir", str(out_dir), "--run-name", method, "--no-progress",
+        "--embedding",
+        method,
+        "--compression-ratio",
+        f"{args.compression_ratio:g}",
+        "--data",
+        "synthetic",
+        "--cardinality-scale",
+        f"{args.cardinality_scale:g}",
+        "--days",
+        str(args.days),
+        "--samples-per-day",
+        str(args.samples_per_day),
+        "--batch-size",
+        str(args.batch_size),
+        "--eval-every",
+        str(args.eval_every),
+        "--out-dir",
+        str(out_dir),
+        "--run-name",
+        method,
+        "--no-progress",
         *args.extra.split(),
     ]
-    return [torchx_bin(), "run", "-s", "local_cwd", "-cfg", f"log_dir={out_dir / 'torchx-logs'}", COMPONENT,
-            "--nproc", str(args.nproc), "--gpu", str(args.gpu), "--name", f"demo-{method}", "--", *script_args]
+    return [
+        torchx_bin(),
+        "run",
+        "-s",
+        "local_cwd",
+        "-cfg",
+        f"log_dir={out_dir / 'torchx-logs'}",
+        COMPONENT,
+        "--nproc",
+        str(args.nproc),
+        "--gpu",
+        str(args.gpu),
+        "--name",
+        f"demo-{method}",
+        "--",
+        *script_args,
+    ]
 
 
 def run_job(args: argparse.Namespace, method: str, out_dir: Path) -> Dict[str, object]:
@@ -111,11 +143,18 @@ def table(results: List[Dict[str, object]]) -> str:
         if "error" in r:
             rows.append([str(r["method"]), "FAILED", "", "", "", "", "", f"{r['job_s']:.0f}"])
             continue
-        rows.append([
-            str(r["method"]), _bytes(float(r["memory_bytes"])), f"{float(r['compression_ratio']):.1f}x",
-            f"{float(r['test_auc']):.4f}", f"{float(r['test_log_loss']):.4f}", f"{float(r['online_train_loss']):.4f}",
-            f"{float(r['samples_per_sec']):,.0f}", f"{float(r['job_s']):.0f}",
-        ])
+        rows.append(
+            [
+                str(r["method"]),
+                _bytes(float(r["memory_bytes"])),
+                f"{float(r['compression_ratio']):.1f}x",
+                f"{float(r['test_auc']):.4f}",
+                f"{float(r['test_log_loss']):.4f}",
+                f"{float(r['online_train_loss']):.4f}",
+                f"{float(r['samples_per_sec']):,.0f}",
+                f"{float(r['job_s']):.0f}",
+            ]
+        )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(row) for row in rows)])
@@ -126,9 +165,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     methods = args.methods.split(",") if args.methods else default_methods()
     out_dir = (REPO / args.out_dir).resolve() if not Path(args.out_dir).is_absolute() else Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"CAFE demo: DLRM on a synthetic Criteo-like stream ({args.days} days x {args.samples_per_day:,} samples, "
-          f"drift 0.1, cardinalities x{args.cardinality_scale:g}), {args.nproc} processes per job via TorchX, "
-          f"{args.compression_ratio:g}x compression", flush=True)
+    print(
+        f"CAFE demo: DLRM on a synthetic Criteo-like stream ({args.days} days x {args.samples_per_day:,} samples, "
+        f"drift 0.1, cardinalities x{args.cardinality_scale:g}), {args.nproc} processes per job via TorchX, "
+        f"{args.compression_ratio:g}x compression",
+        flush=True,
+    )
     results = []
     start = time.perf_counter()
     for method in methods:
@@ -142,8 +184,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     print(table(results))
     print()
-    print(f"total {time.perf_counter() - start:.0f} s; results JSON and PNG plots: "
-          f"{', '.join(str(out_dir / (m + '.json')) for m in methods)} (and .png); job logs: {out_dir}/*.log")
+    print(
+        f"total {time.perf_counter() - start:.0f} s; results JSON and PNG plots: "
+        f"{', '.join(str(out_dir / (m + '.json')) for m in methods)} (and .png); job logs: {out_dir}/*.log"
+    )
     return 1 if any("error" in r for r in results) else 0
 
 

@@ -41,7 +41,9 @@ def cardinalities(spec: str) -> List[int]:
     try:
         out = [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--cardinalities: kaggle, terabyte or comma-separated ints, got {spec!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--cardinalities: kaggle, terabyte or comma-separated ints, got {spec!r}"
+        ) from None
     if not out or min(out) < 1:
         raise argparse.ArgumentTypeError("--cardinalities: need at least one positive cardinality")
     return out
@@ -68,17 +70,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--ratio", type=_floats, default=None, help="fixed compression ratio (or a comma list)")
     parser.add_argument("--optimizer", default="rowwise_adagrad", help="sgd, adagrad, rowwise_adagrad, adam, ...")
     parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--cardinalities", type=cardinalities, default=list(KAGGLE_CARDINALITIES), help="kaggle, terabyte or 1,2,3...")
+    parser.add_argument(
+        "--cardinalities", type=cardinalities, default=list(KAGGLE_CARDINALITIES), help="kaggle, terabyte or 1,2,3..."
+    )
     parser.add_argument("--batch-size", type=int, default=512, help="per-rank batch size for the estimates")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the topology's compute device")
-    parser.add_argument("--local-world-size", type=_positive, default=None, metavar="N",
-                        help="ranks per host (default: min(world size, 8) on cuda, the world size on cpu)")
+    parser.add_argument(
+        "--local-world-size",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="ranks per host (default: min(world size, 8) on cuda, the world size on cpu)",
+    )
     parser.add_argument("--calibration", default=None, help="perf calibration JSON (python -m cafe_planner.calibrate)")
-    parser.add_argument("--profile-zipf", type=int, default=0, metavar="N",
-                        help="with --budget: profiled split from N synthetic Zipf ids per feature")
+    parser.add_argument(
+        "--profile-zipf",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --budget: profiled split from N synthetic Zipf ids per feature",
+    )
     parser.add_argument("--json", action="store_true", help="print the reports as a JSON list")
-    parser.add_argument("--summary", action="store_true",
-                        help="one line per plan: world size, planning seconds, bytes per rank, balance")
+    parser.add_argument(
+        "--summary",
+        action="store_true",
+        help="one line per plan: world size, planning seconds, bytes per rank, balance",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     logging.getLogger("torchrec").setLevel(logging.ERROR)
@@ -96,8 +113,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.budget is not None:
         budget = args.budget.split(",") if "," in args.budget else args.budget
     ratios = args.ratio if args.ratio is not None else ([None] if budget is not None else [100.0])
-    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=args.dim, num_embeddings=n, feature_names=[f"cat_{i}"])
-              for i, n in enumerate(args.cardinalities)]
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=args.dim, num_embeddings=n, feature_names=[f"cat_{i}"])
+        for i, n in enumerate(args.cardinalities)
+    ]
     profile = _zipf_profile(args.cardinalities, args.profile_zipf) if args.profile_zipf else None
     imported = time.perf_counter()
     results, summary = [], []
@@ -107,8 +126,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             t0 = time.perf_counter()
             try:
                 topology = Topology(world_size=world_size, local_world_size=local, compute_device=args.device)
-                planner = CafePlanner(topology, memory_budget=budget, compression_ratio=ratio, batch_size=args.batch_size,
-                                      optimizer=args.optimizer, calibration=args.calibration, profile=profile)
+                planner = CafePlanner(
+                    topology,
+                    memory_budget=budget,
+                    compression_ratio=ratio,
+                    batch_size=args.batch_size,
+                    optimizer=args.optimizer,
+                    calibration=args.calibration,
+                    profile=profile,
+                )
                 if budget is not None:
                     configs = planner.configure(tables)
                 else:
@@ -122,7 +148,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             seconds = time.perf_counter() - t0
             report = planner.report()
             solution = planner.solution
-            label = f"{ratio:g}x" if ratio is not None or solution is None else f"{solution.effective_ratio():.4g}x (budget)"
+            label = (
+                f"{ratio:g}x"
+                if ratio is not None or solution is None
+                else f"{solution.effective_ratio():.4g}x (budget)"
+            )
             if args.json:
                 out = report.to_dict()
                 out.update(seconds=seconds, requested_ratio=ratio, process_seconds=_process_age())
@@ -132,20 +162,41 @@ def main(argv: Optional[List[str]] = None) -> int:
             else:
                 print(f"=== world size {world_size}, ratio {label}")
                 print(report)
-                print(f"planned {len(tables)} tables for {world_size} rank(s) in {seconds:.2f} s "
-                      f"(tables on the meta device)\n")
+                print(
+                    f"planned {len(tables)} tables for {world_size} rank(s) in {seconds:.2f} s "
+                    f"(tables on the meta device)\n"
+                )
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
     if args.summary:
         from cafe_planner.calibrate import describe_machine
 
-        print(f"{len(tables)} tables, dim {args.dim}, {sum(args.cardinalities):,} logical rows, {args.device}, "
-              f"optimizer {args.optimizer}; planned on {describe_machine()}")
-        print("\n".join(grid_lines(["world size", "ranks/host", "ratio", "planning s", "bytes/rank min",
-                                     "bytes/rank max", "balance", "budget used"], summary)))
-        print("bytes/rank: weights + optimizer state + sketch; balance: (max - min) / max; "
-              "planning s: configure (with --budget) + TorchRec planning of one size")
+        print(
+            f"{len(tables)} tables, dim {args.dim}, {sum(args.cardinalities):,} logical rows, {args.device}, "
+            f"optimizer {args.optimizer}; planned on {describe_machine()}"
+        )
+        print(
+            "\n".join(
+                grid_lines(
+                    [
+                        "world size",
+                        "ranks/host",
+                        "ratio",
+                        "planning s",
+                        "bytes/rank min",
+                        "bytes/rank max",
+                        "balance",
+                        "budget used",
+                    ],
+                    summary,
+                )
+            )
+        )
+        print(
+            "bytes/rank: weights + optimizer state + sketch; balance: (max - min) / max; "
+            "planning s: configure (with --budget) + TorchRec planning of one size"
+        )
     age = _process_age()
     total = f"{age:.2f} s since the interpreter started" if age is not None else f"{time.perf_counter() - start:.2f} s"
     print(f"planning {time.perf_counter() - imported:.2f} s; total {total}")
@@ -164,8 +215,16 @@ def _summary_row(report, ratio: str, seconds: float) -> List[str]:
 
     states = [r.state_bytes for r in report.ranks]
     used = f"{100 * report.total_state_bytes() / report.budget:.1f}%" if report.budget else "-"
-    return [str(report.world_size), str(report.local_world_size), ratio, f"{seconds:.2f}", human_bytes(min(states)),
-            human_bytes(max(states)), f"{100 * report.balance():.2f}%", used]
+    return [
+        str(report.world_size),
+        str(report.local_world_size),
+        ratio,
+        f"{seconds:.2f}",
+        human_bytes(min(states)),
+        human_bytes(max(states)),
+        f"{100 * report.balance():.2f}%",
+        used,
+    ]
 
 
 def _process_age() -> Optional[float]:

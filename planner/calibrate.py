@@ -106,8 +106,10 @@ class _Setup:
         features = 4
         batch = max(1, ids // features)
         n = batch * features
-        tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=vocab, feature_names=[f"f{i}"])
-                  for i in range(features)]
+        tables = [
+            EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=vocab, feature_names=[f"f{i}"])
+            for i in range(features)
+        ]
         cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=100.0))
         stock = EmbeddingBagCollection(cafe.plan.physical_configs())
         for module in (cafe, stock):
@@ -160,8 +162,10 @@ def _sketch_costs(setup: _Setup, repeat: int, gen: torch.Generator) -> Dict[str,
     scores = torch.rand(setup.n, generator=gen) * 2
     for _ in range(20):
         sketch.insert(keys, scores)
-    return {"sketch_query_ns": _best_ns_per_id(lambda: sketch.query(keys), setup.n, repeat),
-            "sketch_insert_ns": _best_ns_per_id(lambda: sketch.insert(keys, scores), setup.n, repeat)}
+    return {
+        "sketch_query_ns": _best_ns_per_id(lambda: sketch.query(keys), setup.n, repeat),
+        "sketch_insert_ns": _best_ns_per_id(lambda: sketch.insert(keys, scores), setup.n, repeat),
+    }
 
 
 def _tbe_costs(setup: _Setup, repeat: int, gen: torch.Generator) -> Tuple[float, float]:
@@ -175,8 +179,11 @@ def _tbe_costs(setup: _Setup, repeat: int, gen: torch.Generator) -> Tuple[float,
     )
 
     rows, n = setup.cafe.plan.groups[0].physical_rows, setup.n
-    tbe = SplitTableBatchedEmbeddingBagsCodegen([(rows, setup.dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
-                                                optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01)
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(rows, setup.dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=0.01,
+    )
     indices = torch.remainder(setup.raw, rows)
     offsets = torch.arange(n + 1, dtype=torch.int64)
     upstream = torch.randn(n, setup.dim, generator=gen)

@@ -11,7 +11,8 @@ What the stock storage estimator already counts for a CAFE physical table (a rea
 of the inner EmbeddingBagCollection): the shard's weights (rows x dim x element size), the
 optimizer state as ``weights x multiplier`` with the multiplier read from
 the parameter's in-backward optimizer class (SGD 0, Adam 2, RowWiseAdagrad 1/dim, anything
-else 1, and 0 when the tensor has no in-backward optimizer; _torchrec_compat reads both), and on CPU the input/output buffers of a step.
+else 1, and 0 when the tensor has no in-backward optimizer; _torchrec_compat reads both), and on
+CPU the input/output buffers of a step.
 
 What it misses, and ``CafeStorageEstimator`` adds per shard:
 1. the HotSketch of the shard's block: ``layout.block(shard_rows).sketch_bytes()`` (slots +
@@ -49,7 +50,6 @@ import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.distributed.planner.constants import MAX_SIZE
-from torchrec.distributed.types import ModuleSharder
 from torchrec.distributed.planner.types import (
     ParameterConstraints,
     Perf,
@@ -58,6 +58,7 @@ from torchrec.distributed.planner.types import (
     Storage,
     Topology,
 )
+from torchrec.distributed.types import ModuleSharder
 
 from cafe_torchrec._torchrec_compat import in_backward_optimizer, stock_optimizer_multiplier
 from cafe_torchrec.layout import GroupLayout
@@ -142,8 +143,9 @@ def optimizer_state_bytes(optimizer: Optional[EmbOptimType], rows: int, dim: int
     return rows * dim * _FP32
 
 
-def effective_optimizer(tensor: torch.Tensor, fused_params: Optional[Dict[str, Any]],
-                        fallback: Optional[EmbOptimType]) -> EmbOptimType:
+def effective_optimizer(
+    tensor: torch.Tensor, fused_params: Optional[Dict[str, Any]], fallback: Optional[EmbOptimType]
+) -> EmbOptimType:
     """The optimizer TorchRec's sharder will give this table's TBE (see the module docstring)."""
     optimizer_class, kwargs = in_backward_optimizer(tensor)
     if "optimizer" in kwargs:
@@ -205,14 +207,20 @@ class CafeStorageEstimator(ShardEstimator):
     table, sharding type, kernel), the ShardBytes of every shard, for reports and budget checks.
     """
 
-    def __init__(self, topology: Topology, constraints: Optional[Dict[str, ParameterConstraints]] = None,
-                 optimizer: OptimizerLike = None) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        constraints: Optional[Dict[str, ParameterConstraints]] = None,
+        optimizer: OptimizerLike = None,
+    ) -> None:
         self._topology = topology
         self._constraints = constraints
         self._optimizer = resolve_optimizer(optimizer)
         self.breakdown: Dict[Tuple[str, str, str, str], List[ShardBytes]] = {}
 
-    def estimate(self, sharding_options: List[ShardingOption], sharder_data_map: Optional[Dict[str, Any]] = None) -> None:
+    def estimate(
+        self, sharding_options: List[ShardingOption], sharder_data_map: Optional[Dict[str, Any]] = None
+    ) -> None:
         for option in sharding_options:
             module = cafe_module_of(option)
             if module is None:
@@ -246,7 +254,9 @@ class CafeStorageEstimator(ShardEstimator):
                 elif on_device and option.compute_kernel in ("fused", "dense"):
                     shard.storage = Storage(hbm=storage.hbm + extra, ddr=storage.ddr, ssd=storage.ssd)
                 elif on_device:  # UVM kernels: weights and optimizer state in DDR, the sketch on the device
-                    shard.storage = Storage(hbm=storage.hbm + sketch, ddr=storage.ddr + opt - stock_opt, ssd=storage.ssd)
+                    shard.storage = Storage(
+                        hbm=storage.hbm + sketch, ddr=storage.ddr + opt - stock_opt, ssd=storage.ssd
+                    )
                 else:
                     shard.storage = Storage(hbm=storage.hbm, ddr=storage.ddr + extra, ssd=storage.ssd)
                 shards.append(ShardBytes(weights, opt, sketch, io, hot, hashed))
@@ -263,7 +273,9 @@ def load_calibration(path: Union[None, str, Path] = None) -> Dict[str, Any]:
         record.update(loaded)
         record["source"] = str(candidate)
     elif path is not None:
-        raise FileNotFoundError(f"calibration file {candidate} does not exist; run `python -m cafe_planner.calibrate --out {candidate}`")
+        raise FileNotFoundError(
+            f"calibration file {candidate} does not exist; run `python -m cafe_planner.calibrate --out {candidate}`"
+        )
     else:
         record["source"] = "default"
     return record
@@ -276,8 +288,12 @@ class CafePerfEstimator(ShardEstimator):
     (model ms) added to each shard.
     """
 
-    def __init__(self, topology: Topology, constraints: Optional[Dict[str, ParameterConstraints]] = None,
-                 calibration: Union[None, str, Path, Dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        constraints: Optional[Dict[str, ParameterConstraints]] = None,
+        calibration: Union[None, str, Path, Dict[str, Any]] = None,
+    ) -> None:
         self._topology = topology
         self._constraints = constraints
         self.calibration = calibration if isinstance(calibration, dict) else load_calibration(calibration)
@@ -285,7 +301,9 @@ class CafePerfEstimator(ShardEstimator):
         self._bwd = float(self.calibration["bwd_overhead"])
         self.added: Dict[Tuple[str, str, str, str], List[float]] = {}
 
-    def estimate(self, sharding_options: List[ShardingOption], sharder_data_map: Optional[Dict[str, Any]] = None) -> None:
+    def estimate(
+        self, sharding_options: List[ShardingOption], sharder_data_map: Optional[Dict[str, Any]] = None
+    ) -> None:
         for option in sharding_options:
             module = cafe_module_of(option)
             if module is None or group_layout(module, option.name) is None:

@@ -44,10 +44,17 @@ class PhysicalTable:
 
 def physical_tables(plan: CafePlan) -> List[PhysicalTable]:
     """The plan's physical tables: its CAFE groups, then its plain tables."""
-    out = [PhysicalTable(g.name, g.physical_rows, g.dim, BYTES_PER_VALUE[g.data_type], tuple(g.features), g) for g in plan.groups]
+    out = [
+        PhysicalTable(g.name, g.physical_rows, g.dim, BYTES_PER_VALUE[g.data_type], tuple(g.features), g)
+        for g in plan.groups
+    ]
     for p in plan.plain:
         c = p.config
-        out.append(PhysicalTable(c.name, c.num_embeddings, c.embedding_dim, BYTES_PER_VALUE[c.data_type], tuple(c.feature_names)))
+        out.append(
+            PhysicalTable(
+                c.name, c.num_embeddings, c.embedding_dim, BYTES_PER_VALUE[c.data_type], tuple(c.feature_names)
+            )
+        )
     return out
 
 
@@ -55,7 +62,9 @@ def shard_rows(rows: int, dim: int, world_size: int, sharding_type: str) -> List
     """Rows of each shard as TorchRec's planner cuts them (row-wise: ceil(rows / W) per rank)."""
     if sharding_type == TW or world_size == 1:
         return [rows]
-    sizes, _ = calculate_shard_sizes_and_offsets(torch.empty(rows, dim, device="meta"), world_size, world_size, sharding_type)
+    sizes, _ = calculate_shard_sizes_and_offsets(
+        torch.empty(rows, dim, device="meta"), world_size, world_size, sharding_type
+    )
     return [s[0] for s in sizes]
 
 
@@ -83,8 +92,9 @@ def row_wise_ok(table: PhysicalTable, world_size: int) -> bool:
     return every_rank_has_rows(sizes)
 
 
-def choose_sharding(tables: Sequence[PhysicalTable], world_size: int, optimizer: OptimizerLike,
-                    rw_share: float = 0.05) -> Dict[str, str]:
+def choose_sharding(
+    tables: Sequence[PhysicalTable], world_size: int, optimizer: OptimizerLike, rw_share: float = 0.05
+) -> Dict[str, str]:
     """Row-wise for tables above rw_share of a rank's fair share (when row-wise is valid), else
     table-wise. One rank: table-wise."""
     if world_size == 1:
@@ -94,7 +104,9 @@ def choose_sharding(tables: Sequence[PhysicalTable], world_size: int, optimizer:
     return {t.name: RW if whole[t.name] > rw_share * fair and row_wise_ok(t, world_size) else TW for t in tables}
 
 
-def place_largest_first(sizes: Mapping[K, int], load: Sequence[int], caps: Optional[Sequence[int]] = None) -> Dict[K, int]:
+def place_largest_first(
+    sizes: Mapping[K, int], load: Sequence[int], caps: Optional[Sequence[int]] = None
+) -> Dict[K, int]:
     """The rank of each whole (table-wise) table: largest first (ties by key), each on the rank
     with the most room left under its cap, or without caps the least loaded one (lowest rank on
     ties). `load` is what each rank holds already (its row-wise blocks). The solver and the
@@ -129,14 +141,22 @@ class Assignment:
                 idx = self.ranks[name].index(r)
                 sb = self.shards[name][idx]
                 kind = f"block {idx} of" if self.sharding[name] == RW else "table"
-                parts.append(f"{kind} {name} {sb.state:,} B (weights {sb.weights:,}, optimizer {sb.optimizer:,}, "
-                             f"sketch {sb.sketch:,})")
+                parts.append(
+                    f"{kind} {name} {sb.state:,} B (weights {sb.weights:,}, optimizer {sb.optimizer:,}, "
+                    f"sketch {sb.sketch:,})"
+                )
             out.append("; ".join(parts))
         return out
 
 
-def assign(tables: Sequence[PhysicalTable], world_size: int, optimizer: OptimizerLike, *,
-           caps: Optional[Sequence[int]] = None, rw_share: float = 0.05) -> Assignment:
+def assign(
+    tables: Sequence[PhysicalTable],
+    world_size: int,
+    optimizer: OptimizerLike,
+    *,
+    caps: Optional[Sequence[int]] = None,
+    rw_share: float = 0.05,
+) -> Assignment:
     """Shard (choose_sharding) and place: row-wise blocks on ranks 0..W-1 (as TorchRec's
     partitioner places them), table-wise tables by place_largest_first."""
     chosen = choose_sharding(tables, world_size, optimizer, rw_share)
@@ -172,5 +192,8 @@ def over_budget_message(needs: Sequence[int], caps: Sequence[int], holdings: Seq
     over = sorted(((need - cap, r) for r, (need, cap) in enumerate(zip(needs, caps)) if need > cap), reverse=True)
     if not over:
         return None
-    return " | ".join(f"rank {r} needs {needs[r]:,} bytes but its cap is {caps[r]:,}: short by {short:,} bytes; "
-                      f"it holds {holdings[r]}" for short, r in over)
+    return " | ".join(
+        f"rank {r} needs {needs[r]:,} bytes but its cap is {caps[r]:,}: short by {short:,} bytes; "
+        f"it holds {holdings[r]}"
+        for short, r in over
+    )

@@ -37,12 +37,15 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.planner.types import ParameterConstraints, ShardingOption, Storage, StorageReservation, Topology
+from torchrec.distributed.planner.types import (
+    ParameterConstraints,
+    ShardingOption,
+    Storage,
+    StorageReservation,
+    Topology,
+)
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-
-from cafe_torchrec.config import CafeConfig
-from cafe_torchrec.modules import CafeEmbeddingBagCollection
 
 from cafe_planner.estimators import (
     CafePerfEstimator,
@@ -58,6 +61,8 @@ from cafe_planner.placement import TW, choose_sharding, over_budget_message, phy
 from cafe_planner.problem import Budget, rank_caps
 from cafe_planner.report import PlanReport, ReportStats
 from cafe_planner.solver import BudgetSolution, solve_budget
+from cafe_torchrec.config import CafeConfig
+from cafe_torchrec.modules import CafeEmbeddingBagCollection
 
 DEFAULT_BATCH_SIZE = 512
 MAX_LOCAL_DEVICES = 127  # torch.device indices are int8: "cuda:128" wraps to "cuda:-128"
@@ -103,7 +108,9 @@ class CafePlanner:
         self.topology = topology
         self.world_size = topology.world_size
         self.memory_budget = memory_budget
-        self.caps: Optional[List[int]] = rank_caps(memory_budget, self.world_size) if memory_budget is not None else None
+        self.caps: Optional[List[int]] = (
+            rank_caps(memory_budget, self.world_size) if memory_budget is not None else None
+        )
         self.compression_ratio = compression_ratio
         self.user_constraints = dict(constraints or {})
         self.batch_size = batch_size
@@ -133,8 +140,15 @@ class CafePlanner:
         if self.memory_budget is None and self.compression_ratio is None:
             raise ValueError("configure() needs a memory_budget or a compression_ratio")
         self.solution = solve_budget(
-            tables, self.memory_budget, world_size or self.world_size, resolve_optimizer(optimizer) or self.optimizer,
-            base, profile if profile is not None else self.profile, ratio=self.compression_ratio, rw_share=self.rw_share)
+            tables,
+            self.memory_budget,
+            world_size or self.world_size,
+            resolve_optimizer(optimizer) or self.optimizer,
+            base,
+            profile if profile is not None else self.profile,
+            ratio=self.compression_ratio,
+            rw_share=self.rw_share,
+        )
         return dict(self.solution.configs)
 
     # ------------------------------------------------------------------ planning
@@ -147,15 +161,20 @@ class CafePlanner:
             raise ValueError(error)
         return plan
 
-    def collective_plan(self, module: nn.Module, sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
-                        pg: Optional[dist.ProcessGroup] = None) -> ShardingPlan:
+    def collective_plan(
+        self,
+        module: nn.Module,
+        sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
+        pg: Optional[dist.ProcessGroup] = None,
+    ) -> ShardingPlan:
         """Plan on rank 0 and broadcast the plan and its report to every rank of `pg`."""
         if pg is None:
             assert dist.is_initialized(), "collective_plan needs an initialised process group; use plan() otherwise"
             pg = dist.GroupMember.WORLD
         if sharders is None:
-            from cafe_torchrec.distributed import CafeEmbeddingBagCollectionSharder
             from torchrec.distributed.sharding_plan import get_default_sharders
+
+            from cafe_torchrec.distributed import CafeEmbeddingBagCollectionSharder
 
             sharders = [CafeEmbeddingBagCollectionSharder()] + get_default_sharders()
         plan, report, error, failure = invoke_on_rank_and_broadcast_result(pg, 0, self._plan_safely, module, sharders)
@@ -178,8 +197,9 @@ class CafePlanner:
         except Exception as e:  # every rank must get an answer, or the others hang in the broadcast
             return None, None, None, f"{type(e).__name__}: {e}"
 
-    def _plan(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]
-              ) -> Tuple[ShardingPlan, PlanReport, Optional[str]]:
+    def _plan(
+        self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]
+    ) -> Tuple[ShardingPlan, PlanReport, Optional[str]]:
         """(plan, report, why it does not fit or None)."""
         topology = self.topology
         constraints = self._constraints(physical_modules(module), sharder_fused_params(sharders))
@@ -187,43 +207,64 @@ class CafePlanner:
         storage = CafeStorageEstimator(topology, constraints, optimizer=self.optimizer)
         perf = CafePerfEstimator(topology, constraints, calibration=self.calibration)
         enumerator = EmbeddingEnumerator(
-            topology=topology, batch_size=self.batch_size, constraints=constraints,
-            estimator=[EmbeddingPerfEstimator(topology, constraints), EmbeddingStorageEstimator(topology, constraints),
-                       storage, perf],
+            topology=topology,
+            batch_size=self.batch_size,
+            constraints=constraints,
+            estimator=[
+                EmbeddingPerfEstimator(topology, constraints),
+                EmbeddingStorageEstimator(topology, constraints),
+                storage,
+                perf,
+            ],
         )
         solution = self.solution
         notes = []
         if solution is not None and solution.method != "fixed":
-            notes.append(f"budget split: {solution.method} (uniform ratio {solution.uniform_ratio:.4g}x, "
-                         f"overall {solution.effective_ratio():.4g}x)")
-        stats = ReportStats(storage, perf, self.optimizer, self.caps,
-                            solution.coverage if solution is not None else None, notes)
+            notes.append(
+                f"budget split: {solution.method} (uniform ratio {solution.uniform_ratio:.4g}x, "
+                f"overall {solution.effective_ratio():.4g}x)"
+            )
+        stats = ReportStats(
+            storage, perf, self.optimizer, self.caps, solution.coverage if solution is not None else None, notes
+        )
         placement = TableWisePlacement(storage, self.caps, self.storage_reservation, topology)
         kwargs = dict(self.planner_kwargs)
         kwargs.setdefault("debug", False)
         extra_stats = kwargs.pop("stats", None) or []
         planner = EmbeddingShardingPlanner(
-            topology=topology, batch_size=self.batch_size, enumerator=enumerator, constraints=constraints,
-            storage_reservation=self.storage_reservation, callbacks=[placement] + self.callbacks,
-            stats=[stats] + (extra_stats if isinstance(extra_stats, list) else [extra_stats]), **kwargs,
+            topology=topology,
+            batch_size=self.batch_size,
+            enumerator=enumerator,
+            constraints=constraints,
+            storage_reservation=self.storage_reservation,
+            callbacks=[placement] + self.callbacks,
+            stats=[stats] + (extra_stats if isinstance(extra_stats, list) else [extra_stats]),
+            **kwargs,
         )
         plan = planner.plan(module, sharders)
         report = stats.report or stats.build([], topology, self.batch_size, sharders, 0.0)  # nothing to shard
         errors = [placement.overflow] if placement.overflow else []
         if self.caps is not None:
-            over = over_budget_message([r.state_bytes for r in report.ranks], self.caps, [_holding(r) for r in report.ranks])
+            over = over_budget_message(
+                [r.state_bytes for r in report.ranks], self.caps, [_holding(r) for r in report.ranks]
+            )
             if over:
                 errors.append("plan does not fit the memory budget: " + over)
         return plan, report, " | ".join(errors) or None
 
-    def _constraints(self, cafe: List[Tuple[str, CafeEmbeddingBagCollection]],
-                     fused: Dict[str, Any]) -> Dict[str, ParameterConstraints]:
+    def _constraints(
+        self, cafe: List[Tuple[str, CafeEmbeddingBagCollection]], fused: Dict[str, Any]
+    ) -> Dict[str, ParameterConstraints]:
         """The caller's constraints, and for every other CAFE physical table its sharding type
         (the solution's after configure(), else choose_sharding's) and a pooling factor per feature."""
         out = dict(self.user_constraints)
         for _, m in cafe:
             tables = physical_tables(m.plan)
-            if self.solution is not None and self.solution.world_size == self.world_size and _same_tables(self.solution, m):
+            if (
+                self.solution is not None
+                and self.solution.world_size == self.world_size
+                and _same_tables(self.solution, m)
+            ):
                 chosen = self.solution.sharding
             else:
                 params = list(m.physical.parameters())
@@ -231,8 +272,9 @@ class CafePlanner:
                 chosen = choose_sharding(tables, self.world_size, opt, self.rw_share)
             for t in tables:
                 if t.name not in out:
-                    out[t.name] = ParameterConstraints(sharding_types=[chosen[t.name]],
-                                                       pooling_factors=[1.0] * len(t.features))
+                    out[t.name] = ParameterConstraints(
+                        sharding_types=[chosen[t.name]], pooling_factors=[1.0] * len(t.features)
+                    )
         return out
 
 
@@ -247,8 +289,13 @@ class TableWisePlacement:
     ``overflow`` says which rank does not, else stays None.
     """
 
-    def __init__(self, storage: CafeStorageEstimator, caps: Optional[Sequence[int]],
-                 reservation: StorageReservation, topology: Topology) -> None:
+    def __init__(
+        self,
+        storage: CafeStorageEstimator,
+        caps: Optional[Sequence[int]],
+        reservation: StorageReservation,
+        topology: Topology,
+    ) -> None:
         self.storage = storage
         self.caps = caps
         self.reservation = reservation
@@ -274,9 +321,11 @@ class TableWisePlacement:
                 used[s.rank] += s.storage
         for r, (u, device) in enumerate(zip(used, reserved.devices)):
             if not u.fits_in(device.storage):
-                self.overflow = (f"rank {r} needs hbm {u.hbm:,} / ddr {u.ddr:,} bytes (the planner's estimate) but its "
-                                 f"device holds hbm {device.storage.hbm:,} / ddr {device.storage.ddr:,} after TorchRec's "
-                                 "storage reservation; raise the device capacity or the world size")
+                self.overflow = (
+                    f"rank {r} needs hbm {u.hbm:,} / ddr {u.ddr:,} bytes (the planner's estimate) but its "
+                    f"device holds hbm {device.storage.hbm:,} / ddr {device.storage.ddr:,} after TorchRec's "
+                    "storage reservation; raise the device capacity or the world size"
+                )
                 break
         return best
 
@@ -295,14 +344,18 @@ def check_topology(topology: Topology) -> None:
         raise ValueError(
             f"Topology(world_size={topology.world_size}, compute_device={topology.compute_device!r}) has "
             f"local_world_size {topology.local_world_size} (ranks per host; TorchRec's default is the world size), "
-            f"but a host's device indices stop at {MAX_LOCAL_DEVICES}: pass local_world_size=<GPUs per host>, e.g. 8")
+            f"but a host's device indices stop at {MAX_LOCAL_DEVICES}: pass local_world_size=<GPUs per host>, e.g. 8"
+        )
 
 
 def _holding(rank: Any) -> str:
-    return (f"{', '.join(rank.tables) or 'nothing'} (weights {rank.weight_bytes:,}, optimizer {rank.optimizer_bytes:,}, "
-            f"sketch {rank.sketch_bytes:,})")
+    return (
+        f"{', '.join(rank.tables) or 'nothing'} (weights {rank.weight_bytes:,}, optimizer {rank.optimizer_bytes:,}, "
+        f"sketch {rank.sketch_bytes:,})"
+    )
 
 
 def _same_tables(solution: BudgetSolution, m: CafeEmbeddingBagCollection) -> bool:
     return {t.name: (t.rows, t.dim) for t in physical_tables(solution.plan)} == {
-        t.name: (t.rows, t.dim) for t in physical_tables(m.plan)}
+        t.name: (t.rows, t.dim) for t in physical_tables(m.plan)
+    }

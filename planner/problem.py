@@ -20,16 +20,29 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Uni
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from cafe_planner.estimators import OptimizerLike, resolve_optimizer
+from cafe_planner.placement import TW, Assignment, assign, over_budget_message, physical_tables
 from cafe_torchrec.config import CafeConfig
 from cafe_torchrec.layout import CafePlan, plan_tables
 
-from cafe_planner.estimators import OptimizerLike, resolve_optimizer
-from cafe_planner.placement import TW, Assignment, assign, over_budget_message, physical_tables
-
 Budget = Union[int, float, str, Sequence[Union[int, float, str]]]
 Fit = TypeVar("Fit")
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(value: Union[int, float, str]) -> int:
@@ -73,9 +86,15 @@ class BudgetProblem:
     rw_share: float = 0.05
 
     @classmethod
-    def create(cls, tables: Sequence[EmbeddingBagConfig], world_size: int, budget: Optional[Budget] = None,
-               optimizer: OptimizerLike = None, base: Optional[CafeConfig] = None,
-               rw_share: float = 0.05) -> "BudgetProblem":
+    def create(
+        cls,
+        tables: Sequence[EmbeddingBagConfig],
+        world_size: int,
+        budget: Optional[Budget] = None,
+        optimizer: OptimizerLike = None,
+        base: Optional[CafeConfig] = None,
+        rw_share: float = 0.05,
+    ) -> "BudgetProblem":
         """From a budget as users write it (total bytes or '2GiB', split evenly, or one cap per
         rank) and an optimizer name or class."""
         caps = tuple(rank_caps(budget, world_size)) if budget is not None else None
@@ -89,8 +108,9 @@ class BudgetProblem:
     def place(self, configs: Dict[str, CafeConfig]) -> Tuple[CafePlan, Assignment]:
         """The layout `configs` give and where its physical tables go (ValueError: no such layout)."""
         plan = plan_tables(self.tables, configs)
-        return plan, assign(physical_tables(plan), self.world_size, self.optimizer, caps=self.caps,
-                            rw_share=self.rw_share)
+        return plan, assign(
+            physical_tables(plan), self.world_size, self.optimizer, caps=self.caps, rw_share=self.rw_share
+        )
 
     def fits(self, assignment: Assignment) -> bool:
         """Every rank within its cap (always, without a budget)."""
@@ -116,14 +136,17 @@ class BudgetProblem:
         for t in physical_tables(plan):
             need = a.shards[t.name][0].state
             if a.sharding[t.name] == TW and need > biggest:
-                return ValueError(f"memory budget infeasible {what}: table {t.name} needs {need:,} bytes on one rank "
-                                  f"but the largest rank cap is {biggest:,}: short by {need - biggest:,} bytes")
+                return ValueError(
+                    f"memory budget infeasible {what}: table {t.name} needs {need:,} bytes on one rank "
+                    f"but the largest rank cap is {biggest:,}: short by {need - biggest:,} bytes"
+                )
         msg = over_budget_message(a.rank_bytes, self.caps, a.holdings())
         return ValueError(f"memory budget of {self.budget:,} bytes is infeasible {what}: {msg}")
 
 
-def bisect_log(attempt: Callable[[float], Optional[Fit]], lo: float, hi: float, best: Fit,
-               tolerance: float) -> Tuple[float, Fit]:
+def bisect_log(
+    attempt: Callable[[float], Optional[Fit]], lo: float, hi: float, best: Fit, tolerance: float
+) -> Tuple[float, Fit]:
     """Bisect log(x) between lo (exp(lo) does not fit) and hi (exp(hi) fits, giving `best`):
     at most 60 halvings, until hi - lo < tolerance. Returns (hi, the fit at exp(hi))."""
     for _ in range(60):

@@ -21,18 +21,19 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from cafe_torchrec.config import CafeConfig, default_hot_share, default_threshold
-from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan, hot_row_bytes
-
 from cafe_planner.estimators import optimizer_state_bytes
 from cafe_planner.placement import Assignment
 from cafe_planner.problem import BudgetProblem, bisect_log
 from cafe_planner.value_curves import ValueCurve, top_value
+from cafe_torchrec.config import CafeConfig, default_hot_share, default_threshold
+from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan, hot_row_bytes
 
 Solution = Tuple[Dict[str, CafeConfig], CafePlan, Assignment]
 
 
-def _hot_and_hashed(curves: Sequence[ValueCurve], want: Sequence[float], floor: Sequence[float], kappa: float) -> List[float]:
+def _hot_and_hashed(
+    curves: Sequence[ValueCurve], want: Sequence[float], floor: Sequence[float], kappa: float
+) -> List[float]:
     """Hashed rows per table when the group's hot pool H holds its most valuable ids and is
     funded by the hashed rows: H = kappa * sum_t max(floor_t, want_t - hot_t(H)). Bisection on
     the hot pool's value threshold (the pool grows as the threshold falls)."""
@@ -54,8 +55,9 @@ def _hot_and_hashed(curves: Sequence[ValueCurve], want: Sequence[float], floor: 
     return hashed_at(hi)[1]
 
 
-def solve_profiled(problem: BudgetProblem, ratio_u: float, curves: Mapping[str, ValueCurve],
-                   spread: float) -> Optional[Solution]:
+def solve_profiled(
+    problem: BudgetProblem, ratio_u: float, curves: Mapping[str, ValueCurve], spread: float
+) -> Optional[Solution]:
     """Bisect the price per byte until the profiled allocation fills the tightest rank of
     `problem` (ratio_u: its uniform solution's ratio; curves: value_curves of its tables)."""
     tables, base = problem.tables, problem.base
@@ -77,7 +79,9 @@ def solve_profiled(problem: BudgetProblem, ratio_u: float, curves: Mapping[str, 
             kappa = hot_share / (1 - hot_share) * dim * width / hot_row_bytes(dim, fixed.resolved(), width)
             want = [curves[t.name].count_at_least(price * row_bytes[t.name]) for t in members]
             floor = [max(1.0, t.num_embeddings * (1 - hot_share) / floor_ratio) for t in members]
-            hashed = dict(zip((t.name for t in members), _hot_and_hashed([curves[t.name] for t in members], want, floor, kappa)))
+            hashed = dict(
+                zip((t.name for t in members), _hot_and_hashed([curves[t.name] for t in members], want, floor, kappa))
+            )
             for t in members:
                 rows = t.num_embeddings
                 x = hashed[t.name]

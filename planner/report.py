@@ -21,8 +21,6 @@ from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints, ShardingOption, Stats, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
-from cafe_torchrec._torchrec_compat import stock_optimizer_multiplier
-
 from cafe_planner.estimators import (
     CafePerfEstimator,
     CafeStorageEstimator,
@@ -33,6 +31,7 @@ from cafe_planner.estimators import (
     option_key,
     sharder_fused_params,
 )
+from cafe_torchrec._torchrec_compat import stock_optimizer_multiplier
 
 
 class _HoldsState:
@@ -149,7 +148,9 @@ def grid_lines(headers: Sequence[str], rows: Sequence[Sequence[str]], left: Sequ
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
 
     def line(r: Sequence[str]) -> str:
-        return "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        return "  ".join(
+            str(c).ljust(w) if i in left else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
 
     return [line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
 
@@ -157,30 +158,90 @@ def grid_lines(headers: Sequence[str], rows: Sequence[Sequence[str]], left: Sequ
 def format_report(report: PlanReport) -> str:
     """The plan as plain text: one line per physical table (logical tables of a group indented
     under it), then one line per rank with its bytes and the balance."""
-    head = (f"CAFE plan: {report.world_size} rank(s) ({report.compute_device}, {report.local_world_size} per host), "
-            f"batch {report.batch_size} per rank, "
-            f"optimizer {report.optimizer}, perf calibration {report.calibration}")
-    headers = ["table", "logical rows", "physical rows", "hot rows", "hash rows", "ratio", "weights", "sketch",
-               "optimizer", "sharding", "ranks", "step cost (ms)"]
+    head = (
+        f"CAFE plan: {report.world_size} rank(s) ({report.compute_device}, {report.local_world_size} per host), "
+        f"batch {report.batch_size} per rank, "
+        f"optimizer {report.optimizer}, perf calibration {report.calibration}"
+    )
+    headers = [
+        "table",
+        "logical rows",
+        "physical rows",
+        "hot rows",
+        "hash rows",
+        "ratio",
+        "weights",
+        "sketch",
+        "optimizer",
+        "sharding",
+        "ranks",
+        "step cost (ms)",
+    ]
     rows: List[Sequence[str]] = []
     for t in report.tables:
         ranks = _ranks(t.ranks)
         cost = f"{t.perf_ms:.4g}" + (f" (cafe {t.cafe_perf_ms:.3g})" if t.cafe_perf_ms else "")
-        rows.append([t.name, f"{t.logical_rows:,}", f"{t.physical_rows:,}", f"{t.hot_rows:,}" if t.kind == "group" else "-",
-                     f"{t.hashed_rows:,}" if t.kind == "group" else "-", f"{t.ratio:.1f}x", human_bytes(t.weight_bytes),
-                     human_bytes(t.sketch_bytes) if t.kind == "group" else "-", human_bytes(t.optimizer_bytes),
-                     t.sharding_type, ranks, cost])
+        rows.append(
+            [
+                t.name,
+                f"{t.logical_rows:,}",
+                f"{t.physical_rows:,}",
+                f"{t.hot_rows:,}" if t.kind == "group" else "-",
+                f"{t.hashed_rows:,}" if t.kind == "group" else "-",
+                f"{t.ratio:.1f}x",
+                human_bytes(t.weight_bytes),
+                human_bytes(t.sketch_bytes) if t.kind == "group" else "-",
+                human_bytes(t.optimizer_bytes),
+                t.sharding_type,
+                ranks,
+                cost,
+            ]
+        )
         for lt in t.logical:
             cov = f"  covers {100 * lt.coverage:.0f}%" if lt.coverage is not None else ""
-            rows.append([f"  {lt.name}", f"{lt.logical_rows:,}", "", "shared", f"{lt.hashed_rows:,}", f"{lt.ratio:.1f}x",
-                         "", "", "", "", "", cov.strip()])
+            rows.append(
+                [
+                    f"  {lt.name}",
+                    f"{lt.logical_rows:,}",
+                    "",
+                    "shared",
+                    f"{lt.hashed_rows:,}",
+                    f"{lt.ratio:.1f}x",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    cov.strip(),
+                ]
+            )
     lines = [head, ""] + grid_lines(headers, rows)
-    rank_headers = ["rank", "state (w+opt+sketch)", "weights", "optimizer", "sketch", "step buffers", "cap", "step cost (ms)", "tables"]
+    rank_headers = [
+        "rank",
+        "state (w+opt+sketch)",
+        "weights",
+        "optimizer",
+        "sketch",
+        "step buffers",
+        "cap",
+        "step cost (ms)",
+        "tables",
+    ]
     rank_rows = []
     for r in report.ranks:
-        rank_rows.append([str(r.rank), f"{r.state_bytes:,} B", human_bytes(r.weight_bytes), human_bytes(r.optimizer_bytes),
-                          human_bytes(r.sketch_bytes), human_bytes(r.io_bytes), human_bytes(r.cap), f"{r.perf_ms:.4g}",
-                          ", ".join(r.tables)])
+        rank_rows.append(
+            [
+                str(r.rank),
+                f"{r.state_bytes:,} B",
+                human_bytes(r.weight_bytes),
+                human_bytes(r.optimizer_bytes),
+                human_bytes(r.sketch_bytes),
+                human_bytes(r.io_bytes),
+                human_bytes(r.cap),
+                f"{r.perf_ms:.4g}",
+                ", ".join(r.tables),
+            ]
+        )
     lines += [""] + grid_lines(rank_headers, rank_rows, left=(0, 8))
     total = report.total_state_bytes()
     tail = f"total {total:,} B ({human_bytes(total)}); per-rank balance (max-min)/max = {100 * report.balance():.2f}%"
@@ -207,9 +268,15 @@ class ReportStats(Stats):
     notes: lines printed under the report (the budget split).
     """
 
-    def __init__(self, storage: CafeStorageEstimator, perf: CafePerfEstimator, optimizer: Optional[EmbOptimType] = None,
-                 caps: Optional[Sequence[int]] = None, coverage: Optional[Mapping[str, float]] = None,
-                 notes: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        storage: CafeStorageEstimator,
+        perf: CafePerfEstimator,
+        optimizer: Optional[EmbOptimType] = None,
+        caps: Optional[Sequence[int]] = None,
+        coverage: Optional[Mapping[str, float]] = None,
+        notes: Sequence[str] = (),
+    ) -> None:
         self.storage = storage
         self.perf = perf
         self.optimizer = optimizer
@@ -218,17 +285,34 @@ class ReportStats(Stats):
         self.notes = list(notes)
         self.report: Optional[PlanReport] = None
 
-    def log(self, sharding_plan: ShardingPlan, topology: Topology, batch_size: int, storage_reservation: Any,
-            num_proposals: int, num_plans: int, run_time: float, best_plan: List[ShardingOption],
-            constraints: Optional[Dict[str, ParameterConstraints]] = None,
-            sharders: Optional[List[ModuleSharder[nn.Module]]] = None, enumerator: Any = None, debug: bool = False,
-            debug_stats: Any = None) -> None:
+    def log(
+        self,
+        sharding_plan: ShardingPlan,
+        topology: Topology,
+        batch_size: int,
+        storage_reservation: Any,
+        num_proposals: int,
+        num_plans: int,
+        run_time: float,
+        best_plan: List[ShardingOption],
+        constraints: Optional[Dict[str, ParameterConstraints]] = None,
+        sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
+        enumerator: Any = None,
+        debug: bool = False,
+        debug_stats: Any = None,
+    ) -> None:
         """Called by EmbeddingShardingPlanner.plan; an empty plan means it found none (and raises next)."""
         if sharding_plan.plan:
             self.report = self.build(best_plan, topology, batch_size, sharders or [], run_time)
 
-    def build(self, best_plan: Sequence[ShardingOption], topology: Topology, batch_size: int,
-              sharders: Sequence[ModuleSharder[nn.Module]], run_time: float) -> "PlanReport":
+    def build(
+        self,
+        best_plan: Sequence[ShardingOption],
+        topology: Topology,
+        batch_size: int,
+        sharders: Sequence[ModuleSharder[nn.Module]],
+        run_time: float,
+    ) -> "PlanReport":
         """The PlanReport of `best_plan` (ranks set)."""
         fused = sharder_fused_params(sharders)
         ranks = [RankRow(rank=r, cap=self.caps[r] if self.caps else None) for r in range(topology.world_size)]
@@ -249,13 +333,21 @@ class ReportStats(Stats):
                 rr.perf_ms += s.perf.total if s.perf is not None else 0.0
                 if o.name not in rr.tables:
                     rr.tables.append(o.name)
-        notes = self.notes + [f"TorchRec planning took {run_time:.2f} s; step cost from the TorchRec perf model (ms), "
-                              "CAFE remap + sketch included"]
+        notes = self.notes + [
+            f"TorchRec planning took {run_time:.2f} s; step cost from the TorchRec perf model (ms), "
+            "CAFE remap + sketch included"
+        ]
         return PlanReport(
-            world_size=topology.world_size, local_world_size=topology.local_world_size,
-            compute_device=topology.compute_device, batch_size=batch_size,
-            optimizer=", ".join(sorted(optimizers)) or "-", calibration=str(self.perf.calibration.get("source", "default")),
-            tables=tables, ranks=ranks, budget=sum(self.caps) if self.caps else None, notes=notes,
+            world_size=topology.world_size,
+            local_world_size=topology.local_world_size,
+            compute_device=topology.compute_device,
+            batch_size=batch_size,
+            optimizer=", ".join(sorted(optimizers)) or "-",
+            calibration=str(self.perf.calibration.get("source", "default")),
+            tables=tables,
+            ranks=ranks,
+            budget=sum(self.caps) if self.caps else None,
+            notes=notes,
         )
 
 
@@ -268,21 +360,39 @@ def _stock_bytes(o: ShardingOption, shard: Any) -> ShardBytes:
     return ShardBytes(weights, opt, 0, max(0, total - weights - opt))
 
 
-def _table_row(o: ShardingOption, shards: List[ShardBytes], cafe_perf: float, coverage: Mapping[str, float]) -> TableRow:
+def _table_row(
+    o: ShardingOption, shards: List[ShardBytes], cafe_perf: float, coverage: Mapping[str, float]
+) -> TableRow:
     """One physical table's row: a CAFE group with its logical tables, or a plain table."""
     rows, dim = o.tensor.shape[0], o.tensor.shape[1]
     module = cafe_module_of(o)
     layout = group_layout(module, o.name) if module is not None else None
-    common = dict(name=o.name, physical_rows=rows, dim=dim, weight_bytes=sum(s.weights for s in shards),
-                  sketch_bytes=sum(s.sketch for s in shards), optimizer_bytes=sum(s.optimizer for s in shards),
-                  io_bytes=sum(s.io for s in shards), sharding_type=o.sharding_type, compute_kernel=o.compute_kernel,
-                  ranks=[s.rank for s in o.shards], perf_ms=sum(s.perf.total for s in o.shards if s.perf is not None),
-                  cafe_perf_ms=cafe_perf)
+    common = dict(
+        name=o.name,
+        physical_rows=rows,
+        dim=dim,
+        weight_bytes=sum(s.weights for s in shards),
+        sketch_bytes=sum(s.sketch for s in shards),
+        optimizer_bytes=sum(s.optimizer for s in shards),
+        io_bytes=sum(s.io for s in shards),
+        sharding_type=o.sharding_type,
+        compute_kernel=o.compute_kernel,
+        ranks=[s.rank for s in o.shards],
+        perf_ms=sum(s.perf.total for s in o.shards if s.perf is not None),
+        cafe_perf_ms=cafe_perf,
+    )
     if layout is None:
         return TableRow(kind="plain", logical_rows=rows, hot_rows=0, hashed_rows=0, ratio=1.0, **common)
-    logical = [LogicalRow(t.name, list(t.features), t.logical_rows, t.hashed_rows, t.ratio, coverage.get(t.name))
-               for t in layout.tables]
-    return TableRow(kind="group", logical_rows=sum(t.logical_rows for t in layout.tables), hot_rows=layout.hot_rows,
-                    hashed_rows=layout.physical_rows - layout.hot_rows,
-                    ratio=layout.logical_bytes() / max(1, layout.weight_bytes() + layout.sketch_bytes()),
-                    logical=logical, **common)
+    logical = [
+        LogicalRow(t.name, list(t.features), t.logical_rows, t.hashed_rows, t.ratio, coverage.get(t.name))
+        for t in layout.tables
+    ]
+    return TableRow(
+        kind="group",
+        logical_rows=sum(t.logical_rows for t in layout.tables),
+        hot_rows=layout.hot_rows,
+        hashed_rows=layout.physical_rows - layout.hot_rows,
+        ratio=layout.logical_bytes() / max(1, layout.weight_bytes() + layout.sketch_bytes()),
+        logical=logical,
+        **common,
+    )

@@ -21,14 +21,13 @@ import torch
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from cafe_torchrec.config import CafeConfig
-from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan
-
 from cafe_planner.estimators import OptimizerLike
 from cafe_planner.placement import Assignment, physical_tables
 from cafe_planner.problem import Budget, BudgetProblem, bisect_log
 from cafe_planner.profiled import solve_profiled
 from cafe_planner.value_curves import coverage_of, value_curves
+from cafe_torchrec.config import CafeConfig
+from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan
 
 
 @dataclass
@@ -86,22 +85,34 @@ class BudgetSolution:
         logical = sum(t.logical_rows * g.dim * 4 for g in self.plan.groups for t in g.tables)
         logical += sum(p.config.num_embeddings * p.config.embedding_dim * 4 for p in self.plan.plain)
         physical = sum(g.weight_bytes() + g.sketch_bytes() for g in self.plan.groups)
-        physical += sum(p.config.num_embeddings * p.config.embedding_dim * BYTES_PER_VALUE[p.config.data_type] for p in self.plan.plain)
+        physical += sum(
+            p.config.num_embeddings * p.config.embedding_dim * BYTES_PER_VALUE[p.config.data_type]
+            for p in self.plan.plain
+        )
         return logical / physical
 
     def constraints(self, pooling_factors: Optional[Mapping[str, float]] = None) -> Dict[str, ParameterConstraints]:
         """ParameterConstraints per physical table pinning this solution's sharding type, with
         one pooling factor per feature (default 1.0, or `pooling_factors[feature]`)."""
         pf = pooling_factors or {}
-        return {t.name: ParameterConstraints(sharding_types=[self.sharding[t.name]],
-                                             pooling_factors=[float(pf.get(f, 1.0)) for f in t.features])
-                for t in physical_tables(self.plan)}
+        return {
+            t.name: ParameterConstraints(
+                sharding_types=[self.sharding[t.name]], pooling_factors=[float(pf.get(f, 1.0)) for f in t.features]
+            )
+            for t in physical_tables(self.plan)
+        }
 
     def describe(self) -> str:
         """One line for the split, then one per rank: its bytes against its cap, and its tables."""
-        budget = f"{self.used:,} of {self.budget:,} bytes ({100 * self.usage:.1f}%)" if self.budget else f"{self.used:,} bytes"
-        lines = [f"{self.method} split: {budget}, overall ratio {self.effective_ratio():.1f}x, "
-                 f"optimizer {self.optimizer}, world size {self.world_size}"]
+        budget = (
+            f"{self.used:,} of {self.budget:,} bytes ({100 * self.usage:.1f}%)"
+            if self.budget
+            else f"{self.used:,} bytes"
+        )
+        lines = [
+            f"{self.method} split: {budget}, overall ratio {self.effective_ratio():.1f}x, "
+            f"optimizer {self.optimizer}, world size {self.world_size}"
+        ]
         caps: Sequence[Optional[int]] = self.caps or [None] * self.world_size
         for rank, (b, c) in enumerate(zip(self.rank_bytes, caps)):
             cap = f" / {c:,}" if c is not None else ""
@@ -169,15 +180,18 @@ def bisect_ratio(problem: BudgetProblem, max_ratio: float) -> Tuple[float, CafeP
         return 1.0, found[0], found[1]
     best = attempt(max_ratio)
     if best is None:
-        raise problem.infeasible(uniform_configs(problem, max_ratio), f"even at the highest ratio tried ({max_ratio:g}x)")
+        raise problem.infeasible(
+            uniform_configs(problem, max_ratio), f"even at the highest ratio tried ({max_ratio:g}x)"
+        )
     # log(ratio): 0 (ratio 1) does not fit, log(max_ratio) fits
     hi, fits = bisect_log(attempt, 0.0, math.log(max_ratio), best, 1e-5)
     assert fits is not None  # bisect_log keeps the last plan that fits, and max_ratio fits
     return math.exp(hi), fits[0], fits[1]
 
 
-def estimate_coverage(plan: Union[CafePlan, BudgetSolution], tables: Sequence[EmbeddingBagConfig],
-                      profile: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+def estimate_coverage(
+    plan: Union[CafePlan, BudgetSolution], tables: Sequence[EmbeddingBagConfig], profile: Mapping[str, torch.Tensor]
+) -> Dict[str, float]:
     """Per logical table, the estimated share of its importance mass (by the profile) that
     gets a row of its own under `plan` (or a solution's plan): plain tables all of it; a group's
     hot rows its most valuable ids across tables, then each table's hashed rows its next ones."""

@@ -53,7 +53,9 @@ class ValueCurve:
         k = max(0.0, min(k, float(self.rows)))
         if k <= d:
             whole = int(k)
-            return float(self._head_cum[whole - 1] if whole else 0.0) + (k - whole) * (self.head[whole] if whole < d else 0.0)
+            return float(self._head_cum[whole - 1] if whole else 0.0) + (k - whole) * (
+                self.head[whole] if whole < d else 0.0
+            )
         return float(self._head_cum[-1] if d else 0.0) + self._tail_mass(d, k)
 
     def _tail_mass(self, a: float, b: float) -> float:
@@ -68,7 +70,8 @@ class ValueCurve:
 
 
 def value_curves(tables: Sequence[EmbeddingBagConfig], profile: Mapping[str, torch.Tensor]) -> Dict[str, ValueCurve]:
-    """Each table's value curve from the profile's sampled ids (module docstring); an unsampled table's ids are all worth the same."""
+    """Each table's value curve from the profile's sampled ids (module docstring); an unsampled
+    table's ids are all worth the same."""
     sizes = {f: int(torch.as_tensor(ids).numel()) for f, ids in profile.items()}
     known = [n for n in sizes.values() if n > 0]
     per_feature = float(np.mean(known)) if known else 1.0
@@ -82,7 +85,12 @@ def value_curves(tables: Sequence[EmbeddingBagConfig], profile: Mapping[str, tor
         if n == 0:  # nothing known: every id equally valuable
             curves[t.name] = ValueCurve(rows, np.zeros(0), mass / rows, 1e-6, mass)
             continue
-        counts = torch.unique(torch.remainder(ids, rows), return_counts=True)[1].sort(descending=True).values.double().numpy()
+        counts = (
+            torch.unique(torch.remainder(ids, rows), return_counts=True)[1]
+            .sort(descending=True)
+            .values.double()
+            .numpy()
+        )
         d = len(counts)
         unseen_rows = rows - d
         singletons = float((counts == 1).sum())
@@ -136,7 +144,9 @@ def coverage_of(plan: CafePlan, curves: Mapping[str, ValueCurve]) -> Dict[str, f
 
 def top_value(curves: Sequence[ValueCurve]) -> float:
     """The most valuable id's value over `curves` (at least 1e-300): where a threshold search starts."""
-    return max(max((c.head[0] if len(c.head) else c.tail_coef * (len(c.head) + 1) ** -c.tail_exp) for c in curves), 1e-300)
+    return max(
+        max((c.head[0] if len(c.head) else c.tail_coef * (len(c.head) + 1) ** -c.tail_exp) for c in curves), 1e-300
+    )
 
 
 def _hot_split(curves: Sequence[ValueCurve], hot_rows: float) -> List[float]:

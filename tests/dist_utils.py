@@ -21,8 +21,14 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -39,7 +45,9 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> List[Any]:
     """fn(rank, world, *args) on `world` spawned processes; returns the per-rank results."""
     with tempfile.TemporaryDirectory() as out_dir:
         try:
-            mp.start_processes(_worker, args=(world, free_port(), out_dir, fn, args), nprocs=world, start_method="spawn")
+            mp.start_processes(
+                _worker, args=(world, free_port(), out_dir, fn, args), nprocs=world, start_method="spawn"
+            )
         except ProcessException:  # the per-rank files below say which rank failed and why
             pass
         results = []

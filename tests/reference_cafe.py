@@ -22,8 +22,15 @@ from tests.reference_sketch import ReferenceSketch
 
 
 class ReferenceCafe(EmbeddingBagCollectionInterface):
-    def __init__(self, tables: List[EmbeddingBagConfig], layout: GroupLayout, weight: torch.Tensor,
-                 optimizer: str, lr: float, eps: float = 1e-10) -> None:
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        layout: GroupLayout,
+        weight: torch.Tensor,
+        optimizer: str,
+        lr: float,
+        eps: float = 1e-10,
+    ) -> None:
         super().__init__()
         self.tables, self.layout = tables, layout
         cfg = layout.config
@@ -31,8 +38,15 @@ class ReferenceCafe(EmbeddingBagCollectionInterface):
         self.accumulator = torch.zeros(weight.shape[0])  # row-wise Adagrad
         self.optimizer, self.lr, self.eps = optimizer, lr, eps
         buckets = max(1, layout.hot_rows)
-        self.sketch = ReferenceSketch(buckets, cfg.slots_per_bucket, layout.hot_rows, cfg.threshold, cfg.decay,
-                                      cfg.decay_trigger * buckets * cfg.threshold, mix64_int(303, cfg.seed))
+        self.sketch = ReferenceSketch(
+            buckets,
+            cfg.slots_per_bucket,
+            layout.hot_rows,
+            cfg.threshold,
+            cfg.decay,
+            cfg.decay_trigger * buckets * cfg.threshold,
+            mix64_int(303, cfg.seed),
+        )
         self.medium = cfg.threshold * cfg.medium_share if cfg.multi_level else float("inf")
         self.slot_of_feature = {f: i for i, t in enumerate(layout.tables) for f in t.features}
         self.offsets = layout.region_offsets()

@@ -90,8 +90,9 @@ class ReferenceSketch:
                 self.newcomer[j] = False  # a hit confirms a newcomer
                 self.scores[j] = f32(self.scores[j] + s)
                 touched.add(j)
-        candidates = [(j, self.keys[j]) for j in sorted(touched)
-                      if self.rows[j] == NO_ROW and self.estimate(j) >= self.threshold]
+        candidates = [
+            (j, self.keys[j]) for j in sorted(touched) if self.rows[j] == NO_ROW and self.estimate(j) >= self.threshold
+        ]
         # phase B: absent keys, summed, in first-occurrence order
         sums: Dict[int, float] = {}
         for k, s in valid:
@@ -136,8 +137,14 @@ class ReferenceSketch:
             self.scores[j] = f32(self.scores[j] * 0.5)
             due[self.rows[j]] = 0.0
         self.decayed, self.since = total * f, 0
-        candidates = sorted((j for j in held if self.rows[j] == NO_ROW and not self.newcomer[j]
-                             and self.estimate(j) >= policy.entry_score), key=lambda j: (-self.estimate(j), j))
+        candidates = sorted(
+            (
+                j
+                for j in held
+                if self.rows[j] == NO_ROW and not self.newcomer[j] and self.estimate(j) >= policy.entry_score
+            ),
+            key=lambda j: (-self.estimate(j), j),
+        )
         hot = sorted((j for j in range(len(self.keys)) if self.rows[j] >= 0), key=lambda j: (self.estimate(j), j))
         fill = min(len(candidates), len(self.free))
         plan = [(c, self.free.pop()) for c in candidates[:fill]]
@@ -154,8 +161,11 @@ class ReferenceSketch:
         if policy.medium_share is not None:
             self.medium = f32(policy.medium_share * max(q * f, policy.entry_score))
         promoted = {row for _, row in plan}
-        self.marks = {self.rows[j]: (self.scores[j], 0.0 if self.rows[j] in promoted else due[self.rows[j]])
-                      for j in range(len(self.keys)) if self.rows[j] >= 0}
+        self.marks = {
+            self.rows[j]: (self.scores[j], 0.0 if self.rows[j] in promoted else due[self.rows[j]])
+            for j in range(len(self.keys))
+            if self.rows[j] >= 0
+        }
         return ([self.keys[c] for c, _ in plan], [row for _, row in plan]), demoted
 
     def _slot_of(self, key: int) -> Optional[int]:
@@ -176,7 +186,12 @@ class ReferenceSketch:
         if victims:
             j = min(victims, key=lambda v: (self.scores[v], v))
             evicted = self.scores[j]
-            self.keys[j], self.scores[j], self.errors[j], self.newcomer[j] = key, f32(evicted + score), error32(evicted), True
+            self.keys[j], self.scores[j], self.errors[j], self.newcomer[j] = (
+                key,
+                f32(evicted + score),
+                error32(evicted),
+                True,
+            )
 
     def _decay(self) -> List[int]:
         demoted = []
@@ -203,5 +218,6 @@ class ReferenceSketch:
     def is_medium(self, key: int, medium_threshold: float) -> bool:
         """Held, confirmed, without a hot row, and estimated at least the medium threshold."""
         j = self._slot_of(key)
-        return (j is not None and self.rows[j] == NO_ROW and not self.newcomer[j]
-                and self.estimate(j) >= medium_threshold)
+        return (
+            j is not None and self.rows[j] == NO_ROW and not self.newcomer[j] and self.estimate(j) >= medium_threshold
+        )

@@ -29,7 +29,9 @@ def make(rows=(5000, 3000), lr: float = 0.05, optimizer=torch.optim.SGD, **cfg) 
 def one_id_kjt(ebc, feature: str, raw_id: int, batch: int = 4) -> KeyedJaggedTensor:
     names = features_of(ebc.embedding_bag_configs())
     values = torch.tensor([raw_id if f == feature else 10**9 + i for f in names for i in range(batch)])
-    return KeyedJaggedTensor.from_lengths_sync(keys=names, values=values, lengths=torch.ones(len(names) * batch, dtype=torch.int64))
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=names, values=values, lengths=torch.ones(len(names) * batch, dtype=torch.int64)
+    )
 
 
 def test_promoted_id_keeps_its_embedding_and_cooled_id_returns_to_hashing() -> None:
@@ -111,7 +113,9 @@ def test_checkpoint_from_another_config_is_refused_untouched() -> None:
 
 def test_mean_pooling_and_multi_level_are_exact() -> None:
     tbls = tables([5000], dim=8, pooling=PoolingType.MEAN)
-    ebc = CafeEmbeddingBagCollection(tbls, CafeConfig(compression_ratio=20, policy="paper", threshold=6.0, multi_level=True, medium_share=0.25))
+    ebc = CafeEmbeddingBagCollection(
+        tbls, CafeConfig(compression_ratio=20, policy="paper", threshold=6.0, multi_level=True, medium_share=0.25)
+    )
     _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.0})
     gen = torch.Generator().manual_seed(0)
     kjt = zipf_kjt(["f0"], 32, 50, gen, max_len=4)
@@ -175,8 +179,9 @@ def test_output_order_and_plain_tables_follow_the_configs() -> None:
     ]
     ebc = CafeEmbeddingBagCollection(tbls, CafeConfig(compression_ratio=10)).eval()  # 10 rows <= 2000/10: plain
     assert [g.name for g in ebc.plan.groups] == ["cafe_dim16", "cafe_dim8"] and len(ebc.plan.plain) == 1
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["m", "b", "s"], values=torch.tensor([1, 2, 3, 13]),
-                                              lengths=torch.tensor([1, 1, 2]))  # s: ids 3 and 13 -> rows 3, 3
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["m", "b", "s"], values=torch.tensor([1, 2, 3, 13]), lengths=torch.tensor([1, 1, 2])
+    )  # s: ids 3 and 13 -> rows 3, 3
     kt = ebc(kjt)
     assert kt.keys() == ["s", "b", "m"] and kt.length_per_key() == [8, 16, 8]
     small = ebc.physical.embedding_bags["small"].weight
@@ -184,18 +189,30 @@ def test_output_order_and_plain_tables_follow_the_configs() -> None:
     assert "uncompressed" in ebc.describe() and ebc.memory()["compression_ratio"] > 9
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(dim=6), "multiple of 4"),
-    (dict(pooling=PoolingType.NONE), "pooling"),
-    (dict(ratio=0.5), "compression_ratio"),
-    (dict(hot_share=1.5), "hot_share"),
-    (dict(threshold=0.0), "threshold"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(dim=6), "multiple of 4"),
+        (dict(pooling=PoolingType.NONE), "pooling"),
+        (dict(ratio=0.5), "compression_ratio"),
+        (dict(hot_share=1.5), "hot_share"),
+        (dict(threshold=0.0), "threshold"),
+    ],
+)
 def test_bad_configs_raise_value_error_naming_the_table(bad, match) -> None:
-    tbl = EmbeddingBagConfig(name="t_cat", embedding_dim=bad.get("dim", 8), num_embeddings=10_000, feature_names=["cat"],
-                             pooling=bad.get("pooling", PoolingType.SUM))
-    cfg = CafeConfig(compression_ratio=bad.get("ratio", 10.0), hot_share=bad.get("hot_share"), threshold=bad.get("threshold"),
-                     policy="paper")
+    tbl = EmbeddingBagConfig(
+        name="t_cat",
+        embedding_dim=bad.get("dim", 8),
+        num_embeddings=10_000,
+        feature_names=["cat"],
+        pooling=bad.get("pooling", PoolingType.SUM),
+    )
+    cfg = CafeConfig(
+        compression_ratio=bad.get("ratio", 10.0),
+        hot_share=bad.get("hot_share"),
+        threshold=bad.get("threshold"),
+        policy="paper",
+    )
     with pytest.raises(ValueError, match=match) as err:
         CafeEmbeddingBagCollection([tbl], cfg)
     assert "t_cat" in str(err.value)
@@ -204,7 +221,9 @@ def test_bad_configs_raise_value_error_naming_the_table(bad, match) -> None:
 def test_mismatched_group_settings_raise() -> None:
     tbls = tables([5000, 5000])
     with pytest.raises(ValueError, match="group"):
-        CafeEmbeddingBagCollection(tbls, {"t0": CafeConfig(policy="paper", threshold=5.0), "t1": CafeConfig(policy="paper", threshold=6.0)})
+        CafeEmbeddingBagCollection(
+            tbls, {"t0": CafeConfig(policy="paper", threshold=5.0), "t1": CafeConfig(policy="paper", threshold=6.0)}
+        )
 
 
 def test_bad_input_raises_and_changes_nothing() -> None:
@@ -214,9 +233,22 @@ def test_bad_input_raises_and_changes_nothing() -> None:
     ebc(good).values().sum().backward()
     before = copy.deepcopy(ebc.state_dict())
     cases = [
-        (KeyedJaggedTensor.from_lengths_sync(keys=["f0"], values=torch.tensor([1]), lengths=torch.tensor([1])), "lacks"),
-        (KeyedJaggedTensor.from_lengths_sync(keys=["f0", "f1", "zz"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([1, 1, 1])), "unknown"),
-        (KeyedJaggedTensor.from_lengths_sync(keys=["f0", "f1"], values=torch.tensor([1, 2], dtype=torch.int16), lengths=torch.tensor([1, 1])), "int32 or int64"),
+        (
+            KeyedJaggedTensor.from_lengths_sync(keys=["f0"], values=torch.tensor([1]), lengths=torch.tensor([1])),
+            "lacks",
+        ),
+        (
+            KeyedJaggedTensor.from_lengths_sync(
+                keys=["f0", "f1", "zz"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([1, 1, 1])
+            ),
+            "unknown",
+        ),
+        (
+            KeyedJaggedTensor.from_lengths_sync(
+                keys=["f0", "f1"], values=torch.tensor([1, 2], dtype=torch.int16), lengths=torch.tensor([1, 1])
+            ),
+            "int32 or int64",
+        ),
         (KeyedJaggedTensor(keys=["f0", "f1"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([1, 1])), "sum to"),
         (KeyedJaggedTensor(keys=["f0", "f0"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1])), "duplicated"),
     ]
@@ -239,7 +271,9 @@ def test_training_without_in_backward_optimizer_is_refused() -> None:
 
 def test_empty_batch_and_empty_feature() -> None:
     ebc = make()
-    empty = KeyedJaggedTensor(keys=["f0", "f1"], values=torch.empty(0, dtype=torch.int64), lengths=torch.zeros(8, dtype=torch.int64))
+    empty = KeyedJaggedTensor(
+        keys=["f0", "f1"], values=torch.empty(0, dtype=torch.int64), lengths=torch.zeros(8, dtype=torch.int64)
+    )
     out = ebc(empty)
     assert out.values().shape == (4, 16) and not out.values().any()
     out.values().sum().backward()

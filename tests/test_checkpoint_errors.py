@@ -46,8 +46,11 @@ def try_load(rank: int, world: int, ckpt: str) -> Dict[str, object]:
     except ValueError as err:
         foreign_error = str(err)
     after = local_tensors(dmp)
-    return {"error": error, "foreign_error": foreign_error,
-            "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
+    return {
+        "error": error,
+        "foreign_error": foreign_error,
+        "unchanged": all(torch.equal(before[k], after[k]) for k in before),
+    }
 
 
 def test_other_world_size_and_truncated_checkpoints_are_refused_untouched() -> None:

@@ -30,14 +30,16 @@ sys.meta_path.insert(0, _Blocker())
 
 
 def run_blocked(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCKER + code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER + code], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_cpu_dry_run_passes_every_check_without_torchrec(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = run_blocked(f"from benchmarks.gpu_check import main; sys.exit(main(['--device', 'cpu', '--quick', "
-                       f"'--out', {str(out)!r}]))")
+    proc = run_blocked(
+        f"from benchmarks.gpu_check import main; sys.exit(main(['--device', 'cpu', '--quick', '--out', {str(out)!r}]))"
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = json.loads((out / "gpu_check.json").read_text())
     assert len(record["checks"]) == 4 and all(c["passed"] for c in record["checks"]), record["checks"]
@@ -52,7 +54,8 @@ def test_script_imports_with_torch_alone() -> None:
     proc = run_blocked(
         "import benchmarks.gpu_check\n"
         "assert not any(m.split('.')[0] in ('torchrec', 'fbgemm_gpu') for m in sys.modules), 'torchrec imported'\n"
-        "try:\n    import torchrec\nexcept ImportError:\n    print('blocked')\n")
+        "try:\n    import torchrec\nexcept ImportError:\n    print('blocked')\n"
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "blocked"  # the blocker works, so the import above proves something
 

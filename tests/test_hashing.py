@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cafe_torchrec.hashing import make_keys
-from cafe_torchrec.hashing import bounded, fold, fold_int, mix64, mix64_int, odd_multiplier
+from cafe_torchrec.hashing import bounded, fold, fold_int, make_keys, mix64, mix64_int, odd_multiplier
 
 
 def shard_keys(n: int, world: int, rank: int) -> torch.Tensor:

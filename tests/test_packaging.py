@@ -25,8 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), "."],
-                   cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), "."],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     (path,) = out.glob("cafe_torchrec-*.whl")
     return path
 
@@ -40,7 +44,7 @@ def test_wheel_holds_the_compiled_ops_their_sources_and_the_planner(wheel: Path)
     assert "cafe_planner/__init__.py" in names and "cafe_planner/planner.py" in names
     assert not any(n.startswith(("tests/", "examples/", "benchmarks/")) for n in names)
     built = zipfile.ZipFile(wheel).read(libraries[0])
-    marker = built[built.find(ops.MARKER) + len(ops.MARKER):][:16].decode()
+    marker = built[built.find(ops.MARKER) + len(ops.MARKER) :][:16].decode()
     assert marker == ops.source_hash()  # built from the sources it ships
 
 
@@ -57,8 +61,11 @@ def test_wheel_metadata_names_the_library_needs_and_an_examples_extra(wheel: Pat
 
 def test_installed_wheel_loads_its_prebuilt_ops_without_compiling(wheel: Path, tmp_path: Path) -> None:
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     probe = (
         "import logging, sys; logging.basicConfig(level=logging.WARNING)\n"
         "import cafe_torchrec.ops as ops\n"

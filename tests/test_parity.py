@@ -29,20 +29,22 @@ FEATURES = ["f0", "f1"]
 
 def tables(pooling: PoolingType = PoolingType.SUM) -> List[EmbeddingBagConfig]:
     """A compressed table with two features and a small plain one (stock semantics)."""
-    return [EmbeddingBagConfig(name="big", embedding_dim=8, num_embeddings=50_000, feature_names=["f0"], pooling=pooling),
-            EmbeddingBagConfig(name="small", embedding_dim=8, num_embeddings=16, feature_names=["f1"], pooling=pooling)]
+    return [
+        EmbeddingBagConfig(name="big", embedding_dim=8, num_embeddings=50_000, feature_names=["f0"], pooling=pooling),
+        EmbeddingBagConfig(name="small", embedding_dim=8, num_embeddings=16, feature_names=["f1"], pooling=pooling),
+    ]
 
 
 def cafe(pooling: PoolingType = PoolingType.SUM, weighted: bool = False) -> CafeEmbeddingBagCollection:
     torch.manual_seed(0)
-    ebc = CafeEmbeddingBagCollection(tables(pooling), CafeConfig(compression_ratio=100, seed=3),
-                                     is_weighted=weighted)
+    ebc = CafeEmbeddingBagCollection(tables(pooling), CafeConfig(compression_ratio=100, seed=3), is_weighted=weighted)
     _apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.1})
     return ebc
 
 
-def vbe_kjt(strides: List[int], batch: int, seed: int = 0, weighted: bool = False,
-            per_rank: Optional[List[List[int]]] = None) -> KeyedJaggedTensor:
+def vbe_kjt(
+    strides: List[int], batch: int, seed: int = 0, weighted: bool = False, per_rank: Optional[List[List[int]]] = None
+) -> KeyedJaggedTensor:
     """A VBE KJT: feature f has strides[f] bags (split over ranks as per_rank[f]), the output
     has `batch` samples, inverse_indices pick a bag of each feature per sample."""
     gen = torch.Generator().manual_seed(seed)
@@ -50,9 +52,14 @@ def vbe_kjt(strides: List[int], batch: int, seed: int = 0, weighted: bool = Fals
     values = torch.randint(0, 16, (int(lengths.sum()),), generator=gen)  # in range for stock
     inverse = torch.stack([torch.randint(0, s, (batch,), generator=gen) for s in strides])
     weights = torch.rand(values.numel(), generator=gen) if weighted else None
-    return KeyedJaggedTensor(keys=FEATURES, values=values, lengths=lengths, weights=weights,
-                             stride_per_key_per_rank=per_rank or [[s] for s in strides],
-                             inverse_indices=(FEATURES, inverse))
+    return KeyedJaggedTensor(
+        keys=FEATURES,
+        values=values,
+        lengths=lengths,
+        weights=weights,
+        stride_per_key_per_rank=per_rank or [[s] for s in strides],
+        inverse_indices=(FEATURES, inverse),
+    )
 
 
 # strides and output batch; (3, 5) at batch 4 sums to features x batch, the case a KJT rebuilt
@@ -73,7 +80,9 @@ def test_vbe_equals_the_expanded_kjt_stock_and_cafe(strides, batch) -> None:
     assert torch.equal(out.values(), ebc(expanded).values())
 
 
-@pytest.mark.parametrize("pooling,weighted", [(PoolingType.SUM, False), (PoolingType.MEAN, False), (PoolingType.SUM, True)])
+@pytest.mark.parametrize(
+    "pooling,weighted", [(PoolingType.SUM, False), (PoolingType.MEAN, False), (PoolingType.SUM, True)]
+)
 def test_vbe_training_equals_training_on_the_expanded_kjt(pooling, weighted) -> None:
     a, b = cafe(pooling, weighted), cafe(pooling, weighted)
     probe = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
@@ -97,8 +106,9 @@ def test_vbe_with_strides_split_over_ranks() -> None:
 
 def test_inverse_indices_on_a_uniform_kjt_expand_as_stock() -> None:
     kjt = vbe_kjt([4, 4], 4)
-    uniform = KeyedJaggedTensor(keys=FEATURES, values=kjt.values(), lengths=kjt.lengths(), stride=4,
-                                inverse_indices=kjt.inverse_indices())
+    uniform = KeyedJaggedTensor(
+        keys=FEATURES, values=kjt.values(), lengths=kjt.lengths(), stride=4, inverse_indices=kjt.inverse_indices()
+    )
     stock = EmbeddingBagCollection(tables())
     ebc = cafe().eval()
     torch.testing.assert_close(stock(uniform).values(), stock(expand_variable_batch(uniform)).values())
@@ -119,9 +129,15 @@ def test_unsupported_vbe_is_refused_naming_vbe_state_unchanged(case) -> None:
     elif case == "out of range":
         bad = inverse.clone()
         bad[0, 1] = 3
-        kjt, match = KeyedJaggedTensor(**kwargs, inverse_indices=(names, bad)), "feature 'f0'.*inverse_indices must lie in"
+        kjt, match = (
+            KeyedJaggedTensor(**kwargs, inverse_indices=(names, bad)),
+            "feature 'f0'.*inverse_indices must lie in",
+        )
     elif case == "missing key":
-        kjt, match = KeyedJaggedTensor(**kwargs, inverse_indices=(["f0"], inverse[:1])), "feature 'f1' has no inverse_indices"
+        kjt, match = (
+            KeyedJaggedTensor(**kwargs, inverse_indices=(["f0"], inverse[:1])),
+            "feature 'f1' has no inverse_indices",
+        )
     elif case == "bad shape":
         kjt, match = KeyedJaggedTensor(**kwargs, inverse_indices=(names, inverse[0])), "must be \\[len"
     else:
@@ -160,8 +176,13 @@ def test_int32_ids_lengths_and_offsets_equal_int64() -> None:
 
 def test_int32_vbe_equals_int64_vbe() -> None:
     kjt = vbe_kjt([3, 5], 6)
-    narrow = KeyedJaggedTensor(keys=FEATURES, values=kjt.values().int(), lengths=kjt.lengths().int(),
-                               stride_per_key_per_rank=[[3], [5]], inverse_indices=kjt.inverse_indices())
+    narrow = KeyedJaggedTensor(
+        keys=FEATURES,
+        values=kjt.values().int(),
+        lengths=kjt.lengths().int(),
+        stride_per_key_per_rank=[[3], [5]],
+        inverse_indices=kjt.inverse_indices(),
+    )
     ebc = cafe().eval()
     assert torch.equal(ebc(kjt).values(), ebc(narrow).values())
 
@@ -205,8 +226,16 @@ def test_stats_are_monotonic_and_intervals_come_from_a_helper() -> None:
 def test_memory_counts_fp16_tables_at_two_bytes_and_the_ratio_against_fp16() -> None:
     from torchrec.modules.embedding_configs import DataType
 
-    half = [EmbeddingBagConfig(name=t.name, embedding_dim=8, num_embeddings=t.num_embeddings, feature_names=t.feature_names,
-                               data_type=DataType.FP16) for t in tables()]
+    half = [
+        EmbeddingBagConfig(
+            name=t.name,
+            embedding_dim=8,
+            num_embeddings=t.num_embeddings,
+            feature_names=t.feature_names,
+            data_type=DataType.FP16,
+        )
+        for t in tables()
+    ]
     ebc = CafeEmbeddingBagCollection(half, CafeConfig(compression_ratio=100))
     m, layout = ebc.memory(), ebc.plan.groups[0]
     assert m["logical_bytes"] == (50_000 + 16) * 8 * 2

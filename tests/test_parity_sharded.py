@@ -29,7 +29,9 @@ def sharded(sharding_type: str, world: int) -> DistributedModelParallel:
     ebc = CafeEmbeddingBagCollection(tables(), CafeConfig(compression_ratio=100, seed=3))
     sharders = [CafeEmbeddingBagCollectionSharder(fused_params={"learning_rate": 0.1})]
     constraints = {name: ParameterConstraints(sharding_types=[sharding_type]) for name in (GROUP, "small")}
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints)
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints
+    )
     plan = planner.collective_plan(ebc, sharders, dist.GroupMember.WORLD)
     _apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.1})
     return DistributedModelParallel(ebc, device=torch.device("cpu"), plan=plan, sharders=sharders)
@@ -56,8 +58,10 @@ def compare(rank: int, world: int, sharding_type: str) -> Dict[str, object]:
         kjt = vbe_kjt([3, 5], 6, seed=10 * step + rank)
         expanded = expand_variable_batch(kjt)
         narrow = KeyedJaggedTensor(keys=FEATURES, values=expanded.values().int(), lengths=expanded.lengths().int())
-        outs = [m(x).values() for m, x in ((vbe_model, kjt), (expanded_model, expanded), (narrow_model, narrow),
-                                             (wide_model, expanded))]
+        outs = [
+            m(x).values()
+            for m, x in ((vbe_model, kjt), (expanded_model, expanded), (narrow_model, narrow), (wide_model, expanded))
+        ]
         vbe_equal.append(torch.equal(outs[0], outs[1]) and outs[0].shape == (6, 16))
         int_equal.append(torch.equal(outs[2], outs[3]))
         for out in outs:
@@ -74,10 +78,13 @@ def compare(rank: int, world: int, sharding_type: str) -> Dict[str, object]:
         x, y = local(x), local(y)
         return not isinstance(x, torch.Tensor) or torch.equal(x, y)
 
-    return {"vbe_outputs": vbe_equal, "int_outputs": int_equal,
-            "vbe_state": all(equal(state[0][k], state[1][k]) for k in keys),
-            "int_state": all(equal(state[2][k], state[3][k]) for k in keys),
-            "promotions": vbe_model.module.stats().get(GROUP, {}).get("promotions", 0)}
+    return {
+        "vbe_outputs": vbe_equal,
+        "int_outputs": int_equal,
+        "vbe_state": all(equal(state[0][k], state[1][k]) for k in keys),
+        "int_state": all(equal(state[2][k], state[3][k]) for k in keys),
+        "promotions": vbe_model.module.stats().get(GROUP, {}).get("promotions", 0),
+    }
 
 
 @pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise"])

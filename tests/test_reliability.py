@@ -26,7 +26,9 @@ def test_negative_lengths_and_float_ids_are_refused_untouched() -> None:
     bad_lengths = KeyedJaggedTensor(keys=["f0", "f1"], values=torch.tensor([1, 2]), lengths=torch.tensor([2, -1, 1, 0]))
     with pytest.raises(ValueError, match="negative lengths"):
         ebc(bad_lengths)
-    floats = KeyedJaggedTensor.from_lengths_sync(keys=["f0", "f1"], values=torch.tensor([1.0, 2.0]), lengths=torch.tensor([1, 1]))
+    floats = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f0", "f1"], values=torch.tensor([1.0, 2.0]), lengths=torch.tensor([1, 1])
+    )
     with pytest.raises(ValueError, match="int64"):
         ebc(floats)
     assert unchanged(ebc, before)
@@ -35,7 +37,9 @@ def test_negative_lengths_and_float_ids_are_refused_untouched() -> None:
 def test_negative_and_out_of_range_ids_are_hashed_like_any_id() -> None:
     ebc = make().eval()
     ids = torch.tensor([-5, 2**62, 7, -(2**63)])
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f0", "f1"], values=torch.cat([ids, ids]), lengths=torch.ones(8, dtype=torch.int64))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f0", "f1"], values=torch.cat([ids, ids]), lengths=torch.ones(8, dtype=torch.int64)
+    )
     out = ebc(kjt)
     assert torch.isfinite(out.values()).all()
     keys = ebc.keys("f0", ids)
@@ -54,7 +58,9 @@ def test_huge_bag() -> None:
 def test_nan_gradients_never_reach_the_sketch_as_nan() -> None:
     ebc = make()
     group = ebc.groups[ebc.plan.groups[0].name]
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f0", "f1"], values=torch.tensor([1, 2, 3, 4]), lengths=torch.ones(4, dtype=torch.int64))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f0", "f1"], values=torch.tensor([1, 2, 3, 4]), lengths=torch.ones(4, dtype=torch.int64)
+    )
     (ebc(kjt).values() * float("nan")).sum().backward()
     (ebc(kjt).values() * float("inf")).sum().backward()
     assert torch.isfinite(group.sketch.slot_scores).all()

@@ -39,8 +39,10 @@ def assert_same_rows_and_errors(slots: torch.Tensor, expected: torch.Tensor, who
 
 def build() -> CafeEmbeddingBagCollection:
     torch.manual_seed(0)
-    return CafeEmbeddingBagCollection(tables([6000, 4000], features_per_table=[2, 1]),
-                                      CafeConfig(compression_ratio=20, policy="paper", threshold=3.0, decay=0.7, decay_trigger=1.0, seed=5))
+    return CafeEmbeddingBagCollection(
+        tables([6000, 4000], features_per_table=[2, 1]),
+        CafeConfig(compression_ratio=20, policy="paper", threshold=3.0, decay=0.7, decay_trigger=1.0, seed=5),
+    )
 
 
 def batches(rank: int) -> List[KeyedJaggedTensor]:
@@ -55,8 +57,10 @@ def probes() -> List[torch.Tensor]:
 
 def shard(ebc: CafeEmbeddingBagCollection, sharding_type: str, world: int):
     sharders = [CafeEmbeddingBagCollectionSharder()]
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"),
-                                       constraints={GROUP: ParameterConstraints(sharding_types=[sharding_type])})
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device="cpu"),
+        constraints={GROUP: ParameterConstraints(sharding_types=[sharding_type])},
+    )
     plan = planner.collective_plan(ebc, sharders, dist.GroupMember.WORLD)
     full = ebc.physical.embedding_bags[GROUP].weight.detach().clone()
     dmp = DistributedModelParallel(ebc, device=torch.device("cpu"), plan=plan, sharders=sharders)
@@ -88,9 +92,12 @@ def train_sharded(rank: int, world: int, sharding_type: str) -> Dict[str, object
     result = {"offset": offset, "outputs": outputs, "stats": module.stats()}
     if offset >= 0:
         remap = module.groups[GROUP]
-        result.update(weight=row_store(module.physical, GROUP).weight.clone(), slots=remap.sketch.slots.clone(),
-                      free=remap.sketch.free_rows[: int(remap.sketch.free_count[0])].clone(),
-                      block_rows=remap.layout.physical_rows)
+        result.update(
+            weight=row_store(module.physical, GROUP).weight.clone(),
+            slots=remap.sketch.slots.clone(),
+            free=remap.sketch.free_rows[: int(remap.sketch.free_count[0])].clone(),
+            block_rows=remap.layout.physical_rows,
+        )
     return result
 
 
@@ -105,12 +112,16 @@ def test_table_wise_equals_unsharded_training_on_the_global_batch() -> None:
         global_kjt = _concat_batches(kjts)
         out = ref(global_kjt).values()
         for r in range(WORLD):  # forward equals the unsharded module, per rank's samples
-            torch.testing.assert_close(results[r]["outputs"][step], out[r * BATCH : (r + 1) * BATCH].detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                results[r]["outputs"][step], out[r * BATCH : (r + 1) * BATCH].detach(), rtol=1e-5, atol=1e-6
+            )
         ((out * probe).sum() / WORLD).backward()
     group = ref.groups[GROUP]
     assert torch.equal(owner["slots"].view(-1, 2)[:, 0], group.sketch.slots[:, 0])  # same keys in the same slots
     assert_same_rows_and_errors(owner["slots"], group.sketch.slots, "owner")
-    torch.testing.assert_close(owner["weight"], ref.physical.embedding_bags[GROUP].weight.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        owner["weight"], ref.physical.embedding_bags[GROUP].weight.detach(), rtol=1e-4, atol=1e-5
+    )
     assert owner["stats"][GROUP]["promotions"] > 5
 
 
@@ -151,11 +162,17 @@ def test_row_wise_equals_a_single_process_run_of_the_per_shard_logic() -> None:
                 for lst, v in zip(routed[r], (key, bag, fi)):
                     lst.append(v)
         for r in range(WORLD):
-            torch.testing.assert_close(results[r]["outputs"][step], expected[r * BATCH : (r + 1) * BATCH], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                results[r]["outputs"][step], expected[r * BATCH : (r + 1) * BATCH], rtol=1e-5, atol=1e-6
+            )
         full -= LR * updates
         for r in range(WORLD):
             keys, bags, feats = (torch.tensor(x, dtype=torch.int64) for x in routed[r])
-            norms = torch.stack([grad[b, f * 8 : (f + 1) * 8].norm() for b, f in zip(bags.tolist(), feats.tolist())]) if len(keys) else torch.zeros(0)
+            norms = (
+                torch.stack([grad[b, f * 8 : (f + 1) * 8].norm() for b, f in zip(bags.tolist(), feats.tolist())])
+                if len(keys)
+                else torch.zeros(0)
+            )
             scores = torch.zeros_like(norms)
             for f in range(3):
                 mask = feats == f
@@ -168,7 +185,9 @@ def test_row_wise_equals_a_single_process_run_of_the_per_shard_logic() -> None:
     for r, res in enumerate(results):
         assert torch.equal(res["slots"].view(-1, 2)[:, 0], blocks[r].sketch.slots[:, 0]), f"rank {r} sketch keys"
         assert_same_rows_and_errors(res["slots"], blocks[r].sketch.slots, f"rank {r}")
-        torch.testing.assert_close(res["weight"], full[res["offset"] : res["offset"] + res["block_rows"]], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            res["weight"], full[res["offset"] : res["offset"] + res["block_rows"]], rtol=1e-4, atol=1e-5
+        )
         assert res["stats"][GROUP]["promotions"] > 2
 
 
@@ -188,7 +207,9 @@ def world_one(rank: int, world: int, sharding_type: str) -> Dict[str, object]:
         diffs.append(float((a - b).abs().max()))
         (a * probe[:BATCH]).sum().backward()
         (b * probe[:BATCH]).sum().backward()
-    weight_diff = float((unsharded.physical.embedding_bags[GROUP].weight - row_store(dmp.module.physical, GROUP).weight).abs().max())
+    weight_diff = float(
+        (unsharded.physical.embedding_bags[GROUP].weight - row_store(dmp.module.physical, GROUP).weight).abs().max()
+    )
     same_sketch = torch.equal(unsharded.groups[GROUP].sketch.slots[:, 0], dmp.module.groups[GROUP].sketch.slots[:, 0])
     reports = [(m.stats(), m.memory(), m.describe()) for m in (unsharded, dmp.module)]
     return {"diffs": diffs, "weight_diff": weight_diff, "same_sketch": same_sketch, "reports": reports}
@@ -201,4 +222,6 @@ def test_unsharded_equals_dmp_world_size_one() -> None:
         assert result["weight_diff"] < 1e-4 and result["same_sketch"], (sharding_type, result)
         unsharded, sharded = result["reports"]  # one stats/memory/describe API, same figures
         assert sharded == unsharded, (sharding_type, result["reports"])
-        assert unsharded[0][GROUP]["promotions"] > 0 and unsharded[1]["local_weight_bytes"] == unsharded[1]["weight_bytes"]
+        assert (
+            unsharded[0][GROUP]["promotions"] > 0 and unsharded[1]["local_weight_bytes"] == unsharded[1]["weight_bytes"]
+        )

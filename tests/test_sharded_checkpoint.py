@@ -56,8 +56,11 @@ def run(rank: int, world: int, sharding_type: str, ckpt: str, mode: str) -> Dict
         out = dmp(batches[step]).values()
         outputs.append(out.detach().clone())
         (out * probe).sum().backward()
-    local = {k: v.local_shards()[0].tensor.clone() if hasattr(v, "local_shards") and v.local_shards() else v
-             for k, v in dmp.state_dict().items() if not hasattr(v, "local_shards") or v.local_shards()}
+    local = {
+        k: v.local_shards()[0].tensor.clone() if hasattr(v, "local_shards") and v.local_shards() else v
+        for k, v in dmp.state_dict().items()
+        if not hasattr(v, "local_shards") or v.local_shards()
+    }
     return {"outputs": outputs[-STEPS:], "state": local}
 
 

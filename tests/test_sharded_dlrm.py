@@ -23,8 +23,8 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
-from cafe_torchrec.stats import stats_interval
 from cafe_torchrec.distributed import CafeEmbeddingBagCollectionSharder
+from cafe_torchrec.stats import stats_interval
 from tests.dist_utils import run_ranks
 from tests.helpers import zipf_kjt
 
@@ -44,18 +44,28 @@ def learnable_batches(rank: int, steps: int, batch: int) -> List[Batch]:
 
 def train_dlrm(rank: int, world: int) -> Dict[str, object]:
     torch.manual_seed(0)
-    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=n, feature_names=[f])
-              for i, (f, n) in enumerate(zip(FEATURES, [200_000, 50_000, 300, 80_000]))]
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=n, feature_names=[f])
+        for i, (f, n) in enumerate(zip(FEATURES, [200_000, 50_000, 300, 80_000]))
+    ]
     ebc = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=50))
-    model = DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[16, 16],
-                           over_arch_layer_sizes=[16, 1]))
+    model = DLRMTrain(
+        DLRM(
+            embedding_bag_collection=ebc,
+            dense_in_features=4,
+            dense_arch_layer_sizes=[16, 16],
+            over_arch_layer_sizes=[16, 1],
+        )
+    )
     _apply_optimizer_in_backward(RowWiseAdagrad, model.model.sparse_arch.parameters(), {"lr": 0.1})
     sharders = [CafeEmbeddingBagCollectionSharder(), *get_default_sharders()]
     plan = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu")).collective_plan(
-        model, sharders, dist.GroupMember.WORLD)
+        model, sharders, dist.GroupMember.WORLD
+    )
     dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda params: torch.optim.Adagrad(params, lr=0.05))
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda params: torch.optim.Adagrad(params, lr=0.05)
+    )
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
     pipeline = TrainPipelineSparseDist(dmp, optimizer, torch.device("cpu"))
     losses = []
@@ -81,9 +91,11 @@ def test_dlrm_trains_under_dmp_with_train_pipeline() -> None:
 
 def mixed(rank: int, world: int) -> Dict[str, object]:
     torch.manual_seed(0)
-    cafe_tables = [EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=100_000, feature_names=["f0"]),
-                   EmbeddingBagConfig(name="b", embedding_dim=16, num_embeddings=60_000, feature_names=["f1"]),
-                   EmbeddingBagConfig(name="c", embedding_dim=8, num_embeddings=40_000, feature_names=["f2"])]
+    cafe_tables = [
+        EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=100_000, feature_names=["f0"]),
+        EmbeddingBagConfig(name="b", embedding_dim=16, num_embeddings=60_000, feature_names=["f1"]),
+        EmbeddingBagConfig(name="c", embedding_dim=8, num_embeddings=40_000, feature_names=["f2"]),
+    ]
     stock_tables = [EmbeddingBagConfig(name="s", embedding_dim=8, num_embeddings=1_000_000, feature_names=["f3"])]
 
     class TwoCollections(nn.Module):
@@ -100,8 +112,9 @@ def mixed(rank: int, world: int) -> Dict[str, object]:
     _apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1})
     sharders = [CafeEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()]
     constraints = {n: ParameterConstraints(sharding_types=["row_wise"]) for n in ("cafe_dim8", "cafe_dim16")}
-    plan = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints
-                                    ).collective_plan(model, sharders, dist.GroupMember.WORLD)
+    plan = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints
+    ).collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
     gen = torch.Generator().manual_seed(rank)
     for _ in range(5):
@@ -112,7 +125,11 @@ def mixed(rank: int, world: int) -> Dict[str, object]:
     cafe = dmp.module.cafe
     before = cafe.stats()  # lookups are counted by training forwards (no backward needed)
     cafe(kjt)
-    return {"shape": tuple(out.shape), "stats": stats_interval(cafe.stats(), before), "groups": sorted(cafe.groups.keys())}
+    return {
+        "shape": tuple(out.shape),
+        "stats": stats_interval(cafe.stats(), before),
+        "groups": sorted(cafe.groups.keys()),
+    }
 
 
 def test_mixed_dims_beside_a_stock_collection_and_row_wise_balance() -> None:

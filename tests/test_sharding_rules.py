@@ -40,9 +40,14 @@ def test_planner_and_trainer_keep_a_table_with_an_empty_block_table_wise() -> No
 def test_sharder_refuses_a_row_wise_plan_with_an_empty_block() -> None:
     ebc = CafeEmbeddingBagCollection(tables([5000], dim=8), CafeConfig(compression_ratio=2))
     name, rows = ebc.plan.groups[0].name, ebc.plan.groups[0].physical_rows
-    shards = [ShardMetadata(shard_offsets=[0, 0], shard_sizes=[rows, 8], placement="rank:0/cpu"),
-              ShardMetadata(shard_offsets=[rows, 0], shard_sizes=[0, 8], placement="rank:1/cpu")]
-    plan = {name: ParameterSharding(sharding_type="row_wise", compute_kernel="fused", ranks=[0, 1],
-                                    sharding_spec=EnumerableShardingSpec(shards))}
+    shards = [
+        ShardMetadata(shard_offsets=[0, 0], shard_sizes=[rows, 8], placement="rank:0/cpu"),
+        ShardMetadata(shard_offsets=[rows, 0], shard_sizes=[0, 8], placement="rank:1/cpu"),
+    ]
+    plan = {
+        name: ParameterSharding(
+            sharding_type="row_wise", compute_kernel="fused", ranks=[0, 1], sharding_spec=EnumerableShardingSpec(shards)
+        )
+    }
     with pytest.raises(ValueError, match="leaves a rank with no rows"):
         CafeEmbeddingBagCollectionSharder().shard(ebc, plan, env=None)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cafe_torchrec.hashing import mix64
-from cafe_torchrec.sketch import HotSketch
 from cafe_torchrec.ops import available as cpp_available
+from cafe_torchrec.sketch import HotSketch
 from tests.reference_sketch import ReferenceSketch
 
 KERNELS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="no C++ build"))]
@@ -27,7 +27,9 @@ def dyadic_scores(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def make(kernel: str, **kw) -> HotSketch:
-    args = dict(hot_capacity=24, threshold=6.0, num_buckets=16, slots_per_bucket=4, decay=0.9, decay_trigger=2.0, seed=3)
+    args = dict(
+        hot_capacity=24, threshold=6.0, num_buckets=16, slots_per_bucket=4, decay=0.9, decay_trigger=2.0, seed=3
+    )
     args.update(kw)
     return HotSketch(kernel=kernel, **args)
 
@@ -170,8 +172,15 @@ def test_query_levels_hot_medium_cold() -> None:
 def test_a_newcomer_is_medium_only_after_a_later_hit(kernel: str) -> None:
     """Space-Saving hands a newcomer the evicted minimum's score; that score says nothing of the
     newcomer, so it is not medium until a later batch hits it (its promotion rules are unchanged)."""
-    sk = HotSketch(hot_capacity=4, threshold=100.0, num_buckets=1, slots_per_bucket=2, medium_threshold=2.0,
-                   decay_trigger=1e9, kernel=kernel)
+    sk = HotSketch(
+        hot_capacity=4,
+        threshold=100.0,
+        num_buckets=1,
+        slots_per_bucket=2,
+        medium_threshold=2.0,
+        decay_trigger=1e9,
+        kernel=kernel,
+    )
     a, b, c = mix64(torch.arange(3), 4).tolist()
     sk.insert(torch.tensor([a, b]), torch.tensor([3.0, 10.0]))
     assert sk.query(torch.tensor([a, b]))[1].tolist() == [False, False]  # new, though scored >= 2
@@ -188,8 +197,15 @@ def test_a_newcomer_is_medium_only_after_a_later_hit(kernel: str) -> None:
 def test_promotion_and_medium_discount_half_the_inherited_score(kernel: str) -> None:
     """A newcomer's Space-Saving score includes the evicted key's; the sketch estimates its own
     share as score - error / 2, so the evicted score alone cannot make it hot or medium."""
-    sk = HotSketch(hot_capacity=4, threshold=10.0, num_buckets=1, slots_per_bucket=1, medium_threshold=6.0,
-                   decay_trigger=1e9, kernel=kernel)
+    sk = HotSketch(
+        hot_capacity=4,
+        threshold=10.0,
+        num_buckets=1,
+        slots_per_bucket=1,
+        medium_threshold=6.0,
+        decay_trigger=1e9,
+        kernel=kernel,
+    )
     a, b = mix64(torch.arange(2), 4).tolist()
     sk.insert(torch.tensor([a]), torch.tensor([8.0]))
     sk.insert(torch.tensor([b]), torch.tensor([1.0]))  # evicts a: score 9, error 8, estimate 5
@@ -203,7 +219,9 @@ def test_promotion_and_medium_discount_half_the_inherited_score(kernel: str) -> 
     assert keys.tolist() == [b] and estimates.tolist() == [10.0]
 
 
-@pytest.mark.parametrize("bad", [dict(threshold=0), dict(decay=1.0), dict(medium_threshold=9.0), dict(hot_capacity=-1), dict(kernel="x")])
+@pytest.mark.parametrize(
+    "bad", [dict(threshold=0), dict(decay=1.0), dict(medium_threshold=9.0), dict(hot_capacity=-1), dict(kernel="x")]
+)
 def test_bad_config_raises(bad: dict) -> None:
     with pytest.raises(ValueError):
         make("torch", **bad) if "kernel" not in bad else HotSketch(hot_capacity=4, threshold=1.0, kernel=bad["kernel"])
@@ -257,13 +275,15 @@ def make_adaptive(kernel: str, **policy) -> HotSketch:
 
     args = dict(horizon=6.0, hysteresis=1.5, entry_score=1.0, rebalances_per_horizon=4, medium_share=0.25)
     args.update(policy)
-    return HotSketch(hot_capacity=24, num_buckets=16, slots_per_bucket=4, seed=3, kernel=kernel,
-                     adaptive=AdaptivePolicy(**args))
+    return HotSketch(
+        hot_capacity=24, num_buckets=16, slots_per_bucket=4, seed=3, kernel=kernel, adaptive=AdaptivePolicy(**args)
+    )
 
 
 def reference_for(sk: HotSketch) -> ReferenceSketch:
-    return ReferenceSketch(sk.num_buckets, sk.slots_per_bucket, sk.hot_capacity, sk.threshold, 0.98, 0.0, 3,
-                           adaptive=sk.adaptive)
+    return ReferenceSketch(
+        sk.num_buckets, sk.slots_per_bucket, sk.hot_capacity, sk.threshold, 0.98, 0.0, 3, adaptive=sk.adaptive
+    )
 
 
 def drifting_batches(gen: torch.Generator, steps: int, batch: int = 200):
@@ -420,8 +440,16 @@ def test_adaptive_rebalance_with_many_swaps_equals_the_reference() -> None:
     assert most > 64, most
 
 
-@pytest.mark.parametrize("bad", [dict(horizon=0.0), dict(hysteresis=0.5), dict(entry_score=-1.0),
-                                 dict(rebalances_per_horizon=0), dict(medium_share=1.5)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(horizon=0.0),
+        dict(hysteresis=0.5),
+        dict(entry_score=-1.0),
+        dict(rebalances_per_horizon=0),
+        dict(medium_share=1.5),
+    ],
+)
 def test_bad_adaptive_policy_raises(bad: dict) -> None:
     from cafe_torchrec.sketch.policy import AdaptivePolicy
 

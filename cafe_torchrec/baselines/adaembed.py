@@ -86,10 +86,12 @@ class _AdaPool(nn.Module):
         self.register_buffer("importance", torch.zeros(start, dtype=torch.float32, device=device))
         self.register_buffer("row_of", torch.full((start,), -1, dtype=torch.int32, device=device))
         self.register_buffer("_rows", torch.tensor(rows, dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("_offsets", torch.tensor([b[0] for b in self.bounds], dtype=torch.int64, device=device),
-                             persistent=False)
-        self.register_buffer("_feature_slots", torch.tensor(self.feature_slots, dtype=torch.int64, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "_offsets", torch.tensor([b[0] for b in self.bounds], dtype=torch.int64, device=device), persistent=False
+        )
+        self.register_buffer(
+            "_feature_slots", torch.tensor(self.feature_slots, dtype=torch.int64, device=device), persistent=False
+        )
         self.reallocations = 0
         self.last_admitted = 0
 
@@ -120,10 +122,19 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
     method = "adaembed"
     steps: torch.Tensor  # a buffer (registered in __init__)
 
-    def __init__(self, tables: List[EmbeddingBagConfig], compression_ratio: float, is_weighted: bool = False,
-                 device: Optional[torch.device] = None, interval: int = 4096, importance: str = "gradient",
-                 decay: float = 0.8, decay_interval: int = 16384, min_change: float = 0.05,
-                 small_table_rows: float = SMALL_TABLE_ROWS) -> None:
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        compression_ratio: float,
+        is_weighted: bool = False,
+        device: Optional[torch.device] = None,
+        interval: int = 4096,
+        importance: str = "gradient",
+        decay: float = 0.8,
+        decay_interval: int = 16384,
+        min_change: float = 0.05,
+        small_table_rows: float = SMALL_TABLE_ROWS,
+    ) -> None:
         super().__init__(tables, compression_ratio, is_weighted, device)
         if importance not in ("gradient", "frequency"):
             raise ValueError(f"AdaEmbed: importance must be 'gradient' or 'frequency', got {importance!r}")
@@ -153,7 +164,8 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
                     f"tables {[t.name for t in members]} (dim {dim}): AdaEmbed cannot reach "
                     f"{self.compression_ratio:g}x: "
                     f"its 2 words (score, row) per id alone cost 2/{dim} of the table, so the ratio must stay below "
-                    f"dim / 2 = {dim / 2:g}")
+                    f"dim / 2 = {dim / 2:g}"
+                )
             pools[name] = _AdaPool(name, members, hot, self._device)
         self.pools = nn.ModuleDict(pools)
         self._plain = plain
@@ -161,15 +173,32 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
         configs = []
         for p in pools.values():
             bound = math.sqrt(1.0 / max(t.num_embeddings for t in p.tables))
-            configs.append(EmbeddingBagConfig(
-                name=p.name, embedding_dim=p.dim, num_embeddings=p.hot_rows, feature_names=list(p.features),
-                pooling=PoolingType.SUM, data_type=p.tables[0].data_type, weight_init_min=-bound,
-                weight_init_max=bound))
+            configs.append(
+                EmbeddingBagConfig(
+                    name=p.name,
+                    embedding_dim=p.dim,
+                    num_embeddings=p.hot_rows,
+                    feature_names=list(p.features),
+                    pooling=PoolingType.SUM,
+                    data_type=p.tables[0].data_type,
+                    weight_init_min=-bound,
+                    weight_init_max=bound,
+                )
+            )
         for t in plain:
-            configs.append(EmbeddingBagConfig(
-                name=t.name, embedding_dim=t.embedding_dim, num_embeddings=t.num_embeddings,
-                feature_names=list(t.feature_names), pooling=PoolingType.SUM, data_type=t.data_type,
-                weight_init_min=t.weight_init_min, weight_init_max=t.weight_init_max, init_fn=t.init_fn))
+            configs.append(
+                EmbeddingBagConfig(
+                    name=t.name,
+                    embedding_dim=t.embedding_dim,
+                    num_embeddings=t.num_embeddings,
+                    feature_names=list(t.feature_names),
+                    pooling=PoolingType.SUM,
+                    data_type=t.data_type,
+                    weight_init_min=t.weight_init_min,
+                    weight_init_max=t.weight_init_max,
+                    init_fn=t.init_fn,
+                )
+            )
         check_unique([c.name for c in configs], "table")
         self.physical = EmbeddingBagCollection(configs, is_weighted=is_weighted, device=self._device)
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=self._device))
@@ -198,10 +227,12 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
                 keys = pool.keys(seg_values, torch.tensor(seg.counts, dtype=torch.int64, device=seg_values.device))
                 rows = pool.row_of[keys].long()
                 keep = rows >= 0
-                bag = torch.repeat_interleave(torch.arange(seg_lengths.numel(), device=seg_values.device), seg_lengths,
-                                              output_size=n_values)
+                bag = torch.repeat_interleave(
+                    torch.arange(seg_lengths.numel(), device=seg_values.device), seg_lengths, output_size=n_values
+                )
                 kept_lengths = torch.zeros_like(seg_lengths).index_add_(
-                    0, bag[keep], torch.ones(bag[keep].shape, dtype=seg_lengths.dtype, device=bag.device))
+                    0, bag[keep], torch.ones(bag[keep].shape, dtype=seg_lengths.dtype, device=bag.device)
+                )
                 width = pool.dim * n_feat
                 if training:
                     batches.append((pool, keys, seg_lengths, seg_weights, n_feat, column, column + width))
@@ -214,9 +245,13 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
             out_lengths.append(seg_lengths)
             if seg_weights is not None:
                 out_weights.append(seg_weights)
-        inner = KeyedJaggedTensor(keys=self._inner_features, values=torch.cat(out_values),
-                                  lengths=torch.cat(out_lengths),
-                                  weights=torch.cat(out_weights) if out_weights else None, stride=features.stride())
+        inner = KeyedJaggedTensor(
+            keys=self._inner_features,
+            values=torch.cat(out_values),
+            lengths=torch.cat(out_lengths),
+            weights=torch.cat(out_weights) if out_weights else None,
+            stride=features.stride(),
+        )
         pooled = self.physical(inner).values()
         if training and batches and pooled.requires_grad:
             require_in_backward_optimizer(self.physical, list(self.pools), "AdaEmbed pool", "rows are reassigned")
@@ -292,14 +327,24 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
         return torch.remainder(ids, t.num_embeddings)
 
     def extra_bytes(self) -> int:
-        return sum(p.importance.numel() * p.importance.element_size() + p.row_of.numel() * p.row_of.element_size()
-                   for p in self._pools().values())
+        return sum(
+            p.importance.numel() * p.importance.element_size() + p.row_of.numel() * p.row_of.element_size()
+            for p in self._pools().values()
+        )
 
     def stats(self) -> Dict[str, Dict[str, int]]:
         """Per pool: rows, ids covered, rows in use, reallocations and ids admitted by the last one."""
-        return {name: {"hot_rows": p.hot_rows, "ids": p.total_rows, "rows_used": int((p.row_of >= 0).sum()),
-                       "reallocations": p.reallocations, "last_admitted": p.last_admitted, "steps": int(self.steps)}
-                for name, p in self._pools().items()}
+        return {
+            name: {
+                "hot_rows": p.hot_rows,
+                "ids": p.total_rows,
+                "rows_used": int((p.row_of >= 0).sum()),
+                "reallocations": p.reallocations,
+                "last_admitted": p.last_admitted,
+                "steps": int(self.steps),
+            }
+            for name, p in self._pools().items()
+        }
 
     def describe_tables(self) -> List[str]:
         lines = []
@@ -308,9 +353,11 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
             if pool is None:
                 lines.append(f"table {t.name}: uncompressed ({t.num_embeddings:,} rows)")
             else:
-                lines.append(f"table {t.name}: AdaEmbed, {t.num_embeddings:,} ids in pool {pool.name} "
-                             f"({pool.hot_rows:,} rows shared by {len(pool.tables)} table(s), {pool.total_rows:,} ids; "
-                             f"reallocation every {self.interval} steps, importance {self.importance_mode})")
+                lines.append(
+                    f"table {t.name}: AdaEmbed, {t.num_embeddings:,} ids in pool {pool.name} "
+                    f"({pool.hot_rows:,} rows shared by {len(pool.tables)} table(s), {pool.total_rows:,} ids; "
+                    f"reallocation every {self.interval} steps, importance {self.importance_mode})"
+                )
         return lines
 
 

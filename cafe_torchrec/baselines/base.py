@@ -40,8 +40,10 @@ def check_unique(names: Sequence[str], what: str) -> None:
     seen = set()
     for n in names:
         if n in seen:
-            raise ValueError(f"inner {what} name {n!r} is generated twice (it collides with a user {what} name); "
-                             "rename the table or feature")
+            raise ValueError(
+                f"inner {what} name {n!r} is generated twice (it collides with a user {what} name); "
+                "rename the table or feature"
+            )
         seen.add(n)
 
 
@@ -55,8 +57,13 @@ class BaselineCollection(ConfiguredCollection):
 
     method = "baseline"
 
-    def __init__(self, tables: List[EmbeddingBagConfig], compression_ratio: float, is_weighted: bool,
-                 device: Optional[torch.device]) -> None:
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        compression_ratio: float,
+        is_weighted: bool,
+        device: Optional[torch.device],
+    ) -> None:
         check_ratio(compression_ratio, type(self).__name__)
         super().__init__(tables, is_weighted, device)
         self.compression_ratio = float(compression_ratio)
@@ -104,8 +111,12 @@ class BaselineCollection(ConfiguredCollection):
         compression_ratio = logical / (weights + extra). Optimizer state is not counted."""
         logical = sum(t.num_embeddings * t.embedding_dim * 4 for t in self._tables)
         weights, extra = self.weight_bytes(), self.extra_bytes()
-        return {"logical_bytes": logical, "weight_bytes": weights, "extra_bytes": extra,
-                "compression_ratio": logical / (weights + extra)}
+        return {
+            "logical_bytes": logical,
+            "weight_bytes": weights,
+            "extra_bytes": extra,
+            "compression_ratio": logical / (weights + extra),
+        }
 
     def describe_tables(self) -> List[str]:
         raise NotImplementedError
@@ -113,6 +124,10 @@ class BaselineCollection(ConfiguredCollection):
     def describe(self) -> str:
         """One line per table, then the memory summary."""
         m = self.memory()
-        return "\n".join(self.describe_tables() + [
-            f"compression ratio {m['compression_ratio']:.1f}x (requested {self.compression_ratio:g}x; "
-            f"{m['logical_bytes']:,} -> {m['weight_bytes']:,} weight + {m['extra_bytes']:,} extra bytes)"])
+        return "\n".join(
+            self.describe_tables()
+            + [
+                f"compression ratio {m['compression_ratio']:.1f}x (requested {self.compression_ratio:g}x; "
+                f"{m['logical_bytes']:,} -> {m['weight_bytes']:,} weight + {m['extra_bytes']:,} extra bytes)"
+            ]
+        )

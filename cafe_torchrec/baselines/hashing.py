@@ -27,23 +27,47 @@ class HashingEmbeddingBagCollection(BaselineCollection):
 
     method = "hash"
 
-    def __init__(self, tables: List[EmbeddingBagConfig], compression_ratio: float, is_weighted: bool = False,
-                 device: Optional[torch.device] = None, small_table_rows: float = SMALL_TABLE_ROWS) -> None:
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        compression_ratio: float,
+        is_weighted: bool = False,
+        device: Optional[torch.device] = None,
+        small_table_rows: float = SMALL_TABLE_ROWS,
+    ) -> None:
         super().__init__(tables, compression_ratio, is_weighted, device)
-        self.rows = [t.num_embeddings if keeps_plain(t.num_embeddings, self.compression_ratio, small_table_rows)
-                     else max(1, math.ceil(t.num_embeddings / self.compression_ratio)) for t in self._tables]
+        self.rows = [
+            t.num_embeddings
+            if keeps_plain(t.num_embeddings, self.compression_ratio, small_table_rows)
+            else max(1, math.ceil(t.num_embeddings / self.compression_ratio))
+            for t in self._tables
+        ]
         configs = [dataclasses.replace(t, num_embeddings=r) for t, r in zip(self._tables, self.rows)]
         self.physical = EmbeddingBagCollection(configs, is_weighted=is_weighted, device=self._device)
-        self.register_buffer("_modulus", torch.tensor([self.rows[i] for i in self._feature_table],
-                                                      dtype=torch.int64, device=self._device), persistent=False)
+        self.register_buffer(
+            "_modulus",
+            torch.tensor([self.rows[i] for i in self._feature_table], dtype=torch.int64, device=self._device),
+            persistent=False,
+        )
 
     def _forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         values = torch.remainder(features.values(), self.per_feature(features, self._modulus))
-        inner = KeyedJaggedTensor(keys=self._feature_names, values=values, lengths=features.lengths(),
-                                  weights=features.weights_or_none(), stride=features.stride())
+        inner = KeyedJaggedTensor(
+            keys=self._feature_names,
+            values=values,
+            lengths=features.lengths(),
+            weights=features.weights_or_none(),
+            stride=features.stride(),
+        )
         return self.output(self.physical(inner).values())
 
     def describe_tables(self) -> List[str]:
-        return [f"table {t.name}: " + (f"uncompressed ({r:,} rows)" if r == t.num_embeddings
-                                       else f"hashing {t.num_embeddings:,} -> {r:,} rows (id mod {r:,})")
-                for t, r in zip(self._tables, self.rows)]
+        return [
+            f"table {t.name}: "
+            + (
+                f"uncompressed ({r:,} rows)"
+                if r == t.num_embeddings
+                else f"hashing {t.num_embeddings:,} -> {r:,} rows (id mod {r:,})"
+            )
+            for t, r in zip(self._tables, self.rows)
+        ]

@@ -72,10 +72,18 @@ class ManagedCollisionEmbeddingBags(BaselineCollection):
 
     method = "managed_collision"
 
-    def __init__(self, tables: List[EmbeddingBagConfig], compression_ratio: float, is_weighted: bool = False,
-                 device: Optional[torch.device] = None, eviction: str = "lfu", eviction_interval: int = 100,
-                 input_hash_size: Optional[int] = None, decay_exponent: float = 1.0,
-                 small_table_rows: float = SMALL_TABLE_ROWS) -> None:
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        compression_ratio: float,
+        is_weighted: bool = False,
+        device: Optional[torch.device] = None,
+        eviction: str = "lfu",
+        eviction_interval: int = 100,
+        input_hash_size: Optional[int] = None,
+        decay_exponent: float = 1.0,
+        small_table_rows: float = SMALL_TABLE_ROWS,
+    ) -> None:
         super().__init__(tables, compression_ratio, is_weighted, device)
         if eviction not in EVICTIONS:
             raise ValueError(f"ManagedCollisionEmbeddingBags: eviction must be one of {EVICTIONS}, got {eviction!r}")
@@ -86,20 +94,31 @@ class ManagedCollisionEmbeddingBags(BaselineCollection):
         self.eviction, self.eviction_interval = eviction, eviction_interval
         self.input_hash_size = input_hash_size
         ratio = self.compression_ratio
-        self.zch_sizes = [t.num_embeddings + 1 if keeps_plain(t.num_embeddings, ratio, small_table_rows)
-                          else max(2, math.floor(t.num_embeddings / ratio)) for t in self._tables]
+        self.zch_sizes = [
+            t.num_embeddings + 1
+            if keeps_plain(t.num_embeddings, ratio, small_table_rows)
+            else max(2, math.floor(t.num_embeddings / ratio))
+            for t in self._tables
+        ]
         configs = [dataclasses.replace(t, num_embeddings=z) for t, z in zip(self._tables, self.zch_sizes)]
         modules = {}
         for t, z in zip(self._tables, self.zch_sizes):
-            policy = (LFU_EvictionPolicy() if eviction == "lfu"
-                      else DistanceLFU_EvictionPolicy(decay_exponent=decay_exponent))
+            policy = (
+                LFU_EvictionPolicy() if eviction == "lfu" else DistanceLFU_EvictionPolicy(decay_exponent=decay_exponent)
+            )
             modules[t.name] = MCHManagedCollisionModule(
-                zch_size=z, device=self._device, eviction_policy=policy, eviction_interval=eviction_interval,
+                zch_size=z,
+                device=self._device,
+                eviction_policy=policy,
+                eviction_interval=eviction_interval,
                 input_hash_size=PREHASH_RANGE if input_hash_size is None else input_hash_size,
-                input_hash_func=prehash if input_hash_size is None else None, name=t.name)
+                input_hash_func=prehash if input_hash_size is None else None,
+                name=t.name,
+            )
         ebc = EmbeddingBagCollection(configs, is_weighted=is_weighted, device=self._device)
-        self.mc_ebc = ManagedCollisionEmbeddingBagCollection(ebc, ManagedCollisionCollection(modules, configs),
-                                                             return_remapped_features=False)
+        self.mc_ebc = ManagedCollisionEmbeddingBagCollection(
+            ebc, ManagedCollisionCollection(modules, configs), return_remapped_features=False
+        )
         self._optimizer_checked = False
 
     @property
@@ -137,9 +156,11 @@ class ManagedCollisionEmbeddingBags(BaselineCollection):
         return total
 
     def describe_tables(self) -> List[str]:
-        return [f"table {t.name}: managed collision ({self.eviction}, eviction every {self.eviction_interval} steps), "
-                f"{t.num_embeddings:,} ids -> {z:,} rows ({z - 1:,} owned + 1 shared miss row)"
-                for t, z in zip(self._tables, self.zch_sizes)]
+        return [
+            f"table {t.name}: managed collision ({self.eviction}, eviction every {self.eviction_interval} steps), "
+            f"{t.num_embeddings:,} ids -> {z:,} rows ({z - 1:,} owned + 1 shared miss row)"
+            for t, z in zip(self._tables, self.zch_sizes)
+        ]
 
 
 def _refuse_sharded_cpu_rowwise_adagrad(mc_ebc: torch.nn.Module) -> None:
@@ -154,4 +175,5 @@ def _refuse_sharded_cpu_rowwise_adagrad(mc_ebc: torch.nn.Module) -> None:
         if getattr(tbe, "optimizer", None) == EmbOptimType.EXACT_ROWWISE_ADAGRAD and getattr(tbe, "use_cpu", False):
             raise ValueError(
                 f"table {table!r}: managed collision sharded on CPU with fused RowWiseAdagrad fails at the first "
-                "eviction (fbgemm reset_weight_momentum has no CPU kernel); use SGD/Adagrad, or run it unsharded")
+                "eviction (fbgemm reset_weight_momentum has no CPU kernel); use SGD/Adagrad, or run it unsharded"
+            )

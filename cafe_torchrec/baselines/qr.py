@@ -53,9 +53,16 @@ class QREmbeddingBagCollection(BaselineCollection):
 
     method = "qr"
 
-    def __init__(self, tables: List[EmbeddingBagConfig], compression_ratio: float, is_weighted: bool = False,
-                 device: Optional[torch.device] = None, operation: str = "mult",
-                 collisions: Union[str, int] = "per_table", small_table_rows: float = SMALL_TABLE_ROWS) -> None:
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        compression_ratio: float,
+        is_weighted: bool = False,
+        device: Optional[torch.device] = None,
+        operation: str = "mult",
+        collisions: Union[str, int] = "per_table",
+        small_table_rows: float = SMALL_TABLE_ROWS,
+    ) -> None:
         super().__init__(tables, compression_ratio, is_weighted, device)
         if operation not in OPERATIONS:
             raise ValueError(f"QREmbeddingBagCollection: operation must be one of {OPERATIONS}, got {operation!r}")
@@ -68,8 +75,9 @@ class QREmbeddingBagCollection(BaselineCollection):
                 continue
             n = t.num_embeddings
             lo, hi = (math.sqrt(1.0 / n), 1.0) if operation == "mult" else (-math.sqrt(1.0 / n), math.sqrt(1.0 / n))
-            configs.append(_copy(t, f"{t.name}_q", math.ceil(n / c), [f"{f}_q" for f in t.feature_names], t.pooling,
-                                 (lo, hi)))
+            configs.append(
+                _copy(t, f"{t.name}_q", math.ceil(n / c), [f"{f}_q" for f in t.feature_names], t.pooling, (lo, hi))
+            )
             configs.append(_copy(t, f"{t.name}_r", c, [f"{f}_r" for f in t.feature_names], t.pooling, (lo, hi)))
         check_unique([c.name for c in configs], "table")
         self.physical = EmbeddingBagCollection(configs, is_weighted=is_weighted, device=self._device)
@@ -80,14 +88,24 @@ class QREmbeddingBagCollection(BaselineCollection):
         self._remainder_names = [f"{f}_r" for f, c in zip(self._feature_names, compressed) if c]
         check_unique(self._quotient_names + self._remainder_names, "feature")
         dev = self._device
-        self.register_buffer("_rows", torch.tensor([self._tables[i].num_embeddings for i in self._feature_table],
-                                                   dtype=torch.int64, device=dev), persistent=False)
-        self.register_buffer("_c", torch.tensor([max(1, self.collisions[i]) for i in self._feature_table],
-                                                dtype=torch.int64, device=dev), persistent=False)
-        self.register_buffer("_compressed_features", torch.tensor([i for i, c in enumerate(compressed) if c],
-                                                                  dtype=torch.int64, device=dev), persistent=False)
-        self.register_buffer("_compressed_mask", torch.tensor(compressed, dtype=torch.bool, device=dev),
-                             persistent=False)
+        self.register_buffer(
+            "_rows",
+            torch.tensor([self._tables[i].num_embeddings for i in self._feature_table], dtype=torch.int64, device=dev),
+            persistent=False,
+        )
+        self.register_buffer(
+            "_c",
+            torch.tensor([max(1, self.collisions[i]) for i in self._feature_table], dtype=torch.int64, device=dev),
+            persistent=False,
+        )
+        self.register_buffer(
+            "_compressed_features",
+            torch.tensor([i for i, c in enumerate(compressed) if c], dtype=torch.int64, device=dev),
+            persistent=False,
+        )
+        self.register_buffer(
+            "_compressed_mask", torch.tensor(compressed, dtype=torch.bool, device=dev), persistent=False
+        )
 
     def _choose_collisions(self, collisions: Union[str, int], small_table_rows: float) -> List[int]:
         ratio = self.compression_ratio
@@ -104,7 +122,8 @@ class QREmbeddingBagCollection(BaselineCollection):
                         f"table {t.name!r}: QR cannot compress {t.num_embeddings:,} rows {ratio:g}x: its budget of "
                         f"{t.num_embeddings / ratio:,.1f} rows is below 2 sqrt(n) = "
                         f"{2 * math.sqrt(t.num_embeddings):,.1f} "
-                        "((n/ratio)^2 < 4n); use a lower ratio, collisions='global' or a fixed int")
+                        "((n/ratio)^2 < 4n); use a lower ratio, collisions='global' or a fixed int"
+                    )
                 out.append(c)
             return out
         if collisions == "global":
@@ -114,16 +133,21 @@ class QREmbeddingBagCollection(BaselineCollection):
             c = paper_collisions(total, ratio)
             if c is None:
                 names = [t.name for t, plain in zip(self._tables, small) if not plain]
-                raise ValueError(f"tables {names}: QR cannot compress their {total:,} rows {ratio:g}x "
-                                 "((N/ratio)^2 < 4N, the paper's limit)")
+                raise ValueError(
+                    f"tables {names}: QR cannot compress their {total:,} rows {ratio:g}x "
+                    "((N/ratio)^2 < 4N, the paper's limit)"
+                )
         elif isinstance(collisions, int) and not isinstance(collisions, bool) and collisions >= 1:
             c = collisions
         else:
-            raise ValueError(f"QREmbeddingBagCollection: collisions must be 'per_table', 'global' or an int >= 1, "
-                             f"got {collisions!r}")
+            raise ValueError(
+                f"QREmbeddingBagCollection: collisions must be 'per_table', 'global' or an int >= 1, got {collisions!r}"
+            )
         # a shared c: a table where QR would not save rows stays uncompressed
-        return [0 if plain or math.ceil(t.num_embeddings / c) + c >= t.num_embeddings else c
-                for t, plain in zip(self._tables, small)]
+        return [
+            0 if plain or math.ceil(t.num_embeddings / c) + c >= t.num_embeddings else c
+            for t, plain in zip(self._tables, small)
+        ]
 
     def _forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         lengths, stride = features.lengths(), features.stride()
@@ -133,8 +157,10 @@ class QREmbeddingBagCollection(BaselineCollection):
             bad = ((longest > 1) & self._compressed_mask).nonzero()
             if bad.numel():
                 f = self._feature_names[int(bad[0])]
-                raise ValueError(f"feature {f!r} has a bag of {int(longest[int(bad[0])])} ids: QR 'mult' is exact "
-                                 "only for bags of at most one id (use operation='add' for multi-hot features)")
+                raise ValueError(
+                    f"feature {f!r} has a bag of {int(longest[int(bad[0])])} ids: QR 'mult' is exact "
+                    "only for bags of at most one id (use operation='add' for multi-hot features)"
+                )
         x = torch.remainder(features.values(), self.per_feature(features, self._rows))
         c = self.per_feature(features, self._c)
         values, weights = [torch.div(x, c, rounding_mode="floor")], features.weights_or_none()
@@ -148,8 +174,12 @@ class QREmbeddingBagCollection(BaselineCollection):
                 r_weights = weights[in_compressed]
                 all_weights.append(r_weights if self.operation == "add" else torch.ones_like(r_weights))
         inner = KeyedJaggedTensor(
-            keys=self._quotient_names + self._remainder_names, values=torch.cat(values),
-            lengths=torch.cat(all_lengths), weights=torch.cat(all_weights) if all_weights else None, stride=stride)
+            keys=self._quotient_names + self._remainder_names,
+            values=torch.cat(values),
+            lengths=torch.cat(all_lengths),
+            weights=torch.cat(all_weights) if all_weights else None,
+            stride=stride,
+        )
         pooled = self.physical(inner).to_dict()
         out = []
         for f, q, compressed in zip(self._feature_names, self._quotient_names, self._compressed):
@@ -168,18 +198,30 @@ class QREmbeddingBagCollection(BaselineCollection):
                 lines.append(f"table {t.name}: uncompressed ({t.num_embeddings:,} rows)")
             else:
                 q = math.ceil(t.num_embeddings / c)
-                lines.append(f"table {t.name}: QR {self.operation}, {t.num_embeddings:,} -> {q + c:,} rows "
-                             f"({q:,} quotient + {c:,} remainder, {c:,} collisions)")
+                lines.append(
+                    f"table {t.name}: QR {self.operation}, {t.num_embeddings:,} -> {q + c:,} rows "
+                    f"({q:,} quotient + {c:,} remainder, {c:,} collisions)"
+                )
         return lines
 
 
-def _copy(t: EmbeddingBagConfig, name: str, rows: int, features: Sequence[str], pooling: PoolingType,
-          bounds: Optional[tuple]) -> EmbeddingBagConfig:
-    kwargs = dict(name=name, embedding_dim=t.embedding_dim, num_embeddings=rows, feature_names=list(features),
-                  pooling=pooling, data_type=t.data_type)
+def _copy(
+    t: EmbeddingBagConfig, name: str, rows: int, features: Sequence[str], pooling: PoolingType, bounds: Optional[tuple]
+) -> EmbeddingBagConfig:
+    kwargs = dict(
+        name=name,
+        embedding_dim=t.embedding_dim,
+        num_embeddings=rows,
+        feature_names=list(features),
+        pooling=pooling,
+        data_type=t.data_type,
+    )
     if bounds is None:
         kwargs.update(weight_init_min=t.weight_init_min, weight_init_max=t.weight_init_max, init_fn=t.init_fn)
     else:
-        kwargs.update(weight_init_min=bounds[0], weight_init_max=bounds[1],
-                      init_fn=functools.partial(torch.nn.init.uniform_, a=bounds[0], b=bounds[1]))
+        kwargs.update(
+            weight_init_min=bounds[0],
+            weight_init_max=bounds[1],
+            init_fn=functools.partial(torch.nn.init.uniform_, a=bounds[0], b=bounds[1]),
+        )
     return EmbeddingBagConfig(**kwargs)

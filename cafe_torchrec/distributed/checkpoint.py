@@ -19,8 +19,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from cafe_torchrec._torchrec_compat import is_sharded_tensor
 
 
-def load_checkpoint_atomically(model: nn.Module, checkpoint_id: str, optimizer: Optional[Any] = None,
-                               extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def load_checkpoint_atomically(
+    model: nn.Module, checkpoint_id: str, optimizer: Optional[Any] = None, extra: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
     """Read `checkpoint_id` into copies of model (and optimizer) state, then apply it.
 
     Raises what DCP or the modules' own checks raise (e.g. a CAFE layout mismatch) with the
@@ -53,8 +54,10 @@ def _check_model_state(model: nn.Module, loaded: Dict[str, Any]) -> None:
             continue
         mine, theirs = _local(current[key]), _local(saved)
         if mine is not None and theirs is not None and not torch.equal(mine.cpu(), theirs.cpu()):
-            raise ValueError(f"checkpoint layout {key} is {theirs.tolist()}, this model's is {mine.tolist()}: "
-                             "it was saved from a different CAFE config or world size")
+            raise ValueError(
+                f"checkpoint layout {key} is {theirs.tolist()}, this model's is {mine.tolist()}: "
+                "it was saved from a different CAFE config or world size"
+            )
 
 
 def _local(value: Any) -> Optional[torch.Tensor]:

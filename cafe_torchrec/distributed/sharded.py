@@ -85,8 +85,9 @@ class ShardedCafeEmbeddingBagCollection(
         self._is_weighted = module.is_weighted()
         self.plan = module.plan
         self.feature_map: FeatureMap = module.feature_map
-        self.physical: ShardedEmbeddingBagCollection = physical_sharder.shard(module.physical, params, env=env,
-                                                                              device=device)
+        self.physical: ShardedEmbeddingBagCollection = physical_sharder.shard(
+            module.physical, params, env=env, device=device
+        )
         take_over_input_dist(self.physical)  # this module builds the input dists
         self._input_dists_ready = False
         layouts = {g.name: g for g in self.plan.groups}

@@ -21,8 +21,9 @@ def row_wise_shard_rows(rows: int, world_size: int) -> List[int]:
     """Rows of each rank's block when TorchRec cuts a table of `rows` rows row-wise over
     `world_size` ranks (calculate_shard_sizes_and_offsets: ceil(rows / W) each, the last ranks
     fewer, possibly none)."""
-    sizes, _ = calculate_shard_sizes_and_offsets(torch.empty(rows, 1, device="meta"), world_size, world_size,
-                                                 ShardingType.ROW_WISE.value)
+    sizes, _ = calculate_shard_sizes_and_offsets(
+        torch.empty(rows, 1, device="meta"), world_size, world_size, ShardingType.ROW_WISE.value
+    )
     return [s[0] for s in sizes]
 
 
@@ -54,8 +55,9 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
 
     def __init__(self, fused_params: Optional[Dict[str, Any]] = None, qcomm_codecs_registry=None) -> None:
         super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
-        self._physical_sharder = PhysicalTablesSharder(fused_params=fused_params,
-                                                       qcomm_codecs_registry=qcomm_codecs_registry)
+        self._physical_sharder = PhysicalTablesSharder(
+            fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry
+        )
 
     def shard(
         self,
@@ -67,15 +69,19 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
     ) -> ShardedCafeEmbeddingBagCollection:
         for table, sharding in params.items():
             if sharding.sharding_type not in SHARDING_TYPES:
-                raise ValueError(f"CAFE table {table!r}: sharding type {sharding.sharding_type!r} is not supported; "
-                                 f"use one of {SHARDING_TYPES}")
+                raise ValueError(
+                    f"CAFE table {table!r}: sharding type {sharding.sharding_type!r} is not supported; "
+                    f"use one of {SHARDING_TYPES}"
+                )
             shards = sharding.sharding_spec.shards if sharding.sharding_spec is not None else []
             sizes = [m.shard_sizes[0] for m in shards]
             if sharding.sharding_type == ShardingType.ROW_WISE.value and sizes and not every_rank_has_rows(sizes):
-                raise ValueError(f"CAFE table {table!r}: a row-wise plan leaves a rank with no rows "
-                                 f"({sizes}); shard it table-wise")
-        return ShardedCafeEmbeddingBagCollection(module, params, self._physical_sharder, env,
-                                                 device or torch.device("cpu"))
+                raise ValueError(
+                    f"CAFE table {table!r}: a row-wise plan leaves a rank with no rows ({sizes}); shard it table-wise"
+                )
+        return ShardedCafeEmbeddingBagCollection(
+            module, params, self._physical_sharder, env, device or torch.device("cpu")
+        )
 
     def shardable_parameters(self, module: CafeEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
         return self._physical_sharder.shardable_parameters(module.physical)

@@ -36,8 +36,9 @@ def _buffer_shapes(block: GroupLayout) -> Dict[str, Tuple[torch.Size, torch.dtyp
 class ShardedSketchState:
     """state_dict hooks that turn the local remap buffers into ShardedTensors and back."""
 
-    def __init__(self, owners: Dict[str, List[Tuple[int, GroupLayout]]], groups: nn.ModuleDict,
-                 process_group: Any, rank: int) -> None:
+    def __init__(
+        self, owners: Dict[str, List[Tuple[int, GroupLayout]]], groups: nn.ModuleDict, process_group: Any, rank: int
+    ) -> None:
         self._owners = owners
         self._groups = groups
         self._pg = process_group
@@ -69,4 +70,3 @@ class ShardedSketchState:
         local = tensor.detach().clone() if tensor is not None else None
         shards = [(rank, shape) for rank, (shape, _) in owners]
         return row_sharded_tensor(local, shards, self._rank, owners[0][1][1], self._pg)
-

@@ -14,7 +14,10 @@ __all__ = ["insert_", "lookup", "query", "rebalance_"]
 
 
 def insert_(
-    state: SketchState, keys: torch.Tensor, scores: torch.Tensor, params: InsertParams,
+    state: SketchState,
+    keys: torch.Tensor,
+    scores: torch.Tensor,
+    params: InsertParams,
     hints: Optional[torch.Tensor] = None,
 ) -> InsertResult:
     """Same contract as torch_kernel.insert_; `hints` (slots found by a query) skip re-probing."""
@@ -36,9 +39,7 @@ def insert_(
     return InsertResult(pkeys, rows, dkeys, drows, skipped, dropped, bool(decayed))
 
 
-def query(
-    state: SketchState, keys: torch.Tensor, medium_threshold: float
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def query(state: SketchState, keys: torch.Tensor, medium_threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Same contract as torch_kernel.query."""
     return torch.ops.cafe.sketch_query(
         state.slots,
@@ -49,21 +50,54 @@ def query(
     )
 
 
-def lookup(state: SketchState, keys: torch.Tensor, regions: torch.Tensor, medium_threshold: Optional[float],
-           counts: Optional[torch.Tensor]) -> Lookup:
+def lookup(
+    state: SketchState,
+    keys: torch.Tensor,
+    regions: torch.Tensor,
+    medium_threshold: Optional[float],
+    counts: Optional[torch.Tensor],
+) -> Lookup:
     """Same contract as torch_kernel.lookup, in one fused pass that also returns hints."""
     multi_level = medium_threshold is not None
     primary, level2, medium, hints = torch.ops.cafe.remap_lookup(
-        state.slots, keys, regions, state.slots_per_bucket, medium_threshold if multi_level else float("inf"),
-        state.multiplier, SLOT_BITS, LEVEL_MULTIPLIERS[1], LEVEL_MULTIPLIERS[2], multi_level,
-        counts if counts is not None else keys.new_empty(0))
+        state.slots,
+        keys,
+        regions,
+        state.slots_per_bucket,
+        medium_threshold if multi_level else float("inf"),
+        state.multiplier,
+        SLOT_BITS,
+        LEVEL_MULTIPLIERS[1],
+        LEVEL_MULTIPLIERS[2],
+        multi_level,
+        counts if counts is not None else keys.new_empty(0),
+    )
     return Lookup(primary, level2, medium, hints)
 
 
-def rebalance_(state: SketchState, policy: AdaptivePolicy, capacity: int, decayed: torch.Tensor,
-               since: torch.Tensor, marks: torch.Tensor) -> Tuple[InsertResult, float]:
+def rebalance_(
+    state: SketchState,
+    policy: AdaptivePolicy,
+    capacity: int,
+    decayed: torch.Tensor,
+    since: torch.Tensor,
+    marks: torch.Tensor,
+) -> Tuple[InsertResult, float]:
     """Same contract as policy.rebalance_ (the torch-ops twin and spec), in one C++ pass."""
     pkeys, prows, dkeys, drows, marginal, was_decayed = torch.ops.cafe.sketch_rebalance(
-        state.slots, state.free_rows, state.free_count, marks, decayed, since, state.slots_per_bucket, capacity,
-        policy.horizon, policy.hysteresis, policy.entry_score, STALE_HITS, STALE_FACTOR, DECAY_STEPS)
+        state.slots,
+        state.free_rows,
+        state.free_count,
+        marks,
+        decayed,
+        since,
+        state.slots_per_bucket,
+        capacity,
+        policy.horizon,
+        policy.hysteresis,
+        policy.entry_score,
+        STALE_HITS,
+        STALE_FACTOR,
+        DECAY_STEPS,
+    )
     return InsertResult(pkeys, prows, dkeys, drows, 0, 0, bool(was_decayed)), float(marginal)

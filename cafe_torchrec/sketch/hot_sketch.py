@@ -79,7 +79,9 @@ class HotSketch(nn.Module):
             threshold, decay_trigger = adaptive.entry_score, math.inf
         elif threshold is None:
             raise ValueError("HotSketch needs a threshold, or an AdaptivePolicy")
-        _check_config(hot_capacity, threshold, num_buckets, slots_per_bucket, medium_threshold, decay, decay_trigger, kernel)
+        _check_config(
+            hot_capacity, threshold, num_buckets, slots_per_bucket, medium_threshold, decay, decay_trigger, kernel
+        )
         self.hot_capacity = hot_capacity
         assert threshold is not None  # set above for both policies
         self.threshold = float(threshold)
@@ -104,8 +106,12 @@ class HotSketch(nn.Module):
         self.register_buffer("decayed_occurrences", torch.zeros(1, dtype=torch.float64, device=device))
         self.register_buffer("occurrences_since", torch.zeros(1, dtype=torch.int64, device=device))
         # adaptive policy: each hot row's score after the last rebalance and its occurrences due (sketch/policy.py)
-        self.register_buffer("row_marks", torch.full((hot_capacity if adaptive is not None else 0, 2), UNKNOWN_MARK,
-                                                     dtype=torch.float32, device=device))
+        self.register_buffer(
+            "row_marks",
+            torch.full(
+                (hot_capacity if adaptive is not None else 0, 2), UNKNOWN_MARK, dtype=torch.float32, device=device
+            ),
+        )
         # 0 after DistributedModelParallel materialises meta buffers as zeros: re-initialise lazily
         self.register_buffer("initialized", torch.ones(1, dtype=torch.int64, device=device))
         self._seed = seed
@@ -199,7 +205,9 @@ class HotSketch(nn.Module):
 
     def state(self) -> SketchState:
         """The buffers as a kernel argument."""
-        return SketchState(self.slots, self.free_rows, self.free_count, self.total_score, self.slots_per_bucket, self.multiplier)
+        return SketchState(
+            self.slots, self.free_rows, self.free_count, self.total_score, self.slots_per_bucket, self.multiplier
+        )
 
     @property
     def kernel(self) -> str:
@@ -225,7 +233,10 @@ class HotSketch(nn.Module):
         _check_keys(keys, signs=kernel is torch_kernel)  # the C++ kernel checks signs itself, in its first pass
         self._ensure_ready()
         if scores.shape != keys.shape or not scores.is_floating_point():
-            raise ValueError(f"scores must be a float tensor shaped like keys {tuple(keys.shape)}, got {scores.dtype} {tuple(scores.shape)}")
+            raise ValueError(
+                f"scores must be a float tensor shaped like keys {tuple(keys.shape)}, "
+                f"got {scores.dtype} {tuple(scores.shape)}"
+            )
         params = InsertParams(self.threshold, self.decay, self.decay_trigger)
         rebalanced = self._rebalance_if_due()
         result = kernel.insert_(self.state(), keys, scores.to(torch.float32), params, hints)
@@ -240,8 +251,9 @@ class HotSketch(nn.Module):
         if policy is None or not policy.due(int(self.occurrences_since[0]), float(self.decayed_occurrences[0])):
             return None
         rebalance = cpp_kernel.rebalance_ if self.kernel == "cpp" else rebalance_
-        result, marginal = rebalance(self.state(), policy, self.hot_capacity, self.decayed_occurrences,
-                                     self.occurrences_since, self.row_marks)
+        result, marginal = rebalance(
+            self.state(), policy, self.hot_capacity, self.decayed_occurrences, self.occurrences_since, self.row_marks
+        )
         if policy.medium_share is not None:
             self.medium_level.fill_(policy.medium_share * max(marginal, policy.entry_score))
         return result
@@ -282,18 +294,24 @@ class HotSketch(nn.Module):
             self._ready = False
 
     def extra_repr(self) -> str:
-        return (f"buckets={self.num_buckets}, slots_per_bucket={self.slots_per_bucket}, "
-                f"hot_capacity={self.hot_capacity}, threshold={self.threshold}, "
-                f"medium_threshold={self.medium_threshold}, decay={self.decay}")
+        return (
+            f"buckets={self.num_buckets}, slots_per_bucket={self.slots_per_bucket}, "
+            f"hot_capacity={self.hot_capacity}, threshold={self.threshold}, "
+            f"medium_threshold={self.medium_threshold}, decay={self.decay}"
+        )
 
 
 def _merged(first: InsertResult, second: InsertResult) -> InsertResult:
     """Two results of one insert call (a rebalance, then the insert), in that order."""
-    return InsertResult(torch.cat([first.promoted_keys, second.promoted_keys]),
-                        torch.cat([first.promoted_rows, second.promoted_rows]),
-                        torch.cat([first.demoted_keys, second.demoted_keys]),
-                        torch.cat([first.demoted_rows, second.demoted_rows]),
-                        first.skipped + second.skipped, first.dropped + second.dropped, first.decayed or second.decayed)
+    return InsertResult(
+        torch.cat([first.promoted_keys, second.promoted_keys]),
+        torch.cat([first.promoted_rows, second.promoted_rows]),
+        torch.cat([first.demoted_keys, second.demoted_keys]),
+        torch.cat([first.demoted_rows, second.demoted_rows]),
+        first.skipped + second.skipped,
+        first.dropped + second.dropped,
+        first.decayed or second.decayed,
+    )
 
 
 def per_row_bytes(adaptive: bool) -> int:
@@ -317,12 +335,23 @@ def _check_keys(keys: torch.Tensor, signs: bool) -> None:
         raise ValueError("keys must be non-negative 63-bit hashes (use cafe_torchrec.hashing.mix64)")
 
 
-def _check_config(hot_capacity: int, threshold: float, num_buckets: int, slots: int,
-                  medium: Optional[float], decay: float, trigger: float, kernel: str) -> None:
+def _check_config(
+    hot_capacity: int,
+    threshold: float,
+    num_buckets: int,
+    slots: int,
+    medium: Optional[float],
+    decay: float,
+    trigger: float,
+    kernel: str,
+) -> None:
     if num_buckets > MAX_BOUND:
         raise ValueError(f"num_buckets must be <= 2^31, got {num_buckets}")
     if hot_capacity < 0 or num_buckets < 1 or slots < 1:
-        raise ValueError(f"need hot_capacity >= 0, num_buckets >= 1, slots_per_bucket >= 1; got {hot_capacity}, {num_buckets}, {slots}")
+        raise ValueError(
+            "need hot_capacity >= 0, num_buckets >= 1, slots_per_bucket >= 1; "
+            f"got {hot_capacity}, {num_buckets}, {slots}"
+        )
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
     if medium is not None and not 0 < medium <= threshold:

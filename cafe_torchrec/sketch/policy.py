@@ -117,13 +117,20 @@ def marginal_estimate(estimates: torch.Tensor, held: torch.Tensor, capacity: int
     return float(torch.topk(values, k, sorted=False).values.min())
 
 
-def rebalance_(state: SketchState, policy: AdaptivePolicy, capacity: int, decayed: torch.Tensor,
-               since: torch.Tensor, marks: torch.Tensor) -> Tuple[InsertResult, float]:
+def rebalance_(
+    state: SketchState,
+    policy: AdaptivePolicy,
+    capacity: int,
+    decayed: torch.Tensor,
+    since: torch.Tensor,
+    marks: torch.Tensor,
+) -> Tuple[InsertResult, float]:
     """Steps 1 and 2 of the module docstring on `state` in place. `decayed` (float64 [1]: the
     decayed occurrence count before this interval) becomes (before + since) f, `since` (int64
     [1]: occurrences during it) becomes 0, `marks` (float32 [hot rows, 2]: each hot row's score
     after the last rebalance, UNKNOWN_MARK for rows an insert handed out since, and its
-    occurrences due since its last hit) takes the values after this one. Returns the promotions and demotions, and the marginal estimate
+    occurrences due since its last hit) takes the values after this one. Returns the promotions
+    and demotions, and the marginal estimate
     after the decay (for the medium level)."""
     keys, words, scores = state.keys, state.words, state.scores
     held = keys != EMPTY_KEY

@@ -87,7 +87,10 @@ def find_slots(state: SketchState, keys: torch.Tensor) -> Tuple[torch.Tensor, to
 
 
 def insert_(
-    state: SketchState, keys: torch.Tensor, scores: torch.Tensor, params: InsertParams,
+    state: SketchState,
+    keys: torch.Tensor,
+    scores: torch.Tensor,
+    params: InsertParams,
     hints: Optional[torch.Tensor] = None,
 ) -> InsertResult:
     """Insert a batch of (key, score) pairs; see the module docstring for the semantics.
@@ -173,9 +176,7 @@ def _place_newcomers(state: SketchState, keys: torch.Tensor, scores: torch.Tenso
     return dropped
 
 
-def query(
-    state: SketchState, keys: torch.Tensor, medium_threshold: float
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def query(state: SketchState, keys: torch.Tensor, medium_threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Hot row per key (int64, -1 if none) and whether a non-hot key is medium (confirmed,
     estimate >= medium)."""
     _, slot = find_slots(state, keys)
@@ -187,8 +188,13 @@ def query(
     return rows, medium
 
 
-def lookup(state: SketchState, keys: torch.Tensor, regions: torch.Tensor, medium_threshold: Optional[float],
-           counts: Optional[torch.Tensor]) -> Lookup:
+def lookup(
+    state: SketchState,
+    keys: torch.Tensor,
+    regions: torch.Tensor,
+    medium_threshold: Optional[float],
+    counts: Optional[torch.Tensor],
+) -> Lookup:
     """Rows of each key (see types.Lookup; no hints); `counts` [T, 3] += lookups, hot and medium
     lookups per table slot. Without a medium threshold there is no level 2."""
     multi_level = medium_threshold is not None

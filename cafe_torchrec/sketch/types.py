@@ -54,7 +54,8 @@ class SketchState:
     slots [W*C, 2] int64 is an array of 16-byte slots, so a bucket of 4 is one 64-byte cache
     line: word 0 is the key, word 1 packs the float32 score (low half) and the int32 row word
     (high half; little-endian): the hot row, or the error and flags of a slot without one.
-    free_rows [H] int32 is a stack whose first free_count[0] entries are free hot rows; total_score [1] float64 is the score inserted since the last decay.
+    free_rows [H] int32 is a stack whose first free_count[0] entries are free hot rows;
+    total_score [1] float64 is the score inserted since the last decay.
     """
 
     slots: torch.Tensor

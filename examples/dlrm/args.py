@@ -25,24 +25,54 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--over-arch", default="64,32,1", help="over arch layer sizes, comma separated (last: 1)")
     g.add_argument("--dcn-num-layers", type=int, default=2)
     g.add_argument("--dcn-low-rank-dim", type=int, default=32)
-    g.add_argument("--cafe-threshold", type=float, default=None,
-                   help="CAFE hot threshold of the paper's fixed policy (with --cafe-option policy=paper; "
-                        "the default adaptive policy has none)")
+    g.add_argument(
+        "--cafe-threshold",
+        type=float,
+        default=None,
+        help="CAFE hot threshold of the paper's fixed policy (with --cafe-option policy=paper; "
+        "the default adaptive policy has none)",
+    )
     g.add_argument("--cafe-hot-share", type=float, default=None, help="CAFE hot memory share (default: per ratio)")
-    g.add_argument("--cafe-importance", choices=("gradient", "frequency"), default=None,
-                   help="CAFE importance score (default: CafeConfig's, gradient)")
-    g.add_argument("--cafe-level2-share", type=float, default=None,
-                   help="CAFE-ML: share of hashed rows in the second hashed region (default: CafeConfig's)")
-    g.add_argument("--cafe-medium-share", type=float, default=None,
-                   help="CAFE-ML: medium threshold as a share of the hot threshold (default: CafeConfig's)")
-    g.add_argument("--cafe-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="any CafeConfig field, e.g. decay=0.9 or slots_per_bucket=8 (repeatable; not compression_ratio, "
-                        "multi_level or seed, which --compression-ratio, --embedding and --seed set)")
-    g.add_argument("--baseline-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra constructor argument of a baseline, e.g. collisions=global (qr), eviction_interval=50 (mc)")
+    g.add_argument(
+        "--cafe-importance",
+        choices=("gradient", "frequency"),
+        default=None,
+        help="CAFE importance score (default: CafeConfig's, gradient)",
+    )
+    g.add_argument(
+        "--cafe-level2-share",
+        type=float,
+        default=None,
+        help="CAFE-ML: share of hashed rows in the second hashed region (default: CafeConfig's)",
+    )
+    g.add_argument(
+        "--cafe-medium-share",
+        type=float,
+        default=None,
+        help="CAFE-ML: medium threshold as a share of the hot threshold (default: CafeConfig's)",
+    )
+    g.add_argument(
+        "--cafe-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any CafeConfig field, e.g. decay=0.9 or slots_per_bucket=8 (repeatable; not compression_ratio, "
+        "multi_level or seed, which --compression-ratio, --embedding and --seed set)",
+    )
+    g.add_argument(
+        "--baseline-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra constructor argument of a baseline, e.g. collisions=global (qr), eviction_interval=50 (mc)",
+    )
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="per-rank batch size (default: the stream's with --data stream, else 1024)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="per-rank batch size (default: the stream's with --data stream, else 1024)",
+    )
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="rowwise_adagrad", help="embedding optimizer (fused)")
     g.add_argument("--learning-rate", type=float, default=0.05, help="embedding learning rate")
     g.add_argument("--dense-optimizer", choices=("adagrad", "sgd", "adam"), default="adagrad")
@@ -50,12 +80,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: the whole split)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=("synthetic", "tsv", "npy", "stream"), default="synthetic",
-                   help="stream: a named setting of examples/dlrm/data/streams.py (train days, validation day, test day)")
+    g.add_argument(
+        "--data",
+        choices=("synthetic", "tsv", "npy", "stream"),
+        default="synthetic",
+        help="stream: a named setting of examples/dlrm/data/streams.py (train days, validation day, test day)",
+    )
     g.add_argument("--stream", choices=tuple(stream_settings()), default=None, help="--data stream: the setting")
     g.add_argument("--stream-seed", type=int, default=0, help="--data stream: seed of the stream's world and draws")
-    g.add_argument("--cardinality-scale", type=float, default=None,
-                   help="logical cardinalities = Criteo Kaggle cardinalities x scale (default: 0.01 synthetic, 1 tsv/npy)")
+    g.add_argument(
+        "--cardinality-scale",
+        type=float,
+        default=None,
+        help="logical cardinalities = Criteo Kaggle cardinalities x scale (default: 0.01 synthetic, 1 tsv/npy)",
+    )
     g.add_argument("--cardinalities", default=None, help="explicit logical cardinalities, 26 comma separated")
     g.add_argument("--days", type=int, default=3, help="synthetic days (train on all but the last)")
     g.add_argument("--samples-per-day", type=int, default=1 << 17, help="synthetic samples per day")
@@ -63,25 +101,40 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--data-seed", type=int, default=0)
     g.add_argument("--tsv-path", nargs="+", default=None, help="raw Criteo TSV file(s), in time order")
     g.add_argument("--train-rows", type=int, default=None, help="tsv: rows for training (default: 80%%)")
-    g.add_argument("--test-rows", type=int, default=None, help="tsv: rows for testing after the training rows (default: the rest)")
+    g.add_argument(
+        "--test-rows", type=int, default=None, help="tsv: rows for testing after the training rows (default: the rest)"
+    )
     g.add_argument("--tsv-on-error", choices=("raise", "skip"), default="raise")
     g.add_argument("--npy-root", default=None, help="directory of day_{i}_{dense,sparse,labels}.npy")
-    g.add_argument("--npy-days", default=None, help="npy: comma separated days (default: all found; last is the test day)")
+    g.add_argument(
+        "--npy-days", default=None, help="npy: comma separated days (default: all found; last is the test day)"
+    )
     g = p.add_argument_group("distribution")
     g.add_argument("--sharding", choices=SHARDINGS, default="auto", help="sharding of the physical embedding tables")
     g.add_argument("--cpu", action="store_true", help="stay on CPU (gloo) even when CUDA is available")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: $OMP_NUM_THREADS, else 1: more threads next to gloo's "
-                        "made small CPU steps ~30x slower on a 2-core host)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: $OMP_NUM_THREADS, else 1: more threads next to gloo's "
+        "made small CPU steps ~30x slower on a 2-core host)",
+    )
     g = p.add_argument_group("evaluation, checkpoints, output")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
-    g.add_argument("--eval-batches", type=int, default=None, help="per-rank test batches of periodic evaluations (final: all)")
+    g.add_argument(
+        "--eval-batches", type=int, default=None, help="per-rank test batches of periodic evaluations (final: all)"
+    )
     g.add_argument("--log-every", type=int, default=10, help="loss / hot-share aggregation interval (steps)")
     g.add_argument("--checkpoint-dir", default=None)
     g.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: never)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the last K checkpoints")
-    g.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="resume from a checkpoint directory, or the latest one in --checkpoint-dir")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="resume from a checkpoint directory, or the latest one in --checkpoint-dir",
+    )
     g.add_argument("--out-dir", default="results")
     g.add_argument("--run-name", default=None, help="name of the JSON / PNG (default: <embedding>)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -179,8 +232,13 @@ def cafe_options(args: argparse.Namespace) -> Dict[str, Any]:
 
     from cafe_torchrec.config import CafeConfig
 
-    flags = {"importance": args.cafe_importance, "threshold": args.cafe_threshold, "hot_share": args.cafe_hot_share,
-             "level2_share": args.cafe_level2_share, "medium_share": args.cafe_medium_share}
+    flags = {
+        "importance": args.cafe_importance,
+        "threshold": args.cafe_threshold,
+        "hot_share": args.cafe_hot_share,
+        "level2_share": args.cafe_level2_share,
+        "medium_share": args.cafe_medium_share,
+    }
     options = {key: value for key, value in flags.items() if value is not None}
     known = {f.name for f in dataclasses.fields(CafeConfig)}
     owned = {"compression_ratio": "--compression-ratio", "multi_level": "--embedding cafe-ml", "seed": "--seed"}

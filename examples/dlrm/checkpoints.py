@@ -20,8 +20,9 @@ def _checkpoints(root: Path) -> List[Path]:
     return sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: Any, meta: Dict[str, Any],
-                    keep: int, d: Dist) -> Path:
+def save_checkpoint(
+    root: Path, step: int, model: torch.nn.Module, optimizer: Any, meta: Dict[str, Any], keep: int, d: Dist
+) -> Path:
     """DCP into a hidden temp dir, then rank 0 renames it: a visible step_N is always complete."""
     import torch.distributed.checkpoint as dcp
 

@@ -56,10 +56,16 @@ def _stream_data(args: argparse.Namespace, rank: int, world: int) -> Data:
             dense, ids, labels = batch_at(spec, split, rank + i * world, args.stream_seed)
             yield make_batch(dense.numpy(), ids.numpy(), labels.numpy())
 
-    return Data(list(spec.cardinalities), per_rank["train"], per_rank["test"],
-                lambda start: split_from("train", start), lambda: split_from("test", 0),
-                {"data": "stream", "stream_seed": args.stream_seed, **spec.summary()},
-                validation=lambda: split_from("validation", 0), validation_batches=per_rank["validation"])
+    return Data(
+        list(spec.cardinalities),
+        per_rank["train"],
+        per_rank["test"],
+        lambda start: split_from("train", start),
+        lambda: split_from("test", 0),
+        {"data": "stream", "stream_seed": args.stream_seed, **spec.summary()},
+        validation=lambda: split_from("validation", 0),
+        validation_batches=per_rank["validation"],
+    )
 
 
 def _synthetic_data(args: argparse.Namespace, rank: int, world: int) -> Data:
@@ -68,9 +74,14 @@ def _synthetic_data(args: argparse.Namespace, rank: int, world: int) -> Data:
 
     bs = args.batch_size
     base = tuple(comma_ints(args.cardinalities)) if args.cardinalities else KAGGLE_CARDINALITIES
-    cfg = SyntheticCriteoConfig(cardinalities=base, cardinality_scale=1.0 if args.cardinalities else args.cardinality_scale,
-                                num_days=args.days, samples_per_day=args.samples_per_day, drift=args.drift,
-                                seed=args.data_seed)
+    cfg = SyntheticCriteoConfig(
+        cardinalities=base,
+        cardinality_scale=1.0 if args.cardinalities else args.cardinality_scale,
+        num_days=args.days,
+        samples_per_day=args.samples_per_day,
+        drift=args.drift,
+        seed=args.data_seed,
+    )
     train = SyntheticCriteo(cfg, bs, rank=rank, world_size=world, days=range(args.days - 1))
     test = SyntheticCriteo(cfg, bs, rank=rank, world_size=world, days=[args.days - 1])
     bpd = train.batches_per_day
@@ -82,11 +93,22 @@ def _synthetic_data(args: argparse.Namespace, rank: int, world: int) -> Data:
             day_pos, index_in_day = divmod(rank + i * world, bpd)
             yield ds.batch(ds.days[day_pos], index_in_day)
 
-    return Data(train.cardinalities, train_steps, test_batches,
-                lambda start: stream(train, start, train_steps), lambda: stream(test, 0, test_batches),
-                {"data": "synthetic", "days": args.days, "samples_per_day": args.samples_per_day,
-                 "drift": args.drift, "cardinality_scale": args.cardinality_scale,
-                 "train_days": list(train.days), "test_day": args.days - 1})
+    return Data(
+        train.cardinalities,
+        train_steps,
+        test_batches,
+        lambda start: stream(train, start, train_steps),
+        lambda: stream(test, 0, test_batches),
+        {
+            "data": "synthetic",
+            "days": args.days,
+            "samples_per_day": args.samples_per_day,
+            "drift": args.drift,
+            "cardinality_scale": args.cardinality_scale,
+            "train_days": list(train.days),
+            "test_day": args.days - 1,
+        },
+    )
 
 
 def _tsv_data(args: argparse.Namespace, rank: int, world: int) -> Data:
@@ -103,21 +125,55 @@ def _tsv_data(args: argparse.Namespace, rank: int, world: int) -> Data:
 
     def tsv_train(start: int) -> Iterator[Batch]:
         if args.tsv_on_error == "raise":  # batch boundaries do not move: start at the row
-            cfg = CriteoTsvConfig(paths=paths, batch_size=bs, drop_last=True, rank=rank, world_size=world,
-                                  start_row=start * world * bs, stop_row=train_rows, on_error="raise")
+            cfg = CriteoTsvConfig(
+                paths=paths,
+                batch_size=bs,
+                drop_last=True,
+                rank=rank,
+                world_size=world,
+                start_row=start * world * bs,
+                stop_row=train_rows,
+                on_error="raise",
+            )
             return islice(iter(CriteoTsvReader(cfg)), train_steps - start)
-        cfg = CriteoTsvConfig(paths=paths, batch_size=bs, drop_last=True, rank=rank, world_size=world,
-                              stop_row=train_rows, on_error="skip")
+        cfg = CriteoTsvConfig(
+            paths=paths,
+            batch_size=bs,
+            drop_last=True,
+            rank=rank,
+            world_size=world,
+            stop_row=train_rows,
+            on_error="skip",
+        )
         return islice(iter(CriteoTsvReader(cfg)), start, train_steps)
 
     def tsv_test() -> Iterator[Batch]:
-        cfg = CriteoTsvConfig(paths=paths, batch_size=bs, drop_last=True, rank=rank, world_size=world,
-                              start_row=train_rows, stop_row=test_stop, on_error=args.tsv_on_error)
+        cfg = CriteoTsvConfig(
+            paths=paths,
+            batch_size=bs,
+            drop_last=True,
+            rank=rank,
+            world_size=world,
+            start_row=train_rows,
+            stop_row=test_stop,
+            on_error=args.tsv_on_error,
+        )
         return islice(iter(CriteoTsvReader(cfg)), test_batches)
 
-    return Data(_logical_cardinalities(args), train_steps, test_batches, tsv_train, tsv_test,
-                {"data": "tsv", "paths": [str(x) for x in paths], "train_rows": train_rows,
-                 "test_rows": test_stop - train_rows, "cardinality_scale": args.cardinality_scale})
+    return Data(
+        _logical_cardinalities(args),
+        train_steps,
+        test_batches,
+        tsv_train,
+        tsv_test,
+        {
+            "data": "tsv",
+            "paths": [str(x) for x in paths],
+            "train_rows": train_rows,
+            "test_rows": test_stop - train_rows,
+            "cardinality_scale": args.cardinality_scale,
+        },
+    )
 
 
 def _npy_data(args: argparse.Namespace, rank: int, world: int) -> Data:
@@ -135,17 +191,34 @@ def _npy_data(args: argparse.Namespace, rank: int, world: int) -> Data:
     train_days, test_day = days[:-1], days[-1]
 
     def npy(days_: List[int], start: int, count: int) -> Iterator[Batch]:
-        cfg = CriteoNpyConfig(root=root, days=days_, batch_size=bs, drop_last=True, rank=rank, world_size=world,
-                              start_row=start * world * bs)
+        cfg = CriteoNpyConfig(
+            root=root,
+            days=days_,
+            batch_size=bs,
+            drop_last=True,
+            rank=rank,
+            world_size=world,
+            start_row=start * world * bs,
+        )
         return islice(iter(CriteoNpyReader(cfg)), count - start)
 
     train_rows = CriteoNpyReader(CriteoNpyConfig(root=root, days=train_days, batch_size=bs)).num_rows
     test_rows = CriteoNpyReader(CriteoNpyConfig(root=root, days=[test_day], batch_size=bs)).num_rows
     train_steps, test_batches = train_rows // bs // world, test_rows // bs // world
-    return Data(_logical_cardinalities(args), train_steps, test_batches,
-                lambda start: npy(train_days, start, train_steps), lambda: npy([test_day], 0, test_batches),
-                {"data": "npy", "root": str(root), "train_days": train_days, "test_day": test_day,
-                 "cardinality_scale": args.cardinality_scale})
+    return Data(
+        _logical_cardinalities(args),
+        train_steps,
+        test_batches,
+        lambda start: npy(train_days, start, train_steps),
+        lambda: npy([test_day], 0, test_batches),
+        {
+            "data": "npy",
+            "root": str(root),
+            "train_days": train_days,
+            "test_day": test_day,
+            "cardinality_scale": args.cardinality_scale,
+        },
+    )
 
 
 def _count_rows(paths: Sequence[str]) -> int:
@@ -197,16 +270,19 @@ def modulo_ids(stream: Iterator[Batch], cardinalities: Sequence[int]) -> Iterato
         kjt = batch.sparse_features
         per_id = torch.repeat_interleave(sizes, torch.tensor(kjt.length_per_key()))
         values = torch.remainder(kjt.values(), per_id)
-        yield Batch(batch.dense_features,
-                    KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=kjt.lengths(), stride=kjt.stride()),
-                    batch.labels)
+        yield Batch(
+            batch.dense_features,
+            KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=kjt.lengths(), stride=kjt.stride()),
+            batch.labels,
+        )
 
 
 def int64_lengths(stream: Iterator[Batch]) -> Iterator[Batch]:
     """The same batches with int64 KJT lengths."""
     for batch in stream:
         kjt = batch.sparse_features
-        yield Batch(batch.dense_features,
-                    KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths().long(),
-                                      stride=kjt.stride()),
-                    batch.labels)
+        yield Batch(
+            batch.dense_features,
+            KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths().long(), stride=kjt.stride()),
+            batch.labels,
+        )

@@ -35,8 +35,9 @@ _BASELINES: Dict[str, tuple] = {
 }
 
 
-def table_configs(cardinalities: Sequence[int], embedding_dim: int = 16,
-                  feature_names: Optional[Sequence[str]] = None) -> List[EmbeddingBagConfig]:
+def table_configs(
+    cardinalities: Sequence[int], embedding_dim: int = 16, feature_names: Optional[Sequence[str]] = None
+) -> List[EmbeddingBagConfig]:
     """One table `t_<feature>` per feature with the given logical cardinality."""
     names = list(feature_names) if feature_names is not None else list(DEFAULT_CAT_NAMES[: len(cardinalities)])
     if len(names) != len(cardinalities):
@@ -84,15 +85,24 @@ class EmbeddingSpec:
         if hasattr(self.module, "describe"):
             return self.module.describe()
         m = self.memory()
-        return (f"{len(self.tables)} uncompressed tables, {sum(t.num_embeddings for t in self.tables):,} rows, "
-                f"{m['logical_bytes']:,} bytes")
+        return (
+            f"{len(self.tables)} uncompressed tables, {sum(t.num_embeddings for t in self.tables):,} rows, "
+            f"{m['logical_bytes']:,} bytes"
+        )
 
 
-def build_embedding(method: str, cardinalities: Sequence[int], *, embedding_dim: int = 16,
-                    compression_ratio: float = 100.0, device: Optional[torch.device] = None,
-                    feature_names: Optional[Sequence[str]] = None, seed: int = 0,
-                    cafe_options: Optional[Dict[str, Any]] = None,
-                    baseline_options: Optional[Dict[str, Any]] = None) -> EmbeddingSpec:
+def build_embedding(
+    method: str,
+    cardinalities: Sequence[int],
+    *,
+    embedding_dim: int = 16,
+    compression_ratio: float = 100.0,
+    device: Optional[torch.device] = None,
+    feature_names: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    cafe_options: Optional[Dict[str, Any]] = None,
+    baseline_options: Optional[Dict[str, Any]] = None,
+) -> EmbeddingSpec:
     """Build the collection of `method` over one table per feature.
 
     cafe_options: extra CafeConfig fields (threshold, hot_share, decay, importance, ...);

@@ -23,13 +23,23 @@ def build_model(args: argparse.Namespace, spec: Any, device: torch.device) -> to
     if over[-1] != 1:
         raise ValueError(f"--over-arch must end with 1 (the logit), got {over}")
     if args.interaction == "dcn":
-        model = DLRM_DCN(embedding_bag_collection=spec.module, dense_in_features=NUM_DENSE,
-                         dense_arch_layer_sizes=dense, over_arch_layer_sizes=over,
-                         dcn_num_layers=args.dcn_num_layers, dcn_low_rank_dim=args.dcn_low_rank_dim,
-                         dense_device=device)
+        model = DLRM_DCN(
+            embedding_bag_collection=spec.module,
+            dense_in_features=NUM_DENSE,
+            dense_arch_layer_sizes=dense,
+            over_arch_layer_sizes=over,
+            dcn_num_layers=args.dcn_num_layers,
+            dcn_low_rank_dim=args.dcn_low_rank_dim,
+            dense_device=device,
+        )
     else:
-        model = DLRM(embedding_bag_collection=spec.module, dense_in_features=NUM_DENSE,
-                     dense_arch_layer_sizes=dense, over_arch_layer_sizes=over, dense_device=device)
+        model = DLRM(
+            embedding_bag_collection=spec.module,
+            dense_in_features=NUM_DENSE,
+            dense_arch_layer_sizes=dense,
+            over_arch_layer_sizes=over,
+            dense_device=device,
+        )
     return DLRMTrain(model)
 
 

@@ -57,7 +57,9 @@ def plan_sharding(args: argparse.Namespace, spec: Any, model: torch.nn.Module, s
 
     planner = CafePlanner(
         Topology(world_size=d.world_size, local_world_size=d.local_world_size, compute_device=d.device.type),
-        batch_size=args.batch_size, constraints=sharding_constraints(args, spec, d.world_size))
+        batch_size=args.batch_size,
+        constraints=sharding_constraints(args, spec, d.world_size),
+    )
     return planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
 
 

@@ -126,9 +126,11 @@ def planned_steps(args: argparse.Namespace, data: Any, world: int) -> int:
     """Training steps of this run (--max-steps caps the split); raises when a split is empty."""
     total = data.train_steps if args.max_steps is None else min(args.max_steps, data.train_steps)
     if total <= 0 or data.test_batches <= 0 or (data.validation is not None and data.validation_batches <= 0):
-        raise ValueError(f"not enough data for {world} rank(s) at batch size {args.batch_size}: "
-                         f"{data.train_steps} train steps, {data.validation_batches} validation batches, "
-                         f"{data.test_batches} test batches per rank")
+        raise ValueError(
+            f"not enough data for {world} rank(s) at batch size {args.batch_size}: "
+            f"{data.train_steps} train steps, {data.validation_batches} validation batches, "
+            f"{data.test_batches} test batches per rank"
+        )
     return total
 
 
@@ -144,10 +146,16 @@ def build_trainee(args: argparse.Namespace, data: Any, d: Dist) -> Trainee:
     # The whole collection is sharded when it is CAFE or stock: build it on meta (no unsharded weights).
     # A baseline's wrapper (its own id state) stays unsharded around its inner tables: build it for real.
     whole = args.embedding in CAFE_METHODS or args.embedding == "full"
-    spec = build_embedding(args.embedding, data.cardinalities, embedding_dim=args.embedding_dim,
-                           compression_ratio=args.compression_ratio, seed=args.seed,
-                           cafe_options=args.cafe_config_options, baseline_options=args.baseline_options,
-                           device=torch.device("meta") if whole else d.device)
+    spec = build_embedding(
+        args.embedding,
+        data.cardinalities,
+        embedding_dim=args.embedding_dim,
+        compression_ratio=args.compression_ratio,
+        seed=args.seed,
+        cafe_options=args.cafe_config_options,
+        baseline_options=args.baseline_options,
+        device=torch.device("meta") if whole else d.device,
+    )
     memory, description = spec.memory(), spec.describe()  # before sharding: baselines read their inner EBC
     model = build_model(args, spec, d.device)
     opt_cls, opt_kwargs = embedding_optimizer(args)
@@ -155,8 +163,9 @@ def build_trainee(args: argparse.Namespace, data: Any, d: Dist) -> Trainee:
     sharders = make_sharders(args, spec, d.device)
     plan = plan_sharding(args, spec, model, sharders, d)
     dmp = DistributedModelParallel(module=model, device=d.device, plan=plan, sharders=sharders)
-    dense_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                      dense_optimizer_factory(args))
+    dense_opt = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())), dense_optimizer_factory(args)
+    )
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
     pipeline = make_pipeline(spec.is_cafe or args.embedding == "full", dmp, optimizer, d.device)
     cafes = cafe_modules(dmp) if spec.is_cafe else []
@@ -168,20 +177,34 @@ def announce(args: argparse.Namespace, d: Dist, trainee: Trainee, data: Any, tot
     if d.rank != 0:
         return
     if d.world_size > 1 and args.embedding in ("ada", "mc-lfu", "mc-dlfu"):
-        print(f"[train] WARNING: {args.embedding} keeps its per-id state unsharded; on {d.world_size} ranks each "
-              "rank updates its own copy (DDP does not broadcast buffers), so ranks may map one id to different rows",
-              flush=True)
-    print(f"[train] {type(trainee.pipeline).__name__}; {args.embedding} x{args.compression_ratio:g} on "
-          f"{d.world_size} rank(s), {d.device}: {total_steps} steps of {args.batch_size}/rank, "
-          f"{data.validation_batches} validation and {data.test_batches} test batches/rank", flush=True)
+        print(
+            f"[train] WARNING: {args.embedding} keeps its per-id state unsharded; on {d.world_size} ranks each "
+            "rank updates its own copy (DDP does not broadcast buffers), so ranks may map one id to different rows",
+            flush=True,
+        )
+    print(
+        f"[train] {type(trainee.pipeline).__name__}; {args.embedding} x{args.compression_ratio:g} on "
+        f"{d.world_size} rank(s), {d.device}: {total_steps} steps of {args.batch_size}/rank, "
+        f"{data.validation_batches} validation and {data.test_batches} test batches/rank",
+        flush=True,
+    )
     print("\n".join("[train] " + line for line in trainee.description.splitlines()), flush=True)
     print("\n".join("[plan] " + line for line in plan_summary(trainee.plan)), flush=True)
 
 
 def initial_state(args: argparse.Namespace, trainee: Trainee, d: Dist) -> Tuple[Dict[str, Any], Optional[Path]]:
     """The run state that survives a resume: fresh, or loaded (with the model) from the checkpoint to resume."""
-    meta: Dict[str, Any] = {"step": 0, "loss_sum": 0.0, "samples": 0, "train_time": 0.0, "hot": 0.0,
-                            "lookups": 0.0, "loss_history": [], "eval_history": [], "hot_history": []}
+    meta: Dict[str, Any] = {
+        "step": 0,
+        "loss_sum": 0.0,
+        "samples": 0,
+        "train_time": 0.0,
+        "hot": 0.0,
+        "lookups": 0.0,
+        "loss_history": [],
+        "eval_history": [],
+        "hot_history": [],
+    }
     resumed_from = resolve_resume(args)
     if resumed_from is not None:
         meta = load_checkpoint(resumed_from, trainee.dmp, trainee.optimizer)
@@ -194,8 +217,11 @@ def adapted_splits(args: argparse.Namespace, trainee: Trainee, data: Any) -> Spl
     """The data's splits through the method's input adapters."""
     transformed = input_transform(args.embedding, trainee.spec.needs_id_modulo, data.cardinalities)
     validation = data.validation
-    return Splits(lambda start: transformed(data.train_from(start)), lambda: transformed(data.test()),
-                  (lambda: transformed(validation())) if validation is not None else None)
+    return Splits(
+        lambda start: transformed(data.train_from(start)),
+        lambda: transformed(data.test()),
+        (lambda: transformed(validation())) if validation is not None else None,
+    )
 
 
 class IntervalLog:
@@ -245,8 +271,16 @@ def segment_ends(args: argparse.Namespace, total_steps: int) -> List[int]:
     return sorted(ends)
 
 
-def train_segment(args: argparse.Namespace, d: Dist, trainee: Trainee, batches: Iterator[Any], step: int,
-                  seg_end: int, log: IntervalLog, seg_start: float) -> Tuple[int, bool]:
+def train_segment(
+    args: argparse.Namespace,
+    d: Dist,
+    trainee: Trainee,
+    batches: Iterator[Any],
+    step: int,
+    seg_end: int,
+    log: IntervalLog,
+    seg_start: float,
+) -> Tuple[int, bool]:
     """Steps from `step` to `seg_end`; returns (the step reached, whether the batches ran out first)."""
     while step < seg_end:
         if args.fail_at_step is not None and step == args.fail_at_step and d.rank == args.fail_rank:
@@ -263,23 +297,31 @@ def train_segment(args: argparse.Namespace, d: Dist, trainee: Trainee, batches: 
     return step, False
 
 
-def train(args: argparse.Namespace, d: Dist, trainee: Trainee, splits: Splits, meta: Dict[str, Any],
-          total_steps: int) -> Tuple[int, Optional[Path]]:
+def train(
+    args: argparse.Namespace, d: Dist, trainee: Trainee, splits: Splits, meta: Dict[str, Any], total_steps: int
+) -> Tuple[int, Optional[Path]]:
     """Train segment by segment (the pipeline drained at each end), evaluating and checkpointing between
     them; returns the last step and the last checkpoint written."""
     from tqdm import tqdm
 
     step = meta["step"]
-    bar = tqdm(total=total_steps, initial=step, disable=d.rank != 0 or args.no_progress,
-               dynamic_ncols=True, mininterval=1.0, desc=args.run_name)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=d.rank != 0 or args.no_progress,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        desc=args.run_name,
+    )
     log = IntervalLog(meta, trainee.cafes, d.device, bar)
     monitor = splits.monitor if args.eval_batches is None else (lambda: islice(splits.monitor(), args.eval_batches))
     last_ckpt: Optional[Path] = None
     for seg_end in (e for e in segment_ends(args, total_steps) if e > step):
         restart(trainee.pipeline)
         seg_start = time.perf_counter()
-        step, exhausted = train_segment(args, d, trainee, islice(splits.train_from(step), seg_end - step), step,
-                                        seg_end, log, seg_start)
+        step, exhausted = train_segment(
+            args, d, trainee, islice(splits.train_from(step), seg_end - step), step, seg_end, log, seg_start
+        )
         if d.device.type == "cuda":
             torch.cuda.synchronize(d.device)
         meta["train_time"] += time.perf_counter() - seg_start
@@ -294,8 +336,9 @@ def train(args: argparse.Namespace, d: Dist, trainee: Trainee, splits: Splits, m
             if d.rank == 0:
                 bar.write(f"[eval] step {step}: AUC {result['auc']:.4f}, log loss {result['log_loss']:.4f}")
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            last_ckpt = save_checkpoint(Path(args.checkpoint_dir), step, trainee.dmp, trainee.optimizer, meta,
-                                        args.keep_checkpoints, d)
+            last_ckpt = save_checkpoint(
+                Path(args.checkpoint_dir), step, trainee.dmp, trainee.optimizer, meta, args.keep_checkpoints, d
+            )
             if d.rank == 0:
                 bar.write(f"[checkpoint] {last_ckpt}")
     bar.close()
@@ -304,16 +347,24 @@ def train(args: argparse.Namespace, d: Dist, trainee: Trainee, splits: Splits, m
 
 def final_evaluations(trainee: Trainee, splits: Splits, world: int) -> Dict[str, Optional[Dict[str, float]]]:
     """AUC and log loss on the whole test split and, when the data has one, the whole validation split."""
+
     def on(split: Callable[[], Iterator[Any]]) -> Dict[str, float]:
         return evaluate(trainee.pipeline, trainee.dmp, split(), world)
 
-    return {"validation": on(splits.validation) if splits.validation is not None else None,
-            "test": on(splits.test)}
+    return {"validation": on(splits.validation) if splits.validation is not None else None, "test": on(splits.test)}
 
 
-def results_of(args: argparse.Namespace, d: Dist, trainee: Trainee, data: Any, meta: Dict[str, Any],
-               final: Dict[str, Optional[Dict[str, float]]], step: int, resumed_from: Optional[Path],
-               last_ckpt: Optional[Path]) -> Dict[str, Any]:
+def results_of(
+    args: argparse.Namespace,
+    d: Dist,
+    trainee: Trainee,
+    data: Any,
+    meta: Dict[str, Any],
+    final: Dict[str, Optional[Dict[str, float]]],
+    step: int,
+    resumed_from: Optional[Path],
+    last_ckpt: Optional[Path],
+) -> Dict[str, Any]:
     """The run's results (the JSON's content; val_* are None when the data has no validation split)."""
     memory, test, val = trainee.memory, final["test"], final["validation"] or {}
     return {
@@ -354,16 +405,21 @@ def results_of(args: argparse.Namespace, d: Dist, trainee: Trainee, data: Any, m
     }
 
 
-def write_outputs(args: argparse.Namespace, trainee: Trainee, meta: Dict[str, Any], results: Dict[str, Any],
-                  wall_start: float) -> None:
+def write_outputs(
+    args: argparse.Namespace, trainee: Trainee, meta: Dict[str, Any], results: Dict[str, Any], wall_start: float
+) -> None:
     """The PNG and (atomically) the JSON under --out-dir, and the one-line summary."""
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ratio = trainee.memory["compression_ratio"]
     if not args.no_plot:
         plot = out_dir / f"{args.run_name}.png"
-        write_plot(plot, meta["loss_history"], meta["eval_history"],
-                   f"{args.run_name}: {args.embedding} {ratio:.1f}x, test AUC {results['test_auc']:.4f}")
+        write_plot(
+            plot,
+            meta["loss_history"],
+            meta["eval_history"],
+            f"{args.run_name}: {args.embedding} {ratio:.1f}x, test AUC {results['test_auc']:.4f}",
+        )
         results["plot"] = str(plot)
     results["wall_time_s"] = time.perf_counter() - wall_start
     path = out_dir / f"{args.run_name}.json"
@@ -372,9 +428,12 @@ def write_outputs(args: argparse.Namespace, trainee: Trainee, meta: Dict[str, An
     os.replace(tmp, path)
     results["json"] = str(path)
     val = f"val AUC {results['val_auc']:.4f}, " if results["val_auc"] is not None else ""
-    print(f"[result] {args.run_name}: {val}AUC {results['test_auc']:.4f}, log loss {results['test_log_loss']:.4f}, "
-          f"online loss {results['online_train_loss']:.4f}, {results['samples_per_sec']:,.0f} samples/s, "
-          f"{trainee.memory['physical_bytes']:,} bytes ({ratio:.1f}x) -> {path}", flush=True)
+    print(
+        f"[result] {args.run_name}: {val}AUC {results['test_auc']:.4f}, log loss {results['test_log_loss']:.4f}, "
+        f"online loss {results['online_train_loss']:.4f}, {results['samples_per_sec']:,.0f} samples/s, "
+        f"{trainee.memory['physical_bytes']:,} bytes ({ratio:.1f}x) -> {path}",
+        flush=True,
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -66,8 +66,34 @@ from cafe_torchrec.distributed import CafeEmbeddingBagCollectionSharder
 
 # Criteo 1TB table sizes (the reference README's), capped so a CPU smoke run stays small; the
 # tables of 200 rows or fewer stay plain at 10x (CAFE's rule), as Criteo's small fields do.
-CRITEO_1TB_ROWS = [40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956, 405282, 10, 2209,
-                   11938, 155, 4, 976, 14, 40000000, 40000000, 40000000, 590152, 12973, 108, 36]
+CRITEO_1TB_ROWS = [
+    40000000,
+    39060,
+    17295,
+    7424,
+    20265,
+    3,
+    7122,
+    1543,
+    63,
+    40000000,
+    3067956,
+    405282,
+    10,
+    2209,
+    11938,
+    155,
+    4,
+    976,
+    14,
+    40000000,
+    40000000,
+    40000000,
+    590152,
+    12973,
+    108,
+    36,
+]
 SMOKE_ROWS = [min(n, 2000) for n in CRITEO_1TB_ROWS]
 # The multi-hot sizes of the MLPerf DLRM v2 benchmark (the reference README's).
 MLPERF_MULTI_HOT_SIZES = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]
@@ -103,8 +129,12 @@ class SmokeConfig:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "dcn_multi_hot":
-            overrides = {"multi_hot_sizes": list(MLPERF_MULTI_HOT_SIZES), "adagrad": True, "learning_rate": 0.05,
-                         **overrides}
+            overrides = {
+                "multi_hot_sizes": list(MLPERF_MULTI_HOT_SIZES),
+                "adagrad": True,
+                "learning_rate": 0.05,
+                **overrides,
+            }
         return cls(mode=mode, **overrides)
 
 
@@ -134,8 +164,9 @@ class MultiHot:
         gen = torch.Generator().manual_seed(seed)
         self.sizes = sizes
         self.tables = [
-            torch.cat([torch.arange(rows).unsqueeze(1), torch.randint(0, rows, (rows, size - 1), generator=gen)],
-                      dim=1).to(torch.int32)
+            torch.cat(
+                [torch.arange(rows).unsqueeze(1), torch.randint(0, rows, (rows, size - 1), generator=gen)], dim=1
+            ).to(torch.int32)
             for rows, size in zip(num_embeddings, sizes)
         ]
 
@@ -162,10 +193,19 @@ def random_loader(cfg: SmokeConfig, stage: str, rank: int) -> MappedLoader:
     num_batches = cfg.train_batches if stage == "train" else cfg.eval_batches
     stage_seed = {"train": 0, "val": 1, "test": 2}[stage]
     loader = DataLoader(
-        RandomRecDataset(keys=DEFAULT_CAT_NAMES, batch_size=cfg.batch_size, hash_sizes=cfg.num_embeddings_per_feature,
-                         manual_seed=cfg.seed * 1000 + 10 * rank + stage_seed, ids_per_feature=1,
-                         num_dense=len(DEFAULT_INT_NAMES), num_batches=num_batches),
-        batch_size=None, batch_sampler=None, pin_memory=False, num_workers=0,
+        RandomRecDataset(
+            keys=DEFAULT_CAT_NAMES,
+            batch_size=cfg.batch_size,
+            hash_sizes=cfg.num_embeddings_per_feature,
+            manual_seed=cfg.seed * 1000 + 10 * rank + stage_seed,
+            ids_per_feature=1,
+            num_dense=len(DEFAULT_INT_NAMES),
+            num_batches=num_batches,
+        ),
+        batch_size=None,
+        batch_sampler=None,
+        pin_memory=False,
+        num_workers=0,
     )
     mapped = MappedLoader(learnable_labels, loader)
     if cfg.multi_hot_sizes is not None:
@@ -175,15 +215,20 @@ def random_loader(cfg: SmokeConfig, stage: str, rank: int) -> MappedLoader:
 
 def build_model(cfg: SmokeConfig, device: torch.device) -> DLRMTrain:
     """DLRM (one-hot) or DLRM_DCN (multi-hot) over a CAFE collection built on the meta device."""
-    tables = [EmbeddingBagConfig(name=f"t_{name}", embedding_dim=cfg.embedding_dim, num_embeddings=rows,
-                                 feature_names=[name])
-              for name, rows in zip(DEFAULT_CAT_NAMES, cfg.num_embeddings_per_feature)]
+    tables = [
+        EmbeddingBagConfig(name=f"t_{name}", embedding_dim=cfg.embedding_dim, num_embeddings=rows, feature_names=[name])
+        for name, rows in zip(DEFAULT_CAT_NAMES, cfg.num_embeddings_per_feature)
+    ]
     collection = CafeEmbeddingBagCollection(
-        tables=tables, cafe=CafeConfig(compression_ratio=cfg.compression_ratio),
-        device=torch.device("meta"))
-    common = dict(embedding_bag_collection=collection, dense_in_features=len(DEFAULT_INT_NAMES),
-                  dense_arch_layer_sizes=cfg.dense_arch_layer_sizes, over_arch_layer_sizes=cfg.over_arch_layer_sizes,
-                  dense_device=device)
+        tables=tables, cafe=CafeConfig(compression_ratio=cfg.compression_ratio), device=torch.device("meta")
+    )
+    common = dict(
+        embedding_bag_collection=collection,
+        dense_in_features=len(DEFAULT_INT_NAMES),
+        dense_arch_layer_sizes=cfg.dense_arch_layer_sizes,
+        over_arch_layer_sizes=cfg.over_arch_layer_sizes,
+        dense_device=device,
+    )
     if cfg.mode == "dcn_multi_hot":
         return DLRMTrain(DLRM_DCN(dcn_num_layers=cfg.dcn_num_layers, dcn_low_rank_dim=cfg.dcn_low_rank_dim, **common))
     return DLRMTrain(DLRM(**common))
@@ -197,8 +242,9 @@ def shard(model: DLRMTrain, cfg: SmokeConfig, device: torch.device) -> Tuple[Dis
         kwargs["eps"] = cfg.eps
     apply_optimizer_in_backward(embedding_optimizer, model.model.sparse_arch.parameters(), kwargs)
     planner = EmbeddingShardingPlanner(
-        topology=Topology(local_world_size=get_local_size(), world_size=dist.get_world_size(),
-                          compute_device=device.type),
+        topology=Topology(
+            local_world_size=get_local_size(), world_size=dist.get_world_size(), compute_device=device.type
+        ),
         batch_size=cfg.batch_size,
         storage_reservation=HeuristicalStorageReservation(percentage=0.05),
     )
@@ -210,11 +256,14 @@ def shard(model: DLRMTrain, cfg: SmokeConfig, device: torch.device) -> Tuple[Dis
 def make_optimizer(model: DistributedModelParallel, cfg: SmokeConfig) -> Tuple[CombinedOptimizer, Any]:
     """The fused embedding optimizer and a keyed dense one, combined, and a warmup LR scheduler."""
     if cfg.adagrad:
+
         def dense(params: Any) -> torch.optim.Optimizer:
             return torch.optim.Adagrad(params, lr=cfg.learning_rate, eps=cfg.eps)
     else:
+
         def dense(params: Any) -> torch.optim.Optimizer:
             return torch.optim.SGD(params, lr=cfg.learning_rate)
+
     dense_optimizer = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())), dense)
     optimizer = CombinedOptimizer([model.fused_optimizer, dense_optimizer])
     warmup = max(cfg.lr_warmup_steps, 1)
@@ -228,16 +277,22 @@ def record_input_dtypes(sharded: Any) -> List[Dict[str, str]]:
     input_dist = sharded.input_dist
 
     def recording(ctx: Any, features: KeyedJaggedTensor) -> Any:
-        seen.append({"ids": str(features.values().dtype), "lengths": str(features.lengths().dtype),
-                     "offsets": str(features.offsets().dtype)})
+        seen.append(
+            {
+                "ids": str(features.values().dtype),
+                "lengths": str(features.lengths().dtype),
+                "offsets": str(features.offsets().dtype),
+            }
+        )
         return input_dist(ctx, features)
 
     sharded.input_dist = recording
     return seen
 
 
-def train(pipeline: TrainPipelineSparseDist, model: torch.nn.Module, loader: MappedLoader,
-          scheduler: Any) -> List[float]:
+def train(
+    pipeline: TrainPipelineSparseDist, model: torch.nn.Module, loader: MappedLoader, scheduler: Any
+) -> List[float]:
     """One epoch: progress() then scheduler.step() per batch until the pipeline runs dry."""
     model.train()
     batches = iter(loader)
@@ -284,9 +339,17 @@ def run(cfg: SmokeConfig) -> Dict[str, Any]:
     losses = train(pipeline, model, loaders["train"], scheduler)
     val = evaluate(pipeline, model, loaders["val"])
     test = evaluate(pipeline, model, loaders["test"])
-    return {"mode": cfg.mode, "losses": losses, "val": val, "test": test, "input_dtypes": input_dtypes,
-            "sharded_type": type(sharded).__name__, "stats": sharded.stats(), "plan": plan_summary(plan),
-            "lr": [group["lr"] for group in optimizer.param_groups]}
+    return {
+        "mode": cfg.mode,
+        "losses": losses,
+        "val": val,
+        "test": test,
+        "input_dtypes": input_dtypes,
+        "sharded_type": type(sharded).__name__,
+        "stats": sharded.stats(),
+        "plan": plan_summary(plan),
+        "lr": [group["lr"] for group in optimizer.param_groups],
+    }
 
 
 def plan_summary(plan: ShardingPlan) -> Dict[str, str]:
@@ -303,16 +366,19 @@ def main(argv: List[str]) -> None:
     args = parser.parse_args(argv)
     dist.init_process_group(backend="gloo")
     try:
-        out = run(SmokeConfig.for_mode(args.mode, train_batches=args.train_batches,
-                                       compression_ratio=args.compression_ratio))
+        out = run(
+            SmokeConfig.for_mode(args.mode, train_batches=args.train_batches, compression_ratio=args.compression_ratio)
+        )
         promotions = [0] * dist.get_world_size()
         dist.all_gather_object(promotions, sum(s.get("promotions", 0) for s in out["stats"].values()))
         if dist.get_rank() == 0:
             first, last = out["losses"][:5], out["losses"][-5:]
             print(f"mode {out['mode']}: plan {out['plan']}")
             print(f"ids reaching the CAFE collection: {out['input_dtypes'][0]}")
-            print(f"train loss: first 5 steps {sum(first) / len(first):.4f}, last 5 {sum(last) / len(last):.4f}"
-                  f" ({len(out['losses'])} steps, finite: {all(math.isfinite(x) for x in out['losses'])})")
+            print(
+                f"train loss: first 5 steps {sum(first) / len(first):.4f}, last 5 {sum(last) / len(last):.4f}"
+                f" ({len(out['losses'])} steps, finite: {all(math.isfinite(x) for x in out['losses'])})"
+            )
             print(f"AUROC over val set: {out['val']['auc']:.4f} ({out['val']['samples']} samples)")
             print(f"AUROC over test set: {out['test']['auc']:.4f} ({out['test']['samples']} samples)")
             print(f"CAFE promotions per rank: {promotions}")

@@ -14,8 +14,12 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.optim import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from cafe_torchrec.baselines import (AdaEmbedEmbeddingBagCollection, HashingEmbeddingBagCollection,
-                                     ManagedCollisionEmbeddingBags, QREmbeddingBagCollection)
+from cafe_torchrec.baselines import (
+    AdaEmbedEmbeddingBagCollection,
+    HashingEmbeddingBagCollection,
+    ManagedCollisionEmbeddingBags,
+    QREmbeddingBagCollection,
+)
 from cafe_torchrec.baselines.managed_collision import _refuse_sharded_cpu_rowwise_adagrad
 from cafe_torchrec.hashing import mix64
 from tests.helpers import features_of, tables, zipf_kjt
@@ -68,7 +72,9 @@ def raw_kjt(features, batch, gen, max_len=3, weighted=False) -> KeyedJaggedTenso
 # ---- exact outputs from the physical weights
 
 
-@pytest.mark.parametrize("pooling,weighted", [(PoolingType.SUM, False), (PoolingType.MEAN, False), (PoolingType.SUM, True)])
+@pytest.mark.parametrize(
+    "pooling,weighted", [(PoolingType.SUM, False), (PoolingType.MEAN, False), (PoolingType.SUM, True)]
+)
 def test_hashing_is_weight_at_id_mod_rows(pooling, weighted) -> None:
     torch.manual_seed(0)
     cfg = tables([20_000, 7_000], dim=8, features_per_table=[2, 1], pooling=pooling)
@@ -79,7 +85,7 @@ def test_hashing_is_weight_at_id_mod_rows(pooling, weighted) -> None:
     assert out.keys() == ["f0", "f1", "f2"] and ebc.rows == [2000, 700]
     for f, t, rows in [("f0", "t0", 2000), ("f1", "t0", 2000), ("f2", "t1", 700)]:
         w = ebc.physical.embedding_bags[t].weight
-        expected = explicit_pooled(kjt, f, lambda i: w[i % rows], 8, mean=pooling == PoolingType.MEAN)
+        expected = explicit_pooled(kjt, f, lambda i, w=w, rows=rows: w[i % rows], 8, mean=pooling == PoolingType.MEAN)
         torch.testing.assert_close(out[f], expected)
 
 
@@ -93,7 +99,9 @@ def test_qr_add_is_sum_of_quotient_and_remainder_rows() -> None:
     out = ebc(kjt)
     wq, wr = ebc.physical.embedding_bags["t0_q"].weight, ebc.physical.embedding_bags["t0_r"].weight
     assert wq.shape[0] == math.ceil(50_000 / c) and wr.shape[0] == c
-    torch.testing.assert_close(out["f0"], explicit_pooled(kjt, "f0", lambda i: wq[(i % 50_000) // c] + wr[(i % 50_000) % c], 8))
+    torch.testing.assert_close(
+        out["f0"], explicit_pooled(kjt, "f0", lambda i: wq[(i % 50_000) // c] + wr[(i % 50_000) % c], 8)
+    )
     w1 = ebc.physical.embedding_bags["t1"].weight
     torch.testing.assert_close(out["f1"], explicit_pooled(kjt, "f1", lambda i: w1[i % 3], 8))
 
@@ -109,17 +117,25 @@ def test_qr_mult_is_product_for_one_hot_bags_and_refuses_longer_bags(weighted) -
     wq, wr = ebc.physical.embedding_bags["t0_q"].weight, ebc.physical.embedding_bags["t0_r"].weight
     expected = explicit_pooled(kjt, "f0", lambda i: wq[(i % 50_000) // c] * wr[(i % 50_000) % c], 8)
     torch.testing.assert_close(ebc(kjt)["f0"], expected)
-    two = KeyedJaggedTensor.from_lengths_sync(keys=["f0"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([1, 2]),
-                                              weights=torch.ones(3) if weighted else None)
+    two = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f0"],
+        values=torch.tensor([1, 2, 3]),
+        lengths=torch.tensor([1, 2]),
+        weights=torch.ones(3) if weighted else None,
+    )
     with pytest.raises(ValueError, match="'f0'.*at most one id"):
         ebc(two)
 
 
 def test_adaembed_output_is_owned_row_or_zero() -> None:
     torch.manual_seed(0)
-    cfg = [EmbeddingBagConfig(name="t0", embedding_dim=16, num_embeddings=6000, feature_names=["f0"], pooling=PoolingType.MEAN),
-           EmbeddingBagConfig(name="small", embedding_dim=16, num_embeddings=3, feature_names=["f1"]),  # plain
-           EmbeddingBagConfig(name="t1", embedding_dim=16, num_embeddings=4000, feature_names=["f2", "f3"])]
+    cfg = [
+        EmbeddingBagConfig(
+            name="t0", embedding_dim=16, num_embeddings=6000, feature_names=["f0"], pooling=PoolingType.MEAN
+        ),
+        EmbeddingBagConfig(name="small", embedding_dim=16, num_embeddings=3, feature_names=["f1"]),  # plain
+        EmbeddingBagConfig(name="t1", embedding_dim=16, num_embeddings=4000, feature_names=["f2", "f3"]),
+    ]
     ebc = sgd(AdaEmbedEmbeddingBagCollection(cfg, 4, interval=2))
     gen = torch.Generator().manual_seed(4)
     for _ in range(4):
@@ -130,8 +146,9 @@ def test_adaembed_output_is_owned_row_or_zero() -> None:
     ebc.eval()
     popular = (torch.arange(20) * 7919) % 4000  # the zipf_kjt ranks 0..19
     values = torch.cat([popular, torch.randint(-6000, 6000, (20,), generator=gen), torch.arange(-20, 20)])
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f2", "f0", "f3", "f1"], values=values,
-                                              lengths=torch.tensor([5, 5, 10, 10, 7, 3, 0, 10, 10, 10, 5, 5]))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f2", "f0", "f3", "f1"], values=values, lengths=torch.tensor([5, 5, 10, 10, 7, 3, 0, 10, 10, 10, 5, 5])
+    )
     out = ebc(kjt)
     assert out.keys() == ["f0", "f1", "f2", "f3"]
     w = ebc.physical.embedding_bags["ada_dim16"].weight
@@ -140,6 +157,7 @@ def test_adaembed_output_is_owned_row_or_zero() -> None:
         def get(i):
             row = int(pool.row_of[offset + i % n])
             return w[row] if row >= 0 else torch.zeros(16)
+
         return get
 
     zero_seen = False
@@ -176,8 +194,9 @@ def test_managed_collision_gives_frequent_ids_their_own_rows(eviction) -> None:
     assert len(set(rows)) == len(rows) and 499 not in rows
     assert ebc.rows_of("t0", torch.tensor(frequent)).tolist() == rows
     ebc.eval()
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f0"], values=torch.tensor(frequent + [123456789]),
-                                              lengths=torch.ones(6, dtype=torch.int64))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f0"], values=torch.tensor(frequent + [123456789]), lengths=torch.ones(6, dtype=torch.int64)
+    )
     w = ebc.physical.embedding_bags["t0"].weight
     torch.testing.assert_close(ebc(kjt)["f0"], w[rows + [mc_row(module, 123456789)]])
 
@@ -191,7 +210,9 @@ def test_managed_collision_with_real_id_range_and_row_wise_adagrad_unsharded() -
         ebc(zipf_kjt(["f0"], 64, 5000, gen)).values().sum().backward()
     module = ebc.mc_modules()["t0"]
     hit = (module._mch_sorted_raw_ids == 0).nonzero()  # id 0 is the most frequent rank
-    assert hit.numel() == 1 and ebc.rows_of("t0", torch.tensor([0])).item() == module._mch_remapped_ids_mapping[hit[0, 0]]
+    assert (
+        hit.numel() == 1 and ebc.rows_of("t0", torch.tensor([0])).item() == module._mch_remapped_ids_mapping[hit[0, 0]]
+    )
 
 
 def test_sharded_cpu_row_wise_adagrad_is_refused() -> None:
@@ -212,9 +233,14 @@ def test_sharded_cpu_row_wise_adagrad_is_refused() -> None:
 
 def test_memory_follows_the_requested_ratio() -> None:
     cfg = tables([400_000, 100_000], dim=16)
-    for ebc, ratio in [(HashingEmbeddingBagCollection(cfg, 10), 10), (HashingEmbeddingBagCollection(cfg, 1000), 1000),
-                       (QREmbeddingBagCollection(cfg, 50), 50), (QREmbeddingBagCollection(cfg, 100, operation="add"), 100),
-                       (AdaEmbedEmbeddingBagCollection(cfg, 2), 2), (AdaEmbedEmbeddingBagCollection(cfg, 6), 6)]:
+    for ebc, ratio in [
+        (HashingEmbeddingBagCollection(cfg, 10), 10),
+        (HashingEmbeddingBagCollection(cfg, 1000), 1000),
+        (QREmbeddingBagCollection(cfg, 50), 50),
+        (QREmbeddingBagCollection(cfg, 100, operation="add"), 100),
+        (AdaEmbedEmbeddingBagCollection(cfg, 2), 2),
+        (AdaEmbedEmbeddingBagCollection(cfg, 6), 6),
+    ]:
         m = ebc.memory()
         assert m["logical_bytes"] == 500_000 * 16 * 4
         assert abs(m["compression_ratio"] / ratio - 1) < 0.02, (type(ebc).__name__, ratio, m)
@@ -243,8 +269,9 @@ def test_infeasible_ratios_raise_naming_the_table() -> None:
     with pytest.raises(ValueError, match="compression_ratio"):
         HashingEmbeddingBagCollection(cfg, 0.5)
     with pytest.raises(ValueError, match="'f0'"):
-        HashingEmbeddingBagCollection([cfg[0], EmbeddingBagConfig(name="x", embedding_dim=16, num_embeddings=9,
-                                                                  feature_names=["f0"])], 10)
+        HashingEmbeddingBagCollection(
+            [cfg[0], EmbeddingBagConfig(name="x", embedding_dim=16, num_embeddings=9, feature_names=["f0"])], 10
+        )
 
 
 def test_adaembed_needs_an_in_backward_optimizer() -> None:
@@ -261,8 +288,12 @@ def test_adaembed_needs_an_in_backward_optimizer() -> None:
 
 def test_adaembed_moves_rows_to_the_currently_popular_ids() -> None:
     torch.manual_seed(0)
-    ebc = sgd(AdaEmbedEmbeddingBagCollection(tables([2000], dim=16), 6, interval=5, decay=0.5, decay_interval=5,
-                                             importance="frequency"), lr=0.0)  # weights move only by reallocation
+    ebc = sgd(
+        AdaEmbedEmbeddingBagCollection(
+            tables([2000], dim=16), 6, interval=5, decay=0.5, decay_interval=5, importance="frequency"
+        ),
+        lr=0.0,
+    )  # weights move only by reallocation
     pool = ebc.pools["ada_dim16"]
     assert pool.hot_rows == 83
     gen = torch.Generator().manual_seed(7)
@@ -293,25 +324,31 @@ def synthetic_batch(gen, latent, batch):
     weights = torch.arange(1, 3001, dtype=torch.float64).pow(-1.1)
     ids = [(torch.multinomial(weights, batch, replacement=True, generator=gen) * 7919) % 3000 for _ in range(2)]
     labels = ((latent[0][ids[0]] + latent[1][ids[1]]) > 0).float()
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f0", "f1"], values=torch.cat(ids),
-                                              lengths=torch.ones(2 * batch, dtype=torch.int64))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f0", "f1"], values=torch.cat(ids), lengths=torch.ones(2 * batch, dtype=torch.int64)
+    )
     return torch.randn(batch, 4, generator=gen), kjt, labels
 
 
-@pytest.mark.parametrize("cls,kwargs", [
-    (HashingEmbeddingBagCollection, {}),
-    (QREmbeddingBagCollection, {"operation": "mult"}),
-    (QREmbeddingBagCollection, {"operation": "add"}),
-    (AdaEmbedEmbeddingBagCollection, {"interval": 5}),
-    (ManagedCollisionEmbeddingBags, {"eviction_interval": 5}),
-], ids=["hash", "qr-mult", "qr-add", "adaembed", "mc"])
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (HashingEmbeddingBagCollection, {}),
+        (QREmbeddingBagCollection, {"operation": "mult"}),
+        (QREmbeddingBagCollection, {"operation": "add"}),
+        (AdaEmbedEmbeddingBagCollection, {"interval": 5}),
+        (ManagedCollisionEmbeddingBags, {"eviction_interval": 5}),
+    ],
+    ids=["hash", "qr-mult", "qr-add", "adaembed", "mc"],
+)
 def test_training_inside_dlrm_reduces_the_loss(cls, kwargs) -> None:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     latent = [torch.randn(3000, generator=gen) for _ in range(2)]
     ebc = cls(tables([5000, 3000], dim=16), 4, **kwargs)
-    model = DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[8, 16],
-                 over_arch_layer_sizes=[16, 1])
+    model = DLRM(
+        embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[8, 16], over_arch_layer_sizes=[16, 1]
+    )
     sgd(ebc)
     dense = torch.optim.Adam([p for n, p in model.named_parameters() if "sparse_arch" not in n], lr=0.01)
     held_out = synthetic_batch(torch.Generator().manual_seed(99), latent, 2048)
@@ -338,12 +375,16 @@ def test_training_inside_dlrm_reduces_the_loss(cls, kwargs) -> None:
 # ---- state
 
 
-@pytest.mark.parametrize("cls,kwargs", [
-    (HashingEmbeddingBagCollection, {}),
-    (QREmbeddingBagCollection, {"operation": "add"}),
-    (AdaEmbedEmbeddingBagCollection, {"interval": 2}),
-    (ManagedCollisionEmbeddingBags, {"eviction_interval": 2}),
-], ids=["hash", "qr", "adaembed", "mc"])
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (HashingEmbeddingBagCollection, {}),
+        (QREmbeddingBagCollection, {"operation": "add"}),
+        (AdaEmbedEmbeddingBagCollection, {"interval": 2}),
+        (ManagedCollisionEmbeddingBags, {"eviction_interval": 2}),
+    ],
+    ids=["hash", "qr", "adaembed", "mc"],
+)
 def test_state_dict_round_trip_gives_identical_outputs(cls, kwargs) -> None:
     cfg = tables([6000, 3000], dim=16)
     gen = torch.Generator().manual_seed(8)

@@ -90,6 +90,7 @@ def test_spot_checked_rows_and_empty_categoricals(sample_batches: list[Batch]) -
     empty = sum(f == "" for line in lines for f in line.split("\t")[14:])
     assert empty > 0 and int((ids == 0).sum()) == empty
 
+
 def write_malformed(tmp_path: Path, name: str = "bad.tsv") -> tuple[Path, list[str]]:
     """A copy of the sample's first 8 lines with a wrong column count (line 3), bad hex (5), bad integer (7)."""
     lines = SAMPLE.read_text().splitlines(keepends=True)[:8]

@@ -13,17 +13,51 @@ from pathlib import Path
 from typing import List, Optional
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN = ["--embedding", "cafe", "--data", "synthetic", "--days", "2", "--samples-per-day", "65536",
-         "--batch-size", "256", "--cardinality-scale", "0.01", "--sharding", "row_wise", "--no-progress",
-         "--no-plot", "--checkpoint-every", "8", "--keep-checkpoints", "2"]
+TRAIN = [
+    "--embedding",
+    "cafe",
+    "--data",
+    "synthetic",
+    "--days",
+    "2",
+    "--samples-per-day",
+    "65536",
+    "--batch-size",
+    "256",
+    "--cardinality-scale",
+    "0.01",
+    "--sharding",
+    "row_wise",
+    "--no-progress",
+    "--no-plot",
+    "--checkpoint-every",
+    "8",
+    "--keep-checkpoints",
+    "2",
+]
 
 
 def torchrun(args: List[str]) -> subprocess.Popen:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-                             "--rdzv_endpoint", "localhost:0", "examples/dlrm/train.py", *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            str(bin_dir / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            "localhost:0",
+            "examples/dlrm/train.py",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def worker_of_rank(parent: int, rank: int) -> Optional[int]:

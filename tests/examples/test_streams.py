@@ -19,8 +19,17 @@ import torch
 
 from examples.dlrm import train
 from examples.dlrm.args import parse_args
-from examples.dlrm.data.streams import (CRITEO_ROWS, CRITEO_SAMPLE, SPLITS, StreamSpec, batch_at, batches,
-                                        popular_ids, settings, zipf_probabilities)
+from examples.dlrm.data.streams import (
+    CRITEO_ROWS,
+    CRITEO_SAMPLE,
+    SPLITS,
+    StreamSpec,
+    batch_at,
+    batches,
+    popular_ids,
+    settings,
+    zipf_probabilities,
+)
 
 GENERATED = [s for s in settings().values() if s.criteo_path is None]
 needs_sample = pytest.mark.skipif(not CRITEO_SAMPLE.exists(), reason=f"Criteo sample not found at {CRITEO_SAMPLE}")
@@ -28,8 +37,18 @@ needs_sample = pytest.mark.skipif(not CRITEO_SAMPLE.exists(), reason=f"Criteo sa
 
 def small(drift: str = "none", **kwargs: object) -> StreamSpec:
     """A fast stream for the statistical tests: big batches, few steps, a 1M-id field beside small ones."""
-    base = dict(name=f"test-{drift}", role="dev", description="test", batch_size=4096, steps_per_day=6, train_days=3,
-                eval_steps=2, field_cardinalities=(1_000_000, 3, 1460, 50_000), zipf=(0.9, 1.0, 1.3, 1.1), drift=drift)
+    base = dict(
+        name=f"test-{drift}",
+        role="dev",
+        description="test",
+        batch_size=4096,
+        steps_per_day=6,
+        train_days=3,
+        eval_steps=2,
+        field_cardinalities=(1_000_000, 3, 1460, 50_000),
+        zipf=(0.9, 1.0, 1.3, 1.1),
+        drift=drift,
+    )
     return StreamSpec(**{**base, **kwargs})
 
 
@@ -160,8 +179,8 @@ def test_criteo10k_reads_the_sample_label_encoded() -> None:
         for index in (0, spec.steps(split) - 1):
             dense, ids, labels = batch_at(spec, split, index)
             lo = start + index * 128
-            assert labels.tolist() == [float(row[0]) for row in rows[lo: lo + 128]]
-            expected = [[codes[f][r[f]] for f in range(26)] for r in raw[lo: lo + 128]]
+            assert labels.tolist() == [float(row[0]) for row in rows[lo : lo + 128]]
+            expected = [[codes[f][r[f]] for f in range(26)] for r in raw[lo : lo + 128]]
             assert ids.tolist() == expected
             first_dense = [math.log1p(max(int(x), 0)) if x else 0.0 for x in rows[lo][1:14]]
             assert dense[0].tolist() == pytest.approx(first_dense, rel=1e-6)
@@ -169,20 +188,49 @@ def test_criteo10k_reads_the_sample_label_encoded() -> None:
 
 def test_cafe_options_are_checked() -> None:
     base = ["--data", "stream", "--stream", "short128"]
-    assert parse_args([*base, "--cafe-option", "decay=0.9", "--cafe-option", "importance=frequency"]
-                      ).cafe_config_options == {"decay": 0.9, "importance": "frequency"}
-    for bad in (["--cafe-option", "nonsense=1"], ["--cafe-option", "seed=3"],
-                ["--cafe-option", "threshold=5", "--cafe-threshold", "6"], ["--batch-size", "256"],
-                ["--embedding", "hash", "--cafe-option", "decay=0.9"]):
+    assert parse_args(
+        [*base, "--cafe-option", "decay=0.9", "--cafe-option", "importance=frequency"]
+    ).cafe_config_options == {"decay": 0.9, "importance": "frequency"}
+    for bad in (
+        ["--cafe-option", "nonsense=1"],
+        ["--cafe-option", "seed=3"],
+        ["--cafe-option", "threshold=5", "--cafe-threshold", "6"],
+        ["--batch-size", "256"],
+        ["--embedding", "hash", "--cafe-option", "decay=0.9"],
+    ):
         with pytest.raises(SystemExit):
             parse_args([*base, *bad])
 
 
 def test_training_on_a_stream_reports_validation_and_test(tmp_path: Path) -> None:
-    result = train.main(["--data", "stream", "--stream", "short128", "--max-steps", "30", "--log-every", "5",
-                         "--embedding", "cafe", "--compression-ratio", "100", "--cafe-option", "policy=paper",
-                         "--cafe-option", "threshold=7", "--cafe-option", "decay=0.9", "--out-dir", str(tmp_path), "--run-name", "s",
-                         "--no-progress", "--no-plot"])
+    result = train.main(
+        [
+            "--data",
+            "stream",
+            "--stream",
+            "short128",
+            "--max-steps",
+            "30",
+            "--log-every",
+            "5",
+            "--embedding",
+            "cafe",
+            "--compression-ratio",
+            "100",
+            "--cafe-option",
+            "policy=paper",
+            "--cafe-option",
+            "threshold=7",
+            "--cafe-option",
+            "decay=0.9",
+            "--out-dir",
+            str(tmp_path),
+            "--run-name",
+            "s",
+            "--no-progress",
+            "--no-plot",
+        ]
+    )
     saved = json.loads((tmp_path / "s.json").read_text())
     assert saved["test_auc"] == result["test_auc"] and saved["eval_split"] == "validation"
     spec = settings()["short128"]
@@ -190,7 +238,11 @@ def test_training_on_a_stream_reports_validation_and_test(tmp_path: Path) -> Non
     for key in ("val_auc", "test_auc", "val_log_loss", "test_log_loss"):
         assert math.isfinite(saved[key]), key
     assert saved["val_auc"] != saved["test_auc"]
-    assert "threshold 7," in saved["describe"] and saved["cafe_options"] == {"policy": "paper", "threshold": 7, "decay": 0.9}
+    assert "threshold 7," in saved["describe"] and saved["cafe_options"] == {
+        "policy": "paper",
+        "threshold": 7,
+        "decay": 0.9,
+    }
     assert [h["step"] for h in saved["hot_history"]] == [5, 10, 15, 20, 25, 30]
     assert saved["data"]["stream"] == "short128" and saved["data"]["drift_steps"] == []
 
@@ -211,14 +263,23 @@ def test_suite_recovery_and_grid_choice() -> None:
     def run(method: str, seed: int, args: tuple) -> Run:
         return Run(method, "s", 1000.0, seed, ("--stream-seed", str(seed), "--seed", str(seed), *args), "cafe")
 
-    results = {run("grid", 0, ("a",)): {"val_auc": 0.70, "test_auc": 0.60},
-               run("grid", 0, ("b",)): {"val_auc": 0.69, "test_auc": 0.80}}
+    results = {
+        run("grid", 0, ("a",)): {"val_auc": 0.70, "test_auc": 0.60},
+        run("grid", 0, ("b",)): {"val_auc": 0.69, "test_auc": 0.80},
+    }
     choice = choose_grid(results)
     assert choice == {("s", 1000.0): ("--stream-seed", "0", "--seed", "0", "a")}
     reports = grid_reports(choice, [0, 1])
-    assert [r.args[:4] for r in reports] == [("--stream-seed", "0", "--seed", "0"), ("--stream-seed", "1", "--seed", "1")]
-    paired = {run("hash", 0, ()): {"test_auc": 0.60}, run("hash", 1, ()): {"test_auc": 0.70},
-              run("cafe", 0, ()): {"test_auc": 0.62}, run("cafe", 1, ()): {"test_auc": 0.71}}
+    assert [r.args[:4] for r in reports] == [
+        ("--stream-seed", "0", "--seed", "0"),
+        ("--stream-seed", "1", "--seed", "1"),
+    ]
+    paired = {
+        run("hash", 0, ()): {"test_auc": 0.60},
+        run("hash", 1, ()): {"test_auc": 0.70},
+        run("cafe", 0, ()): {"test_auc": 0.62},
+        run("cafe", 1, ()): {"test_auc": 0.71},
+    }
     spec_s = StreamSpec(**{**small().__dict__, "name": "s"})
     (cell,) = cells(paired, [spec_s], [1000.0], [0, 1], ["cafe"])
     assert cell["gain_points"] == pytest.approx([2.0, 1.0]) and cell["gain_spread"] == pytest.approx(1.0)

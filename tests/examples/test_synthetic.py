@@ -1,4 +1,5 @@
-"""Tests of the synthetic Criteo-like stream: determinism, sharding, skew, drift, labels, oracle AUC (its speed: benchmarks/data_speed.py)."""
+"""Tests of the synthetic Criteo-like stream: determinism, sharding, skew, drift, labels, oracle AUC
+(its speed: benchmarks/data_speed.py)."""
 
 from __future__ import annotations
 

@@ -23,26 +23,68 @@ from examples.dlrm import train
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO.parent / "shared/data/criteo_kaggle_train_head10k.txt"
 VENV_BIN = Path(sys.executable).parent
-SMALL_SYNTHETIC = ["--data", "synthetic", "--days", "2", "--samples-per-day", "8192", "--batch-size", "256",
-                   "--no-progress", "--no-plot"]
+SMALL_SYNTHETIC = [
+    "--data",
+    "synthetic",
+    "--days",
+    "2",
+    "--samples-per-day",
+    "8192",
+    "--batch-size",
+    "256",
+    "--no-progress",
+    "--no-plot",
+]
 
 
 def torchx_job(tmp_path: Path, *script_args: str) -> subprocess.CompletedProcess:
     """`torchx run -s local_cwd examples/dlrm/component.py:train --nproc 2 -- ...` from the repo root."""
     torchx = VENV_BIN / "torchx"
     env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # torchrun from the venv
-    cmd = [str(torchx if torchx.exists() else "torchx"), "run", "-s", "local_cwd", "-cfg",
-           f"log_dir={tmp_path / 'torchx-logs'}", "examples/dlrm/component.py:train", "--nproc", "2", "--",
-           *script_args]
+    cmd = [
+        str(torchx if torchx.exists() else "torchx"),
+        "run",
+        "-s",
+        "local_cwd",
+        "-cfg",
+        f"log_dir={tmp_path / 'torchx-logs'}",
+        "examples/dlrm/component.py:train",
+        "--nproc",
+        "2",
+        "--",
+        *script_args,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
 
 
 @pytest.mark.skipif(not SAMPLE.exists(), reason=f"Criteo sample not found at {SAMPLE}")
 def test_one_process_on_real_criteo_sample(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = train.main(["--data", "tsv", "--tsv-path", str(SAMPLE), "--train-rows", "6400", "--test-rows", "2048",
-                         "--batch-size", "128", "--embedding", "cafe", "--compression-ratio", "100",
-                         "--eval-every", "25", "--out-dir", str(out), "--run-name", "tsv", "--no-progress"])
+    result = train.main(
+        [
+            "--data",
+            "tsv",
+            "--tsv-path",
+            str(SAMPLE),
+            "--train-rows",
+            "6400",
+            "--test-rows",
+            "2048",
+            "--batch-size",
+            "128",
+            "--embedding",
+            "cafe",
+            "--compression-ratio",
+            "100",
+            "--eval-every",
+            "25",
+            "--out-dir",
+            str(out),
+            "--run-name",
+            "tsv",
+            "--no-progress",
+        ]
+    )
     saved = json.loads((out / "tsv.json").read_text())
     assert saved["steps"] == 50 and saved["method"] == "cafe"
     assert math.isfinite(saved["test_auc"]) and 0.5 < saved["test_auc"] <= 1.0
@@ -56,8 +98,20 @@ def test_one_process_on_real_criteo_sample(tmp_path: Path) -> None:
 
 def test_torchx_two_processes(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    job = torchx_job(tmp_path, "--embedding", "cafe", "--sharding", "row_wise", "--eval-every", "8",
-                     "--out-dir", str(out), "--run-name", "tx", *SMALL_SYNTHETIC)
+    job = torchx_job(
+        tmp_path,
+        "--embedding",
+        "cafe",
+        "--sharding",
+        "row_wise",
+        "--eval-every",
+        "8",
+        "--out-dir",
+        str(out),
+        "--run-name",
+        "tx",
+        *SMALL_SYNTHETIC,
+    )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     saved = json.loads((out / "tx.json").read_text())
     assert saved["world_size"] == 2 and saved["steps"] == 16
@@ -67,32 +121,81 @@ def test_torchx_two_processes(tmp_path: Path) -> None:
 
 def test_torchx_failing_worker_fails_the_job(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    job = torchx_job(tmp_path, "--embedding", "cafe", "--out-dir", str(out), "--run-name", "fail",
-                     "--fail-at-step", "5", "--fail-rank", "1", *SMALL_SYNTHETIC)
+    job = torchx_job(
+        tmp_path,
+        "--embedding",
+        "cafe",
+        "--out-dir",
+        str(out),
+        "--run-name",
+        "fail",
+        "--fail-at-step",
+        "5",
+        "--fail-rank",
+        "1",
+        *SMALL_SYNTHETIC,
+    )
     assert job.returncode != 0
     assert "InjectedFailure" in job.stdout + job.stderr
     assert not (out / "fail.json").exists()
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path: Path) -> None:
-    common = ["--embedding", "cafe", "--max-steps", "20", "--eval-every", "10", *SMALL_SYNTHETIC,
-              "--out-dir", str(tmp_path / "out")]
+    common = [
+        "--embedding",
+        "cafe",
+        "--max-steps",
+        "20",
+        "--eval-every",
+        "10",
+        *SMALL_SYNTHETIC,
+        "--out-dir",
+        str(tmp_path / "out"),
+    ]
     ckpt = tmp_path / "ckpt"
-    full = train.main([*common, "--run-name", "full", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5",
-                       "--keep-checkpoints", "2"])
+    full = train.main(
+        [
+            *common,
+            "--run-name",
+            "full",
+            "--checkpoint-dir",
+            str(ckpt),
+            "--checkpoint-every",
+            "5",
+            "--keep-checkpoints",
+            "2",
+        ]
+    )
     # keep-last-K and no half-written checkpoint left behind
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000015", "step_00000020"]
     resumed = train.main([*common, "--run-name", "resumed", "--resume", str(ckpt / "step_00000015")])
     assert resumed["resumed_from"].endswith("step_00000015")
-    for key in ("test_auc", "test_log_loss", "online_train_loss", "train_samples", "hot_lookup_share",
-                "loss_history", "eval_history", "hot_history"):
+    for key in (
+        "test_auc",
+        "test_log_loss",
+        "online_train_loss",
+        "train_samples",
+        "hot_lookup_share",
+        "loss_history",
+        "eval_history",
+        "hot_history",
+    ):
         assert resumed[key] == full[key], key
 
 
 def test_evaluation_leaves_training_untouched(tmp_path: Path) -> None:
     """eval() + no_grad: periodic evaluations change neither the sketches nor the weights."""
-    common = ["--embedding", "cafe", "--max-steps", "12", "--log-every", "4", *SMALL_SYNTHETIC,
-              "--out-dir", str(tmp_path)]
+    common = [
+        "--embedding",
+        "cafe",
+        "--max-steps",
+        "12",
+        "--log-every",
+        "4",
+        *SMALL_SYNTHETIC,
+        "--out-dir",
+        str(tmp_path),
+    ]
     with_evals = train.main([*common, "--eval-every", "4", "--eval-batches", "4", "--run-name", "evals"])
     without = train.main([*common, "--run-name", "plain"])
     assert len(with_evals["eval_history"]) == 3 and len(without["eval_history"]) == 1

@@ -33,8 +33,10 @@ ESTIMATE_TOLERANCE = 0.0025  # estimated vs allocated bytes per rank (FBGEMM and
 
 
 def kaggle_tables(dim: int = 16, cardinalities=KAGGLE) -> List[EmbeddingBagConfig]:
-    return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"cat_{i}"])
-            for i, n in enumerate(cardinalities)]
+    return [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"cat_{i}"])
+        for i, n in enumerate(cardinalities)
+    ]
 
 
 def small_tables() -> List[EmbeddingBagConfig]:
@@ -81,25 +83,35 @@ def _estimate_worker(rank: int, world: int) -> Dict[str, Dict[str, int]]:
             _apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.05})
             sharder = CafeEmbeddingBagCollectionSharder()
         else:  # optimizer from the sharder's fused params (the stock estimator counts none)
-            sharder = CafeEmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_ADAGRAD,
-                                                                      "learning_rate": 0.05})
+            sharder = CafeEmbeddingBagCollectionSharder(
+                fused_params={"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": 0.05}
+            )
         names = [g.name for g in ebc.plan.groups] + [p.config.name for p in ebc.plan.plain]
-        planner = CafePlanner(Topology(world_size=world, compute_device="cpu"),
-                              constraints={n: ParameterConstraints(sharding_types=[sharding]) for n in names})
+        planner = CafePlanner(
+            Topology(world_size=world, compute_device="cpu"),
+            constraints={n: ParameterConstraints(sharding_types=[sharding]) for n in names},
+        )
         plan = planner.collective_plan(ebc, [sharder], dist.GroupMember.WORLD)
         dmp = DistributedModelParallel(ebc, device=torch.device("cpu"), plan=plan, sharders=[sharder])
         gen = torch.Generator().manual_seed(rank)
         for _ in range(2):  # the sharded module really runs
-            kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f0", "f1", "f2", "f3", "f4"],
-                                                      values=torch.randint(0, 150, (5 * 8,), generator=gen),
-                                                      lengths=torch.ones(5 * 8, dtype=torch.int64))
+            kjt = KeyedJaggedTensor.from_lengths_sync(
+                keys=["f0", "f1", "f2", "f3", "f4"],
+                values=torch.randint(0, 150, (5 * 8,), generator=gen),
+                lengths=torch.ones(5 * 8, dtype=torch.int64),
+            )
             dmp(kjt).values().sum().backward()
         report = planner.report()
         actual = allocated_bytes(dmp.module)
         row = report.ranks[rank]
-        out[sharding] = {"estimated": row.state_bytes, "actual": actual["total"], "sketch_estimated": row.sketch_bytes,
-                         "sketch_actual": actual["sketch"], "tables": row.tables,
-                         "types": sorted({t.sharding_type for t in report.tables})}
+        out[sharding] = {
+            "estimated": row.state_bytes,
+            "actual": actual["total"],
+            "sketch_estimated": row.sketch_bytes,
+            "sketch_actual": actual["sketch"],
+            "tables": row.tables,
+            "types": sorted({t.sharding_type for t in report.tables}),
+        }
     return out
 
 
@@ -111,8 +123,10 @@ def test_estimated_bytes_per_rank_match_the_sharded_allocation():
             assert got["types"] == [sharding]
             assert got["tables"], f"{sharding}: rank {rank} holds nothing"
             error = abs(got["estimated"] - got["actual"]) / got["actual"]
-            print(f"{sharding} rank {rank}: estimated {got['estimated']:,} B, allocated {got['actual']:,} B, "
-                  f"error {100 * error:.2f}% (sketch {got['sketch_estimated']:,} vs {got['sketch_actual']:,})")
+            print(
+                f"{sharding} rank {rank}: estimated {got['estimated']:,} B, allocated {got['actual']:,} B, "
+                f"error {100 * error:.2f}% (sketch {got['sketch_estimated']:,} vs {got['sketch_actual']:,})"
+            )
             assert error < ESTIMATE_TOLERANCE, (sharding, rank, got)
 
 
@@ -126,9 +140,12 @@ def _plan_meta(tables, cafe, world=2, **kwargs):
 
 
 def test_optimizer_state_follows_what_tbe_allocates():
-    tables = [EmbeddingBagConfig(name="a", embedding_dim=16, num_embeddings=100000, feature_names=["fa"]),
-              EmbeddingBagConfig(name="b", embedding_dim=16, num_embeddings=50000, feature_names=["fb"],
-                                 data_type=DataType.FP16)]
+    tables = [
+        EmbeddingBagConfig(name="a", embedding_dim=16, num_embeddings=100000, feature_names=["fa"]),
+        EmbeddingBagConfig(
+            name="b", embedding_dim=16, num_embeddings=50000, feature_names=["fb"], data_type=DataType.FP16
+        ),
+    ]
     cafe = {"a": CafeConfig(compression_ratio=1.0), "b": CafeConfig(compression_ratio=1.0)}  # plain tables
     # row-wise Adagrad: 4 B per row, also for fp16 weights (the stock 1/dim multiplier gives 2 B there)
     planner, _ = _plan_meta(tables, cafe, optimizer="rowwise_adagrad")
@@ -146,9 +163,13 @@ def test_optimizer_state_follows_what_tbe_allocates():
 
 def test_sketch_and_perf_are_added_per_block(tmp_path):
     tables = kaggle_tables()[:6]
-    planner, ebc = _plan_meta(tables, CafeConfig(compression_ratio=100.0), world=2, optimizer="sgd",
-                              constraints={"cafe_dim16": ParameterConstraints(sharding_types=["row_wise"],
-                                                                              pooling_factors=[1.0] * 4)})
+    planner, ebc = _plan_meta(
+        tables,
+        CafeConfig(compression_ratio=100.0),
+        world=2,
+        optimizer="sgd",
+        constraints={"cafe_dim16": ParameterConstraints(sharding_types=["row_wise"], pooling_factors=[1.0] * 4)},
+    )
     group = next(t for t in planner.report().tables if t.name == "cafe_dim16")
     layout = ebc.plan.groups[0]
     blocks = [layout.block(r) for r in (layout.physical_rows - layout.physical_rows // 2, layout.physical_rows // 2)]
@@ -159,16 +180,29 @@ def test_sketch_and_perf_are_added_per_block(tmp_path):
     record = dict(load_calibration(None))
     record.update(fwd_overhead=0.0, bwd_overhead=0.0)
     path = write(record, tmp_path / "calibration.json")
-    planner2, _ = _plan_meta(tables, CafeConfig(compression_ratio=100.0), world=2, calibration=str(path),
-                             constraints=planner.last_constraints)
+    planner2, _ = _plan_meta(
+        tables,
+        CafeConfig(compression_ratio=100.0),
+        world=2,
+        calibration=str(path),
+        constraints=planner.last_constraints,
+    )
     assert next(t for t in planner2.report().tables if t.name == "cafe_dim16").cafe_perf_ms == 0.0
     assert load_calibration(path)["source"] == str(path)
 
 
 def test_calibrate_writes_a_record(tmp_path):
     record = measure(ids=4096, repeat=1, vocab=1 << 14)
-    for key in ("sketch_query_ns", "sketch_insert_ns", "remap_fwd_ns", "remap_bwd_ns", "tbe_fwd_ns", "tbe_bwd_ns",
-                "fwd_overhead", "bwd_overhead"):
+    for key in (
+        "sketch_query_ns",
+        "sketch_insert_ns",
+        "remap_fwd_ns",
+        "remap_bwd_ns",
+        "tbe_fwd_ns",
+        "tbe_bwd_ns",
+        "fwd_overhead",
+        "bwd_overhead",
+    ):
         assert float(record[key]) > 0, key
     path = write(record, tmp_path / "c.json")
     assert json.loads(path.read_text())["fwd_overhead"] == record["fwd_overhead"]
@@ -179,13 +213,22 @@ def test_calibrate_writes_a_record(tmp_path):
 def test_cli_plans_kaggle_balanced(world):
     """One CLI run per world size prints the 4 plans; `process_seconds` is the time from the
     interpreter's start (imports included) to the end of each plan, `seconds` the plan alone."""
-    proc = subprocess.run([sys.executable, "-m", "cafe_planner", "--world-size", str(world), "--ratio", "10,100,1000,10000",
-                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cafe_planner", "--world-size", str(world), "--ratio", "10,100,1000,10000", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     reports = json.loads(proc.stdout)
     assert [r["requested_ratio"] for r in reports] == [10.0, 100.0, 1000.0, 10000.0]
-    print(f"world {world}: first plan {reports[0]['process_seconds']:.2f} s after the interpreter started; "
-          + ", ".join(f"{r['requested_ratio']:g}x plan {r['seconds']:.2f} s balance {100 * r['balance']:.2f}%" for r in reports))
+    print(
+        f"world {world}: first plan {reports[0]['process_seconds']:.2f} s after the interpreter started; "
+        + ", ".join(
+            f"{r['requested_ratio']:g}x plan {r['seconds']:.2f} s balance {100 * r['balance']:.2f}%" for r in reports
+        )
+    )
     for r in reports:  # planning times are printed, not asserted: speed lives in benchmarks
         assert len(r["ranks"]) == world
         states = [x["state_bytes"] for x in r["ranks"]]
@@ -199,12 +242,26 @@ def test_cli_plans_kaggle_balanced(world):
 
 
 def test_cli_text_output():
-    proc = subprocess.run([sys.executable, "-m", "cafe_planner", "--world-size", "4", "--budget", "2GiB"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cafe_planner", "--world-size", "4", "--budget", "2GiB"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for needle in ("cafe_dim16", "logical rows", "hot rows", "hash rows", "sketch", "optimizer", "row_wise",
-                   "step cost", "budget 2,147,483,648 B"):
+    for needle in (
+        "cafe_dim16",
+        "logical rows",
+        "hot rows",
+        "hash rows",
+        "sketch",
+        "optimizer",
+        "row_wise",
+        "step cost",
+        "budget 2,147,483,648 B",
+    ):
         assert needle in out, needle
     total = float(re.search(r"total ([0-9.]+) s since the interpreter started", out).group(1))
     print(f"python -m cafe_planner --world-size 4 --budget 2GiB: plan printed {total:.2f} s after start")
@@ -219,7 +276,9 @@ def test_infeasible_budget_names_rank_and_shortfall():
     free, ebc = _plan_meta(tables, CafeConfig(compression_ratio=100.0), world=2, optimizer="rowwise_adagrad")
     need = [r.state_bytes for r in free.report().ranks]
     cap = min(need) - 1000
-    planner = CafePlanner(Topology(world_size=2, compute_device="cpu"), memory_budget=[cap, cap], optimizer="rowwise_adagrad")
+    planner = CafePlanner(
+        Topology(world_size=2, compute_device="cpu"), memory_budget=[cap, cap], optimizer="rowwise_adagrad"
+    )
     with pytest.raises(ValueError) as info:
         planner.plan(ebc, [CafeEmbeddingBagCollectionSharder()])
     msg = str(info.value)
@@ -241,15 +300,19 @@ def test_placement_beyond_a_device_is_refused():
     """Per-rank caps steer every table-wise table to rank 0 (the most room under its cap);
     that is more than rank 0's device holds after TorchRec's reservation (TorchRec's own
     placement, two tables per rank, fitted), so plan() says so instead of returning the plan."""
-    tables = [EmbeddingBagConfig(name=f"p{i}", embedding_dim=16, num_embeddings=30000, feature_names=[f"p{i}"])
-              for i in range(4)]  # 1.9 MB each, plain at ratio 1
+    tables = [
+        EmbeddingBagConfig(name=f"p{i}", embedding_dim=16, num_embeddings=30000, feature_names=[f"p{i}"])
+        for i in range(4)
+    ]  # 1.9 MB each, plain at ratio 1
     ebc = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=1.0), device=torch.device("meta"))
     topology = Topology(world_size=2, compute_device="cpu", ddr_cap=6_000_000)
     balanced = CafePlanner(topology, rw_share=1.0)
     balanced.plan(ebc, [CafeEmbeddingBagCollectionSharder()])
     assert [len(r.tables) for r in balanced.report().ranks] == [2, 2]
     skewed = CafePlanner(topology, rw_share=1.0, memory_budget=[1 << 30, 1])
-    with pytest.raises(ValueError, match=r"rank 0 needs hbm 0 / ddr [\d,]+ bytes .* device holds hbm 0 / ddr 6,000,000"):
+    with pytest.raises(
+        ValueError, match=r"rank 0 needs hbm 0 / ddr [\d,]+ bytes .* device holds hbm 0 / ddr 6,000,000"
+    ):
         skewed.plan(ebc, [CafeEmbeddingBagCollectionSharder()])
     assert skewed.report().ranks[0].tables == ["p0", "p1", "p2", "p3"]
 
@@ -258,8 +321,9 @@ def test_placement_beyond_a_device_is_refused():
 @pytest.mark.parametrize("world,budget", [(1, 48 << 20), (4, 64 << 20), (8, 3 << 20)])
 def test_solver_fits_and_fills_the_budget(world, budget):
     tables = kaggle_tables()
-    planner = CafePlanner(Topology(world_size=world, compute_device="cpu"), memory_budget=budget,
-                          optimizer="rowwise_adagrad")
+    planner = CafePlanner(
+        Topology(world_size=world, compute_device="cpu"), memory_budget=budget, optimizer="rowwise_adagrad"
+    )
     configs = planner.configure(tables)
     sol = planner.solution
     assert all(b <= c for b, c in zip(sol.rank_bytes, sol.caps))
@@ -274,8 +338,10 @@ def test_solver_fits_and_fills_the_budget(world, budget):
 
 
 def test_profiled_split_fits_and_moves_rows_to_flat_tables():
-    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=200000, feature_names=[f"f{i}"])
-              for i in range(4)]
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=200000, feature_names=[f"f{i}"])
+        for i in range(4)
+    ]
     gen = torch.Generator().manual_seed(0)
     profile = {}
     for i, s in enumerate([0.6, 0.9, 1.2, 1.5]):  # t0 flat ... t3 very skewed
@@ -289,8 +355,10 @@ def test_profiled_split_fits_and_moves_rows_to_flat_tables():
         assert all(b <= c for b, c in zip(sol.rank_bytes, sol.caps)) and sol.used >= 0.9 * budget
     ratios = profiled.ratios()
     assert ratios["t0"] < ratios["t3"]  # the flat table gets more rows than the skewed one
-    covered = {name: sum(estimate_coverage(sol, tables, profile).values()) for name, sol in
-               (("uniform", uniform), ("profiled", profiled))}
+    covered = {
+        name: sum(estimate_coverage(sol, tables, profile).values())
+        for name, sol in (("uniform", uniform), ("profiled", profiled))
+    }
     assert covered["profiled"] >= covered["uniform"]
 
 
@@ -312,8 +380,11 @@ def test_plans_criteo_terabyte_on_256_gpus_without_a_gpu():
     memory is balanced, each shard names a device of its host, and no GPU was touched."""
     world, budget = 256, 32 << 30
     tables = kaggle_tables(dim=128, cardinalities=TERABYTE)
-    planner = CafePlanner(Topology(world_size=world, local_world_size=8, compute_device="cuda"), memory_budget=budget,
-                          optimizer="rowwise_adagrad")
+    planner = CafePlanner(
+        Topology(world_size=world, local_world_size=8, compute_device="cuda"),
+        memory_budget=budget,
+        optimizer="rowwise_adagrad",
+    )
     configs = planner.configure(tables)
     ebc = CafeEmbeddingBagCollection(tables, configs, device=torch.device("meta"))
     plan = planner.plan(ebc, [CafeEmbeddingBagCollectionSharder()])
@@ -338,8 +409,24 @@ def test_cuda_topology_needs_ranks_per_host():
     # the command line defaults to 8 GPUs per host and sweeps world sizes in one table
     out = io.StringIO()
     with redirect_stdout(out):
-        assert cli_main(["--world-size", "129,1024", "--device", "cuda", "--cardinalities", "terabyte", "--dim", "128",
-                         "--ratio", "10", "--summary"]) == 0
+        assert (
+            cli_main(
+                [
+                    "--world-size",
+                    "129,1024",
+                    "--device",
+                    "cuda",
+                    "--cardinalities",
+                    "terabyte",
+                    "--dim",
+                    "128",
+                    "--ratio",
+                    "10",
+                    "--summary",
+                ]
+            )
+            == 0
+        )
     rows = {line.split()[0]: line.split() for line in out.getvalue().splitlines() if re.match(r"(129|1024) ", line)}
     assert rows["129"][1] == "8" and rows["1024"][1] == "8"
     print(out.getvalue())

@@ -165,12 +165,24 @@ class StreamSpec:
     def summary(self) -> Dict[str, object]:
         """What a results file records about the stream."""
         cards = self.cardinalities
-        return {"stream": self.name, "role": self.role, "description": self.description,
-                "fields": len(cards), "ids": int(sum(cards)), "cardinalities": list(cards),
-                "zipf": list(self.zipf), "drift": self.drift, "drift_rate": self.drift_rate,
-                "batch_size": self.batch_size, "steps_per_day": self.steps_per_day, "train_days": self.train_days,
-                "train_steps": self.train_steps, "validation_steps": self.steps("validation"),
-                "test_steps": self.steps("test"), "drift_steps": list(self.drift_steps)}
+        return {
+            "stream": self.name,
+            "role": self.role,
+            "description": self.description,
+            "fields": len(cards),
+            "ids": int(sum(cards)),
+            "cardinalities": list(cards),
+            "zipf": list(self.zipf),
+            "drift": self.drift,
+            "drift_rate": self.drift_rate,
+            "batch_size": self.batch_size,
+            "steps_per_day": self.steps_per_day,
+            "train_days": self.train_days,
+            "train_steps": self.train_steps,
+            "validation_steps": self.steps("validation"),
+            "test_steps": self.steps("test"),
+            "drift_steps": list(self.drift_steps),
+        }
 
 
 # ----------------------------------------------------------------------------- the named settings
@@ -187,50 +199,123 @@ def _spread(lo: float, hi: float, count: int) -> Tuple[float, ...]:
 
 def settings() -> Dict[str, StreamSpec]:
     """The named streams of the quality suite, dev settings first."""
-    big26 = (1_013_123, 220_261, 1_252, 9_315, 568, 835_159, 319, 1_499, 546_131, 565, 217, 704_655, 28_618,
-             14_257) + _CRITEO_SMALL  # Criteo Kaggle's fields, the big ones x 0.1
+    big26 = (
+        1_013_123,
+        220_261,
+        1_252,
+        9_315,
+        568,
+        835_159,
+        319,
+        1_499,
+        546_131,
+        565,
+        217,
+        704_655,
+        28_618,
+        14_257,
+    ) + _CRITEO_SMALL  # Criteo Kaggle's fields, the big ones x 0.1
     mix16 = (1_200_000, 600_000, 150_000, 40_000, 9_000, 2_000) + _CRITEO_SMALL[:10]
     mix10 = (1_500_000, 300_000, 60_000, 5_000, 1460, 305, 105, 24, 10, 3)
     mix12 = (900_000, 700_000, 200_000, 50_000, 12_517, 5_683, 1460, 633, 305, 27, 10, 4)
     specs = [
-        StreamSpec("abrupt8", "dev",
-                   "close to issue #21's independent stream: 8 fields, 2.66M ids, Zipf 0.8-1.3, 1.2M samples of "
-                   "1024, every popular id re-assigned at 3 day boundaries",
-                   batch_size=1024, steps_per_day=293, train_days=4, eval_steps=100,
-                   field_cardinalities=(1_000_000, 800_000, 500_000, 250_000, 80_000, 20_000, 8_000, 2_000),
-                   zipf=(0.8, 1.3, 1.0, 1.15, 0.9, 1.2, 1.05, 0.85), drift="abrupt"),
-        StreamSpec("short128", "dev",
-                   "short stream: 400 steps of 128 (51k samples), 16 fields from 3 to 1.2M ids, no drift",
-                   batch_size=128, steps_per_day=200, train_days=2, eval_steps=100,
-                   field_cardinalities=mix16, zipf=_spread(0.9, 1.3, len(mix16))),
-        StreamSpec("gradual26", "dev",
-                   "Criteo-like 26 fields (big ones x 0.1, 3.4M ids), 900 steps of 1024, 30% of ranks re-assigned "
-                   "per day, continuously",
-                   batch_size=1024, steps_per_day=300, train_days=3, eval_steps=100,
-                   field_cardinalities=big26, zipf=_spread(0.9, 1.3, 26), drift="gradual", drift_rate=0.3),
-        StreamSpec("flat8", "dev",
-                   "low skew: 8 fields (1M to 2k ids), Zipf 0.6-0.85, 600 steps of 1024, no drift: the hot rows "
-                   "pay least here, so a default that spends too much memory on them shows",
-                   batch_size=1024, steps_per_day=300, train_days=2, eval_steps=100,
-                   field_cardinalities=(1_000_000, 800_000, 500_000, 250_000, 80_000, 20_000, 8_000, 2_000),
-                   zipf=_spread(0.6, 0.85, 8)),
-        StreamSpec("long128", "held_out",
-                   "long stream: 5,500 steps of 128, 10 fields from 3 to 1.5M ids, 20% of ranks re-assigned per day",
-                   batch_size=128, steps_per_day=1100, train_days=5, eval_steps=400,
-                   field_cardinalities=mix10, zipf=_spread(0.9, 1.3, len(mix10)), drift="gradual", drift_rate=0.2),
-        StreamSpec("abrupt4096", "held_out",
-                   "big batches: 300 steps of 4096 (1.2M samples), 12 fields, every popular id re-assigned at 2 day "
-                   "boundaries",
-                   batch_size=4096, steps_per_day=100, train_days=3, eval_steps=25,
-                   field_cardinalities=mix12, zipf=_spread(0.9, 1.3, len(mix12)), drift="abrupt"),
-        StreamSpec("skewed16", "held_out",
-                   "stationary and skewed: 16 fields, Zipf 1.1-1.3, 900 steps of 1024, no drift",
-                   batch_size=1024, steps_per_day=300, train_days=3, eval_steps=100,
-                   field_cardinalities=mix16, zipf=_spread(1.1, 1.3, len(mix16))),
-        StreamSpec("criteo10k", "held_out",
-                   "the real Criteo Kaggle head sample: 7,000 / 1,000 / 2,000 rows, 26 fields label-encoded",
-                   batch_size=128, steps_per_day=CRITEO_ROWS[0] // 128, train_days=1, eval_steps=1,
-                   criteo_path=str(CRITEO_SAMPLE)),
+        StreamSpec(
+            "abrupt8",
+            "dev",
+            "close to issue #21's independent stream: 8 fields, 2.66M ids, Zipf 0.8-1.3, 1.2M samples of "
+            "1024, every popular id re-assigned at 3 day boundaries",
+            batch_size=1024,
+            steps_per_day=293,
+            train_days=4,
+            eval_steps=100,
+            field_cardinalities=(1_000_000, 800_000, 500_000, 250_000, 80_000, 20_000, 8_000, 2_000),
+            zipf=(0.8, 1.3, 1.0, 1.15, 0.9, 1.2, 1.05, 0.85),
+            drift="abrupt",
+        ),
+        StreamSpec(
+            "short128",
+            "dev",
+            "short stream: 400 steps of 128 (51k samples), 16 fields from 3 to 1.2M ids, no drift",
+            batch_size=128,
+            steps_per_day=200,
+            train_days=2,
+            eval_steps=100,
+            field_cardinalities=mix16,
+            zipf=_spread(0.9, 1.3, len(mix16)),
+        ),
+        StreamSpec(
+            "gradual26",
+            "dev",
+            "Criteo-like 26 fields (big ones x 0.1, 3.4M ids), 900 steps of 1024, 30% of ranks re-assigned "
+            "per day, continuously",
+            batch_size=1024,
+            steps_per_day=300,
+            train_days=3,
+            eval_steps=100,
+            field_cardinalities=big26,
+            zipf=_spread(0.9, 1.3, 26),
+            drift="gradual",
+            drift_rate=0.3,
+        ),
+        StreamSpec(
+            "flat8",
+            "dev",
+            "low skew: 8 fields (1M to 2k ids), Zipf 0.6-0.85, 600 steps of 1024, no drift: the hot rows "
+            "pay least here, so a default that spends too much memory on them shows",
+            batch_size=1024,
+            steps_per_day=300,
+            train_days=2,
+            eval_steps=100,
+            field_cardinalities=(1_000_000, 800_000, 500_000, 250_000, 80_000, 20_000, 8_000, 2_000),
+            zipf=_spread(0.6, 0.85, 8),
+        ),
+        StreamSpec(
+            "long128",
+            "held_out",
+            "long stream: 5,500 steps of 128, 10 fields from 3 to 1.5M ids, 20% of ranks re-assigned per day",
+            batch_size=128,
+            steps_per_day=1100,
+            train_days=5,
+            eval_steps=400,
+            field_cardinalities=mix10,
+            zipf=_spread(0.9, 1.3, len(mix10)),
+            drift="gradual",
+            drift_rate=0.2,
+        ),
+        StreamSpec(
+            "abrupt4096",
+            "held_out",
+            "big batches: 300 steps of 4096 (1.2M samples), 12 fields, every popular id re-assigned at 2 day "
+            "boundaries",
+            batch_size=4096,
+            steps_per_day=100,
+            train_days=3,
+            eval_steps=25,
+            field_cardinalities=mix12,
+            zipf=_spread(0.9, 1.3, len(mix12)),
+            drift="abrupt",
+        ),
+        StreamSpec(
+            "skewed16",
+            "held_out",
+            "stationary and skewed: 16 fields, Zipf 1.1-1.3, 900 steps of 1024, no drift",
+            batch_size=1024,
+            steps_per_day=300,
+            train_days=3,
+            eval_steps=100,
+            field_cardinalities=mix16,
+            zipf=_spread(1.1, 1.3, len(mix16)),
+        ),
+        StreamSpec(
+            "criteo10k",
+            "held_out",
+            "the real Criteo Kaggle head sample: 7,000 / 1,000 / 2,000 rows, 26 fields label-encoded",
+            batch_size=128,
+            steps_per_day=CRITEO_ROWS[0] // 128,
+            train_days=1,
+            eval_steps=1,
+            criteo_path=str(CRITEO_SAMPLE),
+        ),
     ]
     return {s.name: s for s in specs}
 
@@ -350,13 +435,17 @@ class _World:
         self.sizes = np.asarray(spec.field_cardinalities, dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
         # Field f's CDF shifted by f: searching f + u (u in [0, 1)) lands in field f's segment.
-        self.cdfs = np.concatenate([f + _zipf_cdf(int(n), float(s)) for f, (n, s) in enumerate(zip(self.sizes, spec.zipf))])
+        self.cdfs = np.concatenate(
+            [f + _zipf_cdf(int(n), float(s)) for f, (n, s) in enumerate(zip(self.sizes, spec.zipf))]
+        )
         self.perms = np.concatenate([rng.permutation(int(n)) for n in self.sizes])
         self.offset_keys = np.asarray([_key(seed, _TAG_OFFSET, f) for f in range(num_fields)], dtype=np.uint64)
         self.phase_keys = np.asarray([_key(seed, _TAG_PHASE, f) for f in range(num_fields)], dtype=np.uint64)
         # Effect keys [F, 6]: column 0 the linear effect, 1 the dense x id effect, 2.. the latent vector.
-        self.effect_keys = np.asarray([[_key(seed, _TAG_EFFECT, f, j) for j in range(2 + _LATENT_DIM)]
-                                       for f in range(num_fields)], dtype=np.uint64)
+        self.effect_keys = np.asarray(
+            [[_key(seed, _TAG_EFFECT, f, j) for j in range(2 + _LATENT_DIM)] for f in range(num_fields)],
+            dtype=np.uint64,
+        )
         # Per-field importance: Dirichlet shares of the linear variance (some fields matter little).
         self.field_scale = _LINEAR_SD * np.sqrt(rng.dirichlet(np.ones(num_fields)))
         # Low-rank pairwise interaction on `num_fields` random field pairs (a_p, b_p) with weights w_p.
@@ -383,12 +472,15 @@ class _World:
         else:
             epochs = np.full(ranks.shape, _epochs(self.spec, day), dtype=np.int64)
         # c_f(e): 0 in epoch 0, else a hash of (seed, field, e) mod N_f
-        hashed = (_mix64(epochs.astype(np.uint64) ^ self.offset_keys[fields]) % sizes.astype(np.uint64)).astype(np.int64)
+        hashed = (_mix64(epochs.astype(np.uint64) ^ self.offset_keys[fields]) % sizes.astype(np.uint64)).astype(
+            np.int64
+        )
         offsets = np.where(epochs == 0, 0, hashed)
         return self.perms[self.starts[fields] + (ranks + offsets) % sizes]
 
-    def features(self, rng: np.random.Generator, n: int, time: float, day: int
-                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def features(
+        self, rng: np.random.Generator, n: int, time: float, day: int
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Dense counts [n, 13] (float32), their latent normals [n, 13] and ids [n, F] (int64)."""
         fields = np.arange(len(self.sizes))
         # Sorted queries make the binary searches share their cache lines (2.5x faster on 8k queries).
@@ -410,8 +502,12 @@ class _World:
         latents = normals[:, :, 2:]
         dots = (latents[:, self.pair_a] * latents[:, self.pair_b]).sum(axis=2)  # [n, pairs]
         cross = _CROSS_SD * eps[:, 0] * normals[:, self.cross_field, 1]
-        return ((eps * self.dense_beta).sum(axis=1) + (normals[:, :, 0] * self.field_scale).sum(axis=1)
-                + (dots * self.pair_weights).sum(axis=1) + cross)
+        return (
+            (eps * self.dense_beta).sum(axis=1)
+            + (normals[:, :, 0] * self.field_scale).sum(axis=1)
+            + (dots * self.pair_weights).sum(axis=1)
+            + cross
+        )
 
 
 @functools.lru_cache(maxsize=4)
