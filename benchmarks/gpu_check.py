@@ -422,9 +422,49 @@ def check_importance(device: torch.device, quick: bool) -> str:
     return f"{int(lengths.sum())} occurrences, max relative difference {worst:.2e}"
 
 
+def check_adaptive_policy(device: torch.device, quick: bool) -> str:
+    """The adaptive policy's rebalance (sketch/policy.py, torch ops) on the device vs the CPU twin
+    bit for bit on dyadic scores through an abrupt drift (decays, stale halvings, swaps), and vs
+    the sequential reference where no decay makes every sum exact (a huge horizon)."""
+    from cafe_torchrec.sketch.policy import AdaptivePolicy
+
+    gen = torch.Generator().manual_seed(2)
+    seen = {"batches": 0, "vs reference": 0, "promoted": 0, "demoted": 0, "decays": 0}
+    for horizon in (8.0, 1e12):
+        policy = AdaptivePolicy(horizon=horizon, entry_score=1.0, rebalances_per_horizon=4, medium_share=0.25)
+        args = dict(hot_capacity=300, num_buckets=300, slots_per_bucket=4, seed=3, adaptive=policy)
+        dev, cpu = HotSketch(kernel="torch", device=device, **args), HotSketch(kernel="torch", **args)
+        ref = ReferenceSketch(300, 4, 300, cpu.threshold, 0.98, 0.0, 3, adaptive=policy)
+        steps = 20 if quick else 60
+        for step in range(steps):
+            ids = zipf_ids(3000, gen, 3000, 0.9) + (10**6 if step >= steps // 2 else 0)  # an abrupt drift
+            keys = mix64(ids, 4)
+            scores = dyadic_scores(keys.numel(), gen)
+            where = f"adaptive, horizon {horizon:g}, batch {step}"
+            got, want = dev.insert(keys.to(device), scores.to(device)), cpu.insert(keys, scores)
+            assert_same_result(got, want, where)
+            assert_same_state(dev, cpu, where)
+            for name in ("row_marks", "decayed_occurrences", "occurrences_since", "medium_level"):
+                assert_equal(getattr(dev, name), getattr(cpu, name), f"{where}: {name}")
+            if horizon > 1e9:
+                promoted, rows, demoted = ref.insert_batch(keys.tolist(), scores.tolist())
+                if got.promoted_rows.tolist() != rows or got.demoted_rows.tolist() != demoted:
+                    raise AssertionError(f"{where}: promotions or demotions differ from the sequential reference")
+                assert_matches_reference(dev, ref, where)
+                seen["vs reference"] += 1
+            seen["batches"] += 1
+            seen["promoted"] += got.promoted_keys.numel()
+            seen["demoted"] += got.demoted_keys.numel()
+            seen["decays"] += int(got.decayed)
+    if not all(seen.values()):
+        raise AssertionError(f"the streams did not exercise promotion, swaps and decay: {seen}")
+    return ", ".join(f"{k} {v}" for k, v in seen.items())
+
+
 CHECKS: List[Tuple[str, Callable[[torch.device, bool], str]]] = [
     ("sketch, dyadic scores: bit for bit vs CPU twin and sequential reference", check_sketch_exact),
     ("sketch, float scores: exact keys/rows, scores within rtol 1e-5 of CPU twin", check_sketch_float),
+    ("adaptive policy: bit for bit vs CPU twin, and vs sequential reference without decay", check_adaptive_policy),
     ("keys -> rows: bit for bit vs CPU twin and plain-int reference", check_keys_to_rows),
     ("importance: within rtol 1e-5 of float64 definition and CPU twin", check_importance),
 ]
@@ -496,6 +536,15 @@ def time_ops(device: torch.device, batch: int, repeat: int, warm: int) -> Dict[s
         median_ms(fn, min(3, warm), device)  # warm-up: allocator, kernel loading
         out[name] = median_ms(fn, repeat, device, first=warm)
     out["sketch insert"] = median_ms(lambda b: sketch.insert(keys[b], scores[b]), repeat, device, first=warm)
+    # the adaptive policy: an insert that runs a rebalance first (due before every insert here)
+    from cafe_torchrec.sketch.policy import AdaptivePolicy
+
+    adaptive = HotSketch(HOT_ROWS, kernel="torch", device=device, adaptive=AdaptivePolicy(rebalances_per_horizon=10**6))
+    for b in range(warm):
+        adaptive.insert(keys[b], scores[b])
+    out["adaptive insert (+ rebalance)"] = median_ms(
+        lambda b: adaptive.insert(keys[b], scores[b]), repeat, device, first=warm
+    )
     return out
 
 

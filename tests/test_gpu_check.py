@@ -42,8 +42,8 @@ def test_cpu_dry_run_passes_every_check_without_torchrec(tmp_path: Path) -> None
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = json.loads((out / "gpu_check.json").read_text())
-    assert len(record["checks"]) == 4 and all(c["passed"] for c in record["checks"]), record["checks"]
-    assert proc.stdout.count("PASS") >= 4 and "FAIL" not in proc.stdout
+    assert len(record["checks"]) == 5 and all(c["passed"] for c in record["checks"]), record["checks"]
+    assert proc.stdout.count("PASS") >= 5 and "FAIL" not in proc.stdout
     ops = {t["op"] for t in record["timings"]}
     assert {"sketch insert", "sketch query", "keys -> rows (CAFE)", "importance (d=16)"} <= ops
     assert all(t["ms"] > 0 and t["ids"] == 26 * 4096 for t in record["timings"])
