@@ -155,27 +155,19 @@ class CafePlan:
                     weight_init_max=bound,
                 )
             )
-        for p in self.plain:
-            c = p.config
-            configs.append(
-                EmbeddingBagConfig(
-                    name=c.name,
-                    embedding_dim=c.embedding_dim,
-                    num_embeddings=c.num_embeddings,
-                    feature_names=list(c.feature_names),
-                    pooling=PoolingType.SUM,
-                    data_type=c.data_type,
-                    weight_init_min=c.weight_init_min,
-                    weight_init_max=c.weight_init_max,
-                    init_fn=c.init_fn,
-                )
-            )
+        configs.extend(summing_table(p.config) for p in self.plain)
         return configs
 
 
 # The paper's code (init_embed.py: compress_threshold = 2000 * compress_rate) leaves a field
 # uncompressed when it has at most 2000 / ratio rows; CAFE and every baseline here do the same.
 SMALL_TABLE_ROWS = 2000.0
+
+
+def summing_table(config: EmbeddingBagConfig) -> EmbeddingBagConfig:
+    """A logical table as an inner physical table that pools with SUM (the collection divides
+    MEAN features itself, by the original bag lengths)."""
+    return replace(config, pooling=PoolingType.SUM, feature_names=list(config.feature_names))
 
 
 def keeps_plain(rows: int, ratio: float, small_table_rows: float = SMALL_TABLE_ROWS) -> bool:

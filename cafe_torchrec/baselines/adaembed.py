@@ -45,7 +45,7 @@ from cafe_torchrec._torchrec_compat import queue_end_of_backward
 from cafe_torchrec.baselines.base import BaselineCollection, bytes_per_value, check_unique
 from cafe_torchrec.importance import occurrence_scores
 from cafe_torchrec.kjt import table_segments
-from cafe_torchrec.layout import SMALL_TABLE_ROWS, keeps_plain
+from cafe_torchrec.layout import SMALL_TABLE_ROWS, keeps_plain, summing_table
 from cafe_torchrec.migration import require_in_backward_optimizer, row_store
 from cafe_torchrec.output import PooledOutput
 
@@ -185,20 +185,7 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
                     weight_init_max=bound,
                 )
             )
-        for t in plain:
-            configs.append(
-                EmbeddingBagConfig(
-                    name=t.name,
-                    embedding_dim=t.embedding_dim,
-                    num_embeddings=t.num_embeddings,
-                    feature_names=list(t.feature_names),
-                    pooling=PoolingType.SUM,
-                    data_type=t.data_type,
-                    weight_init_min=t.weight_init_min,
-                    weight_init_max=t.weight_init_max,
-                    init_fn=t.init_fn,
-                )
-            )
+        configs.extend(summing_table(t) for t in plain)
         check_unique([c.name for c in configs], "table")
         self.physical = EmbeddingBagCollection(configs, is_weighted=is_weighted, device=self._device)
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=self._device))
