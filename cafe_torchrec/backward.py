@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Mapping, Optional, Protocol, Tuple
 
 import torch
 from torch import nn
@@ -27,15 +28,43 @@ from torch.autograd.profiler import record_function
 
 from cafe_torchrec._torchrec_compat import queue_end_of_backward
 from cafe_torchrec.importance import occurrence_scores
+from cafe_torchrec.layout import GroupLayout
 from cafe_torchrec.migration import migrate
 from cafe_torchrec.sketch import InsertResult
 
-if TYPE_CHECKING:
-    from cafe_torchrec.remap import CafeGroupRemap, GroupBatch
+
+@dataclass
+class GroupBatch:
+    """What backward needs of one run of a group's features: keys and original bags."""
+
+    group: str
+    keys: torch.Tensor  # [N] per original occurrence
+    lengths: torch.Tensor  # [F*B] original bag lengths, feature-major
+    weights: Optional[torch.Tensor]  # [N]
+    num_features: int
+    columns: Tuple[int, int]  # the features' columns in the pooled lookup output
+    hints: Optional[torch.Tensor]  # [N] from the forward lookup
+
+
+class SketchGroup(Protocol):
+    """What the backward side needs of a group (remap.CafeGroupRemap): its layout, the kernel it
+    runs, and the insert of importance scores into its sketch."""
+
+    layout: GroupLayout
+
+    @property
+    def kernel(self) -> str: ...
+
+    def record(
+        self, keys: torch.Tensor, scores: torch.Tensor, hints: Optional[torch.Tensor] = None
+    ) -> InsertResult: ...
+
+    def hashed_rows(self, keys: torch.Tensor, level: int) -> torch.Tensor: ...
+
 
 _worker: Optional[ThreadPoolExecutor] = None
 # the sketch update of each group still running in the background (at most one per group)
-_pending: "weakref.WeakKeyDictionary[CafeGroupRemap, Future[InsertResult]]" = weakref.WeakKeyDictionary()
+_pending: "weakref.WeakKeyDictionary[SketchGroup, Future[InsertResult]]" = weakref.WeakKeyDictionary()
 
 
 def background_worker() -> Optional[ThreadPoolExecutor]:
@@ -48,7 +77,7 @@ def background_worker() -> Optional[ThreadPoolExecutor]:
     return _worker
 
 
-def wait_for_sketch_update(group: CafeGroupRemap) -> None:
+def wait_for_sketch_update(group: SketchGroup) -> None:
     """Wait for the group's sketch update still running in the background, if any (re-raising
     its error once): anything that reads or writes the sketch calls this first."""
     pending = _pending.pop(group, None)
@@ -56,7 +85,7 @@ def wait_for_sketch_update(group: CafeGroupRemap) -> None:
         pending.result()
 
 
-def _score_and_record(group: CafeGroupRemap, batch: GroupBatch, grad: torch.Tensor) -> InsertResult:
+def _score_and_record(group: SketchGroup, batch: GroupBatch, grad: torch.Tensor) -> InsertResult:
     with record_function("## cafe: importance and sketch insert ##"):
         scores = occurrence_scores(
             grad,
@@ -71,7 +100,7 @@ def _score_and_record(group: CafeGroupRemap, batch: GroupBatch, grad: torch.Tens
 
 
 def _start_update(
-    group: CafeGroupRemap, batch: GroupBatch, grad: torch.Tensor, worker: Optional[ThreadPoolExecutor]
+    group: SketchGroup, batch: GroupBatch, grad: torch.Tensor, worker: Optional[ThreadPoolExecutor]
 ) -> "Future[InsertResult]":
     """Score and insert `batch` on the worker (or now, without one); the group's pending update."""
     wait_for_sketch_update(group)  # an earlier update of this group (another output of the same step)
@@ -85,14 +114,14 @@ def _start_update(
 
 
 def importance_hook(
-    batches: List[GroupBatch], groups: Dict[str, CafeGroupRemap], physical: Callable[[], nn.Module]
+    batches: List[GroupBatch], groups: Mapping[str, SketchGroup], physical: Callable[[], nn.Module]
 ) -> Callable[[torch.Tensor], None]:
     """A tensor hook for the pooled output whose columns `batches` describe: starts each group's
     sketch update and queues the migration of its promotions for the end of backward."""
 
     def hook(grad: torch.Tensor) -> None:
         worker = background_worker() if grad.device.type == "cpu" else None
-        started: List[Tuple[CafeGroupRemap, "Future[InsertResult]"]] = [
+        started: List[Tuple[SketchGroup, "Future[InsertResult]"]] = [
             (groups[b.group], _start_update(groups[b.group], b, grad, worker)) for b in batches
         ]
 

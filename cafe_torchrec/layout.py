@@ -108,14 +108,6 @@ class GroupLayout:
         """Buckets of the group's HotSketch: slots_per_hot_row slots per hot row (at least one bucket)."""
         return sketch_buckets(self.hot_rows, self.config.slots_per_hot_row, self.config.slots_per_bucket)
 
-    def sketch_bytes(self) -> int:
-        """Every byte of the group's state besides its weights: the HotSketch (slots, free stack,
-        policy marks and scalars) and the remap's bookkeeping (regions, counters, layout
-        signature), counted on a meta-device instance so that no buffer is ever left out."""
-        from cafe_torchrec.remap import group_state_bytes  # remap builds on this module
-
-        return group_state_bytes(self)
-
     def weight_bytes(self) -> int:
         return self.physical_rows * self.dim * BYTES_PER_VALUE[self.data_type]
 

@@ -16,17 +16,23 @@ mixes in the previous owner's gradient.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from cafe_torchrec._torchrec_compat import fused_table_kernel, in_backward_optimizers
+from cafe_torchrec.layout import GroupLayout
 from cafe_torchrec.sketch import InsertResult
 
-if TYPE_CHECKING:
-    from cafe_torchrec.remap import CafeGroupRemap
+
+class PromotingGroup(Protocol):
+    """What migration needs of a group (remap.CafeGroupRemap): its layout and its hashed rows."""
+
+    layout: GroupLayout
+
+    def hashed_rows(self, keys: torch.Tensor, level: int) -> torch.Tensor: ...
 
 
 @dataclass
@@ -71,13 +77,13 @@ def require_in_backward_optimizer(ebc: nn.Module, tables: Iterable[str], what: s
             )
 
 
-def migrate(results: List[Tuple[CafeGroupRemap, InsertResult]], physical: nn.Module) -> None:
+def migrate(results: Sequence[Tuple[PromotingGroup, InsertResult]], physical: nn.Module) -> None:
     """Copy each promoted key's current rows (and optimizer state) into its new hot row
     (`results`: each group's sketch insert of the step; `physical`: the tables' module)."""
     for group, result in results:
         if result.promoted_keys.numel() == 0:
             continue
-        keys = result.promoted_keys.to(group.regions.device)
+        keys = result.promoted_keys
         src2 = group.hashed_rows(keys, 2) if group.layout.config.multi_level else None
         copy_rows(
             row_store(physical, group.layout.name),

@@ -100,17 +100,6 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
     def plain_rows(self) -> Dict[str, int]:
         return {p.config.name: p.config.num_embeddings for p in self.plan.plain}
 
-    # ---- serving
-    def to_inference(self, dtype: torch.dtype = torch.float32) -> nn.Module:
-        """The frozen inference form of this collection (cafe_torchrec.inference.freeze): the
-        rows its eval forward serves now, no sketch, no optimizer state, physical tables in
-        TorchRec's quantized collection as `dtype` (torch.float32, float16, int8, quint4x2)."""
-        from cafe_torchrec.inference import freeze
-
-        frozen = freeze(self, dtype)
-        assert frozen is not None  # only a sharded collection freezes to None (on ranks other than 0)
-        return frozen
-
 
 def refuse_foreign_state(module: nn.Module, state_dict: Dict[str, object], prefix: str, *_: object) -> None:
     """load_state_dict pre-hook: a state dict with keys under this collection's prefix that are

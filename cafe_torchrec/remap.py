@@ -4,14 +4,13 @@ block), with the HotSketch behind it; and the KJT-level remap both collections u
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from cafe_torchrec.backward import wait_for_sketch_update
+from cafe_torchrec.backward import GroupBatch, wait_for_sketch_update
 from cafe_torchrec.config import POLICIES
 from cafe_torchrec.feature_map import FeatureMap
 from cafe_torchrec.hashing import SKETCH_SEED, SLOT_MASK, hashed_rows, mix64_int
@@ -26,19 +25,6 @@ _FORMAT = 4
 LOOKUP_COLUMNS = ("lookups", "hot_lookups", "medium_lookups")  # columns of `lookup_counts`
 MIGRATION_COLUMNS = ("promotions", "demotions")  # columns of `migration_counts`
 STAT_COLUMNS = LOOKUP_COLUMNS + MIGRATION_COLUMNS
-
-
-@dataclass
-class GroupBatch:
-    """What backward needs of one run of a group's features: keys and original bags."""
-
-    group: str
-    keys: torch.Tensor  # [N] per original occurrence
-    lengths: torch.Tensor  # [F*B] original bag lengths, feature-major
-    weights: Optional[torch.Tensor]  # [N]
-    num_features: int
-    columns: Tuple[int, int]  # the features' columns in the pooled lookup output
-    hints: Optional[torch.Tensor]  # [N] from the forward lookup
 
 
 @functools.lru_cache(maxsize=4096)

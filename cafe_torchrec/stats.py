@@ -22,7 +22,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan
-from cafe_torchrec.remap import STAT_COLUMNS, CafeGroupRemap, group_remaps
+from cafe_torchrec.remap import STAT_COLUMNS, CafeGroupRemap, group_remaps, group_state_bytes
 
 Stats = Dict[str, Dict[str, Any]]
 _SHARES = {"hot_lookup_share": "hot_lookups", "medium_lookup_share": "medium_lookups"}
@@ -47,7 +47,7 @@ def group_stats(remap: CafeGroupRemap) -> Dict[str, Any]:
         hot_rows=layout.hot_rows,
         hot_rows_used=used,
         hot_rows_free=layout.hot_rows - used,
-        bytes={"weights": layout.weight_bytes(), "sketch": layout.sketch_bytes()},
+        bytes={"weights": layout.weight_bytes(), "sketch": group_state_bytes(layout)},
     )
     out["tables"] = {
         t.name: {
@@ -108,7 +108,7 @@ def memory(
     weights = sum(g.weight_bytes() for g in plan.groups) + sum(
         plain_stats(c, c.num_embeddings)["bytes"]["weights"] for c in configs.values()
     )
-    sketch = sum(g.sketch_bytes() for g in plan.groups)
+    sketch = sum(group_state_bytes(g) for g in plan.groups)
     held = list(groups)
     return {
         "logical_bytes": logical,
@@ -117,7 +117,7 @@ def memory(
         "compression_ratio": logical / (weights + sketch),
         "local_weight_bytes": sum(r.layout.weight_bytes() for r in held)
         + sum(plain_stats(configs[name], rows)["bytes"]["weights"] for name, rows in plain.items()),
-        "local_sketch_bytes": sum(r.layout.sketch_bytes() for r in held),
+        "local_sketch_bytes": sum(group_state_bytes(r.layout) for r in held),
     }
 
 

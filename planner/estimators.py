@@ -15,7 +15,7 @@ else 1, and 0 when the tensor has no in-backward optimizer; _torchrec_compat rea
 CPU the input/output buffers of a step.
 
 What it misses, and ``CafeStorageEstimator`` adds per shard:
-1. the HotSketch of the shard's block: ``layout.block(shard_rows).sketch_bytes()`` (slots +
+1. the HotSketch of the shard's block: ``group_state_bytes(layout.block(shard_rows))`` (slots +
    free list), for CAFE groups only (a row-wise block keeps its own hot rows and sketch);
 2. the difference between what FBGEMM TBE really allocates for the optimizer and the stock
    multiplier. TBE keeps optimizer state in fp32 whatever the weights' precision, so the stock
@@ -63,6 +63,7 @@ from torchrec.distributed.types import ModuleSharder
 from cafe_torchrec._torchrec_compat import in_backward_optimizer, stock_optimizer_multiplier
 from cafe_torchrec.layout import GroupLayout
 from cafe_torchrec.modules import CafeEmbeddingBagCollection
+from cafe_torchrec.remap import group_state_bytes
 
 CALIBRATION_ENV = "CAFE_PLANNER_CALIBRATION"
 
@@ -242,7 +243,7 @@ class CafeStorageEstimator(ShardEstimator):
                 if layout is not None and rows > 0:
                     try:
                         block = layout.block(rows)
-                        sketch, hot = block.sketch_bytes(), block.hot_rows
+                        sketch, hot = group_state_bytes(block), block.hot_rows
                         hashed = block.physical_rows - block.hot_rows
                     except ValueError:
                         placeable = False

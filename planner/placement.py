@@ -25,6 +25,7 @@ from torchrec.distributed.types import ShardingType
 from cafe_planner.estimators import OptimizerLike, ShardBytes, optimizer_state_bytes, resolve_optimizer
 from cafe_torchrec.distributed.sharder import every_rank_has_rows
 from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan, GroupLayout
+from cafe_torchrec.remap import group_state_bytes
 
 TW, RW = ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value
 K = TypeVar("K", bound=Hashable)
@@ -75,7 +76,7 @@ def shard_bytes(table: PhysicalTable, rows: int, optimizer: OptimizerLike) -> Sh
     if table.layout is None or rows == 0:
         return ShardBytes(weights, opt, 0, 0)
     block = table.layout.block(rows)
-    return ShardBytes(weights, opt, block.sketch_bytes(), 0, block.hot_rows, block.physical_rows - block.hot_rows)
+    return ShardBytes(weights, opt, group_state_bytes(block), 0, block.hot_rows, block.physical_rows - block.hot_rows)
 
 
 def row_wise_ok(table: PhysicalTable, world_size: int) -> bool:

@@ -32,6 +32,7 @@ from cafe_planner.estimators import (
     sharder_fused_params,
 )
 from cafe_torchrec._torchrec_compat import stock_optimizer_multiplier
+from cafe_torchrec.remap import group_state_bytes
 
 
 class _HoldsState:
@@ -392,7 +393,7 @@ def _table_row(
         logical_rows=sum(t.logical_rows for t in layout.tables),
         hot_rows=layout.hot_rows,
         hashed_rows=layout.physical_rows - layout.hot_rows,
-        ratio=layout.logical_bytes() / max(1, layout.weight_bytes() + layout.sketch_bytes()),
+        ratio=layout.logical_bytes() / max(1, layout.weight_bytes() + group_state_bytes(layout)),
         logical=logical,
         **common,
     )

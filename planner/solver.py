@@ -28,6 +28,7 @@ from cafe_planner.profiled import solve_profiled
 from cafe_planner.value_curves import coverage_of, value_curves
 from cafe_torchrec.config import CafeConfig
 from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan
+from cafe_torchrec.remap import group_state_bytes
 
 
 @dataclass
@@ -84,7 +85,7 @@ class BudgetSolution:
         """Logical bytes / (weights + sketch) over all tables, as the paper counts it."""
         logical = sum(t.logical_rows * g.dim * 4 for g in self.plan.groups for t in g.tables)
         logical += sum(p.config.num_embeddings * p.config.embedding_dim * 4 for p in self.plan.plain)
-        physical = sum(g.weight_bytes() + g.sketch_bytes() for g in self.plan.groups)
+        physical = sum(g.weight_bytes() + group_state_bytes(g) for g in self.plan.groups)
         physical += sum(
             p.config.num_embeddings * p.config.embedding_dim * BYTES_PER_VALUE[p.config.data_type]
             for p in self.plan.plain

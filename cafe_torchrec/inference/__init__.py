@@ -1,7 +1,7 @@
 """Serving a trained CAFE collection: freeze it into a compact, traceable inference module, put
 it through TorchRec's serving recipe, and convert to and from stock EmbeddingBagCollections.
 
-- ``freeze(collection, dtype)`` (or ``CafeEmbeddingBagCollection.to_inference``): the frozen
+- ``freeze(collection, dtype)``: the frozen
   module (FrozenCafeEmbeddingBagCollection): no sketch, no optimizer state, its physical
   tables in TorchRec's quantized collection (FP32, FP16, INT8 or INT4).
 - ``quantize_inference_model(model, dtype)``: TorchRec's function of that name for a model

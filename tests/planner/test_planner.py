@@ -26,6 +26,7 @@ from cafe_torchrec._torchrec_compat import sharded_lookups
 from cafe_torchrec.datasets import KAGGLE_CARDINALITIES as KAGGLE
 from cafe_torchrec.datasets import TERABYTE_CARDINALITIES as TERABYTE
 from cafe_torchrec.distributed import CafeEmbeddingBagCollectionSharder
+from cafe_torchrec.remap import group_state_bytes
 from tests.dist_utils import run_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,7 +175,7 @@ def test_sketch_and_perf_are_added_per_block(tmp_path):
     layout = ebc.plan.groups[0]
     blocks = [layout.block(r) for r in (layout.physical_rows - layout.physical_rows // 2, layout.physical_rows // 2)]
     assert group.sharding_type == "row_wise"
-    assert group.sketch_bytes == sum(b.sketch_bytes() for b in blocks)
+    assert group.sketch_bytes == sum(group_state_bytes(b) for b in blocks)
     assert group.cafe_perf_ms > 0 and group.perf_ms > group.cafe_perf_ms
     # a calibration file changes the perf constant the estimator uses
     record = dict(load_calibration(None))
