@@ -28,7 +28,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ["hot_sketch.cpp", "remap.cpp", "importance.cpp", "build_info.cpp"]
+SOURCES = ["hot_sketch.cpp", "remap.cpp", "importance.cpp", "serving.cpp", "build_info.cpp"]
 HEADERS = ["common.h"]
 COMPILE_ARGS = ["-O3", "-fopenmp"]  # -fopenmp: ATen's inline parallel_for is serial without it; the
 LINK_ARGS = ["-fopenmp"]  # library links the libgomp torch has loaded, so torch.set_num_threads rules

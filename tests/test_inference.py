@@ -18,7 +18,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
-from cafe_torchrec.hashing import make_keys
+from cafe_torchrec.hashing import KEY_SPACE, make_keys
 from cafe_torchrec.inference import (
     FrozenCafeEmbeddingBagCollection,
     freeze,
@@ -27,6 +27,7 @@ from cafe_torchrec.inference import (
     to_embedding_bag_collection,
     warm_start,
 )
+from cafe_torchrec.ops import available as cpp_available
 from tests.dist_utils import run_ranks
 from tests.helpers import zipf_kjt
 
@@ -89,7 +90,8 @@ def hot_and_medium(ebc: CafeEmbeddingBagCollection, kjt: KeyedJaggedTensor) -> D
 
 
 def variants(kjt: KeyedJaggedTensor, gen: torch.Generator) -> Dict[str, KeyedJaggedTensor]:
-    """The same batch as int32, with the keys permuted, and a VBE batch."""
+    """The same batch as int32 (lengths or offsets), with the keys permuted, and a VBE batch
+    (some bags empty, some ids negative), and a batch without ids."""
     order = [2, 0, 3, 1]
     permuted = kjt.permute(order)
     narrow = KeyedJaggedTensor(
@@ -114,7 +116,17 @@ def variants(kjt: KeyedJaggedTensor, gen: torch.Generator) -> Dict[str, KeyedJag
         lengths=torch.zeros(8, dtype=torch.int64),
         weights=torch.zeros(0) if kjt.weights_or_none() is not None else None,
     )
-    return {"plain": kjt, "permuted": permuted, "int32": narrow, "vbe": vbe, "no ids": no_ids}
+    by_offsets = KeyedJaggedTensor(
+        keys=FEATURES, values=kjt.values().int(), offsets=kjt.offsets().int(), weights=kjt.weights_or_none()
+    )
+    return {
+        "plain": kjt,
+        "permuted": permuted,
+        "int32": narrow,
+        "vbe": vbe,
+        "no ids": no_ids,
+        "int32 offsets": by_offsets,
+    }
 
 
 @pytest.mark.parametrize(
@@ -137,6 +149,95 @@ def test_frozen_fp32_equals_the_eval_forward(multi_level: bool, pooling: Pooling
     for name, variant in variants(kjt, gen).items():
         assert torch.equal(frozen(variant).values(), served(ebc, variant)), name
     assert not any("sketch" in k for k in frozen.state_dict())
+
+
+def same_physical_input(
+    fused: FrozenCafeEmbeddingBagCollection, twin: FrozenCafeEmbeddingBagCollection, kjt: KeyedJaggedTensor
+) -> None:
+    """The C++ op's inner KJT equals the torch-ops twin's bit for bit: rows, lengths, weights."""
+    got, want = fused.physical_input(kjt), twin.physical_input(kjt)
+    assert got.keys() == want.keys() and got.stride() == want.stride()
+    assert torch.equal(got.values(), want.values())
+    assert torch.equal(got.lengths(), want.lengths())
+    assert (got.weights_or_none() is None) == (want.weights_or_none() is None)
+    if want.weights_or_none() is not None:
+        assert torch.equal(got.weights(), want.weights())
+
+
+needs_cpp = pytest.mark.skipif(not cpp_available(), reason="the C++ ops are not built")
+
+
+@needs_cpp
+@pytest.mark.parametrize(
+    "multi_level,pooling,weighted",
+    [(False, PoolingType.SUM, False), (True, PoolingType.MEAN, False), (True, PoolingType.SUM, True)],
+)
+def test_serving_op_equals_its_torch_twin(multi_level: bool, pooling: PoolingType, weighted: bool) -> None:
+    fused = freeze(trained(multi_level, pooling, weighted)).with_kernel("cpp")
+    twin = fused.with_kernel("torch")
+    assert (fused.kernel, twin.kernel) == ("cpp", "torch")
+    gen = torch.Generator().manual_seed(12)
+    for name, variant in variants(batch(gen, 40, weighted), gen).items():
+        same_physical_input(fused, twin, variant)
+        assert torch.equal(fused(variant).values(), twin(variant).values()), name
+
+
+def two_blocks(frozen: FrozenCafeEmbeddingBagCollection, kernel: str) -> FrozenCafeEmbeddingBagCollection:
+    """The frozen collection as if its group were served from two row-wise blocks: keys from
+    KEY_SPACE / 2 on read block 1's regions, here block 0's with a third of the rows each."""
+    info = frozen.feature_info.clone()
+    cafe = info[:, 6] == 0  # plain_rows 0: the group's features
+    info[cafe, 4] = (KEY_SPACE + 1) // 2  # block size
+    info[cafe, 5] = 1  # last block
+    group = frozen.regions[1:]  # block 0: row 0 is the plain features' placeholder
+    second = group.clone()
+    second[:, 1] = (group[:, 1] // 3).clamp(min=1)
+    second[:, 3] = (group[:, 3] // 3).clamp(min=1)
+    inner = [f for c in frozen.physical.embedding_bag_configs() for f in c.feature_names]
+    return FrozenCafeEmbeddingBagCollection(
+        frozen.embedding_bag_configs(),
+        inner,
+        info,
+        frozen.group_bounds.tolist(),
+        frozen.hash_table,
+        frozen.hash_offsets,
+        torch.cat([frozen.regions, second]),
+        frozen.physical,
+        frozen.is_weighted(),
+        multi_level=True,
+        multi_block=True,
+        kernel=kernel,
+    )
+
+
+@needs_cpp
+def test_serving_op_routes_row_wise_blocks_as_its_twin() -> None:
+    frozen = freeze(trained(multi_level=True))
+    fused, twin = two_blocks(frozen, "cpp"), two_blocks(frozen, "torch")
+    gen = torch.Generator().manual_seed(13)
+    kjt = batch(gen, 64)
+    for variant in variants(kjt, gen).values():
+        same_physical_input(fused, twin, variant)
+    # block 1 is read: the hashed rows of keys past KEY_SPACE / 2 moved (hot rows did not)
+    moved = fused.physical_input(kjt).values() != frozen.physical_input(kjt).values()
+    assert int(moved.sum()) >= 10
+
+
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("cpp", marks=needs_cpp)])
+def test_frozen_input_errors_name_what_is_wrong(kernel: str) -> None:
+    frozen = freeze(trained(weighted=True)).with_kernel(kernel)
+    bad = {
+        "feature 'f1' has negative lengths": dict(values=torch.tensor([1]), lengths=torch.tensor([2, -1, 0, 0])),
+        "lengths sum to 2 but there are 1 ids": dict(values=torch.tensor([1]), lengths=torch.tensor([1, 1, 0, 0])),
+        "ids must be int32 or int64": dict(values=torch.tensor([1.0]), lengths=torch.tensor([1, 0, 0, 0])),
+        "is weighted but the KeyedJaggedTensor has no weights": dict(
+            values=torch.tensor([1]), lengths=torch.tensor([1, 0, 0, 0])
+        ),
+    }
+    for message, parts in bad.items():
+        weights = None if "weights" in message else torch.ones(parts["values"].numel())
+        with pytest.raises(ValueError, match=message):
+            frozen(KeyedJaggedTensor(keys=FEATURES, weights=weights, **parts))
 
 
 def test_frozen_refuses_what_training_refuses() -> None:
@@ -199,6 +300,8 @@ def test_torchrec_serving_recipe_quantize_fx_script_export() -> None:
     eager = served_model(kjt, other)
     torch.testing.assert_close(eager, expected, atol=0.02, rtol=0.05)
     traced = torchrec.fx.symbolic_trace(served_model)
+    fused = served_model.cafe.kernel == "cpp"  # the C++ op where it is built, else its twin
+    assert ("fused_physical_input" in traced.code) == fused
     scripted = torch.jit.script(traced)
     for name, module in (("fx", traced), ("script", scripted)):
         assert torch.equal(module(kjt, other), eager), name
@@ -214,6 +317,7 @@ def test_torchrec_serving_recipe_quantize_fx_script_export() -> None:
         None,
     ]
     exported = torch.export.export(served_model.cafe, (kjt,), strict=False, dynamic_shapes={"features": dynamic})
+    assert ("cafe.serving_rows" in str(exported.graph)) == fused
     other_size = batch(gen, 9)
     assert torch.equal(exported.module()(other_size).values(), served_model.cafe(other_size).values())
     with pytest.raises(Exception, match="lacks features"):  # the checks survive scripting

@@ -8,7 +8,10 @@ table of regions. The forward is pure tensor work: ids -> keys (the pre-hash), o
 probe per key, the hashed row of the others (in the block TorchRec's block bucketization
 routed the key to during training: key // block size), id mod rows for plain tables, and
 one lookup in TorchRec's quantized collection (FBGEMM's IntNBit TBE) over the physical
-tables in FP32, FP16, INT8 or INT4. No sketch, no optimizer state.
+tables in FP32, FP16, INT8 or INT4. No sketch, no optimizer state. On CPU the id work (the
+checks on the lengths, feature permute, pre-hash, probe, routing, rows, the inner KJT's
+lengths) is one C++ op, `torch.ops.cafe.serving_rows`, reading the same tensors; its twin in
+torch ops runs elsewhere or without the C++ build (cafe_torchrec.ops.resolve_kernel).
 
 It runs eagerly, under torch.fx (TorchRec's tracer or torch's), TorchScript (of the fx
 graph, as TorchRec's own quantized collection) and torch.export: the Python-level steps
@@ -20,7 +23,7 @@ table (zero in every dtype), right after its first row as in training, so FP32 o
 equal the training module's bit for bit.
 """
 
-from typing import Any, Dict, List, Optional, Sequence, cast
+from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
@@ -32,6 +35,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from cafe_torchrec._torchrec_compat import add_meta_kernel
 from cafe_torchrec.hashing import _GOLDEN, _M1, _M2, _POSITIVE, LEVEL_MULTIPLIERS, SLOT_BITS
+from cafe_torchrec.kjt import has_variable_batch
+from cafe_torchrec.ops import resolve_kernel
 from cafe_torchrec.output import mean_divided
 from cafe_torchrec.validation import checked_input
 
@@ -60,6 +65,58 @@ def physical_input(
 ) -> KeyedJaggedTensor:
     """The quantized collection's input: physical rows per inner feature."""
     return KeyedJaggedTensor(keys=keys, values=rows, lengths=lengths, weights=weights, stride=stride)
+
+
+@torch.fx.wrap
+def fused_physical_input(
+    features: KeyedJaggedTensor,
+    logical: List[str],
+    inner: List[str],
+    weighted: bool,
+    multi_level: bool,
+    multipliers: Tuple[int, int, int],
+    order: torch.Tensor,
+    feature_info: torch.Tensor,
+    group_bounds: torch.Tensor,
+    hash_table: torch.Tensor,
+    hash_offsets: torch.Tensor,
+    regions: torch.Tensor,
+) -> KeyedJaggedTensor:
+    """The quantized collection's input from one C++ op (cafe::serving_rows, the twin of the
+    torch ops of FrozenCafeEmbeddingBagCollection.physical_input). A KJT with the module's keys
+    in config order and one batch size goes straight to the op, which checks its dtypes, weights
+    and lengths (ValueError naming the feature) in its pass over them; any other is checked and
+    VBE expanded by checked_input first, and `order` (inner feature -> input feature) looked up.
+    multipliers: the key bits and the level-1 and level-2 row multipliers."""
+    if features.keys() != logical or has_variable_batch(features):
+        features = checked_input(features, logical, weighted)
+        keys = features.keys()
+        order = torch.tensor([keys.index(f) for f in inner], dtype=torch.int64)
+    rows, lengths, weights = torch.ops.cafe.serving_rows(
+        features.values(),
+        features.lengths_or_none(),
+        features.offsets_or_none(),
+        features.weights_or_none() if weighted else None,
+        weighted,
+        order,
+        feature_info,
+        group_bounds,
+        hash_table,
+        hash_offsets,
+        regions,
+        multipliers[0],
+        multipliers[1],
+        multipliers[2],
+        multi_level,
+        inner,
+    )
+    return KeyedJaggedTensor(
+        keys=inner,
+        values=rows,
+        lengths=lengths,
+        weights=weights if weighted else None,
+        stride=features.stride(),
+    )
 
 
 def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -114,6 +171,8 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     group, block and table slot the level-1 offset and rows, level-2 offset and rows (row 0 is
     a placeholder plain features point at). feature_info [F, len(INFO_COLUMNS)] per inner
     feature; group_bounds: the inner features where each group's run ends (hash-map tables).
+    kernel: 'auto', 'cpp' or 'torch' (cafe_torchrec.ops.resolve_kernel), resolved here for the
+    device of the frozen tensors: the C++ op on CPU, its torch-ops twin elsewhere.
     """
 
     def __init__(
@@ -129,8 +188,10 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         is_weighted: bool,
         multi_level: bool,
         multi_block: bool,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
+        self._kernel = resolve_kernel(kernel, feature_info.device)
         self._tables = list(tables)
         self._is_weighted = is_weighted
         self._multi_level = multi_level
@@ -162,6 +223,11 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         )
         self.register_buffer(
             "config_order", torch.tensor([self._inner.index(f) for f in self._features], dtype=torch.int64)
+        )
+        self.register_buffer(  # the inverse: where each inner feature is in config order (the C++ op's input order)
+            "input_order",
+            torch.tensor([self._features.index(f) for f in self._inner], dtype=torch.int64),
+            persistent=False,
         )
         self.register_buffer(
             "column_features", torch.tensor([i for i, d in enumerate(self._dims) for _ in range(d)], dtype=torch.int64)
@@ -196,6 +262,21 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def physical_input(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """The quantized collection's input for a KJT: per inner feature, the physical rows its
         ids read (two per id with a multi-level group)."""
+        if self._kernel == "cpp":
+            return fused_physical_input(
+                features,
+                self._features,
+                self._inner,
+                self._is_weighted,
+                self._multi_level,
+                self._multipliers[2:],
+                self.input_order,
+                self.feature_info,
+                self.group_bounds,
+                self.hash_table,
+                self.hash_offsets,
+                self.regions,
+            )
         features = serving_input(features, self._features, self._inner, self._is_weighted)
         ids = features.values().to(torch.int64)
         lengths = features.lengths().to(torch.int64)
@@ -236,6 +317,29 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             if weights is not None:
                 weights = weights.repeat_interleave(2)
         return physical_input(self._inner, rows, bag_lengths, weights, stride)
+
+    def with_kernel(self, kernel: str) -> "FrozenCafeEmbeddingBagCollection":
+        """This collection with its id work on `kernel` ('auto', 'cpp' or 'torch'), sharing its
+        tensors and physical tables: to serve one model both ways, or compare them."""
+        return FrozenCafeEmbeddingBagCollection(
+            self._tables,
+            self._inner,
+            self.feature_info,
+            self.group_bounds.tolist(),
+            self.hash_table,
+            self.hash_offsets,
+            self.regions,
+            self.physical,
+            self._is_weighted,
+            self._multi_level,
+            self._multi_block,
+            kernel,
+        )
+
+    @property
+    def kernel(self) -> str:
+        """Where the id work runs: 'cpp' (the C++ op) or 'torch' (its torch-ops twin)."""
+        return self._kernel
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return self._tables
