@@ -81,15 +81,22 @@ def available() -> bool:
     reason = _load_prebuilt()
     if reason is None:
         return True
-    logger.warning("CAFE C++ ops: %s; compiling them now (~30-45 s, cached). Build them at install time "
-                   "with `pip install --no-build-isolation .` (or `make`)", reason)
+    logger.warning(
+        "CAFE C++ ops: %s; compiling them now (~30-45 s, cached). Build them at install time "
+        "with `pip install --no-build-isolation .` (or `make`)",
+        reason,
+    )
     try:
         _load_just_in_time()
         return True
     except Exception as err:  # a missing compiler must not stop training: fall back, loudly
-        logger.warning("CAFE C++ ops unavailable (%s; build failed: %s). Using the torch-ops kernels: the same "
-                       "results, ~3x slower CAFE id work on CPU. Set CAFE_KERNEL=torch to choose them silently, "
-                       "CAFE_KERNEL=cpp to make this an error", reason, err)
+        logger.warning(
+            "CAFE C++ ops unavailable (%s; build failed: %s). Using the torch-ops kernels: the same "
+            "results, ~3x slower CAFE id work on CPU. Set CAFE_KERNEL=torch to choose them silently, "
+            "CAFE_KERNEL=cpp to make this an error",
+            reason,
+            err,
+        )
         return False
 
 
@@ -127,6 +134,12 @@ def _load_just_in_time() -> None:
     from torch.utils.cpp_extension import load
 
     # named by the sources' hash, so torch's cache never mixes two builds
-    load(name=f"cafe_ops_{source_hash()}", sources=[str(CSRC / s) for s in SOURCES],
-         extra_cflags=COMPILE_ARGS, extra_ldflags=LINK_ARGS,
-         extra_include_paths=[str(CSRC)], is_python_module=False, verbose=False)
+    load(
+        name=f"cafe_ops_{source_hash()}",
+        sources=[str(CSRC / s) for s in SOURCES],
+        extra_cflags=COMPILE_ARGS,
+        extra_ldflags=LINK_ARGS,
+        extra_include_paths=[str(CSRC)],
+        is_python_module=False,
+        verbose=False,
+    )

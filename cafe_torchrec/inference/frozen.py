@@ -161,8 +161,8 @@ INFO_COLUMNS = ("salt_offset", "slot", "region", "num_tables", "block_size", "la
 
 
 class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
-    """A trained CafeEmbeddingBagCollection for inference (built by `freeze`, or
-    `CafeEmbeddingBagCollection.to_inference`): same KJT in, same KeyedTensor out.
+    """A trained CafeEmbeddingBagCollection for inference (built by `freeze`):
+    same KJT in, same KeyedTensor out.
 
     physical: TorchRec's QuantEmbeddingBagCollection over the physical tables (one per CAFE
     group, one per plain table, in plan order; with one zero row appended each when a group is
