@@ -14,9 +14,10 @@ traced with torchrec.fx and scripted. Reported side by side, on this machine in 
   FBGEMM stores them + the frozen maps), and a stock QuantEmbeddingBagCollection of the
   logical tables in the same dtype (what serving without compression holds);
 - latency per batch of 1, 64 and 512 test samples, one thread: the scripted frozen INT8
-  collection against TorchRec's QuantEmbeddingBagCollection over the same physical rows (the
-  frozen module's own inner collection, fed the rows the frozen module computes), rounds of
-  each alternating, the ratio the median of the per-round ratios.
+  collection, its id work in the C++ op (cafe::serving_rows) and in the op's torch-ops twin,
+  against TorchRec's QuantEmbeddingBagCollection over the same physical rows (the frozen
+  module's own inner collection, fed the rows the frozen module computes), rounds of the three
+  alternating, each ratio the median of the per-round ratios.
 
 Results: results/serving/serving.json (and the table printed).
 """
@@ -65,32 +66,34 @@ def stock_logical_bytes(configs: Sequence[Any], dtype: torch.dtype) -> int:
     return sum(c.num_embeddings * rounded_row_size_in_bytes(c.embedding_dim, sparse, ROW_ALIGNMENT) for c in configs)
 
 
-def latency_ratios(
-    frozen: torch.nn.Module, kjts: Dict[int, Any], rounds: int, seconds: float
-) -> Dict[int, Dict[str, float]]:
-    """Per batch size: median ms of the scripted frozen collection and of its scripted inner
-    QuantEmbeddingBagCollection fed the same physical rows, and the median per-round ratio."""
+def latency_ratios(frozen: Any, kjts: Dict[int, Any], rounds: int, seconds: float) -> Dict[int, Dict[str, float]]:
+    """Per batch size: median ms of the scripted frozen collection with its id work in the C++ op
+    ("frozen"), of the same collection with the op's torch-ops twin ("twin": the id work before
+    the op), and of its scripted inner QuantEmbeddingBagCollection fed the same physical rows
+    ("stock"), rounds of the three alternating; the median per-round ratios to stock [min, max]."""
     from examples.dlrm.serve import scripted
 
-    script = scripted(frozen)
-    stock = scripted(frozen.physical)
+    models = {
+        "frozen": scripted(frozen.with_kernel("cpp")),
+        "twin": scripted(frozen.with_kernel("torch")),
+        "stock": scripted(frozen.physical),
+    }
     out = {}
     for n, kjt in kjts.items():
-        inner = frozen.physical_input(kjt)
+        inputs = {"frozen": kjt, "twin": kjt, "stock": frozen.physical_input(kjt)}
         for _ in range(5):
-            script(kjt), stock(inner)
-        times: Dict[str, List[float]] = {"frozen": [], "stock": []}
+            for name, model in models.items():
+                model(inputs[name])
+        times: Dict[str, List[float]] = {name: [] for name in models}
         for _ in range(rounds):
-            times["frozen"].append(seconds_per_call(script, kjt, seconds))
-            times["stock"].append(seconds_per_call(stock, inner, seconds))
-        ratios = sorted(f / s for f, s in zip(times["frozen"], times["stock"]))
-        out[n] = {
-            "frozen_ms": 1e3 * sorted(times["frozen"])[rounds // 2],
-            "stock_ms": 1e3 * sorted(times["stock"])[rounds // 2],
-            "ratio": ratios[rounds // 2],
-            "ratio_min": ratios[0],
-            "ratio_max": ratios[-1],
-        }
+            for name, model in models.items():
+                times[name].append(seconds_per_call(model, inputs[name], seconds))
+        row = {f"{name}_ms": 1e3 * sorted(t)[rounds // 2] for name, t in times.items()}
+        for name in ("frozen", "twin"):
+            ratios = sorted(f / s for f, s in zip(times[name], times["stock"]))
+            prefix = "ratio" if name == "frozen" else "twin_ratio"
+            row.update({prefix: ratios[rounds // 2], f"{prefix}_min": ratios[0], f"{prefix}_max": ratios[-1]})
+        out[n] = row
     return out
 
 
@@ -181,8 +184,10 @@ def print_tables(results: List[Dict[str, Any]]) -> None:
                     f"{r['ratio']:g}x",
                     r["method"],
                     n,
-                    f"{m['frozen_ms']:.3f}",
                     f"{m['stock_ms']:.3f}",
+                    f"{m['twin_ms']:.3f}",
+                    f"{m['frozen_ms']:.3f}",
+                    f"{m['twin_ratio']:.2f} [{m['twin_ratio_min']:.2f}, {m['twin_ratio_max']:.2f}]",
                     f"{m['ratio']:.2f} [{m['ratio_min']:.2f}, {m['ratio_max']:.2f}]",
                 ]
             )
@@ -193,9 +198,11 @@ def print_tables(results: List[Dict[str, Any]]) -> None:
                 "ratio",
                 "method",
                 "batch",
-                "frozen int8 ms",
                 "stock int8 ms (same rows)",
-                "frozen / stock [min, max]",
+                "frozen int8 ms, torch ops",
+                "frozen int8 ms, C++ op",
+                "torch ops / stock [min, max]",
+                "C++ op / stock [min, max]",
             ],
             rows,
         )
