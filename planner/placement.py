@@ -79,18 +79,45 @@ def shard_bytes(table: PhysicalTable, rows: int, optimizer: OptimizerLike) -> Sh
     return ShardBytes(weights, opt, group_state_bytes(block), 0, block.hot_rows, block.physical_rows - block.hot_rows)
 
 
-def row_wise_ok(table: PhysicalTable, world_size: int) -> bool:
-    """Row-wise needs every block of a group to hold one hashed row per table region, and a
-    plain table at least one row per rank."""
+def row_wise_refusal(table: PhysicalTable, world_size: int) -> Optional[str]:
+    """Why `table` cannot be sharded row-wise over `world_size` ranks, or None when it can:
+    TorchRec cuts ceil(rows / W) rows per rank, so trailing ranks may get none (refused, see
+    sharder.every_rank_has_rows), and every block of a group must hold one hashed row per table
+    region."""
     sizes = shard_rows(table.rows, table.dim, world_size, RW)
-    if table.layout is None:
-        return every_rank_has_rows(sizes)
-    try:
-        for s in set(sizes):
-            table.layout.block(s)
-    except ValueError:
-        return False
-    return every_rank_has_rows(sizes)
+    if not every_rank_has_rows(sizes):
+        return (
+            f"TorchRec's row-wise cut gives {sizes[0]} rows per rank and leaves {sizes.count(0)} of "
+            f"{world_size} ranks without rows"
+        )
+    if table.layout is not None:
+        try:
+            for s in set(sizes):
+                table.layout.block(s)
+        except ValueError as err:
+            return str(err)
+    return None
+
+
+def row_wise_ok(table: PhysicalTable, world_size: int) -> bool:
+    return row_wise_refusal(table, world_size) is None
+
+
+def oversized_table_wise(
+    tables: Sequence[PhysicalTable], world_size: int, optimizer: OptimizerLike, rw_share: float = 0.05
+) -> Dict[str, str]:
+    """The tables that their size would shard row-wise but that row-wise cannot take, each
+    with the reason: they go table-wise onto one rank, and the plan is unbalanced."""
+    if world_size == 1:
+        return {}
+    whole = {t.name: shard_bytes(t, t.rows, optimizer).state for t in tables}
+    fair = sum(whole.values()) / world_size
+    out = {}
+    for t in tables:
+        refusal = row_wise_refusal(t, world_size) if whole[t.name] > rw_share * fair else None
+        if refusal is not None:
+            out[t.name] = refusal
+    return out
 
 
 def choose_sharding(

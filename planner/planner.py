@@ -27,6 +27,7 @@ The budget solver itself (solver.py) knows nothing of TorchRec's planner.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -57,7 +58,14 @@ from cafe_planner.estimators import (
     resolve_optimizer,
     sharder_fused_params,
 )
-from cafe_planner.placement import TW, choose_sharding, over_budget_message, physical_tables, place_largest_first
+from cafe_planner.placement import (
+    TW,
+    choose_sharding,
+    over_budget_message,
+    oversized_table_wise,
+    physical_tables,
+    place_largest_first,
+)
 from cafe_planner.problem import Budget, rank_caps
 from cafe_planner.report import PlanReport, ReportStats
 from cafe_planner.solver import BudgetSolution, solve_budget
@@ -260,6 +268,8 @@ class CafePlanner:
         out = dict(self.user_constraints)
         for _, m in cafe:
             tables = physical_tables(m.plan)
+            params = list(m.physical.parameters())
+            opt = effective_optimizer(params[0], fused, self.optimizer) if params else self.optimizer
             if (
                 self.solution is not None
                 and self.solution.world_size == self.world_size
@@ -267,9 +277,14 @@ class CafePlanner:
             ):
                 chosen = self.solution.sharding
             else:
-                params = list(m.physical.parameters())
-                opt = effective_optimizer(params[0], fused, self.optimizer) if params else self.optimizer
                 chosen = choose_sharding(tables, self.world_size, opt, self.rw_share)
+            for name, refusal in oversized_table_wise(tables, self.world_size, opt, self.rw_share).items():
+                warnings.warn(
+                    f"CAFE physical table {name!r} goes table-wise onto one rank, unbalancing the plan: "
+                    f"row-wise over {self.world_size} ranks is not possible ({refusal}); split its group "
+                    "(CafeConfig.group) or shard over fewer ranks",
+                    stacklevel=2,
+                )
             for t in tables:
                 if t.name not in out:
                     out[t.name] = ParameterConstraints(

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Dict, List
@@ -431,3 +432,16 @@ def test_cuda_topology_needs_ranks_per_host():
     rows = {line.split()[0]: line.split() for line in out.getvalue().splitlines() if re.match(r"(129|1024) ", line)}
     assert rows["129"][1] == "8" and rows["1024"][1] == "8"
     print(out.getvalue())
+
+
+def test_a_group_row_wise_cannot_take_is_planned_loudly():
+    """At 1,024 ranks TorchRec's row-wise cut of the 1000x Terabyte group (163 rows per rank)
+    leaves the last ranks empty, which the sharder refuses: the group goes table-wise onto one
+    rank, and the planner says so (at 128 ranks it is row-wise and nothing is said)."""
+    args = ["--device", "cuda", "--cardinalities", "terabyte", "--dim", "128", "--ratio", "1000", "--summary"]
+    with redirect_stdout(io.StringIO()):
+        with pytest.warns(UserWarning, match=r"'cafe_dim128' goes table-wise .* 5 of 1024 ranks without rows"):
+            assert cli_main(["--world-size", "1024", *args]) == 0
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*goes table-wise")
+            assert cli_main(["--world-size", "128", *args]) == 0
