@@ -8,10 +8,15 @@
 
 #include "common.h"
 
+#include <emmintrin.h>
+#include <xmmintrin.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <functional>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -31,30 +36,85 @@ using cafe::Slot;
 using cafe::slots_of;
 constexpr float kFloatMax = std::numeric_limits<float>::max();
 
+inline uint32_t bits_of(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return bits;
+}
+inline float float_of(uint32_t bits) {
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// A bucket's first empty slot and its minimum-score non-hot slot (lowest index on ties), each
+// c if none, without a branch: choices are bit masks, which GCC keeps as such where it turns
+// a ?: into a branch.
+inline std::pair<int64_t, int64_t> choose_any(const Slot* b, int64_t c) {
+  int64_t empty = c, victim = c;
+  uint32_t least = 0;  // the victim's score bits
+  for (int64_t j = 0; j < c; ++j) {
+    const int64_t take_empty = -static_cast<int64_t>((b[j].key == kEmptyKey) & (empty == c));
+    empty = (j & take_empty) | (empty & ~take_empty);
+    const float score = b[j].score;
+    const int64_t take = -static_cast<int64_t>((b[j].row < 0) & ((victim == c) | (score < float_of(least))));
+    victim = (j & take) | (victim & ~take);
+    least = (bits_of(score) & static_cast<uint32_t>(take)) | (least & ~static_cast<uint32_t>(take));
+  }
+  return {empty, victim};
+}
+
+// choose_any for a bucket of four: its cache line as four SSE2 vectors, transposed to key
+// halves, scores and row words, so each choice is four compares and a bit scan.
+inline std::pair<int64_t, int64_t> choose4(const Slot* b) {
+  static_assert(sizeof(Slot) == 16 && offsetof(Slot, score) == 8 && offsetof(Slot, row) == 12, "slot layout");
+  const float* f = reinterpret_cast<const float*>(b);
+  __m128 low = _mm_loadu_ps(f), high = _mm_loadu_ps(f + 4), score = _mm_loadu_ps(f + 8), row = _mm_loadu_ps(f + 12);
+  _MM_TRANSPOSE4_PS(low, high, score, row);  // now lane j of each is slot j's
+  const __m128i ones = _mm_set1_epi32(-1);
+  const __m128i is_empty = _mm_and_si128(_mm_cmpeq_epi32(_mm_castps_si128(low), ones),
+                                         _mm_cmpeq_epi32(_mm_castps_si128(high), ones));  // key == -1
+  const __m128 cold = _mm_castsi128_ps(_mm_srai_epi32(_mm_castps_si128(row), 31));  // row word < 0
+  // hot slots read as +inf; the minimum's lanes, masked to the cold ones, hold the victim
+  const __m128 x = _mm_or_ps(_mm_and_ps(cold, score), _mm_andnot_ps(cold, _mm_set1_ps(INFINITY)));
+  __m128 m = _mm_min_ps(x, _mm_shuffle_ps(x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+  m = _mm_min_ps(m, _mm_shuffle_ps(m, m, _MM_SHUFFLE(1, 0, 3, 2)));
+  const int least = _mm_movemask_ps(_mm_cmpeq_ps(x, m)) & _mm_movemask_ps(cold);
+  return {__builtin_ctz(_mm_movemask_ps(_mm_castsi128_ps(is_empty)) | 16), __builtin_ctz(least | 16)};
+}
+
 // finite and non-negative (NaN fails both compares)
 inline bool valid_score(float v) { return v >= 0.0f && v <= kFloatMax; }
 
-// Open-addressing map key -> index of its first miss, at most 2/3 full. An entry holds key and
-// index side by side; the table is thread-local and keeps its capacity between calls.
+// Open-addressing map key -> index of its first miss, at most 2/3 full. An entry holds key,
+// index and the stamp of the map that wrote it; the table is thread-local and keeps its
+// capacity between calls, and a new map takes a new stamp, so entries of earlier calls read as
+// empty and the table is not cleared per call (only when it grows or the stamp wraps).
 class MissIndex {
  public:
-  explicit MissIndex(int64_t n) : table_(storage()) {
+  explicit MissIndex(int64_t n) {
     uint64_t size = 16;
     while (size < static_cast<uint64_t>(n + n / 2)) size <<= 1;
-    table_.assign(size, Entry{kEmptyKey, 0});
+    Table& t = table();
+    if (t.entries.size() < size || ++t.stamp == 0) {
+      t.entries.assign(std::max<size_t>(size, t.entries.size()), Entry{kEmptyKey, 0, 0});
+      t.stamp = 1;
+    }
+    entries_ = t.entries.data();
+    stamp_ = t.stamp;
     mask_ = size - 1;
   }
   uint64_t home(int64_t key) const { return (static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ULL >> 20) & mask_; }
-  void prefetch(uint64_t home) const { __builtin_prefetch(table_.data() + home); }
+  void prefetch(uint64_t home) const { __builtin_prefetch(entries_ + home); }
   // Index of key (probing from its home); if absent, stores and returns next (so the caller
   // knows it was added: every stored index is below next).
   int32_t find_or_add(int64_t key, uint64_t i, int32_t next) {
-    Entry* t = table_.data();
-    while (t[i].key != kEmptyKey) {
+    Entry* t = entries_;
+    while (t[i].stamp == stamp_) {
       if (t[i].key == key) return t[i].index;
       i = (i + 1) & mask_;
     }
-    t[i] = Entry{key, next};
+    t[i] = Entry{key, next, stamp_};
     return next;
   }
 
@@ -62,9 +122,15 @@ class MissIndex {
   struct Entry {
     int64_t key;
     int32_t index;
+    uint32_t stamp;
   };
-  static std::vector<Entry>& storage() { thread_local std::vector<Entry> table; return table; }
-  std::vector<Entry>& table_;
+  struct Table {
+    std::vector<Entry> entries;
+    uint32_t stamp = 0;
+  };
+  static Table& table() { thread_local Table t; return t; }
+  Entry* entries_;
+  uint32_t stamp_;
   uint64_t mask_;
 };
 
@@ -92,53 +158,80 @@ struct PhaseA {
   double batch_total = 0.0;
 };
 
+// The sum of the valid scores in float64, and how many scores are not valid. Four partial sums
+// combined in a fixed order: one running sum would make the loop a chain of dependent
+// additions. The order does not depend on the hints, so neither does the total.
+std::pair<double, int64_t> valid_total(const float* s, int64_t n) {
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t valid = 0;
+  const auto take = [&](int64_t i, int r) __attribute__((always_inline)) {
+    const float v = s[i];
+    const bool ok = valid_score(v);
+    part[r] += ok ? static_cast<double>(v) : 0.0;  // + 0.0 keeps a sum that starts at +0.0
+    valid += ok;
+  };
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int r = 0; r < 4; ++r) take(i + r, r);
+  }
+  for (; i < n; ++i) take(i, static_cast<int>(i & 3));
+  return {(part[0] + part[1]) + (part[2] + part[3]), n - valid};
+}
+
 // Phase A: present keys add their scores, in input order; misses are remembered for phase B.
 // Pass 1 serves the occurrences whose hint (the slot the forward pass found the key in) still
-// holds the key, branch-free: one prefetched direct access each (a miss adds to a dummy slot).
+// holds the key, branch-free: one prefetched direct access each (a miss adds 0 to a dummy slot).
 // The other valid occurrences are queued for pass 2, which probes their buckets. All
 // occurrences of one key share one hint, so each slot still sees its key's scores in input order.
+// Pass 1 is compiled for each of: hints given or not (without them it only checks and queues),
+// and rows free or not (without a free row no slot can become a candidate: no marks to compute).
 // The loops write raw scratch arrays and call nothing, so a step allocates nothing.
+template <bool kHints, bool kPromote>
 PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t multiplier, const int64_t* k,
-               const float* s, const int32_t* hints, int64_t n, bool may_promote, float threshold) {
-  Slot dummy{kEmptyKey, 0.0f, 0};  // hot row 0: never a candidate
+               const float* s, const int32_t* hints, int64_t n, float threshold) {
   int64_t* candidates = cafe::scratch(3, n + 1);  // a slot is marked once: at most n, and one written past
   int64_t num_candidates = 0;
-  // always_inline: GCC kept both lambdas as calls per occurrence; inlined, an insert is ~17% faster.
-  // Branch-free: whether a hit slot is hot is a coin flip no predictor learns (a branch on it
-  // cost ~20% of the hits), and a hot slot's estimate is safe to compute (its error reads as 0).
-  auto add = [&](Slot* t, int64_t j, float v) __attribute__((always_inline)) {  // t: slot j, or the dummy
+  // Misses add to dummies (hot row 0: never a candidate) taken in turn, so that consecutive
+  // misses do not chain through one slot's store and reload.
+  constexpr int64_t kDummies = 8;
+  Slot dummies[kDummies];
+  for (Slot& d : dummies) d = Slot{kEmptyKey, 0.0f, 0};
+  // always_inline: GCC kept the lambda as a call per occurrence.
+  // Branch-free: whether a hit slot is hot is a coin flip no predictor learns, and a hot slot's
+  // estimate is safe to compute (its error reads as 0).
+  auto add = [&](Slot* t, int64_t j, float v) __attribute__((always_inline)) {  // t: slot j, or a dummy
     const int32_t row = t->row & ~static_cast<int32_t>(static_cast<uint32_t>(t->row) >> 31);  // a hit confirms a newcomer
-    const float score = std::min(t->score + v, kFloatMax);
-    t->score = score;
-    const bool candidate = may_promote & (row < 0) & ((row & kCandidateBit) == 0) &
-                           (cafe::estimate(score, row) >= threshold);
-    t->row = row | (static_cast<int32_t>(candidate) << 1);
-    static_assert(kCandidateBit == 2, "the shift above sets kCandidateBit");
-    candidates[num_candidates] = j;
-    num_candidates += candidate;
+    t->score = std::min(t->score + v, kFloatMax);
+    if constexpr (kPromote) {
+      const bool candidate = (row < 0) & ((row & kCandidateBit) == 0) & (cafe::estimate(t->score, row) >= threshold);
+      t->row = row | (static_cast<int32_t>(candidate) << 1);
+      static_assert(kCandidateBit == 2, "the shift above sets kCandidateBit");
+      candidates[num_candidates] = j;
+      num_candidates += candidate;
+    } else {
+      t->row = row;
+    }
   };
   int64_t* queue = cafe::scratch(1, n);
-  int64_t queued = 0, skipped = 0;
-  double batch_total = 0.0;
-  const auto occurrence = [&](int64_t i, int64_t h) __attribute__((always_inline)) {
-    const float v = s[i];
-    if (!valid_score(v)) { ++skipped; return; }
-    batch_total += static_cast<double>(v);
-    const bool in_range = static_cast<uint64_t>(h) < static_cast<uint64_t>(num_slots);
-    const bool hit = in_range & (slots[in_range ? h : 0].key == k[i]);
-    add(hit ? slots + h : &dummy, hit ? h : 0, hit ? v : 0.0f);
-    queue[queued] = i;
-    queued += !hit;
-  };
-  if (hints == nullptr) {
-    for (int64_t i = 0; i < n; ++i) occurrence(i, -1);
-  } else {  // a prefetch never faults, so a hint of -1 (absent) may be prefetched too
-    int64_t i = 0;
-    for (; i + kAhead < n; ++i) {
-      __builtin_prefetch(slots + hints[i + kAhead]);
-      occurrence(i, hints[i]);
+  int64_t queued = 0;
+  if constexpr (kHints) {
+    for (int64_t i = 0; i < n; ++i) {
+      // a prefetch never faults, so a hint of -1 (absent) or one past the end may be prefetched
+      if (i + kAhead < n) __builtin_prefetch(slots + hints[i + kAhead]);
+      const float v = s[i];
+      if (!valid_score(v)) continue;
+      const int64_t h = hints[i];
+      const bool in_range = static_cast<uint64_t>(h) < static_cast<uint64_t>(num_slots);
+      const bool hit = in_range & (slots[in_range ? h : 0].key == k[i]);
+      add(hit ? slots + h : dummies + (i & (kDummies - 1)), hit ? h : 0, hit ? v : 0.0f);
+      queue[queued] = i;
+      queued += !hit;
     }
-    for (; i < n; ++i) occurrence(i, hints[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      queue[queued] = i;
+      queued += valid_score(s[i]);
+    }
   }
   int64_t* bases = cafe::scratch(2, queued + kAhead);
   for (int64_t q = 0; q < queued; ++q) bases[q] = cafe::bucket_base(k[queue[q]], multiplier, w, c);
@@ -156,6 +249,7 @@ PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t mul
       bases[misses++] = base;
     }
   }
+  const auto [batch_total, skipped] = valid_total(s, n);
   return PhaseA{candidates, num_candidates, queue, bases, misses, skipped, batch_total};
 }
 
@@ -170,7 +264,7 @@ int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s, PhaseA
   int64_t* homes = cafe::scratch(0, n + kAhead);
   for (int64_t m = 0; m < n; ++m) homes[m] = static_cast<int64_t>(index.home(k[a.miss_positions[m]]));
   for (int64_t m = n; m < n + kAhead; ++m) homes[m] = 0;
-  int64_t* upos = a.miss_positions;  // first occurrence of each distinct missing key
+  int64_t* ukeys = a.miss_positions;  // each distinct missing key, in order of first occurrence
   int64_t* ubases = a.miss_bases;
   float* usums = reinterpret_cast<float*>(cafe::scratch(4, n));
   int32_t distinct = 0;
@@ -179,7 +273,7 @@ int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s, PhaseA
     const int64_t i = a.miss_positions[m], base = a.miss_bases[m];
     const int32_t u = index.find_or_add(k[i], static_cast<uint64_t>(homes[m]), distinct);
     if (u == distinct) {
-      upos[u] = i;
+      ukeys[u] = k[i];
       ubases[u] = base;
       usums[u] = s[i];
       ++distinct;
@@ -188,24 +282,35 @@ int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s, PhaseA
     }
   }
   int64_t dropped = 0;
-  for (int32_t u = 0; u < distinct; ++u) {
-    if (u + kAhead < distinct) __builtin_prefetch(slots + ubases[u + kAhead]);
-    Slot* b = slots + ubases[u];
-    const int64_t key = k[upos[u]];
-    int64_t empty = -1, victim = -1;
-    for (int64_t j = 0; j < c; ++j) {
-      if (b[j].key == kEmptyKey) { empty = j; break; }
-      if (b[j].row < 0 && (victim < 0 || b[j].score < b[victim].score)) victim = j;
+  // Branch-free over the bucket: whether it has an empty slot, and which slot is the minimum,
+  // are coin flips to a predictor. C is 4 for buckets of four (choose4), else 0 (any c).
+  const auto place = [&](auto bucket_size) {
+    constexpr int64_t C = decltype(bucket_size)::value;
+    const int64_t cc = C ? C : c;
+    for (int32_t u = 0; u < distinct; ++u) {
+      if (u + kAhead < distinct) __builtin_prefetch(slots + ubases[u + kAhead]);
+      Slot* b = slots + ubases[u];
+      int64_t empty, victim;
+      if constexpr (C == 4) {
+        std::tie(empty, victim) = choose4(b);
+      } else {
+        std::tie(empty, victim) = choose_any(b, cc);
+      }
+      const bool has_empty = empty < cc;
+      if (!has_empty & (victim == cc)) {  // every slot hot
+        ++dropped;
+        continue;
+      }
+      const int64_t pick = -static_cast<int64_t>(has_empty);  // selects by mask, as in choose_any
+      const int64_t j = (empty & pick) | (victim & ~pick);
+      const uint32_t keep = ~static_cast<uint32_t>(pick);
+      const uint32_t evicted = bits_of(b[victim & ~pick].score) & keep;  // 0.0f into an empty slot
+      const float usum = usums[u];
+      const uint32_t sum = (bits_of(usum) & ~keep) | (bits_of(float_of(evicted) + usum) & keep);
+      b[j] = Slot{ukeys[u], std::min(float_of(sum), kFloatMax), cold_word(float_of(evicted), true)};
     }
-    if (empty >= 0) {
-      b[empty] = Slot{key, std::min(usums[u], kFloatMax), cold_word(0.0f, true)};
-    } else if (victim >= 0) {
-      const float evicted = b[victim].score;
-      b[victim] = Slot{key, std::min(evicted + usums[u], kFloatMax), cold_word(evicted, true)};
-    } else {
-      ++dropped;
-    }
-  }
+  };
+  c == 4 ? place(std::integral_constant<int64_t, 4>{}) : place(std::integral_constant<int64_t, 0>{});
   return dropped;
 }
 
@@ -256,7 +361,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
     total = 0.0;
   }
 
-  PhaseA a = phase_a(slots, w * c, w, c, multiplier, k, s, hints, n, fc > 0, threshold);
+  const auto run_phase_a = [&](auto has_hints, auto may_promote) {
+    return phase_a<decltype(has_hints)::value, decltype(may_promote)::value>(slots, w * c, w, c, multiplier, k, s,
+                                                                             hints, n, threshold);
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  PhaseA a = hints != nullptr ? (fc > 0 ? run_phase_a(Yes{}, Yes{}) : run_phase_a(Yes{}, No{}))
+                              : (fc > 0 ? run_phase_a(No{}, Yes{}) : run_phase_a(No{}, No{}));
   total += a.batch_total;
   const int64_t dropped = phase_b(slots, c, k, s, a);
 
