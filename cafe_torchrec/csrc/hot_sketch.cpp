@@ -183,33 +183,31 @@ std::pair<double, int64_t> valid_total(const float* s, int64_t n) {
 // holds the key, branch-free: one prefetched direct access each (a miss adds 0 to a dummy slot).
 // The other valid occurrences are queued for pass 2, which probes their buckets. All
 // occurrences of one key share one hint, so each slot still sees its key's scores in input order.
-// Pass 1 is compiled for each of: hints given or not (without them it only checks and queues),
-// and rows free or not (without a free row no slot can become a candidate: no marks to compute).
+// Candidates are found after both passes, among the slots they hit without a hot row (listed
+// as they are hit; few, as most hits are hot): scores only grow in phase A, so a slot that
+// ends it with estimate >= threshold is one that reached it. The passes are compiled for each
+// of: hints given or not (without them pass 1 only checks and queues), and rows free or not
+// (without a free row no slot can become a candidate: nothing to list).
 // The loops write raw scratch arrays and call nothing, so a step allocates nothing.
 template <bool kHints, bool kPromote>
 PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t multiplier, const int64_t* k,
                const float* s, const int32_t* hints, int64_t n, float threshold) {
-  int64_t* candidates = cafe::scratch(3, n + 1);  // a slot is marked once: at most n, and one written past
-  int64_t num_candidates = 0;
-  // Misses add to dummies (hot row 0: never a candidate) taken in turn, so that consecutive
-  // misses do not chain through one slot's store and reload.
+  int64_t* cold_hits = cafe::scratch(3, n + 1);  // one entry per hit at most, and one written past
+  int64_t num_cold_hits = 0;
+  // Misses add to dummies (hot row 0: never listed) taken in turn, so that consecutive misses
+  // do not chain through one slot's store and reload.
   constexpr int64_t kDummies = 8;
   Slot dummies[kDummies];
   for (Slot& d : dummies) d = Slot{kEmptyKey, 0.0f, 0};
-  // always_inline: GCC kept the lambda as a call per occurrence.
-  // Branch-free: whether a hit slot is hot is a coin flip no predictor learns, and a hot slot's
-  // estimate is safe to compute (its error reads as 0).
+  // always_inline: GCC kept the lambda as a call per occurrence. Branch-free: whether a hit
+  // slot is hot is a coin flip no predictor learns.
   auto add = [&](Slot* t, int64_t j, float v) __attribute__((always_inline)) {  // t: slot j, or a dummy
     const int32_t row = t->row & ~static_cast<int32_t>(static_cast<uint32_t>(t->row) >> 31);  // a hit confirms a newcomer
     t->score = std::min(t->score + v, kFloatMax);
+    t->row = row;
     if constexpr (kPromote) {
-      const bool candidate = (row < 0) & ((row & kCandidateBit) == 0) & (cafe::estimate(t->score, row) >= threshold);
-      t->row = row | (static_cast<int32_t>(candidate) << 1);
-      static_assert(kCandidateBit == 2, "the shift above sets kCandidateBit");
-      candidates[num_candidates] = j;
-      num_candidates += candidate;
-    } else {
-      t->row = row;
+      cold_hits[num_cold_hits] = j;
+      num_cold_hits += row < 0;
     }
   };
   int64_t* queue = cafe::scratch(1, n);
@@ -248,6 +246,19 @@ PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t mul
       queue[misses] = i;
       bases[misses++] = base;
     }
+  }
+  // The candidates, marked once each (a slot may be listed once per hit), compacted in place
+  // into the list: entry num_candidates <= q is never read again.
+  int64_t* candidates = cold_hits;
+  int64_t num_candidates = 0;
+  for (int64_t q = 0; q < num_cold_hits; ++q) {
+    const int64_t j = cold_hits[q];
+    Slot& t = slots[j];
+    const bool candidate = ((t.row & kCandidateBit) == 0) & (cafe::estimate(t) >= threshold);
+    t.row |= static_cast<int32_t>(candidate) << 1;
+    static_assert(kCandidateBit == 2, "the shift above sets kCandidateBit");
+    candidates[num_candidates] = j;
+    num_candidates += candidate;
   }
   const auto [batch_total, skipped] = valid_total(s, n);
   return PhaseA{candidates, num_candidates, queue, bases, misses, skipped, batch_total};
@@ -345,18 +356,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
   int64_t decayed = 0;
   if (total > trigger) {
     decayed = 1;
+    // Branch-free but for the rare demotion: whether a slot is hot is a coin flip to a predictor.
     for (int64_t j = 0; j < w * c; ++j) {
       Slot& sl = slots[j];
+      const int32_t row = sl.row;
       const float d = sl.score * decay;
-      if (sl.row < 0) {
-        sl.row = cold_word(cafe::error_of(sl.row) * decay, sl.row & kNewcomerBit);
-      } else if (d < threshold) {
+      const int32_t hot = ~(row >> 31);  // all ones if hot
+      const int32_t cold = cold_word(cafe::error_of(row) * decay, row & kNewcomerBit);
+      sl.row = (row & hot) | (cold & ~hot);
+      sl.score = d;
+      if ((row >= 0) & (d < threshold)) {
         demoted_keys.push_back(sl.key);
-        demoted_rows.push_back(sl.row);
-        fr[fc++] = sl.row;
+        demoted_rows.push_back(row);
+        fr[fc++] = row;
         sl.row = kColdWord;
       }
-      sl.score = d;
     }
     total = 0.0;
   }
