@@ -365,7 +365,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
       const int32_t cold = cold_word(cafe::error_of(row) * decay, row & kNewcomerBit);
       sl.row = (row & hot) | (cold & ~hot);
       sl.score = d;
-      if ((row >= 0) & (d < threshold)) {
+      // one test on an integer: GCC splits a && or & of two bools into two branches
+      const uint32_t demote = (static_cast<uint32_t>(~row) >> 31) & static_cast<uint32_t>(d < threshold);
+      if (__builtin_expect(demote, 0)) {
         demoted_keys.push_back(sl.key);
         demoted_rows.push_back(row);
         fr[fc++] = row;
