@@ -8,8 +8,10 @@
 
 #include "common.h"
 
+#if defined(__SSE2__)
 #include <emmintrin.h>
 #include <xmmintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -65,7 +67,11 @@ inline std::pair<int64_t, int64_t> choose_any(const Slot* b, int64_t c) {
 }
 
 // choose_any for a bucket of four: its cache line as four SSE2 vectors, transposed to key
-// halves, scores and row words, so each choice is four compares and a bit scan.
+// halves, scores and row words, so each choice is four compares and a bit scan (choose_any
+// itself where SSE2 is missing, e.g. on ARM: the same choices).
+#if !defined(__SSE2__)
+inline std::pair<int64_t, int64_t> choose4(const Slot* b) { return choose_any(b, 4); }
+#else
 inline std::pair<int64_t, int64_t> choose4(const Slot* b) {
   static_assert(sizeof(Slot) == 16 && offsetof(Slot, score) == 8 && offsetof(Slot, row) == 12, "slot layout");
   const float* f = reinterpret_cast<const float*>(b);
@@ -82,6 +88,7 @@ inline std::pair<int64_t, int64_t> choose4(const Slot* b) {
   const int least = _mm_movemask_ps(_mm_cmpeq_ps(x, m)) & _mm_movemask_ps(cold);
   return {__builtin_ctz(_mm_movemask_ps(_mm_castsi128_ps(is_empty)) | 16), __builtin_ctz(least | 16)};
 }
+#endif
 
 // finite and non-negative (NaN fails both compares)
 inline bool valid_score(float v) { return v >= 0.0f && v <= kFloatMax; }
