@@ -449,10 +449,39 @@ std::tuple<at::Tensor, at::Tensor> sketch_query(const at::Tensor& slots_t, const
   return {rows, is_medium};
 }
 
+// A float's bits mapped so that unsigned order is the floats' order (-0 read as +0, the value
+// it equals), and back.
+inline uint32_t ordered_bits(float v) {
+  const uint32_t b = bits_of(v + 0.0f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+inline float from_ordered_bits(uint32_t u) { return float_of((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u); }
+
+// The k-th largest of `values` (1 <= k <= size), the value nth_element finds, by radix
+// selection: a histogram of the top 16 ordered bits finds the bucket holding it, a histogram of
+// the low 16 bits within that bucket the value. Two linear passes, where nth_element's
+// partitioning made the marginal estimate half of a rebalance over a large sketch.
+float kth_largest(const std::vector<float>& values, int64_t k) {
+  thread_local std::vector<int64_t> count(size_t{1} << 16);
+  std::fill(count.begin(), count.end(), 0);
+  for (const float v : values) ++count[ordered_bits(v) >> 16];
+  int64_t rank = k;
+  uint32_t high = 0xffff;
+  while (count[high] < rank) rank -= count[high--];
+  std::fill(count.begin(), count.end(), 0);
+  for (const float v : values) {
+    const uint32_t u = ordered_bits(v);
+    if ((u >> 16) == high) ++count[u & 0xffff];
+  }
+  uint32_t low = 0xffff;
+  while (count[low] < rank) rank -= count[low--];
+  return from_ordered_bits(high << 16 | low);
+}
+
 // The adaptive policy's rebalance: the C++ twin of cafe_torchrec.sketch.policy.rebalance_ (its
 // docstring is the spec; this follows it step by step with the same float32 and float64
-// arithmetic, so the two are bit-equal). One pass computes the estimates, nth_element finds
-// the marginal one, and only the hot and candidate slots are sorted.
+// arithmetic, so the two are bit-equal). One pass computes the estimates, a radix selection
+// finds the marginal one, and only the hot and candidate slots are sorted.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_rebalance(
     at::Tensor slots_t, at::Tensor free_rows, at::Tensor free_count, at::Tensor marks_t, at::Tensor decayed_t,
     at::Tensor since_t, int64_t c, int64_t capacity, double horizon, double hysteresis_d, double entry_d,
@@ -478,11 +507,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
     if (slots[j].key != kEmptyKey) held.push_back(cafe::estimate(slots[j]));
   }
   const int64_t k = std::min<int64_t>(capacity, static_cast<int64_t>(held.size()));
-  double q = 0.0;
-  if (k > 0) {
-    std::nth_element(held.begin(), held.begin() + (k - 1), held.end(), std::greater<float>());
-    q = held[k - 1];
-  }
+  const double q = k > 0 ? kth_largest(held, k) : 0.0;
   const double before = decayed;
   const int64_t count = since;
   const double total = before + static_cast<double>(count);
