@@ -123,42 +123,27 @@ def _tsv_data(args: argparse.Namespace, rank: int, world: int) -> Data:
     train_steps = train_rows // bs // world
     test_batches = (test_stop - train_rows) // bs // world
 
+    def rows(start_row: int, stop_row: int, on_error: str) -> Iterator[Batch]:
+        """This rank's batches of rows [start_row, stop_row)."""
+        cfg = CriteoTsvConfig(
+            paths=paths,
+            batch_size=bs,
+            drop_last=True,
+            rank=rank,
+            world_size=world,
+            start_row=start_row,
+            stop_row=stop_row,
+            on_error=on_error,
+        )
+        return iter(CriteoTsvReader(cfg))
+
     def tsv_train(start: int) -> Iterator[Batch]:
         if args.tsv_on_error == "raise":  # batch boundaries do not move: start at the row
-            cfg = CriteoTsvConfig(
-                paths=paths,
-                batch_size=bs,
-                drop_last=True,
-                rank=rank,
-                world_size=world,
-                start_row=start * world * bs,
-                stop_row=train_rows,
-                on_error="raise",
-            )
-            return islice(iter(CriteoTsvReader(cfg)), train_steps - start)
-        cfg = CriteoTsvConfig(
-            paths=paths,
-            batch_size=bs,
-            drop_last=True,
-            rank=rank,
-            world_size=world,
-            stop_row=train_rows,
-            on_error="skip",
-        )
-        return islice(iter(CriteoTsvReader(cfg)), start, train_steps)
+            return islice(rows(start * world * bs, train_rows, "raise"), train_steps - start)
+        return islice(rows(0, train_rows, "skip"), start, train_steps)
 
     def tsv_test() -> Iterator[Batch]:
-        cfg = CriteoTsvConfig(
-            paths=paths,
-            batch_size=bs,
-            drop_last=True,
-            rank=rank,
-            world_size=world,
-            start_row=train_rows,
-            stop_row=test_stop,
-            on_error=args.tsv_on_error,
-        )
-        return islice(iter(CriteoTsvReader(cfg)), test_batches)
+        return islice(rows(train_rows, test_stop, args.tsv_on_error), test_batches)
 
     return Data(
         _logical_cardinalities(args),
