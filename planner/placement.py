@@ -100,7 +100,20 @@ def row_wise_refusal(table: PhysicalTable, world_size: int) -> Optional[str]:
 
 
 def row_wise_ok(table: PhysicalTable, world_size: int) -> bool:
+    """Whether `table` can be sharded row-wise over `world_size` ranks (row_wise_refusal)."""
     return row_wise_refusal(table, world_size) is None
+
+
+def row_wise_by_size(
+    tables: Sequence[PhysicalTable], world_size: int, optimizer: OptimizerLike, rw_share: float = 0.05
+) -> List[PhysicalTable]:
+    """The tables whose size calls for row-wise: above rw_share of a rank's fair share (total
+    bytes / world size). None on one rank."""
+    if world_size == 1:
+        return []
+    whole = {t.name: shard_bytes(t, t.rows, optimizer).state for t in tables}
+    fair = sum(whole.values()) / world_size
+    return [t for t in tables if whole[t.name] > rw_share * fair]
 
 
 def oversized_table_wise(
@@ -108,28 +121,18 @@ def oversized_table_wise(
 ) -> Dict[str, str]:
     """The tables that their size would shard row-wise but that row-wise cannot take, each
     with the reason: they go table-wise onto one rank, and the plan is unbalanced."""
-    if world_size == 1:
-        return {}
-    whole = {t.name: shard_bytes(t, t.rows, optimizer).state for t in tables}
-    fair = sum(whole.values()) / world_size
-    out = {}
-    for t in tables:
-        refusal = row_wise_refusal(t, world_size) if whole[t.name] > rw_share * fair else None
-        if refusal is not None:
-            out[t.name] = refusal
-    return out
+    refusals = {
+        t.name: row_wise_refusal(t, world_size) for t in row_wise_by_size(tables, world_size, optimizer, rw_share)
+    }
+    return {name: why for name, why in refusals.items() if why is not None}
 
 
 def choose_sharding(
     tables: Sequence[PhysicalTable], world_size: int, optimizer: OptimizerLike, rw_share: float = 0.05
 ) -> Dict[str, str]:
-    """Row-wise for tables above rw_share of a rank's fair share (when row-wise is valid), else
-    table-wise. One rank: table-wise."""
-    if world_size == 1:
-        return {t.name: TW for t in tables}
-    whole = {t.name: shard_bytes(t, t.rows, optimizer).state for t in tables}
-    fair = sum(whole.values()) / world_size
-    return {t.name: RW if whole[t.name] > rw_share * fair and row_wise_ok(t, world_size) else TW for t in tables}
+    """Row-wise for the tables row_wise_by_size names, where row-wise is valid; else table-wise."""
+    by_size = {t.name for t in row_wise_by_size(tables, world_size, optimizer, rw_share)}
+    return {t.name: RW if t.name in by_size and row_wise_ok(t, world_size) else TW for t in tables}
 
 
 def place_largest_first(
