@@ -100,16 +100,7 @@ def paired_rates(
     process, so that a slow spell of the shared machine hits both sides of a round alike."""
     models = {m: build(world, m, ratio, sharding) for m in ("stock", "cafe")}
     cafe = models["cafe"][1]
-    batches = criteo_batches(batch, steps * (rounds + 1), seed=rank)  # fresh ids in every block
-    inputs = {
-        "cafe": batches,
-        "stock": [
-            KeyedJaggedTensor.from_lengths_sync(
-                keys=cafe.feature_map.inner, values=_stock_ids(b, cafe), lengths=b.lengths()
-            )
-            for b in batches
-        ],
-    }
+    inputs = paired_inputs(criteo_batches(batch, steps * (rounds + 1), seed=rank), cafe)  # fresh ids in every block
     probe = torch.randn(batch, 26 * 16)
 
     def block(method: str, index: int) -> float:
@@ -151,16 +142,7 @@ def profile_phases(rank: int, world: int, ratio: float, batch: int, steps: int, 
 
     models = {m: build(world, m, ratio, sharding) for m in ("stock", "cafe")}
     cafe = models["cafe"][1]
-    batches = criteo_batches(batch, 2 * steps, seed=rank)
-    inputs = {
-        "cafe": batches,
-        "stock": [
-            KeyedJaggedTensor.from_lengths_sync(
-                keys=cafe.feature_map.inner, values=_stock_ids(b, cafe), lengths=b.lengths()
-            )
-            for b in batches
-        ],
-    }
+    inputs = paired_inputs(criteo_batches(batch, 2 * steps, seed=rank), cafe)
     probe = torch.randn(batch, 26 * 16)
     totals, events = {}, {}
     for method, (dmp, _) in models.items():
@@ -186,6 +168,20 @@ def profile_phases(rank: int, world: int, ratio: float, batch: int, steps: int, 
         rows.append([f"  {label} (total, ops included)", total])
     rows.append(["CAFE / stock (CPU time)", totals["stock"] / totals["cafe"]])
     return rows
+
+
+def paired_inputs(
+    batches: List[KeyedJaggedTensor], cafe: CafeEmbeddingBagCollection
+) -> Dict[str, List[KeyedJaggedTensor]]:
+    """The same batches for both sides: CAFE's as they are, stock's as the rows of CAFE's
+    physical tables they stand for (in CAFE's inner feature order)."""
+    stock = [
+        KeyedJaggedTensor.from_lengths_sync(
+            keys=cafe.feature_map.inner, values=_stock_ids(b, cafe), lengths=b.lengths()
+        )
+        for b in batches
+    ]
+    return {"cafe": batches, "stock": stock}
 
 
 def _stock_ids(kjt: KeyedJaggedTensor, cafe: CafeEmbeddingBagCollection) -> torch.Tensor:
