@@ -1,9 +1,12 @@
-"""Helpers every benchmark shares: the machine line, timing, and a plain-text table."""
+"""Helpers every benchmark shares: the machine line, timing, a plain-text table, and the
+command line of one example-trainer run."""
 
 from __future__ import annotations
 
+import sys
 import time
-from typing import Callable, List, Sequence
+from pathlib import Path
+from typing import Callable, List, Sequence, Union
 
 import torch
 
@@ -41,3 +44,20 @@ def _fmt(c: object) -> str:
     if isinstance(c, float):
         return f"{c:.3g}" if abs(c) < 1000 else f"{c:,.0f}"
     return str(c)
+
+
+def trainer_command(args: Sequence[str], out_dir: Union[str, Path], run_name: str) -> List[str]:
+    """`python -m examples.dlrm.train ARGS` without its progress bar and plot, writing its results
+    to OUT_DIR/RUN_NAME.json: one training run in a process of its own."""
+    return [
+        sys.executable,
+        "-m",
+        "examples.dlrm.train",
+        *args,
+        "--no-progress",
+        "--no-plot",
+        "--out-dir",
+        str(out_dir),
+        "--run-name",
+        run_name,
+    ]

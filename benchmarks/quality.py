@@ -24,12 +24,11 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from benchmarks.common import machine, table
+from benchmarks.common import machine, table, trainer_command
 
 METHODS = ["hash", "qr", "mc-lfu", "mc-dlfu", "ada", "cafe", "cafe-ml"]
 # Q-R with one collision count over all compressed tables, as the paper's code: per-table
@@ -59,18 +58,9 @@ def run_one(
     method: str, ratio: Optional[float], data: str, seed: int, args: argparse.Namespace, out: Path
 ) -> Dict[str, object]:
     name = (f"{data}-{method}-{ratio:g}x" if ratio else f"{data}-{method}") + (f"-s{seed}" if seed else "")
-    cmd = [
-        sys.executable,
-        "-m",
-        "examples.dlrm.train",
+    train_args = [
         "--embedding",
         method,
-        "--no-progress",
-        "--no-plot",
-        "--out-dir",
-        str(out),
-        "--run-name",
-        name,
         "--seed",
         str(seed),
         "--batch-size",
@@ -80,7 +70,8 @@ def run_one(
         *data_args(data, args),
     ]
     if ratio:
-        cmd += ["--compression-ratio", str(ratio), *METHOD_ARGS.get(method, [])]
+        train_args += ["--compression-ratio", str(ratio), *METHOD_ARGS.get(method, [])]
+    cmd = trainer_command(train_args, out, name)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:

@@ -65,7 +65,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from benchmarks.common import machine, table
+from benchmarks.common import machine, table, trainer_command
 from examples.dlrm.data.streams import StreamSpec, batches, settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -301,20 +301,7 @@ def execute(run: Run, repo: Path) -> Dict[str, Any]:
         if run.code_of == OFFICIAL:
             cmd = [sys.executable, "-m", "benchmarks.suite", "--official-worker", *run.args[1:], f"{tmp}/run.json"]
         else:
-            cmd = [
-                sys.executable,
-                "-m",
-                "examples.dlrm.train",
-                *run.args,
-                "--threads",
-                "1",
-                "--no-progress",
-                "--no-plot",
-                "--out-dir",
-                tmp,
-                "--run-name",
-                "run",
-            ]
+            cmd = trainer_command([*run.args, "--threads", "1"], tmp, "run")
         start = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)

@@ -13,22 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List
 
-from benchmarks.common import machine, table
+from benchmarks.common import machine, table, trainer_command
 
 METHODS = ("hash", "cafe", "cafe-ml")
 
 
 def samples_per_sec(method: str, ratio: float, args: argparse.Namespace, out: Path) -> float:
     name = f"{method}-{ratio:g}x"
-    cmd = [
-        sys.executable,
-        "-m",
-        "examples.dlrm.train",
+    train_args = [
         "--embedding",
         method,
         "--compression-ratio",
@@ -45,13 +41,8 @@ def samples_per_sec(method: str, ratio: float, args: argparse.Namespace, out: Pa
         str(args.steps * args.batch_size),  # one day trains, one tests
         "--threads",
         "1",
-        "--no-progress",
-        "--no-plot",
-        "--out-dir",
-        str(out),
-        "--run-name",
-        name,
     ]
+    cmd = trainer_command(train_args, out, name)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
