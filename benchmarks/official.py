@@ -72,6 +72,7 @@ SLOT_BYTES = 12  # sketch.cpp's slot: uint32 id, float score, int hot row
 SLOTS_PER_BUCKET = 4  # one bucket per hot row (init_embed.py: 48 B per hot row)
 DECAY = 0.99  # main.py's --cafe_decay default; tasks/criteo.json does not set it
 MAX_SKETCHES = 26  # sketch.cpp's ss[26]
+OFFICIAL_METHODS = ("cafe", "hash", "full")  # its embedding layers train_official can run
 
 
 class OfficialUnavailable(RuntimeError):
@@ -332,9 +333,12 @@ def build_official_model(
     embedding_dim: int,
     dense_arch: Sequence[int],
     over_arch: Sequence[int],
+    method: str = "cafe",
 ) -> torch.nn.Module:
-    """Its EmbeddingLayer (CAFE with one shared sketch; `config` None: its uncompressed baseline, one
-    plain table per field) inside its DLRM_Net with this project's DLRM shape.
+    """Its EmbeddingLayer inside its DLRM_Net with this project's DLRM shape: `method` "cafe" (one
+    shared sketch, `config`'s threshold and hash rate), "hash" (its HashEmbeddingBag: ids modulo
+    ceil(n / ratio) rows per field, `config`'s rate) or "full" (one plain table per field, no
+    `config`). Fields of at most 2000 / ratio ids stay plain tables in "cafe" and "hash".
 
     Its DLRM_Net is torchrec's DLRM in shape (ReLU after every dense layer, the last included;
     pairwise dots of the dense output and the F embeddings, upper triangle, concatenated after
@@ -342,8 +346,12 @@ def build_official_model(
     sqrt(2 / (fan_in + fan_out)), as the DLRM reference) and ends in a sigmoid with BCELoss
     where torchrec's DLRMTrain uses BCEWithLogits.
     """
-    if config is None:
+    if method != "full" and config is None:
+        raise ValueError(f"method {method!r} needs the artifact's config at a ratio")
+    if method == "full" or config is None:
         args = argparse.Namespace(compress_method=None, compress_rate=1.0)
+    elif method == "hash":
+        args = argparse.Namespace(compress_method="hash", compress_rate=config.compress_rate)
     else:
         args = argparse.Namespace(
             compress_method="cafe",
@@ -449,8 +457,9 @@ def train_official(
     a bad shape, ids out of range or a batch over 16384 rows.
 
     `method="full"` trains its uncompressed baseline instead (main.py without --compress_method:
-    one plain table per field; `compression_ratio` is then not used), to tell differences of
-    the training setup from differences of CAFE.
+    one plain table per field; `compression_ratio` is then not used), and `method="hash"` its
+    hashing baseline at `compression_ratio` (main.py --compress_method hash): both tell
+    differences of the training setup from differences of CAFE.
     """
     from tqdm import tqdm
 
@@ -463,13 +472,13 @@ def train_official(
         raise ValueError(f"need at least 2 features of >= 1 id each, got {list(cardinalities)}")
     if sum(cardinalities) >= 2**31:
         raise ValueError("the artifact's global ids (id + field offset) are int32: cardinalities must sum below 2^31")
-    if method not in ("cafe", "full"):
-        raise ValueError(f"method must be 'cafe' or 'full', got {method!r}")
+    if method not in OFFICIAL_METHODS:
+        raise ValueError(f"method must be one of {OFFICIAL_METHODS}, got {method!r}")
     artifact = build_official()
-    config = official_config(artifact, compression_ratio) if method == "cafe" else None
+    config = official_config(artifact, compression_ratio) if method != "full" else None
     torch.manual_seed(seed)
     np.random.seed(seed)
-    model = build_official_model(artifact, cardinalities, config, embedding_dim, dense_arch, over_arch)
+    model = build_official_model(artifact, cardinalities, config, embedding_dim, dense_arch, over_arch, method)
     layer = model.embedding_layer
     cards = torch.tensor(list(cardinalities), dtype=torch.int64)
     sketched = [emb for emb in layer.embeddings if hasattr(emb, "hash_size")]
@@ -510,8 +519,8 @@ def train_official(
         "memory_bytes": float(memory["memory_bytes"]),
         "compression_ratio": float(memory["compression_ratio"]),
         "hot_rows": float(memory["hot_rows"]),
-        "threshold": float(config.threshold) if config else float("nan"),
-        "hot_share": config.hot_share if config else float("nan"),
+        "threshold": float(config.threshold) if method == "cafe" and config else float("nan"),
+        "hot_share": config.hot_share if method == "cafe" and config else float("nan"),
         "hot_lookup_share": hot / lookups if lookups else float("nan"),
         "train_samples": float(samples),
     }

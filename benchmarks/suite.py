@@ -25,7 +25,11 @@ Methods (`METHODS`, a dict to edit as CafeConfig grows policies):
 - ``official``: the official artifact's CAFE layer, through benchmarks.official.train_official
   on the very same batches (skipped, with the reason, when that module or the artifact is
   absent); ``cafe-adagrad``: our CAFE with element-wise Adagrad, lr 0.05, as the official
-  trains, reported only beside it (same memory, same optimizer).
+  trains, reported only beside it (same memory, same optimizer);
+- ``official-hash`` and ``hash-adagrad``: the hashing of each of those two training loops (the
+  official's model, init and loss; ours with Adagrad lr 0.05). Each CAFE's gain over its own
+  loop's hashing (`OWN_HASH`) compares the two CAFEs with everything around the embedding
+  layer taken out; the suite prints it as its own table.
 
 Protocol: constants are chosen on validation only; settings are `dev` (defaults may be tuned
 on them) or `held_out` (never tuned on); the table reports the two separately. Runs with the
@@ -79,8 +83,15 @@ METHODS: Dict[str, List[str]] = {
     "cafe": ["--embedding", "cafe"],
     "cafe-paper": ["--embedding", "cafe", "--cafe-option", "policy=paper"],
     "cafe-adagrad": ["--embedding", "cafe", "--optimizer", "adagrad", "--learning-rate", "0.05"],
+    "hash-adagrad": ["--embedding", "hash", "--optimizer", "adagrad", "--learning-rate", "0.05"],
 }
 OFFICIAL = "official"  # runs benchmarks.official.train_official in a worker process
+# The official artifact's layers the suite runs (label -> train_official's method): its CAFE, and its
+# hashing in the same training loop, the control that tells its loop's effect from its CAFE's.
+OFFICIAL_RUNS = {OFFICIAL: "cafe", "official-hash": "hash"}
+# Each method's gain is also reported over the hashing of its own training loop (same model, optimizer
+# and init): the like-for-like comparison of the official's CAFE and ours.
+OWN_HASH = {"official": "official-hash", "cafe-adagrad": "hash-adagrad"}
 GRID_METHOD = "grid"  # METHODS["cafe"] plus one point of GRID
 # The hand-tuned grid, over both policies: the paper's (threshold as a multiple of its per-ratio
 # threshold, decay, hot share) and the adaptive one (horizon, hot share).
@@ -90,7 +101,7 @@ GRID_RATIOS = (1000, 10000)
 RATIOS = (10, 100, 1000, 10000)
 SEEDS = (0, 1, 2)
 QUICK_RATIOS = (1000, 10000)
-TABLE_METHODS = ("hash", "cafe", "cafe-paper", GRID_METHOD, OFFICIAL, "cafe-adagrad")
+TABLE_METHODS = ("hash", "cafe", "cafe-paper", GRID_METHOD, OFFICIAL, "cafe-adagrad", "official-hash", "hash-adagrad")
 CAFE_LIKE = ("cafe", "cafe-paper", GRID_METHOD, "cafe-adagrad")
 RECOVERY_RATIO = 1000
 RECOVERY_LEVEL = 0.9
@@ -193,8 +204,11 @@ def plan_runs(
     """Every run of the fixed methods, and the grid's validation runs (first seed, GRID_RATIOS only)."""
     runs = []
     for spec, ratio, seed, method in itertools.product(specs, ratios, seeds, methods):
-        if method == OFFICIAL:
-            runs.append(Run(method, spec.name, ratio, seed, ("official", spec.name, f"{ratio:g}", str(seed)), OFFICIAL))
+        if method in OFFICIAL_RUNS:
+            args = ("official", spec.name, f"{ratio:g}", str(seed))
+            if OFFICIAL_RUNS[method] != "cafe":  # the official CAFE's runs keep their cache keys
+                args += ("--official-method", OFFICIAL_RUNS[method])
+            runs.append(Run(method, spec.name, ratio, seed, args, OFFICIAL))
         elif method == GRID_METHOD:
             if seed == seeds[0] and ratio in GRID_RATIOS:
                 runs += [
@@ -209,7 +223,7 @@ def plan_runs(
                     ratio,
                     seed,
                     train_args(spec, METHODS[method], ratio, seed),
-                    "hash" if method == "hash" else "cafe",
+                    "hash" if METHODS[method][1] == "hash" else "cafe",
                 )
             )
     return runs
@@ -299,7 +313,8 @@ def execute(run: Run, repo: Path) -> Dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="suite-") as tmp:
         if run.code_of == OFFICIAL:
-            cmd = [sys.executable, "-m", "benchmarks.suite", "--official-worker", *run.args[1:], f"{tmp}/run.json"]
+            worker = [*run.args[1:4], f"{tmp}/run.json", *run.args[4:]]
+            cmd = [sys.executable, "-m", "benchmarks.suite", "--official-worker", *worker]
         else:
             cmd = trainer_command([*run.args, "--threads", "1"], tmp, "run")
         start = time.perf_counter()
@@ -368,7 +383,7 @@ def run_all(runs: List[Run], cache: Cache, jobs: int, dry: bool, repo: Path) -> 
     return results
 
 
-def official_worker(setting: str, ratio: str, seed: str, out: str) -> None:
+def official_worker(setting: str, ratio: str, seed: str, out: str, method: str) -> None:
     """--official-worker: train the official CAFE layer on a stream's batches and write its JSON; exits with
     SKIPPED (not cached) when the artifact is unavailable."""
     from benchmarks.official import OfficialUnavailable, train_official
@@ -383,11 +398,13 @@ def official_worker(setting: str, ratio: str, seed: str, out: str) -> None:
             compression_ratio=float(ratio),
             seed=seed_i,
             embedding_dim=16,
+            method=method,
         )
     except OfficialUnavailable as err:
         print(f"official skipped: {err}", file=sys.stderr)
         raise SystemExit(SKIPPED) from None
-    Path(out).write_text(json.dumps({"method": OFFICIAL, **result}))
+    label = next(name for name, m in OFFICIAL_RUNS.items() if m == method)
+    Path(out).write_text(json.dumps({"method": label, **result}))
 
 
 # ----------------------------------------------------------------------------- reading results
@@ -458,16 +475,22 @@ def cells(
                 test_auc_spread=spread(test),
                 val_auc=[good[s].get("val_auc") for s in sorted(good)],
             )
-            hashed = {s: by.get((spec.name, ratio, "hash", s)) for s in good}
-            diffs = [100 * (good[s]["test_auc"] - hashed[s]["test_auc"]) for s in sorted(good) if ok(hashed[s])]
-            if diffs and method != "hash":
-                cell.update(
-                    gain_points=diffs,
-                    gain_mean=statistics.fmean(diffs),
-                    gain_spread=spread(diffs),
-                    gain_min=min(diffs),
-                    gain_max=max(diffs),
-                )
+            baselines = {"gain": "hash", "own_gain": OWN_HASH.get(method)}
+            for field, baseline in baselines.items():
+                if baseline is None or method == "hash":
+                    continue
+                base = {s: by.get((spec.name, ratio, baseline, s)) for s in good}
+                diffs = [100 * (good[s]["test_auc"] - base[s]["test_auc"]) for s in sorted(good) if ok(base[s])]
+                if diffs:
+                    cell.update(
+                        {
+                            f"{field}_points": diffs,
+                            f"{field}_mean": statistics.fmean(diffs),
+                            f"{field}_spread": spread(diffs),
+                            f"{field}_min": min(diffs),
+                            f"{field}_max": max(diffs),
+                        }
+                    )
         out.append(cell)
     return out
 
@@ -563,9 +586,42 @@ def print_tables(cell_list: List[Dict[str, Any]], methods: Sequence[str]) -> Non
                 "in AUC points [min, max] of the per-seed differences (spread = max - min)"
             )
             print(table(["setting", "ratio", *shown, *[f"{m}-hash" for m in shown if m != "hash"]], rows))
+    print_own_gains(cell_list, shown)
     errors = sorted({(c["setting"], c["ratio"], c["method"], e) for c in cell_list for e in c["errors"]})
     for setting, ratio, method, error in errors:
         print(f"n/a {setting} {ratio:g}x {method}: {error}")
+
+
+def print_own_gains(cell_list: List[Dict[str, Any]], shown: Sequence[str]) -> None:
+    """Each CAFE's gain over the hashing of its own training loop (OWN_HASH), side by side: the official's
+    CAFE against ours with the effect of everything around the embedding layer taken out."""
+    pairs = [(m, OWN_HASH[m]) for m in shown if m in OWN_HASH and OWN_HASH[m] in shown]
+    if not pairs:
+        return
+    index = {(c["setting"], c["ratio"], c["method"]): c for c in cell_list}
+    rows = []
+    for setting, ratio in dict.fromkeys((c["setting"], c["ratio"]) for c in cell_list):
+        row: List[Any] = [setting, f"{ratio:g}x"]
+        gains = []
+        for method, _ in pairs:
+            c = index[(setting, ratio, method)]
+            if "own_gain_mean" in c:
+                row.append(f"{c['own_gain_mean']:+.2f} [{c['own_gain_min']:+.2f}, {c['own_gain_max']:+.2f}]")
+                gains.append(c["own_gain_points"])
+            else:
+                row.append("-")
+        if len(gains) == 2 and len(gains[0]) == len(gains[1]):
+            diffs = [b - a for a, b in zip(*gains)]
+            row.append(f"{statistics.fmean(diffs):+.2f} [{min(diffs):+.2f}, {max(diffs):+.2f}]")
+        else:
+            row.append("-")
+        rows.append(row)
+    names = [f"{m} - {h}" for m, h in pairs]
+    print(
+        "\ngain over the hashing of the same training loop (model, optimizer, init), AUC points, mean "
+        "[min, max] over seeds; last column: the second minus the first, paired by seed"
+    )
+    print(table(["setting", "ratio", *names, "difference"], rows))
 
 
 def plot(cell_list: List[Dict[str, Any]], specs: Sequence[StreamSpec], methods: Sequence[str], path: Path) -> None:
@@ -579,7 +635,7 @@ def plot(cell_list: List[Dict[str, Any]], specs: Sequence[StreamSpec], methods: 
     cols = min(4, len(specs))
     rows = -(-len(specs) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    markers = dict(zip(TABLE_METHODS, "sovD^P"))
+    markers = dict(zip(TABLE_METHODS, "sovD^P<>"))
     for ax, spec in zip(axes.flat, specs):
         ratios = sorted({c["ratio"] for c in cell_list if c["setting"] == spec.name})
         for k, method in enumerate(shown):
@@ -666,6 +722,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=str(OUT))
     p.add_argument("--plot", default=str(PLOT))
     p.add_argument("--official-worker", nargs=4, metavar=("SETTING", "RATIO", "SEED", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--official-method", default="cafe", choices=sorted(set(OFFICIAL_RUNS.values())), help=argparse.SUPPRESS
+    )
     return p.parse_args(argv)
 
 
@@ -680,12 +739,13 @@ def selection(args: argparse.Namespace) -> Tuple[List[str], List[StreamSpec], Li
             methods += [OFFICIAL, "cafe-adagrad"]
     if args.grid and GRID_METHOD not in methods:
         methods.append(GRID_METHOD)
-    unknown = [m for m in methods if m not in METHODS and m not in (OFFICIAL, GRID_METHOD)]
+    unknown = [m for m in methods if m not in METHODS and m not in (*OFFICIAL_RUNS, GRID_METHOD)]
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; known: {', '.join([*METHODS, OFFICIAL, GRID_METHOD])}")
-    if OFFICIAL in methods and official_available() is not None:
-        print(f"official: skipped, {official_available()}")
-        methods.remove(OFFICIAL)
+        raise SystemExit(f"unknown methods {unknown}; known: {', '.join([*METHODS, *OFFICIAL_RUNS, GRID_METHOD])}")
+    for name in [m for m in methods if m in OFFICIAL_RUNS]:
+        if official_available() is not None:
+            print(f"{name}: skipped, {official_available()}")
+            methods.remove(name)
     if args.settings:
         names = args.settings.split(",")
     else:
@@ -702,7 +762,7 @@ def selection(args: argparse.Namespace) -> Tuple[List[str], List[StreamSpec], Li
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     if args.official_worker:
-        official_worker(*args.official_worker)
+        official_worker(*args.official_worker, args.official_method)
         return {}
     import torch
 
