@@ -94,6 +94,20 @@ def test_train_official_full_baseline(artifact: official.OfficialArtifact, one_t
     assert result["test_auc"] > 0.6
 
 
+def test_train_official_hash_baseline(artifact: official.OfficialArtifact, one_thread) -> None:
+    """method="hash": its HashEmbeddingBag (ceil(n / ratio) rows per field above 2000 / ratio ids,
+    the rest plain) in the same loop, no sketch; other layers are refused."""
+    result = train_official(
+        CARDINALITIES, _stream(30, 0), [], _stream(4, 2), compression_ratio=100, seed=0, method="hash"
+    )
+    rows = sum(math.ceil(n / 100) if n > 2000 / 100 else n for n in CARDINALITIES)
+    assert result["memory_bytes"] == rows * 4 * 16 and result["hot_rows"] == 0
+    assert math.isnan(result["hot_lookup_share"]) and math.isnan(result["threshold"])
+    assert 0.5 < result["test_auc"]
+    with pytest.raises(ValueError, match="method"):
+        train_official(CARDINALITIES, _stream(1, 0), [], [], compression_ratio=100, seed=0, method="qr")
+
+
 def test_train_official_rejects_bad_input(artifact: official.OfficialArtifact, one_thread) -> None:
     with pytest.raises(ValueError, match="grid"):
         train_official(CARDINALITIES, _stream(1, 0), [], [], compression_ratio=7, seed=0)
