@@ -78,12 +78,16 @@ PLOT = REPO / "docs" / "suite.png"
 
 # method -> trainer arguments. "cafe" follows CafeConfig's defaults (the adaptive policy);
 # "cafe-paper" pins the paper's fixed policy.
+_ADAGRAD_CAFE = ["--embedding", "cafe", "--optimizer", "adagrad", "--learning-rate", "0.05"]
 METHODS: Dict[str, List[str]] = {
     "hash": ["--embedding", "hash"],
     "cafe": ["--embedding", "cafe"],
     "cafe-paper": ["--embedding", "cafe", "--cafe-option", "policy=paper"],
-    "cafe-adagrad": ["--embedding", "cafe", "--optimizer", "adagrad", "--learning-rate", "0.05"],
+    "cafe-adagrad": _ADAGRAD_CAFE,
     "hash-adagrad": ["--embedding", "hash", "--optimizer", "adagrad", "--learning-rate", "0.05"],
+    # ablations of cafe-adagrad where the official is ahead: its policy, and more hot rows at the same memory
+    "cafe-adagrad-paper": [*_ADAGRAD_CAFE, "--cafe-option", "policy=paper"],
+    "cafe-adagrad-lean": [*_ADAGRAD_CAFE, "--cafe-option", "slots_per_hot_row=2"],
 }
 OFFICIAL = "official"  # runs benchmarks.official.train_official in a worker process
 # The official artifact's layers the suite runs (label -> train_official's method): its CAFE, and its
@@ -560,8 +564,13 @@ def recoveries(results: Dict[Run, Dict[str, Any]], specs: Sequence[StreamSpec]) 
 
 
 # ----------------------------------------------------------------------------- output
+def shown_methods(methods: Sequence[str]) -> List[str]:
+    """The methods of a table or plot: TABLE_METHODS' order first, then the others as given."""
+    return [m for m in TABLE_METHODS if m in methods] + [m for m in methods if m not in TABLE_METHODS]
+
+
 def print_tables(cell_list: List[Dict[str, Any]], methods: Sequence[str]) -> None:
-    shown = [m for m in TABLE_METHODS if m in methods]
+    shown = shown_methods(methods)
     index = {(c["setting"], c["ratio"], c["method"]): c for c in cell_list}
     for role in ("dev", "held_out"):
         rows = []
@@ -631,7 +640,7 @@ def plot(cell_list: List[Dict[str, Any]], specs: Sequence[StreamSpec], methods: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [m for m in TABLE_METHODS if m in methods and m != "hash"]
+    shown = [m for m in shown_methods(methods) if m != "hash"]
     cols = min(4, len(specs))
     rows = -(-len(specs) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
