@@ -457,25 +457,51 @@ inline uint32_t ordered_bits(float v) {
 }
 inline float from_ordered_bits(uint32_t u) { return float_of((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u); }
 
-// The k-th largest of `values` (1 <= k <= size), the value nth_element finds, by radix
-// selection: a histogram of the top 16 ordered bits finds the bucket holding it, a histogram of
-// the low 16 bits within that bucket the value. Two linear passes, where nth_element's
-// partitioning made the marginal estimate half of a rebalance over a large sketch.
-float kth_largest(const std::vector<float>& values, int64_t k) {
-  thread_local std::vector<int64_t> count(size_t{1} << 16);
-  std::fill(count.begin(), count.end(), 0);
-  for (const float v : values) ++count[ordered_bits(v) >> 16];
-  int64_t rank = k;
-  uint32_t high = 0xffff;
-  while (count[high] < rank) rank -= count[high--];
-  std::fill(count.begin(), count.end(), 0);
-  for (const float v : values) {
-    const uint32_t u = ordered_bits(v);
-    if ((u >> 16) == high) ++count[u & 0xffff];
+// The k-th largest of a list of floats by radix selection, the value nth_element finds: a
+// histogram of the top 16 ordered bits, filled as the list is built (`add`), finds the bucket
+// holding it, a histogram of the low 16 bits within that bucket the value. One pass over the
+// list after it is built, where nth_element's partitioning made the marginal estimate half of
+// a rebalance over a large sketch.
+class KthLargest {
+ public:
+  KthLargest() : count_(histogram()) { std::fill(count_.begin(), count_.end(), 0); }
+  void add(float v) { ++count_[ordered_bits(v) >> 16]; }
+  // the k-th largest of `values` (1 <= k <= size), the floats given to `add`
+  float find(const std::vector<float>& values, int64_t k) {
+    int64_t rank = k;
+    uint32_t high = 0xffff;
+    while (count_[high] < rank) rank -= count_[high--];
+    std::fill(count_.begin(), count_.end(), 0);
+    for (const float v : values) {
+      const uint32_t u = ordered_bits(v);
+      if ((u >> 16) == high) ++count_[u & 0xffff];
+    }
+    uint32_t low = 0xffff;
+    while (count_[low] < rank) rank -= count_[low--];
+    return from_ordered_bits(high << 16 | low);
   }
-  uint32_t low = 0xffff;
-  while (count[low] < rank) rank -= count[low--];
-  return from_ordered_bits(high << 16 | low);
+
+ private:
+  static std::vector<int64_t>& histogram() {
+    thread_local std::vector<int64_t> count(size_t{1} << 16);
+    return count;
+  }
+  std::vector<int64_t>& count_;
+};
+
+// The rebalance's working lists, per thread, keeping their capacity between calls: over a large
+// sketch (half a million slots at 100x on Criteo) fresh vectors cost megabytes of allocation and
+// page faults per rebalance, on the thread that overlaps the TBE backward.
+struct RebalanceLists {
+  std::vector<float> held;
+  std::vector<std::pair<float, int32_t>> candidates, hot;  // (estimate, slot): a sketch has < 2^31 slots
+};
+RebalanceLists& rebalance_lists() {
+  thread_local RebalanceLists lists;
+  lists.held.clear();
+  lists.candidates.clear();
+  lists.hot.clear();
+  return lists;
 }
 
 // The adaptive policy's rebalance: the C++ twin of cafe_torchrec.sketch.policy.rebalance_ (its
@@ -492,6 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
                   marks_t.size(1) == 2, "marks: float32 [hot rows, 2]");
   TORCH_CHECK(decayed_t.scalar_type() == at::kDouble && since_t.scalar_type() == at::kLong, "decayed f64, since i64");
   const int64_t n = slots_t.size(0);
+  TORCH_CHECK(n < (int64_t{1} << 31), "rebalance: at most 2^31 - 1 slots per sketch");
   int32_t* fr = free_rows.data_ptr<int32_t>();
   int64_t& fc = *free_count.data_ptr<int64_t>();
   float* marks = marks_t.data_ptr<float>();
@@ -501,13 +528,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
   const float stale_hits = static_cast<float>(stale_hits_d), stale_factor = static_cast<float>(stale_factor_d);
 
   // 1. the marginal estimate, the decay factor, stale hot ids
-  std::vector<float> held;
-  held.reserve(static_cast<size_t>(n));
+  RebalanceLists& lists = rebalance_lists();
+  std::vector<float>& held = lists.held;
+  KthLargest select;
   for (int64_t j = 0; j < n; ++j) {
-    if (slots[j].key != kEmptyKey) held.push_back(cafe::estimate(slots[j]));
+    if (slots[j].key != kEmptyKey) {
+      held.push_back(cafe::estimate(slots[j]));
+      select.add(held.back());
+    }
   }
   const int64_t k = std::min<int64_t>(capacity, static_cast<int64_t>(held.size()));
-  const double q = k > 0 ? kth_largest(held, k) : 0.0;
+  const double q = k > 0 ? select.find(held, k) : 0.0;
   const double before = decayed;
   const int64_t count = since;
   const double total = before + static_cast<double>(count);
@@ -526,8 +557,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
   // interval's decay takes from it (judged on its score before this decay) to those due since
   // its last hit, and is stale once they reach `stale_hits`; every score (and cold slot's
   // error) is decayed, stale ones halved too (their count restarts); then slots are listed for
-  // re-ranking: hot slots, and candidates (confirmed, no row, estimate >= entry).
-  std::vector<std::pair<float, int64_t>> candidates, hot;
+  // re-ranking: hot slots, and candidates (confirmed, no row, estimate >= entry). Each hot row's
+  // mark takes its score after this rebalance here; the rows that change owner below get their
+  // new owner's marks.
+  std::vector<std::pair<float, int32_t>>& candidates = lists.candidates;
+  std::vector<std::pair<float, int32_t>>& hot = lists.hot;
   for (int64_t j = 0; j < n; ++j) {
     Slot& sl = slots[j];
     if (sl.key == kEmptyKey) continue;
@@ -541,8 +575,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
         sl.score = sl.score * stale_factor;
         owed = 0.0f;
       }
+      mark[0] = sl.score;
       mark[1] = owed;
-      hot.emplace_back(sl.score, j);
+      hot.emplace_back(sl.score, static_cast<int32_t>(j));
       continue;
     }
     if (f < 1.0f) {
@@ -550,7 +585,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
       sl.row = cold_word(cafe::error_of(sl.row) * f, sl.row & kNewcomerBit);
     }
     const float e = cafe::estimate(sl);
-    if (!(sl.row & kNewcomerBit) && e >= entry) candidates.emplace_back(e, j);
+    if (!(sl.row & kNewcomerBit) && e >= entry) candidates.emplace_back(e, static_cast<int32_t>(j));
   }
 
   // 2. re-rank: candidates by estimate descending, hot slots ascending (ties: lower slot first).
@@ -587,9 +622,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
     sl.score = cafe::estimate(sl);
     sl.row = static_cast<int32_t>(promoted_rows[i]);
     promoted_keys.push_back(sl.key);
-  }
-  for (size_t i = static_cast<size_t>(swaps); i < hot.size(); ++i) {
-    marks[2 * slots[hot[i].second].row] = slots[hot[i].second].score;
   }
   for (int64_t i = 0; i < fill + swaps; ++i) {
     const Slot& sl = slots[candidates[i].second];
