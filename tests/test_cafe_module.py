@@ -189,6 +189,30 @@ def test_output_order_and_plain_tables_follow_the_configs() -> None:
     assert "uncompressed" in ebc.describe() and ebc.memory()["compression_ratio"] > 9
 
 
+def test_pooled_output_moves_columns_and_gradients_back_to_config_order() -> None:
+    """PooledOutput (FBGEMM's pooled permute) against plain column indexing, forward and backward,
+    with mixed dims and an inner order that interleaves them."""
+    from cafe_torchrec.output import PooledOutput
+
+    tbls = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=10, feature_names=[f"f{i}"])
+        for i, dim in enumerate([8, 16, 4, 8, 12])
+    ]
+    inner = ["f1", "f3", "f0", "f4", "f2"]
+    dims = {f"f{i}": t.embedding_dim for i, t in enumerate(tbls)}
+    starts = {f: sum(dims[g] for g in inner[: inner.index(f)]) for f in inner}
+    columns = torch.tensor([c for f in sorted(dims) for c in range(starts[f], starts[f] + dims[f])])
+    values = torch.randn(5, sum(dims.values()), requires_grad=True)
+    kt = PooledOutput(tbls, inner, mean_by_sum=False)(values, None)
+    assert kt.keys() == ["f0", "f1", "f2", "f3", "f4"] and kt.length_per_key() == [8, 16, 4, 8, 12]
+    expected = values.index_select(1, columns)
+    torch.testing.assert_close(kt.values(), expected, rtol=0, atol=0)
+    upstream = torch.randn_like(expected)
+    (got,) = torch.autograd.grad(kt.values(), values, upstream)
+    (want,) = torch.autograd.grad(expected, values, upstream)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "bad,match",
     [
