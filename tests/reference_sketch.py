@@ -133,8 +133,8 @@ class ReferenceSketch:
             for j in range(len(self.keys)):
                 self.scores[j] = f32(self.scores[j] * f)
                 self.errors[j] = error32(f32(self.errors[j] * f))
-        for j in stale:
-            self.scores[j] = f32(self.scores[j] * 0.5)
+        for j in stale:  # a stale hot id's score drops to zero
+            self.scores[j] = f32(self.scores[j] * 0.0)
             due[self.rows[j]] = 0.0
         self.decayed, self.since = total * f, 0
         candidates = sorted(
