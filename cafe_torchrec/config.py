@@ -49,9 +49,11 @@ class CafeConfig:
         "adaptive" (default): hot rows follow the ids with the most recent importance, with no
         per-dataset threshold (sketch/policy.py): scores decay so that the marginal hot id's
         score stays near `horizon` occurrences, an id takes a free row once its estimate
-        reaches `entry_score`, and a challenger takes the weakest hot id's row when it beats it
-        by the factor `hysteresis`. The constants are scale-free: they count occurrences of
-        average importance, not absolute scores.
+        reaches `entry_score`, a challenger takes the weakest hot id's row when it beats it
+        by the factor `hysteresis`, and a hot id that misses the 8 occurrences its score
+        promised (yesterday's head after a drift) loses its row at the next rebalance. The
+        constants are scale-free: they count occurrences of average importance, not absolute
+        scores.
         "paper": the SIGMOD paper's fixed policy: promotion at a fixed `threshold` (default: the
         artifact's per ratio), demotion only at a `decay` (default 0.98) that fires when the
         score inserted since the last one exceeds `decay_trigger` (default 10) x buckets x
