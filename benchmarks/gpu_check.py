@@ -424,7 +424,7 @@ def check_importance(device: torch.device, quick: bool) -> str:
 
 def check_adaptive_policy(device: torch.device, quick: bool) -> str:
     """The adaptive policy's rebalance (sketch/policy.py, torch ops) on the device vs the CPU twin
-    bit for bit on dyadic scores through an abrupt drift (decays, stale halvings, swaps), and vs
+    bit for bit on dyadic scores through an abrupt drift (decays, stale hot ids zeroed, swaps), and vs
     the sequential reference where no decay makes every sum exact (a huge horizon)."""
     from cafe_torchrec.sketch.policy import AdaptivePolicy
 

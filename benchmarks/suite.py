@@ -484,10 +484,12 @@ def cells(
                 if baseline is None or method == "hash":
                     continue
                 base = {s: by.get((spec.name, ratio, baseline, s)) for s in good}
-                diffs = [100 * (good[s]["test_auc"] - base[s]["test_auc"]) for s in sorted(good) if ok(base[s])]
+                paired = [s for s in sorted(good) if ok(base[s])]
+                diffs = [100 * (good[s]["test_auc"] - base[s]["test_auc"]) for s in paired]
                 if diffs:
                     cell.update(
                         {
+                            f"{field}_seeds": paired,
                             f"{field}_points": diffs,
                             f"{field}_mean": statistics.fmean(diffs),
                             f"{field}_spread": spread(diffs),
@@ -611,16 +613,17 @@ def print_own_gains(cell_list: List[Dict[str, Any]], shown: Sequence[str]) -> No
     rows = []
     for setting, ratio in dict.fromkeys((c["setting"], c["ratio"]) for c in cell_list):
         row: List[Any] = [setting, f"{ratio:g}x"]
-        gains = []
+        gains: List[Dict[int, float]] = []  # per method, seed -> its gain
         for method, _ in pairs:
             c = index[(setting, ratio, method)]
             if "own_gain_mean" in c:
                 row.append(f"{c['own_gain_mean']:+.2f} [{c['own_gain_min']:+.2f}, {c['own_gain_max']:+.2f}]")
-                gains.append(c["own_gain_points"])
+                gains.append(dict(zip(c["own_gain_seeds"], c["own_gain_points"])))
             else:
                 row.append("-")
-        if len(gains) == 2 and len(gains[0]) == len(gains[1]):
-            diffs = [b - a for a, b in zip(*gains)]
+        shared = sorted(set(gains[0]) & set(gains[1])) if len(gains) == 2 else []
+        if shared:
+            diffs = [gains[1][seed] - gains[0][seed] for seed in shared]
             row.append(f"{statistics.fmean(diffs):+.2f} [{min(diffs):+.2f}, {max(diffs):+.2f}]")
         else:
             row.append("-")

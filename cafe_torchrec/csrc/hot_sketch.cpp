@@ -556,8 +556,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
   // One pass: a hot slot that gained nothing since the last rebalance adds the occurrences this
   // interval's decay takes from it (judged on its score before this decay) to those due since
   // its last hit, and is stale once they reach `stale_hits`; every score (and cold slot's
-  // error) is decayed, stale ones halved too (their count restarts); then slots are listed for
-  // re-ranking: hot slots, and candidates (confirmed, no row, estimate >= entry). Each hot row's
+  // error) is decayed, stale ones also multiplied by `stale_factor` (0: zeroed; their count
+  // restarts); then slots are listed for re-ranking: hot slots, and candidates (confirmed, no
+  // row, estimate >= entry). Each hot row's
   // mark takes its score after this rebalance here; the rows that change owner below get their
   // new owner's marks.
   std::vector<std::pair<float, int32_t>>& candidates = lists.candidates;
