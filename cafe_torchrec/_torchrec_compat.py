@@ -123,7 +123,8 @@ def queue_end_of_backward(callback: Callable[[], None]) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
-# sharded sketch state and checkpoints (distributed/sketch_state.py, distributed/checkpoint.py)
+# sharded tensors: sketch state and checkpoints (distributed/sketch_state.py, distributed/checkpoint.py),
+# the group table's init (layout.py)
 
 
 def is_sharded_tensor(value: Any) -> bool:
@@ -132,6 +133,14 @@ def is_sharded_tensor(value: Any) -> bool:
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     return isinstance(value, ShardedTensor)
+
+
+def local_row_blocks(weight: torch.Tensor) -> List[torch.Tensor]:
+    """The tensors of `weight` this process holds: itself, or a ShardedTensor's local shards
+    (TorchRec's sharded reset_parameters hands a table's init_fn the ShardedTensor)."""
+    if is_sharded_tensor(weight):
+        return [shard.tensor for shard in weight.local_shards()]  # type: ignore[attr-defined]
+    return [weight]
 
 
 def row_sharded_tensor(

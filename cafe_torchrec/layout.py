@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, replace
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
+from cafe_torchrec._torchrec_compat import local_row_blocks
 from cafe_torchrec.config import CafeConfig
 from cafe_torchrec.hashing import MAX_BOUND
 from cafe_torchrec.sketch.hot_sketch import SLOT_BYTES, per_row_bytes
@@ -38,10 +40,21 @@ class TableLayout:
     ratio: float
     level1_rows: int
     level2_rows: int  # 0 unless the group is multi-level
+    # the logical table's init_fn (EmbeddingBagConfig.init_fn); None: TorchRec's default,
+    # uniform +-sqrt(1 / logical_rows)
+    init_fn: Optional[Callable[[torch.Tensor], Any]] = field(default=None, compare=False, repr=False)
 
     @property
     def hashed_rows(self) -> int:
         return self.level1_rows + self.level2_rows
+
+    def init_rows(self, rows: torch.Tensor) -> None:
+        """Initialise this table's hashed rows as a stock collection initialises the table's own."""
+        if self.init_fn is not None:
+            self.init_fn(rows)
+        else:
+            bound = math.sqrt(1.0 / self.logical_rows)
+            rows.uniform_(-bound, bound)
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,24 @@ class GroupLayout:
             out.append((offset, offset + t.level1_rows))
             offset += t.hashed_rows
         return out
+
+    def init_weights(self, weight: torch.Tensor) -> torch.Tensor:
+        """The physical table's init_fn, region by region: each table's hashed rows (both
+        levels) start from that table's own init_fn, as the table's rows would in a stock
+        EmbeddingBagCollection and as the official artifact starts its hashed rows; the hot rows
+        from uniform +-sqrt(1 / largest table's rows), the official's hot-table init (a promoted
+        id's hot row starts from its level-1 row anyway, see migration.py). One bound for the
+        whole table (the largest table's) started a small table's hashed rows up to sqrt(rows
+        ratio) narrower than stock. Takes the whole table or TorchRec's ShardedTensor of it (its
+        sharded reset_parameters): each local row-wise shard is a block of this layout."""
+        bound = math.sqrt(1.0 / max(t.logical_rows for t in self.tables))
+        with torch.no_grad():
+            for local in (b for b in local_row_blocks(weight) if b.shape[0] > 0):
+                block = self.block(local.shape[0])
+                local[: block.hot_rows].uniform_(-bound, bound)
+                for t, (level1, _) in zip(block.tables, block.region_offsets()):
+                    t.init_rows(local[level1 : level1 + t.hashed_rows])
+        return weight
 
     def block(self, rows: int) -> "GroupLayout":
         """The layout of a row-wise block of `rows` rows: every region scaled in proportion
@@ -134,7 +165,7 @@ class CafePlan:
         """The inner EmbeddingBagCollection's tables: one per group, then the plain ones."""
         configs = []
         for g in self.groups:
-            bound = math.sqrt(1.0 / max(t.logical_rows for t in g.tables))
+            bound = math.sqrt(1.0 / max(t.logical_rows for t in g.tables))  # the hot rows' (TBE's first fill)
             configs.append(
                 EmbeddingBagConfig(
                     name=g.name,
@@ -145,6 +176,7 @@ class CafePlan:
                     data_type=g.data_type,
                     weight_init_min=-bound,
                     weight_init_max=bound,
+                    init_fn=g.init_weights,
                 )
             )
         configs.extend(summing_table(p.config) for p in self.plain)
@@ -204,7 +236,9 @@ def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[st
                 "raise its compression_ratio or split the table"
             )
         layouts.append(
-            TableLayout(t.name, tuple(t.feature_names), t.num_embeddings, cfg.compression_ratio, level1, level2)
+            TableLayout(
+                t.name, tuple(t.feature_names), t.num_embeddings, cfg.compression_ratio, level1, level2, t.init_fn
+            )
         )
     return GroupLayout(name, dim, dtype, first, hot_rows, tuple(layouts))
 

@@ -50,13 +50,14 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> List[Any]:
             )
         except ProcessException:  # the per-rank files below say which rank failed and why
             pass
-        results = []
+        results, errors = [], []
         for rank in range(world):
             path = os.path.join(out_dir, f"{rank}.pt")
-            if not os.path.exists(path):
-                raise RuntimeError(f"rank {rank} died without a result")
-            got = torch.load(path, weights_only=False)
-            if "error" in got:
-                raise AssertionError(f"rank {rank} failed:\n{got['error']}")
-            results.append(got["ok"])
+            got = torch.load(path, weights_only=False) if os.path.exists(path) else {"error": "died without a result"}
+            if "error" in got:  # every rank's: the first is often a peer's lost connection
+                errors.append(f"rank {rank} failed:\n{got['error']}")
+            else:
+                results.append(got["ok"])
+        if errors:
+            raise AssertionError("\n".join(errors))
         return results

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import io
 
 import pytest
@@ -52,6 +54,25 @@ def test_promoted_id_keeps_its_embedding_and_cooled_id_returns_to_hashing() -> N
     assert group.sketch.query(key)[0].item() == -1
     assert ebc.stats()[group.layout.name]["tables"]["t0"]["demotions"] == 1
     torch.testing.assert_close(ebc.eval()(kjt)["f0"], before)  # back on its (unchanged) hashed row
+
+
+@pytest.mark.parametrize("multi_level", [False, True])
+def test_each_table_s_hashed_rows_start_from_its_own_init(multi_level: bool) -> None:
+    """As in a stock collection: a table's rows start from its init_fn (TorchRec's default
+    +-sqrt(1 / its rows), or the user's), not from one bound for the whole group."""
+    configs = tables([200_000, 3000, 4000])
+    configs[2] = dataclasses.replace(configs[2], init_fn=functools.partial(torch.nn.init.constant_, val=0.25))
+    ebc = CafeEmbeddingBagCollection(configs, CafeConfig(compression_ratio=10, multi_level=multi_level))
+    layout = ebc.plan.groups[0]
+    weight = ebc.physical.embedding_bags[layout.name].weight.detach()
+    offsets = [level1 for level1, _ in layout.region_offsets()]
+    regions = [weight[level1 : level1 + t.hashed_rows] for t, level1 in zip(layout.tables, offsets)]
+    assert layout.tables[2].level2_rows > 0 if multi_level else layout.tables[2].level2_rows == 0
+    for region, rows in zip(regions[:2], (200_000, 3000)):
+        bound = (1 / rows) ** 0.5
+        assert 0.95 * bound < float(region.abs().max()) <= bound  # the small table: 8x the large one's
+    assert torch.equal(regions[2], torch.full_like(regions[2], 0.25))
+    assert float(weight[: layout.hot_rows].abs().max()) <= (1 / 200_000) ** 0.5
 
 
 def test_hot_set_follows_drift() -> None:

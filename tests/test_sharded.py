@@ -82,6 +82,8 @@ def train_sharded(rank: int, world: int, sharding_type: str) -> Dict[str, object
     ebc = build()
     _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": LR})
     dmp, full, sharding = shard(ebc, sharding_type, world)
+    holds_rows = any(m.placement.rank() == rank for m in sharding.sharding_spec.shards)
+    initial = row_store(dmp.module.physical, GROUP).weight.detach().clone() if holds_rows else None  # sharded init
     offset = load_full_weight(dmp, full, sharding)
     outputs = []
     for kjt, probe in zip(batches(rank), probes()):
@@ -97,6 +99,7 @@ def train_sharded(rank: int, world: int, sharding_type: str) -> Dict[str, object
             slots=remap.sketch.slots.clone(),
             free=remap.sketch.free_rows[: int(remap.sketch.free_count[0])].clone(),
             block_rows=remap.layout.physical_rows,
+            initial=initial,
         )
     return result
 
@@ -183,6 +186,10 @@ def test_row_wise_equals_a_single_process_run_of_the_per_shard_logic() -> None:
             src = offsets[r] + blocks[r].hashed_rows(result.promoted_keys, 1)
             full[dst] = full[src]
     for r, res in enumerate(results):
+        # each rank's shard started as a block of the layout: each table's hashed rows from its own init
+        for t, (level1, _) in zip(blocks[r].layout.tables, blocks[r].layout.region_offsets()):
+            bound = (1 / t.logical_rows) ** 0.5
+            assert 0.9 * bound < float(res["initial"][level1 : level1 + t.hashed_rows].abs().max()) <= bound, t.name
         assert torch.equal(res["slots"].view(-1, 2)[:, 0], blocks[r].sketch.slots[:, 0]), f"rank {r} sketch keys"
         assert_same_rows_and_errors(res["slots"], blocks[r].sketch.slots, f"rank {r}")
         torch.testing.assert_close(
