@@ -6,6 +6,7 @@ No `from __future__ import annotations` here: torch.jit.script reads the annotat
 traced model's forward, which must be types, not strings."""
 
 import copy
+import dataclasses
 from typing import Dict, List
 
 import pytest
@@ -36,13 +37,14 @@ GROUP = "cafe_dim8"
 
 
 def tables(pooling: PoolingType = PoolingType.SUM) -> List[EmbeddingBagConfig]:
-    """Two compressed tables (one with two features) and one plain table of 10 rows."""
+    """Two compressed tables (one with two features) and, between them in config order, a plain
+    table of 10 rows (features f0, f1, f3, f2)."""
     return [
         EmbeddingBagConfig(
             name="t0", embedding_dim=8, num_embeddings=6000, feature_names=["f0", "f1"], pooling=pooling
         ),
-        EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=4000, feature_names=["f2"], pooling=pooling),
         EmbeddingBagConfig(name="t2", embedding_dim=8, num_embeddings=10, feature_names=["f3"], pooling=pooling),
+        EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=4000, feature_names=["f2"], pooling=pooling),
     ]
 
 
@@ -182,6 +184,29 @@ def test_serving_op_equals_its_torch_twin(multi_level: bool, pooling: PoolingTyp
         assert torch.equal(fused(variant).values(), twin(variant).values()), name
 
 
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("cpp", marks=needs_cpp)])
+def test_frozen_holds_one_table_where_the_tables_fit_it(kernel: str) -> None:
+    """One group and plain tables of its dim: one physical table with the features in config
+    order, so the output is not reordered; a plain table of another dim keeps the tables apart.
+    Both serve what the eval forward does."""
+    one = freeze(trained(multi_level=True)).with_kernel(kernel)
+    assert [c.feature_names for c in one.physical.embedding_bag_configs()] == [["f0", "f1", "f3", "f2"]]
+    torch.manual_seed(0)
+    configs = tables()
+    configs[1] = dataclasses.replace(configs[1], embedding_dim=4)
+    ebc = CafeEmbeddingBagCollection(configs, CafeConfig(compression_ratio=20, policy="paper", multi_level=True))
+    _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.1})
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        ebc(batch(gen, 32)).values().sum().backward()
+    apart = freeze(ebc.eval()).with_kernel(kernel)
+    assert [c.name for c in apart.physical.embedding_bag_configs()] == [GROUP, "t2"]
+    kjt = batch(gen, 24)
+    for frozen, trained_ebc in ((one, trained(multi_level=True)), (apart, ebc)):
+        for name, variant in variants(kjt, gen).items():
+            assert torch.equal(frozen(variant).values(), served(trained_ebc, variant)), name
+
+
 def two_blocks(frozen: FrozenCafeEmbeddingBagCollection, kernel: str) -> FrozenCafeEmbeddingBagCollection:
     """The frozen collection as if its group were served from two row-wise blocks: keys from
     KEY_SPACE / 2 on read block 1's regions, here block 0's with a third of the rows each."""
@@ -189,10 +214,13 @@ def two_blocks(frozen: FrozenCafeEmbeddingBagCollection, kernel: str) -> FrozenC
     cafe = info[:, 6] == 0  # plain_rows 0: the group's features
     info[cafe, 4] = (KEY_SPACE + 1) // 2  # block size
     info[cafe, 5] = 1  # last block
-    group = frozen.regions[1:]  # block 0: row 0 is the plain features' placeholder
+    slots = int(info[cafe, 3][0])
+    group = frozen.regions[1 : 1 + slots]  # block 0 (row 0: placeholder; plain tables' rows after)
     second = group.clone()
     second[:, 1] = (group[:, 1] // 3).clamp(min=1)
     second[:, 3] = (group[:, 3] // 3).clamp(min=1)
+    info[~cafe, 2] = torch.where(info[~cafe, 2] > 0, info[~cafe, 2] + slots, 0)  # after block 1's rows
+    regions = torch.cat([frozen.regions[: 1 + slots], second, frozen.regions[1 + slots :]])
     inner = [f for c in frozen.physical.embedding_bag_configs() for f in c.feature_names]
     return FrozenCafeEmbeddingBagCollection(
         frozen.embedding_bag_configs(),
@@ -201,7 +229,7 @@ def two_blocks(frozen: FrozenCafeEmbeddingBagCollection, kernel: str) -> FrozenC
         frozen.group_bounds.tolist(),
         frozen.hash_table,
         frozen.hash_offsets,
-        torch.cat([frozen.regions, second]),
+        regions,
         frozen.physical,
         frozen.is_weighted(),
         multi_level=True,
@@ -386,7 +414,8 @@ def test_warm_start_from_a_stock_state_dict() -> None:
                 ]
             ),
         )
-        out = served(ebc, kjt).view(3, 4, 8)[:, FEATURES.index(feature)]
+        with torch.no_grad():
+            out = ebc(kjt)[feature]
         assert bool(is_hot[probe[0]]) and torch.equal(out[0], weight[probe[0]])
         for j in (1, 2):
             members = (~is_hot) & (rows == rows[probe[j]])

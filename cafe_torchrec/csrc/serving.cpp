@@ -3,7 +3,7 @@
 // of FrozenCafeEmbeddingBagCollection.physical_input). One pass per feature does the checks on
 // the lengths, the feature permute, the pre-hash, the probe of the frozen hot keys (FBGEMM's
 // pruned hash map, read in place), the row-wise block routing, the hashed rows and the plain
-// tables' modulo.
+// tables' modulo (plus their first row when they share the group's table).
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -85,6 +85,7 @@ struct Feature {
   const int64_t* map;
   int64_t capacity;
   Modulus mod;
+  int64_t plain_offset;  // a plain feature's first row: its region's level-1 offset (0 in a table of its own)
 };
 
 // The regions [offset1, rows1, offset2, rows2] of a key's table slot in the row-wise block
@@ -145,14 +146,14 @@ __attribute__((always_inline)) inline void cafe_rows(const Id* ids, int64_t n, c
   }
 }
 
-// Rows of one plain feature's n ids: id mod rows, made non-negative as torch.remainder does,
-// then the zero row when kRowsPerId is 2.
+// Rows of one plain feature's n ids: its first row + id mod rows, made non-negative as
+// torch.remainder does, then the zero row when kRowsPerId is 2.
 template <typename Id, int64_t kRowsPerId>
 __attribute__((always_inline)) inline void plain_rows(const Id* ids, int64_t n, const Feature& f, int64_t* out) {
   const Modulus rows = f.mod;
-  const int64_t zero_row = f.zero_row;
+  const int64_t zero_row = f.zero_row, first = f.plain_offset;
   for (int64_t i = 0; i < n; ++i) {
-    out[kRowsPerId * i] = rows.floor_mod(static_cast<int64_t>(ids[i]));
+    out[kRowsPerId * i] = first + rows.floor_mod(static_cast<int64_t>(ids[i]));
     if constexpr (kRowsPerId == 2) out[2 * i + 1] = zero_row;
   }
 }
@@ -364,8 +365,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> serving_rows(
     while (t < tables && bounds[t + 1] <= f) ++t;
     TORCH_CHECK(c[kPlainRows] >= 0, "feature_info: feature ", f, " has negative plain rows");
     if (c[kPlainRows] > 0) {
+      TORCH_CHECK(c[kRegion] >= 0 && c[kRegion] < regions_t.size(0),
+                  "feature_info: plain feature ", f, "'s region lies outside the region table");
       info.push_back({c[kSaltOffset], c[kSlot], c[kRegion], c[kNumTables], c[kBlockSize], c[kLastBlock],
-                      c[kPlainRows], c[kZeroRow], nullptr, 0, Modulus(c[kPlainRows])});
+                      c[kPlainRows], c[kZeroRow], nullptr, 0, Modulus(c[kPlainRows]),
+                      regions_t.data_ptr<int64_t>()[4 * c[kRegion]]});
       continue;
     }
     TORCH_CHECK(t < tables && bounds[t] <= f, "group_bounds: feature ", f, " lies in no hash-map region");
@@ -378,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> serving_rows(
     const int64_t capacity = table_offsets[t + 1] - table_offsets[t];
     info.push_back({c[kSaltOffset], c[kSlot], c[kRegion], c[kNumTables], c[kBlockSize], c[kLastBlock],
                     c[kPlainRows], c[kZeroRow], table_t.data_ptr<int64_t>() + 2 * table_offsets[t], capacity,
-                    Modulus(std::max<int64_t>(capacity, 1))});
+                    Modulus(std::max<int64_t>(capacity, 1)), 0});
   }
   // the input: a user's, so its errors are ValueErrors that say what is wrong
   TORCH_CHECK_VALUE(values.dim() == 1 && (values.scalar_type() == at::kLong || values.scalar_type() == at::kInt),

@@ -59,17 +59,14 @@ def served_keys(remap: CafeGroupRemap) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantized_tables(
-    plan: CafePlan, weights: Dict[str, torch.Tensor], is_weighted: bool, dtype: torch.dtype, zero_rows: bool
+    configs: Sequence[EmbeddingBagConfig], weights: Dict[str, torch.Tensor], is_weighted: bool, dtype: torch.dtype
 ) -> nn.Module:
     """TorchRec's QuantEmbeddingBagCollection (FBGEMM IntNBit TBE, row-wise quantized for INT8 and
-    INT4) over the physical tables, from their FP32 weights, with an all-zero last row each
-    when `zero_rows`; built by TorchRec's own from_float."""
-    configs = [replace(c, num_embeddings=c.num_embeddings + int(zero_rows)) for c in plan.physical_configs()]
-    ebc = EmbeddingBagCollection(configs, is_weighted=is_weighted, device=torch.device("meta"))
+    INT4) over the physical tables `configs`, from their FP32 weights (by table name); built by
+    TorchRec's own from_float."""
+    ebc = EmbeddingBagCollection(list(configs), is_weighted=is_weighted, device=torch.device("meta"))
     for c in configs:
         weight = weights[c.name].detach().float().cpu()
-        if zero_rows:
-            weight = torch.cat([weight, weight.new_zeros(1, weight.shape[1])])
         ebc.embedding_bags[c.name].weight = nn.Parameter(weight, requires_grad=False)
     ebc.qconfig = QuantConfig(
         activation=torch.quantization.PlaceholderObserver.with_args(dtype=torch.float),
@@ -77,6 +74,18 @@ def quantized_tables(
     )
     quant_prep_customize_row_alignment(ebc, [EmbeddingBagCollection], ROW_ALIGNMENT)
     return QuantEmbeddingBagCollection.from_float(ebc)
+
+
+def fits_one_table(plan: CafePlan) -> bool:
+    """Whether the frozen collection holds one physical table: one CAFE group, and every plain
+    table of its dim and data type. The plain tables' rows then follow the group's and the
+    table's features are in config order, so the quantized collection's output needs no
+    reordering (a copy of the whole output per batch, the largest cost after the id work when
+    plain features sit between compressed ones, as Criteo's small fields do)."""
+    if len(plan.groups) != 1:
+        return False
+    group = plan.groups[0]
+    return all(p.config.embedding_dim == group.dim and p.config.data_type == group.data_type for p in plan.plain)
 
 
 def build_frozen(
@@ -88,22 +97,48 @@ def build_frozen(
     dtype: torch.dtype,
 ) -> FrozenCafeEmbeddingBagCollection:
     """The frozen collection of a plan from its groups' blocks (in bucket order) and its
-    physical tables' FP32 weights."""
+    physical tables' FP32 weights: one physical table where the plan fits (fits_one_table),
+    else the plan's tables, each with an all-zero last row when a group is multi-level."""
     multi_level = any(g.config.multi_level for g in plan.groups)
+    one_table = fits_one_table(plan)
+    physical_configs = plan.physical_configs()
+    if one_table:  # the group's rows, then each plain table's: (config, first row)
+        group_config = physical_configs[0]
+        parts = [(group_config, 0)]
+        for config in physical_configs[1:]:
+            parts.append((config, parts[-1][1] + parts[-1][0].num_embeddings))
+        rows = parts[-1][1] + parts[-1][0].num_embeddings
+        features = [f for t in tables for f in t.feature_names]
+        merged = replace(group_config, num_embeddings=rows + int(multi_level), feature_names=features)
+        first_row = {c.name: first for c, first in parts}
+        table_of = {f: c for c in physical_configs for f in c.feature_names}
+        inner_order = [(f, table_of[f]) for f in features]
+        zero_row_of = {c.name: rows for c in physical_configs}
+        tables_out = [merged]
+        weights_out = {merged.name: torch.cat([weights[c.name].detach().float().cpu() for c in physical_configs])}
+    else:
+        inner_order = [(f, c) for c in physical_configs for f in c.feature_names]
+        first_row = {c.name: 0 for c in physical_configs}
+        zero_row_of = {c.name: c.num_embeddings for c in physical_configs}
+        tables_out = [replace(c, num_embeddings=c.num_embeddings + int(multi_level)) for c in physical_configs]
+        weights_out = {c.name: weights[c.name].detach().float().cpu() for c in physical_configs}
+    if multi_level:  # the all-zero row a non-medium id's second row points at
+        weights_out = {n: torch.cat([w, w.new_zeros(1, w.shape[1])]) for n, w in weights_out.items()}
     layouts = {g.name: g for g in plan.groups}
     inner: List[str] = []
     info: List[List[int]] = []
-    regions: List[List[int]] = [[0, 1, 0, 1]]  # row 0: the placeholder plain features point at
+    regions: List[List[int]] = [[0, 1, 0, 1]]  # row 0: plain features of a table of their own
+    plain_region: Dict[str, int] = {}
     bounds: List[int] = [0]
     keys: List[torch.Tensor] = []  # per group, its blocks' keys
     values: List[torch.Tensor] = []
-    for config in plan.physical_configs():
-        zero_row = config.num_embeddings  # the appended all-zero row (multi-level only)
+    group_info: Dict[str, List[int]] = {}
+    for config in physical_configs:
         layout = layouts.get(config.name)
         if layout is None:
-            for f in config.feature_names:
-                inner.append(f)
-                info.append([0, 0, 0, 1, 1, 0, config.num_embeddings, zero_row])
+            if first_row[config.name]:  # a region row holding its first row in the one table
+                plain_region[config.name] = len(regions)
+                regions.append([first_row[config.name], config.num_embeddings, 0, 1])
             continue
         group_blocks = blocks[layout.name]
         base = len(regions)
@@ -117,23 +152,31 @@ def build_frozen(
         offsets = salt_offsets(table_salts(len(layout.tables), layout.config.seed)).tolist()
         for f in config.feature_names:
             slot = next(i for i, t in enumerate(layout.tables) if f in t.features)
-            inner.append(f)
+            group_info[f] = [
+                offsets[slot],
+                slot,
+                base + slot,
+                len(layout.tables),
+                block_size(len(group_blocks)),
+                len(group_blocks) - 1,
+                0,
+                zero_row_of[config.name],
+            ]
+    for f, config in inner_order:
+        inner.append(f)
+        if config.name in layouts:
+            info.append(group_info[f])
+        else:
             info.append(
-                [
-                    offsets[slot],
-                    slot,
-                    base + slot,
-                    len(layout.tables),
-                    block_size(len(group_blocks)),
-                    len(group_blocks) - 1,
-                    0,
-                    zero_row,
-                ]
+                [0, 0, plain_region.get(config.name, 0), 1, 1, 0, config.num_embeddings, zero_row_of[config.name]]
             )
-        bounds.append(len(inner))
+        if not one_table and config.name in layouts and f == config.feature_names[-1]:
+            bounds.append(len(inner))  # the end of a group's run of features
+    if one_table:
+        bounds.append(len(inner))  # the group's hash-map region covers every feature; plain ones skip it
     bounds.append(len(inner))
     hash_table, hash_offsets = _hash_map(keys, values)
-    physical = quantized_tables(plan, weights, is_weighted, dtype, zero_rows=multi_level)
+    physical = quantized_tables(tables_out, weights_out, is_weighted, dtype)
     multi_block = any(len(blocks[g.name]) > 1 for g in plan.groups)
     return FrozenCafeEmbeddingBagCollection(
         tables,

@@ -164,13 +164,16 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """A trained CafeEmbeddingBagCollection for inference (built by `freeze`):
     same KJT in, same KeyedTensor out.
 
-    physical: TorchRec's QuantEmbeddingBagCollection over the physical tables (one per CAFE
-    group, one per plain table, in plan order; with one zero row appended each when a group is
-    multi-level). hash_table / hash_offsets: FBGEMM pruned hash map, one region per group then
-    an empty one for plain features (value: physical row, or MEDIUM). regions [R, 4]: per
-    group, block and table slot the level-1 offset and rows, level-2 offset and rows (row 0 is
-    a placeholder plain features point at). feature_info [F, len(INFO_COLUMNS)] per inner
-    feature; group_bounds: the inner features where each group's run ends (hash-map tables).
+    physical: TorchRec's QuantEmbeddingBagCollection over the physical tables: one table, the
+    group's rows then each plain table's, features in config order, where the plan has one
+    group and its plain tables match its dim and dtype (freeze.fits_one_table); else one per
+    CAFE group and one per plain table, in plan order; with one zero row appended each when a
+    group is multi-level. hash_table / hash_offsets: FBGEMM pruned hash map, one region per
+    group then an empty one (value: physical row, or MEDIUM). regions [R, 4]: per group, block
+    and table slot the level-1 offset and rows, level-2 offset and rows; per plain table in the
+    one table its first row and rows (row 0: [0, 1, 0, 1], for plain tables of their own).
+    feature_info [F, len(INFO_COLUMNS)] per inner feature; group_bounds: the inner features
+    where each group's run of hash-map lookups ends (a plain feature inside a run skips it).
     kernel: 'auto', 'cpp' or 'torch' (cafe_torchrec.ops.resolve_kernel), resolved here for the
     device of the frozen tensors: the C++ op on CPU, its torch-ops twin elsewhere.
     """
@@ -301,14 +304,15 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             region_index = region_index + block * self.num_tables.index_select(0, feature)
         region = self.regions.index_select(0, region_index)
         rows = torch.where(held >= 0, held, serving_hashed_rows(keys, level1, region[:, 0], region[:, 1]))
-        if self._has_plain:
-            plain_rows = self.plain_rows.index_select(0, feature)
-            rows = torch.where(plain_rows > 0, torch.remainder(ids, plain_rows.clamp(min=1)), rows)
+        plain_rows = self.plain_rows.index_select(0, feature)
+        is_plain = plain_rows > 0
+        if self._has_plain:  # a plain feature's first row (its region's) + id mod its rows
+            rows = torch.where(is_plain, region[:, 0] + torch.remainder(ids, plain_rows.clamp(min=1)), rows)
         weights = features.weights_or_none() if self._is_weighted else None
         bag_lengths = lengths
         if self._multi_level:
             second = torch.where(
-                held == MEDIUM,
+                (held == MEDIUM) & ~is_plain,  # a plain feature's key may meet a medium one in the map
                 serving_hashed_rows(keys, level2, region[:, 2], region[:, 3]),
                 self.zero_row.index_select(0, feature),
             )
