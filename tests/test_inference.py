@@ -184,6 +184,41 @@ def test_serving_op_equals_its_torch_twin(multi_level: bool, pooling: PoolingTyp
         assert torch.equal(fused(variant).values(), twin(variant).values()), name
 
 
+@needs_cpp
+def test_serving_op_probes_a_map_of_any_capacity_as_its_twin() -> None:
+    """freeze sizes hash-map regions in powers of two (the op masks); a map of another capacity
+    (here 2 x keys + 3) goes through the op's general modulo and must give the twin's rows."""
+    frozen = freeze(trained(multi_level=True))
+    held = frozen.hash_table[:, 0] != -1
+    keys, values = frozen.hash_table[held, 0], frozen.hash_table[held, 1]
+    capacity = 2 * keys.numel() + 3
+    table = torch.full((capacity, 2), -1, dtype=torch.int64)
+    offsets = torch.tensor([0, capacity, capacity], dtype=torch.int64)
+    torch.ops.fbgemm.pruned_hashmap_insert(keys, values, torch.tensor([0, keys.numel(), keys.numel()]), table, offsets)
+    rebuilt = [
+        FrozenCafeEmbeddingBagCollection(
+            frozen.embedding_bag_configs(),
+            [f for c in frozen.physical.embedding_bag_configs() for f in c.feature_names],
+            frozen.feature_info,
+            frozen.group_bounds.tolist(),
+            table,
+            offsets,
+            frozen.regions,
+            frozen.physical,
+            frozen.is_weighted(),
+            multi_level=True,
+            multi_block=False,
+            kernel=kernel,
+        )
+        for kernel in ("cpp", "torch")
+    ]
+    gen = torch.Generator().manual_seed(14)
+    kjt = batch(gen, 64)
+    for variant in variants(kjt, gen).values():
+        same_physical_input(rebuilt[0], rebuilt[1], variant)
+    assert torch.equal(rebuilt[0].physical_input(kjt).values(), frozen.physical_input(kjt).values())
+
+
 @pytest.mark.parametrize("kernel", ["torch", pytest.param("cpp", marks=needs_cpp)])
 def test_frozen_holds_one_table_where_the_tables_fit_it(kernel: str) -> None:
     """One group and plain tables of its dim: one physical table with the features in config

@@ -132,10 +132,13 @@ __attribute__((always_inline)) inline void cafe_rows(const Id* ids, int64_t n, c
       for (int64_t j = 0; j < m; ++j) held[j] = keys[j];
     } else {
       int64_t* homes = mixes;  // each mix becomes its first slot
-      for (int64_t j = 0; j < m; ++j) {
-        homes[j] = static_cast<int64_t>(mod(static_cast<uint64_t>(mixes[j])));
-        __builtin_prefetch(map + 2 * homes[j]);
+      if ((capacity & (capacity - 1)) == 0) {  // a power of two: the remainder is the low bits
+        const uint64_t mask = static_cast<uint64_t>(capacity) - 1;
+        for (int64_t j = 0; j < m; ++j) homes[j] = static_cast<int64_t>(static_cast<uint64_t>(mixes[j]) & mask);
+      } else {
+        for (int64_t j = 0; j < m; ++j) homes[j] = static_cast<int64_t>(mod(static_cast<uint64_t>(mixes[j])));
       }
+      for (int64_t j = 0; j < m; ++j) __builtin_prefetch(map + 2 * homes[j]);
       for (int64_t j = 0; j < m; ++j) held[j] = probe(map, capacity, keys[j], homes[j]);
     }
     int64_t* o = out + kRowsPerId * c;
