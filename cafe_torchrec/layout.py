@@ -40,8 +40,8 @@ class TableLayout:
     ratio: float
     level1_rows: int
     level2_rows: int  # 0 unless the group is multi-level
-    # the logical table's init_fn (EmbeddingBagConfig.init_fn); None: TorchRec's default,
-    # uniform +-sqrt(1 / logical_rows)
+    # the logical table's init_fn (EmbeddingBagConfig.init_fn, which its __post_init__ always
+    # sets); None only for a layout built without a config: TorchRec's default then
     init_fn: Optional[Callable[[torch.Tensor], Any]] = field(default=None, compare=False, repr=False)
 
     @property
@@ -49,12 +49,22 @@ class TableLayout:
         return self.level1_rows + self.level2_rows
 
     def init_rows(self, rows: torch.Tensor) -> None:
-        """Initialise this table's hashed rows as a stock collection initialises the table's own."""
-        if self.init_fn is not None:
-            self.init_fn(rows)
-        else:
+        """Initialise this table's hashed rows with the table's init_fn, as a stock collection
+        initialises the table's own rows. The init_fn gets the [hashed rows, dim] slice, not a
+        [num_embeddings, dim] table: element-wise inits (TorchRec's uniform default, normal,
+        constant) mean what they mean in stock; a shape-dependent one sees the slice's shape."""
+        if self.init_fn is None:
             bound = math.sqrt(1.0 / self.logical_rows)
             rows.uniform_(-bound, bound)
+            return
+        try:
+            self.init_fn(rows)
+        except (RuntimeError, ValueError) as error:
+            raise ValueError(
+                f"table {self.name!r}: its init_fn failed on its {rows.shape[0]} x {rows.shape[1]} hashed rows "
+                "(CAFE initialises each table's hashed rows, not a [num_embeddings, dim] table; pretrained "
+                f"rows import with cafe_torchrec.inference.warm_start): {error}"
+            ) from error
 
 
 @dataclass(frozen=True)

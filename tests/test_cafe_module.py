@@ -75,6 +75,14 @@ def test_each_table_s_hashed_rows_start_from_its_own_init(multi_level: bool) -> 
     assert float(weight[: layout.hot_rows].abs().max()) <= (1 / 200_000) ** 0.5
 
 
+def test_an_init_fn_that_needs_the_whole_table_is_refused_naming_it() -> None:
+    pretrained = torch.randn(3000, 8)
+    configs = tables([200_000, 3000])
+    configs[1] = dataclasses.replace(configs[1], init_fn=lambda w: w.data.copy_(pretrained))
+    with pytest.raises(ValueError, match="table 't1': its init_fn failed on its .* hashed rows.*warm_start"):
+        CafeEmbeddingBagCollection(configs, CafeConfig(compression_ratio=10))
+
+
 def test_hot_set_follows_drift() -> None:
     ebc = make(threshold=20.0, decay=0.5, decay_trigger=2.0)
     group = ebc.groups[ebc.plan.groups[0].name]

@@ -32,7 +32,7 @@ from cafe_torchrec.ops import available as cpp_available
 from tests.dist_utils import run_ranks
 from tests.helpers import zipf_kjt
 
-FEATURES = ["f0", "f1", "f2", "f3"]
+FEATURES = ["f0", "f1", "f3", "f2"]  # config order: the C++ op takes such a KJT as it is
 GROUP = "cafe_dim8"
 
 
@@ -402,18 +402,16 @@ def test_export_to_a_plain_collection_gives_each_id_its_cafe_row(multi_level: bo
     ebc = trained(multi_level, pooling)
     stock = to_embedding_bag_collection(ebc)
     kjt = batch(torch.Generator().manual_seed(6))  # ids in [0, 400): within every table but the plain one
-    plain = kjt["f3"].values() % 10
-    kjt = KeyedJaggedTensor(
-        keys=FEATURES, values=torch.cat([kjt.values()[: -plain.numel()], plain]), lengths=kjt.lengths()
-    )
+    values = [kjt[f].values() % 10 if f == "f3" else kjt[f].values() for f in FEATURES]  # f3: the plain table
+    kjt = KeyedJaggedTensor(keys=FEATURES, values=torch.cat(values), lengths=kjt.lengths())
     torch.testing.assert_close(stock(kjt).values(), served(ebc, kjt), rtol=1e-6, atol=1e-6)
     raw = {"t0": torch.tensor([-7, 10**12, 3]), "t1": torch.tensor([5])}
     listed = to_embedding_bag_collection(ebc, raw)
     positions = KeyedJaggedTensor(
         keys=FEATURES, values=torch.tensor([0, 1, 2, 0, 0, 0]), lengths=torch.tensor([1, 1, 1, 1, 0, 1, 0, 1])
     )
-    ids = KeyedJaggedTensor(
-        keys=FEATURES, values=torch.tensor([-7, 10**12, 3, -7, 5, 0]), lengths=torch.tensor([1, 1, 1, 1, 0, 1, 0, 1])
+    ids = KeyedJaggedTensor(  # f3 (plain): position 0 is id 0; f2 (t1): position 0 is id 5
+        keys=FEATURES, values=torch.tensor([-7, 10**12, 3, -7, 0, 5]), lengths=torch.tensor([1, 1, 1, 1, 0, 1, 0, 1])
     )
     torch.testing.assert_close(listed(positions).values(), served(ebc, ids), rtol=1e-6, atol=1e-6)
 

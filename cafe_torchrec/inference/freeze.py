@@ -98,7 +98,8 @@ def build_frozen(
 ) -> FrozenCafeEmbeddingBagCollection:
     """The frozen collection of a plan from its groups' blocks (in bucket order) and its
     physical tables' FP32 weights: one physical table where the plan fits (fits_one_table),
-    else the plan's tables, each with an all-zero last row when a group is multi-level."""
+    else the plan's tables; each table with an all-zero last row when a group is multi-level.
+    The tables' weights are copied in, so their configs carry no init_fn of the training layout."""
     multi_level = any(g.config.multi_level for g in plan.groups)
     one_table = fits_one_table(plan)
     physical_configs = plan.physical_configs()
@@ -109,7 +110,7 @@ def build_frozen(
             parts.append((config, parts[-1][1] + parts[-1][0].num_embeddings))
         rows = parts[-1][1] + parts[-1][0].num_embeddings
         features = [f for t in tables for f in t.feature_names]
-        merged = replace(group_config, num_embeddings=rows + int(multi_level), feature_names=features)
+        merged = replace(group_config, num_embeddings=rows + int(multi_level), feature_names=features, init_fn=None)
         first_row = {c.name: first for c, first in parts}
         table_of = {f: c for c in physical_configs for f in c.feature_names}
         inner_order = [(f, table_of[f]) for f in features]
@@ -120,7 +121,9 @@ def build_frozen(
         inner_order = [(f, c) for c in physical_configs for f in c.feature_names]
         first_row = {c.name: 0 for c in physical_configs}
         zero_row_of = {c.name: c.num_embeddings for c in physical_configs}
-        tables_out = [replace(c, num_embeddings=c.num_embeddings + int(multi_level)) for c in physical_configs]
+        tables_out = [
+            replace(c, num_embeddings=c.num_embeddings + int(multi_level), init_fn=None) for c in physical_configs
+        ]
         weights_out = {c.name: weights[c.name].detach().float().cpu() for c in physical_configs}
     if multi_level:  # the all-zero row a non-medium id's second row points at
         weights_out = {n: torch.cat([w, w.new_zeros(1, w.shape[1])]) for n, w in weights_out.items()}
@@ -173,7 +176,7 @@ def build_frozen(
         if not one_table and config.name in layouts and f == config.feature_names[-1]:
             bounds.append(len(inner))  # the end of a group's run of features
     if one_table:
-        bounds.append(len(inner))  # the group's hash-map region covers every feature; plain ones skip it
+        bounds.append(len(inner))  # the group's hash-map region covers every feature (the op skips plain ones)
     bounds.append(len(inner))
     hash_table, hash_offsets = _hash_map(keys, values)
     physical = quantized_tables(tables_out, weights_out, is_weighted, dtype)
@@ -198,7 +201,7 @@ def _hash_map(keys: List[torch.Tensor], values: List[torch.Tensor]) -> Tuple[tor
     and a last region of capacity 0 (FBGEMM passes its ids through); filled by FBGEMM's own
     insert. A region's capacity is the power of two at least twice its keys: at most half full,
     so probes stay short, and its first slot (FBGEMM's murmur mix mod the capacity) is the mix's
-    low bits, which the C++ op takes with a mask instead of a division-free modulo (5-8% of the
+    low bits, which the C++ op takes with a mask instead of a division-free modulo (3-8% of the
     frozen collection's time at batch 512, benchmarks/serving.py). The price: 32-64 bytes per frozen key where a
     capacity of exactly twice the keys takes 32."""
     capacities = [1 << max(0, 2 * k.numel() - 1).bit_length() for k in keys] + [0]

@@ -6,7 +6,8 @@ open-addressing table, FBGEMM's pruned hash map (one region per CAFE group, all 
 blocks together: blocks own disjoint key ranges), and every block's hashed regions into a
 table of regions. The forward is pure tensor work: ids -> keys (the pre-hash), one hash-map
 probe per key, the hashed row of the others (in the block TorchRec's block bucketization
-routed the key to during training: key // block size), id mod rows for plain tables, and
+routed the key to during training: key // block size), a plain table's first row + id mod
+its rows, and
 one lookup in TorchRec's quantized collection (FBGEMM's IntNBit TBE) over the physical
 tables in FP32, FP16, INT8 or INT4. No sketch, no optimizer state. On CPU the id work (the
 checks on the lengths, feature permute, pre-hash, probe, routing, rows, the inner KJT's
@@ -304,9 +305,10 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             region_index = region_index + block * self.num_tables.index_select(0, feature)
         region = self.regions.index_select(0, region_index)
         rows = torch.where(held >= 0, held, serving_hashed_rows(keys, level1, region[:, 0], region[:, 1]))
-        plain_rows = self.plain_rows.index_select(0, feature)
-        is_plain = plain_rows > 0
+        is_plain = torch.zeros_like(rows, dtype=torch.bool)
         if self._has_plain:  # a plain feature's first row (its region's) + id mod its rows
+            plain_rows = self.plain_rows.index_select(0, feature)
+            is_plain = plain_rows > 0
             rows = torch.where(is_plain, region[:, 0] + torch.remainder(ids, plain_rows.clamp(min=1)), rows)
         weights = features.weights_or_none() if self._is_weighted else None
         bag_lengths = lengths
