@@ -103,15 +103,14 @@ def build_frozen(
     multi_level = any(g.config.multi_level for g in plan.groups)
     one_table = fits_one_table(plan)
     physical_configs = plan.physical_configs()
-    if one_table:  # the group's rows, then each plain table's: (config, first row)
-        group_config = physical_configs[0]
-        parts = [(group_config, 0)]
-        for config in physical_configs[1:]:
-            parts.append((config, parts[-1][1] + parts[-1][0].num_embeddings))
-        rows = parts[-1][1] + parts[-1][0].num_embeddings
+    if one_table:  # the group's rows, then each plain table's
+        starts = [0, *itertools.accumulate(c.num_embeddings for c in physical_configs)]
+        first_row = {c.name: start for c, start in zip(physical_configs, starts)}
+        rows = starts[-1]
         features = [f for t in tables for f in t.feature_names]
-        merged = replace(group_config, num_embeddings=rows + int(multi_level), feature_names=features, init_fn=None)
-        first_row = {c.name: first for c, first in parts}
+        merged = replace(
+            physical_configs[0], num_embeddings=rows + int(multi_level), feature_names=features, init_fn=None
+        )
         table_of = {f: c for c in physical_configs for f in c.feature_names}
         inner_order = [(f, table_of[f]) for f in features]
         zero_row_of = {c.name: rows for c in physical_configs}
@@ -173,10 +172,8 @@ def build_frozen(
             info.append(
                 [0, 0, plain_region.get(config.name, 0), 1, 1, 0, config.num_embeddings, zero_row_of[config.name]]
             )
-        if not one_table and config.name in layouts and f == config.feature_names[-1]:
-            bounds.append(len(inner))  # the end of a group's run of features
-    if one_table:
-        bounds.append(len(inner))  # the group's hash-map region covers every feature (the op skips plain ones)
+        if config.name in layouts and f == config.feature_names[-1]:
+            bounds.append(len(inner))  # the end of a group's run of features (plain ones inside it skip the map)
     bounds.append(len(inner))
     hash_table, hash_offsets = _hash_map(keys, values)
     physical = quantized_tables(tables_out, weights_out, is_weighted, dtype)
