@@ -115,6 +115,51 @@ def test_inverse_indices_on_a_uniform_kjt_expand_as_stock() -> None:
     assert torch.equal(ebc(uniform).values(), ebc(expand_variable_batch(uniform)).values())
 
 
+@pytest.mark.parametrize("form", ["empty inverse indices", "one-stride vbe without inverse indices"])
+def test_a_kjt_stock_pools_as_its_uniform_batch_is_that_batch(form: str) -> None:
+    """Stock expands by inverse indices only when they have entries, and a VBE KJT whose keys
+    share one stride and has none pools as that batch; CAFE means the same, training included."""
+    uniform = vbe_kjt([4, 4], 4)
+    kwargs = dict(keys=FEATURES, values=uniform.values(), lengths=uniform.lengths())
+    if form == "empty inverse indices":
+        kjt = KeyedJaggedTensor(**kwargs, stride=4, inverse_indices=(FEATURES, torch.zeros(2, 0, dtype=torch.int64)))
+    else:
+        kjt = KeyedJaggedTensor(**kwargs, stride_per_key_per_rank=[[4], [4]])
+    plain = KeyedJaggedTensor(**kwargs, stride=4)
+    stock = EmbeddingBagCollection(tables())
+    torch.testing.assert_close(stock(kjt).values(), stock(plain).values())
+    a, b = cafe(), cafe()
+    for _ in range(3):
+        out_a, out_b = a(kjt).values(), b(plain).values()
+        assert out_a.shape == (4, 16) and torch.equal(out_a, out_b)
+        out_a.sum().backward()
+        out_b.sum().backward()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_an_unweighted_collection_ignores_input_weights() -> None:
+    """Stock ignores per-sample weights when it is not weighted; so must CAFE's lookup and its
+    importance scores (they once scaled the sketch's scores): training with and without them
+    is the same run."""
+    a, b = cafe(), cafe()
+    gen = torch.Generator().manual_seed(4)
+    for step in range(12):
+        kjt = vbe_kjt([6, 6], 6, seed=step, weighted=True)
+        with_weights = KeyedJaggedTensor(
+            keys=FEATURES,
+            values=kjt.values(),
+            lengths=kjt.lengths(),
+            weights=torch.rand(kjt.values().numel(), generator=gen) * 10,
+        )
+        without = KeyedJaggedTensor(keys=FEATURES, values=kjt.values(), lengths=kjt.lengths())
+        out_a, out_b = a(with_weights).values(), b(without).values()
+        assert torch.equal(out_a, out_b), step
+        (out_a * out_a).sum().backward()
+        (out_b * out_b).sum().backward()
+    assert a.stats()["cafe_dim8"]["promotions"] > 0
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
 def _unchanged(ebc, before) -> bool:
     return all(torch.equal(before[k], v) for k, v in ebc.state_dict().items())
 

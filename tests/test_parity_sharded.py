@@ -94,3 +94,77 @@ def test_vbe_and_int32_under_dmp(sharding_type: str) -> None:
         assert all(r["vbe_outputs"]) and r["vbe_state"], (rank, r)
         assert all(r["int_outputs"]) and r["int_state"], (rank, r)
     assert sum(r["promotions"] for r in results) > 0
+
+
+# ---- output column order: TorchRec orders a sharded lookup's columns by sharding type and,
+# table-wise, by rank, not by config; the sharded collection must still answer in config order
+
+ORDER_FEATURES = ["f0", "f1", "f2"]
+
+
+def order_tables() -> list:
+    """Two CAFE groups (dims 8 and 16, one MEAN) and a plain table of the first group's dim."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+    return [
+        EmbeddingBagConfig(name="narrow", embedding_dim=8, num_embeddings=20_000, feature_names=["f0"]),
+        EmbeddingBagConfig(
+            name="wide", embedding_dim=16, num_embeddings=400_000, feature_names=["f1"], pooling=PoolingType.MEAN
+        ),
+        EmbeddingBagConfig(name="plain", embedding_dim=8, num_embeddings=30, feature_names=["f2"]),
+    ]
+
+
+def order_batch(rank: int, weighted: bool) -> KeyedJaggedTensor:
+    gen = torch.Generator().manual_seed(rank)
+    lengths = torch.randint(0, 3, (3 * 4,), generator=gen)
+    values = torch.randint(0, 10**6, (int(lengths.sum()),), generator=gen)
+    weights = torch.rand(values.numel(), generator=gen) if weighted else None
+    return KeyedJaggedTensor.from_lengths_sync(ORDER_FEATURES, values, lengths, weights=weights)
+
+
+def order_module() -> CafeEmbeddingBagCollection:
+    torch.manual_seed(0)
+    return CafeEmbeddingBagCollection(order_tables(), CafeConfig(compression_ratio=50))
+
+
+def placed(rank: int, world: int, placement: str) -> Dict[str, object]:
+    """Sharded forward against the unsharded collection with the same weights, eval; the input
+    carries per-sample weights that this unweighted collection must ignore, sharded or not."""
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
+    from torchrec.distributed.types import ShardingPlan
+
+    ebc = order_module()
+    full = {name: bag.weight.detach().clone() for name, bag in ebc.physical.embedding_bags.items()}
+    per_param = {
+        # group of dim 16 first on rank 0: TorchRec's table-wise order is f1, then f0 and f2 on rank 1
+        "table_wise": {"cafe_dim16": table_wise(rank=0), "cafe_dim8": table_wise(rank=1), "plain": table_wise(rank=1)},
+        # and with a row-wise plain table (a row-wise group's blocks lay keys out otherwise than the
+        # unsharded table, so only plain tables are compared row-wise here; see test_sharded.py)
+        "mixed": {"cafe_dim16": table_wise(rank=1), "cafe_dim8": table_wise(rank=0), "plain": row_wise()},
+    }[placement]
+    _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.1})
+    sharder = CafeEmbeddingBagCollectionSharder()
+    plan = construct_module_sharding_plan(
+        ebc, per_param, local_size=world, world_size=world, device_type="cpu", sharder=sharder
+    )
+    dmp = DistributedModelParallel(ebc, device=torch.device("cpu"), plan=ShardingPlan({"": plan}), sharders=[sharder])
+    for name, sharding in plan.items():
+        for meta in sharding.sharding_spec.shards:
+            if meta.placement.rank() == rank:
+                start, rows = meta.shard_offsets[0], meta.shard_sizes[0]
+                row_store(dmp.module.physical, name).weight.copy_(full[name][start : start + rows])
+    dmp.eval()
+    with torch.no_grad():
+        out = dmp(order_batch(rank, weighted=True))
+    return {"keys": out.keys(), "values": out.values()}
+
+
+@pytest.mark.parametrize("placement", ["table_wise", "mixed"])
+def test_sharded_output_is_in_config_order_whatever_the_placement(placement: str) -> None:
+    reference = order_module().eval()
+    for rank, got in enumerate(run_ranks(placed, 2, placement)):
+        with torch.no_grad():
+            expected = reference(order_batch(rank, weighted=False))
+        assert got["keys"] == ORDER_FEATURES
+        torch.testing.assert_close(got["values"], expected.values(), rtol=0, atol=1e-6, msg=f"rank {rank}")

@@ -8,7 +8,8 @@ A step on rank r, following one id:
 2. compute (on the owner): keys -> rows of the local block via the local sketch (hot row,
    or hashed row(s)); plain ids -> id minus the shard's first row. Then the stock fused TBE
    lookup runs on the remapped KJT.
-3. output_dist as stock; the KeyedTensor is put back in config order (MEAN divided).
+3. output_dist as stock; the KeyedTensor is put back in config order from the column order
+   TorchRec gives it (by sharding type, and by rank within table-wise; MEAN divided).
 4. backward: a hook on each lookup output feeds the local sketch; promotions are copied at
    the end of backward, after TBE's fused update. No collective beyond TorchRec's own.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -54,6 +55,7 @@ from cafe_torchrec.distributed.sketch_state import ShardedSketchState, owner_blo
 from cafe_torchrec.feature_map import FeatureMap
 from cafe_torchrec.hashing import KEY_SPACE
 from cafe_torchrec.modules import CafeEmbeddingBagCollection, refuse_foreign_state
+from cafe_torchrec.output import PooledOutput
 from cafe_torchrec.remap import CafeGroupRemap, group_remaps, remap_kjt
 from cafe_torchrec.stats import CollectionReport
 from cafe_torchrec.validation import checked_input
@@ -90,6 +92,7 @@ class ShardedCafeEmbeddingBagCollection(
         )
         take_over_input_dist(self.physical)  # this module builds the input dists
         self._input_dists_ready = False
+        self._outputs: Dict[Tuple[str, ...], PooledOutput] = {}
         layouts = {g.name: g for g in self.plan.groups}
         self._plain_offsets: Dict[str, int] = {}  # first row of this rank's shard of each plain table
         self._plain_rows: Dict[str, int] = {}  # rows of it this rank holds
@@ -141,8 +144,17 @@ class ShardedCafeEmbeddingBagCollection(
     def output_dist(self, ctx: CafeContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
         awaitable = self.physical.output_dist(ctx, output)
         lengths = ctx.logical_lengths
-        awaitable.callbacks.append(lambda kt: self.feature_map.output(kt.values(), lengths))
+        awaitable.callbacks.append(lambda kt: self._pooled_output(kt.keys())(kt.values(), lengths))
         return awaitable
+
+    def _pooled_output(self, keys: List[str]) -> PooledOutput:
+        """The map back to config order from the sharded lookup's column order, which TorchRec
+        sets by sharding type and, table-wise, by rank (not the inner config order that the
+        unsharded collection's output has); built once per order seen."""
+        order = tuple(keys)
+        if order not in self._outputs:
+            self._outputs[order] = PooledOutput(self._tables, keys, mean_by_sum=True)
+        return self._outputs[order]
 
     def compute_and_output_dist(self, ctx: CafeContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
         return self.output_dist(ctx, self.compute(ctx, input))
