@@ -11,11 +11,21 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 def has_variable_batch(features: KeyedJaggedTensor) -> bool:
-    """Whether the KJT is variable-batch (VBE: a stride per key) or carries inverse indices.
+    """Whether the KJT is variable-batch (VBE: a stride per key) or carries non-empty inverse
+    indices.
 
     The stock EmbeddingBagCollection expands its pooled output with the inverse indices in
-    both cases, so both mean "the output batch is given by the inverse indices"."""
-    return features.variable_stride_per_key() or features.inverse_indices_or_none() is not None
+    both cases, so both mean "the output batch is given by the inverse indices"; it ignores
+    inverse indices with no entries (an [F, 0] tensor), and so does this."""
+    return features.variable_stride_per_key() or _inverse_indices(features) is not None
+
+
+def _inverse_indices(features: KeyedJaggedTensor) -> Optional[Tuple[List[str], torch.Tensor]]:
+    """The KJT's inverse indices, None when it has none or they have no entries."""
+    inverse = features.inverse_indices_or_none()
+    if inverse is None or inverse[1].numel() == 0:
+        return None
+    return inverse
 
 
 def expand_variable_batch(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
@@ -24,13 +34,24 @@ def expand_variable_batch(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
     per key, then expanded by the inverse indices), and training on it trains on the
     expanded batch, which is what the VBE input means.
 
-    Raises ValueError naming VBE and the feature when the inverse indices are missing, lack
-    a key, have the wrong shape, or point outside the key's bags. TorchScript compiles it."""
+    Without inverse indices (or with empty ones, which stock ignores) a VBE KJT whose keys all
+    have one stride is that uniform batch, as stock pools it. Raises ValueError naming VBE and
+    the feature when the inverse indices are missing where the strides differ, lack a key, have
+    the wrong shape, or point outside the key's bags. TorchScript compiles it."""
     keys = features.keys()
-    inverse = features.inverse_indices_or_none()
+    inverse = _inverse_indices(features)
     if inverse is None:
+        strides = features.stride_per_key()
+        if len(strides) > 0 and min(strides) == max(strides):  # stock pools it as a uniform batch
+            return KeyedJaggedTensor(
+                keys=keys,
+                values=features.values(),
+                lengths=features.lengths(),
+                weights=features.weights_or_none(),
+                stride=strides[0],
+            )
         raise ValueError(
-            f"variable-batch (VBE) KeyedJaggedTensor without inverse_indices (features {keys}): "
+            f"variable-batch (VBE) KeyedJaggedTensor without inverse_indices (features {keys}, strides {strides}): "
             "the output batch is undefined; build it with inverse_indices=(keys, [F, B] indices)"
         )
     names, indices = inverse

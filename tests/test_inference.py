@@ -14,7 +14,7 @@ import torch
 import torchrec.fx
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -121,6 +121,21 @@ def variants(kjt: KeyedJaggedTensor, gen: torch.Generator) -> Dict[str, KeyedJag
     by_offsets = KeyedJaggedTensor(
         keys=FEATURES, values=kjt.values().int(), offsets=kjt.offsets().int(), weights=kjt.weights_or_none()
     )
+    # inverse indices with no entries, which stock ignores; a VBE KJT of one stride without any
+    empty_inverse = KeyedJaggedTensor(
+        keys=FEATURES,
+        values=kjt.values(),
+        lengths=kjt.lengths(),
+        weights=kjt.weights_or_none(),
+        inverse_indices=(FEATURES, torch.zeros(len(FEATURES), 0, dtype=torch.int64)),
+    )
+    one_stride = KeyedJaggedTensor(
+        keys=FEATURES,
+        values=kjt.values(),
+        lengths=kjt.lengths(),
+        weights=kjt.weights_or_none(),
+        stride_per_key_per_rank=[[kjt.stride()]] * len(FEATURES),
+    )
     return {
         "plain": kjt,
         "permuted": permuted,
@@ -128,6 +143,8 @@ def variants(kjt: KeyedJaggedTensor, gen: torch.Generator) -> Dict[str, KeyedJag
         "vbe": vbe,
         "no ids": no_ids,
         "int32 offsets": by_offsets,
+        "empty inverse indices": empty_inverse,
+        "one-stride vbe": one_stride,
     }
 
 
@@ -301,6 +318,34 @@ def test_frozen_input_errors_name_what_is_wrong(kernel: str) -> None:
         weights = None if "weights" in message else torch.ones(parts["values"].numel())
         with pytest.raises(ValueError, match=message):
             frozen(KeyedJaggedTensor(keys=FEATURES, weights=weights, **parts))
+
+
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("cpp", marks=needs_cpp)])
+def test_frozen_takes_a_batch_without_bags(kernel: str) -> None:
+    """No bags (batch 0): stock and the training module fail on it (an IndexError in TorchRec);
+    the frozen module answers an empty batch with both kernels (the C++ op once read a null
+    lengths pointer as offsets)."""
+    frozen = freeze(trained()).with_kernel(kernel)
+    kjt = KeyedJaggedTensor(
+        keys=FEATURES, values=torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(0, dtype=torch.int64), stride=0
+    )
+    assert frozen(kjt).values().shape == (0, 32)
+
+
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("cpp", marks=needs_cpp)])
+def test_frozen_takes_fp16_weights_of_fp16_tables(kernel: str) -> None:
+    """Stock requires a weighted FP16 table's weights in float16; FBGEMM's quantized lookup
+    takes float32, so the frozen module widens them (exactly)."""
+    half = [dataclasses.replace(t, data_type=DataType.FP16) for t in tables()]
+    torch.manual_seed(0)
+    ebc = CafeEmbeddingBagCollection(half, CafeConfig(compression_ratio=20, seed=5), is_weighted=True).eval()
+    kjt = batch(torch.Generator().manual_seed(4), 16, weighted=True)
+    kjt = KeyedJaggedTensor(keys=FEATURES, values=kjt.values(), lengths=kjt.lengths(), weights=kjt.weights().half())
+    expected = served(ebc, kjt)
+    # within float16 rounding: the training module pools in float16, the frozen one in float32
+    torch.testing.assert_close(freeze(ebc).with_kernel(kernel)(kjt).values(), expected, rtol=0, atol=2e-3)
+    exported = to_embedding_bag_collection(ebc)  # feeds one-id bags with weights in the tables' dtype
+    assert set(exported.embedding_bags) == {"t0", "t1", "t2"}
 
 
 def test_frozen_refuses_what_training_refuses() -> None:

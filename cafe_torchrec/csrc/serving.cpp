@@ -165,9 +165,11 @@ __attribute__((always_inline)) inline void plain_rows(const Id* ids, int64_t n, 
 template <typename Id, typename Len>
 struct Input {
   const Id* ids;
-  const Len* lengths;  // null when the KJT gave offsets only
+  bool by_lengths;  // whether the KJT gave lengths (else offsets only); not the pointers: an empty
+                    // lengths tensor (no bags) has a null data pointer
+  const Len* lengths;
   int64_t lengths_stride;
-  const Len* offsets;  // null when it gave lengths
+  const Len* offsets;
   const char* weights;  // null when not weighted
   int64_t weight_size;  // bytes per weight
 };
@@ -182,7 +184,7 @@ struct Outputs {
 template <typename Id, typename Len>
 __attribute__((always_inline)) inline bool count_ids(const Input<Id, Len>& in, int64_t src, int64_t batch,
                                                      int64_t* count) {
-  if (in.lengths == nullptr) {
+  if (!in.by_lengths) {
     const Len* o = in.offsets + src * batch;
     bool negative = false;
     for (int64_t b = 0; b < batch; ++b) negative |= o[b + 1] < o[b];
@@ -251,7 +253,7 @@ __attribute__((always_inline)) inline void serve_rows(const Input<Id, Len>& in, 
   for (int64_t f = 0; f < features; ++f) {
     const int64_t src = p.order[f];
     int64_t* lengths = out.lengths + f * batch;
-    if (in.lengths == nullptr) {
+    if (!in.by_lengths) {
       const Len* o = in.offsets + src * batch;
       for (int64_t b = 0; b < batch; ++b) lengths[b] = k * (static_cast<int64_t>(o[b + 1]) - static_cast<int64_t>(o[b]));
     } else if (in.lengths_stride == 1) {
@@ -423,6 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> serving_rows(
     AT_DISPATCH_INDEX_TYPES(bags.scalar_type(), "serving_rows_bags", [&] {
       const index_t* b = bags.data_ptr<index_t>();
       const Input<Id, index_t> in{ids.data_ptr<Id>(),
+                                  by_lengths,
                                   by_lengths ? b : nullptr,
                                   by_lengths ? bags.stride(0) : 0,
                                   by_lengths ? nullptr : b,

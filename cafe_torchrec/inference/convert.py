@@ -16,7 +16,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -54,7 +54,7 @@ def to_embedding_bag_collection(
                 config.feature_names[0],
                 table_ids.to(torch.int64),
                 config.embedding_dim,
-                collection.is_weighted(),
+                data_type_to_dtype(config.data_type) if collection.is_weighted() else None,
             )
             tables.append(
                 EmbeddingBagConfig(
@@ -74,9 +74,15 @@ def to_embedding_bag_collection(
 
 
 def _rows_of(
-    collection: nn.Module, features: List[str], feature: str, ids: torch.Tensor, dim: int, weighted: bool
+    collection: nn.Module,
+    features: List[str],
+    feature: str,
+    ids: torch.Tensor,
+    dim: int,
+    weights_dtype: Optional[torch.dtype],
 ) -> torch.Tensor:
-    """The pooled output of one-id bags of `feature` (weight 1): each id's row, [len(ids), dim]."""
+    """The pooled output of one-id bags of `feature` (weight 1, in `weights_dtype`, the table's
+    dtype as stock requires; None for an unweighted collection): each id's row, [len(ids), dim]."""
     rows = []
     for chunk in ids.split(CHUNK):
         n = chunk.numel()
@@ -84,7 +90,11 @@ def _rows_of(
             [torch.ones(n, dtype=torch.int64) if f == feature else torch.zeros(n, dtype=torch.int64) for f in features]
         )
         kjt = KeyedJaggedTensor(
-            keys=features, values=chunk, lengths=lengths, stride=n, weights=torch.ones(n) if weighted else None
+            keys=features,
+            values=chunk,
+            lengths=lengths,
+            stride=n,
+            weights=torch.ones(n, dtype=weights_dtype) if weights_dtype is not None else None,
         )
         rows.append(collection(kjt)[feature].detach().float())
     return torch.cat(rows) if rows else torch.zeros(0, dim)

@@ -69,6 +69,17 @@ def physical_input(
 
 
 @torch.fx.wrap
+def serving_weights(features: KeyedJaggedTensor, weighted: bool) -> Optional[torch.Tensor]:
+    """The per-sample weights for FBGEMM's quantized lookup, which takes float32 ones only; a
+    weighted FP16 table's come as float16 (the stock collection requires its table's dtype) and
+    widen exactly. None when the collection is not weighted (stock ignores them then)."""
+    weights = features.weights_or_none()
+    if not weighted or weights is None:
+        return None
+    return weights.to(torch.float32)
+
+
+@torch.fx.wrap
 def fused_physical_input(
     features: KeyedJaggedTensor,
     logical: List[str],
@@ -97,7 +108,7 @@ def fused_physical_input(
         features.values(),
         features.lengths_or_none(),
         features.offsets_or_none(),
-        features.weights_or_none() if weighted else None,
+        serving_weights(features, weighted),
         weighted,
         order,
         feature_info,
@@ -310,7 +321,7 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             plain_rows = self.plain_rows.index_select(0, feature)
             is_plain = plain_rows > 0
             rows = torch.where(is_plain, region[:, 0] + torch.remainder(ids, plain_rows.clamp(min=1)), rows)
-        weights = features.weights_or_none() if self._is_weighted else None
+        weights = serving_weights(features, self._is_weighted)
         bag_lengths = lengths
         if self._multi_level:
             second = torch.where(
