@@ -256,17 +256,25 @@ def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[st
 def plan_tables(tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeConfig]) -> CafePlan:
     """Split tables into CAFE groups (by group name and dim) and plain tables; validate."""
     _check_tables(tables, configs)
-    grouped: "OrderedDict[Tuple[str, int], List[EmbeddingBagConfig]]" = OrderedDict()
+    grouped: "OrderedDict[Tuple[Optional[str], int], List[EmbeddingBagConfig]]" = OrderedDict()
     plain = []
     for t in tables:
         cfg = configs[t.name]
         if not keeps_plain(t.num_embeddings, cfg.compression_ratio):
-            key = (cfg.group if cfg.group is not None else f"dim{t.embedding_dim}", t.embedding_dim)
-            grouped.setdefault(key, []).append(t)
+            grouped.setdefault((cfg.group, t.embedding_dim), []).append(t)
         else:
             plain.append(PlainTable(t))
     groups = []
-    for (group, dim), members in grouped.items():
+    user_names = {t.name for t in tables}
+    for (named, dim), members in grouped.items():
+        group = named if named is not None else f"dim{dim}"
+        physical = f"cafe_dim{dim}" if named is None else f"cafe_{named}_dim{dim}"
+        if physical in user_names:
+            raise ValueError(
+                f"table name {physical!r} is the name of the physical table of CAFE group {group!r} (dim {dim}, "
+                f"tables {[t.name for t in members]}); rename that table or give the group another name "
+                "(CafeConfig.group)"
+            )
         fields = {configs[t.name].group_fields() for t in members}
         if len(fields) > 1:
             raise ValueError(
@@ -279,9 +287,7 @@ def plan_tables(tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeCon
             )
         if len(members) > MAX_TABLES_PER_GROUP:
             raise ValueError(f"CAFE group {group!r} has {len(members)} tables; at most {MAX_TABLES_PER_GROUP}")
-        groups.append(
-            size_group(f"cafe_{group}" if group.startswith("dim") else f"cafe_{group}_dim{dim}", members, configs)
-        )
+        groups.append(size_group(physical, members, configs))
     return CafePlan(tuple(groups), tuple(plain))
 
 

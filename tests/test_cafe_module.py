@@ -279,6 +279,24 @@ def test_mismatched_group_settings_raise() -> None:
         )
 
 
+def test_group_names_never_merge_or_collide() -> None:
+    """A named group is its own group even when named like a dim ("dim16" on dim-16 tables
+    beside unnamed ones), and a user table named like a physical table is refused naming both."""
+    wide = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=50_000, feature_names=[f"f{i}"])
+        for i in range(3)
+    ]
+    configs = {"t0": CafeConfig(group="dim16"), "t1": CafeConfig(), "t2": CafeConfig()}
+    ebc = CafeEmbeddingBagCollection(wide, configs)
+    assert [(g.name, [t.name for t in g.tables]) for g in ebc.plan.groups] == [
+        ("cafe_dim16_dim16", ["t0"]),
+        ("cafe_dim16", ["t1", "t2"]),
+    ]
+    clash = EmbeddingBagConfig(name="cafe_dim16", embedding_dim=8, num_embeddings=10, feature_names=["g"])
+    with pytest.raises(ValueError, match="'cafe_dim16' is the name of the physical table of CAFE group 'dim16'"):
+        CafeEmbeddingBagCollection(wide[1:] + [clash], CafeConfig())
+
+
 def test_bad_input_raises_and_changes_nothing() -> None:
     ebc = make()
     gen = torch.Generator().manual_seed(0)
