@@ -1,7 +1,9 @@
 """Migration: copy rows and their optimizer state inside a physical table when ids turn hot.
 
-A promoted id's new hot row starts from what the id saw until now: its level-1 row, or the
-sum of its level-1 and level-2 rows when it was medium (multi-level). Its optimizer state
+A promoted id's new hot row starts from what the id saw until now: its level-1 row, or in a
+multi-level group the sum of its level-1 and level-2 rows (what a medium id saw; an id promoted
+straight from cold starts from the sum too, as the sequential reference does: the migration
+does not know which ids the last forward served as medium). Its optimizer state
 starts fresh (zero), as a new row of its own: the hashed row's accumulator holds the summed
 gradients of every id that shares it, so copying it would give the id a step size a fraction
 of a fresh row's just when it starts to learn for itself. Measured against the official CAFE
