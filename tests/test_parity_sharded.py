@@ -3,7 +3,7 @@ expansion, int32 ids and lengths exactly as int64, table-wise and row-wise."""
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 import pytest
 import torch
@@ -123,27 +123,37 @@ def order_batch(rank: int, weighted: bool) -> KeyedJaggedTensor:
     return KeyedJaggedTensor.from_lengths_sync(ORDER_FEATURES, values, lengths, weights=weights)
 
 
-def order_module() -> CafeEmbeddingBagCollection:
+def order_module(trainable: bool = False) -> CafeEmbeddingBagCollection:
     torch.manual_seed(0)
-    return CafeEmbeddingBagCollection(order_tables(), CafeConfig(compression_ratio=50))
+    config = (
+        CafeConfig(compression_ratio=50, policy="paper", threshold=2.0, seed=5)
+        if trainable
+        else CafeConfig(compression_ratio=50)
+    )
+    ebc = CafeEmbeddingBagCollection(order_tables(), config)
+    _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.1})
+    return ebc
 
 
-def placed(rank: int, world: int, placement: str) -> Dict[str, object]:
-    """Sharded forward against the unsharded collection with the same weights, eval; the input
-    carries per-sample weights that this unweighted collection must ignore, sharded or not."""
+PLACEMENTS = {
+    # the group of dim 16 on rank 0: TorchRec's table-wise order is f1, then f0 and f2 on rank 1
+    "table_wise": {"cafe_dim16": ("table_wise", 0), "cafe_dim8": ("table_wise", 1), "plain": ("table_wise", 1)},
+    # and with a row-wise plain table (a row-wise group's blocks lay keys out otherwise than the
+    # unsharded table, so only plain tables are compared row-wise here; see test_sharded.py)
+    "mixed": {"cafe_dim16": ("table_wise", 1), "cafe_dim8": ("table_wise", 0), "plain": ("row_wise", None)},
+}
+
+
+def placed(ebc: CafeEmbeddingBagCollection, rank: int, world: int, placement: str) -> DistributedModelParallel:
+    """ebc under DMP with the placement's hand plan, each shard holding the unsharded weights."""
     from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
     from torchrec.distributed.types import ShardingPlan
 
-    ebc = order_module()
     full = {name: bag.weight.detach().clone() for name, bag in ebc.physical.embedding_bags.items()}
     per_param = {
-        # group of dim 16 first on rank 0: TorchRec's table-wise order is f1, then f0 and f2 on rank 1
-        "table_wise": {"cafe_dim16": table_wise(rank=0), "cafe_dim8": table_wise(rank=1), "plain": table_wise(rank=1)},
-        # and with a row-wise plain table (a row-wise group's blocks lay keys out otherwise than the
-        # unsharded table, so only plain tables are compared row-wise here; see test_sharded.py)
-        "mixed": {"cafe_dim16": table_wise(rank=1), "cafe_dim8": table_wise(rank=0), "plain": row_wise()},
-    }[placement]
-    _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.1})
+        name: table_wise(rank=where) if kind == "table_wise" else row_wise()
+        for name, (kind, where) in PLACEMENTS[placement].items()
+    }
     sharder = CafeEmbeddingBagCollectionSharder()
     plan = construct_module_sharding_plan(
         ebc, per_param, local_size=world, world_size=world, device_type="cpu", sharder=sharder
@@ -154,6 +164,13 @@ def placed(rank: int, world: int, placement: str) -> Dict[str, object]:
             if meta.placement.rank() == rank:
                 start, rows = meta.shard_offsets[0], meta.shard_sizes[0]
                 row_store(dmp.module.physical, name).weight.copy_(full[name][start : start + rows])
+    return dmp
+
+
+def forward_placed(rank: int, world: int, placement: str) -> Dict[str, object]:
+    """Sharded eval forward of a KJT carrying per-sample weights, which this unweighted
+    collection must ignore, sharded or not."""
+    dmp = placed(order_module(), rank, world, placement)
     dmp.eval()
     with torch.no_grad():
         out = dmp(order_batch(rank, weighted=True))
@@ -163,8 +180,67 @@ def placed(rank: int, world: int, placement: str) -> Dict[str, object]:
 @pytest.mark.parametrize("placement", ["table_wise", "mixed"])
 def test_sharded_output_is_in_config_order_whatever_the_placement(placement: str) -> None:
     reference = order_module().eval()
-    for rank, got in enumerate(run_ranks(placed, 2, placement)):
+    for rank, got in enumerate(run_ranks(forward_placed, 2, placement)):
         with torch.no_grad():
             expected = reference(order_batch(rank, weighted=False))
         assert got["keys"] == ORDER_FEATURES
         torch.testing.assert_close(got["values"], expected.values(), rtol=0, atol=1e-6, msg=f"rank {rank}")
+
+
+ORDER_STEPS = 8
+
+
+def order_steps(rank: int) -> List[KeyedJaggedTensor]:
+    from tests.helpers import zipf_kjt
+
+    gen = torch.Generator().manual_seed(50 + rank)
+    return [zipf_kjt(ORDER_FEATURES, 12, 300, gen, max_len=2) for _ in range(ORDER_STEPS)]
+
+
+def train_placed(rank: int, world: int) -> Dict[str, object]:
+    """Table-wise training with the groups on different ranks (TorchRec's column order is not the
+    config order), two TBEs on rank 1 (dims 8 and 16 apart): outputs, then each owned group's
+    sketch keys and weights."""
+    dmp = placed(order_module(trainable=True), rank, world, "table_wise")
+    probe = torch.Generator().manual_seed(9)
+    outputs = []
+    for kjt in order_steps(rank):
+        out = dmp(kjt).values()
+        outputs.append(out.detach().clone())
+        weight = torch.randn(world, *out.shape, generator=probe)[rank]
+        (out * weight).sum().backward()
+    owned = {}
+    for name, remap in dmp.module.groups.items():
+        owned[name] = (remap.sketch.slots[:, 0].clone(), row_store(dmp.module.physical, name).weight.clone())
+    return {"outputs": outputs, "owned": owned, "stats": dmp.module.stats()}
+
+
+def test_table_wise_training_over_several_tables_equals_unsharded() -> None:
+    """The columns TorchRec orders by rank carry their gradients back to the right rows and
+    importance scores: training equals the unsharded collection on the global batch."""
+    results = run_ranks(train_placed, 2)
+    reference = order_module(trainable=True)
+    probe = torch.Generator().manual_seed(9)
+    per_rank = [order_steps(r) for r in range(2)]
+    for step in range(ORDER_STEPS):
+        kjts = [per_rank[r][step] for r in range(2)]
+        values = torch.cat([k[f].values() for f in ORDER_FEATURES for k in kjts])
+        lengths = torch.cat([k[f].lengths() for f in ORDER_FEATURES for k in kjts])
+        out = reference(KeyedJaggedTensor.from_lengths_sync(ORDER_FEATURES, values, lengths)).values()
+        weights = torch.randn(2, out.shape[0] // 2, out.shape[1], generator=probe)
+        for r in range(2):
+            torch.testing.assert_close(
+                results[r]["outputs"][step], out[12 * r : 12 * (r + 1)].detach(), rtol=1e-5, atol=1e-6
+            )
+        # TorchRec's all-to-all divides gradients by the world size (as DDP averages)
+        ((out * weights.reshape(out.shape)).sum() / 2).backward()
+    promotions = 0
+    for r in results:
+        for name, (keys, weight) in r["owned"].items():
+            group = reference.groups[name]
+            assert torch.equal(keys, group.sketch.slots[:, 0]), name
+            torch.testing.assert_close(
+                weight, reference.physical.embedding_bags[name].weight.detach(), rtol=1e-4, atol=1e-5
+            )
+            promotions += r["stats"][name]["promotions"]
+    assert promotions > 5
