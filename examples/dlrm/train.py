@@ -83,6 +83,7 @@ class Trainee:
     plan: Any
     dmp: torch.nn.Module
     optimizer: Any
+    dense_optimizer: Any  # inside `optimizer` too
     pipeline: Any
     cafes: List[torch.nn.Module]
 
@@ -169,7 +170,7 @@ def build_trainee(args: argparse.Namespace, data: Any, d: Dist) -> Trainee:
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
     pipeline = make_pipeline(spec.is_cafe or args.embedding == "full", dmp, optimizer, d.device)
     cafes = cafe_modules(dmp) if spec.is_cafe else []
-    return Trainee(spec, memory, description, plan, dmp, optimizer, pipeline, cafes)
+    return Trainee(spec, memory, description, plan, dmp, optimizer, dense_opt, pipeline, cafes)
 
 
 def announce(args: argparse.Namespace, d: Dist, trainee: Trainee, data: Any, total_steps: int) -> None:
@@ -207,6 +208,9 @@ def initial_state(args: argparse.Namespace, trainee: Trainee, d: Dist) -> Tuple[
     }
     resumed_from = resolve_resume(args)
     if resumed_from is not None:
+        # Adam creates its state at its first step: one step on zero gradients (TorchRec's
+        # init_state; no weight decay here, so the weights stay) gives the checkpoint's state a place
+        trainee.dense_optimizer.init_state()
         meta = load_checkpoint(resumed_from, trainee.dmp, trainee.optimizer)
         if d.rank == 0:
             print(f"[train] resumed from {resumed_from} at step {meta['step']}", flush=True)

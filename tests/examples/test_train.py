@@ -140,10 +140,13 @@ def test_torchx_failing_worker_fails_the_job(tmp_path: Path) -> None:
     assert not (out / "fail.json").exists()
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dense_optimizer", ["adagrad", "adam"])  # Adam's state is lazy: nothing before a step
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path: Path, dense_optimizer: str) -> None:
     common = [
         "--embedding",
         "cafe",
+        "--dense-optimizer",
+        dense_optimizer,
         "--max-steps",
         "20",
         "--eval-every",
