@@ -104,6 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from torchrec.distributed.planner import Topology
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+    from cafe_planner.estimators import resolve_optimizer
     from cafe_planner.planner import CafePlanner
     from cafe_planner.report import grid_lines
     from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
@@ -141,7 +142,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     assert ratio is not None  # without a budget every run has a ratio
                     configs = {t.name: CafeConfig(compression_ratio=ratio) for t in tables}
                 module = CafeEmbeddingBagCollection(tables, configs, device=torch.device("meta"))
-                planner.plan(module, [CafeEmbeddingBagCollectionSharder()])
+                # the sharder a job would use: it builds the optimizer the plan counts
+                optimizer = resolve_optimizer(args.optimizer)
+                fused = {"optimizer": optimizer} if optimizer is not None else None
+                planner.plan(module, [CafeEmbeddingBagCollectionSharder(fused_params=fused)])
             except ValueError as e:
                 print(f"error (world size {world_size}, ratio {ratio}): {e}", file=sys.stderr)
                 return 2

@@ -22,9 +22,11 @@ What it misses, and ``CafeStorageEstimator`` adds per shard:
    figure is low for fp16 tables (RowWiseAdagrad: 4 B per row, the stock 1/dim of 2 B x dim
    gives 2 B); and when the optimizer comes from the sharder's ``fused_params["optimizer"]``
    (or from the planner's ``optimizer`` argument) rather than from the parameter, the stock
-   estimator counts none. The effective optimizer is the one TorchRec's sharder will build:
-   the parameter's in-backward optimizer class, else ``fused_params["optimizer"]``, else the
-   ``optimizer`` given to the estimator, else EXACT_SGD (TBE's default).
+   estimator counts none. The optimizer counted is the one TorchRec's sharder will build: the
+   parameter's in-backward optimizer class, else ``fused_params["optimizer"]``, else EXACT_SGD
+   (TBE's default). Where neither names one, the ``optimizer`` given to the estimator (the
+   planner's) is counted instead, as what the caller means to train with, and a warning says
+   that TorchRec will build SGD unless the sharder or the parameters are given that optimizer.
 A block too small to hold one hashed row per table region (``GroupLayout.block`` raises) gets
 an unplaceable storage, so the partitioner never picks it.
 
@@ -42,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
@@ -144,10 +147,9 @@ def optimizer_state_bytes(optimizer: Optional[EmbOptimType], rows: int, dim: int
     return rows * dim * _FP32
 
 
-def effective_optimizer(
-    tensor: torch.Tensor, fused_params: Optional[Dict[str, Any]], fallback: Optional[EmbOptimType]
-) -> EmbOptimType:
-    """The optimizer TorchRec's sharder will give this table's TBE (see the module docstring)."""
+def built_optimizer(tensor: torch.Tensor, fused_params: Optional[Dict[str, Any]]) -> Optional[EmbOptimType]:
+    """The optimizer the parameter or the sharder's fused_params name for this table's TBE
+    (None where neither does: TorchRec then builds EXACT_SGD)."""
     optimizer_class, kwargs = in_backward_optimizer(tensor)
     if "optimizer" in kwargs:
         return resolve_optimizer(kwargs["optimizer"]) or EmbOptimType.EXACT_SGD
@@ -155,7 +157,29 @@ def effective_optimizer(
         return resolve_optimizer(optimizer_class) or EmbOptimType.EXACT_SGD
     if fused_params and fused_params.get("optimizer") is not None:
         return resolve_optimizer(fused_params["optimizer"]) or EmbOptimType.EXACT_SGD
-    return fallback or EmbOptimType.EXACT_SGD
+    return None
+
+
+def effective_optimizer(
+    tensor: torch.Tensor, fused_params: Optional[Dict[str, Any]], fallback: Optional[EmbOptimType]
+) -> EmbOptimType:
+    """The optimizer counted for this table's TBE (see the module docstring): the one TorchRec
+    will build, else the planner's `fallback`, else SGD."""
+    return built_optimizer(tensor, fused_params) or fallback or EmbOptimType.EXACT_SGD
+
+
+def warn_unapplied_optimizer(table: str, planned: Optional[EmbOptimType], built: Optional[EmbOptimType]) -> None:
+    """Warn where the planner counts an optimizer that nothing gives the table (TorchRec then
+    trains it with SGD, and the plan holds state the table never gets)."""
+    if built is None and planned not in (None, EmbOptimType.EXACT_SGD):
+        warnings.warn(
+            f"table {table!r}: the planner counts {planned.name} optimizer state, but neither the parameters "
+            "(apply_optimizer_in_backward) nor the sharder's fused_params name an optimizer, so TorchRec will "
+            f"build EXACT_SGD; give the sharder fused_params={{'optimizer': EmbOptimType.{planned.name}}} (or the "
+            "parameters that optimizer) so that the plan and the training agree",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def sharder_fused_params(sharders: Sequence[ModuleSharder[nn.Module]]) -> Dict[str, Any]:
@@ -228,6 +252,7 @@ class CafeStorageEstimator(ShardEstimator):
                 continue
             sharder_data = (sharder_data_map or {}).get(option.module_type_key)
             fused = getattr(sharder_data, "fused_params", None) or {}
+            warn_unapplied_optimizer(option.name, self._optimizer, built_optimizer(option.tensor, fused))
             optimizer = effective_optimizer(option.tensor, fused, self._optimizer)
             multiplier = stock_optimizer_multiplier(option.tensor)
             layout = group_layout(module, option.name)

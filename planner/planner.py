@@ -4,8 +4,15 @@
                           memory_budget="64GiB", optimizer="rowwise_adagrad")
     configs = planner.configure(tables)              # before the module exists: what fits
     ebc = CafeEmbeddingBagCollection(tables, configs, device=torch.device("meta"))
-    plan = planner.collective_plan(ebc, [CafeEmbeddingBagCollectionSharder()], pg)  # or .plan(...)
+    sharder = CafeEmbeddingBagCollectionSharder(
+        fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.01})
+    plan = planner.collective_plan(ebc, [sharder], pg)  # or .plan(...)
+    model = DistributedModelParallel(ebc, plan=plan, sharders=[sharder])
     print(planner.report())
+
+The planner's ``optimizer`` is what it counts; the tables train with what the sharder's
+fused_params (or apply_optimizer_in_backward on the parameters) name, so name the same one
+there (the estimator warns where nothing does: TorchRec would build SGD).
 
 It wraps the stock planner through its extension points (it does not fork it):
 - enumerator: EmbeddingPerfEstimator, EmbeddingStorageEstimator, then CafeStorageEstimator
@@ -89,8 +96,9 @@ class CafePlanner:
         names); they replace this planner's defaults for that table.
     batch_size: per-rank batch size for the perf and buffer estimates.
     profile: {feature: int64 ids} sampled from the data, for the profiled budget split.
-    optimizer: the embedding optimizer when neither the parameters (apply_optimizer_in_backward)
-        nor the sharder's fused_params say; also used by ``configure``. Default: SGD.
+    optimizer: the embedding optimizer to count where neither the parameters
+        (apply_optimizer_in_backward) nor the sharder's fused_params name one (a warning then says
+        that TorchRec will build SGD there); also used by ``configure``. Default: SGD.
     calibration: path or dict for CafePerfEstimator (default: the calibrate.py file, else the
         shipped constants).
     rw_share: tables above this share of a rank's fair share of memory are sharded row-wise.

@@ -82,14 +82,14 @@ class BudgetSolution:
         return {name: compressed.get(name, 1.0) for name in self.configs}
 
     def effective_ratio(self) -> float:
-        """Logical bytes / (weights + sketch) over all tables, as the paper counts it."""
-        logical = sum(t.logical_rows * g.dim * 4 for g in self.plan.groups for t in g.tables)
-        logical += sum(p.config.num_embeddings * p.config.embedding_dim * 4 for p in self.plan.plain)
-        physical = sum(g.weight_bytes() + group_state_bytes(g) for g in self.plan.groups)
-        physical += sum(
+        """Logical bytes / (weights + sketch) over all tables, as the paper counts it, each
+        table at its configured dtype on both sides (as the collection's memory() counts)."""
+        plain = sum(
             p.config.num_embeddings * p.config.embedding_dim * BYTES_PER_VALUE[p.config.data_type]
             for p in self.plan.plain
         )
+        logical = sum(g.logical_bytes() for g in self.plan.groups) + plain
+        physical = sum(g.weight_bytes() + group_state_bytes(g) for g in self.plan.groups) + plain
         return logical / physical
 
     def constraints(self, pooling_factors: Optional[Mapping[str, float]] = None) -> Dict[str, ParameterConstraints]:

@@ -153,6 +153,9 @@ def test_optimizer_state_follows_what_tbe_allocates():
     planner, _ = _plan_meta(tables, cafe, optimizer="rowwise_adagrad")
     opt = {t.name: t.optimizer_bytes for t in planner.report().tables}
     assert opt == {"a": 100000 * 4, "b": 50000 * 4}
+    # counted, but nothing gives the tables that optimizer: the planner warns that TorchRec builds SGD
+    with pytest.warns(UserWarning, match="table .a.*counts EXACT_ROWWISE_ADAGRAD.*build EXACT_SGD"):
+        _plan_meta(tables, cafe, optimizer="rowwise_adagrad")
     # from the sharder's fused params: Adagrad keeps one fp32 value per weight
     sharder = CafeEmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_ADAGRAD})
     planner, _ = _plan_meta(tables, cafe, sharder=sharder)
@@ -445,3 +448,17 @@ def test_a_group_row_wise_cannot_take_is_planned_loudly():
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*goes table-wise")
             assert cli_main(["--world-size", "128", *args]) == 0
+
+
+@pytest.mark.parametrize("data_type", [DataType.FP32, DataType.FP16])
+def test_solution_ratio_is_the_collections(data_type):
+    """The budget solution's effective ratio counts each table at its dtype, as memory() does."""
+    tables = [
+        EmbeddingBagConfig(
+            name=f"t{i}", embedding_dim=16, num_embeddings=n, feature_names=[f"f{i}"], data_type=data_type
+        )
+        for i, n in enumerate([400000, 150000, 90000, 100])
+    ]
+    solution = solve_budget(tables, None, 1, ratio=20.0)
+    ebc = CafeEmbeddingBagCollection(tables, solution.configs, device=torch.device("meta"))
+    assert solution.effective_ratio() == pytest.approx(ebc.memory()["compression_ratio"], rel=1e-9)
