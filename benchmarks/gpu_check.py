@@ -639,31 +639,47 @@ def main(argv: Optional[List[str]] = None) -> int:
     info = machine(device)
     print(f"Machine: {machine_line(info)}", flush=True)
     start = time.perf_counter()
-    checks = run_checks(device, args.quick)
-    timings = run_timings(
-        device, sizes, repeat, 2 if args.quick else WARM_BATCHES, 0 if args.quick else args.cpu_repeat
-    )
-    table = markdown(info, checks, timings)
-    print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)
-    record = dict(
-        machine=info,
-        device=str(device),
-        quick=args.quick,
-        repeat=repeat,
-        checks=checks,
-        timings=timings,
-        seconds=round(time.perf_counter() - start, 1),
-        command=" ".join(["python -m benchmarks.gpu_check", *(sys.argv[1:] if argv is None else argv)]),
-    )
-    (args.out / "gpu_check.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.out / "gpu_check.md").write_text(table)
+    command = " ".join(["python -m benchmarks.gpu_check", *(sys.argv[1:] if argv is None else argv)])
+
+    def write(checks: List[Dict[str, object]], timings: List[Dict[str, object]], error: Optional[str]) -> str:
+        """The results so far, JSON and Markdown: written after the checks and again after the
+        timings, so a crash in the timings (a device-side assert poisons the CUDA context) loses
+        neither the checks nor the error."""
+        table = markdown(info, checks, timings) + (f"\nTimings failed: {error}\n" if error else "")
+        record = dict(
+            machine=info,
+            device=str(device),
+            quick=args.quick,
+            repeat=repeat,
+            checks=checks,
+            timings=timings,
+            timings_error=error,
+            seconds=round(time.perf_counter() - start, 1),
+            command=command,
+        )
+        (args.out / "gpu_check.json").write_text(json.dumps(record, indent=2) + "\n")
+        (args.out / "gpu_check.md").write_text(table)
+        return table
+
+    checks = run_checks(device, args.quick)
+    write(checks, [], None)
+    timings: List[Dict[str, object]] = []
+    error = None
+    try:
+        timings = run_timings(
+            device, sizes, repeat, 2 if args.quick else WARM_BATCHES, 0 if args.quick else args.cpu_repeat
+        )
+    except Exception as exc:  # recorded and reported; the checks' results stand
+        error = f"{type(exc).__name__}: {exc}"
+    table = write(checks, timings, error)
+    print("\n" + table)
     failed = [c["check"] for c in checks if not c["passed"]]
     print(
-        f"{len(checks) - len(failed)}/{len(checks)} checks passed in {record['seconds']} s; "
-        f"wrote {args.out}/gpu_check.json and .md"
+        f"{len(checks) - len(failed)}/{len(checks)} checks passed in {time.perf_counter() - start:.1f} s"
+        f"{'; timings failed: ' + error if error else ''}; wrote {args.out}/gpu_check.json and .md"
     )
-    return 1 if failed else 0
+    return 1 if failed or error else 0
 
 
 if __name__ == "__main__":

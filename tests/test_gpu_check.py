@@ -50,6 +50,23 @@ def test_cpu_dry_run_passes_every_check_without_torchrec(tmp_path: Path) -> None
     assert "| sketch insert | 26 x 4096 |" in (out / "gpu_check.md").read_text()
 
 
+def test_a_crash_in_the_timings_keeps_the_checks(tmp_path: Path) -> None:
+    """A device-side assert in the timings must not lose the checks' results: they are written
+    before the timings run, and the error is recorded (exit status 1)."""
+    out = tmp_path / "out"
+    proc = run_blocked(
+        "import benchmarks.gpu_check as g\n"
+        "def boom(*a, **k):\n    raise RuntimeError('device-side assert triggered')\n"
+        "g.run_timings = boom\n"
+        f"sys.exit(g.main(['--device', 'cpu', '--quick', '--out', {str(out)!r}]))"
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    record = json.loads((out / "gpu_check.json").read_text())
+    assert len(record["checks"]) == 5 and all(c["passed"] for c in record["checks"])
+    assert record["timings"] == [] and "device-side assert" in record["timings_error"]
+    assert "Timings failed" in (out / "gpu_check.md").read_text()
+
+
 def test_script_imports_with_torch_alone() -> None:
     proc = run_blocked(
         "import benchmarks.gpu_check\n"

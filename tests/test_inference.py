@@ -348,6 +348,18 @@ def test_frozen_takes_fp16_weights_of_fp16_tables(kernel: str) -> None:
     assert set(exported.embedding_bags) == {"t0", "t1", "t2"}
 
 
+@needs_cpp
+def test_a_moved_frozen_module_chooses_its_kernel_again() -> None:
+    """The C++ op runs on CPU only: moved off CPU (meta here, CUDA in use) 'auto' takes the
+    torch-ops twin, 'cpp' is refused."""
+    frozen = freeze(trained())
+    assert frozen.kernel == "cpp"
+    moved = frozen.to("meta")
+    assert moved.kernel == "torch" and {b.device.type for b in moved.buffers()} == {"meta"}
+    with pytest.raises(ValueError, match="runs on CPU tensors only"):
+        freeze(trained()).with_kernel("cpp").to("meta")
+
+
 def test_frozen_refuses_what_training_refuses() -> None:
     frozen = freeze(trained())
     bad = KeyedJaggedTensor(

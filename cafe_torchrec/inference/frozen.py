@@ -206,6 +206,7 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         kernel: str = "auto",
     ) -> None:
         super().__init__()
+        self._requested_kernel = kernel
         self._kernel = resolve_kernel(kernel, feature_info.device)
         self._tables = list(tables)
         self._is_weighted = is_weighted
@@ -221,7 +222,9 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.register_buffer("feature_info", feature_info)
         for i, name in enumerate(INFO_COLUMNS):  # one contiguous column each: gathered per id
             self.register_buffer(name, feature_info[:, i].clone(), persistent=False)
-        self.register_buffer("group_bounds", torch.tensor(list(group_bounds), dtype=torch.int64))
+        device = feature_info.device  # the buffers below live with the frozen tensors (with_kernel on CUDA)
+        self._group_bounds: List[int] = list(group_bounds)
+        self.register_buffer("group_bounds", torch.tensor(list(group_bounds), dtype=torch.int64, device=device))
         self.register_buffer("hash_table", hash_table)
         self.register_buffer("hash_offsets", hash_offsets)
         self.register_buffer("regions", regions)
@@ -234,23 +237,31 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             start += dims[f]
         self.register_buffer(
             "columns",
-            torch.tensor([c for f in self._features for c in range(starts[f], starts[f] + dims[f])], dtype=torch.int64),
+            torch.tensor(
+                [c for f in self._features for c in range(starts[f], starts[f] + dims[f])],
+                dtype=torch.int64,
+                device=device,
+            ),
         )
         self.register_buffer(
-            "config_order", torch.tensor([self._inner.index(f) for f in self._features], dtype=torch.int64)
+            "config_order",
+            torch.tensor([self._inner.index(f) for f in self._features], dtype=torch.int64, device=device),
         )
         self.register_buffer(  # the inverse: where each inner feature is in config order (the C++ op's input order)
             "input_order",
-            torch.tensor([self._features.index(f) for f in self._inner], dtype=torch.int64),
+            torch.tensor([self._features.index(f) for f in self._inner], dtype=torch.int64, device=device),
             persistent=False,
         )
         self.register_buffer(
-            "column_features", torch.tensor([i for i, d in enumerate(self._dims) for _ in range(d)], dtype=torch.int64)
+            "column_features",
+            torch.tensor([i for i, d in enumerate(self._dims) for _ in range(d)], dtype=torch.int64, device=device),
         )
         self.register_buffer(
             "mean_mask",
             torch.tensor(
-                [t.pooling == PoolingType.MEAN for t in self._tables for _ in t.feature_names], dtype=torch.bool
+                [t.pooling == PoolingType.MEAN for t in self._tables for _ in t.feature_names],
+                dtype=torch.bool,
+                device=device,
             ),
         )
 
@@ -342,7 +353,7 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             self._tables,
             self._inner,
             self.feature_info,
-            self.group_bounds.tolist(),
+            self._group_bounds,
             self.hash_table,
             self.hash_offsets,
             self.regions,
@@ -357,6 +368,14 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def kernel(self) -> str:
         """Where the id work runs: 'cpp' (the C++ op) or 'torch' (its torch-ops twin)."""
         return self._kernel
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "FrozenCafeEmbeddingBagCollection":
+        """Module.to / cuda / cpu: the kernel is chosen again for the device the tensors moved to
+        (the C++ op runs on CPU only; 'auto' takes the torch-ops twin elsewhere, 'cpp' raises).
+        Move before scripting: a scripted module keeps the kernel it was scripted with."""
+        super()._apply(fn, recurse)
+        self._kernel = resolve_kernel(self._requested_kernel, self.feature_info.device)
+        return self
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return self._tables
