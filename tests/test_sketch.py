@@ -64,6 +64,25 @@ def test_batched_insert_equals_sequential_reference(kernel: str) -> None:
     assert seen["promoted"] > 24 and seen["demoted"] > 0 and seen["full"] > 0, seen
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_newcomers_to_buckets_of_hot_slots_are_dropped_as_the_reference(kernel: str) -> None:
+    """Few buckets, many hot rows: most buckets fill with hot slots, so newcomers are dropped
+    (counted) while others are placed in the same batch; slots equal the sequential reference."""
+    gen = torch.Generator().manual_seed(5)
+    sk = make(kernel, hot_capacity=16, num_buckets=4, threshold=1.0)
+    ref = ReferenceSketch(4, 4, 16, 1.0, 0.9, sk.decay_trigger, 3)
+    dropped = 0
+    for _ in range(12):
+        keys = zipf_keys(64, 40, 0.8, gen)
+        scores = dyadic_scores(64, gen)
+        res = sk.insert(keys, scores)
+        ref.insert_batch(keys.tolist(), scores.tolist())
+        dropped += res.dropped
+        assert sk.slot_keys.tolist() == ref.keys and sk.slot_scores.tolist() == ref.scores
+        assert sk.slot_rows.tolist() == ref.rows and sk.slot_errors.tolist() == ref.errors
+    assert dropped > 20
+
+
 def test_cpp_and_torch_kernels_agree_on_real_valued_scores() -> None:
     if not cpp_available():
         pytest.skip("no C++ build")

@@ -150,30 +150,38 @@ def _place_newcomers(state: SketchState, keys: torch.Tensor, scores: torch.Tenso
     group_start = torch.cummax(torch.where(starts, positions, 0), 0).values
     rank = torch.empty_like(by_bucket)
     rank[by_bucket] = positions - group_start
-    c = state.slots_per_bucket
-    offsets = torch.arange(c, device=device)
-    dropped = 0
-    for r in range(int(rank.max()) + 1):
-        idx = (rank == r).nonzero().flatten()
+    # round r places the r-th newcomer of every bucket (distinct buckets: no write meets another);
+    # a stable sort by round makes each round a slice, so a round costs no host sync
+    by_round = torch.argsort(rank, stable=True)
+    bounds = [0, *torch.cumsum(torch.bincount(rank), 0).tolist()]
+    offsets = torch.arange(state.slots_per_bucket, device=device)
+    dropped = torch.zeros((), dtype=torch.int64, device=device)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        idx = by_round[start:end]
         k, s, slots = ukeys[idx], usums[idx], ubase[idx, None] + offsets
         kb, sb, rb = state.keys[slots], state.scores[slots], state.words[slots]
         is_empty = kb == EMPTY_KEY
-        fill = is_empty.any(1)
-        fill_slot = slots[fill, is_empty[fill].int().argmax(1)]
-        state.keys[fill_slot] = k[fill]
-        state.scores[fill_slot] = s[fill]
-        state.words[fill_slot] = COLD_WORD | NEWCOMER_BIT
-        full = ~fill
-        non_hot = rb[full] < 0
-        has_victim = non_hot.any(1)
-        dropped += int((~has_victim).sum())
-        col = torch.where(non_hot, sb[full], torch.inf).argmin(1)[has_victim]
-        victim = slots[full][has_victim, col]
-        evicted = sb[full][has_victim, col]
-        state.keys[victim] = k[full][has_victim]
-        state.scores[victim] = torch.clamp(evicted + s[full][has_victim], max=FLOAT_MAX)
-        state.words[victim] = cold_words(evicted, NEWCOMER_BIT)
-    return dropped
+        has_empty = is_empty.any(1)
+        non_hot = rb < 0
+        placed = has_empty | non_hot.any(1)  # else every slot is hot: dropped
+        victim = torch.where(non_hot, sb, torch.inf).argmin(1)  # the minimum non-hot slot
+        col = torch.where(has_empty, is_empty.int().argmax(1), victim)  # else its first empty slot
+        entry = torch.arange(idx.numel(), device=device)
+        evicted = sb[entry, victim]
+        # a dropped newcomer's row writes its bucket's slot 0 back unchanged
+        keep_key, keep_score, keep_word = kb[entry, col], sb[entry, col], rb[entry, col]
+        target = slots[entry, col]
+        state.keys[target] = torch.where(placed, k, keep_key)
+        state.scores[target] = torch.where(
+            has_empty, s, torch.where(placed, torch.clamp(evicted + s, max=FLOAT_MAX), keep_score)
+        )
+        state.words[target] = torch.where(
+            has_empty,
+            torch.full_like(keep_word, COLD_WORD | NEWCOMER_BIT),
+            torch.where(placed, cold_words(evicted, NEWCOMER_BIT), keep_word),
+        )
+        dropped += (~placed).sum()
+    return int(dropped)
 
 
 def query(state: SketchState, keys: torch.Tensor, medium_threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
