@@ -60,5 +60,7 @@ def torch_occurrence_scores(
     feature_of = torch.arange(num_features, device=lengths.device).repeat_interleave(per_feature)
     total = torch.zeros(num_features, dtype=torch.float32, device=lengths.device).index_add_(0, feature_of, scores)
     mean = total / per_feature.clamp(min=1)
-    # a feature whose gradients are all zero gets zero scores (nothing to rank), not NaN
-    return torch.where(mean[feature_of] > 0, scores / mean[feature_of], torch.zeros_like(scores))
+    # a feature whose gradients are all zero gets zero scores (nothing to rank), not NaN; one with
+    # a NaN or inf gradient (mean not > 0) too, but for those occurrences, which stay NaN and are
+    # skipped by the insert, as in the C++ op (x * 0)
+    return torch.where(mean[feature_of] > 0, scores / mean[feature_of], scores * 0.0)

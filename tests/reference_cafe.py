@@ -18,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from cafe_torchrec.hashing import bounded_int, fold_int, mix64_int, odd_multiplier
 from cafe_torchrec.layout import GroupLayout
-from tests.reference_sketch import ReferenceSketch
+from tests.reference_sketch import ReferenceSketch, f32
 
 
 class ReferenceCafe(EmbeddingBagCollectionInterface):
@@ -47,7 +47,7 @@ class ReferenceCafe(EmbeddingBagCollectionInterface):
             cfg.decay_trigger * buckets * cfg.threshold,
             mix64_int(303, cfg.seed),
         )
-        self.medium = cfg.threshold * cfg.medium_share if cfg.multi_level else float("inf")
+        self.medium = f32(cfg.threshold * cfg.medium_share) if cfg.multi_level else float("inf")
         self.slot_of_feature = {f: i for i, t in enumerate(layout.tables) for f in t.features}
         self.offsets = layout.region_offsets()
         self.seed = cfg.seed
@@ -105,7 +105,8 @@ class ReferenceCafe(EmbeddingBagCollectionInterface):
         for f, key, _ in self._occurrences:
             mean = sum(norms[f]) / len(norms[f])
             keys.append(key)
-            scores.append(norms[f][seen[f]] / mean if mean > 0 else 0.0)
+            # mean not > 0 (all zero, or a NaN/inf gradient): 0, but NaN where the norm is not finite
+            scores.append(norms[f][seen[f]] / mean if mean > 0 else norms[f][seen[f]] * 0.0)
             seen[f] += 1
         promoted_keys, promoted_rows, _ = self.sketch.insert_batch(keys, scores)
         grad = self.weight.grad

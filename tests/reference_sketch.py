@@ -59,6 +59,7 @@ class ReferenceSketch:
     # last rebalance, occurrences due since its last hit)
 
     def __post_init__(self) -> None:
+        self.threshold = f32(self.threshold)  # the kernels compare against float32 settings
         n = self.num_buckets * self.slots
         self.keys, self.scores, self.rows = [EMPTY] * n, [0.0] * n, [NO_ROW] * n
         self.errors, self.newcomer = [0.0] * n, [False] * n
@@ -120,7 +121,8 @@ class ReferenceSketch:
         total = self.decayed + self.since
         steps = 0
         if q > 0 and total > 0 and self.since > 0:
-            steps = min(16, int(round(16 * (self.since * q / (total * policy.horizon)) / math.log(2))))
+            # clamped before rounding, as the kernels do: a huge rate must not overflow
+            steps = int(round(min(16.0, 16 * (self.since * q / (total * policy.horizon)) / math.log(2))))
         f = f32(2.0 ** (-steps / 16))
         due: Dict[int, float] = {}  # hot row -> occurrences due since its last hit
         for j in range(len(self.keys)):
@@ -141,7 +143,7 @@ class ReferenceSketch:
             (
                 j
                 for j in held
-                if self.rows[j] == NO_ROW and not self.newcomer[j] and self.estimate(j) >= policy.entry_score
+                if self.rows[j] == NO_ROW and not self.newcomer[j] and self.estimate(j) >= f32(policy.entry_score)
             ),
             key=lambda j: (-self.estimate(j), j),
         )
@@ -150,7 +152,7 @@ class ReferenceSketch:
         plan = [(c, self.free.pop()) for c in candidates[:fill]]
         demoted = []
         for c, h in zip(candidates[fill:], hot):
-            if not self.estimate(c) >= f32(policy.hysteresis * self.estimate(h)):
+            if not self.estimate(c) >= f32(f32(policy.hysteresis) * self.estimate(h)):
                 break
             plan.append((c, self.rows[h]))
             demoted.append(self.rows[h])

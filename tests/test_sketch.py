@@ -22,7 +22,8 @@ def zipf_keys(n: int, vocab: int, z: float, gen: torch.Generator) -> torch.Tenso
 
 
 def dyadic_scores(n: int, gen: torch.Generator) -> torch.Tensor:
-    """Multiples of 1/8: float32 sums are exact in any order, so kernels can match bit for bit."""
+    """Multiples of 1/8: float32 sums are exact in any order (until a decay scales them), so
+    kernels can match bit for bit."""
     return torch.randint(0, 33, (n,), generator=gen).float() / 8
 
 
@@ -288,6 +289,24 @@ def test_cpp_occurrence_scores_equal_the_definition(weighted: bool) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_bad_gradient_leaves_its_occurrences_nan_in_both_kernels(bad: float) -> None:
+    """A NaN or inf gradient in one bag: that feature's other occurrences score 0 and its own
+    stay NaN (the insert skips and counts them), in the C++ op and its twin alike; once the
+    twin turned them into 0, which the insert would have placed."""
+    from cafe_torchrec.importance import occurrence_scores
+
+    gen = torch.Generator().manual_seed(1)
+    batch, features, dim = 4, 2, 4
+    grad = torch.randn(batch, features * dim, generator=gen)
+    grad[1, 0] = bad  # feature 0, bag 1
+    lengths = torch.tensor([1, 2, 1, 0, 1, 1, 1, 1])
+    for kernel in [k for k in ("cpp", "torch") if k != "cpp" or cpp_available()]:
+        scores = occurrence_scores(grad, (0, features * dim), lengths, features, None, "gradient", kernel)
+        assert torch.isnan(scores).tolist() == [False, True, True, False] + [False] * 4, kernel
+        assert scores[[0, 3]].tolist() == [0.0, 0.0] and torch.isfinite(scores[4:]).all(), kernel
+
+
 # ---- the adaptive policy (sketch/policy.py)
 def make_adaptive(kernel: str, **policy) -> HotSketch:
     from cafe_torchrec.sketch.policy import AdaptivePolicy
@@ -457,6 +476,56 @@ def test_adaptive_rebalance_with_many_swaps_equals_the_reference() -> None:
         assert_same_as_reference(sk, ref, res, ref.insert_batch(keys.tolist(), scores.tolist()))
         most = max(most, res.demoted_rows.numel())
     assert most > 64, most
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_settings_are_float32_and_a_minus_zero_score_is_zero(kernel: str) -> None:
+    """The kernels hold their settings in float32 (a threshold of 0.7 is 0.699999988): a score
+    of 0.7 reaches it, as the sequential reference now says too; a newcomer's score of -0.0 is
+    stored as +0.0 by both kernels (the slots compare bit for bit)."""
+    keys = mix64(torch.tensor([3, 4]), 1)
+    sk = make(kernel, threshold=0.7, decay_trigger=1e9)
+    ref = ReferenceSketch(16, 4, 24, 0.7, 0.9, sk.decay_trigger, 3)
+    for scores in ([0.7, -0.0], [0.0, 0.0]):
+        result = sk.insert(keys, torch.tensor(scores))
+        ref.insert_batch(keys.tolist(), scores)
+    assert result.promoted_keys.tolist() == [keys[0].item()]
+    assert sk.slot_keys.tolist() == ref.keys and sk.slot_rows.tolist() == ref.rows
+    assert not bool(torch.signbit(sk.slot_scores).any())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_tiny_horizon_with_huge_scores_stays_finite(kernel: str) -> None:
+    """AdaptivePolicy accepts any horizon > 0: the decay exponent is clamped before it is
+    rounded (in the C++ op, its twin and the reference), not rounded from an infinite rate."""
+    from cafe_torchrec.sketch.policy import AdaptivePolicy
+
+    keys = mix64(torch.arange(2), 1)
+    policy = AdaptivePolicy(horizon=1e-300, entry_score=1.0, rebalances_per_horizon=1)
+    sk = HotSketch(hot_capacity=1, num_buckets=1, slots_per_bucket=2, seed=0, kernel=kernel, adaptive=policy)
+    for _ in range(3):
+        sk.insert(keys, torch.tensor([3e38, 1.0]))
+    assert bool(torch.isfinite(sk.slot_scores).all())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_refused_insert_changes_nothing_with_a_rebalance_due(kernel: str) -> None:
+    """Bad keys or hints are refused before a due rebalance runs: the C++ insert checks signs
+    in its own pass, and a rebalance before it once swapped a hot row no caller saw."""
+    from cafe_torchrec.sketch.policy import AdaptivePolicy
+
+    k0, k1 = mix64(torch.arange(2), 9).tolist()
+    policy = AdaptivePolicy(horizon=1e12, entry_score=1.0, rebalances_per_horizon=1000)
+    sk = HotSketch(hot_capacity=1, num_buckets=1, slots_per_bucket=2, seed=0, kernel=kernel, adaptive=policy)
+    for keys, scores in (([k0], [1.0]), ([k0], [0.0]), ([k1], [8.0]), ([k1], [0.0])):
+        sk.insert(torch.tensor(keys), torch.tensor(scores))
+    assert sk._rebalance_due()  # the next insert rebalances first (k1 would take k0's row)
+    before = {name: t.clone() for name, t in sk.state_dict().items()}
+    with pytest.raises(ValueError, match="non-negative"):
+        sk.insert(torch.tensor([k0, -3]), torch.ones(2))
+    with pytest.raises(ValueError, match="hints must be an int32"):
+        sk.insert(torch.tensor([k0, k1]), torch.ones(2), hints=torch.zeros(2, dtype=torch.int64))
+    assert all(torch.equal(before[name], t) for name, t in sk.state_dict().items())
 
 
 @pytest.mark.parametrize(

@@ -293,7 +293,7 @@ int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s, PhaseA
     if (u == distinct) {
       ukeys[u] = k[i];
       ubases[u] = base;
-      usums[u] = s[i];
+      usums[u] = s[i] + 0.0f;  // a sum from +0.0, as the twin's: a score of -0.0 is stored as +0.0
       ++distinct;
     } else {
       usums[u] += s[i];

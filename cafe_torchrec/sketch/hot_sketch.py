@@ -226,30 +226,45 @@ class HotSketch(nn.Module):
     def insert(self, keys: torch.Tensor, scores: torch.Tensor, hints: Optional[torch.Tensor] = None) -> InsertResult:
         """Add a batch of (key, score) pairs; scores NaN, inf or negative are skipped and counted.
 
-        `hints` [N] int32 (optional): the slot a lookup found each key in (-1 if absent); the
-        C++ kernel verifies and uses them to skip re-probing. Results do not depend on them.
+        `hints` [N] int32 (optional): the slot a lookup found each key in (-1 if absent), the
+        same for every occurrence of a key, as a lookup gives them; the C++ kernel verifies and
+        uses them to skip re-probing. Results do not depend on them.
+        Every input is checked before any state changes, a due rebalance included. The decay
+        trigger (paper policy) compares a float64 running total whose last bits depend on the
+        kernel's summation order: a total within an ulp of the trigger may decay a batch apart.
         """
         kernel = self._kernel_for(keys)
-        _check_keys(keys, signs=kernel is torch_kernel)  # the C++ kernel checks signs itself, in its first pass
         self._ensure_ready()
+        due = self._rebalance_due()
+        # the C++ insert checks signs in its first pass, but a due rebalance runs before it
+        _check_keys(keys, signs=kernel is torch_kernel or due)
         if scores.shape != keys.shape or not scores.is_floating_point():
             raise ValueError(
                 f"scores must be a float tensor shaped like keys {tuple(keys.shape)}, "
                 f"got {scores.dtype} {tuple(scores.shape)}"
             )
+        if hints is not None and hints.numel() > 0 and (hints.dtype != torch.int32 or hints.shape != keys.shape):
+            raise ValueError(
+                f"hints must be an int32 tensor shaped like keys {tuple(keys.shape)}, "
+                f"got {hints.dtype} {tuple(hints.shape)}"
+            )
         params = InsertParams(self.threshold, self.decay, self.decay_trigger)
-        rebalanced = self._rebalance_if_due()
+        rebalanced = self._rebalance() if due else None
         result = kernel.insert_(self.state(), keys, scores.to(torch.float32), params, hints)
         if self.adaptive is not None:
             self.occurrences_since += keys.numel() - result.skipped
             self.row_marks[result.promoted_rows.to(self.row_marks.device)] = UNKNOWN_MARK
         return result if rebalanced is None else _merged(rebalanced, result)
 
-    def _rebalance_if_due(self) -> Optional[InsertResult]:
-        """The adaptive policy's rebalance (sketch/policy.py), when due."""
+    def _rebalance_due(self) -> bool:
+        """Whether the adaptive policy's rebalance (sketch/policy.py) is due before the next insert."""
         policy = self.adaptive
-        if policy is None or not policy.due(int(self.occurrences_since[0]), float(self.decayed_occurrences[0])):
-            return None
+        return policy is not None and policy.due(int(self.occurrences_since[0]), float(self.decayed_occurrences[0]))
+
+    def _rebalance(self) -> InsertResult:
+        """The adaptive policy's rebalance (sketch/policy.py)."""
+        policy = self.adaptive
+        assert policy is not None
         rebalance = cpp_kernel.rebalance_ if self.kernel == "cpp" else rebalance_
         result, marginal = rebalance(
             self.state(), policy, self.hot_capacity, self.decayed_occurrences, self.occurrences_since, self.row_marks
