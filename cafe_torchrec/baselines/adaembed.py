@@ -239,7 +239,7 @@ class AdaEmbedEmbeddingBagCollection(BaselineCollection):
             weights=torch.cat(out_weights) if out_weights else None,
             stride=features.stride(),
         )
-        pooled = self.physical(inner).values()
+        pooled = self.in_order(self.physical(inner), self._inner_features)  # the hook's columns are in inner order
         if training and batches and pooled.requires_grad:
             require_in_backward_optimizer(self.physical, list(self.pools), "AdaEmbed pool", "rows are reassigned")
             pooled.register_hook(self._backward_hook(batches))

@@ -77,10 +77,25 @@ class BaselineCollection(ConfiguredCollection):
         features = checked_input(features, self._feature_names, self._is_weighted)
         if features.keys() != self._feature_names:
             features = features.permute([features.keys().index(f) for f in self._feature_names])
+        if not self._is_weighted and features.weights_or_none() is not None:
+            # stock ignores them; TorchRec's sharded lookup (and AdaEmbed's importance) would not
+            features = KeyedJaggedTensor(
+                keys=features.keys(), values=features.values(), lengths=features.lengths(), stride=features.stride()
+            )
         return self._forward(features)
 
     def _forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         raise NotImplementedError
+
+    @staticmethod
+    def in_order(pooled: KeyedTensor, order: List[str]) -> torch.Tensor:
+        """The inner collection's pooled values with its columns in `order` (its config order):
+        sharded by DistributedModelParallel it answers in TorchRec's column order (by sharding
+        type, then by rank); one copy then, none unsharded."""
+        if pooled.keys() == order:
+            return pooled.values()
+        by_key = pooled.to_dict()
+        return torch.cat([by_key[f] for f in order], dim=1)
 
     def output(self, values: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> KeyedTensor:
         """The inner pooled values as the collection's KeyedTensor (`lengths`:

@@ -59,7 +59,7 @@ class HashingEmbeddingBagCollection(BaselineCollection):
             weights=features.weights_or_none(),
             stride=features.stride(),
         )
-        return self.output(self.physical(inner).values())
+        return self.output(self.in_order(self.physical(inner), self._feature_names))
 
     def describe_tables(self) -> List[str]:
         return [

@@ -134,7 +134,7 @@ class ManagedCollisionEmbeddingBags(BaselineCollection):
         pooled = out[0]
         if isinstance(pooled, KeyedTensor) and pooled.keys() == self._feature_names:
             return pooled
-        return self.output(pooled.values())
+        return self.output(self.in_order(pooled, self._feature_names))
 
     # ---- introspection
     def mc_modules(self) -> Dict[str, MCHManagedCollisionModule]:

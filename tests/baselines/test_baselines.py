@@ -406,3 +406,81 @@ def test_state_dict_round_trip_gives_identical_outputs(cls, kwargs) -> None:
         for module in (fresh, trained):  # the next training step (and any reallocation) is the same too
             module(probe).values().sum().backward()
         torch.testing.assert_close(fresh.eval()(probe).values(), trained.eval()(probe).values(), rtol=0, atol=0)
+
+
+# ---- sharded by DistributedModelParallel (as the example trainer runs them)
+PLACED_FEATURES = ["f0", "f1", "f2"]
+
+
+def placed_tables() -> list:
+    """Compressed tables of dims 8 and 16 and a small plain one of dim 8."""
+    return [
+        EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=20_000, feature_names=["f0"]),
+        EmbeddingBagConfig(name="b", embedding_dim=16, num_embeddings=20_000, feature_names=["f1"]),
+        EmbeddingBagConfig(name="c", embedding_dim=8, num_embeddings=3, feature_names=["f2"]),
+    ]
+
+
+PLACED = {
+    "hash": (HashingEmbeddingBagCollection, dict(compression_ratio=4.0)),
+    "adaembed": (AdaEmbedEmbeddingBagCollection, dict(compression_ratio=2.0)),
+}
+
+
+def placed_batch(rank: int) -> KeyedJaggedTensor:
+    """Ids and per-sample weights, which these unweighted collections must ignore."""
+    gen = torch.Generator().manual_seed(rank)
+    lengths = torch.randint(1, 3, (3 * 6,), generator=gen)
+    values = torch.randint(0, 20_000, (int(lengths.sum()),), generator=gen)
+    return KeyedJaggedTensor.from_lengths_sync(
+        PLACED_FEATURES, values, lengths, weights=torch.rand(values.numel(), generator=gen) * 5
+    )
+
+
+def placed_module(method: str):
+    cls, kwargs = PLACED[method]
+    torch.manual_seed(0)
+    return cls(placed_tables(), **kwargs)
+
+
+def baseline_placed(rank: int, world: int, method: str) -> dict:
+    """The inner collection sharded table-wise with its last table on rank 0 and the others on
+    rank 1: TorchRec's columns then come in another order than the inner config order."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
+    from torchrec.distributed.types import ShardingPlan
+
+    module = placed_module(method)
+    names = list(module.physical.embedding_bags)
+    full = {
+        f"physical.embedding_bags.{n}.weight": b.weight.detach().clone()
+        for n, b in module.physical.embedding_bags.items()
+    }
+    per_param = {n: table_wise(rank=0 if i == len(names) - 1 else 1) for i, n in enumerate(names)}
+    sharder = EmbeddingBagCollectionSharder()
+    plan = construct_module_sharding_plan(
+        module.physical, per_param, local_size=world, world_size=world, device_type="cpu", sharder=sharder
+    )
+    dmp = DistributedModelParallel(
+        module, device=torch.device("cpu"), plan=ShardingPlan({"physical": plan}), sharders=[sharder]
+    )
+    dmp.module.load_state_dict(full, strict=False)
+    dmp.eval()
+    with torch.no_grad():
+        out = dmp(placed_batch(rank))
+    return {"keys": out.keys(), "values": out.values()}
+
+
+@pytest.mark.parametrize("method", sorted(PLACED))
+def test_sharded_baselines_answer_in_config_order_and_ignore_weights(method: str) -> None:
+    from tests.dist_utils import run_ranks
+
+    reference = placed_module(method).eval()
+    for rank, got in enumerate(run_ranks(baseline_placed, 2, method)):
+        batch = placed_batch(rank)
+        unweighted = KeyedJaggedTensor.from_lengths_sync(PLACED_FEATURES, batch.values(), batch.lengths())
+        with torch.no_grad():
+            expected = reference(unweighted).values()
+        assert got["keys"] == PLACED_FEATURES
+        torch.testing.assert_close(got["values"], expected, rtol=0, atol=1e-6, msg=f"{method} rank {rank}")
