@@ -617,6 +617,27 @@ def markdown(info: Dict[str, object], checks: List[Dict[str, object]], timings: 
     return "\n".join(lines) + "\n"
 
 
+def write_results(
+    out: Path,
+    record: Dict[str, object],
+    checks: List[Dict[str, object]],
+    timings: List[Dict[str, object]],
+    error: Optional[str],
+    start: float,
+) -> str:
+    """The results so far as gpu_check.json and gpu_check.md under `out` (returns the Markdown):
+    written after the checks and again after the timings, so a crash in the timings (a
+    device-side assert poisons the CUDA context) loses neither the checks nor the error."""
+    info = record["machine"]
+    assert isinstance(info, dict)
+    table = markdown(info, checks, timings) + (f"\nTimings failed: {error}\n" if error else "")
+    seconds = round(time.perf_counter() - start, 1)
+    full = dict(record, checks=checks, timings=timings, timings_error=error, seconds=seconds)
+    (out / "gpu_check.json").write_text(json.dumps(full, indent=2) + "\n")
+    (out / "gpu_check.md").write_text(table)
+    return table
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="device under test (cpu: a dry run)")
@@ -642,28 +663,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m benchmarks.gpu_check", *(sys.argv[1:] if argv is None else argv)])
 
-    def write(checks: List[Dict[str, object]], timings: List[Dict[str, object]], error: Optional[str]) -> str:
-        """The results so far, JSON and Markdown: written after the checks and again after the
-        timings, so a crash in the timings (a device-side assert poisons the CUDA context) loses
-        neither the checks nor the error."""
-        table = markdown(info, checks, timings) + (f"\nTimings failed: {error}\n" if error else "")
-        record = dict(
-            machine=info,
-            device=str(device),
-            quick=args.quick,
-            repeat=repeat,
-            checks=checks,
-            timings=timings,
-            timings_error=error,
-            seconds=round(time.perf_counter() - start, 1),
-            command=command,
-        )
-        (args.out / "gpu_check.json").write_text(json.dumps(record, indent=2) + "\n")
-        (args.out / "gpu_check.md").write_text(table)
-        return table
-
+    record = dict(machine=info, device=str(device), quick=args.quick, repeat=repeat, command=command)
     checks = run_checks(device, args.quick)
-    write(checks, [], None)
+    write_results(args.out, record, checks, [], None, start)
     timings: List[Dict[str, object]] = []
     error = None
     try:
@@ -672,7 +674,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     except Exception as exc:  # recorded and reported; the checks' results stand
         error = f"{type(exc).__name__}: {exc}"
-    table = write(checks, timings, error)
+    table = write_results(args.out, record, checks, timings, error, start)
     print("\n" + table)
     failed = [c["check"] for c in checks if not c["passed"]]
     print(

@@ -265,13 +265,13 @@ def plan_tables(tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeCon
         else:
             plain.append(PlainTable(t))
     groups = []
-    user_names = {t.name for t in tables}
+    plain_names = {p.config.name for p in plain}  # physical tables of their own, under their names
     for (named, dim), members in grouped.items():
         group = named if named is not None else f"dim{dim}"
         physical = f"cafe_dim{dim}" if named is None else f"cafe_{named}_dim{dim}"
-        if physical in user_names:
+        if physical in plain_names:
             raise ValueError(
-                f"table name {physical!r} is the name of the physical table of CAFE group {group!r} (dim {dim}, "
+                f"plain table {physical!r} has the name of the physical table of CAFE group {group!r} (dim {dim}, "
                 f"tables {[t.name for t in members]}); rename that table or give the group another name "
                 "(CafeConfig.group)"
             )

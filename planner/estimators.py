@@ -168,17 +168,18 @@ def effective_optimizer(
     return built_optimizer(tensor, fused_params) or fallback or EmbOptimType.EXACT_SGD
 
 
-def warn_unapplied_optimizer(table: str, planned: Optional[EmbOptimType], built: Optional[EmbOptimType]) -> None:
-    """Warn where the planner counts an optimizer that nothing gives the table (TorchRec then
-    trains it with SGD, and the plan holds state the table never gets)."""
-    if built is None and planned not in (None, EmbOptimType.EXACT_SGD):
+def warn_unapplied_optimizer(tables: Sequence[str], planned: Optional[EmbOptimType]) -> None:
+    """One warning for the tables where the planner counts an optimizer that nothing gives them
+    (TorchRec then trains them with SGD, and the plan holds state they never get)."""
+    if tables and planned not in (None, EmbOptimType.EXACT_SGD):
+        assert planned is not None
         warnings.warn(
-            f"table {table!r}: the planner counts {planned.name} optimizer state, but neither the parameters "
-            "(apply_optimizer_in_backward) nor the sharder's fused_params name an optimizer, so TorchRec will "
-            f"build EXACT_SGD; give the sharder fused_params={{'optimizer': EmbOptimType.{planned.name}}} (or the "
+            f"tables {sorted(set(tables))}: the planner counts {planned.name} optimizer state, but neither the "
+            "parameters (apply_optimizer_in_backward) nor the sharder's fused_params name an optimizer, so TorchRec "
+            f"will build EXACT_SGD; give the sharder fused_params={{'optimizer': EmbOptimType.{planned.name}}} (or the "
             "parameters that optimizer) so that the plan and the training agree",
             UserWarning,
-            stacklevel=3,
+            stacklevel=2,
         )
 
 
@@ -246,13 +247,15 @@ class CafeStorageEstimator(ShardEstimator):
     def estimate(
         self, sharding_options: List[ShardingOption], sharder_data_map: Optional[Dict[str, Any]] = None
     ) -> None:
+        unapplied: List[str] = []
         for option in sharding_options:
             module = cafe_module_of(option)
             if module is None:
                 continue
             sharder_data = (sharder_data_map or {}).get(option.module_type_key)
             fused = getattr(sharder_data, "fused_params", None) or {}
-            warn_unapplied_optimizer(option.name, self._optimizer, built_optimizer(option.tensor, fused))
+            if built_optimizer(option.tensor, fused) is None:
+                unapplied.append(option.name)
             optimizer = effective_optimizer(option.tensor, fused, self._optimizer)
             multiplier = stock_optimizer_multiplier(option.tensor)
             layout = group_layout(module, option.name)
@@ -287,6 +290,7 @@ class CafeStorageEstimator(ShardEstimator):
                     shard.storage = Storage(hbm=storage.hbm, ddr=storage.ddr + extra, ssd=storage.ssd)
                 shards.append(ShardBytes(weights, opt, sketch, io, hot, hashed))
             self.breakdown[option_key(option)] = shards
+        warn_unapplied_optimizer(unapplied, self._optimizer)
 
 
 def load_calibration(path: Union[None, str, Path] = None) -> Dict[str, Any]:

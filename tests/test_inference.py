@@ -7,6 +7,7 @@ traced model's forward, which must be types, not strings."""
 
 import copy
 import dataclasses
+import types
 from typing import Dict, List
 
 import pytest
@@ -350,14 +351,20 @@ def test_frozen_takes_fp16_weights_of_fp16_tables(kernel: str) -> None:
 
 @needs_cpp
 def test_a_moved_frozen_module_chooses_its_kernel_again() -> None:
-    """The C++ op runs on CPU only: moved off CPU (meta here, CUDA in use) 'auto' takes the
-    torch-ops twin, 'cpp' is refused."""
+    """The C++ op runs on CPU only: moved to meta (shape work) 'auto' takes the torch-ops twin,
+    'cpp' is refused; a move to a device its quantized tables would not follow (FBGEMM's TBE
+    stays where TorchRec built it) is refused before anything moves."""
     frozen = freeze(trained())
     assert frozen.kernel == "cpp"
     moved = frozen.to("meta")
     assert moved.kernel == "torch" and {b.device.type for b in moved.buffers()} == {"meta"}
     with pytest.raises(ValueError, match="runs on CPU tensors only"):
         freeze(trained()).with_kernel("cpp").to("meta")
+    staying = freeze(trained())
+    with pytest.raises(ValueError, match="serves on CPU"):
+        # what .cuda() would give (this CPU build cannot make a CUDA tensor; the probe is all it reads)
+        staying._apply(lambda t: types.SimpleNamespace(device=torch.device("cuda", 0)))  # type: ignore[arg-type]
+    assert staying.feature_info.device.type == "cpu" and staying.kernel == "cpp"
 
 
 def test_frozen_refuses_what_training_refuses() -> None:

@@ -24,7 +24,7 @@ table (zero in every dtype), right after its first row as in training, so FP32 o
 equal the training module's bit for bit.
 """
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
@@ -369,10 +369,21 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Where the id work runs: 'cpp' (the C++ op) or 'torch' (its torch-ops twin)."""
         return self._kernel
 
-    def _apply(self, fn: Any, recurse: bool = True) -> "FrozenCafeEmbeddingBagCollection":
-        """Module.to / cuda / cpu: the kernel is chosen again for the device the tensors moved to
-        (the C++ op runs on CPU only; 'auto' takes the torch-ops twin elsewhere, 'cpp' raises).
-        Move before scripting: a scripted module keeps the kernel it was scripted with."""
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> "FrozenCafeEmbeddingBagCollection":
+        """Module.to / cuda / cpu. A frozen collection serves on CPU: its quantized tables
+        (FBGEMM's IntNBit TBE, which TorchRec keeps outside the module tree) do not move with
+        Module.to, so a move to another device is refused before anything moves (ValueError);
+        meta is allowed for shape work. The kernel is chosen again for the device the tensors
+        moved to (the C++ op runs on CPU only: 'auto' takes the torch-ops twin, 'cpp' raises)."""
+        target = fn(torch.empty(0, device=self.feature_info.device)).device
+        if target.type not in ("cpu", "meta"):
+            raise ValueError(
+                f"a frozen CAFE collection serves on CPU: its quantized tables do not move to {target} with "
+                "Module.to (FBGEMM's TBE is placed when TorchRec builds it); keep it on CPU"
+            )
+        resolve_kernel(self._requested_kernel, target)  # raises before anything moves
         super()._apply(fn, recurse)
         self._kernel = resolve_kernel(self._requested_kernel, self.feature_info.device)
         return self

@@ -133,9 +133,15 @@ def test_estimated_bytes_per_rank_match_the_sharded_allocation():
 
 
 # ------------------------------------------------------------------ estimators in-process
+def rowwise_sharder() -> CafeEmbeddingBagCollectionSharder:
+    """The sharder a job that the planner counts row-wise Adagrad for would use."""
+    return CafeEmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD})
+
+
 def _plan_meta(tables, cafe, world=2, **kwargs):
     ebc = CafeEmbeddingBagCollection(tables, cafe, device=torch.device("meta"))
-    sharder = kwargs.pop("sharder", CafeEmbeddingBagCollectionSharder())
+    default = rowwise_sharder() if kwargs.get("optimizer") == "rowwise_adagrad" else CafeEmbeddingBagCollectionSharder()
+    sharder = kwargs.pop("sharder", default)
     planner = CafePlanner(Topology(world_size=world, compute_device="cpu"), **kwargs)
     planner.plan(ebc, [sharder])
     return planner, ebc
@@ -154,8 +160,8 @@ def test_optimizer_state_follows_what_tbe_allocates():
     opt = {t.name: t.optimizer_bytes for t in planner.report().tables}
     assert opt == {"a": 100000 * 4, "b": 50000 * 4}
     # counted, but nothing gives the tables that optimizer: the planner warns that TorchRec builds SGD
-    with pytest.warns(UserWarning, match="table .a.*counts EXACT_ROWWISE_ADAGRAD.*build EXACT_SGD"):
-        _plan_meta(tables, cafe, optimizer="rowwise_adagrad")
+    with pytest.warns(UserWarning, match=r"tables \['a', 'b'\]: the planner counts EXACT_ROWWISE_ADAGRAD.*EXACT_SGD"):
+        _plan_meta(tables, cafe, optimizer="rowwise_adagrad", sharder=CafeEmbeddingBagCollectionSharder())
     # from the sharder's fused params: Adagrad keeps one fp32 value per weight
     sharder = CafeEmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_ADAGRAD})
     planner, _ = _plan_meta(tables, cafe, sharder=sharder)
@@ -285,7 +291,7 @@ def test_infeasible_budget_names_rank_and_shortfall():
         Topology(world_size=2, compute_device="cpu"), memory_budget=[cap, cap], optimizer="rowwise_adagrad"
     )
     with pytest.raises(ValueError) as info:
-        planner.plan(ebc, [CafeEmbeddingBagCollectionSharder()])
+        planner.plan(ebc, [rowwise_sharder()])
     msg = str(info.value)
     assert "cafe_dim16" in msg
     for rank, n in enumerate(need):
@@ -335,7 +341,7 @@ def test_solver_fits_and_fills_the_budget(world, budget):
     assert sol.used >= 0.9 * budget
     # the planner, on the module the configs build, agrees and fits every rank
     ebc = CafeEmbeddingBagCollection(tables, configs, device=torch.device("meta"))
-    planner.plan(ebc, [CafeEmbeddingBagCollectionSharder()])
+    planner.plan(ebc, [rowwise_sharder()])
     report = planner.report()
     states = [r.state_bytes for r in report.ranks]
     assert states == sol.rank_bytes
@@ -392,7 +398,7 @@ def test_plans_criteo_terabyte_on_256_gpus_without_a_gpu():
     )
     configs = planner.configure(tables)
     ebc = CafeEmbeddingBagCollection(tables, configs, device=torch.device("meta"))
-    plan = planner.plan(ebc, [CafeEmbeddingBagCollectionSharder()])
+    plan = planner.plan(ebc, [rowwise_sharder()])
     report = planner.report()
     states = [r.state_bytes for r in report.ranks]
     assert states == planner.solution.rank_bytes
