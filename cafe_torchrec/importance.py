@@ -61,6 +61,6 @@ def torch_occurrence_scores(
     total = torch.zeros(num_features, dtype=torch.float32, device=lengths.device).index_add_(0, feature_of, scores)
     mean = total / per_feature.clamp(min=1)
     # a feature whose gradients are all zero gets zero scores (nothing to rank), not NaN; one with
-    # a NaN or inf gradient (mean not > 0) too, but for those occurrences, which stay NaN and are
-    # skipped by the insert, as in the C++ op (x * 0)
+    # a NaN gradient (a NaN mean) too, but for that bag's occurrences, which stay NaN (x * 0) and
+    # are skipped by the insert, as in the C++ op; an inf one gives an inf mean: x / inf, the same
     return torch.where(mean[feature_of] > 0, scores / mean[feature_of], scores * 0.0)

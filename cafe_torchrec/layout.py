@@ -265,13 +265,15 @@ def plan_tables(tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeCon
         else:
             plain.append(PlainTable(t))
     groups = []
-    plain_names = {p.config.name for p in plain}  # physical tables of their own, under their names
+    names = {t.name for t in tables}
     for (named, dim), members in grouped.items():
         group = named if named is not None else f"dim{dim}"
         physical = f"cafe_dim{dim}" if named is None else f"cafe_{named}_dim{dim}"
-        if physical in plain_names:
+        # a table may share its group's name (it lives inside that physical table); any other
+        # table of that name would be a second table so named in plans and constraints
+        if physical in names and physical not in {t.name for t in members}:
             raise ValueError(
-                f"plain table {physical!r} has the name of the physical table of CAFE group {group!r} (dim {dim}, "
+                f"table {physical!r} has the name of the physical table of CAFE group {group!r} (dim {dim}, "
                 f"tables {[t.name for t in members]}); rename that table or give the group another name "
                 "(CafeConfig.group)"
             )

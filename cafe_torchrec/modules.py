@@ -75,6 +75,13 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
 
     # ---- forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if not isinstance(self.physical, EmbeddingBagCollection):
+            raise ValueError(
+                "the CAFE collection's inner tables were sharded by another sharder "
+                f"({type(self.physical).__name__}): shard it with "
+                "cafe_torchrec.distributed.CafeEmbeddingBagCollectionSharder (pass it to DistributedModelParallel's "
+                "sharders), which remaps ids on the owning rank and keeps the sketch beside its rows"
+            )
         features = checked_input(features, self.feature_map.logical, self._is_weighted)
         training = self.training and torch.is_grad_enabled()
         if training and any(p.requires_grad for p in self.physical.parameters()):

@@ -293,9 +293,12 @@ def test_group_names_never_merge_or_collide() -> None:
         ("cafe_dim16", ["t1", "t2"]),
     ]
     clash = EmbeddingBagConfig(name="cafe_dim16", embedding_dim=8, num_embeddings=10, feature_names=["g"])
-    with pytest.raises(ValueError, match="plain table 'cafe_dim16' has the name of the physical table of CAFE group"):
+    with pytest.raises(ValueError, match="table 'cafe_dim16' has the name of the physical table of CAFE group"):
         CafeEmbeddingBagCollection(wide[1:] + [clash], CafeConfig())
-    # a compressed table of that name lives inside its group's table: no clash (it built before too)
+    compressed = EmbeddingBagConfig(name="cafe_dim16", embedding_dim=8, num_embeddings=50_000, feature_names=["g"])
+    with pytest.raises(ValueError, match="table 'cafe_dim16' has the name of the physical table"):
+        CafeEmbeddingBagCollection(wide[1:] + [compressed], CafeConfig())  # in the dim-8 group
+    # a table of its own group's name lives inside that physical table: allowed
     member = EmbeddingBagConfig(name="cafe_dim16", embedding_dim=16, num_embeddings=50_000, feature_names=["g"])
     assert [g.name for g in CafeEmbeddingBagCollection(wide[1:] + [member], CafeConfig()).plan.groups] == ["cafe_dim16"]
 

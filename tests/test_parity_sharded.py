@@ -244,3 +244,24 @@ def test_table_wise_training_over_several_tables_equals_unsharded() -> None:
             )
             promotions += r["stats"][name]["promotions"]
     assert promotions > 5
+
+
+def stock_sharded(rank: int, world: int) -> str:
+    """DMP given only TorchRec's sharder shards the CAFE collection's inner tables by themselves."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+    ebc = order_module()
+    dmp = DistributedModelParallel(ebc, device=torch.device("cpu"), sharders=[EmbeddingBagCollectionSharder()])
+    try:
+        dmp(order_batch(rank, weighted=False))
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def test_inner_tables_sharded_without_the_cafe_sharder_are_refused() -> None:
+    """Without CafeEmbeddingBagCollectionSharder, DMP shards the inner stock collection alone:
+    its output columns and rows would not be CAFE's (no remap on the owner), so the forward
+    refuses, naming the sharder to use."""
+    (message,) = run_ranks(stock_sharded, 1)
+    assert "CafeEmbeddingBagCollectionSharder" in message, message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -486,18 +487,21 @@ def test_settings_are_float32_and_a_minus_zero_score_is_zero(kernel: str) -> Non
     keys = mix64(torch.tensor([3, 4]), 1)
     sk = make(kernel, threshold=0.7, decay_trigger=1e9)
     ref = ReferenceSketch(16, 4, 24, 0.7, 0.9, sk.decay_trigger, 3)
-    for scores in ([0.7, -0.0], [0.0, 0.0]):
-        result = sk.insert(keys, torch.tensor(scores))
-        ref.insert_batch(keys.tolist(), scores)
+    sk.insert(keys, torch.tensor([0.7, -0.0]))
+    ref.insert_batch(keys.tolist(), [0.7, -0.0])
+    assert not bool(torch.signbit(sk.slot_scores).any())  # key 4's newcomer score is +0.0
+    assert [math.copysign(1.0, x) for x in sk.slot_scores.tolist()] == [math.copysign(1.0, x) for x in ref.scores]
+    result = sk.insert(keys[:1], torch.tensor([0.0]))  # key 3 is hit: its 0.7 reaches the float32 threshold
+    ref.insert_batch(keys[:1].tolist(), [0.0])
     assert result.promoted_keys.tolist() == [keys[0].item()]
     assert sk.slot_keys.tolist() == ref.keys and sk.slot_rows.tolist() == ref.rows
-    assert not bool(torch.signbit(sk.slot_scores).any())
+    assert sk.slot_scores.tolist() == ref.scores
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_a_tiny_horizon_with_huge_scores_stays_finite(kernel: str) -> None:
-    """AdaptivePolicy accepts any horizon > 0: the decay exponent is clamped before it is
-    rounded (in the C++ op, its twin and the reference), not rounded from an infinite rate."""
+    """AdaptivePolicy accepts any horizon > 0: the decay exponent is clamped to its maximum,
+    not rounded from an infinite rate (the twin raised OverflowError; the C++ op clamped)."""
     from cafe_torchrec.sketch.policy import AdaptivePolicy
 
     keys = mix64(torch.arange(2), 1)

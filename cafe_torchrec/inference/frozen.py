@@ -12,7 +12,9 @@ one lookup in TorchRec's quantized collection (FBGEMM's IntNBit TBE) over the ph
 tables in FP32, FP16, INT8 or INT4. No sketch, no optimizer state. On CPU the id work (the
 checks on the lengths, feature permute, pre-hash, probe, routing, rows, the inner KJT's
 lengths) is one C++ op, `torch.ops.cafe.serving_rows`, reading the same tensors; its twin in
-torch ops runs elsewhere or without the C++ build (cafe_torchrec.ops.resolve_kernel).
+torch ops runs without the C++ build, or when chosen (cafe_torchrec.ops.resolve_kernel). It
+serves on CPU: the quantized tables stay where TorchRec built them, so Module.to another device
+is refused (a graph fx traced from it is not guarded that way: keep it on CPU too).
 
 It runs eagerly, under torch.fx (TorchRec's tracer or torch's), TorchScript (of the fx
 graph, as TorchRec's own quantized collection) and torch.export: the Python-level steps
@@ -187,7 +189,7 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     feature_info [F, len(INFO_COLUMNS)] per inner feature; group_bounds: the inner features
     where each group's run of hash-map lookups ends (a plain feature inside a run skips it).
     kernel: 'auto', 'cpp' or 'torch' (cafe_torchrec.ops.resolve_kernel), resolved here for the
-    device of the frozen tensors: the C++ op on CPU, its torch-ops twin elsewhere.
+    device of the frozen tensors: the C++ op on CPU where it loads, else its torch-ops twin.
     """
 
     def __init__(
@@ -222,7 +224,7 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.register_buffer("feature_info", feature_info)
         for i, name in enumerate(INFO_COLUMNS):  # one contiguous column each: gathered per id
             self.register_buffer(name, feature_info[:, i].clone(), persistent=False)
-        device = feature_info.device  # the buffers below live with the frozen tensors (with_kernel on CUDA)
+        device = feature_info.device  # the buffers below live with the frozen tensors
         self._group_bounds: List[int] = list(group_bounds)
         self.register_buffer("group_bounds", torch.tensor(list(group_bounds), dtype=torch.int64, device=device))
         self.register_buffer("hash_table", hash_table)

@@ -229,7 +229,8 @@ class HotSketch(nn.Module):
         `hints` [N] int32 (optional): the slot a lookup found each key in (-1 if absent), the
         same for every occurrence of a key, as a lookup gives them; the C++ kernel verifies and
         uses them to skip re-probing. Results do not depend on them.
-        Every input is checked before any state changes, a due rebalance included. The decay
+        Every input is checked before the sketch's state changes, a due rebalance included (a
+        fresh sketch's lazy initialisation aside). The decay
         trigger (paper policy) compares a float64 running total whose last bits depend on the
         kernel's summation order: a total within an ulp of the trigger may decay a batch apart.
         """
@@ -238,15 +239,19 @@ class HotSketch(nn.Module):
         due = self._rebalance_due()
         # the C++ insert checks signs in its first pass, but a due rebalance runs before it
         _check_keys(keys, signs=kernel is torch_kernel or due)
-        if scores.shape != keys.shape or not scores.is_floating_point():
+        if scores.shape != keys.shape or not scores.is_floating_point() or scores.device != keys.device:
             raise ValueError(
-                f"scores must be a float tensor shaped like keys {tuple(keys.shape)}, "
-                f"got {scores.dtype} {tuple(scores.shape)}"
+                f"scores must be a float tensor shaped like keys {tuple(keys.shape)} on {keys.device}, "
+                f"got {scores.dtype} {tuple(scores.shape)} on {scores.device}"
             )
-        if hints is not None and hints.numel() > 0 and (hints.dtype != torch.int32 or hints.shape != keys.shape):
+        if (
+            hints is not None
+            and hints.numel() > 0
+            and (hints.dtype != torch.int32 or hints.shape != keys.shape or hints.device != keys.device)
+        ):
             raise ValueError(
-                f"hints must be an int32 tensor shaped like keys {tuple(keys.shape)}, "
-                f"got {hints.dtype} {tuple(hints.shape)}"
+                f"hints must be an int32 tensor shaped like keys {tuple(keys.shape)} on {keys.device}, "
+                f"got {hints.dtype} {tuple(hints.shape)} on {hints.device}"
             )
         params = InsertParams(self.threshold, self.decay, self.decay_trigger)
         rebalanced = self._rebalance() if due else None

@@ -103,7 +103,8 @@ def decay_exponent(since: float, before: float, marginal: float, horizon: float)
     if not (marginal > 0 and total > 0 and since > 0):
         return 0
     rate = since * marginal / (total * horizon)
-    # clamped before rounding, as the C++ op: a huge rate (scores near FLT_MAX) must not overflow
+    # clamped to DECAY_STEPS before the int (the C++ op clamps the rounded double: the same): a
+    # huge rate (scores near FLT_MAX) must not overflow
     return int(round(min(float(DECAY_STEPS), DECAY_STEPS * rate / math.log(2))))
 
 

@@ -424,6 +424,7 @@ def placed_tables() -> list:
 PLACED = {
     "hash": (HashingEmbeddingBagCollection, dict(compression_ratio=4.0)),
     "adaembed": (AdaEmbedEmbeddingBagCollection, dict(compression_ratio=2.0)),
+    "mc": (ManagedCollisionEmbeddingBags, dict(compression_ratio=4.0)),  # DMP shards the EBC inside the MC wrapper
 }
 
 
@@ -452,9 +453,10 @@ def baseline_placed(rank: int, world: int, method: str) -> dict:
     from torchrec.distributed.types import ShardingPlan
 
     module = placed_module(method)
+    path = next(name for name, m in module.named_modules() if m is module.physical)  # the inner stock EBC
     names = list(module.physical.embedding_bags)
     full = {
-        f"physical.embedding_bags.{n}.weight": b.weight.detach().clone()
+        f"{path}.embedding_bags.{n}.weight": b.weight.detach().clone()
         for n, b in module.physical.embedding_bags.items()
     }
     per_param = {n: table_wise(rank=0 if i == len(names) - 1 else 1) for i, n in enumerate(names)}
@@ -463,7 +465,7 @@ def baseline_placed(rank: int, world: int, method: str) -> dict:
         module.physical, per_param, local_size=world, world_size=world, device_type="cpu", sharder=sharder
     )
     dmp = DistributedModelParallel(
-        module, device=torch.device("cpu"), plan=ShardingPlan({"physical": plan}), sharders=[sharder]
+        module, device=torch.device("cpu"), plan=ShardingPlan({path: plan}), sharders=[sharder]
     )
     dmp.module.load_state_dict(full, strict=False)
     dmp.eval()

@@ -160,8 +160,11 @@ def test_optimizer_state_follows_what_tbe_allocates():
     opt = {t.name: t.optimizer_bytes for t in planner.report().tables}
     assert opt == {"a": 100000 * 4, "b": 50000 * 4}
     # counted, but nothing gives the tables that optimizer: the planner warns that TorchRec builds SGD
-    with pytest.warns(UserWarning, match=r"tables \['a', 'b'\]: the planner counts EXACT_ROWWISE_ADAGRAD.*EXACT_SGD"):
+    with pytest.warns(
+        UserWarning, match=r"tables \['a', 'b'\]: the planner counts EXACT_ROWWISE_ADAGRAD.*EXACT_SGD"
+    ) as got:
         _plan_meta(tables, cafe, optimizer="rowwise_adagrad", sharder=CafeEmbeddingBagCollectionSharder())
+    assert sum("the planner counts" in str(w.message) for w in got) == 1  # once, naming every table
     # from the sharder's fused params: Adagrad keeps one fp32 value per weight
     sharder = CafeEmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_ADAGRAD})
     planner, _ = _plan_meta(tables, cafe, sharder=sharder)
