@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union, cast
 
 import torch
 from torch import nn
@@ -111,7 +111,12 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
 def refuse_foreign_state(module: nn.Module, state_dict: Dict[str, object], prefix: str, *_: object) -> None:
     """load_state_dict pre-hook: a state dict with keys under this collection's prefix that are
     not its own (another layout, e.g. a stock EmbeddingBagCollection's) raises ValueError naming
-    them, strict or not, instead of loading nothing; keys it simply lacks load as torch does."""
+    them, strict or not, instead of loading nothing; keys it simply lacks load as torch does.
+    Every group's layout signature is compared here too, before any child loads: a checkpoint
+    of another config with the same shapes (another seed) would otherwise have replaced the
+    physical tables, loaded first, before the group refused it."""
+    for name, remap in group_remaps(cast(nn.ModuleDict, module.groups)).items():
+        remap.check_layout(state_dict.get(f"{prefix}groups.{name}.layout_signature"))
     own = {prefix + name for name in module.state_dict(keep_vars=True)}
     unexpected = sorted(k for k in state_dict if k.startswith(prefix) and k not in own)
     if unexpected:

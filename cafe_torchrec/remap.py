@@ -148,15 +148,18 @@ class CafeGroupRemap(nn.Module):
         wait_for_sketch_update(self)
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-        wait_for_sketch_update(self)
-        sig = state_dict.get(prefix + "layout_signature")
-        if sig is not None and not torch.equal(sig.cpu(), self._signature()):
+    def check_layout(self, saved: object) -> None:
+        """ValueError if a checkpoint's layout signature (None: absent) is not this group's."""
+        if isinstance(saved, torch.Tensor) and not torch.equal(saved.cpu(), self._signature()):
             raise ValueError(
                 f"checkpoint for CAFE group {self.layout.name!r} has another layout "
-                f"(saved {sig.tolist()}, this module {self._signature().tolist()}); "
+                f"(saved {saved.tolist()}, this module {self._signature().tolist()}); "
                 "it was saved from a different config, world size or version"
             )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        wait_for_sketch_update(self)
+        self.check_layout(state_dict.get(prefix + "layout_signature"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
 

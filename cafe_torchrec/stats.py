@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan
+from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan, GroupLayout
 from cafe_torchrec.remap import STAT_COLUMNS, CafeGroupRemap, group_remaps, group_state_bytes
 
 Stats = Dict[str, Dict[str, Any]]
@@ -99,16 +99,22 @@ def _interval(now: Dict[str, Any], before: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def memory(
-    tables: Iterable[EmbeddingBagConfig], plan: CafePlan, groups: Iterable[CafeGroupRemap], plain: Mapping[str, int]
+    tables: Iterable[EmbeddingBagConfig],
+    plan: CafePlan,
+    groups: Iterable[CafeGroupRemap],
+    plain: Mapping[str, int],
+    sketches: Iterable[GroupLayout],
 ) -> Dict[str, float]:
     """The collection's bytes (see the module docstring); `groups` and `plain` {table: rows}
-    are what this rank holds. Reads no tensor, so it works on the meta device too."""
+    are what this rank holds, `sketches` the layouts of every sketch of the collection over all
+    ranks (a row-wise group has one per block, each with its own rounded bucket count and fixed
+    buffers). Reads no tensor, so it works on the meta device too."""
     logical = sum(t.num_embeddings * t.embedding_dim * BYTES_PER_VALUE[t.data_type] for t in tables)
     configs = {p.config.name: p.config for p in plan.plain}
     weights = sum(g.weight_bytes() for g in plan.groups) + sum(
         plain_stats(c, c.num_embeddings)["bytes"]["weights"] for c in configs.values()
     )
-    sketch = sum(group_state_bytes(g) for g in plan.groups)
+    sketch = sum(group_state_bytes(layout) for layout in sketches)
     held = list(groups)
     return {
         "logical_bytes": logical,
@@ -165,7 +171,17 @@ class CollectionReport:
 
     def memory(self) -> Dict[str, float]:
         """Logical and physical bytes and the compression ratio (weights + sketch, as the paper)."""
-        return memory(self.embedding_bag_configs(), self.plan, group_remaps(self.groups).values(), self.plain_rows())
+        return memory(
+            self.embedding_bag_configs(),
+            self.plan,
+            group_remaps(self.groups).values(),
+            self.plain_rows(),
+            self.sketch_layouts(),
+        )
+
+    def sketch_layouts(self) -> List[GroupLayout]:
+        """The layout of every sketch of the collection, over all ranks (unsharded: one a group)."""
+        return list(self.plan.groups)
 
     def describe(self) -> str:
         """What the collection chose, one line per group and plain table."""

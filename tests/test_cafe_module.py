@@ -132,8 +132,12 @@ def test_state_dict_round_trip_gives_same_outputs_and_next_step(optimizer) -> No
         assert torch.equal(x, y), name
 
 
-def test_checkpoint_from_another_config_is_refused_untouched() -> None:
-    a, b = make(compression_ratio=20), make(compression_ratio=40)
+@pytest.mark.parametrize("other", [dict(compression_ratio=40), dict(seed=6)])  # another seed: the same shapes
+def test_checkpoint_from_another_config_is_refused_untouched(other) -> None:
+    a, b = make(**other), make()
+    with torch.no_grad():  # weights that differ from b's (both start from one torch seed)
+        for p in a.parameters():
+            p.add_(1.0)
     before = copy.deepcopy(b.state_dict())
     with pytest.raises(ValueError, match="different config"):
         b.load_state_dict(a.state_dict())

@@ -520,6 +520,30 @@ def test_warm_start_from_a_stock_state_dict() -> None:
     assert torch.equal(ebc.physical.embedding_bags["t2"].weight, stock.embedding_bags["t2"].weight)
 
 
+def test_export_and_frequent_ids_take_what_they_can_and_name_the_rest() -> None:
+    """An empty id list exports one zero row (its config's one row); a table name the collection
+    lacks, or float ids, raise ValueError naming them; frequent_ids counts only ids a stock table
+    holds (warm_start copies their rows) and names features the collection lacks."""
+    ebc = trained()
+    out = to_embedding_bag_collection(ebc, {"t0": torch.tensor([], dtype=torch.int64)})
+    assert out.embedding_bags["t0"].weight.shape == (1, 8) and not out.embedding_bags["t0"].weight.any()
+    with pytest.raises(ValueError, match=r"ids name tables \['T0'\]"):
+        to_embedding_bag_collection(ebc, {"T0": torch.tensor([1])})
+    with pytest.raises(ValueError, match="ids of table 't0' must be a 1-D integer tensor"):
+        to_embedding_bag_collection(ebc, {"t0": torch.tensor([1.7, 2.2])})
+    values = torch.tensor([7000, -1, 3, 3, 5, 1, 2])  # t0 holds 6000 rows: 7000 and -1 have no stock row
+    sample = KeyedJaggedTensor(keys=FEATURES, values=values, lengths=torch.tensor([3, 1, 1, 2]))
+    hot = frequent_ids([sample], ebc)
+    assert hot["t0"].tolist() == [3] and hot["t1"].tolist() == [1, 2]  # f0 and f1 read t0, f2 reads t1
+    warm_start(
+        CafeEmbeddingBagCollection(tables(), CafeConfig(compression_ratio=20)),
+        EmbeddingBagCollection(tables()).state_dict(),
+        hot,
+    )
+    with pytest.raises(ValueError, match=r"features \['fx'\]"):
+        frequent_ids([KeyedJaggedTensor(keys=["fx"], values=torch.tensor([1]), lengths=torch.tensor([1]))], ebc)
+
+
 def test_a_foreign_state_dict_raises_strict_or_not() -> None:
     ebc = trained()
     stock = EmbeddingBagCollection(tables()).state_dict()

@@ -232,3 +232,20 @@ def test_unsharded_equals_dmp_world_size_one() -> None:
         assert (
             unsharded[0][GROUP]["promotions"] > 0 and unsharded[1]["local_weight_bytes"] == unsharded[1]["weight_bytes"]
         )
+
+
+def rowwise_memory(rank: int, world: int) -> Dict[str, float]:
+    ebc = build()
+    _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": LR})
+    dmp, _, _ = shard(ebc, "row_wise", world)
+    held = sum(b.numel() * b.element_size() for b in dmp.module.groups.buffers())
+    return {**dmp.module.memory(), "buffer_bytes": held}
+
+
+def test_row_wise_memory_counts_every_rank_sketch() -> None:
+    """A row-wise group keeps one sketch per block (each with its own rounded bucket count and
+    fixed buffers): memory() counts those, so the ratio is the one the ranks really hold."""
+    results = run_ranks(rowwise_memory, WORLD)
+    assert all(r["local_sketch_bytes"] == r["buffer_bytes"] for r in results)
+    assert all(r["sketch_bytes"] == sum(q["local_sketch_bytes"] for q in results) for r in results)
+    assert results[0]["sketch_bytes"] != build().memory()["sketch_bytes"]  # not the unsharded layout's

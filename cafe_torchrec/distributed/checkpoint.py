@@ -35,7 +35,11 @@ def load_checkpoint_atomically(
     try:
         dcp.load(state, checkpoint_id=checkpoint_id)
     except CheckpointException as err:  # a BaseException: make it an ordinary, readable error
-        failures = "; ".join(f"rank {rank}: {exc}" for rank, exc in sorted(err.failures.items())[:2])
+        # DCP keeps each failure as (exception, stack): the exception says what went wrong
+        failures = "; ".join(
+            f"rank {rank}: {exc[0] if isinstance(exc, tuple) else exc}"
+            for rank, exc in sorted(err.failures.items())[:2]
+        )
         raise ValueError(f"checkpoint {checkpoint_id} does not fit this model ({failures})") from None
     _check_model_state(model, state["model"])
     with torch.no_grad():

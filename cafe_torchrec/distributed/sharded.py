@@ -54,6 +54,7 @@ from cafe_torchrec.backward import importance_hook
 from cafe_torchrec.distributed.sketch_state import ShardedSketchState, owner_blocks
 from cafe_torchrec.feature_map import FeatureMap
 from cafe_torchrec.hashing import KEY_SPACE
+from cafe_torchrec.layout import GroupLayout
 from cafe_torchrec.modules import CafeEmbeddingBagCollection, refuse_foreign_state
 from cafe_torchrec.output import PooledOutput
 from cafe_torchrec.remap import CafeGroupRemap, group_remaps, remap_kjt
@@ -206,3 +207,6 @@ class ShardedCafeEmbeddingBagCollection(
 
     def plain_rows(self) -> Dict[str, int]:
         return dict(self._plain_rows)
+
+    def sketch_layouts(self) -> List[GroupLayout]:
+        return self._sketch_state.blocks()

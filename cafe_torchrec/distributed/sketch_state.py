@@ -45,6 +45,10 @@ class ShardedSketchState:
         self._rank = rank
         self._shapes = {g: [(r, _buffer_shapes(b)) for r, b in blocks] for g, blocks in owners.items()}
 
+    def blocks(self) -> List[GroupLayout]:
+        """The layout of every block's sketch, over all ranks (one per table-wise group)."""
+        return [block for owners in self._owners.values() for _, block in owners]
+
     def post_state_dict(self, module: nn.Module, destination: Dict[str, Any], prefix: str, _meta: Any) -> None:
         for group, owners in self._shapes.items():
             names = owners[0][1].keys()

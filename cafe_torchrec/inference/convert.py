@@ -40,6 +40,14 @@ def to_embedding_bag_collection(
     what `collection` (a CafeEmbeddingBagCollection or its frozen form) gives that id now."""
     configs = collection.embedding_bag_configs()
     features = [f for c in configs for f in c.feature_names]
+    unknown = sorted(set(ids or {}) - {c.name for c in configs})
+    if unknown:
+        raise ValueError(f"ids name tables {unknown} the collection does not have ({[c.name for c in configs]})")
+    for name, table_ids in (ids or {}).items():
+        if table_ids.dim() != 1 or table_ids.is_floating_point() or table_ids.is_complex():
+            raise ValueError(
+                f"ids of table {name!r} must be a 1-D integer tensor, got {table_ids.dtype} {tuple(table_ids.shape)}"
+            )
     was_training = collection.training
     collection.eval()
     tables, weights = [], {}
@@ -82,7 +90,10 @@ def _rows_of(
     weights_dtype: Optional[torch.dtype],
 ) -> torch.Tensor:
     """The pooled output of one-id bags of `feature` (weight 1, in `weights_dtype`, the table's
-    dtype as stock requires; None for an unweighted collection): each id's row, [len(ids), dim]."""
+    dtype as stock requires; None for an unweighted collection): each id's row, [len(ids), dim];
+    one zero row for no ids (the exported table keeps one row, as its config says)."""
+    if ids.numel() == 0:
+        return torch.zeros(1, dim)
     rows = []
     for chunk in ids.split(CHUNK):
         n = chunk.numel()
@@ -104,12 +115,21 @@ def frequent_ids(
     batches: Iterable[KeyedJaggedTensor], collection: CafeEmbeddingBagCollection
 ) -> Dict[str, torch.Tensor]:
     """The ids a warm start should make hot, measured on sample batches: per CAFE group, its
-    hot-row capacity of the most frequent ids over its tables (ties by id), as {table: ids}."""
+    hot-row capacity of the most frequent ids over its tables (ties by id), as {table: ids}.
+    Only ids a stock table of the same config holds count (in [0, num_embeddings)): warm_start
+    copies their stock rows; other ids (valid for CAFE, which hashes them) have none."""
     counts: Dict[str, Dict[int, int]] = {}
-    table_of = {f: c.name for c in collection.embedding_bag_configs() for f in c.feature_names}
+    configs = collection.embedding_bag_configs()
+    table_of = {f: c.name for c in configs for f in c.feature_names}
+    rows = {c.name: c.num_embeddings for c in configs}
     for kjt in batches:
+        unknown = sorted(set(kjt.keys()) - set(table_of))
+        if unknown:
+            raise ValueError(f"sample batches have features {unknown} the collection does not have")
         for feature, jt in kjt.to_dict().items():
-            ids, n = torch.unique(jt.values().to(torch.int64), return_counts=True)
+            values = jt.values().to(torch.int64)
+            values = values[(values >= 0) & (values < rows[table_of[feature]])]
+            ids, n = torch.unique(values, return_counts=True)
             table = counts.setdefault(table_of[feature], {})
             for i, c in zip(ids.tolist(), n.tolist()):
                 table[i] = table.get(i, 0) + c
