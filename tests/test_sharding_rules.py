@@ -37,6 +37,16 @@ def test_planner_and_trainer_keep_a_table_with_an_empty_block_table_wise() -> No
     assert constraints["empty_rank"].sharding_types == ["table_wise"]
 
 
+def test_the_trainer_never_shards_an_embedding_table_data_parallel() -> None:
+    """Data-parallel tables would train with the dense optimizer, not the embedding one the
+    methods are compared with (a review found hashing's small tables trained so)."""
+    spec = SimpleNamespace(physical_tables=lambda: {"small": 10, "big": 10_000})
+    constraints = sharding_constraints(argparse.Namespace(sharding="auto"), spec, world=1)
+    assert all(
+        "data_parallel" not in c.sharding_types and "table_wise" in c.sharding_types for c in constraints.values()
+    )
+
+
 def test_sharder_refuses_a_row_wise_plan_with_an_empty_block() -> None:
     ebc = CafeEmbeddingBagCollection(tables([5000], dim=8), CafeConfig(compression_ratio=2))
     name, rows = ebc.plan.groups[0].name, ebc.plan.groups[0].physical_rows

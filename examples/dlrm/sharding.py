@@ -34,17 +34,24 @@ def make_sharders(args: argparse.Namespace, spec: Any, device: torch.device) -> 
 
 
 def sharding_constraints(args: argparse.Namespace, spec: Any, world: int) -> Dict[str, Any]:
-    """ParameterConstraints per physical table: --sharding on the tables it fits, table-wise for tiny ones."""
+    """ParameterConstraints per physical table: --sharding on the tables it fits, table-wise for
+    tiny ones; with --sharding auto the planner's choice among the model-parallel types. Never
+    data-parallel: a data-parallel table is a dense parameter, trained by the dense optimizer
+    (--dense-optimizer, --dense-lr) instead of the embedding one every method is compared with."""
     from torchrec.distributed.planner import ParameterConstraints
+    from torchrec.distributed.types import ShardingType
 
     from cafe_torchrec.distributed.sharder import every_rank_has_rows, row_wise_shard_rows
 
+    model_parallel = [t.value for t in ShardingType if t != ShardingType.DATA_PARALLEL]
     constraints = {}
     for name, rows in spec.physical_tables().items():
         if world > 1 and not every_rank_has_rows(row_wise_shard_rows(rows, world)):
             constraints[name] = ParameterConstraints(sharding_types=["table_wise"])
         elif args.sharding != "auto":
             constraints[name] = ParameterConstraints(sharding_types=[args.sharding])
+        else:
+            constraints[name] = ParameterConstraints(sharding_types=model_parallel)
     return constraints
 
 
