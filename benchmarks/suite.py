@@ -124,7 +124,7 @@ CODE = {
     "cafe": ("cafe_torchrec",),
     OFFICIAL: ("benchmarks/official.py",),
 }
-COMMON_CODE = ("examples/dlrm",)
+COMMON_CODE = ("examples/dlrm", "planner")  # the trainer plans with planner/ (placement moves AUCs)
 CODE_SUFFIXES = (".py", ".cpp", ".h", ".cu", ".cuh")
 SKIPPED = 75  # exit status of an official run without the artifact
 # A run is ~10-90 s; one far past that is stuck (e.g. on the stale lock of a killed JIT build of the C++ ops).
@@ -420,14 +420,24 @@ def ok(result: Optional[Dict[str, Any]]) -> bool:
 
 
 def choose_grid(results: Dict[Run, Dict[str, Any]]) -> Dict[Tuple[str, float], Tuple[str, ...]]:
-    """(setting, ratio) -> the grid run's arguments with the best validation AUC (first seed)."""
-    best: Dict[Tuple[str, float], Tuple[float, Tuple[str, ...]]] = {}
+    """(setting, ratio) -> the grid run's arguments with the best validation AUC (first seed);
+    among equal AUCs the first point in grid order (grid_points), whatever order the runs
+    finished in."""
+    best: Dict[Tuple[str, float], Tuple[float, int, Tuple[str, ...]]] = {}
     for run, result in results.items():
         if run.method == GRID_METHOD and ok(result):
             cell = (run.setting, run.ratio)
-            if cell not in best or result["val_auc"] > best[cell][0]:
-                best[cell] = (result["val_auc"], run.args)
-    return {cell: args for cell, (_, args) in best.items()}
+            # a grid run's arguments end with its point's (train_args)
+            order = [tuple(grid_args(p)) for p in grid_points(run.ratio)]
+            rank = next((i for i, a in enumerate(order) if tuple(run.args[-len(a) :]) == a), len(order))
+            if cell not in best or (result["val_auc"], -rank) > (best[cell][0], -best[cell][1]):
+                best[cell] = (result["val_auc"], rank, run.args)
+    return {cell: args for cell, (_, _, args) in best.items()}
+
+
+def _mean_or_none(values: List[float]) -> Optional[float]:
+    """The mean, or None when no seed logged a point (a run cut short)."""
+    return statistics.fmean(values) if values else None
 
 
 def grid_reports(choice: Dict[Tuple[str, float], Tuple[str, ...]], seeds: Sequence[int]) -> List[Run]:
@@ -562,7 +572,7 @@ def recoveries(results: Dict[Run, Dict[str, Any]], specs: Sequence[StreamSpec]) 
                     "steps": [d["steps"] for d in drifts],
                     "mean_days": statistics.fmean(done) / spec.steps_per_day if done else None,
                     "level_before": statistics.fmean(d["level_before"] for d in drifts),
-                    "min_after": statistics.fmean(d["min_after"] for d in drifts if d["min_after"] is not None),
+                    "min_after": _mean_or_none([d["min_after"] for d in drifts if d["min_after"] is not None]),
                 }
             )
     return out

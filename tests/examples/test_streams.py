@@ -269,6 +269,13 @@ def test_suite_recovery_and_grid_choice() -> None:
     }
     choice = choose_grid(results)
     assert choice == {("s", 1000.0): ("--stream-seed", "0", "--seed", "0", "a")}
+    # equal validation AUCs: the first point in grid order, whatever order the runs finished in
+    from benchmarks.suite import grid_args, grid_points
+
+    first, second = (tuple(grid_args(p)) for p in grid_points(1000.0)[:2])
+    tied = [(run("grid", 0, second), {"val_auc": 0.7}), (run("grid", 0, first), {"val_auc": 0.7})]
+    for order in (tied, tied[::-1]):
+        assert choose_grid(dict(order))[("s", 1000.0)][-len(first) :] == first
     reports = grid_reports(choice, [0, 1])
     assert [r.args[:4] for r in reports] == [
         ("--stream-seed", "0", "--seed", "0"),
