@@ -31,7 +31,7 @@ def test_row_wise_blocks_are_torchrec_s_and_an_empty_block_breaks_the_rule() -> 
 def test_planner_and_trainer_keep_a_table_with_an_empty_block_table_wise() -> None:
     assert row_wise_ok(PhysicalTable("t", 10, 8, 4, ("f",)), 4)
     assert not row_wise_ok(PhysicalTable("t", 9, 8, 4, ("f",)), 4)
-    spec = SimpleNamespace(physical_tables=lambda: {"fits": 10, "empty_rank": 9})
+    spec = SimpleNamespace(physical_tables=lambda: {"fits": 10, "empty_rank": 9}, is_cafe=True)
     constraints = sharding_constraints(argparse.Namespace(sharding="row_wise"), spec, world=4)
     assert constraints["fits"].sharding_types == ["row_wise"]
     assert constraints["empty_rank"].sharding_types == ["table_wise"]
@@ -40,11 +40,15 @@ def test_planner_and_trainer_keep_a_table_with_an_empty_block_table_wise() -> No
 def test_the_trainer_never_shards_an_embedding_table_data_parallel() -> None:
     """Data-parallel tables would train with the dense optimizer, not the embedding one the
     methods are compared with (a review found hashing's small tables trained so)."""
-    spec = SimpleNamespace(physical_tables=lambda: {"small": 10, "big": 10_000})
+    spec = SimpleNamespace(physical_tables=lambda: {"small": 10, "big": 10_000}, is_cafe=False)
     constraints = sharding_constraints(argparse.Namespace(sharding="auto"), spec, world=1)
+    assert set(constraints) == {"small", "big"}
     assert all(
         "data_parallel" not in c.sharding_types and "table_wise" in c.sharding_types for c in constraints.values()
     )
+    # CAFE's sharder offers no data-parallel: its tables keep CafePlanner's defaults
+    cafe = SimpleNamespace(physical_tables=lambda: {"cafe_dim16": 10_000}, is_cafe=True)
+    assert sharding_constraints(argparse.Namespace(sharding="auto"), cafe, world=1) == {}
 
 
 def test_sharder_refuses_a_row_wise_plan_with_an_empty_block() -> None:

@@ -35,22 +35,26 @@ def make_sharders(args: argparse.Namespace, spec: Any, device: torch.device) -> 
 
 def sharding_constraints(args: argparse.Namespace, spec: Any, world: int) -> Dict[str, Any]:
     """ParameterConstraints per physical table: --sharding on the tables it fits, table-wise for
-    tiny ones; with --sharding auto the planner's choice among the model-parallel types. Never
-    data-parallel: a data-parallel table is a dense parameter, trained by the dense optimizer
-    (--dense-optimizer, --dense-lr) instead of the embedding one every method is compared with."""
+    tiny ones; with --sharding auto the planner's choice (CAFE's sharder offers table-wise and
+    row-wise only; a baseline's tables are held to the types that keep whole rows on a rank, as a
+    row-wise optimizer needs). Never data-parallel:
+    a data-parallel table is a dense parameter, trained by the dense optimizer (--dense-optimizer,
+    --dense-lr) instead of the embedding one every method is compared with."""
     from torchrec.distributed.planner import ParameterConstraints
     from torchrec.distributed.types import ShardingType
 
     from cafe_torchrec.distributed.sharder import every_rank_has_rows, row_wise_shard_rows
 
-    model_parallel = [t.value for t in ShardingType if t != ShardingType.DATA_PARALLEL]
+    # whole rows on a rank: a row-wise optimizer (row-wise Adagrad) keeps one statistic per row,
+    # which column-wise shards would split; and never data-parallel
+    model_parallel = [t.value for t in (ShardingType.TABLE_WISE, ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE)]
     constraints = {}
     for name, rows in spec.physical_tables().items():
         if world > 1 and not every_rank_has_rows(row_wise_shard_rows(rows, world)):
             constraints[name] = ParameterConstraints(sharding_types=["table_wise"])
         elif args.sharding != "auto":
             constraints[name] = ParameterConstraints(sharding_types=[args.sharding])
-        else:
+        elif not spec.is_cafe:  # a CAFE table keeps CafePlanner's own defaults (pooling per feature)
             constraints[name] = ParameterConstraints(sharding_types=model_parallel)
     return constraints
 
