@@ -39,11 +39,8 @@ class FeatureMap(nn.Module):
     A module without state, so a torch.fx graph can hand it to the collections' wrapped
     lookup call (fx refers to modules by their path)."""
 
-    def __init__(
-        self, tables: List[EmbeddingBagConfig], plan: CafePlan, is_weighted: bool, kernel: str = "auto"
-    ) -> None:
+    def __init__(self, tables: List[EmbeddingBagConfig], plan: CafePlan, kernel: str = "auto") -> None:
         super().__init__()
-        self.is_weighted = is_weighted
         self.kernel = kernel  # the collection's kernel choice (ops.resolve_kernel), for the pre-hash
         self.logical = [f for t in tables for f in t.feature_names]
         self.info: Dict[str, FeatureInfo] = {}
@@ -60,10 +57,7 @@ class FeatureMap(nn.Module):
         self.output = PooledOutput(tables, self.inner, mean_by_sum=True)  # physical tables pool with SUM
 
     def prepare(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Inner feature order; group ids -> keys, plain ids -> id mod rows (same lengths).
-        Per-sample weights are dropped unless the collection is weighted: the stock collection
-        ignores them then, so neither the lookup (TorchRec's sharded one would apply them) nor
-        the importance scores may see them."""
+        """Inner feature order; group ids -> keys, plain ids -> id mod rows (same lengths)."""
         if features.keys() != self.inner:
             features = features.permute([features.keys().index(f) for f in self.inner])
         pieces = []
@@ -78,7 +72,7 @@ class FeatureMap(nn.Module):
             keys=self.inner,
             values=prepared,
             lengths=features.lengths(),
-            weights=features.weights_or_none() if self.is_weighted else None,
+            weights=features.weights_or_none(),
             stride=features.stride(),
         )
 

@@ -70,7 +70,7 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
         self.plan: CafePlan = plan_tables(self._tables, configs)
         self.physical = EmbeddingBagCollection(self.plan.physical_configs(), is_weighted=is_weighted, device=device)
         self.groups = nn.ModuleDict({g.name: CafeGroupRemap(g, device, kernel) for g in self.plan.groups})
-        self.feature_map = FeatureMap(self._tables, self.plan, is_weighted, kernel)
+        self.feature_map = FeatureMap(self._tables, self.plan, kernel)
         self.register_load_state_dict_pre_hook(refuse_foreign_state)
 
     # ---- forward

@@ -49,13 +49,25 @@ def check_tables(tables: Sequence[EmbeddingBagConfig], is_weighted: bool, owner:
 
 def checked_input(features: KeyedJaggedTensor, expected: List[str], weighted: bool) -> KeyedJaggedTensor:
     """The KJT a collection computes on: checked (ValueError naming the feature, raised before
-    any state changes), and a variable-batch (VBE) KJT expanded to its output batch, so the
-    output equals the stock collection's and training sees the batch the VBE input stands for.
+    any state changes), a variable-batch (VBE) KJT expanded to its output batch, so the
+    output equals the stock collection's and training sees the batch the VBE input stands for,
+    and per-sample weights dropped unless the collection is weighted: stock ignores them then,
+    where TorchRec's sharded lookup (and the importance scores) would use them.
 
     TorchScript compiles it (a frozen collection calls it in its scripted forward) and
     torch.fx keeps it as one call (the collections wrap it), so it runs in traced graphs too."""
     check_features(features, expected, weighted)
-    return expand_variable_batch(features) if has_variable_batch(features) else features
+    if has_variable_batch(features):
+        features = expand_variable_batch(features)
+    if not weighted and features.weights_or_none() is not None:
+        features = KeyedJaggedTensor(
+            keys=features.keys(),
+            values=features.values(),
+            lengths=features.lengths(),
+            offsets=features.offsets_or_none(),
+            stride=features.stride(),
+        )
+    return features
 
 
 def check_features(features: KeyedJaggedTensor, expected: List[str], weighted: bool) -> None:

@@ -77,17 +77,6 @@ class BaselineCollection(ConfiguredCollection):
         features = checked_input(features, self._feature_names, self._is_weighted)
         if features.keys() != self._feature_names:
             features = features.permute([features.keys().index(f) for f in self._feature_names])
-        if not self._is_weighted and features.weights_or_none() is not None:
-            # stock ignores them; TorchRec's sharded lookup (and AdaEmbed's importance) would not
-            features = KeyedJaggedTensor(
-                keys=features.keys(),
-                values=features.values(),
-                lengths=features.lengths(),
-                offsets=features.offsets_or_none(),
-                stride=features.stride(),
-                length_per_key=features.length_per_key_or_none(),
-                offset_per_key=features.offset_per_key_or_none(),
-            )
         return self._forward(features)
 
     def _forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
