@@ -254,9 +254,10 @@ class CafeStorageEstimator(ShardEstimator):
                 continue
             sharder_data = (sharder_data_map or {}).get(option.module_type_key)
             fused = getattr(sharder_data, "fused_params", None) or {}
-            if built_optimizer(option.tensor, fused) is None:
+            built = built_optimizer(option.tensor, fused)
+            if built is None:
                 unapplied.append(option.name)
-            optimizer = effective_optimizer(option.tensor, fused, self._optimizer)
+            optimizer = built or self._optimizer or EmbOptimType.EXACT_SGD  # effective_optimizer's rule
             multiplier = stock_optimizer_multiplier(option.tensor)
             layout = group_layout(module, option.name)
             element = option.tensor.element_size()

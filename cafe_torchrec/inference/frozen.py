@@ -226,7 +226,7 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             self.register_buffer(name, feature_info[:, i].clone(), persistent=False)
         device = feature_info.device  # the buffers below live with the frozen tensors
         self._group_bounds: List[int] = list(group_bounds)
-        self.register_buffer("group_bounds", torch.tensor(list(group_bounds), dtype=torch.int64, device=device))
+        self.register_buffer("group_bounds", torch.tensor(self._group_bounds, dtype=torch.int64, device=device))
         self.register_buffer("hash_table", hash_table)
         self.register_buffer("hash_offsets", hash_offsets)
         self.register_buffer("regions", regions)

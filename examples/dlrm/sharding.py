@@ -37,9 +37,9 @@ def sharding_constraints(args: argparse.Namespace, spec: Any, world: int) -> Dic
     """ParameterConstraints per physical table: --sharding on the tables it fits, table-wise for
     tiny ones; with --sharding auto the planner's choice (CAFE's sharder offers table-wise and
     row-wise only; a baseline's tables are held to the types that keep whole rows on a rank, as a
-    row-wise optimizer needs). Never data-parallel:
-    a data-parallel table is a dense parameter, trained by the dense optimizer (--dense-optimizer,
-    --dense-lr) instead of the embedding one every method is compared with."""
+    row-wise optimizer needs). Never data-parallel: a data-parallel table is a dense parameter,
+    trained by the dense optimizer (--dense-optimizer, --dense-lr) instead of the embedding one
+    every method is compared with."""
     from torchrec.distributed.planner import ParameterConstraints
     from torchrec.distributed.types import ShardingType
 
