@@ -291,3 +291,18 @@ def test_suite_recovery_and_grid_choice() -> None:
     (cell,) = cells(paired, [spec_s], [1000.0], [0, 1], ["cafe"])
     assert cell["gain_points"] == pytest.approx([2.0, 1.0]) and cell["gain_spread"] == pytest.approx(1.0)
     assert cell["test_auc_spread"] == pytest.approx(0.09)
+    # recovery rows for every run of our CAFE collection, ablations included, and none for hashing
+    from benchmarks.suite import recoveries
+
+    def on_spec(method: str, args: tuple) -> Run:
+        return Run(method, spec.name, 1000.0, 0, ("--embedding", *args), "cafe")
+
+    history = {"hot_history": result["hot_history"]}
+    runs = {
+        on_spec("cafe", ("cafe",)): history,
+        on_spec("cafe-hyst3", ("cafe", "--cafe-option", "hysteresis=3")): history,
+        on_spec("hash", ("hash",)): history,
+    }
+    rows = recoveries(runs, [spec])
+    assert sorted({r["method"] for r in rows}) == ["cafe", "cafe-hyst3"]
+    assert [r["steps"] for r in rows if r["method"] == "cafe-hyst3"] == [[4], [None]]
