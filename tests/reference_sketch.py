@@ -1,9 +1,9 @@
 """A plain sequential HotSketch, written for clarity: the reference the kernels must equal.
 
 Per batch, in the documented order: decay check; present keys add each occurrence's score;
-absent keys, summed, take an empty or the minimum non-hot slot in first-occurrence order;
-surviving candidates get free rows in slot order. A slot's estimate is its score less half its
-error (the evicted key's score it inherited).
+candidates (present keys whose estimate reached the threshold) get free rows in slot order;
+absent keys, summed, take an empty or the minimum non-hot slot in first-occurrence order. A
+slot's estimate is its score less half its error (the evicted key's score it inherited).
 
 With `adaptive` (cafe_torchrec/sketch/policy.py, written again here from its docstring): the
 insert's threshold is the entry score and it never decays; before an insert, when the
@@ -91,9 +91,15 @@ class ReferenceSketch:
                 self.newcomer[j] = False  # a hit confirms a newcomer
                 self.scores[j] = f32(self.scores[j] + s)
                 touched.add(j)
-        candidates = [
-            (j, self.keys[j]) for j in sorted(touched) if self.rows[j] == NO_ROW and self.estimate(j) >= self.threshold
-        ]
+        # candidates get free rows in slot order, before phase B can replace their slots
+        promoted_keys, promoted_rows = [], []
+        for j in sorted(touched):
+            if self.rows[j] == NO_ROW and self.estimate(j) >= self.threshold and self.free:
+                self.scores[j], self.errors[j] = self.estimate(j), 0.0  # a hot slot keeps its estimate
+                self.rows[j] = self.free.pop()
+                promoted_keys.append(self.keys[j])
+                promoted_rows.append(self.rows[j])
+                self.marks[self.rows[j]] = (float("inf"), 0.0)  # unknown until the next rebalance
         # phase B: absent keys, summed, in first-occurrence order
         sums: Dict[int, float] = {}
         for k, s in valid:
@@ -101,14 +107,6 @@ class ReferenceSketch:
                 sums[k] = f32(sums.get(k, 0.0) + s)
         for k, s in sums.items():
             self._place(k, s)
-        promoted_keys, promoted_rows = [], []
-        for j, k in candidates:
-            if self.keys[j] == k and self.free:
-                self.scores[j], self.errors[j] = self.estimate(j), 0.0  # a hot slot keeps its estimate
-                self.rows[j] = self.free.pop()
-                promoted_keys.append(k)
-                promoted_rows.append(self.rows[j])
-                self.marks[self.rows[j]] = (float("inf"), 0.0)  # unknown until the next rebalance
         return rebalanced[0] + promoted_keys, rebalanced[1] + promoted_rows, demoted
 
     def _rebalance(self) -> Tuple[Tuple[List[int], List[int]], List[int]]:

@@ -215,6 +215,20 @@ def test_a_newcomer_is_medium_only_after_a_later_hit(kernel: str) -> None:
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+def test_a_key_that_earns_its_row_keeps_it_against_the_same_batch_newcomers(kernel: str) -> None:
+    """Rows go to the batch's candidates before its newcomers are placed: a candidate that is the
+    minimum of its bucket becomes hot instead of being replaced (and its score inherited) by a
+    newcomer of the same batch."""
+    sk = HotSketch(hot_capacity=4, threshold=4.0, num_buckets=1, slots_per_bucket=4, decay_trigger=1e9, kernel=kernel)
+    a, x1, x2, x3, e = mix64(torch.arange(5), 6).tolist()
+    sk.insert(torch.tensor([a, x1, x2, x3]), torch.tensor([1.0, 5.0, 5.0, 5.0]))  # fills the bucket, no hit yet
+    res = sk.insert(torch.tensor([a, e]), torch.tensor([3.0, 0.5]))  # a: 4 >= 4, still the bucket's minimum
+    assert res.promoted_keys.tolist() == [a]
+    assert sorted(sk.slot_keys.tolist()) == sorted([a, e, x2, x3])  # e took x1's slot (5, the lowest index)
+    assert sk.query(torch.tensor([a]))[0].tolist() == res.promoted_rows.tolist()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_promotion_and_medium_discount_half_the_inherited_score(kernel: str) -> None:
     """A newcomer's Space-Saving score includes the evicted key's; the sketch estimates its own
     share as score - error / 2, so the evicted score alone cannot make it hot or medium."""

@@ -393,15 +393,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
   PhaseA a = hints != nullptr ? (fc > 0 ? run_phase_a(Yes{}, Yes{}) : run_phase_a(Yes{}, No{}))
                               : (fc > 0 ? run_phase_a(No{}, Yes{}) : run_phase_a(No{}, No{}));
   total += a.batch_total;
-  const int64_t dropped = phase_b(slots, c, k, s, a);
 
-  // promotions in slot order; a replaced candidate lost its mark in phase B
+  // promotions in slot order, before phase B: a key that earned its row takes it before this
+  // batch's newcomers can replace its slot (a hot slot is never replaced)
   std::sort(a.candidates, a.candidates + a.num_candidates);
   std::vector<int64_t> promoted_keys, promoted_rows;
   for (int64_t q = 0; q < a.num_candidates; ++q) {
-    const int64_t j = a.candidates[q];
-    Slot& sl = slots[j];
-    if (sl.row >= 0 || !(sl.row & kCandidateBit)) continue;
+    Slot& sl = slots[a.candidates[q]];
     if (fc > 0) {
       sl.score = cafe::estimate(sl);  // a hot slot keeps its estimate, no error
       sl.row = fr[--fc];
@@ -411,6 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
       sl.row &= ~kCandidateBit;
     }
   }
+  const int64_t dropped = phase_b(slots, c, k, s, a);
   at::Tensor counts = at::empty({3}, at::kLong);
   counts.data_ptr<int64_t>()[0] = a.skipped;
   counts.data_ptr<int64_t>()[1] = dropped;
