@@ -4,6 +4,7 @@ block), with the HotSketch behind it; and the KJT-level remap both collections u
 from __future__ import annotations
 
 import functools
+import zlib
 from typing import Dict, List, Optional, Tuple, cast
 
 import torch
@@ -20,8 +21,10 @@ from cafe_torchrec.sketch import HotSketch, InsertResult
 from cafe_torchrec.sketch.types import Lookup
 
 # in the layout signature: 1 = buckets and rows by mix64, 2 = by hashing.fold, 3 = sketch slots
-# without a hot row carry their Space-Saving error in the row word, 4 = the policy's state
-_FORMAT = 4
+# without a hot row carry their Space-Saving error in the row word, 4 = the policy's state,
+# 5 = each table's name (its slot, salt and regions follow its place in the group: two tables of
+# equal rows listed in another order would otherwise load each other's rows and hot rows)
+_FORMAT = 5
 LOOKUP_COLUMNS = ("lookups", "hot_lookups", "medium_lookups")  # columns of `lookup_counts`
 MIGRATION_COLUMNS = ("promotions", "demotions")  # columns of `migration_counts`
 STAT_COLUMNS = LOOKUP_COLUMNS + MIGRATION_COLUMNS
@@ -111,7 +114,7 @@ class CafeGroupRemap(nn.Module):
             POLICIES.index(cfg.policy),
         ]
         for t in self.layout.tables:
-            nums += [t.logical_rows, t.level1_rows, t.level2_rows]
+            nums += [t.logical_rows, t.level1_rows, t.level2_rows, zlib.crc32(t.name.encode())]
         return torch.tensor(nums, dtype=torch.int64)
 
     def _regions(self, device: torch.device) -> torch.Tensor:

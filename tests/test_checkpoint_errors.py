@@ -1,5 +1,5 @@
-"""Checkpoints that do not fit: another world size, a truncated file. A clear error, and the
-model is left exactly as it was."""
+"""Checkpoints that do not fit: another world size, a truncated file, tables in another order, a
+group refused on one rank only. A clear error, and the model is left exactly as it was."""
 
 from __future__ import annotations
 
@@ -8,12 +8,22 @@ import os
 import tempfile
 from typing import Dict
 
+import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import RowWiseAdagrad
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
+from cafe_torchrec.distributed import CafeEmbeddingBagCollectionSharder
 from cafe_torchrec.distributed.checkpoint import load_checkpoint_atomically
 from tests.dist_utils import run_ranks
+from tests.helpers import zipf_kjt
 from tests.test_sharded import build, shard
 from tests.test_sharded_checkpoint import run
 
@@ -63,3 +73,79 @@ def test_other_world_size_and_truncated_checkpoints_are_refused_untouched() -> N
         os.truncate(shard_file, os.path.getsize(shard_file) // 2)
         two = run_ranks(try_load, 2, ckpt)
         assert all(r["error"] and r["unchanged"] for r in two), two
+
+
+def test_tables_of_equal_rows_in_another_order_are_refused_untouched() -> None:
+    a = EmbeddingBagConfig(name="user", embedding_dim=8, num_embeddings=5000, feature_names=["fu"])
+    b = EmbeddingBagConfig(name="item", embedding_dim=8, num_embeddings=5000, feature_names=["fi"])
+    cfg = CafeConfig(compression_ratio=20, seed=3)
+    torch.manual_seed(0)
+    saved = CafeEmbeddingBagCollection([a, b], cfg)
+    _apply_optimizer_in_backward(torch.optim.SGD, saved.parameters(), {"lr": 0.5})
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        ids = torch.randint(0, 300, (64,), generator=gen)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["fu", "fi"], values=ids, lengths=torch.ones(64, dtype=torch.int64)
+        )
+        saved(kjt).values().pow(2).sum().backward()
+    state = saved.state_dict()
+    swapped = CafeEmbeddingBagCollection([b, a], cfg)
+    before = {k: v.clone() for k, v in swapped.state_dict().items()}
+    with pytest.raises(ValueError, match="another layout"):
+        swapped.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in swapped.state_dict().items())
+    same = CafeEmbeddingBagCollection([a, b], cfg)
+    same.load_state_dict(state)  # the same order still loads
+
+
+TWO_GROUPS = ["f0", "f1", "f2", "f3"]
+
+
+def build_two_groups(seed16: int) -> DistributedModelParallel:
+    torch.manual_seed(0)
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=d, num_embeddings=4000, feature_names=[f"f{i}"])
+        for i, d in enumerate([8, 8, 16, 16])
+    ]
+    seeds = {"t0": 5, "t1": 5, "t2": seed16, "t3": seed16}
+    ebc = CafeEmbeddingBagCollection(tables, {t: CafeConfig(compression_ratio=20, seed=s) for t, s in seeds.items()})
+    _apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.05})
+    sharders = [CafeEmbeddingBagCollectionSharder()]
+    constraints = {g: ParameterConstraints(sharding_types=["table_wise"]) for g in ("cafe_dim8", "cafe_dim16")}
+    plan = EmbeddingShardingPlanner(
+        topology=Topology(world_size=dist.get_world_size(), compute_device="cpu"), constraints=constraints
+    ).collective_plan(ebc, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(ebc, device=torch.device("cpu"), plan=plan, sharders=sharders)
+    gen = torch.Generator().manual_seed(10 + dist.get_rank())
+    for _ in range(3):
+        dmp(zipf_kjt(TWO_GROUPS, 16, 300, gen)).values().pow(2).sum().backward()
+    return dmp
+
+
+def save_two_groups(rank: int, world: int, ckpt: str) -> None:
+    dmp = build_two_groups(seed16=5)
+    dcp.save({"model": dmp.state_dict(), "optim": dmp.fused_optimizer.state_dict()}, checkpoint_id=ckpt)
+
+
+def load_two_groups(rank: int, world: int, ckpt: str) -> Dict[str, object]:
+    dmp = build_two_groups(seed16=6)
+    groups = sorted(dmp.module.groups.keys())
+    before = local_tensors(dmp)
+    try:
+        load_checkpoint_atomically(dmp, ckpt, optimizer=dmp.fused_optimizer)
+        error = None
+    except ValueError as err:
+        error = str(err)
+    after = local_tensors(dmp)
+    return {"groups": groups, "error": error, "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
+
+
+def test_a_group_refused_on_one_rank_is_refused_on_every_rank() -> None:
+    with tempfile.TemporaryDirectory() as ckpt:
+        run_ranks(save_two_groups, 2, ckpt)
+        results = run_ranks(load_two_groups, 2, ckpt)
+    assert sorted(g for r in results for g in r["groups"]) == ["cafe_dim16", "cafe_dim8"], results
+    assert all(len(r["groups"]) == 1 for r in results), results  # each group on its own rank
+    for r in results:
+        assert r["error"] and "cafe_dim16" in r["error"] and r["unchanged"], r

@@ -1,7 +1,9 @@
-"""torch.distributed.checkpoint of sharded CAFE: exact resume on 2 ranks, 2 -> 1 rank for table-wise."""
+"""torch.distributed.checkpoint of sharded CAFE: exact resume on 2 ranks, 2 -> 1 rank for table-wise;
+an unsharded state_dict() into a table-wise DMP."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from typing import Dict, List
 
@@ -12,7 +14,8 @@ from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.optim import RowWiseAdagrad
 
 from tests.dist_utils import run_ranks
-from tests.test_sharded import GROUP, build, shard
+from tests.helpers import zipf_kjt
+from tests.test_sharded import FEATURES, GROUP, build, shard
 
 STEPS = 8
 
@@ -28,8 +31,6 @@ def checkpoint_state(dmp) -> Dict[str, object]:
 
 
 def stream(rank: int) -> List:
-    from tests.helpers import zipf_kjt
-
     gen = torch.Generator().manual_seed(200 + rank)
     return [zipf_kjt(["f0", "f1", "f2"], 16, 300, gen, max_len=2) for _ in range(2 * STEPS)]
 
@@ -98,3 +99,35 @@ def test_table_wise_checkpoint_from_two_ranks_loads_on_one() -> None:
         one = run_ranks(eval_one_rank, 1, ckpt, batch)[0]
     # rank 0's first output after the save was computed in train mode from the same weights and sketch
     torch.testing.assert_close(one, straight[0]["outputs"][0], rtol=0, atol=0)
+
+
+def probe(rank: int):
+    return zipf_kjt(FEATURES, 8, 300, torch.Generator().manual_seed(50 + rank), max_len=2)
+
+
+def load_sharded(rank: int, world: int, path: str) -> torch.Tensor:
+    ebc = build()
+    _apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.05})
+    dmp, _, _ = shard(ebc, "table_wise", world)
+    dmp.load_state_dict(torch.load(path))
+    dmp.eval()
+    with torch.no_grad():
+        return dmp(probe(rank)).values()
+
+
+def test_unsharded_state_dict_loads_into_table_wise_on_two_ranks() -> None:
+    ebc = build()
+    _apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.05})
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        ebc(zipf_kjt(FEATURES, 32, 300, gen, max_len=2)).values().pow(2).sum().backward()
+    assert sum(s["promotions"] for s in ebc.stats().values()) > 0
+    ebc.eval()
+    with torch.no_grad():
+        expected = [ebc(probe(r)).values() for r in range(2)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "state.pt")
+        torch.save(ebc.state_dict(), path)
+        got = run_ranks(load_sharded, 2, path)
+    for rank in range(2):
+        torch.testing.assert_close(got[rank], expected[rank], rtol=0, atol=0)

@@ -12,6 +12,7 @@ import copy
 from typing import Any, Dict, Optional
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
@@ -41,12 +42,30 @@ def load_checkpoint_atomically(
             for rank, exc in sorted(err.failures.items())[:2]
         )
         raise ValueError(f"checkpoint {checkpoint_id} does not fit this model ({failures})") from None
-    _check_model_state(model, state["model"])
+    try:
+        _check_model_state(model, state["model"])
+        refusal = None
+    except ValueError as err:
+        refusal = str(err)
+    _agree(refusal, checkpoint_id)
     with torch.no_grad():
         model.load_state_dict(state["model"])
         if optimizer is not None and "optim" in state:
             optimizer.load_state_dict(state["optim"])
     return {k: state[k] for k in (extra or {})}
+
+
+def _agree(refusal: Optional[str], checkpoint_id: str) -> None:
+    """Raise on every rank when any rank refused: a rank checks only the groups it holds (a
+    table-wise group lives on one rank), and the others must not apply a checkpoint it refused."""
+    refusals = [refusal]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        refusals = [None] * dist.get_world_size()
+        dist.all_gather_object(refusals, refusal)
+    failed = [(rank, msg) for rank, msg in enumerate(refusals) if msg is not None]
+    if failed:
+        rank, msg = failed[0]
+        raise ValueError(f"checkpoint {checkpoint_id} refused (rank {rank}: {msg})")
 
 
 def _check_model_state(model: nn.Module, loaded: Dict[str, Any]) -> None:

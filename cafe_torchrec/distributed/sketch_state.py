@@ -61,13 +61,16 @@ class ShardedSketchState:
         for group in self._shapes:
             for key in [k for k in state_dict if k.startswith(f"{prefix}groups.{group}.")]:
                 value = state_dict[key]
-                if not is_sharded_tensor(value):
-                    continue
-                shards = value.local_shards()
-                if group in self._groups and shards:
-                    state_dict[key] = shards[0].tensor
-                else:
+                if group not in self._groups:
+                    # this rank holds no block of the group: its entries (sharded, or an unsharded
+                    # collection's plain tensors, which the owner checks and loads) are not for it
                     del state_dict[key]
+                elif is_sharded_tensor(value):
+                    shards = value.local_shards()
+                    if shards:
+                        state_dict[key] = shards[0].tensor
+                    else:
+                        del state_dict[key]
 
     def _sharded(self, tensor: Any, owners: List[Tuple[int, Tuple[torch.Size, torch.dtype]]]) -> Any:
         """A copy of this rank's buffer as its shard of the ShardedTensor of all owners' buffers."""
