@@ -549,7 +549,7 @@ def recovery(result: Dict[str, Any], spec: StreamSpec) -> List[Dict[str, Any]]:
 def is_cafe(run: Run) -> bool:
     """Whether a run trains our CAFE collection (any method or ablation built on `--embedding cafe`)."""
     args = list(run.args)
-    return "--embedding" in args and args[args.index("--embedding") + 1] == "cafe"
+    return "--embedding" in args and args[args.index("--embedding") + 1] in ("cafe", "cafe-ml")
 
 
 def recoveries(results: Dict[Run, Dict[str, Any]], specs: Sequence[StreamSpec]) -> List[Dict[str, Any]]:

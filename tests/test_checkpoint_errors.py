@@ -149,3 +149,102 @@ def test_a_group_refused_on_one_rank_is_refused_on_every_rank() -> None:
     assert all(len(r["groups"]) == 1 for r in results), results  # each group on its own rank
     for r in results:
         assert r["error"] and "cafe_dim16" in r["error"] and r["unchanged"], r
+
+
+def unsharded_two_groups(seed16: int) -> CafeEmbeddingBagCollection:
+    torch.manual_seed(0)
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=d, num_embeddings=4000, feature_names=[f"f{i}"])
+        for i, d in enumerate([8, 8, 16, 16])
+    ]
+    seeds = {"t0": 5, "t1": 5, "t2": seed16, "t3": seed16}
+    return CafeEmbeddingBagCollection(tables, {t: CafeConfig(compression_ratio=20, seed=s) for t, s in seeds.items()})
+
+
+def load_unsharded_two_groups(rank: int, world: int, path: str) -> Dict[str, object]:
+    ebc = unsharded_two_groups(seed16=6)
+    _apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.05})
+    sharders = [CafeEmbeddingBagCollectionSharder()]
+    constraints = {g: ParameterConstraints(sharding_types=["table_wise"]) for g in ("cafe_dim8", "cafe_dim16")}
+    plan = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints
+    ).collective_plan(ebc, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(ebc, device=torch.device("cpu"), plan=plan, sharders=sharders)
+    before = local_tensors(dmp)
+    try:
+        dmp.load_state_dict(torch.load(path))
+        error = None
+    except ValueError as err:
+        error = str(err)
+    after = local_tensors(dmp)
+    return {
+        "groups": sorted(dmp.module.groups.keys()),
+        "error": error,
+        "unchanged": all(torch.equal(before[k], after[k]) for k in before),
+    }
+
+
+def test_an_unsharded_group_of_another_layout_is_refused_on_every_rank() -> None:
+    """A table-wise group lives on one rank; the rank without it must not drop its plain entries
+    unchecked and load the rest of a state dict the owner refuses."""
+    saved = unsharded_two_groups(seed16=5)
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.add_(1.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "state.pt")
+        torch.save(saved.state_dict(), path)
+        results = run_ranks(load_unsharded_two_groups, 2, path)
+    assert all(len(r["groups"]) == 1 for r in results), results
+    for r in results:
+        assert r["error"] and "cafe_dim16" in r["error"] and r["unchanged"], r
+
+
+class LoaderState:
+    """A Stateful `extra` entry (e.g. a data loader's position) whose load fails on rank 1 only."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail, self.step = fail, 0
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"step": torch.tensor(self.step)}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        if self.fail:
+            raise RuntimeError("this rank's loader state does not fit")
+        self.step = int(state["step"])  # type: ignore[call-overload]
+
+
+def load_with_failing_extra(rank: int, world: int, ckpt: str) -> Dict[str, object]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    saver = LoaderState(False)
+    saver.step = 7
+    dcp.save({"model": model.state_dict(), "loader": saver}, checkpoint_id=ckpt)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = LoaderState(fail=rank == 1)
+    try:
+        got = load_checkpoint_atomically(model, ckpt, extra={"loader": loader})
+        error = None
+    except Exception as err:  # noqa: BLE001 - the test inspects it
+        got, error = None, f"{type(err).__name__}: {err}"
+    unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    return {"error": error, "unchanged": unchanged, "returned": got is not None}
+
+
+def test_an_extra_entry_failing_on_one_rank_is_refused_on_every_rank() -> None:
+    """A Stateful extra's load_state_dict is rank-local: its error must reach the other ranks
+    (which otherwise wait in the agreement's collective, or apply the checkpoint)."""
+    with tempfile.TemporaryDirectory() as ckpt:
+        results = run_ranks(load_with_failing_extra, 2, ckpt)
+    for r in results:
+        assert r["error"] and r["error"].startswith("ValueError") and "loader state" in r["error"], r
+        assert r["unchanged"] and not r["returned"], r
+
+
+def test_a_stateful_extra_loads_and_is_returned() -> None:
+    with tempfile.TemporaryDirectory() as ckpt:
+        (one,) = run_ranks(load_with_failing_extra, 1, ckpt)
+    assert one == {"error": None, "unchanged": False, "returned": True}, one

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.stateful import Stateful
 
 from cafe_torchrec._torchrec_compat import is_sharded_tensor
 
@@ -32,7 +33,11 @@ def load_checkpoint_atomically(
         optim_state = optimizer.state_dict()
         if optim_state.get("state"):
             state["optim"] = copy.deepcopy(optim_state)
-    state.update(extra or {})
+    # Stateful extras: DCP reads their state_dict, and their load_state_dict runs with the checks
+    # below (inside dcp.load it ran after DCP's last collective: an error on one rank left the
+    # others waiting in _agree's all_gather_object)
+    stateful = {k: v for k, v in (extra or {}).items() if isinstance(v, Stateful)}
+    state.update({k: v.state_dict() if k in stateful else v for k, v in (extra or {}).items()})
     try:
         dcp.load(state, checkpoint_id=checkpoint_id)
     except CheckpointException as err:  # a BaseException: make it an ordinary, readable error
@@ -44,15 +49,17 @@ def load_checkpoint_atomically(
         raise ValueError(f"checkpoint {checkpoint_id} does not fit this model ({failures})") from None
     try:
         _check_model_state(model, state["model"])
+        for key, obj in stateful.items():
+            obj.load_state_dict(state[key])
         refusal = None
-    except ValueError as err:
-        refusal = str(err)
+    except Exception as err:  # noqa: BLE001 - any rank-local failure: every rank must hear of it
+        refusal = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
     _agree(refusal, checkpoint_id)
     with torch.no_grad():
         model.load_state_dict(state["model"])
         if optimizer is not None and "optim" in state:
             optimizer.load_state_dict(state["optim"])
-    return {k: state[k] for k in (extra or {})}
+    return {k: stateful.get(k, state[k]) for k in (extra or {})}
 
 
 def _agree(refusal: Optional[str], checkpoint_id: str) -> None:

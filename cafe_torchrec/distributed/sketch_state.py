@@ -63,7 +63,10 @@ class ShardedSketchState:
                 value = state_dict[key]
                 if group not in self._groups:
                     # this rank holds no block of the group: its entries (sharded, or an unsharded
-                    # collection's plain tensors, which the owner checks and loads) are not for it
+                    # collection's plain tensors, which the owner checks and loads) are not for it;
+                    # a plain layout is checked here too, so that every rank refuses what the owner does
+                    if key.endswith(".layout_signature") and not is_sharded_tensor(value):
+                        self._check_plain(group, value)
                     del state_dict[key]
                 elif is_sharded_tensor(value):
                     shards = value.local_shards()
@@ -71,6 +74,17 @@ class ShardedSketchState:
                         state_dict[key] = shards[0].tensor
                     else:
                         del state_dict[key]
+
+    def _check_plain(self, group: str, saved: Any) -> None:
+        """ValueError unless an unsharded collection's layout signature of `group` fits its only
+        owner's block (a group of several blocks takes no unsharded state: each owner refuses it)."""
+        blocks = self._owners[group]
+        if len(blocks) != 1:
+            raise ValueError(
+                f"unsharded state of CAFE group {group!r} does not fit its {len(blocks)} row-wise blocks "
+                f"(ranks {[rank for rank, _ in blocks]})"
+            )
+        CafeGroupRemap(blocks[0][1], torch.device("meta")).check_layout(saved)
 
     def _sharded(self, tensor: Any, owners: List[Tuple[int, Tuple[torch.Size, torch.dtype]]]) -> Any:
         """A copy of this rank's buffer as its shard of the ShardedTensor of all owners' buffers."""

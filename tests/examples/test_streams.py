@@ -301,8 +301,9 @@ def test_suite_recovery_and_grid_choice() -> None:
     runs = {
         on_spec("cafe", ("cafe",)): history,
         on_spec("cafe-hyst3", ("cafe", "--cafe-option", "hysteresis=3")): history,
+        on_spec("cafe-ml", ("cafe-ml",)): history,
         on_spec("hash", ("hash",)): history,
     }
     rows = recoveries(runs, [spec])
-    assert sorted({r["method"] for r in rows}) == ["cafe", "cafe-hyst3"]
+    assert sorted({r["method"] for r in rows}) == ["cafe", "cafe-hyst3", "cafe-ml"]
     assert [r["steps"] for r in rows if r["method"] == "cafe-hyst3"] == [[4], [None]]
