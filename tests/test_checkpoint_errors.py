@@ -102,21 +102,30 @@ def test_tables_of_equal_rows_in_another_order_are_refused_untouched() -> None:
 TWO_GROUPS = ["f0", "f1", "f2", "f3"]
 
 
-def build_two_groups(seed16: int) -> DistributedModelParallel:
+def unsharded_two_groups(seed16: int) -> CafeEmbeddingBagCollection:
+    """Two dims, so two CAFE groups (cafe_dim8 seeded 5, cafe_dim16 seeded `seed16`)."""
     torch.manual_seed(0)
     tables = [
         EmbeddingBagConfig(name=f"t{i}", embedding_dim=d, num_embeddings=4000, feature_names=[f"f{i}"])
         for i, d in enumerate([8, 8, 16, 16])
     ]
     seeds = {"t0": 5, "t1": 5, "t2": seed16, "t3": seed16}
-    ebc = CafeEmbeddingBagCollection(tables, {t: CafeConfig(compression_ratio=20, seed=s) for t, s in seeds.items()})
+    return CafeEmbeddingBagCollection(tables, {t: CafeConfig(compression_ratio=20, seed=s) for t, s in seeds.items()})
+
+
+def table_wise(ebc: CafeEmbeddingBagCollection) -> DistributedModelParallel:
+    """The collection under DMP with each group table-wise (on 2 ranks: one group per rank)."""
     _apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.05})
     sharders = [CafeEmbeddingBagCollectionSharder()]
     constraints = {g: ParameterConstraints(sharding_types=["table_wise"]) for g in ("cafe_dim8", "cafe_dim16")}
     plan = EmbeddingShardingPlanner(
         topology=Topology(world_size=dist.get_world_size(), compute_device="cpu"), constraints=constraints
     ).collective_plan(ebc, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(ebc, device=torch.device("cpu"), plan=plan, sharders=sharders)
+    return DistributedModelParallel(ebc, device=torch.device("cpu"), plan=plan, sharders=sharders)
+
+
+def build_two_groups(seed16: int) -> DistributedModelParallel:
+    dmp = table_wise(unsharded_two_groups(seed16))
     gen = torch.Generator().manual_seed(10 + dist.get_rank())
     for _ in range(3):
         dmp(zipf_kjt(TWO_GROUPS, 16, 300, gen)).values().pow(2).sum().backward()
@@ -151,25 +160,8 @@ def test_a_group_refused_on_one_rank_is_refused_on_every_rank() -> None:
         assert r["error"] and "cafe_dim16" in r["error"] and r["unchanged"], r
 
 
-def unsharded_two_groups(seed16: int) -> CafeEmbeddingBagCollection:
-    torch.manual_seed(0)
-    tables = [
-        EmbeddingBagConfig(name=f"t{i}", embedding_dim=d, num_embeddings=4000, feature_names=[f"f{i}"])
-        for i, d in enumerate([8, 8, 16, 16])
-    ]
-    seeds = {"t0": 5, "t1": 5, "t2": seed16, "t3": seed16}
-    return CafeEmbeddingBagCollection(tables, {t: CafeConfig(compression_ratio=20, seed=s) for t, s in seeds.items()})
-
-
 def load_unsharded_two_groups(rank: int, world: int, path: str) -> Dict[str, object]:
-    ebc = unsharded_two_groups(seed16=6)
-    _apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.05})
-    sharders = [CafeEmbeddingBagCollectionSharder()]
-    constraints = {g: ParameterConstraints(sharding_types=["table_wise"]) for g in ("cafe_dim8", "cafe_dim16")}
-    plan = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints
-    ).collective_plan(ebc, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(ebc, device=torch.device("cpu"), plan=plan, sharders=sharders)
+    dmp = table_wise(unsharded_two_groups(seed16=6))
     before = local_tensors(dmp)
     try:
         dmp.load_state_dict(torch.load(path))
