@@ -95,6 +95,7 @@ METHODS: Dict[str, List[str]] = {
     "cafe-hot80": ["--embedding", "cafe", "--cafe-option", "hot_share=0.8"],
     "cafe-hot85": ["--embedding", "cafe", "--cafe-option", "hot_share=0.85"],
     "cafe-hot90": ["--embedding", "cafe", "--cafe-option", "hot_share=0.9"],
+    "cafe-hyst2": ["--embedding", "cafe", "--cafe-option", "hysteresis=2"],
     "cafe-hyst3": ["--embedding", "cafe", "--cafe-option", "hysteresis=3"],
 }
 OFFICIAL = "official"  # runs benchmarks.official.train_official in a worker process
