@@ -37,6 +37,35 @@ def group_state_bytes(layout: GroupLayout) -> int:
     return sum(b.numel() * b.element_size() for b in remap.buffers())
 
 
+def layout_signature(layout: GroupLayout) -> torch.Tensor:
+    """A group's layout as numbers: a checkpoint of another layout is refused on load."""
+    cfg = layout.config
+    nums = [
+        _FORMAT,
+        layout.hot_rows,
+        layout.sketch_buckets,
+        layout.dim,
+        cfg.slots_per_bucket,
+        cfg.seed,
+        int(cfg.multi_level),
+        POLICIES.index(cfg.policy),
+    ]
+    for t in layout.tables:
+        nums += [t.logical_rows, t.level1_rows, t.level2_rows, zlib.crc32(t.name.encode())]
+    return torch.tensor(nums, dtype=torch.int64)
+
+
+def check_layout(layout: GroupLayout, saved: object) -> None:
+    """ValueError if a checkpoint's layout signature (None: absent) is not `layout`'s."""
+    mine = layout_signature(layout)
+    if isinstance(saved, torch.Tensor) and not torch.equal(saved.cpu(), mine):
+        raise ValueError(
+            f"checkpoint for CAFE group {layout.name!r} has another layout "
+            f"(saved {saved.tolist()}, this module {mine.tolist()}); "
+            "it was saved from a different config, world size or version"
+        )
+
+
 class CafeGroupRemap(nn.Module):
     """Rows and HotSketch of one group on one shard; `layout` is this shard's block layout.
 
@@ -82,7 +111,7 @@ class CafeGroupRemap(nn.Module):
             dtype=torch.int64,
         )  # per table slot: level-1 offset, level-1 rows, level-2 offset, level-2 rows
         self.register_buffer("regions", regions.to("cpu" if device.type == "meta" else device), persistent=False)
-        self.register_buffer("layout_signature", self._signature().to(device), persistent=True)
+        self.register_buffer("layout_signature", layout_signature(layout).to(device), persistent=True)
         tables = len(layout.tables)
         self.register_buffer(
             "lookup_counts",
@@ -99,23 +128,6 @@ class CafeGroupRemap(nn.Module):
     def kernel(self) -> str:
         """'cpp' or 'torch': the kernel the group runs (its sketch's, for its device)."""
         return self.sketch.kernel
-
-    def _signature(self) -> torch.Tensor:
-        """Layout as numbers: a checkpoint of another layout is refused on load."""
-        cfg = self.layout.config
-        nums = [
-            _FORMAT,
-            self.layout.hot_rows,
-            self.layout.sketch_buckets,
-            self.layout.dim,
-            cfg.slots_per_bucket,
-            cfg.seed,
-            int(cfg.multi_level),
-            POLICIES.index(cfg.policy),
-        ]
-        for t in self.layout.tables:
-            nums += [t.logical_rows, t.level1_rows, t.level2_rows, zlib.crc32(t.name.encode())]
-        return torch.tensor(nums, dtype=torch.int64)
 
     def _regions(self, device: torch.device) -> torch.Tensor:
         if self.regions.device != device:
@@ -153,12 +165,7 @@ class CafeGroupRemap(nn.Module):
 
     def check_layout(self, saved: object) -> None:
         """ValueError if a checkpoint's layout signature (None: absent) is not this group's."""
-        if isinstance(saved, torch.Tensor) and not torch.equal(saved.cpu(), self._signature()):
-            raise ValueError(
-                f"checkpoint for CAFE group {self.layout.name!r} has another layout "
-                f"(saved {saved.tolist()}, this module {self._signature().tolist()}); "
-                "it was saved from a different config, world size or version"
-            )
+        check_layout(self.layout, saved)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         wait_for_sketch_update(self)

@@ -18,7 +18,7 @@ from torchrec.distributed.types import ParameterSharding
 
 from cafe_torchrec._torchrec_compat import is_sharded_tensor, row_sharded_tensor
 from cafe_torchrec.layout import GroupLayout
-from cafe_torchrec.remap import CafeGroupRemap
+from cafe_torchrec.remap import CafeGroupRemap, check_layout
 
 
 def owner_blocks(layout: GroupLayout, sharding: ParameterSharding) -> List[Tuple[int, GroupLayout]]:
@@ -84,7 +84,7 @@ class ShardedSketchState:
                 f"unsharded state of CAFE group {group!r} does not fit its {len(blocks)} row-wise blocks "
                 f"(ranks {[rank for rank, _ in blocks]})"
             )
-        CafeGroupRemap(blocks[0][1], torch.device("meta")).check_layout(saved)
+        check_layout(blocks[0][1], saved)
 
     def _sharded(self, tensor: Any, owners: List[Tuple[int, Tuple[torch.Size, torch.dtype]]]) -> Any:
         """A copy of this rank's buffer as its shard of the ShardedTensor of all owners' buffers."""
