@@ -160,12 +160,17 @@ def built_optimizer(tensor: torch.Tensor, fused_params: Optional[Dict[str, Any]]
     return None
 
 
+def counted_optimizer(built: Optional[EmbOptimType], fallback: Optional[EmbOptimType]) -> EmbOptimType:
+    """The optimizer counted for a table's TBE (see the module docstring): the one TorchRec will
+    build (`built`, from built_optimizer), else the planner's `fallback`, else SGD."""
+    return built or fallback or EmbOptimType.EXACT_SGD
+
+
 def effective_optimizer(
     tensor: torch.Tensor, fused_params: Optional[Dict[str, Any]], fallback: Optional[EmbOptimType]
 ) -> EmbOptimType:
-    """The optimizer counted for this table's TBE (see the module docstring): the one TorchRec
-    will build, else the planner's `fallback`, else SGD."""
-    return built_optimizer(tensor, fused_params) or fallback or EmbOptimType.EXACT_SGD
+    """The optimizer counted for this table's TBE (counted_optimizer of built_optimizer)."""
+    return counted_optimizer(built_optimizer(tensor, fused_params), fallback)
 
 
 def warn_unapplied_optimizer(tables: Sequence[str], planned: Optional[EmbOptimType]) -> None:
@@ -257,7 +262,7 @@ class CafeStorageEstimator(ShardEstimator):
             built = built_optimizer(option.tensor, fused)
             if built is None:
                 unapplied.append(option.name)
-            optimizer = built or self._optimizer or EmbOptimType.EXACT_SGD  # effective_optimizer's rule
+            optimizer = counted_optimizer(built, self._optimizer)
             multiplier = stock_optimizer_multiplier(option.tensor)
             layout = group_layout(module, option.name)
             element = option.tensor.element_size()
