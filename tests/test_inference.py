@@ -576,12 +576,12 @@ def _sharded_freeze(rank: int, world: int) -> Dict[str, object]:
         dmp.eval()
         probes = [batch(torch.Generator().manual_seed(100 + r), 16) for r in range(world)]
         with torch.no_grad():
-            local = dmp(probes[rank]).values()
+            local = dmp(probes[rank]).to_dict()  # in TorchRec's sharded order: compared by name
         frozen = freeze(dmp.module, torch.float32)
         served_model = quantize_inference_model(dmp, torch.float32)
         out[sharding_type] = {
             "local": local,
-            "frozen": [frozen(p).values() for p in probes] if frozen is not None else None,
+            "frozen": [frozen(p).to_dict() for p in probes] if frozen is not None else None,
             "model": [served_model(p).values() for p in probes] if served_model is not None else None,
         }
     return out
@@ -598,4 +598,5 @@ def test_freeze_a_dmp_sharded_collection_on_two_ranks() -> None:
             torch.testing.assert_close(
                 rank0["frozen"][rank], local, rtol=1e-5, atol=1e-6, msg=f"{sharding_type} {rank}"
             )
-            assert torch.equal(rank0["model"][rank], rank0["frozen"][rank])
+            frozen_values = torch.cat(list(rank0["frozen"][rank].values()), dim=1)  # config order
+            assert torch.equal(rank0["model"][rank], frozen_values)

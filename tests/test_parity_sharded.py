@@ -97,7 +97,7 @@ def test_vbe_and_int32_under_dmp(sharding_type: str) -> None:
 
 
 # ---- output column order: TorchRec orders a sharded lookup's columns by sharding type and,
-# table-wise, by rank, not by config; the sharded collection must still answer in config order
+# table-wise, by rank, not by config, in stock's sharded collection and in CAFE's alike
 
 ORDER_FEATURES = ["f0", "f1", "f2"]
 
@@ -167,24 +167,59 @@ def placed(ebc: CafeEmbeddingBagCollection, rank: int, world: int, placement: st
     return dmp
 
 
+def stock_keys(ebc: CafeEmbeddingBagCollection, rank: int, world: int, placement: str) -> List[str]:
+    """The output keys of a stock sharded EmbeddingBagCollection over CAFE's physical tables
+    under the same placement: the column order TorchRec gives a sharded collection."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
+    from torchrec.distributed.types import ShardingPlan
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    stock = EmbeddingBagCollection(ebc.physical.embedding_bag_configs(), device=torch.device("cpu"))
+    per_param = {
+        name: table_wise(rank=where) if kind == "table_wise" else row_wise()
+        for name, (kind, where) in PLACEMENTS[placement].items()
+    }
+    sharder = EmbeddingBagCollectionSharder()
+    plan = construct_module_sharding_plan(
+        stock, per_param, local_size=world, world_size=world, device_type="cpu", sharder=sharder
+    )
+    dmp = DistributedModelParallel(stock, device=torch.device("cpu"), plan=ShardingPlan({"": plan}), sharders=[sharder])
+    empty = KeyedJaggedTensor.from_lengths_sync(
+        ORDER_FEATURES, torch.zeros(0, dtype=torch.int64), torch.zeros(12, dtype=torch.int64)
+    )
+    with torch.no_grad():
+        return dmp(empty).keys()
+
+
 def forward_placed(rank: int, world: int, placement: str) -> Dict[str, object]:
     """Sharded eval forward of a KJT carrying per-sample weights, which this unweighted
-    collection must ignore, sharded or not."""
+    collection must ignore, sharded or not; and a stock sharded collection's keys."""
     dmp = placed(order_module(), rank, world, placement)
     dmp.eval()
     with torch.no_grad():
         out = dmp(order_batch(rank, weighted=True))
-    return {"keys": out.keys(), "values": out.values()}
+    return {
+        "keys": out.keys(),
+        "features": out.to_dict(),
+        "stock_keys": stock_keys(order_module(), rank, world, placement),
+    }
 
 
 @pytest.mark.parametrize("placement", ["table_wise", "mixed"])
-def test_sharded_output_is_in_config_order_whatever_the_placement(placement: str) -> None:
+def test_sharded_output_keeps_the_stock_sharded_order_with_each_feature_right(placement: str) -> None:
+    """Each feature's columns (the MEAN one divided) equal the unsharded collection's; the keys
+    come in the order a stock sharded EmbeddingBagCollection gives (not config order)."""
     reference = order_module().eval()
     for rank, got in enumerate(run_ranks(forward_placed, 2, placement)):
         with torch.no_grad():
-            expected = reference(order_batch(rank, weighted=False))
-        assert got["keys"] == ORDER_FEATURES
-        torch.testing.assert_close(got["values"], expected.values(), rtol=0, atol=1e-6, msg=f"rank {rank}")
+            expected = reference(order_batch(rank, weighted=False)).to_dict()
+        assert got["keys"] == got["stock_keys"], rank
+        assert sorted(got["keys"]) == ORDER_FEATURES
+        for f in ORDER_FEATURES:
+            torch.testing.assert_close(got["features"][f], expected[f], rtol=0, atol=1e-6, msg=f"rank {rank} {f}")
+    if placement == "table_wise":  # the order this placement was chosen to give
+        assert got["keys"] == ["f1", "f0", "f2"]
 
 
 ORDER_STEPS = 8
@@ -205,7 +240,8 @@ def train_placed(rank: int, world: int) -> Dict[str, object]:
     probe = torch.Generator().manual_seed(9)
     outputs = []
     for kjt in order_steps(rank):
-        out = dmp(kjt).values()
+        features = dmp(kjt).to_dict()  # in the sharded order; by name into config order
+        out = torch.cat([features[f] for f in ORDER_FEATURES], dim=1)
         outputs.append(out.detach().clone())
         weight = torch.randn(world, *out.shape, generator=probe)[rank]
         (out * weight).sum().backward()
