@@ -112,7 +112,7 @@ def step_cost(
     offsets = torch.arange(0, batch_size * num_features + 1, dtype=torch.int64)
 
     def keys_of(b: int) -> torch.Tensor:
-        return torch.ops.cafe.make_keys(ids[b], counts, salts, slots, SLOT_BITS)
+        return torch.ops.cafe.prepare_ids(ids[b], counts, slots, salts, slots, torch.zeros_like(slots), SLOT_BITS)
 
     def scores() -> torch.Tensor:
         return occurrence_scores(grad, columns, lengths, num_features, None, "gradient")

@@ -5,7 +5,7 @@
 The official sketch is built from its source (benchmarks/official.py: g++ -O3 -march=native)
 and called through ctypes; ours is `cafe_torchrec.sketch.HotSketch` with the C++ kernel and
 its fused lookup `HotSketch.lookup` (hot row or hashed row per key, and the slot hints the
-insert takes), keys from the C++ pre-hash `torch.ops.cafe.make_keys` as the collection makes them. One
+insert takes), keys from the C++ pre-hash `torch.ops.cafe.prepare_ids` as the collection makes them. One
 intra-op thread for both (torch.set_num_threads(1) also sets the OpenMP threads of the
 official's query loop: the same libgomp). Times are this thread's CPU time (all work runs on
 it), the median of `--repeats` rounds, in ns per occurrence; a round runs both sides back to
@@ -143,7 +143,8 @@ def prehash(ids: torch.Tensor, counts: torch.Tensor, salts: torch.Tensor) -> tor
     """Keys of feature-major ids, `counts[t]` of table slot t: the collection's C++ pre-hash."""
     from cafe_torchrec.hashing import SLOT_BITS
 
-    return torch.ops.cafe.make_keys(ids, counts, salts, torch.arange(len(counts)), SLOT_BITS)
+    tables = torch.arange(len(counts))
+    return torch.ops.cafe.prepare_ids(ids, counts, tables, salts, tables, torch.zeros_like(tables), SLOT_BITS)
 
 
 class _Step:
@@ -221,7 +222,7 @@ def dlrm_step(artifact: OfficialArtifact, repeats: int, decay: float) -> Dict[st
         "query": "query (ours: fused lookup)",
         "insert": "insert (ours: with the lookup's slot hints)",
         "both": "query + insert",
-        "hash": "ours' pre-hash (make_keys; the official adds field offsets in Python)",
+        "hash": "ours' pre-hash (prepare_ids; the official adds field offsets in Python)",
         "step": "whole step (official: its Python query + insert_grad per field; ours: pre-hash + lookup + "
         "scoring + insert)",
     }

@@ -122,7 +122,7 @@ def paired_rates(
 
 
 CAFE_OPS = (
-    "cafe::make_keys",
+    "cafe::prepare_ids",
     "cafe::remap_lookup",
     "cafe::occurrence_scores",
     "cafe::sketch_insert",

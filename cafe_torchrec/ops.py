@@ -1,7 +1,7 @@
 """The C++ CPU ops (csrc/): compiled when the package is built or installed, as FBGEMM and
 TorchRec ship theirs; compiled on first use only as a fallback.
 
-`torch.ops.cafe.sketch_insert / sketch_query / make_keys / remap_lookup / occurrence_scores`
+`torch.ops.cafe.sketch_insert / sketch_query / prepare_ids / remap_lookup / occurrence_scores`
 exist after `available()` returns True. It loads, in order:
 1. the library built with the package (`cafe_torchrec/_C*.so`, setup.py), if it was built from
    the sources beside it (their hash is compiled in: an edited checkout never runs stale ops);

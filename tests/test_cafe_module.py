@@ -383,3 +383,41 @@ def test_promotion_copies_the_rows_and_starts_the_optimizer_state_fresh(optimize
     assert all(bool((state[sources[0]] != 0).any()) for state in store.states)  # the hashed row has state
     for state in store.states:
         assert bool((state[row] == 0).all())
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_cpp_prepare_equals_the_torch_prepare_in_any_key_order(weighted: bool, id_dtype: torch.dtype) -> None:
+    """FeatureMap.prepare in one C++ pass (reorder, pre-hash, id mod rows) gives the torch
+    path's inner KJT: two groups of two dims and a plain table between them, the input's keys
+    in another order, per-sample weights moved with their ids."""
+    from cafe_torchrec.ops import available
+
+    if not available():
+        pytest.skip("no C++ build")
+    tbls = [
+        *tables([5000, 3000], dim=8, features_per_table=[2, 1]),
+        EmbeddingBagConfig(name="plain", embedding_dim=8, num_embeddings=30, feature_names=["p"]),
+        EmbeddingBagConfig(name="wide", embedding_dim=16, num_embeddings=9000, feature_names=["w"]),
+    ]
+    ebc = CafeEmbeddingBagCollection(tbls, CafeConfig(compression_ratio=20), is_weighted=weighted)
+    feature_map = ebc.feature_map
+    gen = torch.Generator().manual_seed(4)
+    keys = ["w", "f2", "p", "f0", "f1"]
+    lengths = torch.randint(0, 4, (len(keys) * 6,), generator=gen)
+    values = torch.randint(0, 2**31 - 1, (int(lengths.sum()),), generator=gen).to(id_dtype)
+    weights = torch.rand(values.numel(), generator=gen) if weighted else None
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys, values, lengths, weights=weights)
+    assert feature_map.inner != keys
+    feature_map.kernel = "cpp"
+    got = feature_map.prepare(kjt)
+    feature_map.kernel = "torch"
+    expected = feature_map.prepare(kjt)
+    assert got.keys() == expected.keys() == feature_map.inner
+    assert got.values().dtype == torch.int64
+    assert torch.equal(got.values(), expected.values().to(torch.int64))
+    assert torch.equal(got.lengths(), expected.lengths())
+    if weighted:
+        assert torch.equal(got.weights(), expected.weights())
+    for f in keys:  # each feature's ids and weights are its own, in the inner order
+        assert torch.equal(got[f].lengths(), kjt[f].lengths())

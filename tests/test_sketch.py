@@ -269,17 +269,35 @@ def test_nbytes_counts_every_buffer_sixteen_bytes_a_slot() -> None:
     assert make_adaptive("torch").nbytes() == 16 * 4 * 16 + 24 * (4 + 8) + scalars  # + two marks per hot row
 
 
-def test_cpp_make_keys_equals_torch_make_keys() -> None:
+def test_cpp_prepare_ids_equals_torch_make_keys_and_remainder() -> None:
+    """The C++ prepare reorders features, pre-hashes group ids as hashing.make_keys and takes
+    plain ids mod rows as torch.remainder (negative ids too), from int64 and int32 ids alike."""
     if not cpp_available():
         pytest.skip("no C++ build")
     from cafe_torchrec.hashing import SLOT_BITS, make_keys
 
-    ids = torch.cat([torch.randint(-(2**62), 2**62, (500,)), torch.tensor([0, -1, 2**63 - 1, -(2**63)])])
-    counts = torch.tensor([200, 0, 304])
-    salts, slots = torch.tensor([11, 22, 33]), torch.tensor([0, 1, 2])
-    expected = make_keys(ids, slots.repeat_interleave(counts), salts)
-    assert torch.equal(torch.ops.cafe.make_keys(ids, counts, salts, slots, SLOT_BITS), expected)
-    assert (expected >= 0).all() and torch.equal(expected & 0x7FFF, slots.repeat_interleave(counts))
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.cat([torch.randint(-(2**62), 2**62, (500,), generator=gen), torch.tensor([0, -1, 2**63 - 1, -(2**63)])])
+    counts = torch.tensor([200, 0, 250, 54])  # input features 0-3
+    order = torch.tensor([2, 0, 3, 1])  # output feature j is input feature order[j]
+    salts, slots, modulus = torch.tensor([11, 22, 0, 33]), torch.tensor([0, 1, 0, 2]), torch.tensor([0, 0, 7, 0])
+    pieces = ids.split(counts.tolist())
+    expected = []
+    for j, f in enumerate(order.tolist()):
+        if modulus[j] > 0:
+            expected.append(torch.remainder(pieces[f], int(modulus[j])))
+        else:
+            expected.append(make_keys(pieces[f], torch.full_like(pieces[f], int(slots[j])), salts))
+    expected = torch.cat(expected)
+    got = torch.ops.cafe.prepare_ids(ids, counts, order, salts, slots, modulus, SLOT_BITS)
+    assert torch.equal(got, expected)
+    small = torch.randint(-(2**31), 2**31, (504,), generator=gen, dtype=torch.int32)
+    assert torch.equal(
+        torch.ops.cafe.prepare_ids(small, counts, order, salts, slots, modulus, SLOT_BITS),
+        torch.ops.cafe.prepare_ids(small.long(), counts, order, salts, slots, modulus, SLOT_BITS),
+    )
+    with pytest.raises(RuntimeError, match="every input feature once"):
+        torch.ops.cafe.prepare_ids(ids, counts, torch.tensor([2, 0, 2, 1]), salts, slots, modulus, SLOT_BITS)
 
 
 @pytest.mark.parametrize("weighted", [False, True])

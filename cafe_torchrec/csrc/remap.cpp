@@ -1,4 +1,4 @@
-// The CPU hot path of the remap, fused: pre-hash ids into keys, and keys -> rows in one pass
+// The CPU hot path of the remap, fused: ids prepared (reordered, pre-hashed into keys) in one pass, and keys -> rows in one pass
 // (sketch probe, hashed rows, medium mask, per-table lookup counts).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,43 +16,67 @@ using cafe::mix64;
 using cafe::Slot;
 
 
-// Keys of ids laid out feature by feature (length_per_key[f] ids of feature f); int32 ids are
-// read as they are (sign-extended), so they give the keys of the same int64 ids without a copy.
+// A KJT's ids prepared for the inner collection in one pass (FeatureMap.prepare on CPU): output
+// feature j is input feature order[j] (length_per_key[order[j]] ids from its offset), each id
+// pre-hashed into its key, ((mix64(id, salts[j]) >> slot_bits) << slot_bits) | table_slots[j], where
+// modulus[j] is 0 (a CAFE group's feature), else id mod modulus[j] in [0, modulus[j]) (a plain
+// table's, torch.remainder's sign). int32 ids are read as they are (sign-extended), so they give
+// what the same int64 ids give, without a copy; the output is int64, feature after feature.
 template <typename Id>
-void make_keys_from(const Id* in, int64_t* out, int64_t total, const int64_t* lpk, const int64_t* salts,
-                    const int64_t* slots, int64_t features, int64_t slot_bits) {
-  int64_t start = 0;
-  for (int64_t f = 0; f < features; ++f) {
-    const int64_t n = lpk[f], salt = salts[f], slot = slots[f];
-    TORCH_CHECK(start + n <= total, "length_per_key exceeds the values");
-    for (int64_t i = start; i < start + n; ++i) {
-      out[i] = ((mix64(static_cast<int64_t>(in[i]), salt) >> slot_bits) << slot_bits) | slot;
+void prepare_ids_from(const Id* in, int64_t* out, int64_t total, const int64_t* lpk, int64_t in_features,
+                      const int64_t* order, const int64_t* salts, const int64_t* slots, const int64_t* modulus,
+                      int64_t out_features, int64_t slot_bits) {
+  std::vector<int64_t> offsets(static_cast<size_t>(in_features) + 1, 0);
+  for (int64_t f = 0; f < in_features; ++f) offsets[f + 1] = offsets[f] + lpk[f];
+  TORCH_CHECK(offsets[in_features] == total, "length_per_key does not cover the values");
+  TORCH_CHECK(out_features == in_features, "order must name every input feature once");
+  std::vector<bool> seen(static_cast<size_t>(in_features), false);
+  int64_t pos = 0;
+  for (int64_t j = 0; j < out_features; ++j) {
+    const int64_t f = order[j];
+    TORCH_CHECK(f >= 0 && f < in_features && !seen[f], "order must name every input feature once");
+    seen[f] = true;
+    const Id* src = in + offsets[f];
+    int64_t* dst = out + pos;
+    const int64_t n = lpk[f], salt = salts[j], slot = slots[j], m = modulus[j];
+    if (m == 0) {
+      for (int64_t i = 0; i < n; ++i) dst[i] = ((mix64(static_cast<int64_t>(src[i]), salt) >> slot_bits) << slot_bits) | slot;
+    } else {
+      TORCH_CHECK(m > 0, "modulus must be >= 0");
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t r = static_cast<int64_t>(src[i]) % m;
+        dst[i] = r < 0 ? r + m : r;
+      }
     }
-    start += n;
+    pos += n;
   }
-  TORCH_CHECK(start == total, "length_per_key does not cover the values");
 }
 
-// The key layout (slot bits) and hashes come from cafe_torchrec.hashing, the one place that defines them.
-at::Tensor make_keys(const at::Tensor& values, const at::Tensor& length_per_key, const at::Tensor& salts,
-                     const at::Tensor& table_slots, int64_t slot_bits) {
+at::Tensor prepare_ids(const at::Tensor& values, const at::Tensor& length_per_key, const at::Tensor& order,
+                       const at::Tensor& salts, const at::Tensor& table_slots, const at::Tensor& modulus,
+                       int64_t slot_bits) {
   TORCH_CHECK(values.dim() == 1 && (values.scalar_type() == at::kLong || values.scalar_type() == at::kInt),
               "values: 1-D int32 or int64");
   const at::Tensor v = values.contiguous();
   const at::Tensor lpk = length_per_key.to(at::kLong).contiguous();
+  const at::Tensor ord = order.to(at::kLong).contiguous();
   const at::Tensor sa = salts.to(at::kLong).contiguous();
   const at::Tensor sl = table_slots.to(at::kLong).contiguous();
-  TORCH_CHECK(lpk.numel() == sa.numel() && sa.numel() == sl.numel(), "one salt and slot per feature");
-  at::Tensor keys = at::empty({v.numel()}, v.options().dtype(at::kLong));
-  int64_t* out = keys.data_ptr<int64_t>();
+  const at::Tensor mo = modulus.to(at::kLong).contiguous();
+  TORCH_CHECK(ord.numel() == sa.numel() && sa.numel() == sl.numel() && sl.numel() == mo.numel(),
+              "one order entry, salt, table slot and modulus per output feature");
+  at::Tensor out = at::empty({v.numel()}, v.options().dtype(at::kLong));
+  const auto run = [&](const auto* in) {
+    prepare_ids_from(in, out.data_ptr<int64_t>(), v.numel(), lpk.data_ptr<int64_t>(), lpk.numel(),
+                     ord.data_ptr<int64_t>(), sa.data_ptr<int64_t>(), sl.data_ptr<int64_t>(), mo.data_ptr<int64_t>(),
+                     ord.numel(), slot_bits);
+  };
   if (v.scalar_type() == at::kInt) {
-    make_keys_from(v.data_ptr<int32_t>(), out, v.numel(), lpk.data_ptr<int64_t>(), sa.data_ptr<int64_t>(),
-                   sl.data_ptr<int64_t>(), lpk.numel(), slot_bits);
+    run(v.data_ptr<int32_t>());
   } else {
-    make_keys_from(v.data_ptr<int64_t>(), out, v.numel(), lpk.data_ptr<int64_t>(), sa.data_ptr<int64_t>(),
-                   sl.data_ptr<int64_t>(), lpk.numel(), slot_bits);
+    run(v.data_ptr<int64_t>());
   }
-  return keys;
+  return out;
 }
 
 // How a key names its table slot and hashed rows (cafe_torchrec.hashing: SLOT_MASK, LEVEL_MULTIPLIERS).
@@ -169,7 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> remap_lookup(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cafe, m) {
-  m.def("make_keys(Tensor values, Tensor length_per_key, Tensor salts, Tensor table_slots, int slot_bits) -> Tensor");
+  m.def("prepare_ids(Tensor values, Tensor length_per_key, Tensor order, Tensor salts, Tensor table_slots, "
+        "Tensor modulus, int slot_bits) -> Tensor");
   m.def("remap_lookup(Tensor slots, Tensor keys, Tensor regions, int slots_per_bucket, float medium_threshold, "
         "int multiplier, int slot_bits, int level1_multiplier, int level2_multiplier, bool multi_level, "
         "Tensor(a!) stats) "
@@ -177,6 +202,6 @@ TORCH_LIBRARY_FRAGMENT(cafe, m) {
 }
 
 TORCH_LIBRARY_IMPL(cafe, CPU, m) {
-  m.impl("make_keys", &make_keys);
+  m.impl("prepare_ids", &prepare_ids);
   m.impl("remap_lookup", &remap_lookup);
 }
