@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
@@ -156,6 +156,12 @@ class GroupLayout:
         """The group's tables uncompressed, at their configured dtype."""
         return sum(t.logical_rows for t in self.tables) * self.dim * BYTES_PER_VALUE[self.data_type]
 
+    def budget_bytes(self) -> int:
+        """What the group may hold: the bytes of its tables under the hashing trick at their
+        ratios (ceil(rows / ratio) rows each, at least one), so CAFE and hashing compare at the
+        same memory."""
+        return group_budget(((t.logical_rows, t.ratio) for t in self.tables), self.dim, self.data_type)
+
 
 @dataclass(frozen=True)
 class PlainTable:
@@ -221,19 +227,32 @@ def hot_row_bytes(dim: int, config: CafeConfig, bytes_per_value: int = 4) -> flo
     return dim * bytes_per_value + config.slots_per_hot_row * SLOT_BYTES + per_row_bytes(config.policy == "adaptive")
 
 
-def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeConfig]) -> GroupLayout:
-    """Hot rows and hashed rows of one group from each table's ratio (the paper's formulas):
+def group_budget(tables: Iterable[Tuple[int, float]], dim: int, data_type: DataType) -> int:
+    """Bytes of (rows, ratio) tables under the hashing trick: ceil(rows / ratio) rows each, at least one."""
+    return sum(max(1, math.ceil(rows / ratio)) for rows, ratio in tables) * dim * BYTES_PER_VALUE[data_type]
 
-    hot rows = sum_t(rows_t x dim x 4 / ratio_t) x hot_share / (4 dim + sketch bytes per hot row);
-    hashed rows_t = ceil(rows_t x (1 - hot_share) / ratio_t), split 1 - level2_share : level2_share
-    between two regions when multi-level.
+
+def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeConfig]) -> GroupLayout:
+    """Hot rows and hashed rows of one group from each table's ratio (the paper's formulas),
+    held to the group's budget (GroupLayout.budget_bytes: the bytes of the hashing trick at the
+    same ratios):
+
+    hashed rows_t = ceil(rows_t x (1 - hot_share) / ratio_t) (at least one), split
+    1 - level2_share : level2_share between two regions when multi-level;
+    hot rows = budget x hot_share / (dim x bytes per value + sketch bytes per hot row), then as
+    many fewer as it takes for the whole group (weights, sketch, per-table bookkeeping:
+    remap.group_state_bytes) to fit the budget. The hashed rows' rounding up and the
+    bookkeeping come out of the hot rows, so a group never holds more than hashing would
+    unless one hashed row per table and the bookkeeping alone exceed it (then no hot rows; the
+    collection warns).
     """
     first = configs[tables[0].name].resolved()
     dim, dtype = tables[0].embedding_dim, tables[0].data_type
     width = BYTES_PER_VALUE[dtype]
     hot_share = first.hot_share if first.hot_share is not None else 0.0  # resolved: never None
-    hot_bytes = sum(t.num_embeddings * dim * width / configs[t.name].compression_ratio for t in tables) * hot_share
-    hot_rows = int(hot_bytes // hot_row_bytes(dim, first, width))
+    budget = group_budget(((t.num_embeddings, configs[t.name].compression_ratio) for t in tables), dim, dtype)
+    per_hot_row = hot_row_bytes(dim, first, width)
+    hot_rows = int(budget * hot_share // per_hot_row)
     layouts = []
     for t in tables:
         cfg = configs[t.name]
@@ -250,7 +269,21 @@ def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[st
                 t.name, tuple(t.feature_names), t.num_embeddings, cfg.compression_ratio, level1, level2, t.init_fn
             )
         )
-    return GroupLayout(name, dim, dtype, first, hot_rows, tuple(layouts))
+    return fit_budget(GroupLayout(name, dim, dtype, first, hot_rows, tuple(layouts)), per_hot_row)
+
+
+def fit_budget(layout: GroupLayout, per_hot_row: float) -> GroupLayout:
+    """`layout` with as many hot rows fewer as it takes for its bytes (weights and every buffer
+    of its remap, as memory() counts them) to fit its budget_bytes(), down to none."""
+    from cafe_torchrec.remap import group_state_bytes  # remap builds on this module
+
+    budget = layout.budget_bytes()
+    while layout.hot_rows > 0:
+        over = layout.weight_bytes() + group_state_bytes(layout) - budget
+        if over <= 0:
+            break
+        layout = replace(layout, hot_rows=max(0, layout.hot_rows - max(1, math.ceil(over / per_hot_row))))
+    return layout
 
 
 def plan_tables(tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeConfig]) -> CafePlan:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Optional, Tuple, Union, cast
 
 import torch
@@ -20,6 +21,8 @@ from cafe_torchrec.migration import require_in_backward_optimizer
 from cafe_torchrec.remap import CafeGroupRemap, GroupBatch, group_remaps, remap_kjt
 from cafe_torchrec.stats import CollectionReport
 from cafe_torchrec.validation import checked_input
+
+logger = logging.getLogger(__name__)
 
 # torch.fx keeps these as single calls: they read tensor values (checks, sketch lookups)
 torch.fx.wrap("checked_input")
@@ -72,6 +75,16 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
         self.groups = nn.ModuleDict({g.name: CafeGroupRemap(g, device, kernel) for g in self.plan.groups})
         self.feature_map = FeatureMap(self._tables, self.plan, kernel)
         self.register_load_state_dict_pre_hook(refuse_foreign_state)
+        for g in self.plan.groups:
+            if g.hot_rows == 0:
+                logger.warning(
+                    "CAFE group %r: its budget (%.0f bytes at these compression ratios) holds no hot row beside "
+                    "one hashed row per table and the group's bookkeeping, so it runs as the hashing trick "
+                    "(%d bytes); a lower compression_ratio gives it hot rows",
+                    g.name,
+                    g.budget_bytes(),
+                    g.weight_bytes(),
+                )
 
     # ---- forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:

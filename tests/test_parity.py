@@ -288,3 +288,43 @@ def test_memory_counts_fp16_tables_at_two_bytes_and_the_ratio_against_fp16() -> 
     assert ebc.stats()["small"]["bytes"]["weights"] == 16 * 8 * 2
     assert ebc.physical.embedding_bags["small"].weight.dtype == torch.float16
     assert m["compression_ratio"] == m["logical_bytes"] / (m["weight_bytes"] + m["sketch_bytes"])
+
+
+@pytest.mark.parametrize("ratio", [10, 100, 1000, 10000])
+@pytest.mark.parametrize("dim", [4, 16])
+def test_a_group_holds_no_more_than_hashing_at_its_ratio_and_the_most_hot_rows_that_fit(ratio: int, dim: int) -> None:
+    """A group's bytes (weights, sketch, per-table bookkeeping, as memory() counts them) stay
+    within the hashing trick's at the same ratio, and one hot row more would not: the hashed
+    rows' rounding and the bookkeeping come out of the hot rows. Many small tables make the
+    bookkeeping a large share at 10000x; where the hashed rows alone fill the budget there are
+    no hot rows."""
+    import dataclasses
+
+    from cafe_torchrec.remap import group_state_bytes
+
+    rows = [1_200_000, 600_000, 150_000, 40_000, 9_000, 2_000, 583, 305, 105, 27, 24, 18, 15, 10, 4, 3]
+    tbls = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=r, feature_names=[f"f{i}"])
+        for i, r in enumerate(rows)
+    ]
+    cafe = CafeEmbeddingBagCollection(tbls, CafeConfig(compression_ratio=ratio))
+    hashing = HashingEmbeddingBagCollection(tbls, compression_ratio=ratio)
+    mine, theirs = cafe.memory(), hashing.memory()
+    assert mine["weight_bytes"] + mine["sketch_bytes"] <= theirs["weight_bytes"]  # hashing holds weights alone
+    (group,) = cafe.plan.groups
+    bigger = dataclasses.replace(group, hot_rows=group.hot_rows + 1)
+    assert bigger.weight_bytes() + group_state_bytes(bigger) > group.budget_bytes()
+    assert group.hot_rows > 0 or group.weight_bytes() + group_state_bytes(group) > group.budget_bytes()
+    if ratio <= 1000:
+        assert group.hot_rows > 0
+
+
+def test_a_budget_with_no_room_for_hot_rows_warns_that_the_group_is_hashing(caplog: pytest.LogCaptureFixture) -> None:
+    tbls = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=3_000, feature_names=[f"f{i}"])
+        for i in range(8)
+    ]
+    with caplog.at_level("WARNING", logger="cafe_torchrec.modules"):
+        ebc = CafeEmbeddingBagCollection(tbls, CafeConfig(compression_ratio=10_000))
+    assert ebc.plan.groups[0].hot_rows == 0
+    assert "holds no hot row" in caplog.text and "cafe_dim16" in caplog.text
