@@ -637,11 +637,22 @@ def print_achieved_ratios(cell_list: List[Dict[str, Any]], shown: Sequence[str])
     index = {(c["setting"], c["ratio"], c["method"]): c for c in cell_list}
     rows = []
     for setting, ratio in dict.fromkeys((c["setting"], c["ratio"]) for c in cell_list):
-        achieved = [index[(setting, ratio, m)].get("achieved_ratio") for m in shown]
-        if any(a is not None for a in achieved):
-            rows.append([setting, f"{ratio:g}x", *[f"{a:,.1f}x" if a is not None else "-" for a in achieved]])
+        shown_cells = [index[(setting, ratio, m)] for m in shown]
+        if any("achieved_ratio" in c for c in shown_cells):
+            rows.append(
+                [
+                    setting,
+                    f"{ratio:g}x",
+                    *[
+                        f"{c['achieved_ratio']:,.1f}x" + ("*" if c["stale"] else "") if "achieved_ratio" in c else "-"
+                        for c in shown_cells
+                    ],
+                ]
+            )
     if rows:
-        print("\nachieved compression ratio (logical bytes / bytes held, mean over seeds)")
+        print(
+            "\nachieved compression ratio (logical bytes / bytes held, mean over seeds; *: a cached run of other code)"
+        )
         print(table(["setting", "asked", *shown], rows))
 
 

@@ -240,11 +240,10 @@ def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[st
     hashed rows_t = ceil(rows_t x (1 - hot_share) / ratio_t) (at least one), split
     1 - level2_share : level2_share between two regions when multi-level;
     hot rows = budget x hot_share / (dim x bytes per value + sketch bytes per hot row), then as
-    many fewer as it takes for the whole group (weights, sketch, per-table bookkeeping:
-    remap.group_state_bytes) to fit the budget. The hashed rows' rounding up and the
-    bookkeeping come out of the hot rows, so a group never holds more than hashing would
-    unless one hashed row per table and the bookkeeping alone exceed it (then no hot rows; the
-    collection warns).
+    many fewer as it takes for the group's rows to fit the budget (fit_budget: the hashed rows'
+    rounding up and the sketch's real bytes come out of the hot rows). Where not one hot row
+    fits, the group keeps hashing's rows (ceil(rows_t / ratio_t)) and no hot row; the
+    collection warns that it runs as the hashing trick.
     """
     first = configs[tables[0].name].resolved()
     dim, dtype = tables[0].embedding_dim, tables[0].data_type
@@ -253,33 +252,49 @@ def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[st
     budget = group_budget(((t.num_embeddings, configs[t.name].compression_ratio) for t in tables), dim, dtype)
     per_hot_row = hot_row_bytes(dim, first, width)
     hot_rows = int(budget * hot_share // per_hot_row)
-    layouts = []
+    layout = fit_budget(
+        GroupLayout(name, dim, dtype, first, hot_rows, _hashed(tables, configs, hot_share)), per_hot_row
+    )
+    if layout.hot_rows == 0:
+        layout = replace(layout, tables=_hashed(tables, configs, 0.0))
+    if max(layout.hot_rows, *(max(t.level1_rows, t.level2_rows) for t in layout.tables)) > MAX_BOUND:
+        raise ValueError(
+            f"CAFE group {name!r}: more than 2^31 rows in one region (hot rows or a table's hashed rows); "
+            "raise its tables' compression_ratio or split the largest"
+        )
+    return layout
+
+
+def _hashed(
+    tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeConfig], hot_share: float
+) -> Tuple[TableLayout, ...]:
+    """Each table's hashed rows when `hot_share` of the memory goes to hot rows."""
+    out = []
     for t in tables:
         cfg = configs[t.name]
         hashed = max(1, math.ceil(t.num_embeddings * (1 - hot_share) / cfg.compression_ratio))
-        level2 = max(1, round(hashed * cfg.level2_share)) if first.multi_level else 0
+        level2 = max(1, round(hashed * cfg.level2_share)) if cfg.multi_level else 0
         level1 = max(1, hashed - level2)
-        if max(level1, level2, hot_rows) > MAX_BOUND:
-            raise ValueError(
-                f"table {t.name!r}: {max(level1, level2, hot_rows):,} rows in one region exceed 2^31; "
-                "raise its compression_ratio or split the table"
-            )
-        layouts.append(
+        out.append(
             TableLayout(
                 t.name, tuple(t.feature_names), t.num_embeddings, cfg.compression_ratio, level1, level2, t.init_fn
             )
         )
-    return fit_budget(GroupLayout(name, dim, dtype, first, hot_rows, tuple(layouts)), per_hot_row)
+    return tuple(out)
 
 
 def fit_budget(layout: GroupLayout, per_hot_row: float) -> GroupLayout:
-    """`layout` with as many hot rows fewer as it takes for its bytes (weights and every buffer
-    of its remap, as memory() counts them) to fit its budget_bytes(), down to none."""
+    """`layout` with as many hot rows fewer as it takes for its rows (weights, and the sketch
+    bytes that grow with the hot rows) to fit its budget_bytes(), down to none. The group's
+    bookkeeping is left out of the fit: each table's regions, layout signature and stats
+    counters and the sketch's scalars and first bucket (~100 bytes a table, whatever the ratio;
+    remap.group_state_bytes of the layout without hot rows). memory() counts it all."""
     from cafe_torchrec.remap import group_state_bytes  # remap builds on this module
 
     budget = layout.budget_bytes()
+    fixed = group_state_bytes(replace(layout, hot_rows=0))
     while layout.hot_rows > 0:
-        over = layout.weight_bytes() + group_state_bytes(layout) - budget
+        over = layout.weight_bytes() + group_state_bytes(layout) - fixed - budget
         if over <= 0:
             break
         layout = replace(layout, hot_rows=max(0, layout.hot_rows - max(1, math.ceil(over / per_hot_row))))

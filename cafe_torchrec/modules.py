@@ -78,12 +78,12 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
         for g in self.plan.groups:
             if g.hot_rows == 0:
                 logger.warning(
-                    "CAFE group %r: its budget (%.0f bytes at these compression ratios) holds no hot row beside "
-                    "one hashed row per table and the group's bookkeeping, so it runs as the hashing trick "
-                    "(%d bytes); a lower compression_ratio gives it hot rows",
+                    "CAFE group %r: its budget (%d bytes, the hashing trick's at these compression ratios) holds "
+                    "no hot row beside its hashed rows, so it keeps hashing's %d rows and runs as the hashing "
+                    "trick; a lower compression_ratio gives it hot rows",
                     g.name,
                     g.budget_bytes(),
-                    g.weight_bytes(),
+                    g.physical_rows,
                 )
 
     # ---- forward

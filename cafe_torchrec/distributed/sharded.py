@@ -8,8 +8,9 @@ A step on rank r, following one id:
 2. compute (on the owner): keys -> rows of the local block via the local sketch (hot row,
    or hashed row(s)); plain ids -> id minus the shard's first row. Then the stock fused TBE
    lookup runs on the remapped KJT.
-3. output_dist as stock; the KeyedTensor is put back in config order from the column order
-   TorchRec gives it (by sharding type, and by rank within table-wise; MEAN divided).
+3. output_dist as stock: the KeyedTensor keeps the column order TorchRec gives it (by sharding
+   type, and by rank within table-wise), as a stock sharded collection's; MEAN features are
+   divided by their original bag lengths.
 4. backward: a hook on each lookup output feeds the local sketch; promotions are copied at
    the end of backward, after TBE's fused update. No collective beyond TorchRec's own.
 """
