@@ -144,21 +144,29 @@ PLACEMENTS = {
 }
 
 
-def placed(ebc: CafeEmbeddingBagCollection, rank: int, world: int, placement: str) -> DistributedModelParallel:
-    """ebc under DMP with the placement's hand plan, each shard holding the unsharded weights."""
+def hand_sharded(module, sharder, world: int, placement: str):
+    """`module` under DMP with the placement's hand plan (its tables named as CAFE's physical
+    ones), and the plan."""
     from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
     from torchrec.distributed.types import ShardingPlan
 
-    full = {name: bag.weight.detach().clone() for name, bag in ebc.physical.embedding_bags.items()}
     per_param = {
         name: table_wise(rank=where) if kind == "table_wise" else row_wise()
         for name, (kind, where) in PLACEMENTS[placement].items()
     }
-    sharder = CafeEmbeddingBagCollectionSharder()
     plan = construct_module_sharding_plan(
-        ebc, per_param, local_size=world, world_size=world, device_type="cpu", sharder=sharder
+        module, per_param, local_size=world, world_size=world, device_type="cpu", sharder=sharder
     )
-    dmp = DistributedModelParallel(ebc, device=torch.device("cpu"), plan=ShardingPlan({"": plan}), sharders=[sharder])
+    dmp = DistributedModelParallel(
+        module, device=torch.device("cpu"), plan=ShardingPlan({"": plan}), sharders=[sharder]
+    )
+    return dmp, plan
+
+
+def placed(ebc: CafeEmbeddingBagCollection, rank: int, world: int, placement: str) -> DistributedModelParallel:
+    """ebc under DMP with the placement's hand plan, each shard holding the unsharded weights."""
+    full = {name: bag.weight.detach().clone() for name, bag in ebc.physical.embedding_bags.items()}
+    dmp, plan = hand_sharded(ebc, CafeEmbeddingBagCollectionSharder(), world, placement)
     for name, sharding in plan.items():
         for meta in sharding.sharding_spec.shards:
             if meta.placement.rank() == rank:
@@ -167,24 +175,14 @@ def placed(ebc: CafeEmbeddingBagCollection, rank: int, world: int, placement: st
     return dmp
 
 
-def stock_keys(ebc: CafeEmbeddingBagCollection, rank: int, world: int, placement: str) -> List[str]:
+def stock_keys(ebc: CafeEmbeddingBagCollection, world: int, placement: str) -> List[str]:
     """The output keys of a stock sharded EmbeddingBagCollection over CAFE's physical tables
     under the same placement: the column order TorchRec gives a sharded collection."""
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
-    from torchrec.distributed.types import ShardingPlan
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
     stock = EmbeddingBagCollection(ebc.physical.embedding_bag_configs(), device=torch.device("cpu"))
-    per_param = {
-        name: table_wise(rank=where) if kind == "table_wise" else row_wise()
-        for name, (kind, where) in PLACEMENTS[placement].items()
-    }
-    sharder = EmbeddingBagCollectionSharder()
-    plan = construct_module_sharding_plan(
-        stock, per_param, local_size=world, world_size=world, device_type="cpu", sharder=sharder
-    )
-    dmp = DistributedModelParallel(stock, device=torch.device("cpu"), plan=ShardingPlan({"": plan}), sharders=[sharder])
+    dmp, _ = hand_sharded(stock, EmbeddingBagCollectionSharder(), world, placement)
     empty = KeyedJaggedTensor.from_lengths_sync(
         ORDER_FEATURES, torch.zeros(0, dtype=torch.int64), torch.zeros(12, dtype=torch.int64)
     )
@@ -202,7 +200,7 @@ def forward_placed(rank: int, world: int, placement: str) -> Dict[str, object]:
     return {
         "keys": out.keys(),
         "features": out.to_dict(),
-        "stock_keys": stock_keys(order_module(), rank, world, placement),
+        "stock_keys": stock_keys(order_module(), world, placement),
     }
 
 
