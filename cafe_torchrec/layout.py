@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
@@ -160,7 +160,8 @@ class GroupLayout:
         """What the group may hold: the bytes of its tables under the hashing trick at their
         ratios (ceil(rows / ratio) rows each, at least one), so CAFE and hashing compare at the
         same memory."""
-        return group_budget(((t.logical_rows, t.ratio) for t in self.tables), self.dim, self.data_type)
+        rows = sum(max(1, math.ceil(t.logical_rows / t.ratio)) for t in self.tables)
+        return rows * self.dim * BYTES_PER_VALUE[self.data_type]
 
 
 @dataclass(frozen=True)
@@ -227,11 +228,6 @@ def hot_row_bytes(dim: int, config: CafeConfig, bytes_per_value: int = 4) -> flo
     return dim * bytes_per_value + config.slots_per_hot_row * SLOT_BYTES + per_row_bytes(config.policy == "adaptive")
 
 
-def group_budget(tables: Iterable[Tuple[int, float]], dim: int, data_type: DataType) -> int:
-    """Bytes of (rows, ratio) tables under the hashing trick: ceil(rows / ratio) rows each, at least one."""
-    return sum(max(1, math.ceil(rows / ratio)) for rows, ratio in tables) * dim * BYTES_PER_VALUE[data_type]
-
-
 def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeConfig]) -> GroupLayout:
     """Hot rows and hashed rows of one group from each table's ratio (the paper's formulas),
     held to the group's budget (GroupLayout.budget_bytes: the bytes of the hashing trick at the
@@ -249,12 +245,10 @@ def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[st
     dim, dtype = tables[0].embedding_dim, tables[0].data_type
     width = BYTES_PER_VALUE[dtype]
     hot_share = first.hot_share if first.hot_share is not None else 0.0  # resolved: never None
-    budget = group_budget(((t.num_embeddings, configs[t.name].compression_ratio) for t in tables), dim, dtype)
     per_hot_row = hot_row_bytes(dim, first, width)
-    hot_rows = int(budget * hot_share // per_hot_row)
-    layout = fit_budget(
-        GroupLayout(name, dim, dtype, first, hot_rows, _hashed(tables, configs, hot_share)), per_hot_row
-    )
+    layout = GroupLayout(name, dim, dtype, first, 0, _hashed(tables, configs, hot_share))
+    hot_rows = int(layout.budget_bytes() * hot_share // per_hot_row)
+    layout = fit_budget(replace(layout, hot_rows=hot_rows), per_hot_row)
     if layout.hot_rows == 0:
         layout = replace(layout, tables=_hashed(tables, configs, 0.0))
     if max(layout.hot_rows, *(max(t.level1_rows, t.level2_rows) for t in layout.tables)) > MAX_BOUND:
