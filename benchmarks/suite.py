@@ -409,7 +409,7 @@ def official_worker(setting: str, ratio: str, seed: str, out: str, method: str) 
             batches(spec, "test", seed_i),
             compression_ratio=float(ratio),
             seed=seed_i,
-            embedding_dim=16,
+            embedding_dim=spec.embedding_dim,
             method=method,
         )
     except OfficialUnavailable as err:

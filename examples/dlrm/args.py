@@ -19,7 +19,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group("model")
     g.add_argument("--embedding", choices=METHODS, default="cafe", help="embedding collection")
     g.add_argument("--compression-ratio", type=float, default=100.0, help="logical / physical embedding bytes")
-    g.add_argument("--embedding-dim", type=int, default=16)
+    g.add_argument(
+        "--embedding-dim",
+        type=int,
+        default=None,
+        help="embedding dim (default: the stream's with --data stream, else 16)",
+    )
     g.add_argument("--interaction", choices=("dot", "dcn"), default="dot", help="DLRM (dot) or DLRM_DCN")
     g.add_argument("--dense-arch", default=None, help="dense arch layer sizes, comma separated (default: 64,<dim>)")
     g.add_argument("--over-arch", default="64,32,1", help="over arch layer sizes, comma separated (last: 1)")
@@ -155,7 +160,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--data npy needs --npy-root")
     if args.data == "synthetic" and args.days < 2:
         p.error("--days must be >= 2 (train on all days but the last, test on the last)")
-    _resolve_batch_size(p, args)
+    _resolve_stream_defaults(p, args)
     try:
         args.cafe_config_options = cafe_options(args)
         args.baseline_options = key_value_options(args.baseline_option, "--baseline-option")
@@ -178,17 +183,22 @@ def comma_ints(text: str) -> List[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def _resolve_batch_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--batch-size: a stream's batch size is part of its setting; other sources default to 1024."""
+def _resolve_stream_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--batch-size and --embedding-dim: a stream's batch size is part of its setting (another is
+    refused); its embedding dim is the default (another may be asked for). Other sources default
+    to batches of 1024 at dim 16."""
     if args.data == "stream":
         if args.stream is None:
             p.error("--data stream needs --stream NAME")
-        spec_batch = stream_settings()[args.stream].batch_size
-        if args.batch_size not in (None, spec_batch):
-            p.error(f"--batch-size {args.batch_size}: stream {args.stream} is defined with batches of {spec_batch}")
-        args.batch_size = spec_batch
-    elif args.batch_size is None:
-        args.batch_size = 1024
+        spec = stream_settings()[args.stream]
+        if args.batch_size not in (None, spec.batch_size):
+            p.error(f"--batch-size {args.batch_size}: stream {args.stream} has batches of {spec.batch_size}")
+        args.batch_size = spec.batch_size
+        if args.embedding_dim is None:
+            args.embedding_dim = spec.embedding_dim
+    else:
+        args.batch_size = 1024 if args.batch_size is None else args.batch_size
+        args.embedding_dim = 16 if args.embedding_dim is None else args.embedding_dim
     if args.batch_size <= 0:
         p.error("--batch-size must be positive")
 

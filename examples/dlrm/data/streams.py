@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -92,6 +92,9 @@ class StreamSpec:
     drift / drift_rate: see the module docstring; drift_rate is the share of ranks re-assigned
         per day (gradual only).
     criteo_path: read this Criteo TSV instead of generating (then steps come from CRITEO_ROWS).
+    embedding_dim: the model's embedding dim on this setting (the trainer's --embedding-dim
+        default, the official's dim in the suite): not part of the stream, part of the setting,
+        so one stream can be a setting at two dims.
     """
 
     name: str
@@ -107,6 +110,7 @@ class StreamSpec:
     drift_rate: float = 0.0
     target_ctr: float = 0.25
     criteo_path: Optional[str] = None
+    embedding_dim: int = 16
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -128,6 +132,10 @@ class StreamSpec:
             raise ValueError(f"stream {self.name}: gradual drift needs drift_rate in (0, 1], got {self.drift_rate}")
         if not 0 < self.target_ctr < 1:
             raise ValueError(f"stream {self.name}: target_ctr must be in (0, 1), got {self.target_ctr}")
+        if self.embedding_dim <= 0 or self.embedding_dim % 4:
+            raise ValueError(
+                f"stream {self.name}: embedding_dim must be a positive multiple of 4, got {self.embedding_dim}"
+            )
 
     @property
     def cardinalities(self) -> Tuple[int, ...]:
@@ -316,7 +324,57 @@ def settings() -> Dict[str, StreamSpec]:
             eval_steps=1,
             criteo_path=str(CRITEO_SAMPLE),
         ),
+        # held out from the start (added after the defaults were last chosen): the extremes the eight
+        # settings above leave out, steeper and flatter skew, batch 32, and a wider model
+        StreamSpec(
+            "steep12",
+            "held_out",
+            "steep skew: 12 fields, Zipf 1.3-1.6, 600 steps of 512, no drift",
+            batch_size=512,
+            steps_per_day=300,
+            train_days=2,
+            eval_steps=100,
+            field_cardinalities=mix12,
+            zipf=_spread(1.3, 1.6, len(mix12)),
+        ),
+        StreamSpec(
+            "fastflat26",
+            "held_out",
+            "flat and fast: 26 Criteo-like fields (3.4M ids), Zipf 0.5-0.8, 300 steps of 2048, half of "
+            "the ranks re-assigned per day",
+            batch_size=2048,
+            steps_per_day=100,
+            train_days=3,
+            eval_steps=25,
+            field_cardinalities=big26,
+            zipf=_spread(0.5, 0.8, 26),
+            drift="gradual",
+            drift_rate=0.5,
+        ),
+        StreamSpec(
+            "tiny32",
+            "held_out",
+            "batch 32: 3,000 steps, 10 fields from 3 to 1.5M ids, Zipf 0.9-1.2, every popular id "
+            "re-assigned at the day boundary",
+            batch_size=32,
+            steps_per_day=1500,
+            train_days=2,
+            eval_steps=400,
+            field_cardinalities=mix10,
+            zipf=_spread(0.9, 1.2, len(mix10)),
+            drift="abrupt",
+        ),
     ]
+    abrupt8 = next(s for s in specs if s.name == "abrupt8")
+    specs.append(
+        replace(
+            abrupt8,
+            name="abrupt8-dim64",
+            role="held_out",
+            description="abrupt8's stream with the model at dim 64 (a hot row costs 256 bytes of weights)",
+            embedding_dim=64,
+        )
+    )
     return {s.name: s for s in specs}
 
 
