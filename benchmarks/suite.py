@@ -97,6 +97,8 @@ METHODS: Dict[str, List[str]] = {
     "cafe-hot90": ["--embedding", "cafe", "--cafe-option", "hot_share=0.9"],
     "cafe-hyst2": ["--embedding", "cafe", "--cafe-option", "hysteresis=2"],
     "cafe-hyst3": ["--embedding", "cafe", "--cafe-option", "hysteresis=3"],
+    # the adaptive policy without its stale rule (it costs AUC under fast gradual churn at 100x)
+    "cafe-nostale": ["--embedding", "cafe", "--cafe-option", "stale_hits=inf"],
 }
 OFFICIAL = "official"  # runs benchmarks.official.train_official in a worker process
 # The official artifact's layers the suite runs (label -> train_official's method): its CAFE, and its

@@ -50,8 +50,10 @@ class CafeConfig:
         per-dataset threshold (sketch/policy.py): scores decay so that the marginal hot id's
         score stays near `horizon` occurrences, an id takes a free row once its estimate
         reaches `entry_score`, a challenger takes the weakest hot id's row when it beats it
-        by the factor `hysteresis`, and a hot id that misses the 8 occurrences its score
-        promised (yesterday's head after a drift) loses its row at the next rebalance. The
+        by the factor `hysteresis`, and a hot id that misses the `stale_hits` (8) occurrences its
+        score promised (yesterday's head after a drift) loses its row at the next rebalance
+        (inf: never; that rule is what recovers the hot rows within a tenth of a day of an
+        abrupt drift, and it costs AUC under fast gradual churn at 100x: docs/results.md). The
         constants are scale-free: they count occurrences of average importance, not absolute
         scores.
         "paper": the SIGMOD paper's fixed policy: promotion at a fixed `threshold` (default: the
@@ -79,6 +81,7 @@ class CafeConfig:
     horizon: float = 32.0
     hysteresis: float = 1.5
     entry_score: float = 2.0
+    stale_hits: float = 8.0
     threshold: Optional[float] = None
     decay: Optional[float] = None
     decay_trigger: Optional[float] = None
@@ -118,6 +121,7 @@ class CafeConfig:
             hysteresis=self.hysteresis,
             entry_score=self.entry_score,
             medium_share=self.medium_share if self.multi_level else None,
+            stale_hits=self.stale_hits,
         )
 
     def validate(self, where: str = "CafeConfig") -> None:
@@ -135,7 +139,7 @@ class CafeConfig:
                     f"{where}: {fixed} set the paper's fixed policy; the adaptive policy (the default) "
                     "has no threshold or decay to set: pass policy='paper' to use them"
                 )
-            AdaptivePolicy(self.horizon, self.hysteresis, self.entry_score).validate(where)
+            AdaptivePolicy(self.horizon, self.hysteresis, self.entry_score, stale_hits=self.stale_hits).validate(where)
         if self.threshold is not None and not self.threshold > 0:
             raise ValueError(f"{where}: threshold must be > 0, got {self.threshold}")
         if not 0 < self.medium_share <= 1:
@@ -162,6 +166,7 @@ class CafeConfig:
             r.horizon,
             r.hysteresis,
             r.entry_score,
+            r.stale_hits,
             r.threshold,
             r.multi_level,
             r.medium_share,

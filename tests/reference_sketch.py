@@ -128,7 +128,7 @@ class ReferenceSketch:
                 mark, owed = self.marks.get(self.rows[j], (float("inf"), 0.0))
                 missed = self.scores[j] == mark
                 due[self.rows[j]] = f32(owed + f32(self.scores[j] * f32(1.0 - f))) if missed else 0.0
-        stale = [j for j in range(len(self.keys)) if self.rows[j] >= 0 and due[self.rows[j]] >= 8.0]
+        stale = [j for j in range(len(self.keys)) if self.rows[j] >= 0 and due[self.rows[j]] >= policy.stale_hits]
         if f < 1.0:
             for j in range(len(self.keys)):
                 self.scores[j] = f32(self.scores[j] * f)

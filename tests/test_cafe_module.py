@@ -275,6 +275,14 @@ def test_bad_configs_raise_value_error_naming_the_table(bad, match) -> None:
     assert "t_cat" in str(err.value)
 
 
+@pytest.mark.parametrize("stale_hits", [0.0, -1.0, float("nan")])
+def test_a_bad_stale_rule_raises_naming_the_table(stale_hits: float) -> None:
+    with pytest.raises(ValueError, match="table 't0': stale_hits must be > 0"):
+        CafeEmbeddingBagCollection(tables([5000]), CafeConfig(stale_hits=stale_hits))
+    off = CafeEmbeddingBagCollection(tables([5000]), CafeConfig(stale_hits=float("inf")))  # no stale rule
+    assert off.groups[off.plan.groups[0].name].sketch.adaptive.stale_hits == float("inf")
+
+
 def test_mismatched_group_settings_raise() -> None:
     tbls = tables([5000, 5000])
     with pytest.raises(ValueError, match="group"):

@@ -390,13 +390,15 @@ def test_adaptive_policy_ranks_like_the_sequential_reference(kernel: str) -> Non
     assert swaps > 10  # the drift made challengers replace hot ids
 
 
-def test_adaptive_policy_with_decay_equals_the_reference_bit_for_bit() -> None:
+@pytest.mark.parametrize("stale_hits", [8.0, 2.0, float("inf")])
+def test_adaptive_policy_with_decay_equals_the_reference_bit_for_bit(stale_hits: float) -> None:
     """With decays (non-dyadic factors), the C++ insert, which adds occurrences in input order
-    as the reference does, stays bit-equal; the torch-ops twin agrees on keys and rows."""
+    as the reference does, stays bit-equal; the torch-ops twin agrees on keys and rows; at the
+    default stale rule, a stricter one and none."""
     if not cpp_available():
         pytest.skip("no C++ build")
     gen = torch.Generator().manual_seed(5)
-    sk, twin = make_adaptive("cpp"), make_adaptive("torch")
+    sk, twin = make_adaptive("cpp", stale_hits=stale_hits), make_adaptive("torch", stale_hits=stale_hits)
     ref = reference_for(sk)
     decays = 0
     for keys in drifting_batches(gen, 120):
@@ -429,10 +431,14 @@ def test_adaptive_policy_follows_an_abrupt_drift(kernel: str) -> None:
 
     adaptive = hit_shares(HotSketch(64, adaptive=AdaptivePolicy(), kernel=kernel))
     paper = hit_shares(HotSketch(64, threshold=100.0, kernel=kernel))
+    no_stale_rule = hit_shares(HotSketch(64, adaptive=AdaptivePolicy(stale_hits=float("inf")), kernel=kernel))
     before = sum(adaptive[130:150]) / 20
     back = next(i for i, s in enumerate(adaptive[150:]) if s >= 0.9 * before)
     assert before > 0.5 and back < 60, (before, back)
     assert max(paper[200:]) < 0.1 * before  # the paper's stale hot ids never leave
+    # without the stale rule yesterday's ids keep their rows until the decay lets challengers win
+    back_without = next((i for i, s in enumerate(no_stale_rule[150:]) if s >= 0.9 * before), 150)
+    assert no_stale_rule[:150] == adaptive[:150] and back_without > back + 10, (back, back_without)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 
 from cafe_torchrec.hashing import LEVEL_MULTIPLIERS, SLOT_BITS
-from cafe_torchrec.sketch.policy import DECAY_STEPS, STALE_FACTOR, STALE_HITS, AdaptivePolicy
+from cafe_torchrec.sketch.policy import DECAY_STEPS, STALE_FACTOR, AdaptivePolicy
 from cafe_torchrec.sketch.types import InsertParams, InsertResult, Lookup, SketchState
 
 __all__ = ["insert_", "lookup", "query", "rebalance_"]
@@ -96,7 +96,7 @@ def rebalance_(
         policy.horizon,
         policy.hysteresis,
         policy.entry_score,
-        STALE_HITS,
+        policy.stale_hits,
         STALE_FACTOR,
         DECAY_STEPS,
     )

@@ -20,7 +20,7 @@ occurrences since the last rebalance reach 1/`rebalances_per_horizon` of the dec
    in which the marginal hot id sees `horizon` occurrences", whatever the batch size, stream
    length, feature count or skew.
    A hot id is stale when it has gained nothing over the rebalances since its last hit although
-   its scores said it should have seen `STALE_HITS` (8) occurrences in that time (each
+   its scores said it should have seen `stale_hits` (8) occurrences in that time (each
    rebalance adds score x (1 - f), the occurrences the decay took from it, to its count of
    occurrences due; a hit resets it): yesterday's popular ids after an abrupt drift. Its score
    drops to 0 and its count restarts, so the re-ranking below gives its row to the first
@@ -65,7 +65,7 @@ from cafe_torchrec.sketch.types import (
 )
 
 DECAY_STEPS = 16  # f = 2^(-j / DECAY_STEPS), j in [0, DECAY_STEPS]
-STALE_HITS = 8.0  # a hot id expected to see this many occurrences in an interval and seeing none is stale
+STALE_HITS = 8.0  # default stale_hits: a hot id expected to see this many occurrences and seeing none is stale
 STALE_FACTOR = 0.0  # a stale hot id's score is multiplied by this: it loses its row at once
 UNKNOWN_MARK = float("inf")  # the mark of a row handed out by an insert since the last rebalance
 
@@ -79,6 +79,9 @@ class AdaptivePolicy:
     entry_score: float = 2.0
     rebalances_per_horizon: int = 16
     medium_share: Optional[float] = None  # None: no medium level
+    # inf turns the stale rule off: it frees yesterday's rows at once after an abrupt drift, and
+    # costs AUC under gradual churn at 100x (docs/results.md, "Four more held-out settings")
+    stale_hits: float = STALE_HITS
 
     def validate(self, where: str = "AdaptivePolicy") -> None:
         if not self.horizon > 0:
@@ -91,6 +94,8 @@ class AdaptivePolicy:
             raise ValueError(f"{where}: rebalances_per_horizon must be >= 1, got {self.rebalances_per_horizon}")
         if self.medium_share is not None and not 0 < self.medium_share <= 1:
             raise ValueError(f"{where}: medium_share must be in (0, 1], got {self.medium_share}")
+        if not self.stale_hits > 0:  # NaN fails too
+            raise ValueError(f"{where}: stale_hits must be > 0 (inf: no stale rule), got {self.stale_hits}")
 
     def due(self, occurrences_since: int, decayed_occurrences: float) -> bool:
         """Whether a rebalance runs before the next insert."""
@@ -146,7 +151,7 @@ def rebalance_(
     hot_rows = words[hot_now].long()
     missed = scores[hot_now] == marks[hot_rows, 0]  # no hit since the last rebalance
     due = torch.where(missed, marks[hot_rows, 1] + scores[hot_now] * (1.0 - f), torch.zeros_like(scores[hot_now]))
-    stale = missed & (due >= STALE_HITS)
+    stale = missed & (due >= policy.stale_hits)
     if f < 1.0:
         scale_(state, f)
     scores[hot_now[stale]] = scores[hot_now[stale]] * STALE_FACTOR
