@@ -139,7 +139,9 @@ class CafeConfig:
                     f"{where}: {fixed} set the paper's fixed policy; the adaptive policy (the default) "
                     "has no threshold or decay to set: pass policy='paper' to use them"
                 )
-            AdaptivePolicy(self.horizon, self.hysteresis, self.entry_score, stale_hits=self.stale_hits).validate(where)
+            policy = self.adaptive_policy()  # the policy the sketch will run, so every field it takes is checked
+            assert policy is not None
+            policy.validate(where)
         if self.threshold is not None and not self.threshold > 0:
             raise ValueError(f"{where}: threshold must be > 0, got {self.threshold}")
         if not 0 < self.medium_share <= 1:
