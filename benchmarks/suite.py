@@ -97,8 +97,10 @@ METHODS: Dict[str, List[str]] = {
     "cafe-hot90": ["--embedding", "cafe", "--cafe-option", "hot_share=0.9"],
     "cafe-hyst2": ["--embedding", "cafe", "--cafe-option", "hysteresis=2"],
     "cafe-hyst3": ["--embedding", "cafe", "--cafe-option", "hysteresis=3"],
-    # the adaptive policy without its stale rule (it costs AUC under fast gradual churn at 100x)
+    # the adaptive policy without its stale rule
     "cafe-nostale": ["--embedding", "cafe", "--cafe-option", "stale_hits=inf"],
+    # the stale rule acting on any stale id, not only in a burst (the default before 2026-12-06)
+    "cafe-anystale": ["--embedding", "cafe", "--cafe-option", "stale_burst=0"],
 }
 OFFICIAL = "official"  # runs benchmarks.official.train_official in a worker process
 # The official artifact's layers the suite runs (label -> train_official's method): its CAFE, and its

@@ -50,12 +50,14 @@ class CafeConfig:
         per-dataset threshold (sketch/policy.py): scores decay so that the marginal hot id's
         score stays near `horizon` occurrences, an id takes a free row once its estimate
         reaches `entry_score`, a challenger takes the weakest hot id's row when it beats it
-        by the factor `hysteresis`, and a hot id that misses the `stale_hits` (8) occurrences its
-        score promised (yesterday's head after a drift) loses its row at the next rebalance
-        (inf: never; that rule is what recovers the hot rows within a tenth of a day of an
-        abrupt drift, and it costs AUC under fast gradual churn at 100x: docs/results.md). The
-        constants are scale-free: they count occurrences of average importance, not absolute
-        scores.
+        by the factor `hysteresis`. A hot id that misses the `stale_hits` (8) occurrences its
+        score promised (yesterday's head after a drift) is stale. When the ids that go stale in
+        one rebalance held at least `stale_burst` (a tenth) of the hot score (an abrupt drift,
+        not gradual churn), stale ids lose their rows at once, for a quarter horizon. That is
+        what recovers the hot rows within a tenth of a day of an abrupt drift. stale_hits inf:
+        never; stale_burst 0: on any stale id, which cost AUC under gradual churn
+        (docs/results.md). The constants are scale-free: they count occurrences of average
+        importance, not absolute scores.
         "paper": the SIGMOD paper's fixed policy: promotion at a fixed `threshold` (default: the
         artifact's per ratio), demotion only at a `decay` (default 0.98) that fires when the
         score inserted since the last one exceeds `decay_trigger` (default 10) x buckets x
@@ -82,6 +84,7 @@ class CafeConfig:
     hysteresis: float = 1.5
     entry_score: float = 2.0
     stale_hits: float = 8.0
+    stale_burst: float = 0.1
     threshold: Optional[float] = None
     decay: Optional[float] = None
     decay_trigger: Optional[float] = None
@@ -122,6 +125,7 @@ class CafeConfig:
             entry_score=self.entry_score,
             medium_share=self.medium_share if self.multi_level else None,
             stale_hits=self.stale_hits,
+            stale_burst=self.stale_burst,
         )
 
     def validate(self, where: str = "CafeConfig") -> None:
@@ -169,6 +173,7 @@ class CafeConfig:
             r.hysteresis,
             r.entry_score,
             r.stale_hits,
+            r.stale_burst,
             r.threshold,
             r.multi_level,
             r.medium_share,

@@ -23,8 +23,9 @@ from cafe_torchrec.sketch.types import Lookup
 # in the layout signature: 1 = buckets and rows by mix64, 2 = by hashing.fold, 3 = sketch slots
 # without a hot row carry their Space-Saving error in the row word, 4 = the policy's state,
 # 5 = each table's name (its slot, salt and regions follow its place in the group: two tables of
-# equal rows listed in another order would otherwise load each other's rows and hot rows)
-_FORMAT = 5
+# equal rows listed in another order would otherwise load each other's rows and hot rows), 6 = the
+# stale rule's window in the policy's state
+_FORMAT = 6
 LOOKUP_COLUMNS = ("lookups", "hot_lookups", "medium_lookups")  # columns of `lookup_counts`
 MIGRATION_COLUMNS = ("promotions", "demotions")  # columns of `migration_counts`
 STAT_COLUMNS = LOOKUP_COLUMNS + MIGRATION_COLUMNS

@@ -53,6 +53,7 @@ class ReferenceSketch:
     total: float = 0.0
     adaptive: Optional[Any] = None  # an AdaptivePolicy (its fields only are read)
     decayed: float = 0.0  # adaptive: decayed occurrence count before the current interval
+    window: int = 0  # adaptive: rebalances left in the stale rule's window after a burst
     since: int = 0  # adaptive: occurrences since the last rebalance
     medium: float = float("inf")  # adaptive: the medium level the last rebalance set
     marks: Dict[int, Tuple[float, float]] = field(default_factory=dict)  # adaptive: hot row -> (score after the
@@ -123,12 +124,21 @@ class ReferenceSketch:
             steps = int(round(min(16.0, 16 * (self.since * q / (total * policy.horizon)) / math.log(2))))
         f = f32(2.0 ** (-steps / 16))
         due: Dict[int, float] = {}  # hot row -> occurrences due since its last hit
+        newly_stale, hot_mass, stale_mass = 0, 0.0, 0.0  # scores before the decay, summed in float64
         for j in range(len(self.keys)):
             if self.rows[j] >= 0:
                 mark, owed = self.marks.get(self.rows[j], (float("inf"), 0.0))
                 missed = self.scores[j] == mark
                 due[self.rows[j]] = f32(owed + f32(self.scores[j] * f32(1.0 - f))) if missed else 0.0
-        stale = [j for j in range(len(self.keys)) if self.rows[j] >= 0 and due[self.rows[j]] >= policy.stale_hits]
+                now_stale = due[self.rows[j]] >= policy.stale_hits and owed < policy.stale_hits
+                newly_stale += now_stale
+                hot_mass += self.scores[j]
+                stale_mass += self.scores[j] if now_stale else 0.0
+        hot_ids = [j for j in range(len(self.keys)) if self.rows[j] >= 0]
+        burst = newly_stale > 0 and stale_mass >= policy.stale_burst * hot_mass  # an abrupt drift
+        act = burst or self.window > 0
+        self.window = max(1, policy.rebalances_per_horizon // 4) if burst else max(self.window - 1, 0)
+        stale = [j for j in hot_ids if due[self.rows[j]] >= policy.stale_hits] if act else []
         if f < 1.0:
             for j in range(len(self.keys)):
                 self.scores[j] = f32(self.scores[j] * f)

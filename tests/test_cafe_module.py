@@ -144,6 +144,20 @@ def test_checkpoint_from_another_config_is_refused_untouched(other) -> None:
     assert all(torch.equal(before[k], v) for k, v in b.state_dict().items())
 
 
+def test_checkpoint_of_the_previous_format_is_refused_untouched() -> None:
+    """A checkpoint saved before the stale rule's window joined the policy's state (format 5)
+    lacks it: refused by its layout signature, naming the version, before any state changes."""
+    old, b = make().state_dict(), make()
+    old = {k: v for k, v in old.items() if not k.endswith("stale_window")}
+    for key in [k for k in old if k.endswith("layout_signature")]:
+        old[key] = old[key].clone()
+        old[key][0] = 5
+    before = copy.deepcopy(b.state_dict())
+    with pytest.raises(ValueError, match="another layout.*version"):
+        b.load_state_dict(old)
+    assert all(torch.equal(before[k], v) for k, v in b.state_dict().items())
+
+
 def test_mean_pooling_and_multi_level_are_exact() -> None:
     tbls = tables([5000], dim=8, pooling=PoolingType.MEAN)
     ebc = CafeEmbeddingBagCollection(
@@ -281,6 +295,14 @@ def test_a_bad_stale_rule_raises_naming_the_table(stale_hits: float) -> None:
         CafeEmbeddingBagCollection(tables([5000]), CafeConfig(stale_hits=stale_hits))
     off = CafeEmbeddingBagCollection(tables([5000]), CafeConfig(stale_hits=float("inf")))  # no stale rule
     assert off.groups[off.plan.groups[0].name].sketch.adaptive.stale_hits == float("inf")
+
+
+@pytest.mark.parametrize("stale_burst", [-0.1, 1.5, float("nan")])
+def test_a_bad_stale_burst_raises_naming_the_table(stale_burst: float) -> None:
+    with pytest.raises(ValueError, match=r"table 't0': stale_burst must be in \[0, 1\]"):
+        CafeEmbeddingBagCollection(tables([5000]), CafeConfig(stale_burst=stale_burst))
+    every = CafeEmbeddingBagCollection(tables([5000]), CafeConfig(stale_burst=0.0))  # any stale id
+    assert every.groups[every.plan.groups[0].name].sketch.adaptive.stale_burst == 0.0
 
 
 def test_mismatched_group_settings_raise() -> None:

@@ -264,7 +264,8 @@ def test_bad_config_raises(bad: dict) -> None:
 
 def test_nbytes_counts_every_buffer_sixteen_bytes_a_slot() -> None:
     sk = make("torch")
-    scalars = 6 * 8 + 4  # free count, total score, seed, initialized, decayed count, count since; medium level
+    # free count, total score, seed, initialized, decayed count, count since, stale window; medium level
+    scalars = 7 * 8 + 4
     assert sk.nbytes() == 16 * 4 * 16 + 24 * 4 + scalars
     assert make_adaptive("torch").nbytes() == 16 * 4 * 16 + 24 * (4 + 8) + scalars  # + two marks per hot row
 
@@ -372,6 +373,7 @@ def assert_same_as_reference(sk: HotSketch, ref: ReferenceSketch, res, got: tupl
     assert sk.slot_newcomers.tolist() == ref.newcomer
     assert sk.free_rows[: int(sk.free_count[0])].tolist() == ref.free
     assert float(sk.decayed_occurrences[0]) == ref.decayed and int(sk.occurrences_since[0]) == ref.since
+    assert int(sk.stale_window[0]) == ref.window
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -390,15 +392,26 @@ def test_adaptive_policy_ranks_like_the_sequential_reference(kernel: str) -> Non
     assert swaps > 10  # the drift made challengers replace hot ids
 
 
-@pytest.mark.parametrize("stale_hits", [8.0, 2.0, float("inf")])
-def test_adaptive_policy_with_decay_equals_the_reference_bit_for_bit(stale_hits: float) -> None:
+@pytest.mark.parametrize(
+    "policy",
+    [
+        dict(stale_hits=8.0),
+        dict(stale_hits=8.0, stale_burst=0.0),
+        dict(stale_hits=2.0, stale_burst=0.0),
+        dict(stale_hits=2.0),
+        dict(stale_hits=2.0, stale_burst=0.6),
+        dict(stale_hits=2.0, rebalances_per_horizon=16),  # a window of 4 rebalances after a burst
+        dict(stale_hits=float("inf")),
+    ],
+)
+def test_adaptive_policy_with_decay_equals_the_reference_bit_for_bit(policy: dict) -> None:
     """With decays (non-dyadic factors), the C++ insert, which adds occurrences in input order
     as the reference does, stays bit-equal; the torch-ops twin agrees on keys and rows; at the
-    default stale rule, a stricter one and none."""
+    default stale rule, ones acting on any stale id, a stricter burst, a longer window, and none."""
     if not cpp_available():
         pytest.skip("no C++ build")
     gen = torch.Generator().manual_seed(5)
-    sk, twin = make_adaptive("cpp", stale_hits=stale_hits), make_adaptive("torch", stale_hits=stale_hits)
+    sk, twin = make_adaptive("cpp", **policy), make_adaptive("torch", **policy)
     ref = reference_for(sk)
     decays = 0
     for keys in drifting_batches(gen, 120):
@@ -407,6 +420,7 @@ def test_adaptive_policy_with_decay_equals_the_reference_bit_for_bit(stale_hits:
         assert_same_as_reference(sk, ref, res, ref.insert_batch(keys.tolist(), scores.tolist()))
         assert float(sk.medium_level[0]) == (ref.medium if ref.medium != float("inf") else sk._first_medium)
         assert torch.equal(res.promoted_keys, res_twin.promoted_keys) and torch.equal(sk.slot_rows, twin.slot_rows)
+        assert torch.equal(sk.stale_window, twin.stale_window)
         torch.testing.assert_close(twin.slot_scores, sk.slot_scores, rtol=1e-5, atol=1e-5)
         decays += res.decayed
     assert decays > 10
@@ -439,6 +453,34 @@ def test_adaptive_policy_follows_an_abrupt_drift(kernel: str) -> None:
     # without the stale rule yesterday's ids keep their rows until the decay lets challengers win
     back_without = next((i for i, s in enumerate(no_stale_rule[150:]) if s >= 0.9 * before), 150)
     assert no_stale_rule[:150] == adaptive[:150] and back_without > back + 10, (back, back_without)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_stale_rule_waits_for_a_burst(kernel: str) -> None:
+    """Two of the 64 hot ids going quiet (gradual churn: about 4% of the hot score, under the
+    10% burst) keep their rows and lose them only to challengers that beat them; with
+    stale_burst 0 the stale rule takes their rows within a few steps."""
+    from cafe_torchrec.sketch.policy import AdaptivePolicy
+
+    quiet = mix64(torch.tensor([10, 11]), 1)
+
+    def held(burst: float) -> list:
+        sk = HotSketch(64, adaptive=AdaptivePolicy(stale_burst=burst), kernel=kernel)
+        gen = torch.Generator().manual_seed(8)
+        weights = torch.arange(1, 5001, dtype=torch.float64).pow(-1.1)
+        rows = []
+        for step in range(200):
+            ids = torch.multinomial(weights, 500, replacement=True, generator=gen)
+            if step >= 100:
+                ids = ids[(ids != 10) & (ids != 11)]  # they go quiet
+            sk.insert(mix64(ids, 1), torch.ones(ids.numel()))
+            rows.append(int((sk.query(quiet)[0] >= 0).sum()))
+        return rows
+
+    default, any_stale = held(AdaptivePolicy().stale_burst), held(0.0)
+    assert default[:100] == any_stale[:100] and default[99] == 2
+    assert any_stale[120] == 0  # the stale rule took both rows
+    assert default[150] == 2  # no burst: they keep them until a challenger beats their decayed score
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -509,13 +509,15 @@ RebalanceLists& rebalance_lists() {
 // finds the marginal one, and only the hot and candidate slots are sorted.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_rebalance(
     at::Tensor slots_t, at::Tensor free_rows, at::Tensor free_count, at::Tensor marks_t, at::Tensor decayed_t,
-    at::Tensor since_t, int64_t c, int64_t capacity, double horizon, double hysteresis_d, double entry_d,
-    double stale_hits_d, double stale_factor_d, int64_t decay_steps) {
+    at::Tensor since_t, at::Tensor window_t, int64_t c, int64_t capacity, double horizon, double hysteresis_d,
+    double entry_d, double stale_hits_d, double stale_burst, int64_t window_length, double stale_factor_d,
+    int64_t decay_steps) {
   Slot* slots = slots_of(slots_t, c);
   TORCH_CHECK(free_rows.is_contiguous() && free_rows.scalar_type() == at::kInt, "free_rows: int32");
   TORCH_CHECK(marks_t.is_contiguous() && marks_t.scalar_type() == at::kFloat && marks_t.dim() == 2 &&
                   marks_t.size(1) == 2, "marks: float32 [hot rows, 2]");
-  TORCH_CHECK(decayed_t.scalar_type() == at::kDouble && since_t.scalar_type() == at::kLong, "decayed f64, since i64");
+  TORCH_CHECK(decayed_t.scalar_type() == at::kDouble && since_t.scalar_type() == at::kLong &&
+                  window_t.scalar_type() == at::kLong, "decayed f64, since i64, window i64");
   const int64_t n = slots_t.size(0);
   TORCH_CHECK(n < (int64_t{1} << 31), "rebalance: at most 2^31 - 1 slots per sketch");
   int32_t* fr = free_rows.data_ptr<int32_t>();
@@ -523,6 +525,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
   float* marks = marks_t.data_ptr<float>();
   double& decayed = *decayed_t.data_ptr<double>();
   int64_t& since = *since_t.data_ptr<int64_t>();
+  int64_t& window = *window_t.data_ptr<int64_t>();
   const float hysteresis = static_cast<float>(hysteresis_d), entry = static_cast<float>(entry_d);
   const float stale_hits = static_cast<float>(stale_hits_d), stale_factor = static_cast<float>(stale_factor_d);
 
@@ -554,27 +557,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
 
   // One pass: a hot slot that gained nothing since the last rebalance adds the occurrences this
   // interval's decay takes from it (judged on its score before this decay) to those due since
-  // its last hit, and is stale once they reach `stale_hits`; every score (and cold slot's
-  // error) is decayed, stale ones also multiplied by `stale_factor` (0: zeroed; their count
-  // restarts); then slots are listed for re-ranking: hot slots, and candidates (confirmed, no
-  // row, estimate >= entry). Each hot row's
-  // mark takes its score after this rebalance here; the rows that change owner below get their
-  // new owner's marks.
+  // its last hit (a hit resets them); every score (and cold slot's error) is decayed; then
+  // slots are listed for re-ranking: hot slots, and candidates (confirmed, no row, estimate >=
+  // entry). Each hot row's mark takes its score after this rebalance here; the rows that change
+  // owner below get their new owner's marks. The scores (before this decay) of all hot ids, and
+  // of those whose due occurrences reach `stale_hits` in this rebalance, are summed in float64
+  // in slot order: the stale rule acts after the pass.
   std::vector<std::pair<float, int32_t>>& candidates = lists.candidates;
   std::vector<std::pair<float, int32_t>>& hot = lists.hot;
+  double hot_mass = 0.0, stale_mass = 0.0;
+  int64_t newly_stale = 0;
   for (int64_t j = 0; j < n; ++j) {
     Slot& sl = slots[j];
     if (sl.key == kEmptyKey) continue;
     if (sl.row >= 0) {
       float* mark = marks + 2 * static_cast<int64_t>(sl.row);
       const bool missed = sl.score == mark[0];
-      float owed = missed ? mark[1] + sl.score * due : 0.0f;
-      const bool stale = missed & (owed >= stale_hits);
+      const float owed = missed ? mark[1] + sl.score * due : 0.0f;
+      const bool now_stale = (owed >= stale_hits) & (mark[1] < stale_hits);
+      newly_stale += now_stale;
+      hot_mass += sl.score;
+      stale_mass += now_stale ? static_cast<double>(sl.score) : 0.0;
       if (f < 1.0f) sl.score = sl.score * f;
-      if (stale) {
-        sl.score = sl.score * stale_factor;
-        owed = 0.0f;
-      }
       mark[0] = sl.score;
       mark[1] = owed;
       hot.emplace_back(sl.score, static_cast<int32_t>(j));
@@ -586,6 +590,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
     }
     const float e = cafe::estimate(sl);
     if (!(sl.row & kNewcomerBit) && e >= entry) candidates.emplace_back(e, static_cast<int32_t>(j));
+  }
+
+  // The stale rule acts in a burst, when the hot ids that went stale in this rebalance held at
+  // least `stale_burst` of the hot score (an abrupt drift), and in the `window_length`
+  // rebalances after one: every hot id whose due occurrences reached `stale_hits` has its
+  // score multiplied by `stale_factor` (0: zeroed) and its count restarts.
+  const bool burst = newly_stale > 0 && stale_mass >= stale_burst * hot_mass;
+  const bool act = burst || window > 0;
+  window = burst ? window_length : std::max<int64_t>(window - 1, 0);
+  if (act) {
+    for (auto& entry : hot) {
+      Slot& sl = slots[entry.second];
+      float* mark = marks + 2 * static_cast<int64_t>(sl.row);
+      if (!(mark[1] >= stale_hits)) continue;
+      sl.score = sl.score * stale_factor;
+      mark[0] = sl.score;
+      mark[1] = 0.0f;
+      entry.first = sl.score;
+    }
   }
 
   // 2. re-rank: candidates by estimate descending, hot slots ascending (ties: lower slot first).
@@ -639,8 +662,9 @@ TORCH_LIBRARY_FRAGMENT(cafe, m) {
         "Tensor(d!) total_score, Tensor keys, Tensor scores, Tensor hints, int slots_per_bucket, float threshold, "
         "float decay, float decay_trigger, int multiplier) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("sketch_rebalance(Tensor(a!) slots, Tensor(b!) free_rows, Tensor(c!) free_count, Tensor(d!) marks, "
-        "Tensor(e!) decayed, Tensor(f!) since, int slots_per_bucket, int capacity, float horizon, float hysteresis, "
-        "float entry_score, float stale_hits, float stale_factor, int decay_steps) "
+        "Tensor(e!) decayed, Tensor(f!) since, Tensor(g!) window, int slots_per_bucket, int capacity, float horizon, "
+        "float hysteresis, float entry_score, float stale_hits, float stale_burst, int window_length, float stale_factor, "
+        "int decay_steps) "
         "-> (Tensor, Tensor, Tensor, Tensor, float, bool)");
   m.def("sketch_query(Tensor slots, Tensor keys, int slots_per_bucket, float medium_threshold, "
         "int multiplier) -> (Tensor, Tensor)");

@@ -82,6 +82,7 @@ def rebalance_(
     decayed: torch.Tensor,
     since: torch.Tensor,
     marks: torch.Tensor,
+    window: torch.Tensor,
 ) -> Tuple[InsertResult, float]:
     """Same contract as policy.rebalance_ (the torch-ops twin and spec), in one C++ pass."""
     pkeys, prows, dkeys, drows, marginal, was_decayed = torch.ops.cafe.sketch_rebalance(
@@ -91,12 +92,15 @@ def rebalance_(
         marks,
         decayed,
         since,
+        window,
         state.slots_per_bucket,
         capacity,
         policy.horizon,
         policy.hysteresis,
         policy.entry_score,
         policy.stale_hits,
+        policy.stale_burst,
+        policy.stale_window,
         STALE_FACTOR,
         DECAY_STEPS,
     )

@@ -105,6 +105,8 @@ class HotSketch(nn.Module):
         # adaptive policy: the decayed occurrence count before the current interval, occurrences since
         self.register_buffer("decayed_occurrences", torch.zeros(1, dtype=torch.float64, device=device))
         self.register_buffer("occurrences_since", torch.zeros(1, dtype=torch.int64, device=device))
+        # adaptive policy: rebalances left in the stale rule's window after a burst (sketch/policy.py)
+        self.register_buffer("stale_window", torch.zeros(1, dtype=torch.int64, device=device))
         # adaptive policy: each hot row's score after the last rebalance and its occurrences due (sketch/policy.py)
         self.register_buffer(
             "row_marks",
@@ -180,6 +182,7 @@ class HotSketch(nn.Module):
             self.medium_level.fill_(self._first_medium)
             self.decayed_occurrences.zero_()
             self.occurrences_since.zero_()
+            self.stale_window.zero_()
             self.row_marks.fill_(UNKNOWN_MARK)
             self.seed.fill_(self._configured_seed)
             self.initialized.fill_(1)
@@ -272,7 +275,13 @@ class HotSketch(nn.Module):
         assert policy is not None
         rebalance = cpp_kernel.rebalance_ if self.kernel == "cpp" else rebalance_
         result, marginal = rebalance(
-            self.state(), policy, self.hot_capacity, self.decayed_occurrences, self.occurrences_since, self.row_marks
+            self.state(),
+            policy,
+            self.hot_capacity,
+            self.decayed_occurrences,
+            self.occurrences_since,
+            self.row_marks,
+            self.stale_window,
         )
         if policy.medium_share is not None:
             self.medium_level.fill_(policy.medium_share * max(marginal, policy.entry_score))

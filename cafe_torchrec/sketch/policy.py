@@ -22,13 +22,22 @@ occurrences since the last rebalance reach 1/`rebalances_per_horizon` of the dec
    A hot id is stale when it has gained nothing over the rebalances since its last hit although
    its scores said it should have seen `stale_hits` (8) occurrences in that time (each
    rebalance adds score x (1 - f), the occurrences the decay took from it, to its count of
-   occurrences due; a hit resets it): yesterday's popular ids after an abrupt drift. Its score
-   drops to 0 and its count restarts, so the re-ranking below gives its row to the first
-   candidate left (a challenger beats 0 by any hysteresis), where its decayed score would take
-   many horizons. A live id misses 8 expected occurrences with probability e^-8, and then only
-   has to earn a row again. (Halving instead of zeroing took 29-42 steps to get abrupt8's hot
-   share back to 90% at 1000x, zeroing 19-26, with test AUCs on the dev streams within 0.06
-   points: docs/results.md.)
+   occurrences due; a hit resets it): yesterday's popular ids after an abrupt drift. The stale
+   rule acts in a burst, a rebalance where the hot ids that went stale in it held at least
+   `stale_burst` (a tenth) of the hot score (before this decay, summed in float64), and in the
+   quarter horizon after one (`stale_window` rebalances): an abrupt drift silences much of the
+   hot score at once, gradual churn a trickle. There every stale hot id's score drops to 0 and
+   its count restarts, so the re-ranking below gives its row to the first candidate left (a
+   challenger beats 0 by any hysteresis), where its decayed score would take many horizons.
+   Elsewhere stale ids keep their rows, scores and counts, and lose their rows as any hot id
+   does, to a challenger that beats them by the hysteresis. A live id misses 8 expected
+   occurrences with probability e^-8, and then only has to earn a row again.
+   Measured (docs/results.md): halving instead of zeroing took 29-42 steps to get abrupt8's hot
+   share back to 90% at 1000x, zeroing 19-26. Acting on every stale id, as before the burst
+   condition, cost fastflat26 1.6 AUC points at 100x: 7,900 stale demotions in 300 steps, a
+   third of them ids that earned a row again. There the ids going stale in one rebalance held
+   at most 4% of the hot score (gradual26: 3.5%); in the first rebalance after an abrupt drift
+   64-73% (abrupt8 and its dim-64 twin at 1000x), 37-42% (abrupt8 at 100x), 18% (tiny32).
 2. Re-ranks with hysteresis. Candidates are held, confirmed (hit since placed), non-hot slots
    with estimate >= entry_score, by estimate descending (ties: lower slot first); hot slots by
    estimate ascending (ties: lower slot first). Free rows go to the first candidates (rows
@@ -66,6 +75,7 @@ from cafe_torchrec.sketch.types import (
 
 DECAY_STEPS = 16  # f = 2^(-j / DECAY_STEPS), j in [0, DECAY_STEPS]
 STALE_HITS = 8.0  # default stale_hits: a hot id expected to see this many occurrences and seeing none is stale
+STALE_BURST = 0.1  # default stale_burst: the share of the hot score going stale in one rebalance that marks a drift
 STALE_FACTOR = 0.0  # a stale hot id's score is multiplied by this: it loses its row at once
 UNKNOWN_MARK = float("inf")  # the mark of a row handed out by an insert since the last rebalance
 
@@ -79,9 +89,10 @@ class AdaptivePolicy:
     entry_score: float = 2.0
     rebalances_per_horizon: int = 16
     medium_share: Optional[float] = None  # None: no medium level
-    # inf turns the stale rule off: it frees yesterday's rows at once after an abrupt drift, and
-    # costs AUC under gradual churn at 100x (docs/results.md, "Four more held-out settings")
+    # inf turns the stale rule off: it frees yesterday's rows at once after an abrupt drift
     stale_hits: float = STALE_HITS
+    # 0: the stale rule acts on any stale id, which cost AUC under gradual churn (docs/results.md)
+    stale_burst: float = STALE_BURST
 
     def validate(self, where: str = "AdaptivePolicy") -> None:
         if not self.horizon > 0:
@@ -96,6 +107,13 @@ class AdaptivePolicy:
             raise ValueError(f"{where}: medium_share must be in (0, 1], got {self.medium_share}")
         if not self.stale_hits > 0:  # NaN fails too
             raise ValueError(f"{where}: stale_hits must be > 0 (inf: no stale rule), got {self.stale_hits}")
+        if not 0 <= self.stale_burst <= 1:  # NaN fails too
+            raise ValueError(f"{where}: stale_burst must be in [0, 1], got {self.stale_burst}")
+
+    @property
+    def stale_window(self) -> int:
+        """Rebalances after a burst in which the stale rule still acts: a quarter horizon."""
+        return max(1, self.rebalances_per_horizon // 4)
 
     def due(self, occurrences_since: int, decayed_occurrences: float) -> bool:
         """Whether a rebalance runs before the next insert."""
@@ -134,12 +152,14 @@ def rebalance_(
     decayed: torch.Tensor,
     since: torch.Tensor,
     marks: torch.Tensor,
+    window: torch.Tensor,
 ) -> Tuple[InsertResult, float]:
     """Steps 1 and 2 of the module docstring on `state` in place. `decayed` (float64 [1]: the
     decayed occurrence count before this interval) becomes (before + since) f, `since` (int64
     [1]: occurrences during it) becomes 0, `marks` (float32 [hot rows, 2]: each hot row's score
     after the last rebalance, UNKNOWN_MARK for rows an insert handed out since, and its
-    occurrences due since its last hit) takes the values after this one. Returns the promotions
+    occurrences due since its last hit) takes the values after this one, `window` (int64 [1]:
+    rebalances left in the stale rule's window) too. Returns the promotions
     and demotions, and the marginal estimate
     after the decay (for the medium level)."""
     keys, words, scores = state.keys, state.words, state.scores
@@ -150,8 +170,13 @@ def rebalance_(
     hot_now = (words >= 0).nonzero().flatten()
     hot_rows = words[hot_now].long()
     missed = scores[hot_now] == marks[hot_rows, 0]  # no hit since the last rebalance
-    due = torch.where(missed, marks[hot_rows, 1] + scores[hot_now] * (1.0 - f), torch.zeros_like(scores[hot_now]))
-    stale = missed & (due >= policy.stale_hits)
+    owed = marks[hot_rows, 1]
+    due = torch.where(missed, owed + scores[hot_now] * (1.0 - f), torch.zeros_like(scores[hot_now]))
+    newly_stale = (due >= policy.stale_hits) & (owed < policy.stale_hits)
+    hot_mass, stale_mass = (float(scores[hot_now][m].double().sum()) for m in (slice(None), newly_stale))
+    burst = bool(newly_stale.any()) and stale_mass >= policy.stale_burst * hot_mass
+    stale = due >= policy.stale_hits if burst or int(window[0]) > 0 else torch.zeros_like(missed)
+    window.fill_(policy.stale_window if burst else max(int(window[0]) - 1, 0))
     if f < 1.0:
         scale_(state, f)
     scores[hot_now[stale]] = scores[hot_now[stale]] * STALE_FACTOR
