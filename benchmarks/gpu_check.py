@@ -444,7 +444,7 @@ def check_adaptive_policy(device: torch.device, quick: bool) -> str:
             got, want = dev.insert(keys.to(device), scores.to(device)), cpu.insert(keys, scores)
             assert_same_result(got, want, where)
             assert_same_state(dev, cpu, where)
-            for name in ("row_marks", "decayed_occurrences", "occurrences_since", "medium_level"):
+            for name in ("row_marks", "decayed_occurrences", "occurrences_since", "stale_window", "medium_level"):
                 assert_equal(getattr(dev, name), getattr(cpu, name), f"{where}: {name}")
             if horizon > 1e9:
                 promoted, rows, demoted = ref.insert_batch(keys.tolist(), scores.tolist())

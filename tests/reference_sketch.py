@@ -100,7 +100,8 @@ class ReferenceSketch:
                 self.rows[j] = self.free.pop()
                 promoted_keys.append(self.keys[j])
                 promoted_rows.append(self.rows[j])
-                self.marks[self.rows[j]] = (float("inf"), 0.0)  # unknown until the next rebalance
+                # unknown until the next rebalance, as in the kernels
+                self.marks[self.rows[j]] = (float("inf"), float("inf"))
         # phase B: absent keys, summed, in first-occurrence order
         sums: Dict[int, float] = {}
         for k, s in valid:
@@ -124,13 +125,14 @@ class ReferenceSketch:
             steps = int(round(min(16.0, 16 * (self.since * q / (total * policy.horizon)) / math.log(2))))
         f = f32(2.0 ** (-steps / 16))
         due: Dict[int, float] = {}  # hot row -> occurrences due since its last hit
+        hits = f32(policy.stale_hits)  # the kernels compare in float32
         newly_stale, hot_mass, stale_mass = 0, 0.0, 0.0  # scores before the decay, summed in float64
         for j in range(len(self.keys)):
             if self.rows[j] >= 0:
-                mark, owed = self.marks.get(self.rows[j], (float("inf"), 0.0))
+                mark, owed = self.marks.get(self.rows[j], (float("inf"), float("inf")))
                 missed = self.scores[j] == mark
                 due[self.rows[j]] = f32(owed + f32(self.scores[j] * f32(1.0 - f))) if missed else 0.0
-                now_stale = due[self.rows[j]] >= policy.stale_hits and owed < policy.stale_hits
+                now_stale = missed and due[self.rows[j]] >= hits and owed < hits
                 newly_stale += now_stale
                 hot_mass += self.scores[j]
                 stale_mass += self.scores[j] if now_stale else 0.0
@@ -138,7 +140,7 @@ class ReferenceSketch:
         burst = newly_stale > 0 and stale_mass >= policy.stale_burst * hot_mass  # an abrupt drift
         act = burst or self.window > 0
         self.window = max(1, policy.rebalances_per_horizon // 4) if burst else max(self.window - 1, 0)
-        stale = [j for j in hot_ids if due[self.rows[j]] >= policy.stale_hits] if act else []
+        stale = [j for j in hot_ids if due[self.rows[j]] >= hits] if act else []
         if f < 1.0:
             for j in range(len(self.keys)):
                 self.scores[j] = f32(self.scores[j] * f)

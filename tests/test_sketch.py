@@ -519,22 +519,29 @@ def test_adaptive_policy_stays_finite_and_never_leaks_rows(kernel: str, stream: 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_adaptive_state_round_trips_between_rebalances(kernel: str) -> None:
+    """Saved between two rebalances, inside the stale rule's window after the drift's burst,
+    a sketch resumes exactly."""
     gen = torch.Generator().manual_seed(8)
-    a = make_adaptive(kernel)
+    a = make_adaptive(kernel, rebalances_per_horizon=16)  # a window of 4 rebalances
     batches = list(drifting_batches(gen, 60))
-    for keys in batches[:23]:  # stop between two rebalances
-        a.insert(keys, dyadic_scores(keys.numel(), gen))
-    assert int(a.occurrences_since[0]) > 0
+    scores = [dyadic_scores(keys.numel(), gen) for keys in batches]
+    cut = 0
+    for keys, batch_scores in zip(batches, scores):
+        a.insert(keys, batch_scores)
+        cut += 1
+        if int(a.stale_window[0]) > 0 and int(a.occurrences_since[0]) > 0:
+            break
+    assert 30 < cut < 60 and "stale_window" in a.state_dict()
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
-    b = make_adaptive(kernel)
+    b = make_adaptive(kernel, rebalances_per_horizon=16)
     b.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
-    for keys in batches[23:]:
-        scores = dyadic_scores(keys.numel(), gen)
-        ra, rb = a.insert(keys, scores), b.insert(keys, scores)
+    assert torch.equal(a.stale_window, b.stale_window)
+    for keys, batch_scores in zip(batches[cut:], scores[cut:]):
+        ra, rb = a.insert(keys, batch_scores), b.insert(keys, batch_scores)
         assert torch.equal(ra.promoted_rows, rb.promoted_rows) and torch.equal(ra.demoted_rows, rb.demoted_rows)
     assert torch.equal(a.slots, b.slots) and torch.equal(a.medium_level, b.medium_level)
-    assert torch.equal(a.decayed_occurrences, b.decayed_occurrences)
+    assert torch.equal(a.decayed_occurrences, b.decayed_occurrences) and torch.equal(a.stale_window, b.stale_window)
 
 
 def test_adaptive_rebalance_with_many_swaps_equals_the_reference() -> None:

@@ -574,7 +574,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
       float* mark = marks + 2 * static_cast<int64_t>(sl.row);
       const bool missed = sl.score == mark[0];
       const float owed = missed ? mark[1] + sl.score * due : 0.0f;
-      const bool now_stale = (owed >= stale_hits) & (mark[1] < stale_hits);
+      const bool now_stale = missed & (owed >= stale_hits) & (mark[1] < stale_hits);
       newly_stale += now_stale;
       hot_mass += sl.score;
       stale_mass += now_stale ? static_cast<double>(sl.score) : 0.0;

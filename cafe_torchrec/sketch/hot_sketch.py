@@ -53,6 +53,7 @@ class HotSketch(nn.Module):
     medium_level: torch.Tensor
     decayed_occurrences: torch.Tensor
     occurrences_since: torch.Tensor
+    stale_window: torch.Tensor
     row_marks: torch.Tensor
     initialized: torch.Tensor
 

@@ -172,8 +172,8 @@ def rebalance_(
     missed = scores[hot_now] == marks[hot_rows, 0]  # no hit since the last rebalance
     owed = marks[hot_rows, 1]
     due = torch.where(missed, owed + scores[hot_now] * (1.0 - f), torch.zeros_like(scores[hot_now]))
-    newly_stale = (due >= policy.stale_hits) & (owed < policy.stale_hits)
-    hot_mass, stale_mass = (float(scores[hot_now][m].double().sum()) for m in (slice(None), newly_stale))
+    newly_stale = missed & (due >= policy.stale_hits) & (owed < policy.stale_hits)
+    hot_mass, stale_mass = (_sequential_sum(scores[hot_now][m]) for m in (slice(None), newly_stale))
     burst = bool(newly_stale.any()) and stale_mass >= policy.stale_burst * hot_mass
     stale = due >= policy.stale_hits if burst or int(window[0]) > 0 else torch.zeros_like(missed)
     window.fill_(policy.stale_window if burst else max(int(window[0]) - 1, 0))
@@ -228,6 +228,15 @@ def reassign_(state: SketchState, demote: torch.Tensor, promote: torch.Tensor, f
     state.scores[promote] = estimates_of(state.scores[promote], words[promote])
     words[promote] = rows.to(torch.int32)
     return InsertResult(state.keys[promote].clone(), rows, demoted_keys, demoted_rows, 0, 0, False)
+
+
+def _sequential_sum(values: torch.Tensor) -> float:
+    """The float64 sum of `values` added one at a time in order, as the C++ op and the reference
+    add them (a reduction's order would differ in the last bits, and a burst can hinge on them)."""
+    total = 0.0
+    for value in values.double().tolist():
+        total += value
+    return total
 
 
 def _order(values: torch.Tensor, descending: bool) -> torch.Tensor:
