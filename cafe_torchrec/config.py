@@ -53,8 +53,9 @@ class CafeConfig:
         by the factor `hysteresis`. A hot id that misses the `stale_hits` (8) occurrences its
         score promised (yesterday's head after a drift) is stale. When the ids that go stale in
         one rebalance held at least `stale_burst` (a tenth) of the hot score (an abrupt drift,
-        not gradual churn), stale ids lose their rows at once, for a quarter horizon. That is
-        what recovers the hot rows within a tenth of a day of an abrupt drift. stale_hits inf:
+        not gradual churn), stale ids lose their rows at once, for a quarter horizon in which
+        scores also decay 4x faster. That is what recovers the hot rows within a tenth of a
+        day of an abrupt drift. stale_hits inf:
         never; stale_burst 0: on any stale id, which cost AUC under gradual churn
         (docs/results.md). The constants are scale-free: they count occurrences of average
         importance, not absolute scores.

@@ -122,7 +122,8 @@ class ReferenceSketch:
         steps = 0
         if q > 0 and total > 0 and self.since > 0:
             # clamped before rounding, as the kernels do: a huge rate must not overflow
-            steps = int(round(min(16.0, 16 * (self.since * q / (total * policy.horizon)) / math.log(2))))
+            horizon = policy.horizon / 4 if self.window > 0 else policy.horizon  # a drift's window: shorter memory
+            steps = int(round(min(16.0, 16 * (self.since * q / (total * horizon)) / math.log(2))))
         f = f32(2.0 ** (-steps / 16))
         due: Dict[int, float] = {}  # hot row -> occurrences due since its last hit
         hits = f32(policy.stale_hits)  # the kernels compare in float32

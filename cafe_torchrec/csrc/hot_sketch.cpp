@@ -509,7 +509,8 @@ RebalanceLists& rebalance_lists() {
 // finds the marginal one, and only the hot and candidate slots are sorted.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_rebalance(
     at::Tensor slots_t, at::Tensor free_rows, at::Tensor free_count, at::Tensor marks_t, at::Tensor decayed_t,
-    at::Tensor since_t, at::Tensor window_t, int64_t c, int64_t capacity, double horizon, double hysteresis_d,
+    at::Tensor since_t, at::Tensor window_t, int64_t c, int64_t capacity, double horizon, double window_horizon,
+    double hysteresis_d,
     double entry_d, double stale_hits_d, double stale_burst, int64_t window_length, double stale_factor_d,
     int64_t decay_steps) {
   Slot* slots = slots_of(slots_t, c);
@@ -546,7 +547,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
   const double total = before + static_cast<double>(count);
   int64_t exponent = 0;
   if (q > 0 && total > 0 && count > 0) {
-    const double rate = static_cast<double>(count) * q / (total * horizon);
+    // in the stale rule's window after a burst, memory is `window_horizon` (shorter)
+    const double rate = static_cast<double>(count) * q / (total * (window > 0 ? window_horizon : horizon));
     // clamped in double before the cast: a huge rate (scores near FLT_MAX) must not overflow int64
     exponent = static_cast<int64_t>(std::min(static_cast<double>(decay_steps), std::nearbyint(decay_steps * rate / std::log(2.0))));
   }
@@ -663,7 +665,7 @@ TORCH_LIBRARY_FRAGMENT(cafe, m) {
         "float decay, float decay_trigger, int multiplier) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("sketch_rebalance(Tensor(a!) slots, Tensor(b!) free_rows, Tensor(c!) free_count, Tensor(d!) marks, "
         "Tensor(e!) decayed, Tensor(f!) since, Tensor(g!) window, int slots_per_bucket, int capacity, float horizon, "
-        "float hysteresis, float entry_score, float stale_hits, float stale_burst, int window_length, float stale_factor, "
+        "float window_horizon, float hysteresis, float entry_score, float stale_hits, float stale_burst, int window_length, float stale_factor, "
         "int decay_steps) "
         "-> (Tensor, Tensor, Tensor, Tensor, float, bool)");
   m.def("sketch_query(Tensor slots, Tensor keys, int slots_per_bucket, float medium_threshold, "

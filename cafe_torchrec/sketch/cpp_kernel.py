@@ -96,6 +96,7 @@ def rebalance_(
         state.slots_per_bucket,
         capacity,
         policy.horizon,
+        policy.stale_window_horizon,
         policy.hysteresis,
         policy.entry_score,
         policy.stale_hits,

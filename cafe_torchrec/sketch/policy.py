@@ -29,15 +29,21 @@ occurrences since the last rebalance reach 1/`rebalances_per_horizon` of the dec
    hot score at once, gradual churn a trickle. There every stale hot id's score drops to 0 and
    its count restarts, so the re-ranking below gives its row to the first candidate left (a
    challenger beats 0 by any hysteresis), where its decayed score would take many horizons.
-   Elsewhere stale ids keep their rows, scores and counts, and lose their rows as any hot id
-   does, to a challenger that beats them by the hysteresis. A live id misses 8 expected
+   In that window the decay also runs STALE_WINDOW_DECAY (4) times faster (its horizon is
+   `stale_window_horizon`, horizon / 4): after an abrupt drift yesterday's scores say little,
+   and the ids that lost popularity but still see a hit now and then (never stale) give way to
+   today's. Elsewhere stale ids keep their rows, scores and counts, and lose their rows as any
+   hot id does, to a challenger that beats them by the hysteresis. A live id misses 8 expected
    occurrences with probability e^-8, and then only has to earn a row again.
    Measured (docs/results.md): halving instead of zeroing took 29-42 steps to get abrupt8's hot
    share back to 90% at 1000x, zeroing 19-26. Acting on every stale id, as before the burst
-   condition, cost fastflat26 1.6 AUC points at 100x: 7,900 stale demotions in 300 steps, a
-   third of them ids that earned a row again. There the ids going stale in one rebalance held
-   at most 4% of the hot score (gradual26: 3.5%); in the first rebalance after an abrupt drift
-   64-73% (abrupt8 and its dim-64 twin at 1000x), 37-42% (abrupt8 at 100x), 18% (tiny32).
+   condition, made 7,875 stale demotions in 300 steps of fastflat26 at 100x, and 3,099 later
+   promotions of ids it had demoted; waiting for a burst gained 1.79 AUC points there. The ids
+   going stale in one rebalance held at most 4% of the hot score there (gradual26: 3.5%); in
+   the first rebalance after an abrupt drift 64-73% (abrupt8 and its dim-64 twin at 1000x),
+   37-42% (abrupt8 at 100x), 18% (tiny32). The faster decay in the window took
+   abrupt8-dim64's recovery at 1000x from 24-44 steps of 293 to 19-24 and abrupt8's from
+   22-26 to 14-21 at the same AUC (2x faster: 22-31 and 17-22).
 2. Re-ranks with hysteresis. Candidates are held, confirmed (hit since placed), non-hot slots
    with estimate >= entry_score, by estimate descending (ties: lower slot first); hot slots by
    estimate ascending (ties: lower slot first). Free rows go to the first candidates (rows
@@ -77,6 +83,7 @@ DECAY_STEPS = 16  # f = 2^(-j / DECAY_STEPS), j in [0, DECAY_STEPS]
 STALE_HITS = 8.0  # default stale_hits: a hot id expected to see this many occurrences and seeing none is stale
 STALE_BURST = 0.1  # default stale_burst: the share of the hot score going stale in one rebalance that marks a drift
 STALE_FACTOR = 0.0  # a stale hot id's score is multiplied by this: it loses its row at once
+STALE_WINDOW_DECAY = 4.0  # in the window after a burst, the decay runs this many times faster
 UNKNOWN_MARK = float("inf")  # the mark of a row handed out by an insert since the last rebalance
 
 
@@ -114,6 +121,11 @@ class AdaptivePolicy:
     def stale_window(self) -> int:
         """Rebalances after a burst in which the stale rule still acts: a quarter horizon."""
         return max(1, self.rebalances_per_horizon // 4)
+
+    @property
+    def stale_window_horizon(self) -> float:
+        """The memory horizon in those rebalances: scores decay STALE_WINDOW_DECAY times faster."""
+        return self.horizon / STALE_WINDOW_DECAY
 
     def due(self, occurrences_since: int, decayed_occurrences: float) -> bool:
         """Whether a rebalance runs before the next insert."""
@@ -166,7 +178,8 @@ def rebalance_(
     held = keys != EMPTY_KEY
     q = marginal_estimate(estimates_of(scores, words), held, capacity)
     before, count = float(decayed[0]), int(since[0])
-    f = decay_factor(decay_exponent(count, before, q, policy.horizon))
+    horizon = policy.stale_window_horizon if int(window[0]) > 0 else policy.horizon
+    f = decay_factor(decay_exponent(count, before, q, horizon))
     hot_now = (words >= 0).nonzero().flatten()
     hot_rows = words[hot_now].long()
     missed = scores[hot_now] == marks[hot_rows, 0]  # no hit since the last rebalance
