@@ -99,7 +99,7 @@ METHODS: Dict[str, List[str]] = {
     "cafe-hyst3": ["--embedding", "cafe", "--cafe-option", "hysteresis=3"],
     # the adaptive policy without its stale rule
     "cafe-nostale": ["--embedding", "cafe", "--cafe-option", "stale_hits=inf"],
-    # the stale rule acting on any stale id, not only in a burst (the default before 2026-12-06)
+    # the stale rule acting on any stale id, not only in a burst (each time opening the faster-decay window)
     "cafe-anystale": ["--embedding", "cafe", "--cafe-option", "stale_burst=0"],
 }
 OFFICIAL = "official"  # runs benchmarks.official.train_official in a worker process

@@ -98,7 +98,7 @@ class AdaptivePolicy:
     medium_share: Optional[float] = None  # None: no medium level
     # inf turns the stale rule off: it frees yesterday's rows at once after an abrupt drift
     stale_hits: float = STALE_HITS
-    # 0: the stale rule acts on any stale id, which cost AUC under gradual churn (docs/results.md)
+    # 0: the stale rule acts on any stale id (and each time opens the window of faster decay)
     stale_burst: float = STALE_BURST
 
     def validate(self, where: str = "AdaptivePolicy") -> None:
