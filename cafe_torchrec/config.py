@@ -57,8 +57,8 @@ class CafeConfig:
         scores also decay 4x faster. That is what recovers the hot rows within a tenth of a
         day of an abrupt drift. stale_hits inf: never; stale_burst 0: on any stale id, each
         time opening that window too (the rule before acted on any stale id and cost AUC
-        under gradual churn: docs/results.md). The constants are scale-free: they count occurrences of average
-        importance, not absolute scores.
+        under gradual churn: docs/results.md). The constants are scale-free: they count
+        occurrences of average importance, not absolute scores.
         "paper": the SIGMOD paper's fixed policy: promotion at a fixed `threshold` (default: the
         artifact's per ratio), demotion only at a `decay` (default 0.98) that fires when the
         score inserted since the last one exceeds `decay_trigger` (default 10) x buckets x

@@ -51,7 +51,7 @@ class ReferenceSketch:
     newcomer: List[bool] = field(default_factory=list)  # placed, not hit by a later batch: never medium
     free: List[int] = field(default_factory=list)
     total: float = 0.0
-    adaptive: Optional[Any] = None  # an AdaptivePolicy (its fields only are read)
+    adaptive: Optional[Any] = None  # an AdaptivePolicy (its fields and stale-window properties are read)
     decayed: float = 0.0  # adaptive: decayed occurrence count before the current interval
     window: int = 0  # adaptive: rebalances left in the stale rule's window after a burst
     since: int = 0  # adaptive: occurrences since the last rebalance
@@ -122,7 +122,7 @@ class ReferenceSketch:
         steps = 0
         if q > 0 and total > 0 and self.since > 0:
             # clamped before rounding, as the kernels do: a huge rate must not overflow
-            horizon = policy.horizon / 4 if self.window > 0 else policy.horizon  # a drift's window: shorter memory
+            horizon = policy.stale_window_horizon if self.window > 0 else policy.horizon  # a drift's window
             steps = int(round(min(16.0, 16 * (self.since * q / (total * horizon)) / math.log(2))))
         f = f32(2.0 ** (-steps / 16))
         due: Dict[int, float] = {}  # hot row -> occurrences due since its last hit
@@ -140,7 +140,7 @@ class ReferenceSketch:
         hot_ids = [j for j in range(len(self.keys)) if self.rows[j] >= 0]
         burst = newly_stale > 0 and stale_mass >= policy.stale_burst * hot_mass  # an abrupt drift
         act = burst or self.window > 0
-        self.window = max(1, policy.rebalances_per_horizon // 4) if burst else max(self.window - 1, 0)
+        self.window = policy.stale_window if burst else max(self.window - 1, 0)
         stale = [j for j in hot_ids if due[self.rows[j]] >= hits] if act else []
         if f < 1.0:
             for j in range(len(self.keys)):

@@ -171,9 +171,8 @@ def rebalance_(
     [1]: occurrences during it) becomes 0, `marks` (float32 [hot rows, 2]: each hot row's score
     after the last rebalance, UNKNOWN_MARK for rows an insert handed out since, and its
     occurrences due since its last hit) takes the values after this one, `window` (int64 [1]:
-    rebalances left in the stale rule's window) too. Returns the promotions
-    and demotions, and the marginal estimate
-    after the decay (for the medium level)."""
+    rebalances left in the stale rule's window) too. Returns the promotions and demotions, and
+    the marginal estimate after the decay (for the medium level)."""
     keys, words, scores = state.keys, state.words, state.scores
     held = keys != EMPTY_KEY
     q = marginal_estimate(estimates_of(scores, words), held, capacity)
@@ -186,8 +185,10 @@ def rebalance_(
     owed = marks[hot_rows, 1]
     due = torch.where(missed, owed + scores[hot_now] * (1.0 - f), torch.zeros_like(scores[hot_now]))
     newly_stale = missed & (due >= policy.stale_hits) & (owed < policy.stale_hits)
-    hot_mass, stale_mass = (_sequential_sum(scores[hot_now][m]) for m in (slice(None), newly_stale))
-    burst = bool(newly_stale.any()) and stale_mass >= policy.stale_burst * hot_mass
+    # the masses (a host loop) only where an id went stale, as in few rebalances
+    burst = bool(newly_stale.any()) and _sequential_sum(
+        scores[hot_now][newly_stale]
+    ) >= policy.stale_burst * _sequential_sum(scores[hot_now])
     stale = due >= policy.stale_hits if burst or int(window[0]) > 0 else torch.zeros_like(missed)
     window.fill_(policy.stale_window if burst else max(int(window[0]) - 1, 0))
     if f < 1.0:
