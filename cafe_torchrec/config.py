@@ -50,14 +50,15 @@ class CafeConfig:
         per-dataset threshold (sketch/policy.py): scores decay so that the marginal hot id's
         score stays near `horizon` occurrences, an id takes a free row once its estimate
         reaches `entry_score`, a challenger takes the weakest hot id's row when it beats it
-        by the factor `hysteresis`. A hot id that misses the `stale_hits` (8) occurrences its
-        score promised (yesterday's head after a drift) is stale. When the ids that go stale in
-        one rebalance held at least `stale_burst` (a tenth) of the hot score (an abrupt drift,
-        not gradual churn), stale ids lose their rows at once, for a quarter horizon in which
-        scores also decay 4x faster. That is what recovers the hot rows within a tenth of a
-        day of an abrupt drift. stale_hits inf: never; stale_burst 0: on any stale id, each
-        time opening that window too (the rule before acted on any stale id and cost AUC
-        under gradual churn: docs/results.md). The constants are scale-free: they count
+        by the factor `hysteresis` (3: a swap throws away a trained row). A hot id that misses
+        the `stale_hits` (8) occurrences its score promised (yesterday's head after a drift) is
+        stale. When the ids that go stale in one rebalance held at least `stale_burst` (a
+        tenth) of the hot score (an abrupt drift, not gradual churn), stale ids lose their rows
+        at once, for a quarter horizon in which scores also decay 4x faster and a challenger
+        needs half the hysteresis (at least 1). That is what recovers the hot rows within a
+        tenth of a day of an abrupt drift. stale_hits inf: never; stale_burst 0: on any stale
+        id, each time opening that window too (the rule before acted on any stale id and cost
+        AUC under gradual churn: docs/results.md). The constants are scale-free: they count
         occurrences of average importance, not absolute scores.
         "paper": the SIGMOD paper's fixed policy: promotion at a fixed `threshold` (default: the
         artifact's per ratio), demotion only at a `decay` (default 0.98) that fires when the
@@ -82,7 +83,7 @@ class CafeConfig:
     hot_share: Optional[float] = None
     policy: str = "adaptive"
     horizon: float = 32.0
-    hysteresis: float = 1.5
+    hysteresis: float = 3.0
     entry_score: float = 2.0
     stale_hits: float = 8.0
     stale_burst: float = 0.1

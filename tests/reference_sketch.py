@@ -162,8 +162,9 @@ class ReferenceSketch:
         fill = min(len(candidates), len(self.free))
         plan = [(c, self.free.pop()) for c in candidates[:fill]]
         demoted = []
+        hysteresis = policy.window_hysteresis if act else policy.hysteresis  # less margin after a drift
         for c, h in zip(candidates[fill:], hot):
-            if not self.estimate(c) >= f32(f32(policy.hysteresis) * self.estimate(h)):
+            if not self.estimate(c) >= f32(f32(hysteresis) * self.estimate(h)):
                 break
             plan.append((c, self.rows[h]))
             demoted.append(self.rows[h])

@@ -510,6 +510,31 @@ def test_the_stale_rule_waits_for_a_burst(kernel: str) -> None:
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+def test_a_challenger_needs_less_margin_after_a_burst(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 hot ids at 1 occurrence a step; 10 challengers arrive at 2 a step. Outside a burst a
+    challenger needs 3x the weakest hot id's estimate (the hysteresis), so none gets a row. Then
+    half the hot ids go quiet (a burst): their rows go to 8 challengers, and in the burst's
+    window the hysteresis halves to 1.5, so the other 2 take live hot ids' rows too."""
+    from cafe_torchrec.sketch import policy
+
+    hot_ids, quiet_ids, challengers = torch.arange(8), torch.arange(8, 16), torch.arange(100, 110)
+
+    def rows_of_challengers() -> tuple:
+        sk = HotSketch(16, num_buckets=256, adaptive=policy.AdaptivePolicy(), kernel=kernel)
+        counts = []
+        for step in range(600):
+            ids = [hot_ids] + ([quiet_ids] if step < 400 else []) + ([challengers] * 2 if step >= 50 else [])
+            keys = mix64(torch.cat(ids), 1)
+            sk.insert(keys, torch.ones(keys.numel()))
+            counts.append(int((sk.query(mix64(challengers, 1))[0] >= 0).sum()))
+        return counts[399], counts[-1]
+
+    assert rows_of_challengers() == (0, 10)
+    monkeypatch.setattr(policy, "STALE_WINDOW_MARGIN", 1.0)  # the hysteresis stays 3 in the window
+    assert rows_of_challengers() == (0, 8)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("stream", ["all new", "one id", "nan scores", "huge scores"])
 def test_adaptive_policy_stays_finite_and_never_leaks_rows(kernel: str, stream: str) -> None:
     gen = torch.Generator().manual_seed(7)

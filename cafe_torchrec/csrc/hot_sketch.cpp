@@ -510,7 +510,7 @@ RebalanceLists& rebalance_lists() {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_rebalance(
     at::Tensor slots_t, at::Tensor free_rows, at::Tensor free_count, at::Tensor marks_t, at::Tensor decayed_t,
     at::Tensor since_t, at::Tensor window_t, int64_t c, int64_t capacity, double horizon, double window_horizon,
-    double hysteresis_d, double entry_d, double stale_hits_d, double stale_burst, int64_t window_length,
+    double hysteresis_d, double window_hysteresis_d, double entry_d, double stale_hits_d, double stale_burst, int64_t window_length,
     double stale_factor_d, int64_t decay_steps) {
   Slot* slots = slots_of(slots_t, c);
   TORCH_CHECK(free_rows.is_contiguous() && free_rows.scalar_type() == at::kInt, "free_rows: int32");
@@ -526,7 +526,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
   double& decayed = *decayed_t.data_ptr<double>();
   int64_t& since = *since_t.data_ptr<int64_t>();
   int64_t& window = *window_t.data_ptr<int64_t>();
-  const float hysteresis = static_cast<float>(hysteresis_d), entry = static_cast<float>(entry_d);
+  const float entry = static_cast<float>(entry_d);
   const float stale_hits = static_cast<float>(stale_hits_d), stale_factor = static_cast<float>(stale_factor_d);
 
   // 1. the marginal estimate, the decay factor, stale hot ids
@@ -600,6 +600,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
   const bool burst = newly_stale > 0 && stale_mass >= stale_burst * hot_mass;
   const bool act = burst || window > 0;
   window = burst ? window_length : std::max<int64_t>(window - 1, 0);
+  // a challenger needs less margin where the stale rule acts: after a drift, today's ids
+  const float hysteresis = static_cast<float>(act ? window_hysteresis_d : hysteresis_d);
   if (act) {
     for (auto& entry : hot) {
       Slot& sl = slots[entry.second];
@@ -664,7 +666,7 @@ TORCH_LIBRARY_FRAGMENT(cafe, m) {
         "float decay, float decay_trigger, int multiplier) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("sketch_rebalance(Tensor(a!) slots, Tensor(b!) free_rows, Tensor(c!) free_count, Tensor(d!) marks, "
         "Tensor(e!) decayed, Tensor(f!) since, Tensor(g!) window, int slots_per_bucket, int capacity, float horizon, "
-        "float window_horizon, float hysteresis, float entry_score, float stale_hits, float stale_burst, "
+        "float window_horizon, float hysteresis, float window_hysteresis, float entry_score, float stale_hits, float stale_burst, "
         "int window_length, float stale_factor, int decay_steps) "
         "-> (Tensor, Tensor, Tensor, Tensor, float, bool)");
   m.def("sketch_query(Tensor slots, Tensor keys, int slots_per_bucket, float medium_threshold, "

@@ -98,6 +98,7 @@ def rebalance_(
         policy.horizon,
         policy.stale_window_horizon,
         policy.hysteresis,
+        policy.window_hysteresis,
         policy.entry_score,
         policy.stale_hits,
         policy.stale_burst,

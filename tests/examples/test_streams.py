@@ -314,10 +314,10 @@ def test_suite_recovery_and_grid_choice() -> None:
     history = {"hot_history": result["hot_history"]}
     runs = {
         on_spec("cafe", ("cafe",)): history,
-        on_spec("cafe-hyst3", ("cafe", "--cafe-option", "hysteresis=3")): history,
+        on_spec("cafe-hyst1.5", ("cafe", "--cafe-option", "hysteresis=1.5")): history,
         on_spec("cafe-ml", ("cafe-ml",)): history,
         on_spec("hash", ("hash",)): history,
     }
     rows = recoveries(runs, [spec])
-    assert sorted({r["method"] for r in rows}) == ["cafe", "cafe-hyst3", "cafe-ml"]
-    assert [r["steps"] for r in rows if r["method"] == "cafe-hyst3"] == [[4], [None]]
+    assert sorted({r["method"] for r in rows}) == ["cafe", "cafe-hyst1.5", "cafe-ml"]
+    assert [r["steps"] for r in rows if r["method"] == "cafe-hyst1.5"] == [[4], [None]]
