@@ -95,8 +95,10 @@ METHODS: Dict[str, List[str]] = {
     "cafe-hot80": ["--embedding", "cafe", "--cafe-option", "hot_share=0.8"],
     "cafe-hot85": ["--embedding", "cafe", "--cafe-option", "hot_share=0.85"],
     "cafe-hot90": ["--embedding", "cafe", "--cafe-option", "hot_share=0.9"],
-    # a smaller margin outside a burst (the default before 2026-12-06 was 1.5 in and outside a burst)
+    # hysteresis H: since c231de6 H outside a burst and max(1, H / 2) in it; in older snapshots H everywhere
     "cafe-hyst1.5": ["--embedding", "cafe", "--cafe-option", "hysteresis=1.5"],
+    "cafe-hyst2": ["--embedding", "cafe", "--cafe-option", "hysteresis=2"],
+    "cafe-hyst3": ["--embedding", "cafe", "--cafe-option", "hysteresis=3"],
     # the adaptive policy without its stale rule
     "cafe-nostale": ["--embedding", "cafe", "--cafe-option", "stale_hits=inf"],
     # the stale rule acting on any stale id, not only in a burst (each time opening the faster-decay window)

@@ -54,12 +54,13 @@ class CafeConfig:
         the `stale_hits` (8) occurrences its score promised (yesterday's head after a drift) is
         stale. When the ids that go stale in one rebalance held at least `stale_burst` (a
         tenth) of the hot score (an abrupt drift, not gradual churn), stale ids lose their rows
-        at once, for a quarter horizon in which scores also decay 4x faster and a challenger
-        needs half the hysteresis (at least 1). That is what recovers the hot rows within a
-        tenth of a day of an abrupt drift. stale_hits inf: never; stale_burst 0: on any stale
-        id, each time opening that window too (the rule before acted on any stale id and cost
-        AUC under gradual churn: docs/results.md). The constants are scale-free: they count
-        occurrences of average importance, not absolute scores.
+        at once, in that rebalance and for a quarter horizon after it, in which scores also
+        decay 4x faster; there a challenger needs half the hysteresis (at least 1). That is what
+        recovers the hot rows within a tenth of a day of an abrupt drift. stale_hits inf:
+        never; stale_burst 0: on any stale id, each time opening that window too (the rule
+        before acted on any stale id and cost AUC under gradual churn: docs/results.md). The
+        constants are scale-free: they count occurrences of average importance, not absolute
+        scores.
         "paper": the SIGMOD paper's fixed policy: promotion at a fixed `threshold` (default: the
         artifact's per ratio), demotion only at a `decay` (default 0.98) that fires when the
         score inserted since the last one exceeds `decay_trigger` (default 10) x buckets x

@@ -511,27 +511,36 @@ def test_the_stale_rule_waits_for_a_burst(kernel: str) -> None:
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_a_challenger_needs_less_margin_after_a_burst(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """16 hot ids at 1 occurrence a step; 10 challengers arrive at 2 a step. Outside a burst a
-    challenger needs 3x the weakest hot id's estimate (the hysteresis), so none gets a row. Then
-    half the hot ids go quiet (a burst): their rows go to 8 challengers, and in the burst's
-    window the hysteresis halves to 1.5, so the other 2 take live hot ids' rows too."""
+    """16 hot ids at 1 occurrence a step; 8 challengers at 2 a step from step 50, 2 more at 1.7
+    from step 350. Outside a burst a challenger needs 3x the weakest hot id's estimate (the
+    hysteresis), so none gets a row. At step 400 half the hot ids go quiet: in the burst's
+    rebalance their rows go to the 8, and in the window after it, where the hysteresis halves
+    to 1.5, the 2 late ones (not yet at 1.5x in the burst's rebalance) take live hot ids' rows."""
     from cafe_torchrec.sketch import policy
 
-    hot_ids, quiet_ids, challengers = torch.arange(8), torch.arange(8, 16), torch.arange(100, 110)
+    steady, quiet = torch.arange(8), torch.arange(8, 16)
+    early, late = torch.arange(100, 108), torch.arange(108, 110)
 
-    def rows_of_challengers() -> tuple:
+    def run() -> list:
         sk = HotSketch(16, num_buckets=256, adaptive=policy.AdaptivePolicy(), kernel=kernel)
-        counts = []
+        log = []
         for step in range(600):
-            ids = [hot_ids] + ([quiet_ids] if step < 400 else []) + ([challengers] * 2 if step >= 50 else [])
-            keys = mix64(torch.cat(ids), 1)
-            sk.insert(keys, torch.ones(keys.numel()))
-            counts.append(int((sk.query(mix64(challengers, 1))[0] >= 0).sum()))
-        return counts[399], counts[-1]
+            parts = [(steady, 1.0)] + ([(quiet, 1.0)] if step < 400 else [])
+            parts += [(early, 1.0)] * 2 if step >= 50 else []
+            parts += [(late, 0.85)] * 2 if step >= 350 else []
+            keys = mix64(torch.cat([ids for ids, _ in parts]), 1)
+            sk.insert(keys, torch.cat([torch.full((ids.numel(),), score) for ids, score in parts]))
+            rows = [int((sk.query(mix64(ids, 1))[0] >= 0).sum()) for ids in (early, late)]
+            log.append((int(sk.stale_window[0]), *rows))
+        return log
 
-    assert rows_of_challengers() == (0, 10)
+    log = run()
+    burst = next(step for step, (window, _, _) in enumerate(log) if window > 0)
+    in_late = next(step for step, (_, _, late_rows) in enumerate(log) if late_rows == 2)
+    assert log[burst - 1] == (0, 0, 0) and log[burst] == (policy.AdaptivePolicy().stale_window, 8, 0)
+    assert log[in_late][0] > 0 and log[-1] == (0, 8, 2)  # the late ones got in inside the window
     monkeypatch.setattr(policy, "STALE_WINDOW_MARGIN", 1.0)  # the hysteresis stays 3 in the window
-    assert rows_of_challengers() == (0, 8)
+    assert run()[-1] == (0, 8, 0)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
