@@ -510,8 +510,8 @@ RebalanceLists& rebalance_lists() {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_rebalance(
     at::Tensor slots_t, at::Tensor free_rows, at::Tensor free_count, at::Tensor marks_t, at::Tensor decayed_t,
     at::Tensor since_t, at::Tensor window_t, int64_t c, int64_t capacity, double horizon, double window_horizon,
-    double hysteresis_d, double window_hysteresis_d, double entry_d, double stale_hits_d, double stale_burst, int64_t window_length,
-    double stale_factor_d, int64_t decay_steps) {
+    double hysteresis_d, double window_hysteresis_d, double entry_d, double stale_hits_d, double stale_burst,
+    int64_t window_length, double stale_factor_d, int64_t decay_steps) {
   Slot* slots = slots_of(slots_t, c);
   TORCH_CHECK(free_rows.is_contiguous() && free_rows.scalar_type() == at::kInt, "free_rows: int32");
   TORCH_CHECK(marks_t.is_contiguous() && marks_t.scalar_type() == at::kFloat && marks_t.dim() == 2 &&
@@ -666,8 +666,8 @@ TORCH_LIBRARY_FRAGMENT(cafe, m) {
         "float decay, float decay_trigger, int multiplier) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("sketch_rebalance(Tensor(a!) slots, Tensor(b!) free_rows, Tensor(c!) free_count, Tensor(d!) marks, "
         "Tensor(e!) decayed, Tensor(f!) since, Tensor(g!) window, int slots_per_bucket, int capacity, float horizon, "
-        "float window_horizon, float hysteresis, float window_hysteresis, float entry_score, float stale_hits, float stale_burst, "
-        "int window_length, float stale_factor, int decay_steps) "
+        "float window_horizon, float hysteresis, float window_hysteresis, float entry_score, float stale_hits, "
+        "float stale_burst, int window_length, float stale_factor, int decay_steps) "
         "-> (Tensor, Tensor, Tensor, Tensor, float, bool)");
   m.def("sketch_query(Tensor slots, Tensor keys, int slots_per_bucket, float medium_threshold, "
         "int multiplier) -> (Tensor, Tensor)");
