@@ -268,8 +268,8 @@ def snapshot(commit: str) -> Tuple[Path, str]:
     (the Criteo sample, the official artifact) resolve as in the checkout; returns (root, sha).
 
     Why: other work edits the checkout while a suite runs for an hour; a snapshot keeps every run
-    of one suite on one commit. One fixed folder per commit, kept for the next suite: the JIT build
-    of the C++ ops is keyed by its sources' paths too, so a new folder would rebuild them."""
+    of one suite on one commit. One fixed folder per commit, kept for the next suite, with its C++
+    ops built in place once (`build_ops`)."""
     sha = subprocess.run(
         ["git", "rev-parse", "--short", commit], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -285,11 +285,27 @@ def snapshot(commit: str) -> Tuple[Path, str]:
     # planner/ imports as cafe_planner through the editable install, which points at the checkout: a link
     # in the snapshot's root (first on sys.path with -m) makes the snapshot's own planner win
     (staging / "repo" / "cafe_planner").symlink_to("planner")
+    build_ops(staging / "repo")
     try:
         os.rename(staging, base)  # atomic: a concurrent suite either sees the whole snapshot or makes its own
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
     return root, sha
+
+
+def build_ops(root: Path) -> None:
+    """Compile a snapshot's C++ ops in place (cafe_torchrec/_C, as `make` does in a checkout), so its
+    runs load them rather than build them just in time. Why: torch's JIT cache keeps one build per
+    name (ours: the sources' hash) and rebuilds it when the build's paths change, so two snapshots of
+    the same sources (a commit and a scratch build of it) rebuild it in turn, and a run killed mid-build leaves a
+    lock file that stalls every later run of those sources. Where the commit cannot build them, its
+    runs fall back to the JIT build, and this says so."""
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=root, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip()[-1000:]
+        print(f"warning: the C++ ops of {root} did not build in place; its runs build them just in time: {tail}")
 
 
 class Cache:
