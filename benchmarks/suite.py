@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import importlib.util
 import itertools
@@ -276,6 +277,7 @@ def snapshot(commit: str) -> Tuple[Path, str]:
     base = Path(tempfile.gettempdir()) / f"cafe-suite-{sha}"
     root = base / "repo"
     if root.is_dir():
+        build_ops(root)  # a snapshot made before snapshots built their ops; nothing to do once built
         return root, sha
     staging = Path(tempfile.mkdtemp(prefix=f"cafe-suite-{sha}-"))
     (staging / "shared").symlink_to(REPO.parent / "shared")
@@ -293,19 +295,42 @@ def snapshot(commit: str) -> Tuple[Path, str]:
     return root, sha
 
 
+OPS_FAILED = "build_ops.failed"  # beside a snapshot's repo/: why its C++ ops did not build in place
+
+
 def build_ops(root: Path) -> None:
-    """Compile a snapshot's C++ ops in place (cafe_torchrec/_C, as `make` does in a checkout), so its
-    runs load them rather than build them just in time. Why: torch's JIT cache keeps one build per
-    name (ours: the sources' hash) and rebuilds it when the build's paths change, so two snapshots of
-    the same sources (a commit and a scratch build of it) rebuild it in turn, and a run killed mid-build leaves a
-    lock file that stalls every later run of those sources. Where the commit cannot build them, its
-    runs fall back to the JIT build, and this says so."""
-    proc = subprocess.run(
-        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=root, capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip()[-1000:]
-        print(f"warning: the C++ ops of {root} did not build in place; its runs build them just in time: {tail}")
+    """Compile a snapshot's C++ ops in place (cafe_torchrec/_C, as `make` does in a checkout), once,
+    so its runs load them rather than build them just in time. Why: torch's JIT cache keeps one
+    build per name (ours: the sources' hash) and rebuilds it when the build's paths change, so two
+    snapshots of the same sources (a commit and a scratch build of it) rebuild it in turn, and a
+    run killed mid-build leaves a lock file that stalls every later run of those sources. Where the
+    commit cannot build them, the reason is kept beside the snapshot and printed each time it is
+    used: its runs then build them just in time."""
+    failed = root.parent / OPS_FAILED
+    with open(root.parent / ".build_ops.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # suites started at once build a reused snapshot once
+        if not _built_ops(root) and not failed.exists():
+            print(f"building the C++ ops of {root} in place (a minute or two, once)", flush=True)
+            proc = subprocess.run(
+                [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                cwd=root,
+                env={**os.environ, "CAFE_BUILD_OPS": "1"},
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode != 0 or not _built_ops(root):
+                # the compiler's errors go to stdout under torch's build, the traceback to stderr
+                failed.write_text(f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-1000:]}")
+    if failed.exists():
+        print(
+            f"warning: the C++ ops of {root} did not build in place ({failed}); its runs build them just in "
+            f"time: {failed.read_text()[-600:]}",
+            flush=True,
+        )
+
+
+def _built_ops(root: Path) -> bool:
+    return any((root / "cafe_torchrec").glob("_C*.so"))
 
 
 class Cache:
