@@ -114,19 +114,20 @@ def with_bad_scores(scores: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def assert_same_state(a: HotSketch, b: HotSketch, where: str) -> None:
-    """Bit-for-bit equal sketch state: slots (keys, score bits, row words), free stack, total."""
+    """Bit-for-bit equal sketch state: slots (tags, score bits, row words), free rows, reservations, total."""
     if not torch.equal(a.slots.cpu(), b.slots.cpu()):
         diff = (a.slots.cpu() != b.slots.cpu()).any(1).nonzero().flatten()
         raise AssertionError(f"{where}: {diff.numel()} slots differ, first {diff[:5].tolist()}")
-    count = int(a.free_count[0])
-    if count != int(b.free_count[0]) or not torch.equal(a.free_rows[:count].cpu(), b.free_rows[:count].cpu()):
-        raise AssertionError(f"{where}: free row stacks differ")
+    if not torch.equal(a.free_count.cpu(), b.free_count.cpu()) or not torch.equal(a.free_bits.cpu(), b.free_bits.cpu()):
+        raise AssertionError(f"{where}: free rows differ")
+    if not torch.equal(a.reserved.cpu(), b.reserved.cpu()):
+        raise AssertionError(f"{where}: reservations {int(a.reserved[0])} != {int(b.reserved[0])}")
     if not torch.equal(a.total_score.cpu(), b.total_score.cpu()):
         raise AssertionError(f"{where}: total score {float(a.total_score[0])!r} != {float(b.total_score[0])!r}")
 
 
 def assert_same_result(a: InsertResult, b: InsertResult, where: str) -> None:
-    for name in ("promoted_keys", "promoted_rows", "demoted_keys", "demoted_rows"):
+    for name in ("promoted_keys", "promoted_rows", "demoted_rows"):
         if not torch.equal(getattr(a, name).cpu(), getattr(b, name).cpu()):
             raise AssertionError(f"{where}: {name} differ")
     for name in ("skipped", "dropped", "decayed"):
@@ -135,18 +136,19 @@ def assert_same_result(a: InsertResult, b: InsertResult, where: str) -> None:
 
 
 def assert_matches_reference(sk: HotSketch, ref: ReferenceSketch, where: str) -> None:
-    """Slot for slot equal to the sequential reference (keys, scores, rows, errors, flags, free stack)."""
+    """Slot for slot equal to the sequential reference (tags, scores, rows, errors, flags, free rows)."""
     for name, got, want in (
-        ("keys", sk.slot_keys, ref.keys),
+        ("tags", sk.slot_tags, ref.tags),
         ("scores", sk.slot_scores, ref.scores),
         ("rows", sk.slot_rows, ref.rows),
         ("errors", sk.slot_errors, ref.errors),
         ("newcomers", sk.slot_newcomers, ref.newcomer),
+        ("reservations", sk.slot_reserved, ref.reserved),
     ):
         if got.tolist() != want:
             raise AssertionError(f"{where}: slot {name} differ from the sequential reference")
-    if sk.free_rows[: int(sk.free_count[0])].tolist() != ref.free:
-        raise AssertionError(f"{where}: free stack differs from the sequential reference")
+    if sk.free_rows().tolist() != ref.free_list:
+        raise AssertionError(f"{where}: free rows differ from the sequential reference")
 
 
 def assert_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -275,7 +277,7 @@ def check_sketch_exact(device: torch.device, quick: bool) -> str:
                 seen["vs reference"] += 1
             seen["batches"] += 1
             seen["promoted"] += got.promoted_keys.numel()
-            seen["demoted"] += got.demoted_keys.numel()
+            seen["demoted"] += got.demoted_rows.numel()
             seen["decays"] += int(got.decayed)
             seen["skipped"] += got.skipped
             seen["dropped"] += got.dropped
@@ -297,7 +299,7 @@ def check_sketch_float(device: torch.device, quick: bool) -> str:
             where = f"{scale} sketch, batch {step}"
             got, want = dev.insert(keys.to(device), scores.to(device)), cpu.insert(keys, scores)
             assert_same_result(got, want, where)
-            assert_equal(dev.slot_keys, cpu.slot_keys, f"{where}: slot keys")
+            assert_equal(dev.slot_tags, cpu.slot_tags, f"{where}: slot tags")
             assert_equal(dev.slot_rows, cpu.slot_rows, f"{where}: slot rows")
             assert_equal(dev.slot_newcomers, cpu.slot_newcomers, f"{where}: newcomer flags")
             worst = max(
@@ -454,7 +456,7 @@ def check_adaptive_policy(device: torch.device, quick: bool) -> str:
                 seen["vs reference"] += 1
             seen["batches"] += 1
             seen["promoted"] += got.promoted_keys.numel()
-            seen["demoted"] += got.demoted_keys.numel()
+            seen["demoted"] += got.demoted_rows.numel()
             seen["decays"] += int(got.decayed)
     if not all(seen.values()):
         raise AssertionError(f"the streams did not exercise promotion, swaps and decay: {seen}")

@@ -216,7 +216,6 @@ def recall(z: float, k: int, vocab: int, n: int) -> Dict[str, Dict[int, float]]:
     keys = mix64(ids, 5)
     exact = torch.zeros(vocab, dtype=torch.float64).index_add_(0, ids, scores.double()).topk(k)
     truth = mix64(exact.indices, 5)
-    truth_set = set(truth.tolist())
     thresholds = {"hot, paper rule": n / (25 * 10 * k), "hot, threshold k-th / 2": float(exact.values[-1]) / 2}
     out: Dict[str, Dict[int, float]] = {name: {} for name in ("held", "top-k", *thresholds)}
     for c in (2, 4, 8, 16):
@@ -225,8 +224,9 @@ def recall(z: float, k: int, vocab: int, n: int) -> Dict[str, Dict[int, float]]:
             keys,
             scores,
         )
-        out["held"][c] = len(truth_set & set(sk.slot_keys.tolist())) / k
-        out["top-k"][c] = len(truth_set & set(sk.top_k(k)[0].tolist())) / k
+        held = sk.find(truth)  # the truth's slots (a slot holds a tag: found = held, or a 2^-32 false match)
+        out["held"][c] = int((held >= 0).sum()) / k
+        out["top-k"][c] = int(torch.isin(held[held >= 0], sk.top_k(k)[0]).sum()) / k
         for name, threshold in thresholds.items():
             sk = _filled(
                 HotSketch(hot_capacity=k, threshold=threshold, num_buckets=4 * k // c, slots_per_bucket=c, decay=0.99),

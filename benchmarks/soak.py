@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from cafe_torchrec.hashing import mix64
 from cafe_torchrec.sketch import HotSketch
+from cafe_torchrec.sketch.types import tags_of
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,8 @@ def soak(cfg: SoakConfig, progress: bool = False) -> Dict[str, float]:
         ranks = pool[start : start + cfg.batch]
         keys = mix64(ranks + (step // cfg.drift_every) * cfg.vocab, cfg.seed)
         res = sketch.insert(keys, scores_pool[start : start + cfg.batch])
-        for k, r in zip(res.demoted_keys.tolist(), res.demoted_rows.tolist()):
-            assert owner.pop(r) == k, f"step {step}: row {r} freed by a key that did not own it"
+        for r in res.demoted_rows.tolist():
+            assert owner.pop(r, None) is not None, f"step {step}: row {r} freed but not held"
         for k, r in zip(res.promoted_keys.tolist(), res.promoted_rows.tolist()):
             assert r not in owner, f"step {step}: row {r} assigned twice"
             owner[r] = k
@@ -65,9 +66,12 @@ def soak(cfg: SoakConfig, progress: bool = False) -> Dict[str, float]:
         demotions += res.demoted_rows.numel()
         worst = max(worst, res.promoted_rows.numel() + res.demoted_rows.numel())
         if step % cfg.check_every == 0:
-            rows = sketch.slot_rows[sketch.slot_rows >= 0]
-            free = sketch.free_rows[: int(sketch.free_count[0])]
+            held = (sketch.slot_rows >= 0).nonzero().flatten()
+            rows = sketch.slot_rows[held]
+            free = sketch.free_rows()
             assert rows.numel() + free.numel() == cfg.capacity, f"step {step}: rows leaked"
+            owners = tags_of(torch.tensor([owner[r] for r in rows.tolist()], dtype=torch.int64))
+            assert torch.equal(sketch.slot_tags[held], owners), f"step {step}: a row is held by another key"
             assert torch.cat([rows, free]).unique().numel() == cfg.capacity, f"step {step}: a row is held twice"
             scores = sketch.slot_scores
             assert torch.isfinite(scores).all() and (scores >= 0).all(), f"step {step}: bad score"

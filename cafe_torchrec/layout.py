@@ -28,6 +28,7 @@ from cafe_torchrec.validation import check_tables
 
 MAX_TABLES_PER_GROUP = 1 << 15  # the table slot lives in the low 15 bits of a key
 BYTES_PER_VALUE = {DataType.FP32: 4, DataType.FP16: 2}
+ROW_TABLE_BYTES = 2  # the int16 table slot of each hot row's owner (remap.CafeGroupRemap.row_tables)
 
 
 @dataclass(frozen=True)
@@ -222,10 +223,12 @@ def sketch_buckets(hot_rows: int, slots_per_hot_row: float, slots_per_bucket: in
     return max(1, math.ceil(hot_rows * slots_per_hot_row / slots_per_bucket))
 
 
-def hot_row_bytes(dim: int, config: CafeConfig, bytes_per_value: int = 4) -> float:
-    """What one hot row costs under `config` (resolved): its weights, its share of sketch
-    slots, its free-list entry (and policy mark)."""
-    return dim * bytes_per_value + config.slots_per_hot_row * SLOT_BYTES + per_row_bytes(config.policy == "adaptive")
+def hot_row_bytes(dim: int, config: CafeConfig, bytes_per_value: int = 4, tables: int = 1) -> float:
+    """What one hot row costs under `config` (resolved) in a group of `tables` tables: its
+    weights, its share of sketch slots, its bit of the free-row bitmap (and policy mark), and
+    its owner's table slot where there are several (for the per-table demotion counts)."""
+    sketch = config.slots_per_hot_row * SLOT_BYTES + per_row_bytes(config.policy == "adaptive")
+    return dim * bytes_per_value + sketch + (ROW_TABLE_BYTES if tables > 1 else 0)
 
 
 def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[str, CafeConfig]) -> GroupLayout:
@@ -245,7 +248,7 @@ def size_group(name: str, tables: Sequence[EmbeddingBagConfig], configs: Dict[st
     dim, dtype = tables[0].embedding_dim, tables[0].data_type
     width = BYTES_PER_VALUE[dtype]
     hot_share = first.hot_share if first.hot_share is not None else 0.0  # resolved: never None
-    per_hot_row = hot_row_bytes(dim, first, width)
+    per_hot_row = hot_row_bytes(dim, first, width, len(tables))
     layout = GroupLayout(name, dim, dtype, first, 0, _hashed(tables, configs, hot_share))
     hot_rows = int(layout.budget_bytes() * hot_share // per_hot_row)
     layout = fit_budget(replace(layout, hot_rows=hot_rows), per_hot_row)

@@ -24,8 +24,9 @@ from cafe_torchrec.sketch.types import Lookup
 # without a hot row carry their Space-Saving error in the row word, 4 = the policy's state,
 # 5 = each table's name (its slot, salt and regions follow its place in the group: two tables of
 # equal rows listed in another order would otherwise load each other's rows and hot rows), 6 = the
-# stale rule's window in the policy's state
-_FORMAT = 6
+# stale rule's window in the policy's state, 7 = 12-byte sketch slots (key tags), a free-row
+# bitmap, reservations, float16 marks and each hot row's table
+_FORMAT = 7
 LOOKUP_COLUMNS = ("lookups", "hot_lookups", "medium_lookups")  # columns of `lookup_counts`
 MIGRATION_COLUMNS = ("promotions", "demotions")  # columns of `migration_counts`
 STAT_COLUMNS = LOOKUP_COLUMNS + MIGRATION_COLUMNS
@@ -80,6 +81,7 @@ class CafeGroupRemap(nn.Module):
     layout_signature: torch.Tensor
     lookup_counts: torch.Tensor
     migration_counts: torch.Tensor
+    row_tables: torch.Tensor
 
     def __init__(self, layout: GroupLayout, device: torch.device, kernel: str = "auto") -> None:
         super().__init__()
@@ -124,6 +126,13 @@ class CafeGroupRemap(nn.Module):
             torch.zeros(tables, len(MIGRATION_COLUMNS), dtype=torch.int64, device=device),
             persistent=False,
         )
+        # the table slot of each hot row's owner, so that a demotion (which frees a row: a sketch
+        # slot holds a tag, not the key naming the table) is counted for its table; none with one table
+        self.register_buffer(
+            "row_tables",
+            torch.zeros(layout.hot_rows if tables > 1 else 0, dtype=torch.int16, device=device),
+            persistent=True,
+        )
 
     @property
     def kernel(self) -> str:
@@ -148,9 +157,15 @@ class CafeGroupRemap(nn.Module):
     def record(self, keys: torch.Tensor, scores: torch.Tensor, hints: Optional[torch.Tensor] = None) -> InsertResult:
         """Insert importance scores; count promotions and demotions per table."""
         result = self.sketch.insert(keys, scores, hints)
-        n, counts = len(self.layout.tables), self.migration_counts
-        counts[:, 0] += torch.bincount(result.promoted_keys & SLOT_MASK, minlength=n).to(counts.device)
-        counts[:, 1] += torch.bincount(result.demoted_keys & SLOT_MASK, minlength=n).to(counts.device)
+        n, counts, owners = len(self.layout.tables), self.migration_counts, self.row_tables
+        promoted = result.promoted_keys & SLOT_MASK
+        # the demotions of a call come before its promotions, which may take the same rows
+        demoted_rows = result.demoted_rows.to(owners.device)
+        demoted = owners[demoted_rows].long() if owners.numel() else torch.zeros_like(demoted_rows)
+        if owners.numel():
+            owners[result.promoted_rows.to(owners.device)] = promoted.to(owners.device, torch.int16)
+        counts[:, 0] += torch.bincount(promoted, minlength=n).to(counts.device)
+        counts[:, 1] += torch.bincount(demoted, minlength=n).to(counts.device)
         return result
 
     def counters(self) -> List[Dict[str, int]]:

@@ -16,6 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
 from cafe_torchrec.sketch import cpp_kernel, torch_kernel
+from cafe_torchrec.sketch.types import tags_of
 from tests.helpers import features_of, tables, zipf_kjt
 
 
@@ -36,24 +37,28 @@ def one_id_kjt(ebc, feature: str, raw_id: int, batch: int = 4) -> KeyedJaggedTen
     )
 
 
-def test_promoted_id_keeps_its_embedding_and_cooled_id_returns_to_hashing() -> None:
+@pytest.mark.parametrize("feature,table,other", [("f0", "t0", "f1"), ("f1", "t1", "f0")])
+def test_promoted_id_keeps_its_embedding_and_cooled_id_returns_to_hashing(feature: str, table: str, other: str) -> None:
+    """Also: the promotion and the demotion count for the id's table (a demotion frees a row,
+    and the group remembers which table its owner was of: a sketch slot holds no key)."""
     # lr 0: weights move only by migration; decay (x0.1) before every batch
     ebc = make(lr=0.0, threshold=5.0, decay=0.1, decay_trigger=1e-9)
     group = ebc.groups[ebc.plan.groups[0].name]
-    kjt = one_id_kjt(ebc, "f0", 42, batch=8)  # id 42 scores 8 per step
-    key = ebc.keys("f0", torch.tensor([42]))
-    before = ebc(kjt)["f0"].detach().clone()
+    kjt = one_id_kjt(ebc, feature, 42, batch=8)  # id 42 scores 8 per step
+    key = ebc.keys(feature, torch.tensor([42]))
+    before = ebc(kjt)[feature].detach().clone()
     ebc(kjt).values().sum().backward()  # enters the sketch (never hot on entry)
     assert group.sketch.query(key)[0].item() == -1
     ebc(kjt).values().sum().backward()  # 0.8 + 8 >= 5: promoted after the update
     assert group.sketch.query(key)[0].item() >= 0
-    assert ebc.stats()[group.layout.name]["tables"]["t0"]["promotions"] == 1
-    torch.testing.assert_close(ebc.eval()(kjt)["f0"], before)  # the output does not jump
+    assert ebc.stats()[group.layout.name]["tables"][table]["promotions"] == 1
+    torch.testing.assert_close(ebc.eval()(kjt)[feature], before)  # the output does not jump
     ebc.train()
-    ebc(one_id_kjt(ebc, "f1", 7)).values().sum().backward()  # no hits: 8.8 x 0.1 < 5, freed
+    ebc(one_id_kjt(ebc, other, 7)).values().sum().backward()  # no hits: 8.8 x 0.1 < 5, freed
     assert group.sketch.query(key)[0].item() == -1
-    assert ebc.stats()[group.layout.name]["tables"]["t0"]["demotions"] == 1
-    torch.testing.assert_close(ebc.eval()(kjt)["f0"], before)  # back on its (unchanged) hashed row
+    counts = {t: s["demotions"] for t, s in ebc.stats()[group.layout.name]["tables"].items()}
+    assert counts[table] == 1 and sum(counts.values()) == 1, counts
+    torch.testing.assert_close(ebc.eval()(kjt)[feature], before)  # back on its (unchanged) hashed row
 
 
 @pytest.mark.parametrize("multi_level", [False, True])
@@ -213,9 +218,10 @@ def test_cpp_lookup_split_across_threads_equals_the_torch_path() -> None:
     for name in ("primary", "level2", "medium"):
         assert torch.equal(getattr(cpp, name), getattr(ref, name)), name
     assert torch.equal(counts[0], counts[1]) and int(counts[0][:, 0].sum()) == len(keys)
-    present = torch.isin(keys, group.sketch.slot_keys)
-    assert torch.equal(cpp.hints >= 0, present)
-    assert torch.equal(group.sketch.slot_keys[cpp.hints[present].long()], keys[present])
+    slots = group.sketch.find(keys)
+    assert torch.equal(cpp.hints.long(), slots) and bool((slots >= 0).any())
+    present = slots >= 0
+    assert torch.equal(group.sketch.slot_tags[slots[present]], tags_of(keys[present]))
 
 
 def test_output_order_and_plain_tables_follow_the_configs() -> None:

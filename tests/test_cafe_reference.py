@@ -83,7 +83,7 @@ def test_dlrm_training_matches_reference(optimizer: str, multi_level: bool, kern
         promotions += stats["promotions"]
         demotions += stats["demotions"]
         medium += sum(t["medium_lookup_share"] > 0 for t in stats["tables"].values())
-        assert group.sketch.slot_keys.tolist() == ref_ebc.sketch.keys, f"sketch keys differ at step {step}"
+        assert group.sketch.slot_tags.tolist() == ref_ebc.sketch.tags, f"sketch tags differ at step {step}"
         assert group.sketch.slot_rows.tolist() == ref_ebc.sketch.rows, f"hot rows differ at step {step}"
         torch.testing.assert_close(group.sketch.slot_scores, torch.tensor(ref_ebc.sketch.scores), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(group.sketch.slot_errors, torch.tensor(ref_ebc.sketch.errors), rtol=1e-4, atol=1e-4)

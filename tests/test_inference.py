@@ -222,6 +222,7 @@ def test_serving_op_probes_a_map_of_any_capacity_as_its_twin() -> None:
             table,
             offsets,
             frozen.regions,
+            frozen.bucket_hashes,
             frozen.physical,
             frozen.is_weighted(),
             multi_level=True,
@@ -274,6 +275,9 @@ def two_blocks(frozen: FrozenCafeEmbeddingBagCollection, kernel: str) -> FrozenC
     second[:, 3] = (group[:, 3] // 3).clamp(min=1)
     info[~cafe, 2] = torch.where(info[~cafe, 2] > 0, info[~cafe, 2] + slots, 0)  # after block 1's rows
     regions = torch.cat([frozen.regions[: 1 + slots], second, frozen.regions[1 + slots :]])
+    block1 = frozen.bucket_hashes[1:2].clone()  # block 1's sketch: block 0's hash, its buckets after block 0's
+    block1[:, 2] = block1[:, 1]
+    bucket_hashes = torch.cat([frozen.bucket_hashes, block1])
     inner = [f for c in frozen.physical.embedding_bag_configs() for f in c.feature_names]
     return FrozenCafeEmbeddingBagCollection(
         frozen.embedding_bag_configs(),
@@ -283,6 +287,7 @@ def two_blocks(frozen: FrozenCafeEmbeddingBagCollection, kernel: str) -> FrozenC
         frozen.hash_table,
         frozen.hash_offsets,
         regions,
+        bucket_hashes,
         frozen.physical,
         frozen.is_weighted(),
         multi_level=True,

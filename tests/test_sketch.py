@@ -11,6 +11,7 @@ import torch
 from cafe_torchrec.hashing import mix64
 from cafe_torchrec.ops import available as cpp_available
 from cafe_torchrec.sketch import HotSketch
+from cafe_torchrec.sketch.types import tags_of
 from tests.reference_sketch import ReferenceSketch
 
 KERNELS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="no C++ build"))]
@@ -53,13 +54,13 @@ def test_batched_insert_equals_sequential_reference(kernel: str) -> None:
         seen["promoted"] += len(pos)
         seen["demoted"] += len(demoted)
         seen["full"] += int(sk.free_count[0]) == 0
-        assert sk.slot_keys.tolist() == ref.keys
+        assert sk.slot_tags.tolist() == ref.tags
         assert sk.slot_scores.tolist() == ref.scores
         assert sk.slot_rows.tolist() == ref.rows
         assert sk.slot_errors.tolist() == ref.errors
         assert sk.slot_newcomers.tolist() == ref.newcomer
-        free = sk.free_rows[: int(sk.free_count[0])].tolist()
-        assert free == ref.free
+        free = sk.free_rows().tolist()
+        assert free == ref.free_list
         assert float(sk.total_score[0]) == pytest.approx(ref.total, rel=1e-12)
         q_rows, _ = sk.query(keys)
         assert q_rows.tolist() == [ref.query(k)[0] for k in keys.tolist()]
@@ -80,7 +81,7 @@ def test_newcomers_to_buckets_of_hot_slots_are_dropped_as_the_reference(kernel: 
         res = sk.insert(keys, scores)
         ref.insert_batch(keys.tolist(), scores.tolist())
         dropped += res.dropped
-        assert sk.slot_keys.tolist() == ref.keys and sk.slot_scores.tolist() == ref.scores
+        assert sk.slot_tags.tolist() == ref.tags and sk.slot_scores.tolist() == ref.scores
         assert sk.slot_rows.tolist() == ref.rows and sk.slot_errors.tolist() == ref.errors
     assert dropped > 20
 
@@ -95,7 +96,7 @@ def test_cpp_and_torch_kernels_agree_on_real_valued_scores() -> None:
         scores = torch.rand(300, generator=gen) * 2
         ra, rb = a.insert(keys, scores), b.insert(keys, scores)
         assert torch.equal(ra.promoted_keys, rb.promoted_keys) and torch.equal(ra.promoted_rows, rb.promoted_rows)
-        assert torch.equal(a.slot_keys, b.slot_keys) and torch.equal(a.slot_rows, b.slot_rows)
+        assert torch.equal(a.slot_tags, b.slot_tags) and torch.equal(a.slot_rows, b.slot_rows)
         assert torch.equal(a.slot_newcomers, b.slot_newcomers)
         torch.testing.assert_close(a.slot_scores, b.slot_scores, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a.slot_errors, b.slot_errors, rtol=1e-5, atol=1e-5)
@@ -116,13 +117,13 @@ def test_decay_never_leaks_or_duplicates_hot_rows(kernel: str) -> None:
         res = sk.insert(keys, torch.rand(256, generator=gen) * 3)
         promotions += res.promoted_rows.numel()
         demotions += res.demoted_rows.numel()
-        for k, r in zip(res.demoted_keys.tolist(), res.demoted_rows.tolist()):
-            assert assigned.pop(r) == k
+        for r in res.demoted_rows.tolist():
+            assigned.pop(r)
         for k, r in zip(res.promoted_keys.tolist(), res.promoted_rows.tolist()):
             assert r not in assigned
             assigned[r] = k
         rows = sk.slot_rows[sk.slot_rows >= 0]
-        free = sk.free_rows[: int(sk.free_count[0])]
+        free = sk.free_rows()
         assert rows.numel() + free.numel() == sk.hot_capacity
         assert torch.cat([rows, free]).unique().numel() == sk.hot_capacity
         assert sorted(rows.tolist()) == sorted(assigned)
@@ -139,8 +140,8 @@ def test_bad_scores_are_skipped_and_never_stored(kernel: str) -> None:
     assert res.skipped == 4
     res = sk.insert(keys, scores)  # saturates instead of overflowing to inf
     assert torch.isfinite(sk.slot_scores).all()
-    stored = set(sk.slot_keys[sk.slot_keys >= 0].tolist())
-    assert stored == {keys[0].item(), keys[5].item()}
+    stored = set(sk.slot_tags[sk.slot_tags != 0].tolist())
+    assert stored == set(tags_of(keys[[0, 5]]).tolist())
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -208,7 +209,8 @@ def test_a_newcomer_is_medium_only_after_a_later_hit(kernel: str) -> None:
     sk.insert(torch.tensor([a, b]), torch.tensor([0.0, 0.0]))
     assert sk.query(torch.tensor([a, b]))[1].tolist() == [True, True]  # hit again: confirmed
     sk.insert(torch.tensor([c]), torch.tensor([1.0]))  # evicts a (the minimum): score 4, error 3, estimate 2.5
-    assert sk.slot_keys.tolist().count(c) == 1 and a not in sk.slot_keys.tolist()
+    tag_a, tag_c = tags_of(torch.tensor([a, c])).tolist()
+    assert sk.slot_tags.tolist().count(tag_c) == 1 and tag_a not in sk.slot_tags.tolist()
     assert sk.query(torch.tensor([c]))[1].tolist() == [False]
     sk.insert(torch.tensor([c]), torch.tensor([0.0]))
     assert sk.query(torch.tensor([c]))[1].tolist() == [True]
@@ -224,7 +226,7 @@ def test_a_key_that_earns_its_row_keeps_it_against_the_same_batch_newcomers(kern
     sk.insert(torch.tensor([a, x1, x2, x3]), torch.tensor([1.0, 5.0, 5.0, 5.0]))  # fills the bucket, no hit yet
     res = sk.insert(torch.tensor([a, e]), torch.tensor([3.0, 0.5]))  # a: 4 >= 4, still the bucket's minimum
     assert res.promoted_keys.tolist() == [a]
-    assert sorted(sk.slot_keys.tolist()) == sorted([a, e, x2, x3])  # e took x1's slot (5, the lowest index)
+    assert sorted(sk.slot_tags.tolist()) == sorted(tags_of(torch.tensor([a, e, x2, x3])).tolist())  # e took x1's slot
     assert sk.query(torch.tensor([a]))[0].tolist() == res.promoted_rows.tolist()
 
 
@@ -244,14 +246,14 @@ def test_promotion_and_medium_discount_half_the_inherited_score(kernel: str) -> 
     a, b = mix64(torch.arange(2), 4).tolist()
     sk.insert(torch.tensor([a]), torch.tensor([8.0]))
     sk.insert(torch.tensor([b]), torch.tensor([1.0]))  # evicts a: score 9, error 8, estimate 5
-    assert sk.slot_keys.tolist() == [b] and sk.slot_errors.tolist() == [8.0]
+    assert sk.slot_tags.tolist() == tags_of(torch.tensor([b])).tolist() and sk.slot_errors.tolist() == [8.0]
     res = sk.insert(torch.tensor([b]), torch.tensor([2.0]))  # score 11 >= 10, estimate 7 < 10
     assert res.promoted_keys.tolist() == [] and sk.query(torch.tensor([b]))[1].tolist() == [True]  # 7 >= 6
     res = sk.insert(torch.tensor([b]), torch.tensor([3.0]))  # score 14, estimate 10: hot
     assert res.promoted_keys.tolist() == [b]
     assert sk.slot_scores.tolist() == [10.0] and sk.slot_errors.tolist() == [0.0]  # the estimate is kept
-    keys, estimates = sk.top_k(1)
-    assert keys.tolist() == [b] and estimates.tolist() == [10.0]
+    slots, estimates = sk.top_k(1)
+    assert slots.tolist() == sk.find(torch.tensor([b])).tolist() == [0] and estimates.tolist() == [10.0]
 
 
 @pytest.mark.parametrize(
@@ -262,12 +264,13 @@ def test_bad_config_raises(bad: dict) -> None:
         make("torch", **bad) if "kernel" not in bad else HotSketch(hot_capacity=4, threshold=1.0, kernel=bad["kernel"])
 
 
-def test_nbytes_counts_every_buffer_sixteen_bytes_a_slot() -> None:
+def test_nbytes_counts_every_buffer_twelve_bytes_a_slot() -> None:
     sk = make("torch")
-    # free count, total score, seed, initialized, decayed count, count since, stale window; medium level
-    scalars = 7 * 8 + 4
-    assert sk.nbytes() == 16 * 4 * 16 + 24 * 4 + scalars
-    assert make_adaptive("torch").nbytes() == 16 * 4 * 16 + 24 * (4 + 8) + scalars  # + two marks per hot row
+    # free count, reserved, total score, seed, initialized, decayed count, count since, stale window; medium level
+    scalars = 8 * 8 + 4
+    bitmap = 8  # 24 rows: one int64 word
+    assert sk.nbytes() == 16 * 4 * 12 + bitmap + scalars
+    assert make_adaptive("torch").nbytes() == 16 * 4 * 12 + bitmap + 24 * 2 + scalars  # + a float16 mark per hot row
 
 
 def test_cpp_prepare_ids_equals_torch_make_keys_and_remainder() -> None:
@@ -368,10 +371,11 @@ def assert_same_as_reference(sk: HotSketch, ref: ReferenceSketch, res, got: tupl
     pos, rows, demoted = got
     assert res.promoted_keys.tolist() == pos and res.promoted_rows.tolist() == rows
     assert res.demoted_rows.tolist() == demoted
-    assert sk.slot_keys.tolist() == ref.keys and sk.slot_scores.tolist() == ref.scores
+    assert sk.slot_tags.tolist() == ref.tags and sk.slot_scores.tolist() == ref.scores
     assert sk.slot_rows.tolist() == ref.rows and sk.slot_errors.tolist() == ref.errors
     assert sk.slot_newcomers.tolist() == ref.newcomer
-    assert sk.free_rows[: int(sk.free_count[0])].tolist() == ref.free
+    assert sk.free_rows().tolist() == ref.free_list
+    assert sk.slot_reserved.tolist() == ref.reserved and int(sk.reserved[0]) == ref.reservations
     assert float(sk.decayed_occurrences[0]) == ref.decayed and int(sk.occurrences_since[0]) == ref.since
     assert int(sk.stale_window[0]) == ref.window
 
@@ -459,7 +463,8 @@ def test_adaptive_policy_follows_an_abrupt_drift(kernel: str) -> None:
 def test_the_decay_runs_faster_after_a_burst(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every rank gets another id: yesterday's heads land anywhere, some where they still see a
     hit now and then (never stale). In the window after the drift's burst the decay runs 4x
-    faster, and the hot share is back to 90% in well under half the steps it takes without."""
+    faster, and the hot share is back to 90% in 27 steps against 39 without (a rebalance's
+    winners take their rows at their next hit: 20 against 58 when they took them at once)."""
     from cafe_torchrec.sketch import policy
 
     def steps_back() -> int:
@@ -478,7 +483,7 @@ def test_the_decay_runs_faster_after_a_burst(kernel: str, monkeypatch: pytest.Mo
 
     faster = steps_back()
     monkeypatch.setattr(policy, "STALE_WINDOW_DECAY", 1.0)
-    assert faster <= 20 and steps_back() >= 2 * faster, faster
+    assert faster <= 30 and steps_back() >= faster + 10, faster
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -562,13 +567,13 @@ def test_adaptive_policy_stays_finite_and_never_leaks_rows(kernel: str, stream: 
         if stream == "huge scores":
             scores = scores * 1e37
         res = sk.insert(keys, scores)
-        for k, r in zip(res.demoted_keys.tolist(), res.demoted_rows.tolist()):
-            assert assigned.pop(r) == k
+        for r in res.demoted_rows.tolist():
+            assigned.pop(r)
         for k, r in zip(res.promoted_keys.tolist(), res.promoted_rows.tolist()):
             assert r not in assigned
             assigned[r] = k
         rows = sk.slot_rows[sk.slot_rows >= 0]
-        free = sk.free_rows[: int(sk.free_count[0])]
+        free = sk.free_rows()
         assert torch.cat([rows, free]).unique().numel() == rows.numel() + free.numel() == sk.hot_capacity
         assert sorted(rows.tolist()) == sorted(assigned)
         assert torch.isfinite(sk.slot_scores).all() and (sk.slot_scores >= 0).all()
@@ -641,7 +646,7 @@ def test_settings_are_float32_and_a_minus_zero_score_is_zero(kernel: str) -> Non
     result = sk.insert(keys[:1], torch.tensor([0.0]))  # key 3 is hit: its 0.7 reaches the float32 threshold
     ref.insert_batch(keys[:1].tolist(), [0.0])
     assert result.promoted_keys.tolist() == [keys[0].item()]
-    assert sk.slot_keys.tolist() == ref.keys and sk.slot_rows.tolist() == ref.rows
+    assert sk.slot_tags.tolist() == ref.tags and sk.slot_rows.tolist() == ref.rows
     assert sk.slot_scores.tolist() == ref.scores
 
 
@@ -694,3 +699,45 @@ def test_bad_adaptive_policy_raises(bad: dict) -> None:
 
     with pytest.raises(ValueError, match=next(iter(bad))):
         HotSketch(hot_capacity=4, adaptive=AdaptivePolicy(**bad))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_rebalance_winner_takes_its_reserved_row_at_its_next_hit(kernel: str) -> None:
+    """A rebalance cannot copy a winner's hashed rows (a slot holds a tag, not the key that
+    locates them): it frees the loser's row and reserves it, and the winner takes it at its next
+    hit, in the insert, which has the key. Meanwhile another id that reaches the entry score
+    does not take the reserved row."""
+    from cafe_torchrec.sketch.policy import AdaptivePolicy
+
+    policy = AdaptivePolicy(horizon=1e12, hysteresis=1.5, entry_score=1.0, rebalances_per_horizon=1000)
+    sk = HotSketch(hot_capacity=1, num_buckets=1, slots_per_bucket=4, kernel=kernel, adaptive=policy)
+    a, b, c = mix64(torch.arange(3), 8).tolist()
+
+    def insert(key: int, score: float):
+        return sk.insert(torch.tensor([key]), torch.tensor([score]))
+
+    insert(a, 1.0)
+    assert insert(a, 1.0).promoted_keys.tolist() == [a]  # confirmed at 2 >= 1, and a row is free
+    insert(b, 1.0)
+    insert(b, 10.0)  # 11, but no row is free
+    swap = insert(c, 1.0)  # the rebalance: b (11) beats a (2) by 1.5x
+    assert swap.demoted_rows.tolist() == [0] and swap.promoted_keys.tolist() == []
+    assert sk.query(torch.tensor([a, b]))[0].tolist() == [-1, -1] and int(sk.reserved[0]) == 1
+    assert sk.slot_reserved[sk.find(torch.tensor([b]))].tolist() == [True]
+    assert insert(c, 5.0).promoted_keys.tolist() == []  # c (6) is a candidate, but the free row is b's
+    taken = insert(b, 1.0)
+    assert taken.promoted_keys.tolist() == [b] and taken.promoted_rows.tolist() == [0]
+    assert int(sk.reserved[0]) == 0 and not bool(sk.slot_reserved.any())
+    assert sk.query(torch.tensor([b]))[0].tolist() == [0]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_keys_of_one_bucket_and_tag_are_one_key_to_the_sketch(kernel: str) -> None:
+    """A slot holds bits 31-62 of its key: keys of one bucket that differ only in bits 0-30 (the
+    table slot and 16 hash bits) are one key to it, as two keys of 2^-32 odds would be."""
+    sk = make(kernel, num_buckets=1, threshold=100.0)
+    a = int(mix64(torch.tensor([1]), 0)[0])
+    sk.insert(torch.tensor([a]), torch.tensor([2.0]))
+    assert sk.find(torch.tensor([a, a ^ 1, a ^ (1 << 30), a ^ (1 << 31)])).tolist() == [0, 0, 0, -1]
+    sk.insert(torch.tensor([a ^ 1]), torch.tensor([3.0]))
+    assert sk.slot_scores[0].item() == 5.0 and int((sk.slot_tags != 0).sum()) == 1

@@ -1,4 +1,4 @@
-// Shared by the CAFE CPU ops: the hashes, the 16-byte sketch slot, per-thread scratch.
+// Shared by the CAFE CPU ops: the hashes, the 12-byte sketch slot, per-thread scratch.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -9,24 +9,42 @@
 
 namespace cafe {
 
-constexpr int64_t kEmptyKey = -1;
-constexpr int32_t kNoRow = -1;  // what a query says for a key without a hot row
+constexpr uint32_t kEmptyTag = 0;  // the tag of an unused slot (a key's tag is never 0)
+constexpr int32_t kNoRow = -1;      // what a query says for a key without a hot row
 
-// A slot's row word is its hot row (>= 0) or, without one, a negative word: the sign bit, the
-// float32 bits of its Space-Saving error (the evicted key's score it inherited) with the two low
-// mantissa bits cleared, and two flags there (the twin of sketch/types.py).
+// A slot's row word is, with a hot row, the row (bits 0-29) and a hit flag (bit 30: hit since
+// the last rebalance), a non-negative word; without one, a negative word: the sign bit, the
+// float32 bits of its Space-Saving error (the evicted key's score it inherited) with the three
+// low mantissa bits cleared, and three flags there (the twin of sketch/types.py).
+constexpr int32_t kRowMask = 0x3FFFFFFF;
+constexpr int32_t kHitBit = 0x40000000;
+constexpr int64_t kMaxHotRows = int64_t{1} << 30;
 constexpr int32_t kColdWord = INT32_MIN;  // no hot row, error 0, confirmed
 constexpr int32_t kNewcomerBit = 1;       // placed by Space-Saving, not hit since: not medium yet
 constexpr int32_t kCandidateBit = 2;      // transient inside one insert: a promotion candidate
-constexpr uint32_t kErrorBits = 0x7FFFFFFCu;
+constexpr int32_t kReservedBit = 4;       // a rebalance reserved a free row for it: it takes it at its next hit
+constexpr uint32_t kErrorBits = 0x7FFFFFF8u;
 constexpr float kErrorDiscount = 0.5f;    // estimate = score - kErrorDiscount * error
 
+// A slot holds a key's 32-bit tag, not the key: 12 bytes, so a hot row's four slots cost 48.
 struct Slot {
-  int64_t key;
+  uint32_t tag;
   float score;
   int32_t row;
 };
-static_assert(sizeof(Slot) == 16, "a slot is 16 bytes");
+static_assert(sizeof(Slot) == 12, "a slot is 12 bytes");
+
+// A key's tag: bits 31-62 of the 63-bit key (hash bits only: the low 15 name the table slot),
+// 0 read as 1 so that 0 marks an empty slot. The bucket comes from all the key's bits through
+// a multiplication (bucket_base), so two keys of one bucket share a tag with probability 2^-32
+// (the twin of cafe_torchrec.sketch.types.tags_of).
+inline uint32_t tag_of(int64_t key) {
+  const uint32_t t = static_cast<uint32_t>(static_cast<uint64_t>(key) >> 31);
+  return t + (t == 0);
+}
+
+// The hot row of a non-negative row word.
+inline int64_t row_of(int32_t word) { return word & kRowMask; }
 
 // The row word of a slot without a hot row: error (finite, >= 0) and newcomer flag.
 inline int32_t cold_word(float error, bool newcomer) {
@@ -48,6 +66,13 @@ inline float error_of(int32_t word) {
 // A slot's estimated score: its score less half its error (its score when hot: error 0).
 inline float estimate(float score, int32_t word) { return score - kErrorDiscount * error_of(word); }
 inline float estimate(const Slot& s) { return estimate(s.score, s.row); }
+
+// A hot row's word after a hit, or a cold word after a hit (a hit confirms a newcomer),
+// without a branch (hot or not is a coin flip to a predictor).
+inline int32_t hit_word(int32_t word) {
+  const int32_t cold = word >> 31;  // all ones if cold
+  return (word & ~(cold & kNewcomerBit)) | (~cold & kHitBit);
+}
 
 // Held without a hot row and hit since it was placed: may be medium.
 inline bool confirmed_cold(int32_t word) { return (word < 0) & ((word & kNewcomerBit) == 0); }
@@ -77,18 +102,18 @@ inline int64_t bucket_base(int64_t key, int64_t multiplier, int64_t w, int64_t c
   return bounded(fold(key, multiplier), w) * c;
 }
 
-// Index (0..3) of `key` in a bucket of four slots, or 4 if absent: four compares folded into a
-// bit mask, no branch (keys are unique within a bucket, so at most one bit is set).
-inline int64_t find4(const Slot* b, int64_t key) {
-  const unsigned m = static_cast<unsigned>(b[0].key == key) | static_cast<unsigned>(b[1].key == key) << 1 |
-                     static_cast<unsigned>(b[2].key == key) << 2 | static_cast<unsigned>(b[3].key == key) << 3;
+// Index (0..3) of `tag` in a bucket of four slots, or 4 if absent: four compares folded into a
+// bit mask, no branch (tags are unique within a bucket, so at most one bit is set).
+inline int64_t find4(const Slot* b, uint32_t tag) {
+  const unsigned m = static_cast<unsigned>(b[0].tag == tag) | static_cast<unsigned>(b[1].tag == tag) << 1 |
+                     static_cast<unsigned>(b[2].tag == tag) << 2 | static_cast<unsigned>(b[3].tag == tag) << 3;
   return __builtin_ctz(m | 16u);
 }
 
-// Index of `key` in a bucket of c slots, or c if absent.
-inline int64_t find_any(const Slot* b, int64_t c, int64_t key) {
+// Index of `tag` in a bucket of c slots, or c if absent.
+inline int64_t find_any(const Slot* b, int64_t c, uint32_t tag) {
   int64_t j = 0;
-  while (j < c && b[j].key != key) ++j;
+  while (j < c && b[j].tag != tag) ++j;
   return j;
 }
 
@@ -115,9 +140,11 @@ class ProbeRing {
       const int64_t ahead = i + kAhead;
       const int64_t next = ahead < limit ? bucket_base(keys[ahead], multiplier, w, c) : 0;
       __builtin_prefetch(slots + next);
+      __builtin_prefetch(slots + next + c - 1);  // a bucket of 48 bytes may cross a cache line
       const int64_t key = keys[i], base = ring[i & kMask];
       ring[ahead & kMask] = next;
-      visit(i, key, base, C == 4 ? find4(slots + base, key) : find_any(slots + base, c, key));
+      const uint32_t tag = tag_of(key);
+      visit(i, key, base, C == 4 ? find4(slots + base, tag) : find_any(slots + base, c, tag));
     }
   }
 
@@ -145,11 +172,41 @@ inline int64_t* scratch(int which, int64_t n) {
 }
 
 inline Slot* slots_of(const at::Tensor& slots, int64_t c) {
-  TORCH_CHECK(slots.is_contiguous() && slots.scalar_type() == at::kLong && slots.dim() == 2 &&
-                  slots.size(1) == 2,
-              "slots: contiguous int64 [W*C, 2]");
+  TORCH_CHECK(slots.is_contiguous() && slots.scalar_type() == at::kInt && slots.dim() == 2 &&
+                  slots.size(1) == 3,
+              "slots: contiguous int32 [W*C, 3]");
   TORCH_CHECK(c > 0 && slots.size(0) % c == 0, "slot count must be a multiple of slots_per_bucket");
-  return reinterpret_cast<Slot*>(slots.data_ptr<int64_t>());
+  return reinterpret_cast<Slot*>(slots.data_ptr<int32_t>());
 }
+
+// The free-row bitmap: bit r of word r / 64 is set when hot row r is free.
+class FreeRows {
+ public:
+  FreeRows(const at::Tensor& bits, const at::Tensor& count) {
+    TORCH_CHECK(bits.is_contiguous() && bits.scalar_type() == at::kLong && bits.dim() == 1, "free bits: int64 [ceil(H/64)]");
+    TORCH_CHECK(count.scalar_type() == at::kLong && count.numel() == 1, "free_count: int64 [1]");
+    bits_ = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
+    count_ = count.data_ptr<int64_t>();
+  }
+  int64_t count() const { return *count_; }
+  // the lowest free row, taken (the caller checks count() > 0); the scan resumes where it stopped
+  int64_t pop() {
+    while (bits_[cursor_] == 0) ++cursor_;
+    const int64_t bit = __builtin_ctzll(bits_[cursor_]);
+    bits_[cursor_] &= bits_[cursor_] - 1;
+    --*count_;
+    return cursor_ * 64 + bit;
+  }
+  void push(int64_t row) {
+    bits_[row >> 6] |= uint64_t{1} << (row & 63);
+    cursor_ = std::min(cursor_, row >> 6);
+    ++*count_;
+  }
+
+ private:
+  uint64_t* bits_;
+  int64_t* count_;
+  int64_t cursor_ = 0;
+};
 
 }  // namespace cafe

@@ -1,17 +1,12 @@
 // HotSketch insert and query on CPU: the semantics of torch_kernel.py, without sorting.
 // Phase A touches each occurrence's slot once (through the forward's hint when it still holds
-// the key, else by probing one bucket, a cache line at 4 slots); only the keys that miss are
+// the key's tag, else by probing one bucket of 48 bytes at 4 slots); only the keys that miss are
 // coalesced, through a small open-addressing map.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "common.h"
-
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#include <xmmintrin.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -31,11 +26,15 @@ using cafe::cold_word;
 using cafe::kAhead;
 using cafe::kCandidateBit;
 using cafe::kColdWord;
-using cafe::kEmptyKey;
+using cafe::kEmptyTag;
+using cafe::kHitBit;
 using cafe::kNewcomerBit;
 using cafe::kNoRow;
+using cafe::kReservedBit;
+using cafe::row_of;
 using cafe::Slot;
 using cafe::slots_of;
+using cafe::tag_of;
 constexpr float kFloatMax = std::numeric_limits<float>::max();
 
 inline uint32_t bits_of(float v) {
@@ -56,7 +55,7 @@ inline std::pair<int64_t, int64_t> choose_any(const Slot* b, int64_t c) {
   int64_t empty = c, victim = c;
   uint32_t least = 0;  // the victim's score bits
   for (int64_t j = 0; j < c; ++j) {
-    const int64_t take_empty = -static_cast<int64_t>((b[j].key == kEmptyKey) & (empty == c));
+    const int64_t take_empty = -static_cast<int64_t>((b[j].tag == kEmptyTag) & (empty == c));
     empty = (j & take_empty) | (empty & ~take_empty);
     const float score = b[j].score;
     const int64_t take = -static_cast<int64_t>((b[j].row < 0) & ((victim == c) | (score < float_of(least))));
@@ -66,29 +65,8 @@ inline std::pair<int64_t, int64_t> choose_any(const Slot* b, int64_t c) {
   return {empty, victim};
 }
 
-// choose_any for a bucket of four: its cache line as four SSE2 vectors, transposed to key
-// halves, scores and row words, so each choice is four compares and a bit scan (choose_any
-// itself where SSE2 is missing, e.g. on ARM: the same choices).
-#if !defined(__SSE2__)
+// choose_any for a bucket of four, unrolled by the compiler.
 inline std::pair<int64_t, int64_t> choose4(const Slot* b) { return choose_any(b, 4); }
-#else
-inline std::pair<int64_t, int64_t> choose4(const Slot* b) {
-  static_assert(sizeof(Slot) == 16 && offsetof(Slot, score) == 8 && offsetof(Slot, row) == 12, "slot layout");
-  const float* f = reinterpret_cast<const float*>(b);
-  __m128 low = _mm_loadu_ps(f), high = _mm_loadu_ps(f + 4), score = _mm_loadu_ps(f + 8), row = _mm_loadu_ps(f + 12);
-  _MM_TRANSPOSE4_PS(low, high, score, row);  // now lane j of each is slot j's
-  const __m128i ones = _mm_set1_epi32(-1);
-  const __m128i is_empty = _mm_and_si128(_mm_cmpeq_epi32(_mm_castps_si128(low), ones),
-                                         _mm_cmpeq_epi32(_mm_castps_si128(high), ones));  // key == -1
-  const __m128 cold = _mm_castsi128_ps(_mm_srai_epi32(_mm_castps_si128(row), 31));  // row word < 0
-  // hot slots read as +inf; the minimum's lanes, masked to the cold ones, hold the victim
-  const __m128 x = _mm_or_ps(_mm_and_ps(cold, score), _mm_andnot_ps(cold, _mm_set1_ps(INFINITY)));
-  __m128 m = _mm_min_ps(x, _mm_shuffle_ps(x, x, _MM_SHUFFLE(2, 3, 0, 1)));
-  m = _mm_min_ps(m, _mm_shuffle_ps(m, m, _MM_SHUFFLE(1, 0, 3, 2)));
-  const int least = _mm_movemask_ps(_mm_cmpeq_ps(x, m)) & _mm_movemask_ps(cold);
-  return {__builtin_ctz(_mm_movemask_ps(_mm_castsi128_ps(is_empty)) | 16), __builtin_ctz(least | 16)};
-}
-#endif
 
 // finite and non-negative (NaN fails both compares)
 inline bool valid_score(float v) { return v >= 0.0f && v <= kFloatMax; }
@@ -104,7 +82,7 @@ class MissIndex {
     while (size < static_cast<uint64_t>(n + n / 2)) size <<= 1;
     Table& t = table();
     if (t.entries.size() < size || ++t.stamp == 0) {
-      t.entries.assign(std::max<size_t>(size, t.entries.size()), Entry{kEmptyKey, 0, 0});
+      t.entries.assign(std::max<size_t>(size, t.entries.size()), Entry{-1, 0, 0});
       t.stamp = 1;
     }
     entries_ = t.entries.data();
@@ -156,7 +134,7 @@ at::Tensor to_tensor(const std::vector<int64_t>& v) {
 
 // What phase A leaves for the rest of the insert: views into this thread's scratch buffers.
 struct PhaseA {
-  int64_t* candidates;  // slot indices marked kCandidateBit
+  int64_t* candidates;  // slot << 32 | an input position holding its key, of the slots marked kCandidateBit
   int64_t num_candidates = 0;
   int64_t* miss_positions;  // input position of each occurrence whose key is absent
   int64_t* miss_bases;  // and its bucket's first slot
@@ -191,29 +169,30 @@ std::pair<double, int64_t> valid_total(const float* s, int64_t n) {
 // The other valid occurrences are queued for pass 2, which probes their buckets. All
 // occurrences of one key share one hint, so each slot still sees its key's scores in input order.
 // Candidates are found after both passes, among the slots they hit without a hot row (listed
-// as they are hit; few, as most hits are hot): scores only grow in phase A, so a slot that
-// ends it with estimate >= threshold is one that reached it. The passes are compiled for each
+// as they are hit, with the input position of the key, which a slot no longer holds; few, as
+// most hits are hot): scores only grow in phase A, so a slot that ends it with estimate >=
+// threshold is one that reached it; a slot with a reserved row is a candidate at any hit. The passes are compiled for each
 // of: hints given or not (without them pass 1 only checks and queues), and rows free or not
 // (without a free row no slot can become a candidate: nothing to list).
 // The loops write raw scratch arrays and call nothing, so a step allocates nothing.
 template <bool kHints, bool kPromote>
 PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t multiplier, const int64_t* k,
                const float* s, const int32_t* hints, int64_t n, float threshold) {
-  int64_t* cold_hits = cafe::scratch(3, n + 1);  // one entry per hit at most, and one written past
+  int64_t* cold_hits = cafe::scratch(3, n + 1);  // slot << 32 | position, one per hit at most, and one written past
   int64_t num_cold_hits = 0;
   // Misses add to dummies (hot row 0: never listed) taken in turn, so that consecutive misses
   // do not chain through one slot's store and reload.
   constexpr int64_t kDummies = 8;
   Slot dummies[kDummies];
-  for (Slot& d : dummies) d = Slot{kEmptyKey, 0.0f, 0};
+  for (Slot& d : dummies) d = Slot{kEmptyTag, 0.0f, 0};
   // always_inline: GCC kept the lambda as a call per occurrence. Branch-free: whether a hit
   // slot is hot is a coin flip no predictor learns.
-  auto add = [&](Slot* t, int64_t j, float v) __attribute__((always_inline)) {  // t: slot j, or a dummy
-    const int32_t row = t->row & ~static_cast<int32_t>(static_cast<uint32_t>(t->row) >> 31);  // a hit confirms a newcomer
+  auto add = [&](Slot* t, int64_t j, int64_t i, float v) __attribute__((always_inline)) {  // t: slot j, or a dummy
+    const int32_t row = cafe::hit_word(t->row);
     t->score = std::min(t->score + v, kFloatMax);
     t->row = row;
     if constexpr (kPromote) {
-      cold_hits[num_cold_hits] = j;
+      cold_hits[num_cold_hits] = j << 32 | i;
       num_cold_hits += row < 0;
     }
   };
@@ -227,8 +206,8 @@ PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t mul
       if (!valid_score(v)) continue;
       const int64_t h = hints[i];
       const bool in_range = static_cast<uint64_t>(h) < static_cast<uint64_t>(num_slots);
-      const bool hit = in_range & (slots[in_range ? h : 0].key == k[i]);
-      add(hit ? slots + h : dummies + (i & (kDummies - 1)), hit ? h : 0, hit ? v : 0.0f);
+      const bool hit = in_range & (slots[in_range ? h : 0].tag == tag_of(k[i]));
+      add(hit ? slots + h : dummies + (i & (kDummies - 1)), hit ? h : 0, i, hit ? v : 0.0f);
       queue[queued] = i;
       queued += !hit;
     }
@@ -244,11 +223,13 @@ PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t mul
   int64_t misses = 0;  // compacted in place: entry `misses` <= q is never read again
   for (int64_t q = 0; q < queued; ++q) {
     __builtin_prefetch(slots + bases[q + kAhead]);
+    __builtin_prefetch(slots + bases[q + kAhead] + c - 1);
     const int64_t i = queue[q], base = bases[q];
     Slot* b = slots + base;
-    const int64_t j = c == 4 ? cafe::find4(b, k[i]) : cafe::find_any(b, c, k[i]);
+    const uint32_t tag = tag_of(k[i]);
+    const int64_t j = c == 4 ? cafe::find4(b, tag) : cafe::find_any(b, c, tag);
     if (j < c) {
-      add(b + j, base + j, s[i]);
+      add(b + j, base + j, i, s[i]);
     } else {
       queue[misses] = i;
       bases[misses++] = base;
@@ -259,12 +240,13 @@ PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t mul
   int64_t* candidates = cold_hits;
   int64_t num_candidates = 0;
   for (int64_t q = 0; q < num_cold_hits; ++q) {
-    const int64_t j = cold_hits[q];
-    Slot& t = slots[j];
-    const bool candidate = ((t.row & kCandidateBit) == 0) & (cafe::estimate(t) >= threshold);
+    const int64_t entry = cold_hits[q];
+    Slot& t = slots[entry >> 32];
+    const bool candidate =
+        ((t.row & kCandidateBit) == 0) & (((t.row & kReservedBit) != 0) | (cafe::estimate(t) >= threshold));
     t.row |= static_cast<int32_t>(candidate) << 1;
     static_assert(kCandidateBit == 2, "the shift above sets kCandidateBit");
-    candidates[num_candidates] = j;
+    candidates[num_candidates] = entry;
     num_candidates += candidate;
   }
   const auto [batch_total, skipped] = valid_total(s, n);
@@ -272,11 +254,11 @@ PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t mul
 }
 
 // Phase B: the misses, their scores summed per key, in order of first occurrence, take the
-// first empty slot of their bucket, else replace its minimum non-hot slot (Space-Saving), else
-// are dropped. Returns how many were dropped.
+// first empty slot of their bucket, else replace its minimum non-hot slot (Space-Saving; a
+// replaced slot's reservation is given up), else are dropped. Returns how many were dropped.
 // Coalescing compacts a's miss arrays in place into one entry per key (entry u <= m is never
 // read again), so the loops write raw arrays and call nothing.
-int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s, PhaseA& a) {
+int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s, PhaseA& a, int64_t& reserved) {
   const int64_t n = a.num_misses;
   MissIndex index(n);
   int64_t* homes = cafe::scratch(0, n + kAhead);
@@ -323,22 +305,23 @@ int64_t phase_b(Slot* slots, int64_t c, const int64_t* k, const float* s, PhaseA
       const int64_t j = (empty & pick) | (victim & ~pick);
       const uint32_t keep = ~static_cast<uint32_t>(pick);
       const uint32_t evicted = bits_of(b[victim & ~pick].score) & keep;  // 0.0f into an empty slot
+      reserved -= static_cast<int64_t>(!has_empty & ((b[victim & ~pick].row & kReservedBit) != 0));
       const float usum = usums[u];
       const uint32_t sum = (bits_of(usum) & ~keep) | (bits_of(float_of(evicted) + usum) & keep);
-      b[j] = Slot{ukeys[u], std::min(float_of(sum), kFloatMax), cold_word(float_of(evicted), true)};
+      b[j] = Slot{tag_of(ukeys[u]), std::min(float_of(sum), kFloatMax), cold_word(float_of(evicted), true)};
     }
   };
   c == 4 ? place(std::integral_constant<int64_t, 4>{}) : place(std::integral_constant<int64_t, 0>{});
   return dropped;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_insert(
-    at::Tensor slots_t, at::Tensor free_rows, at::Tensor free_count, at::Tensor total_score,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_insert(
+    at::Tensor slots_t, at::Tensor free_bits, at::Tensor free_count, at::Tensor reserved_t, at::Tensor total_score,
     const at::Tensor& in_keys, const at::Tensor& in_scores, const at::Tensor& in_hints, int64_t c,
     double threshold_d, double decay_d, double trigger, int64_t multiplier) {
   Slot* slots = slots_of(slots_t, c);
-  TORCH_CHECK(free_rows.is_contiguous() && free_rows.scalar_type() == at::kInt, "free_rows: int32");
-  TORCH_CHECK(free_count.scalar_type() == at::kLong && free_count.numel() == 1, "free_count: int64 [1]");
+  cafe::FreeRows free(free_bits, free_count);
+  TORCH_CHECK(reserved_t.scalar_type() == at::kLong && reserved_t.numel() == 1, "reserved: int64 [1]");
   TORCH_CHECK(total_score.scalar_type() == at::kDouble && total_score.numel() == 1, "total_score: float64 [1]");
   TORCH_CHECK(in_keys.dim() == 1 && in_keys.scalar_type() == at::kLong, "keys: 1-D int64");
   TORCH_CHECK(in_scores.dim() == 1 && in_scores.scalar_type() == at::kFloat, "scores: 1-D float32");
@@ -347,19 +330,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
   const at::Tensor is = in_scores.contiguous();
   const at::Tensor ih = in_hints.contiguous();
   const int64_t n = ik.numel();
+  TORCH_CHECK(n < (int64_t{1} << 32), "insert: at most 2^32 - 1 keys per call");
   TORCH_CHECK(ih.numel() == 0 || (ih.numel() == n && ih.scalar_type() == at::kInt), "hints: int32 [N] or empty");
   const int32_t* hints = ih.numel() ? ih.data_ptr<int32_t>() : nullptr;
   const int64_t* k = ik.data_ptr<int64_t>();
   const float* s = is.data_ptr<float>();
-  int32_t* fr = free_rows.data_ptr<int32_t>();
-  int64_t& fc = *free_count.data_ptr<int64_t>();
+  int64_t& reserved = *reserved_t.data_ptr<int64_t>();
   double& total = *total_score.data_ptr<double>();
   const int64_t w = slots_t.size(0) / c;
   const float threshold = static_cast<float>(threshold_d);
   const float decay = static_cast<float>(decay_d);
   check_non_negative(k, n);
 
-  std::vector<int64_t> demoted_keys, demoted_rows;
+  std::vector<int64_t> demoted_rows;
   int64_t decayed = 0;
   if (total > trigger) {
     decayed = 1;
@@ -375,9 +358,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
       // one test on an integer: GCC splits a && or & of two bools into two branches
       const uint32_t demote = (static_cast<uint32_t>(~row) >> 31) & static_cast<uint32_t>(d < threshold);
       if (__builtin_expect(demote, 0)) {
-        demoted_keys.push_back(sl.key);
-        demoted_rows.push_back(row);
-        fr[fc++] = row;
+        demoted_rows.push_back(row_of(row));
+        free.push(row_of(row));
         sl.row = kColdWord;
       }
     }
@@ -390,32 +372,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_in
   };
   using Yes = std::true_type;
   using No = std::false_type;
-  PhaseA a = hints != nullptr ? (fc > 0 ? run_phase_a(Yes{}, Yes{}) : run_phase_a(Yes{}, No{}))
-                              : (fc > 0 ? run_phase_a(No{}, Yes{}) : run_phase_a(No{}, No{}));
+  const bool rows_free = free.count() > 0;
+  PhaseA a = hints != nullptr ? (rows_free ? run_phase_a(Yes{}, Yes{}) : run_phase_a(Yes{}, No{}))
+                              : (rows_free ? run_phase_a(No{}, Yes{}) : run_phase_a(No{}, No{}));
   total += a.batch_total;
 
   // promotions in slot order, before phase B: a key that earned its row takes it before this
-  // batch's newcomers can replace its slot (a hot slot is never replaced)
+  // batch's newcomers can replace its slot (a hot slot is never replaced). Every slot holding a
+  // reservation takes a row (there are as many reserved rows as such slots); the others take the
+  // rows beyond the reservations, in slot order. The key comes from the batch.
   std::sort(a.candidates, a.candidates + a.num_candidates);
   std::vector<int64_t> promoted_keys, promoted_rows;
+  const int64_t surplus = free.count() - reserved;
+  int64_t taken = 0;  // by slots without a reservation
   for (int64_t q = 0; q < a.num_candidates; ++q) {
-    Slot& sl = slots[a.candidates[q]];
-    if (fc > 0) {
+    Slot& sl = slots[a.candidates[q] >> 32];
+    const bool was_reserved = (sl.row & kReservedBit) != 0;
+    if (was_reserved ? free.count() > 0 : taken < surplus) {
       sl.score = cafe::estimate(sl);  // a hot slot keeps its estimate, no error
-      sl.row = fr[--fc];
-      promoted_keys.push_back(sl.key);
-      promoted_rows.push_back(sl.row);
+      const int64_t row = free.pop();
+      sl.row = static_cast<int32_t>(row) | kHitBit;  // hit in this batch
+      reserved -= was_reserved;
+      taken += !was_reserved;
+      promoted_keys.push_back(k[a.candidates[q] & 0xFFFFFFFF]);
+      promoted_rows.push_back(row);
     } else {
-      sl.row &= ~kCandidateBit;
+      sl.row &= ~cafe::kCandidateBit;
     }
   }
-  const int64_t dropped = phase_b(slots, c, k, s, a);
+  const int64_t dropped = phase_b(slots, c, k, s, a, reserved);
   at::Tensor counts = at::empty({3}, at::kLong);
   counts.data_ptr<int64_t>()[0] = a.skipped;
   counts.data_ptr<int64_t>()[1] = dropped;
   counts.data_ptr<int64_t>()[2] = decayed;
-  return {to_tensor(promoted_keys), to_tensor(promoted_rows), to_tensor(demoted_keys),
-          to_tensor(demoted_rows), counts};
+  return {to_tensor(promoted_keys), to_tensor(promoted_rows), to_tensor(demoted_rows), counts};
 }
 
 std::tuple<at::Tensor, at::Tensor> sketch_query(const at::Tensor& slots_t, const at::Tensor& in_keys,
@@ -439,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor> sketch_query(const at::Tensor& slots_t, const
       ring.run<C>(slots, begin, end, [&](int64_t i, int64_t, int64_t base, int64_t j) __attribute__((always_inline)) {
         const bool found = j < c;
         const Slot slot = slots[base + (found ? j : 0)];
-        r[i] = cafe::select(found & (slot.row >= 0), slot.row, kNoRow);
+        r[i] = cafe::select(found & (slot.row >= 0), row_of(slot.row), kNoRow);
         m[i] = found & cafe::confirmed_cold(slot.row) & (cafe::estimate(slot) >= medium);
       });
     });
@@ -504,25 +494,25 @@ RebalanceLists& rebalance_lists() {
 }
 
 // The adaptive policy's rebalance: the C++ twin of cafe_torchrec.sketch.policy.rebalance_ (its
-// docstring is the spec; this follows it step by step with the same float32 and float64
-// arithmetic, so the two are bit-equal). One pass computes the estimates, a radix selection
-// finds the marginal one, and only the hot and candidate slots are sorted.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_rebalance(
-    at::Tensor slots_t, at::Tensor free_rows, at::Tensor free_count, at::Tensor marks_t, at::Tensor decayed_t,
-    at::Tensor since_t, at::Tensor window_t, int64_t c, int64_t capacity, double horizon, double window_horizon,
-    double hysteresis_d, double window_hysteresis_d, double entry_d, double stale_hits_d, double stale_burst,
-    int64_t window_length, double stale_factor_d, int64_t decay_steps) {
+// docstring is the spec; this follows it step by step with the same float32, float16 and
+// float64 arithmetic, so the two are bit-equal). One pass computes the estimates, a radix
+// selection finds the marginal one, and only the hot and candidate slots are sorted.
+std::tuple<at::Tensor, double, bool> sketch_rebalance(
+    at::Tensor slots_t, at::Tensor free_bits, at::Tensor free_count, at::Tensor reserved_t, at::Tensor marks_t,
+    at::Tensor decayed_t, at::Tensor since_t, at::Tensor window_t, int64_t c, int64_t capacity, double horizon,
+    double window_horizon, double hysteresis_d, double window_hysteresis_d, double entry_d, double stale_hits_d,
+    double stale_burst, int64_t window_length, double stale_factor_d, int64_t decay_steps) {
   Slot* slots = slots_of(slots_t, c);
-  TORCH_CHECK(free_rows.is_contiguous() && free_rows.scalar_type() == at::kInt, "free_rows: int32");
-  TORCH_CHECK(marks_t.is_contiguous() && marks_t.scalar_type() == at::kFloat && marks_t.dim() == 2 &&
-                  marks_t.size(1) == 2, "marks: float32 [hot rows, 2]");
+  cafe::FreeRows free(free_bits, free_count);
+  TORCH_CHECK(reserved_t.scalar_type() == at::kLong && reserved_t.numel() == 1, "reserved: int64 [1]");
+  TORCH_CHECK(marks_t.is_contiguous() && marks_t.scalar_type() == at::kHalf && marks_t.dim() == 1,
+              "marks: float16 [hot rows]");
   TORCH_CHECK(decayed_t.scalar_type() == at::kDouble && since_t.scalar_type() == at::kLong &&
                   window_t.scalar_type() == at::kLong, "decayed f64, since i64, window i64");
   const int64_t n = slots_t.size(0);
   TORCH_CHECK(n < (int64_t{1} << 31), "rebalance: at most 2^31 - 1 slots per sketch");
-  int32_t* fr = free_rows.data_ptr<int32_t>();
-  int64_t& fc = *free_count.data_ptr<int64_t>();
-  float* marks = marks_t.data_ptr<float>();
+  int64_t& reserved = *reserved_t.data_ptr<int64_t>();
+  at::Half* marks = marks_t.data_ptr<at::Half>();
   double& decayed = *decayed_t.data_ptr<double>();
   int64_t& since = *since_t.data_ptr<int64_t>();
   int64_t& window = *window_t.data_ptr<int64_t>();
@@ -534,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
   std::vector<float>& held = lists.held;
   KthLargest select;
   for (int64_t j = 0; j < n; ++j) {
-    if (slots[j].key != kEmptyKey) {
+    if (slots[j].tag != kEmptyTag) {
       held.push_back(cafe::estimate(slots[j]));
       select.add(held.back());
     }
@@ -556,38 +546,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
   decayed = total * static_cast<double>(f);
   since = 0;
 
-  // One pass: a hot slot that gained nothing since the last rebalance adds the occurrences this
-  // interval's decay takes from it (judged on its score before this decay) to those due since
-  // its last hit (a hit resets them); every score (and cold slot's error) is decayed; then
+  // One pass: a hot slot not hit since the last rebalance (its hit flag clear) adds the
+  // occurrences this interval's decay takes from it (judged on its score before this decay) to
+  // those due since its last hit, its mark (float16; a hit resets it to 0); every hit flag is
+  // cleared, every score (and cold slot's error) decayed and every reservation dropped; then
   // slots are listed for re-ranking: hot slots, and candidates (confirmed, no row, estimate >=
-  // entry). Each hot row's mark takes its score after this rebalance here; the rows that change
-  // owner below get their new owner's marks. The scores (before this decay) of all hot ids, and
-  // of those whose due occurrences reach `stale_hits` in this rebalance, are summed in float64
-  // in slot order: the stale rule acts after the pass.
+  // entry). The scores (before this decay) of all hot ids, and of those whose due occurrences
+  // reach `stale_hits` in this rebalance, are summed in float64 in slot order: the stale rule
+  // acts after the pass.
   std::vector<std::pair<float, int32_t>>& candidates = lists.candidates;
   std::vector<std::pair<float, int32_t>>& hot = lists.hot;
   double hot_mass = 0.0, stale_mass = 0.0;
   int64_t newly_stale = 0;
   for (int64_t j = 0; j < n; ++j) {
     Slot& sl = slots[j];
-    if (sl.key == kEmptyKey) continue;
+    if (sl.tag == kEmptyTag) continue;
     if (sl.row >= 0) {
-      float* mark = marks + 2 * static_cast<int64_t>(sl.row);
-      const bool missed = sl.score == mark[0];
-      const float owed = missed ? mark[1] + sl.score * due : 0.0f;
-      const bool now_stale = missed & (owed >= stale_hits) & (mark[1] < stale_hits);
+      const int64_t row = row_of(sl.row);
+      const bool missed = (sl.row & kHitBit) == 0;
+      const float owed_before = static_cast<float>(marks[row]);
+      const float owed = missed ? static_cast<float>(at::Half(owed_before + sl.score * due)) : 0.0f;
+      const bool now_stale = missed & (owed >= stale_hits) & (owed_before < stale_hits);
       newly_stale += now_stale;
       hot_mass += sl.score;
       stale_mass += now_stale ? static_cast<double>(sl.score) : 0.0;
       if (f < 1.0f) sl.score = sl.score * f;
-      mark[0] = sl.score;
-      mark[1] = owed;
+      sl.row = static_cast<int32_t>(row);
+      marks[row] = at::Half(owed);
       hot.emplace_back(sl.score, static_cast<int32_t>(j));
       continue;
     }
+    const int32_t word = sl.row & ~kReservedBit;
+    sl.row = word;
     if (f < 1.0f) {
       sl.score = sl.score * f;
-      sl.row = cold_word(cafe::error_of(sl.row) * f, sl.row & kNewcomerBit);
+      sl.row = cold_word(cafe::error_of(word) * f, word & kNewcomerBit);
     }
     const float e = cafe::estimate(sl);
     if (!(sl.row & kNewcomerBit) && e >= entry) candidates.emplace_back(e, static_cast<int32_t>(j));
@@ -605,11 +598,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
   if (act) {
     for (auto& entry : hot) {
       Slot& sl = slots[entry.second];
-      float* mark = marks + 2 * static_cast<int64_t>(sl.row);
-      if (!(mark[1] >= stale_hits)) continue;
+      at::Half& mark = marks[row_of(sl.row)];
+      if (!(static_cast<float>(mark) >= stale_hits)) continue;
       sl.score = sl.score * stale_factor;
-      mark[0] = sl.score;
-      mark[1] = 0.0f;
+      mark = at::Half(0.0f);
       entry.first = sl.score;
     }
   }
@@ -623,7 +615,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
   const auto ascending = [](const auto& a, const auto& b) {
     return a.first < b.first || (a.first == b.first && a.second < b.second);
   };
-  const int64_t fill = std::min<int64_t>(static_cast<int64_t>(candidates.size()), fc);
+  const int64_t fill = std::min<int64_t>(static_cast<int64_t>(candidates.size()), free.count());
   const int64_t pairs = std::min<int64_t>(static_cast<int64_t>(candidates.size()) - fill, static_cast<int64_t>(hot.size()));
   int64_t swaps = 0;
   for (int64_t depth = std::min<int64_t>(pairs, 64);; depth = std::min(pairs, 2 * depth)) {
@@ -633,42 +625,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool> sketch_
     while (swaps < depth && candidates[fill + swaps].first >= hysteresis * hot[swaps].first) ++swaps;
     if (swaps < depth || depth == pairs) break;
   }
-  std::vector<int64_t> promoted_keys, promoted_rows, demoted_keys, demoted_rows;
-  for (int64_t i = 0; i < fill; ++i) promoted_rows.push_back(fr[fc - 1 - i]);
+  // the losers' rows are freed, and a row is reserved for each winner: it takes one at its
+  // next hit, where the insert has its key (a slot holds only a tag) to copy its hashed rows
+  std::vector<int64_t> demoted_rows;
   for (int64_t i = 0; i < swaps; ++i) {
     Slot& sl = slots[hot[i].second];
-    demoted_keys.push_back(sl.key);
-    demoted_rows.push_back(sl.row);
-    promoted_rows.push_back(sl.row);
+    demoted_rows.push_back(row_of(sl.row));
+    free.push(row_of(sl.row));
     sl.row = kColdWord;
   }
-  fc -= fill;
-  for (int64_t i = 0; i < fill + swaps; ++i) {
-    Slot& sl = slots[candidates[i].second];
-    sl.score = cafe::estimate(sl);
-    sl.row = static_cast<int32_t>(promoted_rows[i]);
-    promoted_keys.push_back(sl.key);
-  }
-  for (int64_t i = 0; i < fill + swaps; ++i) {
-    const Slot& sl = slots[candidates[i].second];
-    marks[2 * sl.row] = sl.score;
-    marks[2 * sl.row + 1] = 0.0f;  // a new owner: nothing due yet
-  }
-  return {to_tensor(promoted_keys), to_tensor(promoted_rows), to_tensor(demoted_keys), to_tensor(demoted_rows),
-          q * static_cast<double>(f), f < 1.0f};
+  for (int64_t i = 0; i < fill + swaps; ++i) slots[candidates[i].second].row |= kReservedBit;
+  reserved = fill + swaps;
+  return {to_tensor(demoted_rows), q * static_cast<double>(f), f < 1.0f};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cafe, m) {
-  m.def("sketch_insert(Tensor(a!) slots, Tensor(b!) free_rows, Tensor(c!) free_count, "
-        "Tensor(d!) total_score, Tensor keys, Tensor scores, Tensor hints, int slots_per_bucket, float threshold, "
-        "float decay, float decay_trigger, int multiplier) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("sketch_rebalance(Tensor(a!) slots, Tensor(b!) free_rows, Tensor(c!) free_count, Tensor(d!) marks, "
-        "Tensor(e!) decayed, Tensor(f!) since, Tensor(g!) window, int slots_per_bucket, int capacity, float horizon, "
-        "float window_horizon, float hysteresis, float window_hysteresis, float entry_score, float stale_hits, "
-        "float stale_burst, int window_length, float stale_factor, int decay_steps) "
-        "-> (Tensor, Tensor, Tensor, Tensor, float, bool)");
+  m.def("sketch_insert(Tensor(a!) slots, Tensor(b!) free_bits, Tensor(c!) free_count, Tensor(d!) reserved, "
+        "Tensor(e!) total_score, Tensor keys, Tensor scores, Tensor hints, int slots_per_bucket, float threshold, "
+        "float decay, float decay_trigger, int multiplier) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("sketch_rebalance(Tensor(a!) slots, Tensor(b!) free_bits, Tensor(c!) free_count, Tensor(d!) reserved, "
+        "Tensor(e!) marks, Tensor(f!) decayed, Tensor(g!) since, Tensor(h!) window, int slots_per_bucket, int capacity, "
+        "float horizon, float window_horizon, float hysteresis, float window_hysteresis, float entry_score, "
+        "float stale_hits, float stale_burst, int window_length, float stale_factor, int decay_steps) "
+        "-> (Tensor, float, bool)");
   m.def("sketch_query(Tensor slots, Tensor keys, int slots_per_bucket, float medium_threshold, "
         "int multiplier) -> (Tensor, Tensor)");
 }

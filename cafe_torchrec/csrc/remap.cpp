@@ -113,7 +113,7 @@ void lookup_range(const Slot* slots, const int64_t* keys, int64_t begin, int64_t
       const Slot slot = slots[base + (found ? j : 0)];
       const bool hot = found & (slot.row >= 0);
       out.h[i] = static_cast<int32_t>(cafe::select(found, base + j, -1));
-      out.p[i] = cafe::select(hot, slot.row, off1 + cafe::bounded(cafe::fold(key, format.level1), rows1));
+      out.p[i] = cafe::select(hot, cafe::row_of(slot.row), off1 + cafe::bounded(cafe::fold(key, format.level1), rows1));
       hot_count += hot;
       if constexpr (kMultiLevel) {
         const bool med = found & cafe::confirmed_cold(slot.row) & (cafe::estimate(slot) >= medium_threshold);

@@ -2,8 +2,9 @@
 // its quantized tables read, with the inner KJT's lengths (the twin of the torch ops
 // of FrozenCafeEmbeddingBagCollection.physical_input). One pass per feature does the checks on
 // the lengths, the feature permute, the pre-hash, the probe of the frozen hot keys (FBGEMM's
-// pruned hash map, read in place), the row-wise block routing, the hashed rows and the plain
-// tables' modulo (plus their first row when they share the group's table).
+// pruned hash map, read in place, keyed by each key's sketch bucket and tag), the row-wise block
+// routing, the hashed rows and the plain tables' modulo (plus their first row when they share
+// the group's table).
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -20,7 +21,9 @@
 namespace {
 
 // Columns of the frozen module's feature_info [F, 8] (cafe_torchrec.inference.frozen.INFO_COLUMNS).
-enum Column : int64_t { kSaltOffset, kSlot, kRegion, kNumTables, kBlockSize, kLastBlock, kPlainRows, kZeroRow, kColumns };
+enum Column : int64_t {
+  kSaltOffset, kSlot, kRegion, kNumTables, kBlockSize, kLastBlock, kPlainRows, kZeroRow, kBucketHash, kColumns
+};
 
 constexpr int64_t kAbsent = -1;     // the hash map's answer for a key it does not hold (frozen.ABSENT)
 constexpr int64_t kMedium = -2;     // its value for a medium key (frozen.MEDIUM)
@@ -81,7 +84,7 @@ inline int64_t probe(const int64_t* slots, int64_t capacity, int64_t key, int64_
 // group's region of the hash map; `mod` reduces by the map's capacity (CAFE) or the table's
 // rows (plain).
 struct Feature {
-  int64_t salt_offset, slot, region, num_tables, block_size, last_block, plain_rows, zero_row;
+  int64_t salt_offset, slot, region, num_tables, block_size, last_block, plain_rows, zero_row, bucket_hash;
   const int64_t* map;
   int64_t capacity;
   Modulus mod;
@@ -90,9 +93,14 @@ struct Feature {
 
 // The regions [offset1, rows1, offset2, rows2] of a key's table slot in the row-wise block
 // TorchRec's block bucketization routed it to in training (key // block size).
-inline const int64_t* block_region(const Feature& f, const int64_t* regions, int64_t key) {
-  const int64_t block = std::min(key / f.block_size, f.last_block);
-  return regions + 4 * (f.region + block * f.num_tables);
+inline int64_t block_of(const Feature& f, int64_t key) { return std::min(key / f.block_size, f.last_block); }
+
+// The key the frozen hash map holds for a sketch slot: the slot's bucket, counted across the
+// group's blocks (hash: the block sketch's bucket multiplier, buckets and first bucket in the
+// group), and the key's tag (cafe::tag_of): a sketch knows a key by exactly these.
+inline int64_t served_key(const int64_t* hash, int64_t key) {
+  const int64_t bucket = hash[2] + cafe::bounded(cafe::fold(key, hash[0]), hash[1]);
+  return bucket << 32 | static_cast<int64_t>(cafe::tag_of(key));
 }
 
 // Rows of one CAFE feature's n ids, kRowsPerId per id (2: its level-2 row if medium, else the
@@ -101,14 +109,15 @@ inline const int64_t* block_region(const Feature& f, const int64_t* regions, int
 // the probes, whose loads the prefetches have started.
 template <typename Id, int64_t kRowsPerId, bool kBlocks>
 __attribute__((always_inline)) inline void cafe_rows(const Id* ids, int64_t n, const Feature& f,
-                                                     const int64_t* regions, int64_t key_bits, int64_t level1,
-                                                     int64_t level2, int64_t* out) {
+                                                     const int64_t* regions, const int64_t* bucket_hashes,
+                                                     int64_t key_bits, int64_t level1, int64_t level2, int64_t* out) {
   // what the loops read, in locals: their int64 stores could alias the struct, forcing reloads
   const int64_t salt_offset = f.salt_offset, slot = f.slot, zero_row = f.zero_row;
   const int64_t* map = f.map;
   const int64_t capacity = f.capacity;
   const Modulus mod = f.mod;
-  const int64_t* fixed = regions + 4 * f.region;  // the regions when there is one block
+  const int64_t* fixed = regions + 4 * f.region;  // the regions and bucket hash when there is one block
+  const int64_t* hash = bucket_hashes + 3 * f.bucket_hash;
   const int64_t off1 = fixed[0], rows1 = fixed[1], off2 = fixed[2], rows2 = fixed[3];
   int64_t keys[kChunk], first[kChunk], second[kChunk], mixes[kChunk], held[kChunk];
   for (int64_t c = 0; c < n; c += kChunk) {
@@ -118,15 +127,18 @@ __attribute__((always_inline)) inline void cafe_rows(const Id* ids, int64_t n, c
       // where salt_offset = salt * golden + golden is the salt's share, precomputed per feature
       const int64_t key = (cafe::mix64(static_cast<int64_t>(ids[c + j]) + salt_offset, -1) & key_bits) | slot;
       keys[j] = key;
-      mixes[j] = static_cast<int64_t>(murmur_finaliser(static_cast<uint64_t>(key)));
       if constexpr (kBlocks) {
-        const int64_t* r = block_region(f, regions, key);
+        const int64_t block = block_of(f, key);
+        const int64_t* r = regions + 4 * (f.region + block * f.num_tables);
+        keys[j] = served_key(hash + 3 * block, key);
         first[j] = r[0] + cafe::bounded(cafe::fold(key, level1), r[1]);
         if constexpr (kRowsPerId == 2) second[j] = r[2] + cafe::bounded(cafe::fold(key, level2), r[3]);
       } else {
+        keys[j] = served_key(hash, key);
         first[j] = off1 + cafe::bounded(cafe::fold(key, level1), rows1);
         if constexpr (kRowsPerId == 2) second[j] = off2 + cafe::bounded(cafe::fold(key, level2), rows2);
       }
+      mixes[j] = static_cast<int64_t>(murmur_finaliser(static_cast<uint64_t>(keys[j])));
     }
     if (capacity == 0) {  // a region without slots passes keys through, as FBGEMM's lookup does
       for (int64_t j = 0; j < m; ++j) held[j] = keys[j];
@@ -215,6 +227,7 @@ struct Plan {
   int64_t features, batch, num_ids;
   const int64_t* order;
   const int64_t* regions;
+  const int64_t* bucket_hashes;
   int64_t key_bits, level1, level2;
   bool multi_level;
 };
@@ -270,9 +283,9 @@ __attribute__((always_inline)) inline void serve_rows(const Input<Id, Len>& in, 
     if (feature.plain_rows > 0) {
       plain_rows<Id, k>(ids, n, feature, rows);
     } else if (feature.last_block > 0) {
-      cafe_rows<Id, k, true>(ids, n, feature, p.regions, p.key_bits, p.level1, p.level2, rows);
+      cafe_rows<Id, k, true>(ids, n, feature, p.regions, p.bucket_hashes, p.key_bits, p.level1, p.level2, rows);
     } else {
-      cafe_rows<Id, k, false>(ids, n, feature, p.regions, p.key_bits, p.level1, p.level2, rows);
+      cafe_rows<Id, k, false>(ids, n, feature, p.regions, p.bucket_hashes, p.key_bits, p.level1, p.level2, rows);
     }
     if (in.weights != nullptr) {  // weights ride along: permuted, and doubled when multi-level
       const int64_t size = in.weight_size;
@@ -330,8 +343,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> serving_rows(
     const at::Tensor& values, const c10::optional<at::Tensor>& lengths_in,
     const c10::optional<at::Tensor>& offsets_in, const c10::optional<at::Tensor>& weights_in, bool weighted,
     const at::Tensor& order_t, const at::Tensor& info_t, const at::Tensor& bounds_t, const at::Tensor& table_t,
-    const at::Tensor& table_offsets_t, const at::Tensor& regions_t, int64_t key_bits, int64_t level1,
-    int64_t level2, bool multi_level, const c10::List<std::string>& names) {
+    const at::Tensor& table_offsets_t, const at::Tensor& regions_t, const at::Tensor& bucket_hashes_t, int64_t key_bits,
+    int64_t level1, int64_t level2, bool multi_level, const c10::List<std::string>& names) {
   TORCH_CHECK(order_t.dim() == 1 && order_t.scalar_type() == at::kLong && order_t.is_contiguous(),
               "order: contiguous int64 [F]");
   const int64_t features = order_t.numel();
@@ -352,6 +365,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> serving_rows(
   TORCH_CHECK(regions_t.dim() == 2 && regions_t.size(1) == 4 && regions_t.scalar_type() == at::kLong &&
                   regions_t.is_contiguous(),
               "regions: contiguous int64 [R, 4]");
+  TORCH_CHECK(bucket_hashes_t.dim() == 2 && bucket_hashes_t.size(1) == 3 && bucket_hashes_t.scalar_type() == at::kLong &&
+                  bucket_hashes_t.is_contiguous(),
+              "bucket_hashes: contiguous int64 [S, 3]");
   const int64_t* order = order_t.data_ptr<int64_t>();
   std::vector<char> seen(features, 0);
   for (int64_t f = 0; f < features; ++f) {
@@ -373,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> serving_rows(
       TORCH_CHECK(c[kRegion] >= 0 && c[kRegion] < regions_t.size(0),
                   "feature_info: plain feature ", f, "'s region lies outside the region table");
       info.push_back({c[kSaltOffset], c[kSlot], c[kRegion], c[kNumTables], c[kBlockSize], c[kLastBlock],
-                      c[kPlainRows], c[kZeroRow], nullptr, 0, Modulus(c[kPlainRows]),
+                      c[kPlainRows], c[kZeroRow], c[kBucketHash], nullptr, 0, Modulus(c[kPlainRows]),
                       regions_t.data_ptr<int64_t>()[4 * c[kRegion]]});
       continue;
     }
@@ -384,9 +400,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> serving_rows(
     TORCH_CHECK(c[kRegion] >= 0 && c[kNumTables] >= 1 && c[kBlockSize] >= 1 && c[kLastBlock] >= 0 &&
                     c[kRegion] + c[kLastBlock] * c[kNumTables] < regions_t.size(0),
                 "feature_info: feature ", f, "'s regions lie outside the region table");
+    TORCH_CHECK(c[kBucketHash] >= 0 && c[kBucketHash] + c[kLastBlock] < bucket_hashes_t.size(0),
+                "feature_info: feature ", f, "'s bucket hashes lie outside their table");
     const int64_t capacity = table_offsets[t + 1] - table_offsets[t];
     info.push_back({c[kSaltOffset], c[kSlot], c[kRegion], c[kNumTables], c[kBlockSize], c[kLastBlock],
-                    c[kPlainRows], c[kZeroRow], table_t.data_ptr<int64_t>() + 2 * table_offsets[t], capacity,
+                    c[kPlainRows], c[kZeroRow], c[kBucketHash], table_t.data_ptr<int64_t>() + 2 * table_offsets[t], capacity,
                     Modulus(std::max<int64_t>(capacity, 1)), 0});
   }
   // the input: a user's, so its errors are ValueErrors that say what is wrong
@@ -418,8 +436,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> serving_rows(
   at::Tensor out_weights = weighted ? at::empty({k * n}, weights.options()) : at::empty({0}, ids.options().dtype(at::kFloat));
   const Outputs out{rows.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
                     weighted ? static_cast<char*>(out_weights.data_ptr()) : nullptr};
-  const Plan plan{features, num_bags / features, n, order, regions_t.data_ptr<int64_t>(), key_bits, level1, level2,
-                  multi_level};
+  const Plan plan{features, num_bags / features, n, order, regions_t.data_ptr<int64_t>(),
+                  bucket_hashes_t.data_ptr<int64_t>(), key_bits, level1, level2, multi_level};
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "serving_rows_ids", [&] {
     using Id = index_t;
     AT_DISPATCH_INDEX_TYPES(bags.scalar_type(), "serving_rows_bags", [&] {
@@ -445,7 +463,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> serving_rows_meta(
     const at::Tensor& values, const c10::optional<at::Tensor>& lengths_in,
     const c10::optional<at::Tensor>& offsets_in, const c10::optional<at::Tensor>& weights_in, bool weighted,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, int64_t, int64_t, int64_t, bool multi_level, const c10::List<std::string>&) {
+    const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, bool multi_level, const c10::List<std::string>&) {
   TORCH_CHECK_VALUE(lengths_in.has_value() || offsets_in.has_value(),
                     "the KeyedJaggedTensor has neither lengths nor offsets");
   TORCH_CHECK_VALUE(!weighted || weights_in.has_value(),
@@ -462,7 +480,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> serving_rows_meta(
 TORCH_LIBRARY_FRAGMENT(cafe, m) {
   m.def("serving_rows(Tensor values, Tensor? lengths, Tensor? offsets, Tensor? weights, bool weighted, "
         "Tensor order, Tensor feature_info, Tensor group_bounds, Tensor hash_table, Tensor hash_offsets, "
-        "Tensor regions, int key_bits, int level1_multiplier, int level2_multiplier, bool multi_level, "
+        "Tensor regions, Tensor bucket_hashes, int key_bits, int level1_multiplier, int level2_multiplier, bool multi_level, "
         "str[] names) -> (Tensor, Tensor, Tensor)");
 }
 

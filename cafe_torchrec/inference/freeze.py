@@ -1,8 +1,8 @@
 """freeze(): a trained CAFE collection (unsharded, or sharded under DMP) -> its frozen form.
 
 What is frozen per CAFE group and block is what the training module's eval forward would
-serve at this moment: the keys its sketch holds with a hot row or as medium, read back
-through the group's own lookup (so both kernels' semantics carry over unchanged), and the
+serve at this moment: the slots its sketch holds with a hot row or a medium key (a slot holds a
+key's bucket and tag, which the frozen hash map is keyed by), the sketch's bucket hash, and the
 block's regions. Sharded, every rank freezes the blocks it holds, and rank 0 gathers them with
 the full physical tables (ShardedTensor.gather); the blocks are put in bucket order (the rank
 a row-wise block lives on is the bucket TorchRec's block bucketization sends its keys to).
@@ -23,11 +23,12 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
 from cafe_torchrec.distributed.sharded import ShardedCafeEmbeddingBagCollection
-from cafe_torchrec.hashing import KEY_SPACE, table_salts
+from cafe_torchrec.hashing import KEY_SPACE, MAX_BOUND, table_salts
 from cafe_torchrec.inference.frozen import ABSENT, MEDIUM, FrozenCafeEmbeddingBagCollection, salt_offsets
 from cafe_torchrec.layout import CafePlan, GroupLayout
 from cafe_torchrec.modules import CafeEmbeddingBagCollection
 from cafe_torchrec.remap import CafeGroupRemap, group_remaps
+from cafe_torchrec.sketch.types import EMPTY_TAG, estimates_of, hot_rows_of, newcomers_of
 
 # torch dtypes of the physical tables TorchRec's quantized collection (FBGEMM IntNBit TBE) serves
 SERVING_DTYPES = (torch.float32, torch.float16, torch.int8, torch.quint4x2)
@@ -35,27 +36,49 @@ ROW_ALIGNMENT = 1  # bytes; FBGEMM's CPU default (TorchRec's 16 pads an INT8 row
 
 
 @dataclass
-class FrozenBlock:
-    """One block of a group as served: its first physical row, its layout, and the keys its
-    sketch holds with a hot row (rows: the row in the block) or as medium (rows: -1)."""
+class ServedSlots:
+    """What one block's sketch serves: its bucket multiplier and buckets, and the slots holding
+    a hot row (rows: the row in the block) or a medium key (rows: -1), by bucket and tag
+    (int64, the tag's 32 bits unsigned)."""
 
-    first_row: int
-    layout: GroupLayout
-    keys: torch.Tensor
+    multiplier: int
+    num_buckets: int
+    buckets: torch.Tensor
+    tags: torch.Tensor
     rows: torch.Tensor
 
 
-def served_keys(remap: CafeGroupRemap) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The keys a group's (or block's) sketch holds with a hot row or as medium, and each one's
-    hot row in the block (-1 if medium): read through the group's lookup, as the eval forward."""
-    remap.sketch.prepare()
-    held = remap.sketch.slot_keys
-    held = held[held >= 0].clone()
-    lookup = remap.lookup(held, count=False)
-    hot = lookup.primary < remap.layout.hot_rows
-    medium = lookup.medium if lookup.medium.numel() else torch.zeros_like(hot)
-    keep = hot | medium
-    return held[keep].cpu(), torch.where(hot, lookup.primary, -1)[keep].cpu()
+@dataclass
+class FrozenBlock:
+    """One block of a group as served: its first physical row, its layout, its served slots."""
+
+    first_row: int
+    layout: GroupLayout
+    slots: ServedSlots
+
+
+def served_slots(remap: CafeGroupRemap) -> ServedSlots:
+    """The slots a group's (or block's) sketch holds with a hot row or a medium key, and each
+    one's hot row in the block (-1 if medium): a query's rules (types: hot_rows_of, a confirmed
+    slot without a row whose estimate reaches the medium level), as the eval forward's lookup."""
+    sketch = remap.sketch
+    sketch.prepare()
+    state = sketch.state()
+    words = state.words
+    held = state.tags != EMPTY_TAG
+    hot = held & (words >= 0)
+    medium = torch.zeros_like(hot)
+    if sketch.medium_threshold is not None:
+        level = torch.tensor(sketch.medium_threshold, dtype=torch.float32, device=words.device)
+        medium = held & (words < 0) & ~newcomers_of(words) & (estimates_of(state.scores, words) >= level)
+    slots = (hot | medium).nonzero().flatten()
+    return ServedSlots(
+        sketch.multiplier,
+        sketch.num_buckets,
+        (slots // sketch.slots_per_bucket).cpu(),
+        (state.tags[slots].long() & 0xFFFFFFFF).cpu(),
+        hot_rows_of(words[slots]).long().cpu(),
+    )
 
 
 def quantized_tables(
@@ -132,8 +155,9 @@ def build_frozen(
     regions: List[List[int]] = [[0, 1, 0, 1]]  # row 0: plain features of a table of their own
     plain_region: Dict[str, int] = {}
     bounds: List[int] = [0]
-    keys: List[torch.Tensor] = []  # per group, its blocks' keys
+    keys: List[torch.Tensor] = []  # per group, its blocks' served keys (frozen.served_keys_of)
     values: List[torch.Tensor] = []
+    bucket_hashes: List[List[int]] = [[1, 1, 0]]  # row 0: a placeholder for plain features
     group_info: Dict[str, List[int]] = {}
     for config in physical_configs:
         layout = layouts.get(config.name)
@@ -149,8 +173,18 @@ def build_frozen(
                 [o1 + b.first_row, t.level1_rows, o2 + b.first_row, max(t.level2_rows, 1)]
                 for t, (o1, o2) in zip(b.layout.tables, b.layout.region_offsets())
             ]
-        keys.append(torch.cat([b.keys for b in group_blocks]))
-        values.append(torch.cat([torch.where(b.rows >= 0, b.rows + b.first_row, MEDIUM) for b in group_blocks]))
+        first_hash, first_bucket = len(bucket_hashes), 0
+        served: List[torch.Tensor] = []
+        for b in group_blocks:
+            bucket_hashes.append([b.slots.multiplier, b.slots.num_buckets, first_bucket])
+            served.append(((b.slots.buckets + first_bucket) << 32) | b.slots.tags)
+            first_bucket += b.slots.num_buckets
+        if first_bucket > MAX_BOUND:
+            raise ValueError(f"freeze: CAFE group {layout.name!r} has more than 2^31 sketch buckets over its blocks")
+        keys.append(torch.cat(served))
+        values.append(
+            torch.cat([torch.where(b.slots.rows >= 0, b.slots.rows + b.first_row, MEDIUM) for b in group_blocks])
+        )
         offsets = salt_offsets(table_salts(len(layout.tables), layout.config.seed)).tolist()
         for f in config.feature_names:
             slot = next(i for i, t in enumerate(layout.tables) if f in t.features)
@@ -163,6 +197,7 @@ def build_frozen(
                 len(group_blocks) - 1,
                 0,
                 zero_row_of[config.name],
+                first_hash,
             ]
     for f, config in inner_order:
         inner.append(f)
@@ -170,7 +205,7 @@ def build_frozen(
             info.append(group_info[f])
         else:
             info.append(
-                [0, 0, plain_region.get(config.name, 0), 1, 1, 0, config.num_embeddings, zero_row_of[config.name]]
+                [0, 0, plain_region.get(config.name, 0), 1, 1, 0, config.num_embeddings, zero_row_of[config.name], 0]
             )
         if config.name in layouts and f == config.feature_names[-1]:
             bounds.append(len(inner))  # the end of a group's run of features (plain ones inside it skip the map)
@@ -186,6 +221,7 @@ def build_frozen(
         hash_table,
         hash_offsets,
         torch.tensor(regions, dtype=torch.int64),
+        torch.tensor(bucket_hashes, dtype=torch.int64),
         physical,
         is_weighted,
         multi_level,
@@ -230,8 +266,7 @@ def freeze(collection: nn.Module, dtype: torch.dtype = torch.float32) -> Optiona
 def _freeze_unsharded(collection: CafeEmbeddingBagCollection, dtype: torch.dtype) -> FrozenCafeEmbeddingBagCollection:
     blocks = {}
     for name, remap in group_remaps(collection.groups).items():
-        keys, rows = served_keys(remap)
-        blocks[name] = [FrozenBlock(0, remap.layout, keys, rows)]
+        blocks[name] = [FrozenBlock(0, remap.layout, served_slots(remap))]
     weights = {name: cast(torch.Tensor, bag.weight) for name, bag in collection.physical.embedding_bags.items()}
     return build_frozen(
         collection.embedding_bag_configs(), collection.plan, blocks, weights, collection.is_weighted(), dtype
@@ -245,12 +280,11 @@ def _freeze_sharded(
     rank = dist.get_rank()
     plan = collection.plan
     state: Dict[str, Any] = collection.physical.state_dict()
-    local: Dict[str, Tuple[int, torch.Tensor, torch.Tensor]] = {}
+    local: Dict[str, Tuple[int, ServedSlots]] = {}
     for name, remap in group_remaps(collection.groups).items():
         shard = state[f"embedding_bags.{name}.weight"].local_shards()[0]
-        keys, rows = served_keys(remap)
-        local[name] = (shard.metadata.shard_offsets[0], keys, rows)
-    per_rank: List[Dict[str, Tuple[int, torch.Tensor, torch.Tensor]]] = [{} for _ in range(dist.get_world_size())]
+        local[name] = (shard.metadata.shard_offsets[0], served_slots(remap))
+    per_rank: List[Dict[str, Tuple[int, ServedSlots]]] = [{} for _ in range(dist.get_world_size())]
     dist.gather_object(local, per_rank if rank == 0 else None, dst=0)
     weights: Dict[str, torch.Tensor] = {}
     for config in plan.physical_configs():
@@ -267,8 +301,8 @@ def _freeze_sharded(
         owners = sorted((m.placement.rank(), m.shard_sizes[0]) for m in shards if m.shard_sizes[0] > 0)
         blocks[layout.name] = []
         for owner, rows in owners:
-            first_row, keys, block_rows = per_rank[owner][layout.name]
-            blocks[layout.name].append(FrozenBlock(first_row, layout.block(rows), keys, block_rows))
+            first_row, slots = per_rank[owner][layout.name]
+            blocks[layout.name].append(FrozenBlock(first_row, layout.block(rows), slots))
     return build_frozen(collection.embedding_bag_configs(), plan, blocks, weights, collection.is_weighted(), dtype)
 
 

@@ -1,11 +1,12 @@
 """FrozenCafeEmbeddingBagCollection: a trained CAFE collection as a compact inference module.
 
 What the training module's eval forward computes from its sketches is frozen into tensors:
-the keys that held a hot row (with the row) or were medium (multi-level) go into a static
-open-addressing table, FBGEMM's pruned hash map (one region per CAFE group, all its row-wise
-blocks together: blocks own disjoint key ranges), and every block's hashed regions into a
-table of regions. The forward is pure tensor work: ids -> keys (the pre-hash), one hash-map
-probe per key, the hashed row of the others (in the block TorchRec's block bucketization
+the sketch slots that held a hot row (with the row) or a medium key (multi-level) go into a
+static open-addressing table, FBGEMM's pruned hash map, keyed as the sketch knows a key: by its
+bucket (counted across the group's row-wise blocks) and its 32-bit tag (one region per CAFE
+group); every block's bucket hash into a table, and its hashed regions into a table of
+regions. The forward is pure tensor work: ids -> keys (the pre-hash), each key's
+bucket and tag, one hash-map probe per key, the hashed row of the others (in the block TorchRec's block bucketization
 routed the key to during training: key // block size), a plain table's first row + id mod
 its rows, and
 one lookup in TorchRec's quantized collection (FBGEMM's IntNBit TBE) over the physical
@@ -95,6 +96,7 @@ def fused_physical_input(
     hash_table: torch.Tensor,
     hash_offsets: torch.Tensor,
     regions: torch.Tensor,
+    bucket_hashes: torch.Tensor,
 ) -> KeyedJaggedTensor:
     """The quantized collection's input from one C++ op (cafe::serving_rows, the twin of the
     torch ops of FrozenCafeEmbeddingBagCollection.physical_input). A KJT with the module's keys
@@ -118,6 +120,7 @@ def fused_physical_input(
         hash_table,
         hash_offsets,
         regions,
+        bucket_hashes,
         multipliers[0],
         multipliers[1],
         multipliers[2],
@@ -154,6 +157,14 @@ def serving_hashed_rows(keys: torch.Tensor, multiplier: int, offsets: torch.Tens
     return offsets + ((_shift_right(keys * multiplier, 1) >> 32) * rows >> 31)
 
 
+def served_keys_of(keys: torch.Tensor, bucket_hashes: torch.Tensor) -> torch.Tensor:
+    """The hash map's key for each key: (first bucket + bounded(fold(key, m), buckets)) << 32 |
+    tag, with each key's block's bucket hash [multiplier, buckets, first bucket] given
+    (types.tags_of: bits 31-62 of the key, 1 where 0)."""
+    bucket = bucket_hashes[:, 2] + ((_shift_right(keys * bucket_hashes[:, 0], 1) >> 32) * bucket_hashes[:, 1] >> 31)
+    return (bucket << 32) | torch.clamp(keys >> 31, min=1)
+
+
 def salt_offsets(salts: torch.Tensor) -> torch.Tensor:
     """mix64's first step for each salt: salt * golden + golden (wrapping int64)."""
     return salts * _GOLDEN + _GOLDEN
@@ -171,7 +182,17 @@ _HASH_MAP_META = add_meta_kernel("fbgemm", "pruned_hashmap_lookup", _hash_map_lo
 
 
 # per inner feature, the columns of FrozenCafeEmbeddingBagCollection.feature_info
-INFO_COLUMNS = ("salt_offset", "slot", "region", "num_tables", "block_size", "last_block", "plain_rows", "zero_row")
+INFO_COLUMNS = (
+    "salt_offset",
+    "slot",
+    "region",
+    "num_tables",
+    "block_size",
+    "last_block",
+    "plain_rows",
+    "zero_row",
+    "bucket_hash",
+)
 
 
 class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -183,7 +204,9 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     group and its plain tables match its dim and dtype (freeze.fits_one_table); else one per
     CAFE group and one per plain table, in plan order; with one zero row appended each when a
     group is multi-level. hash_table / hash_offsets: FBGEMM pruned hash map, one region per
-    group then an empty one (value: physical row, or MEDIUM). regions [R, 4]: per group, block
+    group then an empty one (key: served_keys_of; value: physical row, or MEDIUM).
+    bucket_hashes [S, 3]: per group and block its sketch's bucket multiplier, buckets and first
+    bucket in the group (row 0 a placeholder for plain features). regions [R, 4]: per group, block
     and table slot the level-1 offset and rows, level-2 offset and rows; per plain table in the
     one table its first row and rows (row 0: [0, 1, 0, 1], for plain tables of their own).
     feature_info [F, len(INFO_COLUMNS)] per inner feature; group_bounds: the inner features
@@ -201,6 +224,7 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         hash_table: torch.Tensor,
         hash_offsets: torch.Tensor,
         regions: torch.Tensor,
+        bucket_hashes: torch.Tensor,
         physical: nn.Module,
         is_weighted: bool,
         multi_level: bool,
@@ -230,6 +254,7 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.register_buffer("hash_table", hash_table)
         self.register_buffer("hash_offsets", hash_offsets)
         self.register_buffer("regions", regions)
+        self.register_buffer("bucket_hashes", bucket_hashes)
         self._same_dims = len(set(self._dims)) == 1
         self._in_config_order = self._inner == self._features
         dims = dict(zip(self._features, self._dims))
@@ -304,6 +329,7 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 self.hash_table,
                 self.hash_offsets,
                 self.regions,
+                self.bucket_hashes,
             )
         features = serving_input(features, self._features, self._inner, self._is_weighted)
         ids = features.values().to(torch.int64)
@@ -319,14 +345,19 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             ids, self.salt_offset.index_select(0, feature), self.slot.index_select(0, feature), m1, m2, key_bits
         )
         offsets = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0))
-        held = torch.ops.fbgemm.pruned_hashmap_lookup(
-            keys, offsets.index_select(0, self.group_bounds * stride), self.hash_table, self.hash_offsets
-        )
         region_index = self.region.index_select(0, feature)
+        hash_index = self.bucket_hash.index_select(0, feature)
         if self._multi_block:
             block = torch.div(keys, self.block_size.index_select(0, feature), rounding_mode="floor")
             block = torch.minimum(block, self.last_block.index_select(0, feature))
             region_index = region_index + block * self.num_tables.index_select(0, feature)
+            hash_index = hash_index + block
+        held = torch.ops.fbgemm.pruned_hashmap_lookup(
+            served_keys_of(keys, self.bucket_hashes.index_select(0, hash_index)),
+            offsets.index_select(0, self.group_bounds * stride),
+            self.hash_table,
+            self.hash_offsets,
+        )
         region = self.regions.index_select(0, region_index)
         rows = torch.where(held >= 0, held, serving_hashed_rows(keys, level1, region[:, 0], region[:, 1]))
         is_plain = torch.zeros_like(rows, dtype=torch.bool)
@@ -359,6 +390,7 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             self.hash_table,
             self.hash_offsets,
             self.regions,
+            self.bucket_hashes,
             self.physical,
             self._is_weighted,
             self._multi_level,

@@ -21,10 +21,11 @@ def insert_(
     hints: Optional[torch.Tensor] = None,
 ) -> InsertResult:
     """Same contract as torch_kernel.insert_; `hints` (slots found by a query) skip re-probing."""
-    pkeys, rows, dkeys, drows, counts = torch.ops.cafe.sketch_insert(
+    pkeys, rows, drows, counts = torch.ops.cafe.sketch_insert(
         state.slots,
-        state.free_rows,
+        state.free_bits,
         state.free_count,
+        state.reserved,
         state.total_score,
         keys,
         scores,
@@ -36,7 +37,7 @@ def insert_(
         state.multiplier,
     )
     skipped, dropped, decayed = counts.tolist()
-    return InsertResult(pkeys, rows, dkeys, drows, skipped, dropped, bool(decayed))
+    return InsertResult(pkeys, rows, drows, skipped, dropped, bool(decayed))
 
 
 def query(state: SketchState, keys: torch.Tensor, medium_threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -85,10 +86,11 @@ def rebalance_(
     window: torch.Tensor,
 ) -> Tuple[InsertResult, float]:
     """Same contract as policy.rebalance_ (the torch-ops twin and spec), in one C++ pass."""
-    pkeys, prows, dkeys, drows, marginal, was_decayed = torch.ops.cafe.sketch_rebalance(
+    drows, marginal, was_decayed = torch.ops.cafe.sketch_rebalance(
         state.slots,
-        state.free_rows,
+        state.free_bits,
         state.free_count,
+        state.reserved,
         marks,
         decayed,
         since,
@@ -106,4 +108,5 @@ def rebalance_(
         STALE_FACTOR,
         DECAY_STEPS,
     )
-    return InsertResult(pkeys, prows, dkeys, drows, 0, 0, bool(was_decayed)), float(marginal)
+    empty = drows.new_empty(0)
+    return InsertResult(empty, empty, drows, 0, 0, bool(was_decayed)), float(marginal)

@@ -11,29 +11,35 @@ from torch import nn
 from cafe_torchrec.hashing import MAX_BOUND, odd_multiplier
 from cafe_torchrec.ops import KERNELS, resolve_kernel
 from cafe_torchrec.sketch import cpp_kernel, torch_kernel
-from cafe_torchrec.sketch.policy import UNKNOWN_MARK, AdaptivePolicy, rebalance_
+from cafe_torchrec.sketch.policy import AdaptivePolicy, rebalance_
 from cafe_torchrec.sketch.types import (
     COLD_WORD,
-    EMPTY_KEY,
+    EMPTY_TAG,
+    MAX_HOT_ROWS,
     InsertParams,
     InsertResult,
     Lookup,
     SketchState,
     errors_of,
     estimates_of,
+    free_row_bits,
+    free_row_list,
     hot_rows_of,
     newcomers_of,
+    reserved_of,
 )
 
-SLOT_BYTES = 16  # int64 key + float32 score + int32 hot row or error (the paper's 12 B with 32-bit keys)
-FREE_ROW_BYTES = 4
-ROW_MARK_BYTES = 8  # the adaptive policy's two float32 per hot row: score at the last rebalance, occurrences due
+SLOT_BYTES = 12  # int32 tag + float32 score + int32 row word (hot row and hit flag, or error and flags)
+FREE_ROW_BYTES = 1 / 8  # a bit of the free-row bitmap
+ROW_MARK_BYTES = 2  # the adaptive policy's float16 per hot row: occurrences due since its last hit
 
 
 class HotSketch(nn.Module):
-    """W buckets of C slots (key, score, hot row) plus a stack of free hot rows.
+    """W buckets of C slots (key tag, score, hot row) plus a bitmap of free hot rows.
 
-    Keys are non-negative 63-bit hashes (see ``hashing.mix64``). ``insert`` adds a batch of
+    Keys are non-negative 63-bit hashes (see ``hashing.mix64``); a slot holds a key's 32-bit tag
+    (types.tags_of), so a key is known by its bucket and tag: 12 bytes a slot, where the key
+    itself would take 16. ``insert`` adds a batch of
     importance scores and hands out hot rows to keys whose score reaches ``threshold``;
     ``query`` tells, per key, its hot row (or -1) and whether it is medium (score at least
     ``medium_threshold`` without a row, and hit again since it entered: see torch_kernel, for
@@ -46,8 +52,9 @@ class HotSketch(nn.Module):
     """
 
     slots: torch.Tensor
-    free_rows: torch.Tensor
+    free_bits: torch.Tensor
     free_count: torch.Tensor
+    reserved: torch.Tensor
     total_score: torch.Tensor
     seed: torch.Tensor
     medium_level: torch.Tensor
@@ -97,8 +104,10 @@ class HotSketch(nn.Module):
         self._decay_trigger_factor = float(decay_trigger)
         slots = num_buckets * slots_per_bucket
         self.register_buffer("slots", _empty_slots(slots, device))
-        self.register_buffer("free_rows", torch.arange(hot_capacity - 1, -1, -1, dtype=torch.int32, device=device))
+        self.register_buffer("free_bits", _all_free(hot_capacity, device))
         self.register_buffer("free_count", torch.tensor([hot_capacity], dtype=torch.int64, device=device))
+        # slots holding a reservation (the adaptive policy's rebalance), one free row kept for each
+        self.register_buffer("reserved", torch.zeros(1, dtype=torch.int64, device=device))
         self.register_buffer("total_score", torch.zeros(1, dtype=torch.float64, device=device))
         self.register_buffer("seed", torch.tensor([seed], dtype=torch.int64, device=device))
         # the medium level (inf without one): fixed, or set by the adaptive policy at each rebalance
@@ -108,12 +117,10 @@ class HotSketch(nn.Module):
         self.register_buffer("occurrences_since", torch.zeros(1, dtype=torch.int64, device=device))
         # adaptive policy: rebalances left in the stale rule's window after a burst (sketch/policy.py)
         self.register_buffer("stale_window", torch.zeros(1, dtype=torch.int64, device=device))
-        # adaptive policy: each hot row's score after the last rebalance and its occurrences due (sketch/policy.py)
+        # adaptive policy: each hot row's occurrences due since its last hit (sketch/policy.py)
         self.register_buffer(
             "row_marks",
-            torch.full(
-                (hot_capacity if adaptive is not None else 0, 2), UNKNOWN_MARK, dtype=torch.float32, device=device
-            ),
+            torch.zeros(hot_capacity if adaptive is not None else 0, dtype=torch.float16, device=device),
         )
         # 0 after DistributedModelParallel materialises meta buffers as zeros: re-initialise lazily
         self.register_buffer("initialized", torch.ones(1, dtype=torch.int64, device=device))
@@ -126,9 +133,9 @@ class HotSketch(nn.Module):
         return self.slots.shape[0] // self.slots_per_bucket
 
     @property
-    def slot_keys(self) -> torch.Tensor:
-        """[W*C] int64 view of the slot keys (-1 = empty)."""
-        return self.state().keys
+    def slot_tags(self) -> torch.Tensor:
+        """[W*C] int32 view of the slot tags (0 = empty; types.tags_of)."""
+        return self.state().tags
 
     @property
     def slot_scores(self) -> torch.Tensor:
@@ -150,19 +157,32 @@ class HotSketch(nn.Module):
         """[W*C] bool: the slot was placed by Space-Saving and no later batch has hit it."""
         return newcomers_of(self.state().words)
 
+    @property
+    def slot_reserved(self) -> torch.Tensor:
+        """[W*C] bool: the slot holds a reservation (a free row is kept for its next hit)."""
+        return reserved_of(self.state().words)
+
+    @torch.no_grad()
+    def find(self, keys: torch.Tensor) -> torch.Tensor:
+        """The slot holding each key [N] int64 (-1 if absent)."""
+        _check_keys(keys, signs=True)
+        self._ensure_ready()
+        return torch_kernel.find_slots(self.state(), keys)[1]
+
     @torch.no_grad()
     def top_k(self, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The k held keys ranked highest, and their estimated scores: confirmed slots by
-        estimate, then newcomers (most of a newcomer's score is the evicted key's); empty slots never."""
+        """The k held slots ranked highest, and their estimated scores: confirmed slots by
+        estimate, then newcomers (most of a newcomer's score is the evicted key's); empty slots
+        never. A slot holds a tag, not a key: `find` names the slot of a key."""
         self._ensure_ready()
         state = self.state()
-        held = (state.keys != EMPTY_KEY).nonzero().flatten()
+        held = (state.tags != EMPTY_TAG).nonzero().flatten()
         words = state.words[held]
         estimates = estimates_of(state.scores[held], words)
         newcomer = newcomers_of(words)
         order = torch.argsort(estimates, descending=True, stable=True)
         order = order[torch.argsort(newcomer[order].to(torch.int8), stable=True)][:k]
-        return state.keys[held[order]], estimates[order]
+        return held[order], estimates[order]
 
     @property
     def medium_threshold(self) -> Optional[float]:
@@ -177,14 +197,15 @@ class HotSketch(nn.Module):
         """Empty the sketch and free every hot row (the constructor's state)."""
         with torch.no_grad():
             self.slots.copy_(_empty_slots(self.slots.shape[0], self.slots.device))
-            self.free_rows.copy_(torch.arange(self.hot_capacity - 1, -1, -1, dtype=torch.int32))
+            self.free_bits.copy_(_all_free(self.hot_capacity, self.slots.device))
             self.free_count.fill_(self.hot_capacity)
+            self.reserved.zero_()
             self.total_score.zero_()
             self.medium_level.fill_(self._first_medium)
             self.decayed_occurrences.zero_()
             self.occurrences_since.zero_()
             self.stale_window.zero_()
-            self.row_marks.fill_(UNKNOWN_MARK)
+            self.row_marks.zero_()
             self.seed.fill_(self._configured_seed)
             self.initialized.fill_(1)
         self._seed = self._configured_seed
@@ -210,7 +231,13 @@ class HotSketch(nn.Module):
     def state(self) -> SketchState:
         """The buffers as a kernel argument."""
         return SketchState(
-            self.slots, self.free_rows, self.free_count, self.total_score, self.slots_per_bucket, self.multiplier
+            self.slots,
+            self.free_bits,
+            self.free_count,
+            self.reserved,
+            self.total_score,
+            self.slots_per_bucket,
+            self.multiplier,
         )
 
     @property
@@ -262,7 +289,6 @@ class HotSketch(nn.Module):
         result = kernel.insert_(self.state(), keys, scores.to(torch.float32), params, hints)
         if self.adaptive is not None:
             self.occurrences_since += keys.numel() - result.skipped
-            self.row_marks[result.promoted_rows.to(self.row_marks.device)] = UNKNOWN_MARK
         return result if rebalanced is None else _merged(rebalanced, result)
 
     def _rebalance_due(self) -> bool:
@@ -308,13 +334,18 @@ class HotSketch(nn.Module):
         medium = self.medium_threshold if self.medium_threshold is not None else float("inf")
         return kernel.query(self.state(), keys, medium)
 
+    def free_rows(self) -> torch.Tensor:
+        """The free hot rows [F] int64, ascending (the order they are handed out in)."""
+        self._ensure_ready()
+        return free_row_list(self.free_bits, self.hot_capacity)
+
     def hot_rows_used(self) -> int:
         self._ensure_ready()
         return self.hot_capacity - int(self.free_count[0])
 
     def nbytes(self) -> int:
-        """Bytes of every buffer of the sketch: its slots, free stack, policy marks and scalars
-        (the paper counts the sketch in the compressed size)."""
+        """Bytes of every buffer of the sketch: its slots, free-row bitmap, policy marks and
+        scalars (the paper counts the sketch in the compressed size)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -336,7 +367,6 @@ def _merged(first: InsertResult, second: InsertResult) -> InsertResult:
     return InsertResult(
         torch.cat([first.promoted_keys, second.promoted_keys]),
         torch.cat([first.promoted_rows, second.promoted_rows]),
-        torch.cat([first.demoted_keys, second.demoted_keys]),
         torch.cat([first.demoted_rows, second.demoted_rows]),
         first.skipped + second.skipped,
         first.dropped + second.dropped,
@@ -344,18 +374,21 @@ def _merged(first: InsertResult, second: InsertResult) -> InsertResult:
     )
 
 
-def per_row_bytes(adaptive: bool) -> int:
-    """Sketch bytes per hot row besides its slots: a free-stack entry, and a mark if adaptive."""
+def per_row_bytes(adaptive: bool) -> float:
+    """Sketch bytes per hot row besides its slots: a bit of the free-row bitmap, and a mark if adaptive."""
     return FREE_ROW_BYTES + (ROW_MARK_BYTES if adaptive else 0)
 
 
 def _empty_slots(n: int, device: Optional[torch.device]) -> torch.Tensor:
-    """n empty slots: key -1, score 0.0, no row, error 0."""
-    slots = torch.zeros((n, 2), dtype=torch.int64, device=device)
-    state = SketchState(slots, slots, slots, slots, 1, 0)
-    state.keys.fill_(EMPTY_KEY)
-    state.words.fill_(COLD_WORD)
+    """n empty slots: tag 0, score 0.0, no row, error 0."""
+    slots = torch.zeros((n, 3), dtype=torch.int32, device=device)
+    slots[:, 2] = COLD_WORD
     return slots
+
+
+def _all_free(capacity: int, device: Optional[torch.device]) -> torch.Tensor:
+    """The free-row bitmap with every one of `capacity` rows free."""
+    return free_row_bits(torch.arange(capacity, device=device), capacity)
 
 
 def _check_keys(keys: torch.Tensor, signs: bool) -> None:
@@ -377,6 +410,8 @@ def _check_config(
 ) -> None:
     if num_buckets > MAX_BOUND:
         raise ValueError(f"num_buckets must be <= 2^31, got {num_buckets}")
+    if hot_capacity > MAX_HOT_ROWS:
+        raise ValueError(f"hot_capacity must be <= 2^30 (a row word's row bits), got {hot_capacity}")
     if hot_capacity < 0 or num_buckets < 1 or slots < 1:
         raise ValueError(
             "need hot_capacity >= 0, num_buckets >= 1, slots_per_bucket >= 1; "

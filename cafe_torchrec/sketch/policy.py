@@ -19,10 +19,12 @@ occurrences since the last rebalance reach 1/`rebalances_per_horizon` of the dec
    quantised, so kernels and the reference stay bit-equal. The memory horizon is "the time
    in which the marginal hot id sees `horizon` occurrences", whatever the batch size, stream
    length, feature count or skew.
-   A hot id is stale when it has gained nothing over the rebalances since its last hit although
+   A hot id is stale when it has not been hit over the rebalances since its last hit although
    its scores said it should have seen `stale_hits` (8) occurrences in that time (each
    rebalance adds score x (1 - f), the occurrences the decay took from it, to its count of
-   occurrences due; a hit resets it): yesterday's popular ids after an abrupt drift. The stale
+   occurrences due, a float16 per hot row; a hit resets it, and a hot slot's hit flag, which
+   every rebalance clears, says whether one came): yesterday's popular ids after an abrupt
+   drift. The stale
    rule acts in a burst, a rebalance where the hot ids that went stale in it held at least
    `stale_burst` (a tenth) of the hot score (before this decay, summed in float64), and in the
    quarter horizon after one (`stale_window` rebalances): an abrupt drift silences much of the
@@ -46,11 +48,15 @@ occurrences since the last rebalance reach 1/`rebalances_per_horizon` of the dec
    22-26 to 14-21 at the same AUC (2x faster: 22-31 and 17-22).
 2. Re-ranks with hysteresis. Candidates are held, confirmed (hit since placed), non-hot slots
    with estimate >= entry_score, by estimate descending (ties: lower slot first); hot slots by
-   estimate ascending (ties: lower slot first). Free rows go to the first candidates (rows
-   popped from the free stack); then the next candidate c_i replaces the weakest remaining hot
-   slot h_i while estimate(c_i) >= h x estimate(h_i): h_i becomes cold (error 0, confirmed)
-   and c_i takes its row. A promoted slot keeps its estimate as its score and no error, as in
-   the insert. h is `hysteresis` (3), and `window_hysteresis` (hysteresis / 2, at least 1) where
+   estimate ascending (ties: lower slot first). The first candidates win the free rows; then
+   the next candidate c_i wins the weakest remaining hot slot h_i's row while estimate(c_i) >=
+   h x estimate(h_i): h_i becomes cold (error 0, confirmed) and its row is freed. Every winner
+   gets a reservation (the reservations of the last rebalance are dropped first): a row is
+   kept free for it, and it takes one at its next hit, in the insert, whatever its estimate
+   then. A slot holds a key's tag, not the key, and the key is what locates the id's hashed
+   rows, which its new row starts from (migration.py); the insert has it. Until then the id is
+   served from its hashed rows, as it was. A promoted slot keeps its estimate as its score and
+   no error, as in the insert. h is `hysteresis` (3), and `window_hysteresis` (hysteresis / 2, at least 1) where
    the stale rule acts (a burst and its window). A swap throws away a trained row, so in steady
    state a challenger must be clearly ahead: at the margin of a stationary stream the
    estimates of ids of close popularity cross back and forth with sampling noise. After a
@@ -60,8 +66,9 @@ occurrences since the last rebalance reach 1/`rebalances_per_horizon` of the dec
    14-21 steps of 293.
 3. Sets the medium level (CAFE-ML): medium_share x max(q f, entry_score).
 
-Between rebalances the insert runs with threshold = entry_score (an id takes a free row on a
-later batch's hit once its estimate reaches it) and never decays by score mass. Demotion
+Between rebalances the insert runs with threshold = entry_score (an id takes a free row beyond
+the reservations on a later batch's hit once its estimate reaches it) and never decays by score
+mass. Demotion
 happens only here, so a hot id keeps its row until a challenger beats it by the hysteresis
 factor, and an abrupt drift is caught within a few horizons of the marginal id.
 """
@@ -76,13 +83,17 @@ import torch
 
 from cafe_torchrec.sketch.types import (
     COLD_WORD,
-    EMPTY_KEY,
+    EMPTY_TAG,
+    HIT_BIT,
     NEWCOMER_BIT,
+    RESERVED_BIT,
+    ROW_MASK,
     InsertResult,
     SketchState,
     cold_words,
     errors_of,
     estimates_of,
+    free_rows_,
     newcomers_of,
 )
 
@@ -92,7 +103,6 @@ STALE_BURST = 0.1  # default stale_burst: the share of the hot score going stale
 STALE_FACTOR = 0.0  # a stale hot id's score is multiplied by this: it loses its row at once
 STALE_WINDOW_DECAY = 4.0  # in the window after a burst, the decay runs this many times faster
 STALE_WINDOW_MARGIN = 2.0  # in a burst and its window, a challenger needs this many times less margin
-UNKNOWN_MARK = float("inf")  # the mark of a row handed out by an insert since the last rebalance
 
 
 @dataclass(frozen=True)
@@ -181,22 +191,24 @@ def rebalance_(
 ) -> Tuple[InsertResult, float]:
     """Steps 1 and 2 of the module docstring on `state` in place. `decayed` (float64 [1]: the
     decayed occurrence count before this interval) becomes (before + since) f, `since` (int64
-    [1]: occurrences during it) becomes 0, `marks` (float32 [hot rows, 2]: each hot row's score
-    after the last rebalance, UNKNOWN_MARK for rows an insert handed out since, and its
+    [1]: occurrences during it) becomes 0, `marks` (float16 [hot rows]: each hot row's
     occurrences due since its last hit) takes the values after this one, `window` (int64 [1]:
-    rebalances left in the stale rule's window) too. Returns the promotions and demotions, and
-    the marginal estimate after the decay (for the medium level)."""
-    keys, words, scores = state.keys, state.words, state.scores
-    held = keys != EMPTY_KEY
+    rebalances left in the stale rule's window) too. Returns the demotions (a rebalance
+    promotes nothing itself: it reserves rows, see reserve_) and the marginal estimate after
+    the decay (for the medium level)."""
+    tags, words, scores = state.tags, state.words, state.scores
+    held = tags != EMPTY_TAG
     q = marginal_estimate(estimates_of(scores, words), held, capacity)
     before, count = float(decayed[0]), int(since[0])
     horizon = policy.stale_window_horizon if int(window[0]) > 0 else policy.horizon
     f = decay_factor(decay_exponent(count, before, q, horizon))
     hot_now = (words >= 0).nonzero().flatten()
-    hot_rows = words[hot_now].long()
-    missed = scores[hot_now] == marks[hot_rows, 0]  # no hit since the last rebalance
-    owed = marks[hot_rows, 1]
-    due = torch.where(missed, owed + scores[hot_now] * (1.0 - f), torch.zeros_like(scores[hot_now]))
+    hot_words = words[hot_now]
+    hot_rows = (hot_words & ROW_MASK).long()
+    missed = (hot_words & HIT_BIT) == 0  # no hit since the last rebalance
+    owed = marks[hot_rows].float()
+    # the stored (float16) count is the one every rule reads
+    due = torch.where(missed, owed + scores[hot_now] * (1.0 - f), torch.zeros_like(owed)).half().float()
     newly_stale = missed & (due >= policy.stale_hits) & (owed < policy.stale_hits)
     # the masses (a host loop) only where an id went stale, as in few rebalances
     burst = bool(newly_stale.any()) and _sequential_sum(
@@ -205,10 +217,14 @@ def rebalance_(
     act = burst or int(window[0]) > 0
     stale = due >= policy.stale_hits if act else torch.zeros_like(missed)
     window.fill_(policy.stale_window if burst else max(int(window[0]) - 1, 0))
+    words[hot_now] = hot_words & ROW_MASK  # hit flags restart
+    cold = (words < 0).nonzero().flatten()
+    words[cold] = words[cold] & ~RESERVED_BIT  # reservations are made afresh below
     if f < 1.0:
         scale_(state, f)
     scores[hot_now[stale]] = scores[hot_now[stale]] * STALE_FACTOR
     due = torch.where(stale, torch.zeros_like(due), due)
+    marks[hot_rows] = due.half()
     decayed.fill_((before + count) * f)
     since.zero_()
     estimates = estimates_of(state.scores, words)
@@ -223,13 +239,8 @@ def rebalance_(
     hysteresis = policy.window_hysteresis if act else policy.hysteresis
     wins = estimates[challengers[:pairs]] >= hysteresis * estimates[hot_slots[:pairs]]
     swaps = int(torch.cumprod(wins.to(torch.int64), 0).sum()) if pairs else 0
-    result = reassign_(state, hot_slots[:swaps], candidates[: fill + swaps], fill)
+    result = reserve_(state, hot_slots[:swaps], candidates[: fill + swaps])
     result.decayed = f < 1.0
-    marks[hot_rows, 1] = due  # the swaps below give demoted rows new owners, which overwrite both
-    hot_after = (words >= 0).nonzero().flatten()
-    rows_after = words[hot_after].long()
-    marks[rows_after, 0] = scores[hot_after]
-    marks[result.promoted_rows, 1] = 0.0
     return result, q * f
 
 
@@ -242,21 +253,19 @@ def scale_(state: SketchState, factor: float) -> None:
     state.scores.mul_(factor)
 
 
-def reassign_(state: SketchState, demote: torch.Tensor, promote: torch.Tensor, fill: int) -> InsertResult:
-    """Give the first `fill` slots of `promote` free rows (popped from the stack), then swap:
-    demote[i] turns cold and its row goes to promote[fill + i]. Returns what changed."""
-    words, device = state.words, state.keys.device
-    empty = torch.empty(0, dtype=torch.int64, device=device)
-    top = int(state.free_count[0])
-    first_rows = state.free_rows[top - fill : top].flip(0).long() if fill else empty
-    demoted_rows = words[demote].long()
-    rows = torch.cat([first_rows, demoted_rows])
-    demoted_keys = state.keys[demote].clone()
+def reserve_(state: SketchState, demote: torch.Tensor, reserve: torch.Tensor) -> InsertResult:
+    """Demote the hot slots `demote` (each turns cold, confirmed, error 0; its row is freed) and
+    reserve a free row for each slot of `reserve`: it takes one at its next hit, in the insert,
+    which has the key that a promotion needs (to copy the id's hashed rows) and a slot does not
+    hold. Returns the demotions."""
+    words = state.words
+    demoted_rows = (words[demote] & ROW_MASK).long()
     words[demote] = COLD_WORD
-    state.free_count -= fill
-    state.scores[promote] = estimates_of(state.scores[promote], words[promote])
-    words[promote] = rows.to(torch.int32)
-    return InsertResult(state.keys[promote].clone(), rows, demoted_keys, demoted_rows, 0, 0, False)
+    free_rows_(state, demoted_rows)
+    words[reserve] = words[reserve] | RESERVED_BIT
+    state.reserved.fill_(int(reserve.numel()))
+    empty = torch.empty(0, dtype=torch.int64, device=words.device)
+    return InsertResult(empty, empty, demoted_rows, 0, 0, False)
 
 
 def _sequential_sum(values: torch.Tensor) -> float:

@@ -7,18 +7,31 @@ from typing import Optional
 
 import torch
 
-EMPTY_KEY = -1  # key of an unused slot (real keys are non-negative 63-bit hashes)
+EMPTY_TAG = 0  # tag of an unused slot (a key's tag is never 0: see tags_of)
 NO_ROW = -1  # what a query and slot_rows say for a key without a hot row
 FLOAT_MAX = 3.4028234663852886e38
 
-# The row word of a slot is its hot row (>= 0) or, without one, a negative word: the sign bit,
-# the float32 bits of the slot's Space-Saving error (the evicted key's score it inherited, two
-# low mantissa bits cleared) and two flags in those bits (bit 1 is the C++ insert's transient
+# The row word of a slot is, with a hot row, the row (bits 0-29) and HIT_BIT (hit since the last
+# rebalance): a non-negative word. Without one it is negative: the sign bit, the float32 bits of
+# the slot's Space-Saving error (the evicted key's score it inherited, three low mantissa bits
+# cleared) and three flags in those bits (bit 1 is the C++ insert's transient
 # promotion-candidate mark).
+ROW_MASK = 0x3FFFFFFF
+HIT_BIT = 0x40000000
+MAX_HOT_ROWS = 1 << 30
 COLD_WORD = -(2**31)  # no hot row, error 0, confirmed (also an empty slot's word)
 NEWCOMER_BIT = 1  # placed by Space-Saving and no later batch has hit it: never medium
-ERROR_BITS = 0x7FFFFFFC
+RESERVED_BIT = 4  # a rebalance reserved a free row for it: it takes one at its next hit
+ERROR_BITS = 0x7FFFFFF8
 ERROR_DISCOUNT = 0.5  # estimate = score - ERROR_DISCOUNT x error (the middle of Space-Saving's bounds)
+
+
+def tags_of(keys: torch.Tensor) -> torch.Tensor:
+    """Tags [N] int32 of keys [N] int64 (non-negative 63-bit): bits 31-62, read as 1 where 0 (0
+    marks an empty slot). The low 15 bits of a key name its table slot and the bucket hash mixes
+    every bit, so two keys of one bucket share a tag with probability 2^-32."""
+    tags = (keys >> 31).clamp(min=1)
+    return (tags - ((tags >> 31) << 32)).to(torch.int32)  # the low 32 bits as a signed int32
 
 
 def cold_words(errors: torch.Tensor, newcomer: torch.Tensor | int) -> torch.Tensor:
@@ -33,12 +46,22 @@ def errors_of(words: torch.Tensor) -> torch.Tensor:
 
 def hot_rows_of(words: torch.Tensor) -> torch.Tensor:
     """Hot row [N] int32 of row words [N] int32 (NO_ROW without one)."""
-    return torch.where(words >= 0, words, NO_ROW)
+    return torch.where(words >= 0, words & ROW_MASK, NO_ROW)
 
 
 def newcomers_of(words: torch.Tensor) -> torch.Tensor:
     """[N] bool: the row word is a newcomer's (no hot row, not hit since it was placed)."""
     return (words < 0) & ((words & NEWCOMER_BIT) != 0)
+
+
+def reserved_of(words: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the row word holds a reservation (no hot row yet; one is kept free for it)."""
+    return (words < 0) & ((words & RESERVED_BIT) != 0)
+
+
+def hit_words(words: torch.Tensor) -> torch.Tensor:
+    """Row words [N] after a hit: a hot row's hit flag set, a newcomer confirmed."""
+    return torch.where(words < 0, words & ~NEWCOMER_BIT, words | HIT_BIT)
 
 
 def estimates_of(scores: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
@@ -47,20 +70,40 @@ def estimates_of(scores: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     return scores - ERROR_DISCOUNT * errors_of(words)
 
 
+def free_row_list(bits: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The free hot rows [F] int64, ascending, of a free-row bitmap [ceil(H/64)] int64."""
+    shifts = torch.arange(64, device=bits.device)
+    return ((bits[:, None] >> shifts) & 1).flatten()[:capacity].nonzero().flatten()
+
+
+def free_row_bits(free: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The bitmap [ceil(H/64)] int64 whose set bits are the rows `free` [F] (bit r of word r // 64)."""
+    mask = torch.zeros(free_words(capacity) * 64, dtype=torch.int64, device=free.device)
+    mask[free] = 1
+    return (mask.view(-1, 64) << torch.arange(64, device=free.device)).sum(1)  # disjoint bits: sum = or
+
+
+def free_words(capacity: int) -> int:
+    """int64 words of a free-row bitmap of `capacity` rows."""
+    return (capacity + 63) // 64
+
+
 @dataclass
 class SketchState:
     """The mutable tensors of one HotSketch; kernels update them in place.
 
-    slots [W*C, 2] int64 is an array of 16-byte slots, so a bucket of 4 is one 64-byte cache
-    line: word 0 is the key, word 1 packs the float32 score (low half) and the int32 row word
-    (high half; little-endian): the hot row, or the error and flags of a slot without one.
-    free_rows [H] int32 is a stack whose first free_count[0] entries are free hot rows;
+    slots [W*C, 3] int32 is an array of 12-byte slots: the key's tag (tags_of), the float32
+    score, the int32 row word (the hot row and hit flag, or the error and flags of a slot
+    without one). free_bits [ceil(H/64)] int64 is a bitmap of the free hot rows (the lowest is
+    handed out first) and free_count [1] int64 their number; reserved [1] int64 counts the
+    slots holding a reservation (RESERVED_BIT), each with a free row kept for it;
     total_score [1] float64 is the score inserted since the last decay.
     """
 
     slots: torch.Tensor
-    free_rows: torch.Tensor
+    free_bits: torch.Tensor
     free_count: torch.Tensor
+    reserved: torch.Tensor
     total_score: torch.Tensor
     slots_per_bucket: int
     multiplier: int  # the bucket hash: bucket = bounded(fold(key, multiplier), W)
@@ -70,17 +113,36 @@ class SketchState:
         return self.slots.shape[0] // self.slots_per_bucket
 
     @property
-    def keys(self) -> torch.Tensor:
+    def tags(self) -> torch.Tensor:
         return self.slots[:, 0]
 
     @property
     def scores(self) -> torch.Tensor:
-        return self.slots.view(torch.float32)[:, 2]
+        return self.slots.view(torch.float32)[:, 1]
 
     @property
     def words(self) -> torch.Tensor:
         """[W*C] int32 row words (see COLD_WORD)."""
-        return self.slots.view(torch.int32)[:, 3]
+        return self.slots[:, 2]
+
+
+def free_rows_(state: SketchState, rows: torch.Tensor) -> None:
+    """Mark `rows` [R] free in the state's bitmap."""
+    if rows.numel() == 0:
+        return
+    capacity = state.free_bits.numel() * 64
+    free = torch.cat([free_row_list(state.free_bits, capacity), rows.to(state.free_bits.device)])
+    state.free_bits.copy_(free_row_bits(free, capacity))
+    state.free_count += rows.numel()
+
+
+def take_rows_(state: SketchState, n: int) -> torch.Tensor:
+    """The n lowest free rows [n] int64, taken from the state's bitmap."""
+    capacity = state.free_bits.numel() * 64
+    free = free_row_list(state.free_bits, capacity)
+    state.free_bits.copy_(free_row_bits(free[n:], capacity))
+    state.free_count -= n
+    return free[:n]
 
 
 @dataclass(frozen=True)
@@ -96,15 +158,15 @@ class InsertParams:
 class InsertResult:
     """What one insert changed, for migration and stats.
 
-    promoted_keys / promoted_rows [P] int64: keys that got a hot row, in the order rows were
-    popped (slot order); demoted_keys / demoted_rows [D] int64: keys that lost their row at a
-    decay, in slot order. skipped: inputs rejected (score NaN, inf or negative); dropped:
-    newcomers lost because every slot of their bucket was hot; decayed: whether a decay ran.
+    promoted_keys / promoted_rows [P] int64: keys that got a hot row (every promotion happens in
+    an insert, which has the key), in slot order; demoted_rows [D] int64: rows freed by a decay or
+    a rebalance, in slot order (a slot holds no key to name). skipped: inputs rejected (score
+    NaN, inf or negative); dropped: newcomers lost because every slot of their bucket was hot;
+    decayed: whether a decay ran.
     """
 
     promoted_keys: torch.Tensor
     promoted_rows: torch.Tensor
-    demoted_keys: torch.Tensor
     demoted_rows: torch.Tensor
     skipped: int
     dropped: int
