@@ -8,8 +8,8 @@ has only a CUDA torch: it sets CAFE_KERNEL=torch, so the CPU side is the torch-o
 Correctness (printed PASS/FAIL per check; the exit status is 1 if any fails):
 
 - sketch, dyadic scores: the device's HotSketch(kernel="torch") ends every batch with the CPU
-  twin's state bit for bit (slots: keys, scores, row words; free stack; total score) and the
-  same InsertResult: multiples of 1/8 sum exactly in any order, so the device's atomic adds
+  twin's state bit for bit (slots: tags, scores, row words; free rows; reservations; total
+  score) and the same InsertResult: multiples of 1/8 sum exactly in any order, so the device's atomic adds
   cannot differ, and every other step is one IEEE operation per element on both. On streams
   whose sums stay exact (decay 0.5, see SKETCHES) it also equals the sequential reference
   (tests/reference_sketch.py) slot for slot.

@@ -360,7 +360,7 @@ def main() -> None:
     off_bytes = OfficialSketch(artifact, STEP_HOT_ROWS, STEP_THRESHOLD, index=OFFICIAL_C).nbytes
     bytes_row = (
         f"| sketch bytes at {STEP_HOT_ROWS // 1000}k hot rows (4 slots each) | {off_bytes:,} "
-        f"(12 B slots) | {ours.nbytes():,} ({slot_bytes} B slots + 4 B free-list entry per hot row) | "
+        f"(12 B slots) | {ours.nbytes():,} ({slot_bytes} B slots + a free-row bit per hot row) | "
         f"{ours.nbytes() / off_bytes:.2f} |"
     )
     print(render(results, bytes_row, args.repeats))

@@ -69,9 +69,9 @@ class CafeConfig:
     medium_share: the medium level as a share of the hot one: of the threshold (paper) or of the
         marginal hot id's estimate (adaptive) (*group*; the paper's code: 0.2).
     level2_share: share of a table's hashed rows in the second region (the paper's code: 0.3).
-    slots_per_bucket: sketch bucket size (*group*; the paper's 4: one 64-byte cache line).
+    slots_per_bucket: sketch bucket size (*group*; the paper's 4: 48 bytes).
     slots_per_hot_row: sketch slots per hot row (*group*; the paper's 4, one bucket per hot
-        row). A slot is 16 bytes; fewer slots leave more of the memory to hot rows, at the cost
+        row). A slot is 12 bytes; fewer slots leave more of the memory to hot rows, at the cost
         of room for challengers (ids tracked before they earn a row).
     importance: "gradient" (L2 norm of the embedding gradient, normalised per feature and
         batch to mean 1) or "frequency" (1 per occurrence) (*group*).

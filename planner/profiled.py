@@ -76,7 +76,8 @@ def solve_profiled(
         configs: Dict[str, CafeConfig] = {}
         for (_, dim), members in groups.items():
             width = BYTES_PER_VALUE[members[0].data_type]
-            kappa = hot_share / (1 - hot_share) * dim * width / hot_row_bytes(dim, fixed.resolved(), width)
+            hot_row = hot_row_bytes(dim, fixed.resolved(), width, len(members))
+            kappa = hot_share / (1 - hot_share) * dim * width / hot_row
             want = [curves[t.name].count_at_least(price * row_bytes[t.name]) for t in members]
             floor = [max(1.0, t.num_embeddings * (1 - hot_share) / floor_ratio) for t in members]
             hashed = dict(

@@ -33,9 +33,7 @@ def f32(x: float) -> float:
 
 
 def f16(x: float) -> float:
-    """Round a float32 value to float16 (nearest, ties to even; inf past the largest half)."""
-    if abs(x) >= 65520.0:
-        return math.copysign(math.inf, x)
+    """Round a float32 value of at most 65504 (float16's largest) to float16 (nearest, ties to even)."""
     return struct.unpack("e", struct.pack("e", x))[0]
 
 
@@ -164,7 +162,7 @@ class ReferenceSketch:
         for j in hot_ids:
             owed = self.marks.get(self.rows[j], 0.0)
             missed = not self.hit[j]
-            due[self.rows[j]] = f16(f32(owed + f32(self.scores[j] * f32(1.0 - f)))) if missed else 0.0
+            due[self.rows[j]] = f16(min(f32(owed + f32(self.scores[j] * f32(1.0 - f))), 65504.0)) if missed else 0.0
             now_stale = missed and due[self.rows[j]] >= hits and owed < hits
             newly_stale += now_stale
             hot_mass += self.scores[j]

@@ -376,6 +376,8 @@ def assert_same_as_reference(sk: HotSketch, ref: ReferenceSketch, res, got: tupl
     assert sk.slot_newcomers.tolist() == ref.newcomer
     assert sk.free_rows().tolist() == ref.free_list
     assert sk.slot_reserved.tolist() == ref.reserved and int(sk.reserved[0]) == ref.reservations
+    marks = sk.row_marks.tolist()
+    assert {row: marks[row] for row in ref.marks} == ref.marks  # each hot row's due occurrences (float16)
     assert float(sk.decayed_occurrences[0]) == ref.decayed and int(sk.occurrences_since[0]) == ref.since
     assert int(sk.stale_window[0]) == ref.window
 
@@ -741,3 +743,49 @@ def test_keys_of_one_bucket_and_tag_are_one_key_to_the_sketch(kernel: str) -> No
     assert sk.find(torch.tensor([a, a ^ 1, a ^ (1 << 30), a ^ (1 << 31)])).tolist() == [0, 0, 0, -1]
     sk.insert(torch.tensor([a ^ 1]), torch.tensor([3.0]))
     assert sk.slot_scores[0].item() == 5.0 and int((sk.slot_tags != 0).sum()) == 1
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_no_stale_rule_means_none_even_when_a_count_passes_float16(kernel: str) -> None:
+    """A hot id of a huge score that stops being hit is owed more occurrences than a float16
+    holds; its count stops at the largest one, so stale_hits=inf (no stale rule) is never
+    reached, and the id keeps its score (an infinite count read as stale zeroed it)."""
+    from cafe_torchrec.sketch.policy import AdaptivePolicy
+
+    policy = AdaptivePolicy(horizon=4.0, entry_score=1.0, rebalances_per_horizon=4, stale_hits=float("inf"))
+    sk = HotSketch(hot_capacity=2, num_buckets=4, slots_per_bucket=4, kernel=kernel, adaptive=policy)
+    big, small = mix64(torch.arange(2), 3).tolist()
+    for _ in range(6):
+        sk.insert(torch.tensor([big, small]), torch.tensor([3e6, 1.0]))
+    assert sk.query(torch.tensor([big]))[0].tolist() != [-1]
+    for _ in range(40):
+        sk.insert(torch.tensor([small]), torch.tensor([1.0]))
+    assert float(sk.row_marks.float().max()) == 65504.0 and int(sk.stale_window[0]) == 0
+    assert float(sk.slot_scores[sk.find(torch.tensor([big]))][0]) > 0
+
+
+@pytest.mark.parametrize("field", ["free_count", "reserved", "free_bits"])
+def test_a_checkpoint_whose_rows_do_not_add_up_is_refused_untouched(field: str) -> None:
+    """The kernels trust the free-row count, the bitmap and the reservations: a state dict where
+    they disagree is refused (ValueError) before anything is loaded."""
+    gen = torch.Generator().manual_seed(3)
+    sk = make_adaptive("torch")
+    for keys in drifting_batches(gen, 20):
+        sk.insert(keys, dyadic_scores(keys.numel(), gen))
+    state = {name: t.clone() for name, t in sk.state_dict().items()}
+    if field == "free_bits":
+        state[field][0] ^= 1 << 23  # row 23 flips between free and not
+    else:
+        state[field] += 1
+    before = {name: t.clone() for name, t in sk.state_dict().items()}
+    with pytest.raises(ValueError, match="corrupt or foreign checkpoint"):
+        sk.load_state_dict(state)
+    assert all(torch.equal(before[name], t) for name, t in sk.state_dict().items())
+
+
+def test_stale_hits_beyond_a_float16_count_are_refused() -> None:
+    from cafe_torchrec.sketch.policy import AdaptivePolicy
+
+    with pytest.raises(ValueError, match="stale_hits"):
+        AdaptivePolicy(stale_hits=5000.0).validate()
+    AdaptivePolicy(stale_hits=float("inf")).validate()

@@ -18,7 +18,6 @@ constexpr int32_t kNoRow = -1;      // what a query says for a key without a hot
 // low mantissa bits cleared, and three flags there (the twin of sketch/types.py).
 constexpr int32_t kRowMask = 0x3FFFFFFF;
 constexpr int32_t kHitBit = 0x40000000;
-constexpr int64_t kMaxHotRows = int64_t{1} << 30;
 constexpr int32_t kColdWord = INT32_MIN;  // no hot row, error 0, confirmed
 constexpr int32_t kNewcomerBit = 1;       // placed by Space-Saving, not hit since: not medium yet
 constexpr int32_t kCandidateBit = 2;      // transient inside one insert: a promotion candidate
@@ -186,12 +185,14 @@ class FreeRows {
     TORCH_CHECK(bits.is_contiguous() && bits.scalar_type() == at::kLong && bits.dim() == 1, "free bits: int64 [ceil(H/64)]");
     TORCH_CHECK(count.scalar_type() == at::kLong && count.numel() == 1, "free_count: int64 [1]");
     bits_ = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
+    words_ = bits.numel();
     count_ = count.data_ptr<int64_t>();
   }
   int64_t count() const { return *count_; }
   // the lowest free row, taken (the caller checks count() > 0); the scan resumes where it stopped
   int64_t pop() {
-    while (bits_[cursor_] == 0) ++cursor_;
+    while (cursor_ < words_ && bits_[cursor_] == 0) ++cursor_;
+    TORCH_CHECK(cursor_ < words_, "free rows: the count says ", *count_, " but the bitmap holds none");
     const int64_t bit = __builtin_ctzll(bits_[cursor_]);
     bits_[cursor_] &= bits_[cursor_] - 1;
     --*count_;
@@ -205,6 +206,7 @@ class FreeRows {
 
  private:
   uint64_t* bits_;
+  int64_t words_;
   int64_t* count_;
   int64_t cursor_ = 0;
 };

@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstddef>
 #include <functional>
 #include <cstdint>
 #include <cstring>
@@ -36,6 +35,7 @@ using cafe::Slot;
 using cafe::slots_of;
 using cafe::tag_of;
 constexpr float kFloatMax = std::numeric_limits<float>::max();
+constexpr float kMarkMax = 65504.0f;  // the largest finite float16: a stale mark's ceiling
 
 inline uint32_t bits_of(float v) {
   uint32_t bits;
@@ -364,6 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_insert(
       }
     }
     total = 0.0;
+    reserved = 0;  // the cold words above were rebuilt without their flags
   }
 
   const auto run_phase_a = [&](auto has_hints, auto may_promote) {
@@ -388,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_insert(
   for (int64_t q = 0; q < a.num_candidates; ++q) {
     Slot& sl = slots[a.candidates[q] >> 32];
     const bool was_reserved = (sl.row & kReservedBit) != 0;
-    if (was_reserved ? free.count() > 0 : taken < surplus) {
+    if (free.count() > 0 && (was_reserved || taken < surplus)) {
       sl.score = cafe::estimate(sl);  // a hot slot keeps its estimate, no error
       const int64_t row = free.pop();
       sl.row = static_cast<int32_t>(row) | kHitBit;  // hit in this batch
@@ -565,7 +566,8 @@ std::tuple<at::Tensor, double, bool> sketch_rebalance(
       const int64_t row = row_of(sl.row);
       const bool missed = (sl.row & kHitBit) == 0;
       const float owed_before = static_cast<float>(marks[row]);
-      const float owed = missed ? static_cast<float>(at::Half(owed_before + sl.score * due)) : 0.0f;
+      // capped at float16's largest finite value: an infinite count would reach stale_hits = inf
+      const float owed = missed ? static_cast<float>(at::Half(std::min(owed_before + sl.score * due, kMarkMax))) : 0.0f;
       const bool now_stale = missed & (owed >= stale_hits) & (owed_before < stale_hits);
       newly_stale += now_stale;
       hot_mass += sl.score;

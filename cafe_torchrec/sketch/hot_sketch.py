@@ -1,9 +1,9 @@
-"""HotSketch: one-pass importance tracking with a free list of hot rows (CAFE, SIGMOD'24 §3.2)."""
+"""HotSketch: one-pass importance tracking with a bitmap of free hot rows (CAFE, SIGMOD'24 §3.2)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from cafe_torchrec.sketch.types import (
     estimates_of,
     free_row_bits,
     free_row_list,
+    free_words,
     hot_rows_of,
     newcomers_of,
     reserved_of,
@@ -38,8 +39,9 @@ class HotSketch(nn.Module):
     """W buckets of C slots (key tag, score, hot row) plus a bitmap of free hot rows.
 
     Keys are non-negative 63-bit hashes (see ``hashing.mix64``); a slot holds a key's 32-bit tag
-    (types.tags_of), so a key is known by its bucket and tag: 12 bytes a slot, where the key
-    itself would take 16. ``insert`` adds a batch of
+    (types.tags_of: bits 31-62), so a key is known by its bucket and tag: 12 bytes a slot,
+    where the key itself would take 16. Keys must be uniform hashes: raw ids below 2^31 all
+    share tag 1 and would be one key per bucket. ``insert`` adds a batch of
     importance scores and hands out hot rows to keys whose score reaches ``threshold``;
     ``query`` tells, per key, its hot row (or -1) and whether it is medium (score at least
     ``medium_threshold`` without a row, and hit again since it entered: see torch_kernel, for
@@ -349,6 +351,11 @@ class HotSketch(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        names = ("slots", "free_bits", "free_count", "reserved", "initialized")
+        saved = [state_dict.get(prefix + name) for name in names]
+        tensors = [t for t in saved if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+        if len(tensors) == len(names):
+            _check_saved_state(tensors, self.hot_capacity, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.seed.device.type != "meta":
             self._seed = int(self.seed[0])
@@ -377,6 +384,43 @@ def _merged(first: InsertResult, second: InsertResult) -> InsertResult:
 def per_row_bytes(adaptive: bool) -> float:
     """Sketch bytes per hot row besides its slots: a bit of the free-row bitmap, and a mark if adaptive."""
     return FREE_ROW_BYTES + (ROW_MARK_BYTES if adaptive else 0)
+
+
+def _check_saved_state(saved: List[torch.Tensor], capacity: int, prefix: str) -> None:
+    """ValueError, before anything is loaded, unless a saved sketch's rows add up (`saved`: its
+    slots, free_bits, free_count, reserved, initialized): every row free
+    (in the bitmap, which free_count counts) or held by one slot, and as many reservations as
+    slots holding one, with a free row for each. The kernels trust these (a free row is popped
+    where the count says there is one). A zero-filled state (DMP's materialised buffers, set up
+    lazily) is skipped. Shapes and dtypes are torch's own checks."""
+    slots, free_bits, free_count, reserved, initialized = saved
+    if (
+        slots.dim() != 2
+        or slots.shape[1] != 3
+        or free_bits.numel() != free_words(capacity)
+        or not bool(initialized.all())
+    ):
+        return
+    slots, free_bits = slots.cpu(), free_bits.cpu()
+    free = free_row_list(free_bits, free_bits.numel() * 64)
+    words = slots[:, 2].to(torch.int32)
+    held = hot_rows_of(words)
+    held = held[held >= 0].long()
+    rows = torch.cat([held, free])
+    where = f"HotSketch state {prefix!r}" if prefix else "HotSketch state"
+    if free.numel() != int(free_count[0]) or rows.numel() != capacity or rows.unique().numel() != capacity:
+        raise ValueError(
+            f"{where}: {held.numel()} held and {free.numel()} free hot rows (free_count {int(free_count[0])}) "
+            f"are not each of its {capacity} rows once: a corrupt or foreign checkpoint"
+        )
+    if bool((rows >= capacity).any()):
+        raise ValueError(f"{where}: a hot row at or past its capacity {capacity}: a corrupt or foreign checkpoint")
+    flagged = int(reserved_of(words).sum())
+    if flagged != int(reserved[0]) or flagged > free.numel():
+        raise ValueError(
+            f"{where}: {flagged} slots hold a reservation, reserved says {int(reserved[0])}, "
+            f"{free.numel()} rows are free: a corrupt or foreign checkpoint"
+        )
 
 
 def _empty_slots(n: int, device: Optional[torch.device]) -> torch.Tensor:

@@ -97,6 +97,8 @@ from cafe_torchrec.sketch.types import (
     newcomers_of,
 )
 
+MARK_MAX = 65504.0  # the largest finite float16: a stale mark's ceiling
+MAX_STALE_HITS = 2048.0  # float16 counts exactly in steps of 1 below it
 DECAY_STEPS = 16  # f = 2^(-j / DECAY_STEPS), j in [0, DECAY_STEPS]
 STALE_HITS = 8.0  # default stale_hits: a hot id expected to see this many occurrences and seeing none is stale
 STALE_BURST = 0.1  # default stale_burst: the share of the hot score going stale in one rebalance that marks a drift
@@ -130,8 +132,11 @@ class AdaptivePolicy:
             raise ValueError(f"{where}: rebalances_per_horizon must be >= 1, got {self.rebalances_per_horizon}")
         if self.medium_share is not None and not 0 < self.medium_share <= 1:
             raise ValueError(f"{where}: medium_share must be in (0, 1], got {self.medium_share}")
-        if not self.stale_hits > 0:  # NaN fails too
-            raise ValueError(f"{where}: stale_hits must be > 0 (inf: no stale rule), got {self.stale_hits}")
+        if not (0 < self.stale_hits <= MAX_STALE_HITS or self.stale_hits == math.inf):  # NaN fails too
+            raise ValueError(
+                f"{where}: stale_hits must be in (0, {MAX_STALE_HITS:g}] (a float16 count; inf: no stale rule), "
+                f"got {self.stale_hits}"
+            )
         if not 0 <= self.stale_burst <= 1:  # NaN fails too
             raise ValueError(f"{where}: stale_burst must be in [0, 1], got {self.stale_burst}")
 
@@ -208,7 +213,9 @@ def rebalance_(
     missed = (hot_words & HIT_BIT) == 0  # no hit since the last rebalance
     owed = marks[hot_rows].float()
     # the stored (float16) count is the one every rule reads
-    due = torch.where(missed, owed + scores[hot_now] * (1.0 - f), torch.zeros_like(owed)).half().float()
+    # capped at float16's largest finite value: an infinite count would reach stale_hits = inf
+    due = torch.where(missed, owed + scores[hot_now] * (1.0 - f), torch.zeros_like(owed))
+    due = due.clamp(max=MARK_MAX).half().float()
     newly_stale = missed & (due >= policy.stale_hits) & (owed < policy.stale_hits)
     # the masses (a host loop) only where an id went stale, as in few rebalances
     burst = bool(newly_stale.any()) and _sequential_sum(

@@ -86,6 +86,7 @@ def decay_(state: SketchState, params: InsertParams) -> torch.Tensor:
         words[leaving] = COLD_WORD
     state.scores.copy_(decayed)
     state.total_score.zero_()
+    state.reserved.zero_()  # the cold words above were rebuilt without their flags
     return demoted_rows
 
 
@@ -140,8 +141,6 @@ def insert_(
     surplus = int(state.free_count[0]) - int(state.reserved[0])
     others = torch.cumsum((~cand_reserved).to(torch.int64), 0)
     take = cand_reserved | (others <= surplus)
-    if int(cand_reserved.sum()) > int(state.free_count[0]):
-        take = take & (torch.cumsum(take.to(torch.int64), 0) <= int(state.free_count[0]))
     promoted, promoted_keys = cand[take], cand_keys[take]
     rows = take_rows_(state, int(promoted.numel())) if promoted.numel() else empty
     state.reserved -= int((cand_reserved & take).sum())
