@@ -8,8 +8,14 @@
 
 #include "common.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#include <xmmintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <functional>
 #include <cstdint>
 #include <cstring>
@@ -65,8 +71,33 @@ inline std::pair<int64_t, int64_t> choose_any(const Slot* b, int64_t c) {
   return {empty, victim};
 }
 
-// choose_any for a bucket of four, unrolled by the compiler.
+// choose_any for a bucket of four: its 48 bytes as three SSE2 vectors, shuffled into tags,
+// scores and row words, so each choice is four compares and a bit scan (choose_any itself
+// where SSE2 is missing, e.g. on ARM: the same choices).
+#if !defined(__SSE2__)
 inline std::pair<int64_t, int64_t> choose4(const Slot* b) { return choose_any(b, 4); }
+#else
+inline std::pair<int64_t, int64_t> choose4(const Slot* b) {
+  static_assert(sizeof(Slot) == 12 && offsetof(Slot, score) == 4 && offsetof(Slot, row) == 8, "slot layout");
+  const float* f = reinterpret_cast<const float*>(b);
+  // v0 = [t0 s0 r0 t1], v1 = [s1 r1 t2 s2], v2 = [r2 t3 s3 r3]
+  const __m128 v0 = _mm_loadu_ps(f), v1 = _mm_loadu_ps(f + 4), v2 = _mm_loadu_ps(f + 8);
+  const __m128 t23 = _mm_shuffle_ps(v1, v2, _MM_SHUFFLE(1, 1, 2, 2));
+  const __m128 tag = _mm_shuffle_ps(v0, t23, _MM_SHUFFLE(2, 0, 3, 0));
+  const __m128 score = _mm_shuffle_ps(_mm_shuffle_ps(v0, v1, _MM_SHUFFLE(0, 0, 1, 1)),
+                                      _mm_shuffle_ps(v1, v2, _MM_SHUFFLE(2, 2, 3, 3)), _MM_SHUFFLE(2, 0, 2, 0));
+  const __m128 row = _mm_shuffle_ps(_mm_shuffle_ps(v0, v1, _MM_SHUFFLE(1, 1, 2, 2)),
+                                    _mm_shuffle_ps(v2, v2, _MM_SHUFFLE(3, 3, 0, 0)), _MM_SHUFFLE(2, 0, 2, 0));
+  const __m128i is_empty = _mm_cmpeq_epi32(_mm_castps_si128(tag), _mm_setzero_si128());  // tag == kEmptyTag
+  const __m128 cold = _mm_castsi128_ps(_mm_srai_epi32(_mm_castps_si128(row), 31));  // row word < 0
+  // hot slots read as +inf; the minimum's lanes, masked to the cold ones, hold the victim
+  const __m128 x = _mm_or_ps(_mm_and_ps(cold, score), _mm_andnot_ps(cold, _mm_set1_ps(INFINITY)));
+  __m128 m = _mm_min_ps(x, _mm_shuffle_ps(x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+  m = _mm_min_ps(m, _mm_shuffle_ps(m, m, _MM_SHUFFLE(1, 0, 3, 2)));
+  const int least = _mm_movemask_ps(_mm_cmpeq_ps(x, m)) & _mm_movemask_ps(cold);
+  return {__builtin_ctz(_mm_movemask_ps(_mm_castsi128_ps(is_empty)) | 16), __builtin_ctz(least | 16)};
+}
+#endif
 
 // finite and non-negative (NaN fails both compares)
 inline bool valid_score(float v) { return v >= 0.0f && v <= kFloatMax; }
