@@ -159,11 +159,12 @@ class CafeGroupRemap(nn.Module):
         result = self.sketch.insert(keys, scores, hints)
         n, counts, owners = len(self.layout.tables), self.migration_counts, self.row_tables
         promoted = result.promoted_keys & SLOT_MASK
-        # the demotions of a call come before its promotions, which may take the same rows
         demoted_rows = result.demoted_rows.to(owners.device)
-        demoted = owners[demoted_rows].long() if owners.numel() else torch.zeros_like(demoted_rows)
-        if owners.numel():
+        if owners.numel():  # the demotions of a call come before its promotions, which may take the same rows
+            demoted = owners[demoted_rows].long()
             owners[result.promoted_rows.to(owners.device)] = promoted.to(owners.device, torch.int16)
+        else:  # one table: every row is its
+            demoted = torch.zeros_like(demoted_rows)
         counts[:, 0] += torch.bincount(promoted, minlength=n).to(counts.device)
         counts[:, 1] += torch.bincount(demoted, minlength=n).to(counts.device)
         return result

@@ -429,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_insert(
       promoted_keys.push_back(k[a.candidates[q] & 0xFFFFFFFF]);
       promoted_rows.push_back(row);
     } else {
-      sl.row &= ~cafe::kCandidateBit;
+      sl.row &= ~kCandidateBit;
     }
   }
   const int64_t dropped = phase_b(slots, c, k, s, a, reserved);

@@ -212,8 +212,8 @@ def rebalance_(
     hot_rows = (hot_words & ROW_MASK).long()
     missed = (hot_words & HIT_BIT) == 0  # no hit since the last rebalance
     owed = marks[hot_rows].float()
-    # the stored (float16) count is the one every rule reads
-    # capped at float16's largest finite value: an infinite count would reach stale_hits = inf
+    # every rule reads the stored float16 count, capped at float16's largest finite value (an
+    # infinite count would reach stale_hits = inf)
     due = torch.where(missed, owed + scores[hot_now] * (1.0 - f), torch.zeros_like(owed))
     due = due.clamp(max=MARK_MAX).half().float()
     newly_stale = missed & (due >= policy.stale_hits) & (owed < policy.stale_hits)

@@ -160,9 +160,9 @@ class InsertResult:
 
     promoted_keys / promoted_rows [P] int64: keys that got a hot row (every promotion happens in
     an insert, which has the key), in slot order; demoted_rows [D] int64: rows freed by a decay
-    (in slot order) or a rebalance (weakest first), named by row: a slot holds no key. skipped: inputs rejected (score
-    NaN, inf or negative); dropped: newcomers lost because every slot of their bucket was hot;
-    decayed: whether a decay ran.
+    (in slot order) or a rebalance (weakest first), named by row: a slot holds no key.
+    skipped: inputs rejected (score NaN, inf or negative); dropped: newcomers lost because every
+    slot of their bucket was hot; decayed: whether a decay ran.
     """
 
     promoted_keys: torch.Tensor
