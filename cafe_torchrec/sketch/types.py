@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -127,22 +128,41 @@ class SketchState:
 
 
 def free_rows_(state: SketchState, rows: torch.Tensor) -> None:
-    """Mark `rows` [R] free in the state's bitmap."""
+    """Mark `rows` [R] (distinct, not free) free in the state's bitmap: O(R) work, no host sync."""
     if rows.numel() == 0:
         return
-    capacity = state.free_bits.numel() * 64
-    free = torch.cat([free_row_list(state.free_bits, capacity), rows.to(state.free_bits.device)])
-    state.free_bits.copy_(free_row_bits(free, capacity))
+    state.free_bits |= _row_masks(rows.to(state.free_bits.device), state.free_bits.numel())
     state.free_count += rows.numel()
 
 
 def take_rows_(state: SketchState, n: int) -> torch.Tensor:
-    """The n lowest free rows [n] int64, taken from the state's bitmap."""
-    capacity = state.free_bits.numel() * 64
-    free = free_row_list(state.free_bits, capacity)
-    state.free_bits.copy_(free_row_bits(free[n:], capacity))
+    """The n lowest free rows [n] int64 (n <= the free count), taken from the state's bitmap. Only
+    the bitmap's words up to the one holding the n-th free row are unpacked (one host sync to
+    find it), so a promotion costs O(H / 64 + rows taken), not O(H)."""
+    bits = state.free_bits
+    ends = _popcounts(bits).cumsum(0)  # free rows in words 0..i
+    words = min(int(torch.searchsorted(ends, n)) + 1, bits.numel())
+    taken = free_row_list(bits[:words], words * 64)[:n]
+    state.free_bits &= ~_row_masks(taken, bits.numel())
     state.free_count -= n
-    return free[:n]
+    return taken
+
+
+def _row_masks(rows: torch.Tensor, words: int) -> torch.Tensor:
+    """The bitmap [words] int64 with the bits of `rows` [R] (distinct) set."""
+    masks = torch.zeros(words, dtype=torch.int64, device=rows.device)
+    return masks.index_add_(0, rows >> 6, torch.ones_like(rows) << (rows & 63))  # distinct bits: sum = or
+
+
+@lru_cache(maxsize=None)
+def _byte_popcounts(device: torch.device) -> torch.Tensor:
+    """[256] int64: the set bits of each byte value."""
+    return torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64, device=device)
+
+
+def _popcounts(bits: torch.Tensor) -> torch.Tensor:
+    """Set bits [W] int64 of each word of a bitmap [W] int64."""
+    return _byte_popcounts(bits.device)[bits.view(torch.uint8).long()].view(-1, 8).sum(1)
 
 
 @dataclass(frozen=True)
