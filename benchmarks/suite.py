@@ -89,9 +89,10 @@ METHODS: Dict[str, List[str]] = {
     "cafe-paper": ["--embedding", "cafe", "--cafe-option", "policy=paper"],
     "cafe-adagrad": _ADAGRAD_CAFE,
     "hash-adagrad": ["--embedding", "hash", *_ADAGRAD],
-    # ablations of cafe-adagrad where the official is ahead: its policy, its hot share at 10000x, and more hot
+    # ablations of cafe-adagrad where the official is ahead: its policy, its hot share at 1000x and 10000x, and more hot
     # rows at the same memory
     "cafe-adagrad-paper": [*_ADAGRAD_CAFE, "--cafe-option", "policy=paper"],
+    "cafe-adagrad-hot80": [*_ADAGRAD_CAFE, "--cafe-option", "hot_share=0.8"],
     "cafe-adagrad-hot90": [*_ADAGRAD_CAFE, "--cafe-option", "hot_share=0.9"],
     "cafe-adagrad-lean": [*_ADAGRAD_CAFE, "--cafe-option", "slots_per_hot_row=2"],
     # ablations of the default's hot share (the official's is 0.8 / 0.9 at 1000x / 10000x)
