@@ -199,39 +199,33 @@ std::pair<double, int64_t> valid_total(const float* s, int64_t n) {
 // holds the key, branch-free: one prefetched direct access each (a miss adds 0 to a dummy slot).
 // The other valid occurrences are queued for pass 2, which probes their buckets. All
 // occurrences of one key share one hint, so each slot still sees its key's scores in input order.
-// Candidates are listed as they are hit, with the input position of the key (a slot no longer
-// holds it), so no later pass revisits the hit slots. The passes are compiled for each of:
-// hints given or not (without them pass 1 only checks and queues), and rows free or not
+// Candidates are found after both passes, among the slots they hit without a hot row (listed
+// as they are hit, with the input position of the key, which a slot no longer holds; few, as
+// most hits are hot): scores only grow in phase A, so a slot that ends it with estimate >=
+// threshold is one that reached it; a slot with a reserved row is a candidate at any hit. The passes are compiled for each
+// of: hints given or not (without them pass 1 only checks and queues), and rows free or not
 // (without a free row no slot can become a candidate: nothing to list).
 // The loops write raw scratch arrays and call nothing, so a step allocates nothing.
 template <bool kHints, bool kPromote>
 PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t multiplier, const int64_t* k,
                const float* s, const int32_t* hints, int64_t n, float threshold) {
-  int64_t* candidates = cafe::scratch(3, n + 1);  // slot << 32 | position, one per hit at most, and one written past
-  int64_t num_candidates = 0;
+  int64_t* cold_hits = cafe::scratch(3, n + 1);  // slot << 32 | position, one per hit at most, and one written past
+  int64_t num_cold_hits = 0;
   // Misses add to dummies (hot row 0: never listed) taken in turn, so that consecutive misses
   // do not chain through one slot's store and reload.
   constexpr int64_t kDummies = 8;
   Slot dummies[kDummies];
   for (Slot& d : dummies) d = Slot{kEmptyTag, 0.0f, 0};
   // always_inline: GCC kept the lambda as a call per occurrence. Branch-free: whether a hit
-  // slot is hot is a coin flip no predictor learns. A hit slot without a hot row becomes a
-  // candidate at the hit that brings its estimate to the threshold (scores only grow here, so a
-  // slot that ends phase A at or above it is one that reached it at some hit), or at its first
-  // hit if it holds a reservation; kCandidateBit lists it once.
+  // slot is hot is a coin flip no predictor learns.
   auto add = [&](Slot* t, int64_t j, int64_t i, float v) __attribute__((always_inline)) {  // t: slot j, or a dummy
-    const float score = std::min(t->score + v, kFloatMax);
-    int32_t row = cafe::hit_word(t->row);
-    if constexpr (kPromote) {
-      const bool candidate = (row < 0) & ((row & kCandidateBit) == 0) &
-                             (((row & kReservedBit) != 0) | (cafe::estimate(score, row) >= threshold));
-      static_assert(kCandidateBit == 2, "the shift below sets kCandidateBit");
-      row |= static_cast<int32_t>(candidate) << 1;
-      candidates[num_candidates] = j << 32 | i;
-      num_candidates += candidate;
-    }
-    t->score = score;
+    const int32_t row = cafe::hit_word(t->row);
+    t->score = std::min(t->score + v, kFloatMax);
     t->row = row;
+    if constexpr (kPromote) {
+      cold_hits[num_cold_hits] = j << 32 | i;
+      num_cold_hits += row < 0;
+    }
   };
   int64_t* queue = cafe::scratch(1, n);
   int64_t queued = 0;
@@ -271,6 +265,20 @@ PhaseA phase_a(Slot* slots, int64_t num_slots, int64_t w, int64_t c, int64_t mul
       queue[misses] = i;
       bases[misses++] = base;
     }
+  }
+  // The candidates, marked once each (a slot may be listed once per hit), compacted in place
+  // into the list: entry num_candidates <= q is never read again.
+  int64_t* candidates = cold_hits;
+  int64_t num_candidates = 0;
+  for (int64_t q = 0; q < num_cold_hits; ++q) {
+    const int64_t entry = cold_hits[q];
+    Slot& t = slots[entry >> 32];
+    const bool candidate =
+        ((t.row & kCandidateBit) == 0) & (((t.row & kReservedBit) != 0) | (cafe::estimate(t) >= threshold));
+    t.row |= static_cast<int32_t>(candidate) << 1;
+    static_assert(kCandidateBit == 2, "the shift above sets kCandidateBit");
+    candidates[num_candidates] = entry;
+    num_candidates += candidate;
   }
   const auto [batch_total, skipped] = valid_total(s, n);
   return PhaseA{candidates, num_candidates, queue, bases, misses, skipped, batch_total};
