@@ -746,6 +746,23 @@ def test_keys_of_one_bucket_and_tag_are_one_key_to_the_sketch(kernel: str) -> No
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("hints", [False, True])
+def test_a_promotion_of_keys_sharing_a_slot_reports_the_first_that_hit_it(kernel: str, hints: bool) -> None:
+    """Keys of one bucket and tag share a slot; when it is promoted, the key reported (whose
+    hashed rows the new row starts from) is the batch's first occurrence that hit the slot, not
+    the one that brought it to the threshold, in every kernel and the reference."""
+    sk = make(kernel, num_buckets=1, threshold=5.0, decay_trigger=1e9)
+    ref = ReferenceSketch(1, 4, 24, 5.0, 0.9, 1e9, 3)
+    a = int(mix64(torch.tensor([1]), 0)[0]) & ~0x7FFF  # table slot 0, the only region below
+    regions = torch.tensor([[24, 8, 0, 1]])  # hashed rows 24..31, as hashing.hashed_rows reads them
+    for keys, scores in (([a], [1.0]), ([a, a ^ (1 << 20)], [1.0, 5.0])):
+        k, s = torch.tensor(keys), torch.tensor(scores)
+        res = sk.insert(k, s, sk.lookup(k, regions).hints if hints else None)
+        assert res.promoted_keys.tolist() == ref.insert_batch(keys, scores)[0]
+    assert res.promoted_keys.tolist() == [a]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_no_stale_rule_means_none_even_when_a_count_passes_float16(kernel: str) -> None:
     """A hot id of a huge score that stops being hit is owed more occurrences than a float16
     holds; its count stops at the largest one, so stale_hits=inf (no stale rule) is never
