@@ -128,30 +128,32 @@ class SketchState:
 
 
 def free_rows_(state: SketchState, rows: torch.Tensor) -> None:
-    """Mark `rows` [R] (distinct, not free) free in the state's bitmap: O(R) work, no host sync."""
+    """Mark `rows` [R] (distinct, held: not free) free in the state's bitmap: one scatter, O(R)."""
     if rows.numel() == 0:
         return
-    state.free_bits |= _row_masks(rows.to(state.free_bits.device), state.free_bits.numel())
+    rows = rows.to(state.free_bits.device, torch.int64)
+    # the bits are distinct and clear, so adding them sets them (bit 63 too: 0 + INT64_MIN)
+    state.free_bits.index_add_(0, rows >> 6, torch.ones_like(rows) << (rows & 63))
     state.free_count += rows.numel()
 
 
 def take_rows_(state: SketchState, n: int) -> torch.Tensor:
-    """The n lowest free rows [n] int64 (n <= the free count), taken from the state's bitmap. Only
-    the bitmap's words up to the one holding the n-th free row are unpacked (one host sync to
-    find it), so a promotion costs O(H / 64 + rows taken), not O(H)."""
+    """The n lowest free rows [n] int64 (n <= the free count), taken from the state's bitmap.
+    Per-word popcounts find the words that hold them (O(H / 64) vector work and two host syncs:
+    their count, and the nonzero words), and only those words are unpacked, so the cost does
+    not grow with H / 64 x 64 when the free rows are few and scattered."""
     bits = state.free_bits
-    ends = _popcounts(bits).cumsum(0)  # free rows in words 0..i
-    words = min(int(torch.searchsorted(ends, n)) + 1, bits.numel())
-    taken = free_row_list(bits[:words], words * 64)[:n]
-    state.free_bits &= ~_row_masks(taken, bits.numel())
+    counts = _popcounts(bits)
+    words = min(int(torch.searchsorted(counts.cumsum(0), n)) + 1, bits.numel())
+    held = counts[:words].nonzero().flatten()  # the words up to the n-th free row that hold any
+    shifts = torch.arange(64, device=bits.device)
+    set_bits = ((bits[held, None] >> shifts) & 1).bool()
+    taken = (held[:, None] * 64 + shifts)[set_bits][:n]  # ascending: words, then bits, in order
+    masks = torch.zeros(words, dtype=torch.int64, device=bits.device)
+    masks.index_add_(0, taken >> 6, torch.ones_like(taken) << (taken & 63))  # distinct bits: sum = or
+    state.free_bits[:words] &= ~masks
     state.free_count -= n
     return taken
-
-
-def _row_masks(rows: torch.Tensor, words: int) -> torch.Tensor:
-    """The bitmap [words] int64 with the bits of `rows` [R] (distinct) set."""
-    masks = torch.zeros(words, dtype=torch.int64, device=rows.device)
-    return masks.index_add_(0, rows >> 6, torch.ones_like(rows) << (rows & 63))  # distinct bits: sum = or
 
 
 @lru_cache(maxsize=None)
