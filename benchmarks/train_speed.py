@@ -3,6 +3,7 @@ physical rows, runs interleaved so that the machine's noise hits every method al
 
     python -m benchmarks.train_speed [--ratios 100 1000] [--steps 150] [--batch-size 4096]
     python -m benchmarks.train_speed --profile --ratios 100   # where CAFE's step differs from hashing's
+    python -m benchmarks.train_speed --ratios 100 --cafe-option policy=paper   # CAFE with a CafeConfig field set
 
 Each run is examples/dlrm/train.py in its own process (one intra-op thread, synthetic stream
 over the full Criteo Kaggle cardinalities); samples/s is the trainer's own figure (training
@@ -23,15 +24,17 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 from benchmarks.common import machine, table, trainer_command
 
 METHODS = ("hash", "cafe", "cafe-ml")
 
 
-def train_args(method: str, ratio: float, batch_size: int, steps: int) -> List[str]:
-    """The trainer's arguments for one run: `steps` training steps on day 1, day 2 tests."""
+def train_args(method: str, ratio: float, batch_size: int, steps: int, cafe_options: Sequence[str] = ()) -> List[str]:
+    """The trainer's arguments for one run: `steps` training steps on day 1, day 2 tests;
+    `cafe_options` (CafeConfig KEY=VALUE) apply to the CAFE methods, not to hashing."""
+    options = [] if method == "hash" else [a for option in cafe_options for a in ("--cafe-option", option)]
     return [
         "--embedding",
         method,
@@ -49,12 +52,13 @@ def train_args(method: str, ratio: float, batch_size: int, steps: int) -> List[s
         str(steps * batch_size),
         "--threads",
         "1",
+        *options,
     ]
 
 
 def samples_per_sec(method: str, ratio: float, args: argparse.Namespace, out: Path) -> float:
     name = f"{method}-{ratio:g}x"
-    cmd = trainer_command(train_args(method, ratio, args.batch_size, args.steps), out, name)
+    cmd = trainer_command(train_args(method, ratio, args.batch_size, args.steps, args.cafe_option), out, name)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -113,7 +117,8 @@ def profile_methods(ratio: float, args: argparse.Namespace, tmp: Path) -> None:
     profiles: Dict[str, Dict[str, Dict[str, float]]] = {}
     for method in ("hash", "cafe"):
         steps = max(args.steps, PROFILE_WARM + PROFILE_STEPS)
-        cmd = trainer_command(train_args(method, ratio, args.batch_size, steps), tmp, f"profile-{method}")
+        options = args.cafe_option
+        cmd = trainer_command(train_args(method, ratio, args.batch_size, steps, options), tmp, f"profile-{method}")
         out = tmp / f"profile-{method}-ops.json"  # beside the trainer's own profile-{method}.json
         worker = [sys.executable, "-m", "benchmarks.train_speed", "--profile-worker", str(out), "--", *cmd[3:]]
         proc = subprocess.run(worker, capture_output=True, text=True)
@@ -145,6 +150,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="profile hashing's and CAFE's steps instead")
+    parser.add_argument(
+        "--cafe-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a CafeConfig field for the CAFE runs (repeatable), e.g. policy=paper",
+    )
     parser.add_argument("--profile-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("trainer_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -152,6 +164,8 @@ def main() -> None:
         profile_worker([a for a in args.trainer_args if a != "--"], Path(args.profile_worker))
         return
     print(f"machine: {machine()}")
+    if args.cafe_option:
+        print(f"CAFE runs with --cafe-option {' '.join(args.cafe_option)}")
     if args.profile:
         print(f"DLRM, 26 Criteo Kaggle features, batch {args.batch_size}, one process, one thread\n")
         with tempfile.TemporaryDirectory() as tmp:
