@@ -78,10 +78,16 @@ def free_row_list(bits: torch.Tensor, capacity: int) -> torch.Tensor:
 
 
 def free_row_bits(free: torch.Tensor, capacity: int) -> torch.Tensor:
-    """The bitmap [ceil(H/64)] int64 whose set bits are the rows `free` [F] (bit r of word r // 64)."""
-    mask = torch.zeros(free_words(capacity) * 64, dtype=torch.int64, device=free.device)
-    mask[free] = 1
-    return (mask.view(-1, 64) << torch.arange(64, device=free.device)).sum(1)  # disjoint bits: sum = or
+    """The bitmap [ceil(H/64)] int64 whose set bits are the rows `free` [F] (distinct; bit r of
+    word r // 64)."""
+    bits = torch.zeros(free_words(capacity), dtype=torch.int64, device=free.device)
+    return _add_row_bits_(bits, free)
+
+
+def _add_row_bits_(bits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Set the bits of `rows` [R] (distinct int64, clear in `bits`) in the bitmap `bits`, in place,
+    with one scatter: distinct clear bits, so adding them sets them (bit 63 too: 0 + INT64_MIN)."""
+    return bits.index_add_(0, rows >> 6, torch.ones_like(rows) << (rows & 63))
 
 
 def free_words(capacity: int) -> int:
@@ -131,9 +137,7 @@ def free_rows_(state: SketchState, rows: torch.Tensor) -> None:
     """Mark `rows` [R] (distinct, held: not free) free in the state's bitmap: one scatter, O(R)."""
     if rows.numel() == 0:
         return
-    rows = rows.to(state.free_bits.device, torch.int64)
-    # the bits are distinct and clear, so adding them sets them (bit 63 too: 0 + INT64_MIN)
-    state.free_bits.index_add_(0, rows >> 6, torch.ones_like(rows) << (rows & 63))
+    _add_row_bits_(state.free_bits, rows.to(state.free_bits.device, torch.int64))
     state.free_count += rows.numel()
 
 
@@ -149,9 +153,7 @@ def take_rows_(state: SketchState, n: int) -> torch.Tensor:
     shifts = torch.arange(64, device=bits.device)
     set_bits = ((bits[held, None] >> shifts) & 1).bool()
     taken = (held[:, None] * 64 + shifts)[set_bits][:n]  # ascending: words, then bits, in order
-    masks = torch.zeros(words, dtype=torch.int64, device=bits.device)
-    masks.index_add_(0, taken >> 6, torch.ones_like(taken) << (taken & 63))  # distinct bits: sum = or
-    state.free_bits[:words] &= ~masks
+    state.free_bits[:words] &= ~free_row_bits(taken, words * 64)
     state.free_count -= n
     return taken
 
