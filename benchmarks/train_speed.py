@@ -9,9 +9,10 @@ Each run is examples/dlrm/train.py in its own process (one intra-op thread, synt
 over the full Criteo Kaggle cardinalities); samples/s is the trainer's own figure (training
 loop only: data, forward, backward, fused update, migrations). Best of `--repeats` per method.
 
-`--profile` runs hashing and CAFE once each under torch.profiler (steps 30 to 90 of the same
-runs; with Python stacks, so the sketch thread shows too) and prints CPU ms per step by op, per
-thread: the step's own thread side by side with the difference, ordered by it, then the sketch
+`--profile` runs hashing and CAFE once each under torch.profiler (the last 60 of `--steps`
+steps, at least 90 run: steps 90-150 by default, 1140-1200 with `--steps 1200`, past the fill of
+the hot rows; with Python stacks, so the sketch thread shows too) and prints CPU ms per step by
+op, per thread: the step's own thread side by side with the difference, ordered by it, then the sketch
 thread's top ops. The profiler's own overhead inflates small ops; the differences are what count.
 """
 
@@ -65,13 +66,13 @@ def samples_per_sec(method: str, ratio: float, args: argparse.Namespace, out: Pa
     return float(json.loads((out / f"{name}.json").read_text())["samples_per_sec"])
 
 
-PROFILE_WARM, PROFILE_STEPS = 30, 60
+PROFILE_WARM, PROFILE_STEPS = 30, 60  # at least 30 steps run before the 60 profiled
 
 
-def profile_worker(argv: List[str], out: Path) -> None:
-    """--profile-worker: the trainer with `argv`, its steps PROFILE_WARM to PROFILE_WARM +
-    PROFILE_STEPS under torch.profiler; writes {thread: {op: CPU ms per step}} to `out`, the
-    step's own thread under "main"."""
+def profile_worker(argv: List[str], out: Path, start: int) -> None:
+    """--profile-worker: the trainer with `argv`, its steps `start` to `start` + PROFILE_STEPS
+    under torch.profiler; writes {thread: {op: CPU ms per step}} to `out`, the step's own thread
+    under "main"."""
     from torch.profiler import ProfilerActivity, profile
 
     import examples.dlrm.train as trainer
@@ -84,13 +85,13 @@ def profile_worker(argv: List[str], out: Path) -> None:
         progress = trainee.pipeline.progress
 
         def step(batches: object) -> object:
-            if state["step"] == PROFILE_WARM:
+            if state["step"] == start:
                 prof = profile(activities=[ProfilerActivity.CPU], with_stack=True)
                 prof.__enter__()
                 state["prof"] = prof
             result = progress(batches)
             state["step"] = int(state["step"]) + 1  # type: ignore[call-overload]
-            if state["step"] == PROFILE_WARM + PROFILE_STEPS:
+            if state["step"] == start + PROFILE_STEPS:
                 prof = state.pop("prof")
                 prof.__exit__(None, None, None)  # type: ignore[attr-defined]
                 per_thread: Dict[str, Dict[str, float]] = {}
@@ -120,7 +121,8 @@ def profile_methods(ratio: float, args: argparse.Namespace, tmp: Path) -> None:
         options = args.cafe_option
         cmd = trainer_command(train_args(method, ratio, args.batch_size, steps, options), tmp, f"profile-{method}")
         out = tmp / f"profile-{method}-ops.json"  # beside the trainer's own profile-{method}.json
-        worker = [sys.executable, "-m", "benchmarks.train_speed", "--profile-worker", str(out), "--", *cmd[3:]]
+        worker = [sys.executable, "-m", "benchmarks.train_speed", "--profile-worker", str(out)]
+        worker += ["--profile-from", str(steps - PROFILE_STEPS), "--", *cmd[3:]]
         proc = subprocess.run(worker, capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"profile of {method} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -158,10 +160,11 @@ def main() -> None:
         help="a CafeConfig field for the CAFE runs (repeatable), e.g. policy=paper",
     )
     parser.add_argument("--profile-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-from", type=int, default=PROFILE_WARM, help=argparse.SUPPRESS)
     parser.add_argument("trainer_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.profile_worker:
-        profile_worker([a for a in args.trainer_args if a != "--"], Path(args.profile_worker))
+        profile_worker([a for a in args.trainer_args if a != "--"], Path(args.profile_worker), args.profile_from)
         return
     print(f"machine: {machine()}")
     if args.cafe_option:
