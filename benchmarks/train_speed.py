@@ -7,7 +7,9 @@ physical rows, runs interleaved so that the machine's noise hits every method al
 
 Each run is examples/dlrm/train.py in its own process (one intra-op thread, synthetic stream
 over the full Criteo Kaggle cardinalities); samples/s is the trainer's own figure (training
-loop only: data, forward, backward, fused update, migrations). Best of `--repeats` per method.
+loop only: data, forward, backward, fused update, migrations). Best of `--repeats` rounds per
+method (a round runs every method once, in turn), and the ratio within each round, median and
+range: the machine's drift between runs shows there.
 
 `--profile` runs hashing and CAFE once each under torch.profiler (the last 60 of `--steps`
 steps, at least 90 run: steps 90-150 by default, 1140-1200 with `--steps 1200`, past the fill of
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -179,23 +182,38 @@ def main() -> None:
     rows: List[list] = []
     with tempfile.TemporaryDirectory() as tmp:
         for ratio in args.ratios:
-            best: Dict[str, float] = {}
-            for _ in range(args.repeats):
+            runs: Dict[str, List[float]] = {method: [] for method in METHODS}
+            for _ in range(args.repeats):  # a round: every method once, in turn
                 for method in METHODS:
-                    best[method] = max(best.get(method, 0.0), samples_per_sec(method, ratio, args, Path(tmp)))
-            rows.append(
-                [
-                    f"{ratio:g}x",
-                    best["hash"],
-                    best["cafe"],
-                    best["cafe"] / best["hash"],
-                    best["cafe-ml"],
-                    best["cafe-ml"] / best["hash"],
-                ]
-            )
+                    runs[method].append(samples_per_sec(method, ratio, args, Path(tmp)))
+            best = {method: max(values) for method, values in runs.items()}
+            row: list = [f"{ratio:g}x", best["hash"]]
+            for method in ("cafe", "cafe-ml"):
+                row += [best[method], best[method] / best["hash"], spread(runs[method], runs["hash"])]
+            rows.append(row)
     print(
-        table(["ratio", "hash samples/s", "CAFE samples/s", "CAFE / hash", "CAFE-ML samples/s", "CAFE-ML / hash"], rows)
+        table(
+            [
+                "ratio",
+                "hash samples/s",
+                "CAFE samples/s",
+                "CAFE / hash",
+                "per round",
+                "CAFE-ML samples/s",
+                "CAFE-ML / hash",
+                "per round",
+            ],
+            rows,
+        )
     )
+    print("\nsamples/s: best of the rounds; / hash: best over best; per round: each round's ratio, median [min, max]")
+
+
+def spread(method: Sequence[float], hashing: Sequence[float]) -> str:
+    """The per-round ratios method / hashing as 'median [min, max]': runs of one round ran minutes
+    apart, so their ratio shows how far the machine's drift moves the best-of figure."""
+    ratios = sorted(m / h for m, h in zip(method, hashing))
+    return f"{statistics.median(ratios):.3f} [{ratios[0]:.3f}, {ratios[-1]:.3f}]"
 
 
 if __name__ == "__main__":
