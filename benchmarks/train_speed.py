@@ -127,8 +127,10 @@ def profile_methods(ratio: float, args: argparse.Namespace, tmp: Path) -> None:
         worker = [sys.executable, "-m", "benchmarks.train_speed", "--profile-worker", str(out)]
         worker += ["--profile-from", str(steps - PROFILE_STEPS), "--", *cmd[3:]]
         proc = subprocess.run(worker, capture_output=True, text=True)
-        if proc.returncode != 0 or not out.exists():
+        if proc.returncode != 0:
             raise RuntimeError(f"profile of {method} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        if not out.exists():
+            raise RuntimeError(f"profile of {method}: the run ended before step {steps}, so nothing was profiled")
         profiles[method] = json.loads(out.read_text())
     cafe, hashing = profiles["cafe"].get("main", {}), profiles["hash"].get("main", {})
     ops = sorted(set(cafe) | set(hashing), key=lambda op: -abs(cafe.get(op, 0.0) - hashing.get(op, 0.0)))
@@ -173,7 +175,11 @@ def main() -> None:
     if args.cafe_option:
         print(f"CAFE runs with --cafe-option {' '.join(args.cafe_option)}")
     if args.profile:
-        print(f"DLRM, 26 Criteo Kaggle features, batch {args.batch_size}, one process, one thread\n")
+        steps = max(args.steps, PROFILE_WARM + PROFILE_STEPS)
+        print(
+            f"DLRM, 26 Criteo Kaggle features, batch {args.batch_size}, one process, one thread, "
+            f"steps {steps - PROFILE_STEPS}-{steps} profiled\n"
+        )
         with tempfile.TemporaryDirectory() as tmp:
             for ratio in args.ratios:
                 profile_methods(ratio, args, Path(tmp))
@@ -189,7 +195,7 @@ def main() -> None:
             best = {method: max(values) for method, values in runs.items()}
             row: list = [f"{ratio:g}x", best["hash"]]
             for method in ("cafe", "cafe-ml"):
-                row += [best[method], best[method] / best["hash"], spread(runs[method], runs["hash"])]
+                row += [best[method], f"{best[method] / best['hash']:.3f}", spread(runs[method], runs["hash"])]
             rows.append(row)
     print(
         table(
@@ -210,8 +216,9 @@ def main() -> None:
 
 
 def spread(method: Sequence[float], hashing: Sequence[float]) -> str:
-    """The per-round ratios method / hashing as 'median [min, max]': runs of one round ran minutes
-    apart, so their ratio shows how far the machine's drift moves the best-of figure."""
+    """The per-round ratios method / hashing as 'median [min, max]': the runs of one round run
+    back to back, so each round's ratio cancels most of the machine's drift between rounds, and
+    the range shows what is left."""
     ratios = sorted(m / h for m, h in zip(method, hashing))
     return f"{statistics.median(ratios):.3f} [{ratios[0]:.3f}, {ratios[-1]:.3f}]"
 
