@@ -438,7 +438,7 @@ def _all_free(capacity: int, device: Optional[torch.device]) -> torch.Tensor:
 def _check_keys(keys: torch.Tensor, signs: bool) -> None:
     if keys.dtype != torch.int64 or keys.dim() != 1:
         raise ValueError(f"keys must be a 1-D int64 tensor, got {keys.dtype} with shape {tuple(keys.shape)}")
-    if signs and keys.numel() and bool((keys < 0).any()):
+    if signs and keys.numel() and int(keys.min()) < 0:  # one pass, no mask
         raise ValueError("keys must be non-negative 63-bit hashes (use cafe_torchrec.hashing.mix64)")
 
 
