@@ -72,6 +72,11 @@ def samples_per_sec(method: str, ratio: float, args: argparse.Namespace, out: Pa
 PROFILE_WARM, PROFILE_STEPS = 30, 60  # at least 30 steps run before the 60 profiled
 
 
+def profiled_run_steps(steps: int) -> int:
+    """Steps a profiled run takes for `--steps`: the last PROFILE_STEPS of them are profiled."""
+    return max(steps, PROFILE_WARM + PROFILE_STEPS)
+
+
 def profile_worker(argv: List[str], out: Path, start: int) -> None:
     """--profile-worker: the trainer with `argv`, its steps `start` to `start` + PROFILE_STEPS
     under torch.profiler; writes {thread: {op: CPU ms per step}} to `out`, the step's own thread
@@ -120,9 +125,10 @@ def profile_methods(ratio: float, args: argparse.Namespace, tmp: Path) -> None:
     by side and the other threads' top ops."""
     profiles: Dict[str, Dict[str, Dict[str, float]]] = {}
     for method in ("hash", "cafe"):
-        steps = max(args.steps, PROFILE_WARM + PROFILE_STEPS)
-        options = args.cafe_option
-        cmd = trainer_command(train_args(method, ratio, args.batch_size, steps, options), tmp, f"profile-{method}")
+        steps = profiled_run_steps(args.steps)
+        cmd = trainer_command(
+            train_args(method, ratio, args.batch_size, steps, args.cafe_option), tmp, f"profile-{method}"
+        )
         out = tmp / f"profile-{method}-ops.json"  # beside the trainer's own profile-{method}.json
         worker = [sys.executable, "-m", "benchmarks.train_speed", "--profile-worker", str(out)]
         worker += ["--profile-from", str(steps - PROFILE_STEPS), "--", *cmd[3:]]
@@ -175,7 +181,7 @@ def main() -> None:
     if args.cafe_option:
         print(f"CAFE runs with --cafe-option {' '.join(args.cafe_option)}")
     if args.profile:
-        steps = max(args.steps, PROFILE_WARM + PROFILE_STEPS)
+        steps = profiled_run_steps(args.steps)
         print(
             f"DLRM, 26 Criteo Kaggle features, batch {args.batch_size}, one process, one thread, "
             f"steps {steps - PROFILE_STEPS}-{steps} profiled\n"
