@@ -88,10 +88,22 @@ def check_features(features: KeyedJaggedTensor, expected: List[str], weighted: b
     values, lengths = features.values(), features.lengths()
     if values.dtype != torch.int32 and values.dtype != torch.int64:
         raise ValueError(f"feature ids must be int32 or int64, got {values.dtype} (features {keys})")
+    if values.dim() != 1:
+        raise ValueError(f"feature ids must be 1-D, got {values.dim()} dims (features {keys})")
     if lengths.dtype != torch.int32 and lengths.dtype != torch.int64:
         raise ValueError(f"lengths must be int32 or int64, got {lengths.dtype} (features {keys})")
-    if weighted and features.weights_or_none() is None:
-        raise ValueError("this collection is weighted but the KeyedJaggedTensor has no weights")
+    weights = features.weights_or_none()
+    if weighted:
+        if weights is None:
+            raise ValueError("this collection is weighted but the KeyedJaggedTensor has no weights")
+        # one weight per id: a permute of the KJT would read past shorter weights, not fail
+        if weights.dim() != 1 or not weights.is_floating_point():
+            raise ValueError(
+                f"per-sample weights must be 1-D floating point, got {weights.dtype} with {weights.dim()} dims "
+                f"(features {keys})"
+            )
+        if weights.numel() != values.numel():
+            raise ValueError(f"{weights.numel()} per-sample weights for {values.numel()} ids (features {keys})")
     if _exporting():
         return
     # min() reads the lengths once; (lengths < 0).any() wrote a mask first (4x the time at 26 x 4096)

@@ -6,9 +6,13 @@ import copy
 
 import pytest
 import torch
+from tensordict import TensorDict
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from benchmarks.soak import SoakConfig, soak
+from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
 from tests.test_cafe_module import make
 
 
@@ -74,3 +78,53 @@ def test_long_drifting_stream_keeps_the_sketch_invariants() -> None:
     report = soak(SoakConfig(steps=4_000, batch=256, check_every=100))
     assert report["promotions"] > 500 and report["demotions"] > 300  # it really churned
     assert report["max_migrations_per_step"] <= report["capacity"]
+
+
+def weighted_collection() -> CafeEmbeddingBagCollection:
+    """A plain table listed before a CAFE group: the inner feature order differs from the input's,
+    so a permute reads the weights (where weights shorter than the ids once read past their end)."""
+    torch.manual_seed(0)
+    tables = [
+        EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=50, feature_names=["f1"]),
+        EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=100_000, feature_names=["f0"]),
+    ]
+    ebc = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=10.0), is_weighted=True)
+    _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.1})
+    return ebc
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        (torch.ones(4), "4 per-sample weights for 12 ids"),  # stock: RuntimeError (split_with_sizes)
+        (torch.ones(13), "13 per-sample weights for 12 ids"),
+        (torch.ones(12, 1), "1-D floating point"),
+        (torch.ones(12, dtype=torch.int64), "1-D floating point"),
+        (torch.ones(12, dtype=torch.float64), "float64 .* tables \\['cafe_dim8', 't1'\\] hold float32"),
+    ],
+)
+def test_weights_that_do_not_fit_are_refused_before_anything_changes(weights: torch.Tensor, message: str) -> None:
+    ebc = weighted_collection()
+    before, stats = state_of(ebc), copy.deepcopy(ebc.stats())
+    values = torch.arange(1, 13)
+    kjt = KeyedJaggedTensor(keys=["f1", "f0"], values=values, lengths=torch.tensor([1, 1, 5, 5]), weights=weights)
+    with pytest.raises(ValueError, match=message):
+        ebc(kjt)
+    assert unchanged(ebc, before) and ebc.stats() == stats
+    ok = KeyedJaggedTensor(keys=["f1", "f0"], values=values, lengths=torch.tensor([1, 1, 5, 5]), weights=torch.ones(12))
+    ebc(ok).values().sum().backward()  # the same collection still trains on weights that fit
+
+
+def test_a_tensordict_input_means_what_it_means_to_the_stock_collection() -> None:
+    """Stock EmbeddingBagCollection takes a TensorDict of jagged nested tensors (maybe_td_to_kjt)."""
+    ebc = make().eval()
+    lengths = {"f0": torch.tensor([2, 1, 0]), "f1": torch.tensor([1, 1, 3])}
+    ids = {"f0": torch.tensor([5, 6, 7]), "f1": torch.tensor([8, 9, 10, 11, 12])}
+    td = TensorDict(
+        {f: torch.nested.nested_tensor_from_jagged(ids[f], lengths=lengths[f]) for f in ("f1", "f0")}, batch_size=[3]
+    )
+    kjt = KeyedJaggedTensor(
+        keys=["f1", "f0"], values=torch.cat([ids["f1"], ids["f0"]]), lengths=torch.cat([lengths["f1"], lengths["f0"]])
+    )
+    got, want = ebc(td).to_dict(), ebc(kjt).to_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[f], want[f]) for f in want)

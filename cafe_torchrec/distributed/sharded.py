@@ -42,6 +42,7 @@ from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 
 from cafe_torchrec._torchrec_compat import (
     create_input_dists,
@@ -121,7 +122,7 @@ class ShardedCafeEmbeddingBagCollection(
 
     def input_dist(self, ctx: CafeContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
         with record_function("## cafe: input check and pre-hash ##"):
-            features = checked_input(features, self.feature_map.logical, self._is_weighted)
+            features = checked_input(maybe_td_to_kjt(features, None), self.feature_map.logical, self._is_weighted)
             ctx.logical_lengths = self.feature_map.output.bag_lengths(features)
             prepared = self.feature_map.prepare(features)
         if not self._input_dists_ready:
