@@ -456,6 +456,19 @@ def test_torchrec_serving_recipe_quantize_fx_script_export() -> None:
         scripted(KeyedJaggedTensor(keys=["f0"], values=torch.tensor([1]), lengths=torch.tensor([1])), other)
 
 
+@pytest.mark.parametrize("kernel", ["cpp", "torch"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_frozen_multi_level_traces_and_scripts_on_either_kernel(kernel: str, weighted: bool) -> None:
+    """The torch-ops kernel (CUDA, or where the C++ ops do not load) once branched on its
+    weights in Python, which fx traces as always present."""
+    frozen = freeze(trained(multi_level=True, weighted=weighted)).with_kernel(kernel)
+    kjt = batch(torch.Generator().manual_seed(6), weighted=weighted)
+    eager = frozen(kjt).values()
+    traced = torchrec.fx.symbolic_trace(frozen)
+    scripted = torch.jit.script(traced)
+    assert torch.equal(traced(kjt).values(), eager) and torch.equal(scripted(kjt).values(), eager)
+
+
 @pytest.mark.parametrize("tracer", [torch.fx.symbolic_trace, torchrec.fx.symbolic_trace])
 def test_training_module_traces_with_fx_in_eval(tracer) -> None:
     ebc = trained(multi_level=True, pooling=PoolingType.MEAN)

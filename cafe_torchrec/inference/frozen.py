@@ -72,14 +72,17 @@ def physical_input(
 
 
 @torch.fx.wrap
-def serving_weights(features: KeyedJaggedTensor, weighted: bool) -> Optional[torch.Tensor]:
+def serving_weights(features: KeyedJaggedTensor, weighted: bool, rows_per_id: int) -> Optional[torch.Tensor]:
     """The per-sample weights for FBGEMM's quantized lookup, which takes float32 ones only; a
     weighted FP16 table's come as float16 (the stock collection requires its table's dtype) and
-    widen exactly. None when the collection is not weighted (stock ignores them then)."""
+    widen exactly. Each repeated `rows_per_id` times (2: a multi-level id reads two rows). None
+    when the collection is not weighted (stock ignores them then). One wrapped call: torch.fx
+    cannot branch on whether a traced value is None."""
     weights = features.weights_or_none()
     if not weighted or weights is None:
         return None
-    return weights.to(torch.float32)
+    weights = weights.to(torch.float32)
+    return weights if rows_per_id == 1 else weights.repeat_interleave(rows_per_id)
 
 
 @torch.fx.wrap
@@ -112,7 +115,7 @@ def fused_physical_input(
         features.values(),
         features.lengths_or_none(),
         features.offsets_or_none(),
-        serving_weights(features, weighted),
+        serving_weights(features, weighted, 1),
         weighted,
         order,
         feature_info,
@@ -365,7 +368,7 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             plain_rows = self.plain_rows.index_select(0, feature)
             is_plain = plain_rows > 0
             rows = torch.where(is_plain, region[:, 0] + torch.remainder(ids, plain_rows.clamp(min=1)), rows)
-        weights = serving_weights(features, self._is_weighted)
+        weights = serving_weights(features, self._is_weighted, 2 if self._multi_level else 1)
         bag_lengths = lengths
         if self._multi_level:
             second = torch.where(
@@ -375,8 +378,6 @@ class FrozenCafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             )
             rows = torch.stack([rows, second], dim=1).flatten()
             bag_lengths = lengths * 2
-            if weights is not None:
-                weights = weights.repeat_interleave(2)
         return physical_input(self._inner, rows, bag_lengths, weights, stride)
 
     def with_kernel(self, kernel: str) -> "FrozenCafeEmbeddingBagCollection":
