@@ -151,7 +151,8 @@ def refuse_foreign_state(module: nn.Module, state_dict: Dict[str, object], prefi
     physical tables, loaded first, before the group refused it."""
     for name, remap in group_remaps(cast(nn.ModuleDict, module.groups)).items():
         remap.check_layout(state_dict.get(f"{prefix}groups.{name}.layout_signature"))
-    own = {prefix + name for name in module.state_dict(keep_vars=True)}
+    own_state = {prefix + name: value for name, value in module.state_dict(keep_vars=True).items()}
+    own = set(own_state)
     unexpected = sorted(k for k in state_dict if k.startswith(prefix) and k not in own)
     if unexpected:
         missing = sorted(own - set(state_dict))
@@ -161,3 +162,19 @@ def refuse_foreign_state(module: nn.Module, state_dict: Dict[str, object], prefi
             f"{missing[:6]}{' ...' if len(missing) > 6 else ''}; a stock EmbeddingBagCollection's state "
             "dict loads with cafe_torchrec.inference.warm_start"
         )
+    # plain tables are in no layout signature; torch checks sizes entry by entry, as it loads them
+    resized = [
+        f"{k}: {list(state_dict[k].shape)} saved, {list(v.shape)} here"
+        for k, v in own_state.items()
+        if k in state_dict and _dense(v) and _dense(state_dict[k]) and state_dict[k].shape != v.shape
+    ]
+    if resized:
+        raise ValueError(
+            f"state dict for the CAFE collection at {prefix or 'the root'!r} has tensors of other sizes: "
+            f"{'; '.join(resized[:6])}{' ...' if len(resized) > 6 else ''} (another table config)"
+        )
+
+
+def _dense(value: object) -> bool:
+    """A plain tensor or parameter (sharded ones are checked by TorchRec's own loading)."""
+    return type(value) in (torch.Tensor, nn.Parameter)

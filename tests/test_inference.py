@@ -577,6 +577,19 @@ def test_a_foreign_state_dict_raises_strict_or_not() -> None:
     ebc.load_state_dict({k: v for k, v in before.items() if k.startswith("physical.")}, strict=False)
 
 
+def test_a_state_dict_with_a_plain_table_of_another_size_is_refused_before_anything_loads() -> None:
+    """A plain table's rows are not in the groups' layout signatures; torch's own size check
+    came only after every group's weights and sketch were overwritten."""
+    saved = trained().state_dict()
+    resized = [dataclasses.replace(t, num_embeddings=20) if t.name == "t2" else t for t in tables()]
+    ebc = CafeEmbeddingBagCollection(resized, CafeConfig(compression_ratio=20, policy="paper", threshold=3.0, seed=5))
+    before = copy.deepcopy(ebc.state_dict())
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"physical\.embedding_bags\.t2\.weight: \[10, 8\] saved, \[20, 8\] here"):
+            ebc.load_state_dict(saved, strict=strict)
+    assert all(torch.equal(before[k], v) for k, v in ebc.state_dict().items())
+
+
 def _sharded_freeze(rank: int, world: int) -> Dict[str, object]:
     from tests.test_sharded import shard
 
