@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Tuple, Union, cast
+from typing import Dict, List, Optional, Tuple, TypeGuard, Union, cast
 
 import torch
 from torch import nn
@@ -163,11 +163,11 @@ def refuse_foreign_state(module: nn.Module, state_dict: Dict[str, object], prefi
             "dict loads with cafe_torchrec.inference.warm_start"
         )
     # plain tables are in no layout signature; torch checks sizes entry by entry, as it loads them
-    resized = [
-        f"{k}: {list(state_dict[k].shape)} saved, {list(v.shape)} here"
-        for k, v in own_state.items()
-        if k in state_dict and _dense(v) and _dense(state_dict[k]) and state_dict[k].shape != v.shape
-    ]
+    resized = []
+    for k, v in own_state.items():
+        saved = state_dict.get(k)
+        if _dense(v) and _dense(saved) and saved.shape != v.shape:
+            resized.append(f"{k}: {list(saved.shape)} saved, {list(v.shape)} here")
     if resized:
         raise ValueError(
             f"state dict for the CAFE collection at {prefix or 'the root'!r} has tensors of other sizes: "
@@ -175,6 +175,6 @@ def refuse_foreign_state(module: nn.Module, state_dict: Dict[str, object], prefi
         )
 
 
-def _dense(value: object) -> bool:
+def _dense(value: object) -> TypeGuard[torch.Tensor]:
     """A plain tensor or parameter (sharded ones are checked by TorchRec's own loading)."""
     return type(value) in (torch.Tensor, nn.Parameter)
