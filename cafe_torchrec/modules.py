@@ -129,6 +129,19 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
             values.register_hook(importance_hook(inner[1], group_remaps(self.groups), lambda: self.physical))
         return self.feature_map.output(values, self.feature_map.output.bag_lengths(features))
 
+    def reset_parameters(self) -> None:
+        """Every physical table's rows from its init_fn (each table's hashed rows from that table's
+        own, as at construction) and every group's sketch, hot rows and counters as constructed.
+        For a module built on the meta device, after `to_empty` (TorchRec's `init_parameters` calls
+        it); the inner stock collection's own reset skips its tables, as it was built on meta."""
+        with torch.no_grad():
+            for config in self.plan.physical_configs():
+                weight = self.physical.embedding_bags[config.name].weight
+                if weight.device.type != "meta" and config.init_fn is not None:
+                    config.init_fn(weight)
+        for group in group_remaps(self.groups).values():
+            group.reset_state()
+
     # ---- introspection
     def keys(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
         """The sketch keys of raw ids of a compressed feature (what stats and queries use)."""

@@ -77,10 +77,7 @@ class CafeGroupRemap(nn.Module):
     """
 
     # buffers (registered in __init__)
-    regions: torch.Tensor
     layout_signature: torch.Tensor
-    lookup_counts: torch.Tensor
-    migration_counts: torch.Tensor
     row_tables: torch.Tensor
 
     def __init__(self, layout: GroupLayout, device: torch.device, kernel: str = "auto") -> None:
@@ -113,19 +110,16 @@ class CafeGroupRemap(nn.Module):
             ],
             dtype=torch.int64,
         )  # per table slot: level-1 offset, level-1 rows, level-2 offset, level-2 rows
-        self.register_buffer("regions", regions.to("cpu" if device.type == "meta" else device), persistent=False)
-        self.register_buffer("layout_signature", layout_signature(layout).to(device), persistent=True)
+        # Derived from the layout, and counters that are never checkpointed: plain attributes, not
+        # buffers, so that materialising a meta module (to_empty: uninitialised memory) or a dtype
+        # cast cannot touch them; they follow the keys' device (_on).
+        self.regions = regions.to("cpu" if device.type == "meta" else device)
         tables = len(layout.tables)
-        self.register_buffer(
-            "lookup_counts",
-            torch.zeros(tables, len(LOOKUP_COLUMNS), dtype=torch.int64, device=device),
-            persistent=False,
+        self.lookup_counts = torch.zeros(tables, len(LOOKUP_COLUMNS), dtype=torch.int64, device=self.regions.device)
+        self.migration_counts = torch.zeros(
+            tables, len(MIGRATION_COLUMNS), dtype=torch.int64, device=self.regions.device
         )
-        self.register_buffer(
-            "migration_counts",
-            torch.zeros(tables, len(MIGRATION_COLUMNS), dtype=torch.int64, device=device),
-            persistent=False,
-        )
+        self.register_buffer("layout_signature", layout_signature(layout).to(device), persistent=True)
         # the table slot of each hot row's owner, so that a demotion (which frees a row: a sketch
         # slot holds a tag, not the key naming the table) is counted for its table; none with one table
         self.register_buffer(
@@ -139,20 +133,35 @@ class CafeGroupRemap(nn.Module):
         """'cpp' or 'torch': the kernel the group runs (its sketch's, for its device)."""
         return self.sketch.kernel
 
-    def _regions(self, device: torch.device) -> torch.Tensor:
+    def _on(self, device: torch.device) -> torch.Tensor:
+        """The regions on `device`, the counters moved along with them."""
         if self.regions.device != device:
             self.regions = self.regions.to(device)
+            self.lookup_counts = self.lookup_counts.to(device)
+            self.migration_counts = self.migration_counts.to(device)
         return self.regions
 
     def hashed_rows(self, keys: torch.Tensor, level: int) -> torch.Tensor:
         """Level-1 or level-2 row of each key in this block."""
-        return hashed_rows(keys, self._regions(keys.device), level)
+        return hashed_rows(keys, self._on(keys.device), level)
 
     def lookup(self, keys: torch.Tensor, count: bool) -> Lookup:
         """Rows of each key (the sketch's fused lookup); counts lookups per table for stats()
         when `count` (training)."""
         wait_for_sketch_update(self)
-        return self.sketch.lookup(keys, self._regions(keys.device), self.lookup_counts if count else None)
+        regions = self._on(keys.device)
+        return self.sketch.lookup(keys, regions, self.lookup_counts if count else None)
+
+    def reset_state(self) -> None:
+        """The constructor's state: an empty sketch, every hot row free, counters at zero, the
+        layout's signature."""
+        wait_for_sketch_update(self)
+        self.sketch.reset_state()
+        with torch.no_grad():
+            self.layout_signature.copy_(layout_signature(self.layout))
+            self.row_tables.zero_()
+        self.lookup_counts.zero_()
+        self.migration_counts.zero_()
 
     def record(self, keys: torch.Tensor, scores: torch.Tensor, hints: Optional[torch.Tensor] = None) -> InsertResult:
         """Insert importance scores; count promotions and demotions per table."""

@@ -13,6 +13,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from benchmarks.soak import SoakConfig, soak
 from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
+from tests.helpers import features_of, tables, zipf_kjt
 from tests.test_cafe_module import make
 
 
@@ -128,3 +129,62 @@ def test_a_tensordict_input_means_what_it_means_to_the_stock_collection() -> Non
     )
     got, want = ebc(td).to_dict(), ebc(kjt).to_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[f], want[f]) for f in want)
+
+
+def _build(device: str = "cpu", **cfg) -> CafeEmbeddingBagCollection:
+    config = CafeConfig(compression_ratio=20, seed=1, multi_level=True, **cfg)
+    return CafeEmbeddingBagCollection(tables((5000, 3000)), config, device=torch.device(device))
+
+
+def _trained_default() -> CafeEmbeddingBagCollection:
+    torch.manual_seed(0)
+    ebc = _build()
+    _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.1})
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(6):
+        ebc(zipf_kjt(features_of(tables((5000, 3000))), 128, 5000, gen, max_len=3)).values().sum().backward()
+    return ebc
+
+
+def test_a_meta_module_materialised_then_loaded_serves_and_counts_as_the_saved_one() -> None:
+    """to_empty leaves uninitialised memory; what is derived from the layout (each table's
+    regions) and the counters, which no checkpoint holds, must not come from it."""
+    saved = _trained_default()
+    module = _build("meta")
+    module.to_empty(device="cpu")
+    with torch.no_grad():
+        for buffer in module.buffers():  # what uninitialised memory may hold
+            buffer.fill_(float("nan") if buffer.is_floating_point() else 7)
+    module.load_state_dict(saved.state_dict())
+    probe = zipf_kjt(features_of(tables((5000, 3000))), 64, 5000, torch.Generator().manual_seed(9), max_len=3)
+    with torch.no_grad():
+        assert torch.equal(module.eval()(probe).values(), saved.eval()(probe).values())
+    assert all(entry.get("lookups", 0) == 0 for entry in module.stats().values())
+
+
+def test_reset_parameters_after_to_empty_builds_what_the_constructor_builds() -> None:
+    """TorchRec's init_parameters (to_empty, then every submodule's reset_parameters) on a module
+    built on the meta device; the inner stock collection's own reset skips its meta-built tables."""
+    from torchrec.distributed.utils import init_parameters
+
+    torch.manual_seed(0)
+    fresh = _build()
+    module = _build("meta")
+    torch.manual_seed(0)
+    init_parameters(module, torch.device("cpu"))
+    mine, want = module.state_dict(), fresh.state_dict()
+    assert mine.keys() == want.keys() and all(torch.equal(mine[k], want[k]) for k in want)
+
+
+def test_a_dtype_cast_leaves_the_sketch_bookkeeping_as_it_was() -> None:
+    ebc = _trained_default()
+    sketch = ebc.groups[ebc.plan.groups[0].name].sketch
+    kept = {name: getattr(sketch, name).clone() for name in ("total_score", "medium_level", "decayed_occurrences")}
+    kept["row_marks"] = sketch.row_marks.clone()
+    ebc.double()
+    assert ebc.physical.embedding_bags[ebc.plan.groups[0].name].weight.dtype == torch.float64  # the tables cast
+    for name, before in kept.items():
+        after = getattr(sketch, name)
+        assert after.dtype == before.dtype and torch.equal(after, before), name
+    gen = torch.Generator().manual_seed(4)
+    ebc.train()(zipf_kjt(features_of(tables((5000, 3000))), 64, 5000, gen, max_len=3)).values().sum().backward()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -33,6 +33,10 @@ from cafe_torchrec.sketch.types import (
 SLOT_BYTES = 12  # int32 tag + float32 score + int32 row word (hot row and hit flag, or error and flags)
 FREE_ROW_BYTES = 1 / 8  # a bit of the free-row bitmap
 ROW_MARK_BYTES = 2  # the adaptive policy's float16 per hot row: occurrences due since its last hit
+
+
+# floating bookkeeping buffers whose dtype the kernels fix (a module-wide cast must not change it)
+_KEPT_DTYPES = ("total_score", "medium_level", "decayed_occurrences", "row_marks")
 
 
 class HotSketch(nn.Module):
@@ -194,6 +198,19 @@ class HotSketch(nn.Module):
     @property
     def decay_trigger(self) -> float:
         return self._decay_trigger_factor * self.num_buckets * self.threshold
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "HotSketch":
+        """As nn.Module's, but a dtype cast of the module (`.half()`, `.double()`, `.to(dtype)`)
+        leaves the policy's bookkeeping at its own dtypes and values: the kernels need them so,
+        and a float16 round trip would change a score or the medium level. Device moves and
+        `to_empty` apply as usual."""
+        before = {name: self._buffers[name] for name in _KEPT_DTYPES}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
 
     def reset_state(self) -> None:
         """Empty the sketch and free every hot row (the constructor's state)."""
