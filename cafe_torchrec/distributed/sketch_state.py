@@ -3,9 +3,11 @@
 A group's persistent remap buffers (sketch slots, free rows, counters, seed, layout signature)
 differ per rank: a row-wise group has one sketch per block, a table-wise group one sketch on
 its owner. In state_dict() each buffer becomes a 1-D-sharded ShardedTensor whose shards are the
-owners' buffers in shard order (the technique of TorchRec's managed-collision module). The
-tensors are built from copies on every call (no collective), so a load writes into the copies
-and the module's own layout check runs before anything is copied into the sketch.
+owners' buffers in shard order (the technique of TorchRec's managed-collision module), built on
+every call (no collective). A shard is the buffer itself, as a stock collection's state dict
+holds its weights: `dcp.load` into `model.state_dict()` restores the sketch in place as it
+restores the weights, with or without the `load_state_dict` after it (which checks the layout).
+`load_checkpoint_atomically` reads into copies and checks before anything changes.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class ShardedSketchState:
         check_layout(blocks[0][1], saved)
 
     def _sharded(self, tensor: Any, owners: List[Tuple[int, Tuple[torch.Size, torch.dtype]]]) -> Any:
-        """A copy of this rank's buffer as its shard of the ShardedTensor of all owners' buffers."""
-        local = tensor.detach().clone() if tensor is not None else None
+        """This rank's buffer (not a copy) as its shard of the ShardedTensor of all owners' buffers."""
+        local = tensor.detach() if tensor is not None else None
         shards = [(rank, shape) for rank, (shape, _) in owners]
         return row_sharded_tensor(local, shards, self._rank, owners[0][1][1], self._pg)
