@@ -188,3 +188,13 @@ def test_a_dtype_cast_leaves_the_sketch_bookkeeping_as_it_was() -> None:
         assert after.dtype == before.dtype and torch.equal(after, before), name
     gen = torch.Generator().manual_seed(4)
     ebc.train()(zipf_kjt(features_of(tables((5000, 3000))), 64, 5000, gen, max_len=3)).values().sum().backward()
+
+
+def test_the_paper_policys_medium_level_follows_the_config_a_checkpoint_is_loaded_into() -> None:
+    """Under the paper's policy the medium level is threshold x medium_share, a constant of the
+    config (neither is in the layout signature); a checkpoint's must not override it."""
+    saved = make(multi_level=True, threshold=3.0, medium_share=0.2)
+    loaded = make(multi_level=True, threshold=3.0, medium_share=0.5)
+    loaded.load_state_dict(saved.state_dict())
+    sketch = loaded.groups[loaded.plan.groups[0].name].sketch
+    assert float(sketch.medium_level) == pytest.approx(1.5)

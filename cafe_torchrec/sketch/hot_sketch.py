@@ -377,6 +377,8 @@ class HotSketch(nn.Module):
         if self.seed.device.type != "meta":
             self._seed = int(self.seed[0])
             self._ready = False
+            if self.adaptive is None:  # the paper's medium level is this config's constant, not state
+                self.medium_level.fill_(self._first_medium)
 
     def extra_repr(self) -> str:
         return (
