@@ -30,14 +30,16 @@ torch.fx.wrap("checked_input")
 
 
 @torch.fx.wrap
-def _check_weight_dtype(features: KeyedJaggedTensor, table_dtypes: Dict[str, torch.dtype]) -> None:
-    """ValueError unless per-sample weights have every physical table's dtype. The unsharded inner
-    collection hands them to each table's embedding_bag, which needs its own dtype (the stock
-    collection raises there too), and would raise only after the remap counted the batch;
-    sharded, the TBE takes any floating dtype."""
+def _check_weight_dtype(features: KeyedJaggedTensor, physical: nn.Module) -> None:
+    """ValueError unless per-sample weights have every physical table's dtype (read now: a
+    module-wide cast changes it). The unsharded inner collection hands them to each table's
+    embedding_bag, which needs its own dtype (the stock collection raises there too), and would
+    raise only after the remap counted the batch; sharded, the TBE takes any floating dtype."""
     weights = features.weights_or_none()
     if weights is None:
         return
+    bags = cast(EmbeddingBagCollection, physical).embedding_bags
+    table_dtypes = {name: bag.weight.dtype for name, bag in bags.items()}
     other = sorted(name for name, dtype in table_dtypes.items() if dtype != weights.dtype)
     if other:
         held = sorted({str(table_dtypes[name]).replace("torch.", "") for name in other})
@@ -91,7 +93,6 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
         configs = config_per_table(cafe, [t.name for t in tables])
         self.plan: CafePlan = plan_tables(self._tables, configs)
         self.physical = EmbeddingBagCollection(self.plan.physical_configs(), is_weighted=is_weighted, device=device)
-        self._weight_dtypes = {name: bag.weight.dtype for name, bag in self.physical.embedding_bags.items()}
         self.groups = nn.ModuleDict({g.name: CafeGroupRemap(g, device, kernel) for g in self.plan.groups})
         self.feature_map = FeatureMap(self._tables, self.plan, kernel)
         self.register_load_state_dict_pre_hook(refuse_foreign_state)
@@ -116,7 +117,7 @@ class CafeEmbeddingBagCollection(CollectionReport, ConfiguredCollection):
                 "sharders), which remaps ids on the owning rank and keeps the sketch beside its rows"
             )
         features = checked_input(maybe_td_to_kjt(features, None), self.feature_map.logical, self._is_weighted)
-        _check_weight_dtype(features, self._weight_dtypes)
+        _check_weight_dtype(features, self.physical)
         training = self.training and torch.is_grad_enabled()
         if training and any(p.requires_grad for p in self.physical.parameters()):
             # before anything (sketch, stats) is touched

@@ -36,7 +36,8 @@ STAT_COLUMNS = LOOKUP_COLUMNS + MIGRATION_COLUMNS
 def group_state_bytes(layout: GroupLayout) -> int:
     """Bytes of every buffer a CafeGroupRemap of this (block) layout holds, sketch included."""
     remap = CafeGroupRemap(layout, torch.device("meta"))
-    return sum(b.numel() * b.element_size() for b in remap.buffers())
+    derived = (remap.regions, remap.lookup_counts, remap.migration_counts)  # plain attributes, not buffers
+    return sum(t.numel() * t.element_size() for t in (*remap.buffers(), *derived))
 
 
 def layout_signature(layout: GroupLayout) -> torch.Tensor:
@@ -120,6 +121,7 @@ class CafeGroupRemap(nn.Module):
             tables, len(MIGRATION_COLUMNS), dtype=torch.int64, device=self.regions.device
         )
         self.register_buffer("layout_signature", layout_signature(layout).to(device), persistent=True)
+        self._check_layout_at_lookup = False
         # the table slot of each hot row's owner, so that a demotion (which frees a row: a sketch
         # slot holds a tag, not the key naming the table) is counted for its table; none with one table
         self.register_buffer(
@@ -149,6 +151,9 @@ class CafeGroupRemap(nn.Module):
         """Rows of each key (the sketch's fused lookup); counts lookups per table for stats()
         when `count` (training)."""
         wait_for_sketch_update(self)
+        if self._check_layout_at_lookup:
+            self.check_layout(self.layout_signature)
+            self._check_layout_at_lookup = False
         regions = self._on(keys.device)
         return self.sketch.lookup(keys, regions, self.lookup_counts if count else None)
 
@@ -188,6 +193,9 @@ class CafeGroupRemap(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         wait_for_sketch_update(self)
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        # the state dict holds the buffers themselves: a dcp.load without load_state_dict writes
+        # them in place, unchecked; the next lookup checks the layout signature it left
+        self._check_layout_at_lookup = True
 
     def check_layout(self, saved: object) -> None:
         """ValueError if a checkpoint's layout signature (None: absent) is not this group's."""

@@ -197,4 +197,44 @@ def test_the_paper_policys_medium_level_follows_the_config_a_checkpoint_is_loade
     loaded = make(multi_level=True, threshold=3.0, medium_share=0.5)
     loaded.load_state_dict(saved.state_dict())
     sketch = loaded.groups[loaded.plan.groups[0].name].sketch
-    assert float(sketch.medium_level) == pytest.approx(1.5)
+    assert sketch.medium_threshold == pytest.approx(1.5)
+    state = loaded.state_dict()  # the same written in place, as dcp.load does
+    for key, value in saved.state_dict().items():
+        state[key].copy_(value)
+    assert sketch.medium_threshold == pytest.approx(1.5)
+
+
+def test_state_written_in_place_as_dcp_load_does_is_used_and_checked() -> None:
+    """dcp.load writes into model.state_dict()'s tensors, which are the module's own; without a
+    load_state_dict after it, the next lookup still hashes with the loaded seed and checks the
+    layout signature the checkpoint left."""
+    saved = make(seed=1)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        saved(zipf_kjt(["f0", "f1"], 64, 3000, gen, max_len=2)).values().sum().backward()
+    probe = zipf_kjt(["f0", "f1"], 32, 3000, torch.Generator().manual_seed(8), max_len=2)
+    for seed, fits in ((1, True), (2, False)):
+        module = make(seed=seed)
+        state = module.state_dict()
+        for key, value in saved.state_dict().items():
+            state[key].copy_(value)
+        if fits:
+            with torch.no_grad():
+                assert torch.equal(module.eval()(probe).values(), saved.eval()(probe).values())
+        else:
+            with pytest.raises(ValueError, match="another layout"):
+                module(probe)
+
+
+def test_weights_of_the_tables_dtype_after_a_module_cast() -> None:
+    ebc = weighted_collection().double()
+    values, lengths = torch.arange(1, 13), torch.tensor([1, 1, 5, 5])
+    ebc(
+        KeyedJaggedTensor(
+            keys=["f1", "f0"], values=values, lengths=lengths, weights=torch.ones(12, dtype=torch.float64)
+        )
+    )
+    stats = copy.deepcopy(ebc.stats())
+    with pytest.raises(ValueError, match="float32 but tables"):
+        ebc(KeyedJaggedTensor(keys=["f1", "f0"], values=values, lengths=lengths, weights=torch.ones(12)))
+    assert ebc.stats() == stats

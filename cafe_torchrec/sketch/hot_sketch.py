@@ -192,8 +192,12 @@ class HotSketch(nn.Module):
 
     @property
     def medium_threshold(self) -> Optional[float]:
-        """The medium level (CAFE-ML), None without one; the adaptive policy moves it."""
-        return float(self.medium_level[0]) if self._has_medium else None
+        """The medium level (CAFE-ML), None without one: the adaptive policy moves it (in the
+        `medium_level` buffer); the paper's is this config's threshold x medium_share, whatever
+        a checkpoint held."""
+        if not self._has_medium:
+            return None
+        return float(self.medium_level[0]) if self.adaptive is not None else self._first_medium
 
     @property
     def decay_trigger(self) -> float:
@@ -204,11 +208,11 @@ class HotSketch(nn.Module):
         leaves the policy's bookkeeping at its own dtypes and values: the kernels need them so,
         and a float16 round trip would change a score or the medium level. Device moves and
         `to_empty` apply as usual."""
-        before = {name: self._buffers[name] for name in _KEPT_DTYPES}
+        before: Dict[str, torch.Tensor] = {name: getattr(self, name) for name in _KEPT_DTYPES}
         super()._apply(fn, recurse)
         for name, old in before.items():
-            new = self._buffers[name]
-            if old is not None and new is not None and new.dtype != old.dtype:
+            new: torch.Tensor = getattr(self, name)
+            if new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
         return self
 
@@ -245,6 +249,7 @@ class HotSketch(nn.Module):
                 raise RuntimeError("HotSketch is on the meta device; materialise it before use")
             if int(self.initialized[0]) == 0:
                 self.reset_state()
+            self._seed = int(self.seed[0])  # the buffer may have been loaded in place (dcp.load)
             self._ready = True
 
     def state(self) -> SketchState:
@@ -367,6 +372,10 @@ class HotSketch(nn.Module):
         scalars (the paper counts the sketch in the compressed size)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
+    def _save_to_state_dict(self, destination: Dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        self._ready = False  # the state dict holds the buffers themselves: dcp.load may write them in place
+
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         names = ("slots", "free_bits", "free_count", "reserved", "initialized")
         saved = [state_dict.get(prefix + name) for name in names]
@@ -377,8 +386,6 @@ class HotSketch(nn.Module):
         if self.seed.device.type != "meta":
             self._seed = int(self.seed[0])
             self._ready = False
-            if self.adaptive is None:  # the paper's medium level is this config's constant, not state
-                self.medium_level.fill_(self._first_medium)
 
     def extra_repr(self) -> str:
         return (
