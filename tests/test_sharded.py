@@ -239,6 +239,8 @@ def rowwise_memory(rank: int, world: int) -> Dict[str, float]:
     _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": LR})
     dmp, _, _ = shard(ebc, "row_wise", world)
     held = sum(b.numel() * b.element_size() for b in dmp.module.groups.buffers())
+    derived = [t for g in dmp.module.groups.values() for t in (g.regions, g.lookup_counts, g.migration_counts)]
+    held += sum(t.numel() * t.element_size() for t in derived)  # plain attributes, not buffers
     return {**dmp.module.memory(), "buffer_bytes": held}
 
 
