@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Dict, Optional, Sequence, Union
+import numbers
+from dataclasses import dataclass, fields, replace
+from typing import Dict, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 from cafe_torchrec.sketch.policy import AdaptivePolicy
 
@@ -132,7 +133,9 @@ class CafeConfig:
         )
 
     def validate(self, where: str = "CafeConfig") -> None:
-        """Raise ValueError naming the field (and `where`, e.g. the table) that is out of range."""
+        """Raise ValueError naming the field (and `where`, e.g. the table) that is of another type
+        or out of range."""
+        _check_types(self, where)
         if not self.compression_ratio >= 1:
             raise ValueError(f"{where}: compression_ratio must be >= 1, got {self.compression_ratio}")
         if self.hot_share is not None and not 0 < self.hot_share < 1:
@@ -187,6 +190,26 @@ class CafeConfig:
             r.importance,
             r.seed,
         )
+
+
+def _check_types(config: CafeConfig, where: str) -> None:
+    """ValueError naming the first field whose value is not of its annotated type (a number for
+    a float, never a bool; None only where Optional): a string from a command line, say."""
+    hints = get_type_hints(CafeConfig)
+    for field in fields(config):
+        value, hint = getattr(config, field.name), hints[field.name]
+        optional = get_origin(hint) is Union and type(None) in get_args(hint)
+        base = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
+        if value is None and optional:
+            continue
+        if base is float:
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        elif base is int:
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, base)
+        if not ok:
+            raise ValueError(f"{where}: {field.name} must be {base.__name__}, got {value!r}")
 
 
 def default_threshold(ratio: float) -> float:

@@ -274,6 +274,8 @@ def test_pooled_output_moves_columns_and_gradients_back_to_config_order() -> Non
         (dict(ratio=0.5), "compression_ratio"),
         (dict(hot_share=1.5), "hot_share"),
         (dict(threshold=0.0), "threshold"),
+        (dict(hot_share="0.5"), "hot_share must be float, got '0.5'"),  # a value from a command line
+        (dict(threshold=True), "threshold must be float, got True"),
     ],
 )
 def test_bad_configs_raise_value_error_naming_the_table(bad, match) -> None:

@@ -61,7 +61,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any CafeConfig field, e.g. decay=0.9 or slots_per_bucket=8 (repeatable; not compression_ratio, "
+        help="any CafeConfig field, e.g. hysteresis=2 or policy=paper (repeatable; not compression_ratio, "
         "multi_level or seed, which --compression-ratio, --embedding and --seed set)",
     )
     g.add_argument(
@@ -148,8 +148,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--fail-at-step", type=int, default=None, help="raise InjectedFailure before this step")
     g.add_argument("--fail-rank", type=int, default=0, help="the rank that fails (with --fail-at-step)")
     args = p.parse_args(argv)
-    if args.log_every <= 0:
-        p.error("--log-every must be positive")
+    for flag in ("log_every", "keep_checkpoints"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive")
+    for flag in ("max_steps", "eval_batches", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive")
+    for flag in ("eval_every", "checkpoint_every"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0")
     if args.checkpoint_every and not args.checkpoint_dir:
         p.error("--checkpoint-every needs --checkpoint-dir")
     if args.resume == "latest" and not args.checkpoint_dir:
@@ -168,6 +175,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(str(err))
     if args.cafe_config_options and args.embedding not in ("cafe", "cafe-ml"):
         p.error(f"CAFE options {sorted(args.cafe_config_options)} given for --embedding {args.embedding}")
+    if args.embedding in ("cafe", "cafe-ml"):
+        from cafe_torchrec.config import CafeConfig
+
+        config = CafeConfig(
+            compression_ratio=args.compression_ratio,
+            multi_level=args.embedding == "cafe-ml",
+            seed=args.seed,
+            **args.cafe_config_options,
+        )
+        try:  # here, not after the data and the model are built
+            config.validate("--cafe-option / --cafe-* flags")
+        except ValueError as err:
+            p.error(str(err))
     if args.baseline_options and args.embedding in ("cafe", "cafe-ml", "full"):
         p.error(f"--baseline-option given for --embedding {args.embedding}, which is no baseline")
     args.run_name = args.run_name or args.embedding

@@ -47,11 +47,37 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any) -> Dict[str, Any]:
-    """All or nothing: a checkpoint that does not fit raises with the model untouched."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, run: Dict[str, Any]) -> Dict[str, Any]:
+    """All or nothing: a checkpoint that does not fit raises with the model untouched; so does one
+    saved by a run with other `run` flags (train.RUN_FLAGS and the world size), checked first."""
+    import torch.distributed.checkpoint as dcp
+
     from cafe_torchrec.distributed.checkpoint import load_checkpoint_atomically
 
+    saved: Dict[str, Any] = {"meta": ""}
+    dcp.load(saved, checkpoint_id=str(path))  # the metadata alone
+    check_run(path, json.loads(saved["meta"]).get("run"), run)
     return json.loads(load_checkpoint_atomically(model, str(path), optimizer, extra={"meta": ""})["meta"])
+
+
+def check_run(path: Path, saved: Optional[Dict[str, Any]], run: Dict[str, Any]) -> None:
+    """ValueError naming every run flag whose value differs from the checkpoint's: another batch
+    size, world size or data would read other batches from the resumed step, another optimizer
+    would drop its state. A checkpoint from before the flags were saved is not checked (said)."""
+    if saved is None:
+        print(f"[train] {path} does not record its run's flags (an older checkpoint): not checked", flush=True)
+        return
+    now = json.loads(json.dumps(run))  # as the checkpoint holds them (tuples as lists)
+    changed = [
+        f"{'world size' if k == 'world_size' else '--' + k.replace('_', '-')} {saved.get(k)!r} there, {v!r} here"
+        for k, v in now.items()
+        if saved.get(k) != v
+    ]
+    if changed:
+        raise ValueError(
+            f"checkpoint {path} was saved by a run with other flags: {'; '.join(changed)}; a resume keeps "
+            "them (another batch size, world size or data would read other batches, another optimizer drop its state)"
+        )
 
 
 def resolve_resume(args: argparse.Namespace) -> Optional[Path]:
@@ -64,4 +90,6 @@ def resolve_resume(args: argparse.Namespace) -> Optional[Path]:
             raise FileNotFoundError(f"--resume {path}: no such checkpoint directory")
         return path
     found = _checkpoints(Path(args.checkpoint_dir)) if Path(args.checkpoint_dir).is_dir() else []
-    return found[-1] if found else None  # nothing yet: start from scratch
+    if not found:  # nothing yet: start from scratch, and say so (a mistyped directory looks the same)
+        print(f"[train] --resume: no checkpoint under {args.checkpoint_dir}: starting from step 0", flush=True)
+    return found[-1] if found else None

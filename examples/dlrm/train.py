@@ -205,16 +205,45 @@ def initial_state(args: argparse.Namespace, trainee: Trainee, d: Dist) -> Tuple[
         "loss_history": [],
         "eval_history": [],
         "hot_history": [],
+        "run": run_flags(args, d.world_size),
     }
     resumed_from = resolve_resume(args)
     if resumed_from is not None:
         # Adam creates its state at its first step: one step on zero gradients (TorchRec's
         # init_state; no weight decay here, so the weights stay) gives the checkpoint's state a place
         trainee.dense_optimizer.init_state()
-        meta = load_checkpoint(resumed_from, trainee.dmp, trainee.optimizer)
+        run = meta["run"]
+        meta = load_checkpoint(resumed_from, trainee.dmp, trainee.optimizer, run)
         if d.rank == 0:
             print(f"[train] resumed from {resumed_from} at step {meta['step']}", flush=True)
     return meta, resumed_from
+
+
+# Flags that fix where the data stands at a step and what the optimizers' state means: a resume
+# with another value would read other batches or drop state, so it is refused (checkpoints.py).
+RUN_FLAGS = (
+    "batch_size",
+    "data",
+    "data_seed",
+    "stream",
+    "stream_seed",
+    "days",
+    "samples_per_day",
+    "drift",
+    "cardinality_scale",
+    "cardinalities",
+    "tsv_path",
+    "train_rows",
+    "npy_root",
+    "npy_days",
+    "optimizer",
+    "dense_optimizer",
+)
+
+
+def run_flags(args: argparse.Namespace, world_size: int) -> Dict[str, Any]:
+    """The flags a resume must keep (RUN_FLAGS), and the world size (the global batch)."""
+    return {"world_size": world_size, **{flag: getattr(args, flag) for flag in RUN_FLAGS}}
 
 
 def adapted_splits(args: argparse.Namespace, trainee: Trainee, data: Any) -> Splits:

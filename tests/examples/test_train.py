@@ -184,6 +184,10 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path: Path, dense_
         "hot_history",
     ):
         assert resumed[key] == full[key], key
+    if dense_optimizer == "adagrad":  # flags that move the data or drop optimizer state: refused, named
+        changed = ["--batch-size", "128", "--optimizer", "adagrad", "--run-name", "changed"]
+        with pytest.raises(ValueError, match="--batch-size 256 there, 128 here; --optimizer 'rowwise_adagrad' there"):
+            train.main([*common, *changed, "--resume", str(ckpt / "step_00000015")])
 
 
 def test_evaluation_leaves_training_untouched(tmp_path: Path) -> None:
