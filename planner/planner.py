@@ -54,6 +54,7 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from cafe_planner.estimators import (
     CafePerfEstimator,
@@ -218,6 +219,7 @@ class CafePlanner:
     ) -> Tuple[ShardingPlan, PlanReport, Optional[str]]:
         """(plan, report, why it does not fit or None)."""
         topology = self.topology
+        warn_unknown_constraints(self.user_constraints, module)
         constraints = self._constraints(physical_modules(module), sharder_fused_params(sharders))
         self.last_constraints = constraints
         storage = CafeStorageEstimator(topology, constraints, optimizer=self.optimizer)
@@ -376,6 +378,31 @@ def _holding(rank: Any) -> str:
         f"{', '.join(rank.tables) or 'nothing'} (weights {rank.weight_bytes:,}, optimizer {rank.optimizer_bytes:,}, "
         f"sketch {rank.sketch_bytes:,})"
     )
+
+
+def warn_unknown_constraints(constraints: Mapping[str, ParameterConstraints], module: nn.Module) -> None:
+    """Warn for each constraint that names no table the planner sees (TorchRec ignores it): the
+    tables of the stock collections, and of a CAFE collection its physical tables (one per group,
+    `cafe_dim16`, and its plain ones), not the logical ones its configs name."""
+    tables: set = set()
+    logical: Dict[str, List[str]] = {}
+    for m in module.modules():
+        if isinstance(m, CafeEmbeddingBagCollection):
+            physical = [t.name for t in physical_tables(m.plan)]
+            logical.update({t.name: physical for t in m.embedding_bag_configs()})
+        elif isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)):
+            configs = m.embedding_bag_configs() if isinstance(m, EmbeddingBagCollection) else m.embedding_configs()
+            tables.update(t.name for t in configs)
+    for key in sorted(set(constraints) - tables):
+        hint = (
+            f": {key!r} is a logical table of a CAFE collection, whose physical tables are {logical[key]}"
+            if key in logical and key not in logical[key]
+            else ""
+        )
+        warnings.warn(
+            f"ParameterConstraints for {key!r} name no table the planner shards, so they do nothing{hint}",
+            stacklevel=3,
+        )
 
 
 def _same_tables(solution: BudgetSolution, m: CafeEmbeddingBagCollection) -> bool:

@@ -133,14 +133,15 @@ class BudgetProblem:
         except ValueError as e:  # a layout that cannot even be built (e.g. row-wise blocks too small)
             return ValueError(f"memory budget of {self.budget:,} bytes is infeasible {what}: {e}")
         biggest = max(self.caps)
+        # the ranks' shortfalls (a rank holds more than its largest table): what the budget lacks
+        msg = over_budget_message(a.rank_bytes, self.caps, a.holdings())
         for t in physical_tables(plan):
             need = a.shards[t.name][0].state
             if a.sharding[t.name] == TW and need > biggest:
                 return ValueError(
-                    f"memory budget infeasible {what}: table {t.name} needs {need:,} bytes on one rank "
-                    f"but the largest rank cap is {biggest:,}: short by {need - biggest:,} bytes"
+                    f"memory budget infeasible {what}: table {t.name} alone needs {need:,} bytes on one rank "
+                    f"but the largest rank cap is {biggest:,}; {msg}"
                 )
-        msg = over_budget_message(a.rank_bytes, self.caps, a.holdings())
         return ValueError(f"memory budget of {self.budget:,} bytes is infeasible {what}: {msg}")
 
 

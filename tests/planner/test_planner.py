@@ -282,6 +282,31 @@ def test_cli_text_output():
 
 
 # ------------------------------------------------------------------ (c) infeasible budgets
+def test_a_config_error_is_the_configs_not_the_budgets():
+    mixed = [
+        EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=100_000, feature_names=["a"]),
+        EmbeddingBagConfig(
+            name="b", embedding_dim=8, num_embeddings=100_000, feature_names=["b"], data_type=DataType.FP16
+        ),
+    ]
+    with pytest.raises(ValueError, match="data_type") as info:
+        solve_budget(mixed, "64GiB", world_size=1)
+    assert "budget" not in str(info.value)
+    with pytest.raises(ValueError, match="base config: hot_share must be in"):
+        solve_budget(kaggle_tables(), "1GB", world_size=1, base=CafeConfig(hot_share=1.5))
+
+
+def test_constraints_naming_no_physical_table_warn():
+    tables = kaggle_tables()
+    ebc = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=100.0), device=torch.device("meta"))
+    planner = CafePlanner(
+        Topology(world_size=1, compute_device="cpu"),
+        constraints={"t0": ParameterConstraints(sharding_types=["table_wise"])},
+    )
+    with pytest.warns(UserWarning, match=r"'t0' is a logical table of a CAFE collection.*'cafe_dim16'"):
+        planner.plan(ebc, [rowwise_sharder()])
+
+
 def test_infeasible_budget_names_rank_and_shortfall():
     with pytest.raises(ValueError, match=r"rank \d+ needs [\d,]+ bytes .*short by [\d,]+ bytes"):
         solve_budget(kaggle_tables(), 4096, world_size=2, optimizer="rowwise_adagrad")
@@ -301,8 +326,12 @@ def test_infeasible_budget_names_rank_and_shortfall():
         assert f"rank {rank} needs {n:,} bytes" in msg and f"short by {n - cap:,} bytes" in msg
     # configure() with a fixed ratio too big for the budget names the table that fits no rank
     one = [EmbeddingBagConfig(name="big", embedding_dim=16, num_embeddings=1000, feature_names=["x"])]
-    with pytest.raises(ValueError, match=r"table big needs 64,000 bytes .* short by 62,000 bytes"):
+    with pytest.raises(ValueError, match=r"table big alone needs 64,000 bytes .*rank 0 .*short by 62,000 bytes"):
         solve_budget(one, 2000, world_size=1, ratio=1.0)
+    # the shortfall is the rank's, whatever else it holds: the budget must grow by that much
+    two = one + [EmbeddingBagConfig(name="small", embedding_dim=16, num_embeddings=100, feature_names=["y"])]
+    with pytest.raises(ValueError, match=r"rank 0 needs 70,400 bytes but its cap is 2,000: short by 68,400 bytes"):
+        solve_budget(two, 2000, world_size=1, ratio=1.0)
     # the command line reports it and exits 2
     err = io.StringIO()
     with redirect_stderr(err):
