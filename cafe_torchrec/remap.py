@@ -63,10 +63,25 @@ def check_layout(layout: GroupLayout, saved: object) -> None:
     mine = layout_signature(layout)
     if isinstance(saved, torch.Tensor) and not torch.equal(saved.cpu(), mine):
         raise ValueError(
-            f"checkpoint for CAFE group {layout.name!r} has another layout "
-            f"(saved {saved.tolist()}, this module {mine.tolist()}); "
+            f"checkpoint for CAFE group {layout.name!r} has another layout: {_signature_difference(saved, mine)}; "
             "it was saved from a different config, world size or version"
         )
+
+
+_SIGNATURE_FIELDS = ("format", "hot rows", "sketch buckets", "dim", "slots_per_bucket", "seed", "multi_level", "policy")
+_TABLE_FIELDS = ("logical rows", "level-1 rows", "level-2 rows", "name")
+
+
+def _signature_difference(saved: torch.Tensor, mine: torch.Tensor) -> str:
+    """What differs between two layout signatures, by name (saved, then this module's)."""
+    a, b = saved.tolist(), mine.tolist()
+    if len(a) != len(b):
+        n = len(_SIGNATURE_FIELDS)
+        return f"{(len(a) - n) // len(_TABLE_FIELDS)} tables saved, {(len(b) - n) // len(_TABLE_FIELDS)} here"
+    names = list(_SIGNATURE_FIELDS)
+    for i in range((len(b) - len(names)) // len(_TABLE_FIELDS)):
+        names += [f"table {i} {field}" for field in _TABLE_FIELDS]
+    return ", ".join(f"{name} {x} saved, {y} here" for name, x, y in zip(names, a, b) if x != y)
 
 
 class CafeGroupRemap(nn.Module):
