@@ -72,7 +72,7 @@ class PooledOutput:
         feature is divided; taken before any remap changes them."""
         if not self.divides:
             return None
-        by_key = features.lengths().view(-1, features.stride())
+        by_key = features.lengths().view(len(features.keys()), features.stride())  # stride 0: a rank without samples
         order = features.keys()
         return torch.stack([by_key[order.index(f)] for f in self._config_features])
 

@@ -195,11 +195,17 @@ def forward_placed(rank: int, world: int, placement: str) -> Dict[str, object]:
     collection must ignore, sharded or not; and a stock sharded collection's keys."""
     dmp = placed(order_module(), rank, world, placement)
     dmp.eval()
+    empty = KeyedJaggedTensor(
+        ORDER_FEATURES, torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(0, dtype=torch.int64), stride=0
+    )
     with torch.no_grad():
         out = dmp(order_batch(rank, weighted=True))
+        # a rank without samples beside one with: the MEAN feature's bag lengths [F, 0] once failed to reshape
+        uneven = dmp(empty if rank == 1 else order_batch(rank, weighted=False))
     return {
         "keys": out.keys(),
         "features": out.to_dict(),
+        "uneven": uneven.to_dict(),
         "stock_keys": stock_keys(order_module(), world, placement),
     }
 
@@ -216,6 +222,10 @@ def test_sharded_output_keeps_the_stock_sharded_order_with_each_feature_right(pl
         assert sorted(got["keys"]) == ORDER_FEATURES
         for f in ORDER_FEATURES:
             torch.testing.assert_close(got["features"][f], expected[f], rtol=0, atol=1e-6, msg=f"rank {rank} {f}")
+            if rank == 0:
+                torch.testing.assert_close(got["uneven"][f], expected[f], rtol=0, atol=1e-6, msg=f"uneven {f}")
+            else:
+                assert got["uneven"][f].shape == (0, expected[f].shape[1]), f
     if placement == "table_wise":  # the order this placement was chosen to give
         assert got["keys"] == ["f1", "f0", "f2"]
 

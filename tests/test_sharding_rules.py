@@ -65,3 +65,15 @@ def test_sharder_refuses_a_row_wise_plan_with_an_empty_block() -> None:
     }
     with pytest.raises(ValueError, match="leaves a rank with no rows"):
         CafeEmbeddingBagCollectionSharder().shard(ebc, plan, env=None)
+
+
+@pytest.mark.parametrize("kernel", ["dense", "quant"])
+def test_sharder_refuses_a_group_kernel_without_a_fused_optimizer(kernel: str) -> None:
+    """A dense kernel once sharded and trained a step, then failed inside backward at the first
+    migration (no fused optimizer state to copy); quant failed on one rank only."""
+    ebc = CafeEmbeddingBagCollection(tables([5000], dim=8), CafeConfig(compression_ratio=2))
+    name, rows = ebc.plan.groups[0].name, ebc.plan.groups[0].physical_rows
+    spec = EnumerableShardingSpec([ShardMetadata(shard_offsets=[0, 0], shard_sizes=[rows, 8], placement="rank:0/cpu")])
+    plan = {name: ParameterSharding(sharding_type="table_wise", compute_kernel=kernel, ranks=[0], sharding_spec=spec)}
+    with pytest.raises(ValueError, match=f"CAFE table '{name}': compute kernel '{kernel}' is not supported"):
+        CafeEmbeddingBagCollectionSharder().shard(ebc, plan, env=None)

@@ -15,6 +15,12 @@ from cafe_torchrec.distributed.sharded import ShardedCafeEmbeddingBagCollection
 from cafe_torchrec.modules import CafeEmbeddingBagCollection
 
 SHARDING_TYPES = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
+# TBE kernels whose fused optimizer keeps its state beside the rows, where a migration copies it
+GROUP_KERNELS = [
+    EmbeddingComputeKernel.FUSED.value,
+    EmbeddingComputeKernel.FUSED_UVM.value,
+    EmbeddingComputeKernel.FUSED_UVM_CACHING.value,
+]
 
 
 def row_wise_shard_rows(rows: int, world_size: int) -> List[int]:
@@ -67,11 +73,17 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
         device: Optional[torch.device] = None,
         module_fqn: Optional[str] = None,
     ) -> ShardedCafeEmbeddingBagCollection:
+        groups = {g.name for g in module.plan.groups}
         for table, sharding in params.items():
             if sharding.sharding_type not in SHARDING_TYPES:
                 raise ValueError(
                     f"CAFE table {table!r}: sharding type {sharding.sharding_type!r} is not supported; "
                     f"use one of {SHARDING_TYPES}"
+                )
+            if table in groups and sharding.compute_kernel not in GROUP_KERNELS:
+                raise ValueError(
+                    f"CAFE table {table!r}: compute kernel {sharding.compute_kernel!r} is not supported "
+                    f"(its migrations copy the fused optimizer's state); use one of {GROUP_KERNELS}"
                 )
             shards = sharding.sharding_spec.shards if sharding.sharding_spec is not None else []
             sizes = [m.shard_sizes[0] for m in shards]
