@@ -72,7 +72,8 @@ class PooledOutput:
         feature is divided; taken before any remap changes them."""
         if not self.divides:
             return None
-        by_key = features.lengths().view(len(features.keys()), features.stride())  # stride 0: a rank without samples
+        # one row per feature (a checked input holds exactly the config's); stride 0: a rank without samples
+        by_key = features.lengths().view(len(self._config_features), features.stride())
         order = features.keys()
         return torch.stack([by_key[order.index(f)] for f in self._config_features])
 
