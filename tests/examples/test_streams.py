@@ -191,11 +191,16 @@ def test_criteo10k_reads_the_sample_label_encoded() -> None:
 
 def test_cafe_options_are_checked() -> None:
     base = ["--data", "stream", "--stream", "short128"]
-    assert parse_args(
-        [*base, "--cafe-option", "decay=0.9", "--cafe-option", "importance=frequency"]
-    ).cafe_config_options == {"decay": 0.9, "importance": "frequency"}
+    options = ["--cafe-option", "policy=paper", "--cafe-option", "decay=0.9", "--cafe-option", "importance=frequency"]
+    assert parse_args([*base, *options]).cafe_config_options == {
+        "policy": "paper",
+        "decay": 0.9,
+        "importance": "frequency",
+    }
     for bad in (
         ["--cafe-option", "nonsense=1"],
+        ["--cafe-option", "decay=0.9"],  # the paper policy's, refused under the adaptive one at parse time
+        ["--cafe-option", "hot_share=abc"],
         ["--cafe-option", "seed=3"],
         ["--cafe-option", "threshold=5", "--cafe-threshold", "6"],
         ["--batch-size", "256"],
