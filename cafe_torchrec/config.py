@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, fields, replace
-from typing import Dict, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 from cafe_torchrec.sketch.policy import AdaptivePolicy
 
@@ -192,10 +193,16 @@ class CafeConfig:
         )
 
 
+@functools.lru_cache(maxsize=1)
+def _field_types() -> Dict[str, Any]:
+    """CafeConfig's annotations, resolved once (validate() runs per table, often)."""
+    return get_type_hints(CafeConfig)
+
+
 def _check_types(config: CafeConfig, where: str) -> None:
     """ValueError naming the first field whose value is not of its annotated type (a number for
     a float, never a bool; None only where Optional): a string from a command line, say."""
-    hints = get_type_hints(CafeConfig)
+    hints = _field_types()
     for field in fields(config):
         value, hint = getattr(config, field.name), hints[field.name]
         optional = get_origin(hint) is Union and type(None) in get_args(hint)

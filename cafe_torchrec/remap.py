@@ -75,6 +75,8 @@ _TABLE_FIELDS = ("logical rows", "level-1 rows", "level-2 rows", "name")
 def _signature_difference(saved: torch.Tensor, mine: torch.Tensor) -> str:
     """What differs between two layout signatures, by name (saved, then this module's)."""
     a, b = saved.tolist(), mine.tolist()
+    if a[:1] != b[:1]:  # another format lays its numbers out otherwise
+        return f"format {a[0] if a else None} saved, {b[0]} here"
     if len(a) != len(b):
         n = len(_SIGNATURE_FIELDS)
         return f"{(len(a) - n) // len(_TABLE_FIELDS)} tables saved, {(len(b) - n) // len(_TABLE_FIELDS)} here"

@@ -401,7 +401,7 @@ def warn_unknown_constraints(constraints: Mapping[str, ParameterConstraints], mo
         )
         warnings.warn(
             f"ParameterConstraints for {key!r} name no table the planner shards, so they do nothing{hint}",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 

@@ -130,8 +130,8 @@ class BudgetProblem:
         assert self.caps is not None, "without a budget every layout fits"
         try:
             plan, a = self.place(configs)
-        except ValueError as e:  # a layout that cannot even be built (e.g. row-wise blocks too small)
-            return ValueError(f"memory budget of {self.budget:,} bytes is infeasible {what}: {e}")
+        except ValueError as e:  # no such layout (e.g. tables of one group that disagree): its own error
+            return e
         biggest = max(self.caps)
         # the ranks' shortfalls (a rank holds more than its largest table): what the budget lacks
         msg = over_budget_message(a.rank_bytes, self.caps, a.holdings())

@@ -27,7 +27,7 @@ from cafe_planner.problem import Budget, BudgetProblem, bisect_log
 from cafe_planner.profiled import solve_profiled
 from cafe_planner.value_curves import coverage_of, value_curves
 from cafe_torchrec.config import CafeConfig
-from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan, plan_tables
+from cafe_torchrec.layout import BYTES_PER_VALUE, CafePlan
 from cafe_torchrec.remap import group_state_bytes
 
 
@@ -143,10 +143,7 @@ def solve_budget(
     shortfall in bytes when even `max_ratio` (or the fixed ratio) does not fit.
     """
     problem = BudgetProblem.create(tables, world_size, budget, optimizer, base, rw_share)
-    # a config error is the config's, not the budget's: the base's fields, and the groups' at
-    # max_ratio, where every table that can be compressed is (tables of a group must agree)
-    problem.base.validate("base config")
-    plan_tables(problem.tables, uniform_configs(problem, ratio if ratio is not None else max_ratio))
+    problem.base.validate("base config")  # a config error is the config's, not the budget's
     if ratio is not None:
         configs = uniform_configs(problem, ratio)
         plan, a = problem.place(configs)

@@ -238,3 +238,17 @@ def test_weights_of_the_tables_dtype_after_a_module_cast() -> None:
     with pytest.raises(ValueError, match="float32 but tables"):
         ebc(KeyedJaggedTensor(keys=["f1", "f0"], values=values, lengths=lengths, weights=torch.ones(12)))
     assert ebc.stats() == stats
+
+
+def test_a_checkpoint_of_another_layout_is_refused_naming_what_differs() -> None:
+    from cafe_torchrec.remap import _FORMAT, check_layout, layout_signature
+
+    layout = make().groups["cafe_dim8"].layout
+    mine = layout_signature(layout)
+    other_seed = mine.clone()
+    other_seed[5] += 1
+    with pytest.raises(ValueError, match=r"another layout: seed \d+ saved, \d+ here;"):
+        check_layout(layout, other_seed)
+    older = torch.cat([torch.tensor([_FORMAT - 3]), mine[1:-1]])  # an older format, laid out otherwise
+    with pytest.raises(ValueError, match=f"another layout: format {_FORMAT - 3} saved, {_FORMAT} here;"):
+        check_layout(layout, older)

@@ -67,10 +67,11 @@ def test_sharder_refuses_a_row_wise_plan_with_an_empty_block() -> None:
         CafeEmbeddingBagCollectionSharder().shard(ebc, plan, env=None)
 
 
-@pytest.mark.parametrize("kernel", ["dense", "quant"])
+@pytest.mark.parametrize("kernel", ["dense", "quant", "fused_uvm_caching"])
 def test_sharder_refuses_a_group_kernel_without_a_fused_optimizer(kernel: str) -> None:
     """A dense kernel once sharded and trained a step, then failed inside backward at the first
-    migration (no fused optimizer state to copy); quant failed on one rank only."""
+    migration (no fused optimizer state); quant failed on one rank only; a caching kernel's hot
+    rows live in its cache, which a migration's in-place writes do not reach."""
     ebc = CafeEmbeddingBagCollection(tables([5000], dim=8), CafeConfig(compression_ratio=2))
     name, rows = ebc.plan.groups[0].name, ebc.plan.groups[0].physical_rows
     spec = EnumerableShardingSpec([ShardMetadata(shard_offsets=[0, 0], shard_sizes=[rows, 8], placement="rank:0/cpu")])

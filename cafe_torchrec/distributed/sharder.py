@@ -15,12 +15,9 @@ from cafe_torchrec.distributed.sharded import ShardedCafeEmbeddingBagCollection
 from cafe_torchrec.modules import CafeEmbeddingBagCollection
 
 SHARDING_TYPES = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
-# TBE kernels whose fused optimizer keeps its state beside the rows, where a migration copies it
-GROUP_KERNELS = [
-    EmbeddingComputeKernel.FUSED.value,
-    EmbeddingComputeKernel.FUSED_UVM.value,
-    EmbeddingComputeKernel.FUSED_UVM_CACHING.value,
-]
+# the TBE kernel whose rows and fused optimizer state a migration can write in place (a caching
+# kernel's hot rows live in its cache, which split_embedding_weights() does not see)
+GROUP_KERNELS = [EmbeddingComputeKernel.FUSED.value]
 
 
 def row_wise_shard_rows(rows: int, world_size: int) -> List[int]:
@@ -83,7 +80,7 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
             if table in groups and sharding.compute_kernel not in GROUP_KERNELS:
                 raise ValueError(
                     f"CAFE table {table!r}: compute kernel {sharding.compute_kernel!r} is not supported "
-                    f"(its migrations copy the fused optimizer's state); use one of {GROUP_KERNELS}"
+                    f"(migrations write its rows and fused optimizer state in place); use one of {GROUP_KERNELS}"
                 )
             shards = sharding.sharding_spec.shards if sharding.sharding_spec is not None else []
             sizes = [m.shard_sizes[0] for m in shards]

@@ -132,7 +132,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--log-every", type=int, default=10, help="loss / hot-share aggregation interval (steps)")
     g.add_argument("--checkpoint-dir", default=None)
     g.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: never)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the last K checkpoints")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the last K checkpoints (0: all)")
     g.add_argument(
         "--resume",
         nargs="?",
@@ -148,13 +148,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--fail-at-step", type=int, default=None, help="raise InjectedFailure before this step")
     g.add_argument("--fail-rank", type=int, default=0, help="the rank that fails (with --fail-at-step)")
     args = p.parse_args(argv)
-    for flag in ("log_every", "keep_checkpoints"):
-        if getattr(args, flag) <= 0:
-            p.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.log_every <= 0:
+        p.error("--log-every must be positive")
     for flag in ("max_steps", "eval_batches", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive")
-    for flag in ("eval_every", "checkpoint_every"):
+    for flag in ("eval_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0")
     if args.checkpoint_every and not args.checkpoint_dir:

@@ -214,6 +214,7 @@ def initial_state(args: argparse.Namespace, trainee: Trainee, d: Dist) -> Tuple[
         trainee.dense_optimizer.init_state()
         run = meta["run"]
         meta = load_checkpoint(resumed_from, trainee.dmp, trainee.optimizer, run)
+        meta["run"] = run  # an older checkpoint has none: the next ones record them
         if d.rank == 0:
             print(f"[train] resumed from {resumed_from} at step {meta['step']}", flush=True)
     return meta, resumed_from
@@ -221,29 +222,21 @@ def initial_state(args: argparse.Namespace, trainee: Trainee, d: Dist) -> Tuple[
 
 # Flags that fix where the data stands at a step and what the optimizers' state means: a resume
 # with another value would read other batches or drop state, so it is refused (checkpoints.py).
-RUN_FLAGS = (
-    "batch_size",
-    "data",
-    "data_seed",
-    "stream",
-    "stream_seed",
-    "days",
-    "samples_per_day",
-    "drift",
-    "cardinality_scale",
-    "cardinalities",
-    "tsv_path",
-    "train_rows",
-    "npy_root",
-    "npy_days",
-    "optimizer",
-    "dense_optimizer",
-)
+# Per data source, only those that act on it; paths are not compared (data may move).
+RUN_FLAGS = ("batch_size", "data", "optimizer", "dense_optimizer")
+DATA_FLAGS = {
+    "synthetic": ("data_seed", "days", "samples_per_day", "drift", "cardinality_scale", "cardinalities"),
+    "stream": ("stream", "stream_seed"),
+    "tsv": ("train_rows", "tsv_on_error"),
+    "npy": ("npy_days",),
+}
 
 
 def run_flags(args: argparse.Namespace, world_size: int) -> Dict[str, Any]:
-    """The flags a resume must keep (RUN_FLAGS), and the world size (the global batch)."""
-    return {"world_size": world_size, **{flag: getattr(args, flag) for flag in RUN_FLAGS}}
+    """The flags a resume must keep (RUN_FLAGS, its data source's DATA_FLAGS) and the world
+    size (the global batch)."""
+    flags = RUN_FLAGS + DATA_FLAGS[args.data]
+    return {"world_size": world_size, **{flag: getattr(args, flag) for flag in flags}}
 
 
 def adapted_splits(args: argparse.Namespace, trainee: Trainee, data: Any) -> Splits:

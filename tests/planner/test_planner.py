@@ -289,9 +289,10 @@ def test_a_config_error_is_the_configs_not_the_budgets():
             name="b", embedding_dim=8, num_embeddings=100_000, feature_names=["b"], data_type=DataType.FP16
         ),
     ]
-    with pytest.raises(ValueError, match="data_type") as info:
-        solve_budget(mixed, "64GiB", world_size=1)
+    with pytest.raises(ValueError, match="data_type") as info:  # 1 MB: both tables must be compressed
+        solve_budget(mixed, 1_000_000, world_size=1)
     assert "budget" not in str(info.value)
+    assert solve_budget(mixed, "64GiB", world_size=1).uniform_ratio == 1.0  # both plain: no group to disagree
     with pytest.raises(ValueError, match="base config: hot_share must be in"):
         solve_budget(kaggle_tables(), "1GB", world_size=1, base=CafeConfig(hot_share=1.5))
 
