@@ -175,14 +175,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.cafe_config_options and args.embedding not in ("cafe", "cafe-ml"):
         p.error(f"CAFE options {sorted(args.cafe_config_options)} given for --embedding {args.embedding}")
     if args.embedding in ("cafe", "cafe-ml"):
-        from cafe_torchrec.config import CafeConfig
+        from examples.dlrm.embeddings import cafe_config
 
-        config = CafeConfig(
-            compression_ratio=args.compression_ratio,
-            multi_level=args.embedding == "cafe-ml",
-            seed=args.seed,
-            **args.cafe_config_options,
-        )
+        config = cafe_config(args.embedding, args.compression_ratio, args.seed, args.cafe_config_options)
         try:  # here, not after the data and the model are built
             config.validate("--cafe-option / --cafe-* flags")
         except ValueError as err:

@@ -91,6 +91,14 @@ class EmbeddingSpec:
         )
 
 
+def cafe_config(method: str, compression_ratio: float, seed: int, options: Dict[str, Any]) -> Any:
+    """The CafeConfig of a CAFE method: its flags' fields, then any --cafe-option ones (not
+    validated here: the collection, or the argument parser, does it)."""
+    from cafe_torchrec import CafeConfig
+
+    return CafeConfig(compression_ratio=compression_ratio, multi_level=method == "cafe-ml", seed=seed, **options)
+
+
 def build_embedding(
     method: str,
     cardinalities: Sequence[int],
@@ -115,10 +123,10 @@ def build_embedding(
     if method == "full":
         return EmbeddingSpec(method, EmbeddingBagCollection(tables=tables, device=device), tables, 1.0)
     if method in CAFE_METHODS:
-        from cafe_torchrec import CafeConfig, CafeEmbeddingBagCollection
+        from cafe_torchrec import CafeEmbeddingBagCollection
 
         options = dict(cafe_options or {})
-        config = CafeConfig(compression_ratio=compression_ratio, multi_level=method == "cafe-ml", seed=seed, **options)
+        config = cafe_config(method, compression_ratio, seed, options)
         module = CafeEmbeddingBagCollection(tables, cafe=config, device=device)
         return EmbeddingSpec(method, module, tables, compression_ratio, options)
     from cafe_torchrec import baselines
